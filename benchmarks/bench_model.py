@@ -1,0 +1,247 @@
+"""LocDiff against the baselines on the synthetic benchmark, on this machine's CPU (`make bench`).
+
+One run prints and saves (benchmarks/results/model.json):
+1. accuracy on `test` and `test_unseen` of LocDiff, LocDiff-H and every baseline (knn top-1, knn top-16,
+   geocell, regress, flow), LocDiff trained with each other objective (KL alone, MSE alone), and the same
+   LocDiff network used as a one-step regressor (one sample, one DDIM step: z0 predicted from pure noise
+   at t = T, no iterative denoising);
+2. inference throughput (images/s, embeddings given) of LocDiff at K = 16, S = 50 and cheaper settings and
+   of knn over a 100,000-entry gallery, with the accuracy of each on the same test images.
+
+    python -m benchmarks.bench_model                 # the full run (base config, 50,000 training images)
+    python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes)
+    python -m benchmarks.bench_model --skip-locdiff  # baselines only
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import print_table, save
+from locdiff.metrics import format_table, geo_metrics
+from locdiff.synth import SynthConfig, SynthWorld, make_benchmark, make_split
+from locdiff.tables import EmbeddingTable
+
+log = logging.getLogger("bench_model")
+ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("test", "test_unseen")
+BASELINES = {  # row name -> (method, options overriding the config's baselines.<method>)
+    "knn": ("knn", {"k": 1}),
+    "knn top-16": ("knn", {"k": 16, "aggregation": "mode"}),
+    "geocell": ("geocell", {}),
+    "regress": ("regress", {}),
+    "flow": ("flow", {}),
+}
+
+
+def _subset(t: EmbeddingTable, n: int) -> EmbeddingTable:
+    return EmbeddingTable(t.ids[:n], t.lat[:n], t.lon[:n], t.embedding[:n], t.source)
+
+
+def _evaluate(model: Any, data: dict[str, EmbeddingTable], **options: Any) -> dict[str, dict[str, float]]:
+    out = {}
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        p = model.predict(data[split], **options)
+        secs = time.perf_counter() - t0
+        out[split] = {**geo_metrics(p.lat, p.lon, data[split].lat, data[split].lon),
+                      "predict_s": secs, "images_per_s": len(data[split]) / secs}
+    return out
+
+
+def _fit(name: str, config: dict[str, Any], data: dict[str, EmbeddingTable],
+         run_dir: Path) -> tuple[Any, float]:
+    from locdiff.methods import get_method
+
+    method = get_method(name).from_config(config)
+    t0 = time.perf_counter()
+    method.fit(data["train"], data.get("val"), run_dir, progress=True)
+    return method, time.perf_counter() - t0
+
+
+def run_baselines(config: dict[str, Any], data, work: Path, results: dict[str, Any], report) -> None:
+    for row, (name, opts) in BASELINES.items():
+        cfg = {**config, "method": name,
+               "baselines": {**config.get("baselines", {}),
+                             name: {**config.get("baselines", {}).get(name, {}), **opts}}}
+        log.info("baseline %s", row)
+        method, fit_s = _fit(name, cfg, data, work / row.replace(" ", "_"))
+        results[row] = {"fit_s": fit_s, **_evaluate(method, data)}
+        report(row)
+
+
+def run_locdiff(args, data, work: Path, results: dict[str, Any], report) -> Any:
+    from locdiff.model.config import load_config
+
+    base_cfg = load_config(args.config, args.set)
+    chosen = base_cfg.train.objective
+    method, fit_s = _fit_locdiff(base_cfg, data, work / "locdiff")
+    for row, opts in (("LocDiff", {"method": "locdiff"}), ("LocDiff-H", {"method": "locdiff-h"}),
+                      ("one-step (K=1, S=1)", {"method": "locdiff", "samples": 1, "steps": 1})):
+        log.info("evaluate %s", row)
+        results[row] = {"fit_s": fit_s if row == "LocDiff" else None, "objective": chosen,
+                        **_evaluate(method, data, **opts)}
+        report(row)
+    return method
+
+
+def run_objectives(args, data, work: Path, results: dict[str, Any], report) -> None:
+    """LocDiff trained with each objective other than the config's."""
+    from locdiff.model.config import load_config
+
+    chosen = load_config(args.config, args.set).train.objective
+    for objective in ("kl+mse", "kl", "mse"):
+        if objective == chosen:
+            continue
+        cfg = load_config(args.config, [*args.set, f"train.objective={objective}"])
+        log.info("objective %s", objective)
+        m, secs = _fit_locdiff(cfg, data, work / f"locdiff_{objective}")
+        row = f"LocDiff ({objective})"
+        results[row] = {"fit_s": secs, "objective": objective, **_evaluate(m, data, method="locdiff")}
+        report(row)
+
+
+def _fit_locdiff(cfg, data, run_dir: Path):
+    from locdiff.model.method import LocDiffMethod
+
+    method = LocDiffMethod(cfg)
+    t0 = time.perf_counter()
+    method.fit(data["train"], data.get("val"), run_dir, progress=True)
+    return method, time.perf_counter() - t0
+
+
+def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """images/s (embeddings given) and accuracy on the same `test` images."""
+    from locdiff.methods import get_method
+
+    test = _subset(data["test"], args.n_throughput)
+    rows = []
+
+    def measure(name: str, fn) -> None:
+        fn()  # warm-up (first-call allocations, lazy imports)
+        t0 = time.perf_counter()
+        p = fn()
+        secs = time.perf_counter() - t0
+        m = geo_metrics(p.lat, p.lon, test.lat, test.lon)
+        rows.append({"method": name, "images": len(test), "images_per_s": len(test) / secs,
+                     **{k: m[k] for k in ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
+                                          "median_km")}})
+
+    if locdiff is not None:
+        for k, s in ((16, 50), (16, 20), (8, 10), (4, 10), (1, 10), (1, 1)):
+            measure(f"LocDiff K={k} S={s}", lambda k=k, s=s: locdiff.predict(test, samples=k, steps=s))
+        measure("LocDiff-H K=16 S=50",
+                lambda: locdiff.predict(test, method="locdiff-h", samples=16, steps=50))
+    # knn over a 100,000-entry gallery: the same world and test images, a larger training split.
+    world = SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
+    gallery = make_split(world, "train", args.gallery)
+    for backend in ("torch", "faiss"):
+        if backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                continue
+        knn = get_method("knn").from_config({"baselines": {"knn": {"k": 1, "backend": backend}}})
+        knn.fit(gallery, None, work / f"knn_gallery_{backend}", progress=False)
+        measure(f"knn top-1, {args.gallery:,} gallery ({backend})", lambda knn=knn: knn.predict(test))
+    base_knn = next((r for r in rows if r["method"].startswith("knn")), None)
+    for r in rows:  # ratio against knn measured in the same run
+        r["speed_vs_knn"] = r["images_per_s"] / base_knn["images_per_s"] if base_knn else None
+    return rows
+
+
+def _synth_kwargs(args) -> dict[str, Any]:
+    return {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "n_unseen": args.n_unseen,
+            "seed": args.seed, "dim": args.dim}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--n-train", type=int, default=50_000)
+    ap.add_argument("--n-val", type=int, default=1_000)
+    ap.add_argument("--n-test", type=int, default=2_000)
+    ap.add_argument("--n-unseen", type=int, default=1_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gallery", type=int, default=100_000, help="knn gallery size for the throughput")
+    ap.add_argument("--n-throughput", type=int, default=256, help="test images timed per setting")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (tiny config, small data)")
+    ap.add_argument("--skip-locdiff", action="store_true")
+    ap.add_argument("--skip-objectives", action="store_true", help="skip the KL-alone / MSE-alone runs")
+    ap.add_argument("--work", help="keep run directories here (default: a temporary folder)")
+    args = ap.parse_args()
+    if args.quick:
+        args.n_train, args.n_val, args.n_test, args.n_unseen = 4_000, 300, 300, 200
+        args.gallery, args.n_throughput = 10_000, 64
+        if args.config.endswith("base.yaml"):
+            args.config = str(ROOT / "configs/model/tiny.yaml")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    data = make_benchmark(SynthConfig(**_synth_kwargs(args)))
+    log.info("synthetic benchmark: %s", {k: len(v) for k, v in data.items()})
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    speed: list[dict[str, Any]] = []
+
+    def checkpoint(stage: str) -> None:
+        """Save what is measured so far (an interrupted run still leaves its numbers)."""
+        save("model", {"args": vars(args), "synth": _synth_kwargs(args), "results": results,
+                       "throughput": speed, "errors": errors, "complete": False, "last_stage": stage,
+                       "elapsed_s": time.perf_counter() - t_start})
+
+    def report(row: str) -> None:
+        r = results[row]
+        print("\n" + format_table({f"{row} / {s}": r[s] for s in SPLITS}), flush=True)
+        checkpoint(row)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        config: dict[str, Any] = {}
+        if not args.skip_locdiff:
+            from locdiff.model.config import config_to_dict, load_config
+
+            config = config_to_dict(load_config(args.config, args.set))
+        run_baselines(config, data, work, results, report)
+        locdiff = None
+        if not args.skip_locdiff:
+            try:
+                locdiff = run_locdiff(args, data, work, results, report)
+            except Exception as err:  # noqa: BLE001 - report it and still measure the rest
+                log.exception("LocDiff failed")
+                errors["locdiff"] = f"{type(err).__name__}: {err}"
+        speed.extend(throughput(args, data, locdiff, work, config))
+        checkpoint("throughput")
+        if locdiff is not None and not args.skip_objectives:
+            try:
+                run_objectives(args, data, work, results, report)
+            except Exception as err:  # noqa: BLE001
+                log.exception("objective ablation failed")
+                errors["objectives"] = f"{type(err).__name__}: {err}"
+    for split in SPLITS:
+        table = {row: r[split] for row, r in results.items()}
+        title = f"{split} ({len(data[split])} images, {len(data['train'])} train)"
+        print("\n" + format_table(table, title=title))
+    print_table([{"method": row, "fit_s": r.get("fit_s"),
+                  **{f"{s} img/s": r[s]["images_per_s"] for s in SPLITS}} for row, r in results.items()],
+                title="training time and prediction speed")
+    print_table(speed, title=f"throughput on {args.n_throughput} test images (embeddings given)")
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total / 60:.1f} min")
+    if errors:
+        print(f"errors: {errors}")
+    save("model", {"args": vars(args), "synth": _synth_kwargs(args), "results": results, "throughput": speed,
+                   "errors": errors, "complete": True, "total_s": total})
+
+
+if __name__ == "__main__":
+    main()

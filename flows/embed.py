@@ -1,0 +1,28 @@
+"""Flow `embed`: image embeddings (and SHDD targets) of one data set (skipped when complete)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.params import DataSet
+from flows.retry import transient
+from locdiff import pipeline
+
+
+@task(retries=1, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
+def embed_dataset(dataset: DataSet, root: str, degree: int | None) -> int:
+    """Run the data layer's embed stage; it resumes finished shards on a retry."""
+    manifest = pipeline.embed(pipeline.DataSpec.parse(dataset), root, degree)
+    return int(manifest.get("count", 0))
+
+
+@flow(name="embed")
+def embed(dataset: DataSet, root: str, degree: int | None = None) -> str:
+    """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete."""
+    if pipeline.stage_complete("embed", pipeline.DataSpec.parse(dataset), root):
+        get_run_logger().info("embed %s: manifest exists, skipped", dataset.name)
+        return "skipped"
+    count = embed_dataset(dataset, root, degree)
+    get_run_logger().info("embed %s: %d samples", dataset.name, count)
+    return "done"

@@ -1,0 +1,81 @@
+"""`locdiff data ...`: ingest, embed, inspect, export (see locdiff/data)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="data sets to WebDataset shards, embeddings and SHDD targets")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    q = sub.add_parser("ingest", help="download, validate and shard a data set into ROOT/NAME/images")
+    q.add_argument("name", metavar="NAME", help="data set (configs/datasets/NAME.yaml)")
+    q.add_argument("--root", required=True, help="local folder or s3://bucket/prefix")
+    q.add_argument("--source", default=None, metavar="PATH_OR_URL",
+                   help="folder, archive, CSV, http(s) or s3:// URL to read instead of the published URLs")
+    q.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N metadata rows")
+    q.set_defaults(func=_ingest)
+
+    q = sub.add_parser("embed", help="image embeddings (and SHDD targets) into ROOT/NAME/features/ENCODER")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--root", required=True)
+    q.add_argument("--encoder", required=True,
+                   help="encoder config (configs/encoders/), local model folder or hub id")
+    q.add_argument("--degree", type=int, default=None, metavar="L",
+                   help="also store SHDD targets of degree L")
+    q.set_defaults(func=_embed)
+
+    q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME")
+    q.add_argument("folder", metavar="ROOT/NAME")
+    q.set_defaults(func=_inspect)
+
+    q = sub.add_parser("export", help="features to the embeddings Parquet table")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--root", required=True)
+    q.add_argument("--encoder", required=True)
+    q.add_argument("--out", required=True, metavar="X.parquet")
+    q.set_defaults(func=_export)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import sys
+
+    from locdiff.data.ingest import ingest
+
+    try:
+        m = ingest(args.name, args.root, source=args.source, limit=args.limit)
+    except ImportError as err:  # an optional extra (img2dataset) that is not installed
+        print(f"locdiff data ingest: error: {err}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
+    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards; skipped: {skipped}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from locdiff.data.featurize import embed
+
+    m = embed(args.name, args.root, args.encoder, degree=args.degree)
+    print(f"{args.name}: {m['count']} embeddings ({m['embedding']['dim']}-d {m['embedding']['dtype']})"
+          + (f", SHDD degree {m['degree']}" if m["degree"] is not None else "")
+          + f" in {len(m['shards'])} shards")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from locdiff.data.inspect import format_report, inspect
+
+    print(format_report(inspect(args.folder)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from locdiff.data.config import encoder_folder_name
+    from locdiff.data.features import export_features
+
+    table = export_features(args.root, args.name, encoder_folder_name(args.encoder), args.out)
+    print(f"wrote {len(table)} rows ({table.dim}-d) to {args.out}")
+    return 0
+
+

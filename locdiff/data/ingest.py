@@ -1,0 +1,171 @@
+"""The ingest stage: a source's records -> ROOT/NAME/images/shard-NNNNNN.tar + manifest.json.
+
+Records are validated first (ids, coordinates) and numbered in source order; record i goes to shard
+i // shard_size under key %09d. Each shard is fetched, validated, written to a temporary file and moved
+into place after its progress record; shards already finished with the same settings are skipped, so a
+re-run after a crash resumes and ends with the same bytes and manifest as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from locdiff.data import manifest as mf
+from locdiff.data import storage
+from locdiff.data.config import DatasetConfig, load_dataset_config
+from locdiff.data.images import StoredImage, prepare_image
+from locdiff.data.shards import json_bytes, sample_key, shard_name, stage_dir, write_tar
+from locdiff.data.sources import Record, Source, make_source
+from locdiff.data.validation import RecordError, SkipLog, check_checksum
+
+log = logging.getLogger(__name__)
+
+# seconds to sleep per record: lets tests interrupt an ingest part-way (never set in normal use)
+DELAY_ENV = "LOCDIFF_INGEST_DELAY"
+
+
+def _settings_key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load(src: Source, cfg: DatasetConfig, rec: Record) -> StoredImage | RecordError:
+    """Fetch, checksum and validate one record's image; a RecordError is returned, not raised."""
+    try:
+        data = src.fetch(rec)
+        if rec.sha256:
+            try:
+                check_checksum(data, sha256=rec.sha256, what=rec.ref)
+            except ValueError as err:
+                log.error("%s: %s", rec.id, err)
+                raise RecordError("checksum_mismatch", str(err)) from None
+        return prepare_image(data, max_side=cfg.max_side, quality=cfg.jpeg_quality, verify=cfg.verify)
+    except RecordError as err:
+        return err
+
+
+def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records: list[Record],
+                 settings_key: str, pool: ThreadPoolExecutor | None, progress: tqdm) -> dict[str, Any]:
+    name = shard_name(index)
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    skips = SkipLog()
+    samples = []
+
+    def load(r: Record) -> StoredImage | RecordError:
+        return _load(src, cfg, r)
+
+    results = pool.map(load, records) if pool else map(load, records)
+    for rec, res in zip(records, results, strict=True):
+        if delay:
+            time.sleep(delay)
+        progress.update(1)
+        if isinstance(res, RecordError):
+            skips.add(rec.id, res.reason, res.detail)
+            continue
+        meta = {"id": rec.id, "lat": rec.lat, "lon": rec.lon, "width": res.width, "height": res.height,
+                "dataset": cfg.name, "source": rec.meta, "ref": rec.ref}
+        samples.append((sample_key(rec.index), {"jpg": res.data, "json": json_bytes(meta)}))
+    tmp = os.path.join(storage.local_tmp_dir(out),
+                       f"{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        count, digest = write_tar(tmp, samples)
+        info = {"shard": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp),
+                "settings_key": settings_key, "first_key": samples[0][0] if samples else None,
+                **skips.to_json()}
+        mf.write_progress(out, name, info)  # before the shard appears: a visible shard is a finished one
+        storage.put_file_atomic(tmp, storage.join(out, name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return info
+
+
+def ingest(name: str, root: str, *, source: str | None = None, limit: int | None = None,
+           config: DatasetConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Ingest data set NAME into ROOT/NAME/images; returns the manifest.
+
+    Args:
+        name: data set name (configs/datasets/NAME.yaml) and folder under ROOT.
+        root: a local folder or s3://bucket/prefix.
+        source: a folder, archive, CSV, http(s) URL or s3:// URL to read instead of the published URLs.
+        limit: only the first N rows of the metadata.
+        config: a DatasetConfig to use instead of configs/datasets/NAME.yaml.
+
+    Raises:
+        SourceError: the source as a whole is unusable (no CSV, no coordinate columns, ...).
+        ChecksumError: a file differs from its published checksum.
+    """
+    cfg = config or load_dataset_config(name)
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    if cfg.source == "embeddings":
+        from locdiff.data.sources.embeddings import ingest_embeddings
+
+        return ingest_embeddings(cfg, name, root, source=source, limit=limit)
+    out = stage_dir(root, name, "images")
+    src = make_source(cfg, source)
+    plan = src.plan(limit)
+    settings = {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "verify": cfg.verify,
+                "shard_size": cfg.shard_size, "limit": limit}
+    key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
+    old = mf.read_manifest(out)
+    if old is not None and old.get("settings_key") == key:
+        log.info("%s: already complete (%d samples); nothing to do", out, old["count"])
+        return old
+    if old is not None:  # a different ingest of the same name: the stage is incomplete until rewritten
+        log.warning("%s: settings or source changed; rewriting the stage", out)
+        storage.remove(mf.manifest_path(out))
+    storage.makedirs(out)
+    storage.clear_local_tmp(out)  # partial files of a killed run
+    if hasattr(src, "prepare"):
+        src.prepare(plan, root, name)
+    chunks = [plan.records[i: i + cfg.shard_size] for i in range(0, len(plan.records), cfg.shard_size)]
+    shards: list[dict[str, Any]] = []
+    skips = SkipLog()
+    skips.merge(plan.skips.counts, plan.skips.examples)
+    pool = ThreadPoolExecutor(max(1, cfg.workers)) if src.parallel else None
+    bar = tqdm(total=len(plan.records), desc=f"ingest {name}", unit="img", disable=not progress)
+    try:
+        for i, chunk in enumerate(chunks):
+            info = mf.shard_finished(out, shard_name(i), key)
+            if info is None:
+                info = _write_shard(src, cfg, out, i, chunk, key, pool, bar)
+            else:
+                bar.update(len(chunk))
+            shards.append(info)
+            skips.merge(info.get("skipped", {}), info.get("skipped_examples", {}))
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
+        src.close()
+    _remove_stale_shards(out, len(chunks))
+    count = sum(s["count"] for s in shards)
+    manifest = {
+        "stage": "images", "dataset": name, "source_name": cfg.source, "split": cfg.split,
+        "license": cfg.license, "citation": cfg.citation.strip(),
+        "source": plan.provenance, "settings": settings, "settings_key": key,
+        "software": mf.software_versions(), "rows": plan.rows, "count": count,
+        "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes")} for s in shards],
+        **skips.to_json(),
+    }
+    assert count + skips.total == plan.rows, (count, skips.total, plan.rows)  # nothing dropped silently
+    path = mf.write_manifest(out, manifest)
+    log.info("%s: %d samples in %d shards, skipped %s", path, count, len(shards), dict(skips.counts) or 0)
+    return manifest
+
+
+def _remove_stale_shards(out: str, n: int) -> None:
+    """Shards past the last one of this run belong to an earlier, larger ingest: remove them."""
+    for fname in storage.list_files(out):
+        if fname.startswith("shard-") and fname.endswith(".tar") and int(fname[6:12]) >= n:
+            storage.remove(storage.join(out, fname))
+            storage.remove(mf.progress_path(out, fname))

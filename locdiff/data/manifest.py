@@ -1,0 +1,92 @@
+"""manifest.json per stage, and the per-shard progress records a stage resumes from.
+
+A stage writes each shard under a temporary name and renames it (a single PUT on S3), after recording
+the shard's count, sha256 and skipped records in `_progress/shard-NNNNNN.json`. A shard is finished when
+both exist; a re-run skips finished shards and redoes the rest, which come out identical because records
+are assigned to shards deterministically. The manifest is written last and atomically, so a stage is
+complete exactly when its manifest exists. Manifests hold no timestamps or paths of the run, so an
+interrupted-then-resumed stage ends with the same manifest as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from locdiff.data import storage
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def manifest_path(stage_dir: str) -> str:
+    return storage.join(stage_dir, MANIFEST)
+
+
+def progress_path(stage_dir: str, shard: str) -> str:
+    return storage.join(stage_dir, "_progress", shard.replace(".tar", ".json"))
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that decide the bytes a stage writes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("locdiff", "webdataset", "pillow", "numpy", "transformers", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def write_manifest(stage_dir: str, manifest: dict[str, Any]) -> str:
+    """Write ROOT/.../manifest.json atomically (adding format_version to `manifest`); returns its path."""
+    manifest["format_version"] = FORMAT_VERSION
+    path = manifest_path(stage_dir)
+    storage.write_bytes_atomic(path, dumps(manifest))
+    return path
+
+
+def read_manifest(stage_dir: str) -> dict[str, Any] | None:
+    """The stage's manifest, or None when the stage has not completed."""
+    path = manifest_path(stage_dir)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def require_manifest(stage_dir: str, what: str) -> dict[str, Any]:
+    m = read_manifest(stage_dir)
+    if m is None:
+        raise FileNotFoundError(f"{manifest_path(stage_dir)}: no manifest; the {what} stage has not "
+                                "completed (run it first)")
+    return m
+
+
+def write_progress(stage_dir: str, shard: str, info: dict[str, Any]) -> None:
+    storage.write_bytes_atomic(progress_path(stage_dir, shard), dumps(info))
+
+
+def read_progress(stage_dir: str, shard: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(progress_path(stage_dir, shard)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def shard_finished(stage_dir: str, shard: str, settings_key: str) -> dict[str, Any] | None:
+    """The progress record of a finished shard written with the same settings, else None."""
+    info = read_progress(stage_dir, shard)
+    if info is None or info.get("settings_key") != settings_key:
+        return None
+    return info if storage.exists(storage.join(stage_dir, shard)) else None

@@ -1,0 +1,363 @@
+"""WebDataset shards: the on-disk layout, a deterministic tar writer and readers split by node and worker.
+
+Layout under a ROOT (local folder or s3://bucket/prefix):
+
+    ROOT/NAME/images/shard-000000.tar            KEY.jpg + KEY.json (id, lat, lon, source metadata)
+    ROOT/NAME/images/manifest.json
+    ROOT/NAME/features/ENCODER/shard-000000.tar  KEY.emb.npy (+ KEY.shdd.npy) + KEY.json
+    ROOT/NAME/features/ENCODER/manifest.json
+
+KEY is the record's position in the data set (`%09d`): ids may hold dots and slashes, which WebDataset
+keys cannot. Tars are written byte-for-byte reproducibly (fixed mtime, owner and mode, sorted members),
+so a shard written twice has the same sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from locdiff.data import storage
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index)
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def stage_dir(root: str, name: str, stage: str, encoder: str | None = None) -> str:
+    """ROOT/NAME/images or ROOT/NAME/features/ENCODER."""
+    if stage == "images":
+        return storage.join(root, name, "images")
+    if stage == "features":
+        if not encoder:
+            raise ValueError("the features stage needs an encoder name")
+        return storage.join(root, name, "features", encoder)
+    raise ValueError(f"unknown stage {stage!r}; valid: 'images', 'features'")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def json_bytes(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header (mode 0444, uid/gid 0, mtime 0, no owner names) for a regular file."""
+    raw = name.encode()
+    prefix = b""
+    if len(raw) > 100:
+        prefix, _, raw = raw.rpartition(b"/")
+        if len(raw) > 100 or len(prefix) > 155 or not prefix:
+            raise ValueError(f"tar member name too long for ustar: {name!r}")
+    h = bytearray(512)
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000444\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b"        "
+    h[156:157] = b"0"
+    h[257:263] = b"ustar\0"
+    h[263:265] = b"00"
+    h[345:345 + len(prefix)] = prefix
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[int, str]:
+    """Write samples (key, {extension: bytes}) to a local uncompressed tar, reproducibly: members in
+    key order then extension order, fixed owner/mode/mtime. Returns (samples written, sha256)."""
+    n = 0
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        def put(b: bytes) -> None:
+            digest.update(b)
+            f.write(b)
+
+        for key, parts in samples:
+            for ext in sorted(parts):
+                data = parts[ext]
+                put(_ustar_header(f"{key}.{ext}", len(data)))
+                put(data)
+                pad = -len(data) % 512
+                if pad:
+                    put(b"\0" * pad)
+            n += 1
+        put(b"\0" * 1024)  # end-of-archive: two zero blocks
+        f.flush()
+        os.fsync(f.fileno())
+    return n, digest.hexdigest()
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    prefix = name[: len(name) - len(base)]
+    key, _, ext = base.partition(".")
+    return prefix + key, ext
+
+
+def parse_tar_bytes(buf: bytes | memoryview, *, what: str = "") -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) for every regular file of an uncompressed tar held in memory.
+
+    Fast path for plain ustar members; anything else (long names, pax headers) goes through tarfile.
+    Raises tarfile.ReadError naming `what` when the archive is cut short or damaged.
+    """
+    mv = memoryview(buf)
+    out: list[tuple[str, int, int]] = []
+    off, end = 0, len(mv)
+    while off + 512 <= end:
+        header = bytes(mv[off: off + 512])
+        if header[:1] == b"\0" and header.count(0) == 512:
+            return out  # end-of-archive blocks
+        flag = header[156:157]
+        if flag not in (b"0", b"\0") or header[257:262] != b"ustar":
+            return _parse_with_tarfile(buf, what)
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise tarfile.ReadError(f"{what}: damaged tar header at byte {off}") from None
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        if prefix:
+            name = f"{prefix}/{name}"
+        if off + 512 + size > end:
+            raise tarfile.ReadError(f"{what}: tar cut short in member {name!r}")
+        out.append((name, off + 512, size))
+        off += 512 + (size + 511) // 512 * 512
+    if off < end or not out:
+        raise tarfile.ReadError(f"{what}: tar cut short (no end-of-archive marker)")
+    return out
+
+
+def _parse_with_tarfile(buf: bytes | memoryview, what: str) -> list[tuple[str, int, int]]:
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(bytes(buf)), mode="r:") as tar:
+        for m in tar:
+            if m.isfile():
+                out.append((m.name, m.offset_data, m.size))
+    return out
+
+
+def parse_regular_tar(buf: bytes | memoryview) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """Vectorised parse of a tar whose samples all have the same layout (same members, same padded
+    sizes), as feature shards do: (keys, {extension: (N, 2) array of data offset, size}).
+
+    Returns None when the layout is not regular (the caller then uses `parse_tar_bytes`). Header
+    checksums are not checked: callers verify the whole shard's sha256 against its manifest.
+    """
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    first: list[tuple[str, int, int]] = []
+    key0 = None
+    off = 0
+    while off + 512 <= len(arr):  # the first sample, member by member
+        head = arr[off: off + 512].tobytes()
+        if head.count(0) == 512 or head[156:157] not in (b"0", b"\0") or head[257:262] != b"ustar":
+            break
+        if head[345:346] != b"\0":
+            return None  # prefixed (long) names: not handled here
+        name = head[:100].split(b"\0", 1)[0].decode()
+        key, ext = _split_key(name)
+        if key0 is None:
+            key0 = key
+        elif key != key0:
+            break
+        size = int(head[124:136].rstrip(b"\0 ") or b"0", 8)
+        first.append((ext, off, size))
+        off += 512 + (size + 511) // 512 * 512
+    stride = off
+    if not first or stride == 0 or "/" in key0:
+        return None
+    n = (len(arr) - 1024) // stride
+    if n < 1 or arr[n * stride:].any():
+        return None  # not whole samples followed by zero blocks only
+    klen = len(key0.encode())
+    keys_view = None
+    out: dict[str, np.ndarray] = {}
+    for ext, rel, size in first:
+        headers = np.lib.stride_tricks.as_strided(arr[rel:], shape=(n, 512), strides=(stride, 1))
+        # everything but the key, the size and the checksum must be identical in every sample
+        for lo, hi in ((klen, 124), (156, 512)):
+            if not (headers[:, lo:hi] == headers[0, lo:hi]).all():
+                return None
+        digits = headers[:, 124:135].astype(np.int64) - 48
+        if (digits < 0).any() or (digits > 7).any():
+            return None
+        sizes = digits @ (8 ** np.arange(10, -1, -1, dtype=np.int64))
+        if ((sizes + 511) // 512 != (size + 511) // 512).any():
+            return None
+        keys = headers[:, :klen]
+        if keys_view is None:
+            keys_view = np.ascontiguousarray(keys)
+        elif not (keys == keys_view).all():
+            return None
+        starts = np.arange(n, dtype=np.int64) * stride + rel + 512
+        out[ext] = np.stack([starts, sizes], axis=1)
+    names = keys_view.view(f"S{klen}").ravel().astype(str).tolist()  # type: ignore[union-attr]
+    if len(set(names)) != n:
+        return None
+    return names, out
+
+
+def group_samples(members: list[tuple[str, int, int]]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Consecutive members with the same key -> (key, {extension: (offset, size)})."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    current = None
+    for name, off, size in members:
+        key, ext = _split_key(name)
+        if current is None or current[0] != key:
+            current = (key, {})
+            samples.append(current)
+        current[1][ext] = (off, size)
+    return samples
+
+
+_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...], str, int]] = {}
+
+
+def npy_from_bytes(data: bytes) -> np.ndarray:
+    """np.load of an in-memory .npy, with the parsed header cached (every sample of a shard has the
+    same header, so this is a frombuffer per sample). The result is read-only."""
+    magic_len = 10 if data[6:7] == b"\x01" else 12
+    hlen = magic_len + int.from_bytes(data[8:magic_len], "little")
+    head = data[:hlen]
+    cached = _NPY_HEADERS.get(head)
+    if cached is None:
+        f = io.BytesIO(head)
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed in shards")
+        cached = (hlen, dtype, shape, "F" if fortran else "C", math.prod(shape))
+        if len(_NPY_HEADERS) < 256:
+            _NPY_HEADERS[head] = cached
+    hlen, dtype, shape, order, count = cached
+    arr = np.frombuffer(data, dtype=dtype, offset=hlen, count=count)
+    return arr if len(shape) == 1 else arr.reshape(shape, order=order)
+
+
+_JSON = json.JSONDecoder()
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A raw WebDataset sample (extension -> bytes) to python values: json -> dict, *.npy -> arrays."""
+    out: dict[str, Any] = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
+    for ext, value in sample.items():
+        if ext[:2] == "__":
+            continue
+        if ext == "json":
+            out["json"] = _JSON.decode(value.decode())
+        elif ext[-3:] == "npy":
+            out[ext[:-4] or "npy"] = npy_from_bytes(value)
+        else:
+            out[ext] = value
+    return out
+
+
+def node_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): given values, else torch.distributed, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        r, w = rank, world_size
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} must be in [0, world_size={w})")
+    return r, w
+
+
+def split_shards(urls: list[str], *, rank: int, world_size: int, worker: int = 0,
+                 num_workers: int = 1) -> list[str]:
+    """The shards one worker of one node reads: every (world_size * num_workers)-th, so the union over
+    all workers of all nodes is every shard exactly once."""
+    slot, slots = rank * num_workers + worker, world_size * num_workers
+    return urls[slot::slots]
+
+
+def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", "__url__", extension: bytes}) of one shard, read in one request and
+    parsed in memory (array-parsed when the layout is regular)."""
+    data = storage.read_bytes(url)
+    regular = parse_regular_tar(data)
+    if regular is not None:
+        keys, members = regular
+        cols = [(ext, offs.tolist()) for ext, offs in members.items()]
+        for i, key in enumerate(keys):
+            sample: dict[str, Any] = {"__key__": key, "__url__": url}
+            for ext, offs in cols:
+                o, n = offs[i]
+                sample[ext] = data[o: o + n]
+            yield sample
+        return
+    for key, parts in group_samples(parse_tar_bytes(data, what=url)):
+        yield {"__key__": key, "__url__": url, **{ext: data[o: o + n] for ext, (o, n) in parts.items()}}
+
+
+def _expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """WebDataset pipeline stage: shard dicts ({"url": ...}) -> raw samples (fast in-memory reader)."""
+    for shard in src:
+        yield from iter_shard_samples(shard["url"])
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Stream decoded samples from shards through WebDataset, split by node and by DataLoader worker.
+
+    Args:
+        urls: shard URLs or paths (local, s3://, http(s)://), in order.
+        rank, world_size: this node's place; default from torch.distributed or env RANK/WORLD_SIZE.
+        decode: turn json/npy members into dicts/arrays (else raw bytes per extension).
+        reader: "fast" reads each shard in one request and parses it in memory (several times faster
+            for small samples such as features); "webdataset" streams it through webdataset's tar
+            reader (`tarfile_to_samples`, constant memory for very large shards).
+        handler: WebDataset error handler for the "webdataset" reader (default: raise).
+    """
+
+    def __init__(self, urls: list[str], *, rank: int | None = None, world_size: int | None = None,
+                 decode: bool = True, reader: str = "fast",
+                 handler: Callable[[Exception], bool] | None = None) -> None:
+        super().__init__()
+        if reader not in ("fast", "webdataset"):
+            raise ValueError(f"reader must be 'fast' or 'webdataset', got {reader!r}")
+        self.urls = list(urls)
+        self.rank, self.world_size = rank, world_size
+        self.decode = decode
+        self.reader = reader
+        self.handler = handler
+
+    def my_shards(self) -> list[str]:
+        rank, world = node_info(self.rank, self.world_size)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return split_shards(self.urls, rank=rank, world_size=world, worker=worker, num_workers=workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        storage.register_webdataset_s3()
+        kw = {"handler": self.handler} if self.handler else {}
+        expand = _expand_shards if self.reader == "fast" else wds.tarfile_to_samples(**kw)
+        pipeline = wds.DataPipeline(wds.SimpleShardList(self.my_shards()), expand)
+        for sample in pipeline:
+            yield decode_sample(sample) if self.decode else sample

@@ -1,0 +1,276 @@
+"""The source interface and the common case: a metadata CSV plus images in a folder, an archive or at
+one URL per record."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from locdiff.data import storage
+from locdiff.data.config import DatasetConfig
+from locdiff.data.download import fetch
+from locdiff.data.locations import Location, is_archive, open_location
+from locdiff.data.validation import (
+    RecordError,
+    SkipLog,
+    SourceError,
+    check_checksum,
+    check_record_coordinates,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Record:
+    index: int  # position among the valid records: decides the shard and the sample key
+    id: str
+    lat: float
+    lon: float
+    ref: str  # the image: a path inside the image location, or a URL
+    meta: dict[str, Any] = field(default_factory=dict)  # other CSV columns, kept in KEY.json
+    sha256: str | None = None  # published checksum of the image bytes, when the source has one
+
+
+@dataclass
+class Plan:
+    records: list[Record]
+    rows: int  # rows read from the metadata (after --limit)
+    skips: SkipLog  # records dropped while planning (ids, coordinates)
+    provenance: dict[str, Any]  # source URLs and checksums for the manifest
+
+
+class Source:
+    """A data set's records and a way to fetch each record's image bytes."""
+
+    parallel = False  # fetches may run in threads (remote per-image reads)
+
+    def __init__(self, cfg: DatasetConfig, source: str | None = None) -> None:
+        self.cfg = cfg
+        self.source = source
+
+    def plan(self, limit: int | None = None) -> Plan:
+        raise NotImplementedError
+
+    def fetch(self, record: Record) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        pass
+
+
+def read_csv_bytes(data: bytes, what: str) -> pd.DataFrame:
+    """All columns as strings (ids keep leading zeros; coordinates are parsed and checked per row)."""
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SourceError(f"{what}: not a readable CSV ({err})") from None
+
+
+def require_columns(df: pd.DataFrame, columns: dict[str, str | None], what: str) -> None:
+    missing = {role: col for role, col in columns.items() if col and col not in df.columns}
+    if missing:
+        desc = ", ".join(f"{role} column {col!r}" for role, col in missing.items())
+        raise SourceError(f"{what}: no {desc}; the CSV has columns {list(df.columns)}")
+
+
+def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit: int | None,
+                 keep_meta: bool = True) -> tuple[list[Record], int, SkipLog]:
+    """Validate rows into Records (in CSV order): skipped rows are counted per reason, never dropped
+    silently. `ref_for(row_dict, id) -> str` says where the image is."""
+    require_columns(df, {"id": cfg.id_column, "latitude": cfg.lat_column, "longitude": cfg.lon_column},
+                    what)
+    if limit is not None:
+        df = df.iloc[: int(limit)]
+    skips = SkipLog()
+    records: list[Record] = []
+    seen: set[str] = set()
+    core = {cfg.id_column, cfg.lat_column, cfg.lon_column}
+    meta_cols = [c for c in df.columns if c not in core] if keep_meta else []
+    if cfg.keep_columns is not None:
+        meta_cols = [c for c in meta_cols if c in cfg.keep_columns]
+    for row in df.to_dict("records"):
+        rid = str(row[cfg.id_column]).strip()
+        if not rid:
+            skips.add(f"row {len(records) + skips.total + 2}", "missing_id", f"{what}: empty id")
+            continue
+        if rid in seen:
+            skips.add(rid, "duplicate_id", f"{what}: id seen before")
+            continue
+        seen.add(rid)
+        try:
+            lat, lon = check_record_coordinates(row[cfg.lat_column], row[cfg.lon_column])
+        except RecordError as err:
+            skips.add(rid, err.reason, err.detail)
+            continue
+        try:
+            ref = ref_for(row, rid)
+        except RecordError as err:
+            skips.add(rid, err.reason, err.detail)
+            continue
+        sha = row.get(cfg.sha256_column) if cfg.sha256_column else None
+        records.append(Record(len(records), rid, lat, lon, ref,
+                              {c: row[c] for c in meta_cols if row[c] != ""}, sha or None))
+    return records, len(df), skips
+
+
+class TabularSource(Source):
+    """Metadata CSV + images (folder, archive or URL list) described by a DatasetConfig.
+
+    With --source, the CSV and images are read from that folder, archive, http(s) base URL or s3://
+    prefix (the CSV named in the config, or the only CSV there; a URL ending in .csv names the CSV
+    itself, images beside it). Without it, the config's published URLs are used.
+    """
+
+    def __init__(self, cfg: DatasetConfig, source: str | None = None) -> None:
+        super().__init__(cfg, source)
+        self.images: Location | None = None
+        self.urls: dict[str, str] | None = None
+        self.provenance: dict[str, Any] = {}
+
+    # -- locating the metadata and images ------------------------------------------------------
+    def _retry_kw(self) -> dict[str, Any]:
+        return {"retries": self.cfg.retries, "backoff": self.cfg.backoff, "timeout": self.cfg.timeout}
+
+    def _metadata(self) -> tuple[bytes, str, Location | None]:
+        """(CSV bytes, its URL, the location it sits in)."""
+        cfg = self.cfg
+        if self.source is None:
+            if cfg.requires_source:
+                raise SourceError(f"data set {cfg.name!r} is not public: give its folder with --source")
+            if not cfg.metadata.url:
+                raise SourceError(f"data set {cfg.name!r}: the config has no metadata URL; give --source")
+            url, loc = cfg.metadata.url, None
+            data = self._read_whole(url)
+        elif self.source.split("?", 1)[0].lower().endswith(".csv"):
+            url = self.source
+            loc = open_location(os.path.dirname(url) if not storage.is_remote(url)
+                                else url.rsplit("/", 1)[0], **self._retry_kw())
+            data = self._read_whole(url)
+        else:
+            loc = open_location(self.source, **self._retry_kw())
+            name = cfg.metadata.filename
+            if not name or not loc.exists(name):
+                listed = loc.list_csv()
+                if name and listed is None:
+                    raise SourceError(f"{self.source}: no metadata CSV {name!r}")
+                listed = listed or []
+                if len(listed) != 1:
+                    raise SourceError(f"{self.source}: no metadata CSV"
+                                      + (f" {name!r}" if name else "")
+                                      + (f"; found several: {listed}" if listed else " (no .csv file)"))
+                name = listed[0]
+            url = storage.join(loc.url, name) if not is_archive(loc.url) else f"{loc.url}#{name}"
+            try:
+                data = loc.read(name)
+            except RecordError as err:
+                raise SourceError(f"{self.source}: cannot read the metadata CSV {name!r}: {err}") from None
+        if cfg.metadata.sha256 or cfg.metadata.md5:
+            if self.source is None or url.rsplit("/", 1)[-1] == cfg.metadata.filename:
+                check_checksum(data, sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
+        self.provenance["metadata"] = {"url": url, "sha256": check_checksum(data)}
+        return data, url, loc
+
+    def _read_whole(self, url: str) -> bytes:
+        try:
+            return fetch(url, **self._retry_kw())
+        except RecordError as err:
+            raise SourceError(f"cannot read {url}: {err.detail}") from None
+
+    def _images(self, loc: Location | None) -> tuple[Location | None, bool]:
+        """(where images are read from, whether an image archive/folder was named explicitly)."""
+        img = self.cfg.images
+        if self.source is None:
+            if img.url and not img.url.lower().endswith(".csv"):
+                return open_location(img.url, sha256=img.sha256, md5=img.md5, **self._retry_kw()), True
+            return None, False
+        if loc is not None and img.filename and not img.filename.lower().endswith(".csv") \
+                and not is_archive(loc.url) and loc.exists(img.filename):
+            return open_location(storage.join(loc.url, img.filename), sha256=img.sha256, md5=img.md5,
+                                 **self._retry_kw()), True
+        return loc, False
+
+    def _url_list(self, loc: Location | None) -> dict[str, str] | None:
+        """id -> URL from a separate URL-list CSV (config images.filename ending in .csv), if any."""
+        cfg = self.cfg
+        name = cfg.images.filename
+        if not (name and name.lower().endswith(".csv")):
+            return None
+        if self.source is None:
+            if not cfg.images.url:
+                return None
+            data, url = self._read_whole(cfg.images.url), cfg.images.url
+        else:
+            if loc is None:
+                return None
+            try:
+                data = loc.read(name)
+            except RecordError as err:
+                raise SourceError(f"{self.source}: cannot read the URL list {name!r}: {err}") from None
+            url = storage.join(loc.url, name)
+        if cfg.images.sha256 or cfg.images.md5:
+            check_checksum(data, sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)
+        df = read_csv_bytes(data, url)
+        id_col = cfg.url_list_id_column or cfg.id_column
+        if (id_col not in df.columns or cfg.url_column not in df.columns) and df.shape[1] == 2 \
+                and str(df.columns[1]).startswith(("http://", "https://")):
+            # a headerless two-column list: id, url
+            df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, header=None,
+                             names=[id_col, cfg.url_column])
+        require_columns(df, {"id": id_col, "url": cfg.url_column}, url)
+        self.provenance["urls"] = {"url": url, "sha256": check_checksum(data)}
+        return dict(zip(df[id_col].astype(str), df[cfg.url_column].astype(str), strict=True))
+
+    # -- the interface -------------------------------------------------------------------------
+    def ref_for(self, row: dict[str, Any], rid: str) -> str:
+        cfg = self.cfg
+        if self.urls is not None:
+            url = self.urls.get(rid, "")
+            if not url:
+                raise RecordError("missing_file", "no URL for this id in the URL list")
+            return url
+        if self.images is None:
+            url = str(row.get(cfg.url_column or "", "")).strip()
+            if not url:
+                raise RecordError("missing_file", f"empty {cfg.url_column!r}")
+            return url
+        if cfg.path_column and row.get(cfg.path_column):
+            path = str(row[cfg.path_column])
+        else:
+            path = cfg.path_template.format(id=rid)
+        return f"{cfg.image_prefix.strip('/')}/{path}" if cfg.image_prefix else path
+
+    def plan(self, limit: int | None = None) -> Plan:
+        data, url, loc = self._metadata()
+        df = read_csv_bytes(data, url)
+        self.urls = self._url_list(loc)
+        self.images = None
+        if self.urls is None:
+            images, explicit = self._images(loc)
+            url_mode = bool(self.cfg.url_column and self.cfg.url_column in df.columns and not explicit
+                            and not (images is not None and is_archive(images.url)))
+            if not url_mode:
+                if images is None:
+                    raise SourceError(f"data set {self.cfg.name!r}: no image archive or URL column "
+                                      f"({self.cfg.url_column!r}) in {url}; give --source")
+                self.images = images
+                self.provenance["images"] = {"url": images.url}
+                for digest in images.checksums().values():
+                    self.provenance["images"]["sha256"] = digest
+        self.parallel = self.images is None or self.images.parallel
+        records, rows, skips = plan_records(df, self.cfg, url, self.ref_for, limit)
+        if rows and not records:
+            log.error("%s: none of the %d rows is usable: %s", url, rows, dict(skips.counts))
+        return Plan(records, rows, skips, dict(self.provenance))
+
+    def fetch(self, record: Record) -> bytes:
+        if self.images is None:
+            return fetch(record.ref, **self._retry_kw())
+        return self.images.read(record.ref)

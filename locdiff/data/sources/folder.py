@@ -1,0 +1,28 @@
+"""Any folder or archive (a local path, an http(s) URL or an s3:// URL) of images with a CSV of
+`id, lat, lon`. The image of a row is the column `file`/`path`/`filename`/`image` when there is one,
+else the id itself when it ends in an image extension, else `ID.jpg`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from locdiff.data.sources.base import IMAGE_EXTENSIONS, TabularSource
+
+PATH_COLUMNS = ("file", "path", "filename", "image")
+
+
+class FolderSource(TabularSource):
+    """configs/datasets/folder.yaml (requires --source)."""
+
+    def ref_for(self, row: dict[str, Any], rid: str) -> str:
+        if self.images is None:
+            return super().ref_for(row, rid)
+        col = self.cfg.path_column or next((c for c in PATH_COLUMNS if c in row), None)
+        if col and row.get(col):
+            path = str(row[col])
+        else:
+            path = rid if rid.lower().endswith(IMAGE_EXTENSIONS) else f"{rid}.jpg"
+        return f"{self.cfg.image_prefix.strip('/')}/{path}" if self.cfg.image_prefix else path
+
+
+SOURCE = FolderSource

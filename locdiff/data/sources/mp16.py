@@ -1,0 +1,125 @@
+"""MP-16 (Larson et al. 2017; about 4.7M geotagged Flickr images, the usual training set): the
+GeoEstimation metadata CSV (IMG_ID, LAT, LON) joined by id with the published URL list.
+
+Two downloaders, one result:
+- `builtin` (default for small lists): the project's own fetcher (threads, retries with backoff; dead
+  links counted as missing_file/unreachable), shard by shard, resumable like every stage.
+- `img2dataset` (the optional extra `pip install 'locdiff[mp16]'`; `auto` picks it above
+  `img2dataset_threshold` URLs when installed): downloads all URLs into its own WebDataset shards
+  under ROOT/NAME/_img2dataset (incremental mode: re-running resumes), after which the ingest reads the
+  images from those shards and counts img2dataset's failures per record.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+from locdiff.data import storage
+from locdiff.data.locations import ArchiveLocation
+from locdiff.data.sources.base import Plan, Record, TabularSource
+from locdiff.data.validation import RecordError
+
+log = logging.getLogger(__name__)
+
+
+def _img2dataset():
+    try:
+        import img2dataset  # noqa: PLC0415 (optional extra)
+    except ImportError:
+        raise ImportError("the img2dataset downloader needs the optional extra: pip install "
+                          "'locdiff[mp16]' (or set downloader: builtin in configs/datasets/mp16.yaml)"
+                          ) from None
+    return img2dataset
+
+
+class Mp16Source(TabularSource):
+    """configs/datasets/mp16.yaml."""
+
+    def __init__(self, cfg, source=None) -> None:  # noqa: ANN001
+        super().__init__(cfg, source)
+        self._downloaded: dict[str, tuple[str, str] | RecordError] | None = None
+        self._tars: dict[str, ArchiveLocation] = {}
+
+    def use_img2dataset(self, n_urls: int) -> bool:
+        mode = self.cfg.downloader
+        if mode == "img2dataset":
+            _img2dataset()
+            return True
+        if mode == "auto" and n_urls >= self.cfg.img2dataset_threshold:
+            try:
+                _img2dataset()
+                return True
+            except ImportError as err:
+                log.warning("%s; using the builtin downloader for %d URLs", err, n_urls)
+        return False
+
+    def prepare(self, plan: Plan, root: str, name: str) -> None:
+        """Run img2dataset over every URL when it is the chosen downloader."""
+        if not self.use_img2dataset(len(plan.records)):
+            return
+        if storage.is_remote(root):
+            work = os.path.join(storage.local_tmp_dir(root), name, "_img2dataset")
+        else:
+            work = os.path.join(root, name, "_img2dataset")
+        self._downloaded = run_img2dataset(plan.records, work, self.cfg)
+        self.parallel = False
+
+    def fetch(self, record: Record) -> bytes:
+        if self._downloaded is None:
+            return super().fetch(record)
+        got = self._downloaded.get(record.id)
+        if got is None:
+            raise RecordError("unreachable", "img2dataset returned nothing for this URL")
+        if isinstance(got, RecordError):
+            raise got
+        tar, member = got
+        loc = self._tars.get(tar)
+        if loc is None:
+            self._tars.clear()  # shards are read in order: keep one open
+            loc = self._tars[tar] = ArchiveLocation(tar)
+        return loc.read(member)
+
+
+def run_img2dataset(records: list[Record], work: str, cfg: Any) -> dict[str, tuple[str, str] | RecordError]:
+    """Download the records' URLs with img2dataset (resumable) and index its output by record id:
+    id -> (tar path, member name), or the RecordError it failed with."""
+    import pandas as pd
+
+    img2dataset = _img2dataset()
+    os.makedirs(work, exist_ok=True)
+    url_list = os.path.join(work, "urls.parquet")
+    if not os.path.exists(url_list):
+        pd.DataFrame({"url": [r.ref for r in records], "rid": [r.id for r in records]}).to_parquet(url_list)
+    out = os.path.join(work, "shards")
+    img2dataset.download(
+        url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["rid"],
+        output_folder=out, output_format="webdataset", image_size=cfg.max_side,
+        resize_mode="keep_ratio_largest",
+        resize_only_if_bigger=True, encode_format="jpg", encode_quality=cfg.jpeg_quality, skip_reencode=True,
+        processes_count=max(1, os.cpu_count() or 1), thread_count=cfg.workers, timeout=int(cfg.timeout),
+        retries=cfg.retries, number_sample_per_shard=10_000, incremental_mode="incremental",
+        enable_wandb=False, extract_exif=False,
+    )
+    index: dict[str, tuple[str, str] | RecordError] = {}
+    for meta in sorted(glob.glob(os.path.join(out, "*.parquet"))):
+        tar = meta[: -len(".parquet")] + ".tar"
+        df = pd.read_parquet(meta, columns=["key", "rid", "status", "error_message"])
+        for key, rid, status, error in df.itertuples(index=False):
+            if status == "success":
+                index[str(rid)] = (tar, f"{key}.jpg")
+            else:
+                text = str(error or status)
+                reason = "missing_file" if any(c in text for c in ("404", "410", "403")) else "unreachable"
+                index[str(rid)] = RecordError(reason, f"img2dataset: {text}")
+    stats = sorted(glob.glob(os.path.join(out, "*_stats.json")))
+    if stats:
+        failed = sum(json.load(open(s)).get("failed_to_download", 0) for s in stats)
+        log.info("img2dataset: %d shards, %d URLs failed", len(stats), failed)
+    return index
+
+
+SOURCE = Mp16Source

@@ -1,0 +1,178 @@
+"""Where data lives: a ROOT that is a local folder or `s3://bucket/prefix`, read and written through fsspec.
+
+One setting decides the S3 endpoint (MinIO, moto, or AWS itself): `set_s3_endpoint(url)` or the
+environment variable `AWS_ENDPOINT_URL`. Credentials come from the usual AWS environment/config chain.
+
+Writes are atomic: a local file is written under a temporary name and renamed; an S3 object is written
+with a single PUT, so it exists only once complete. `register_webdataset_s3()` teaches webdataset's
+`gopen` to open `s3://` URLs through the same filesystem (webdataset 1.0.2 has no S3 opener).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import uuid
+from typing import IO, Any
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+_S3_ENDPOINT: str | None = None
+
+
+def set_s3_endpoint(url: str | None) -> None:
+    """Use this endpoint for every s3:// path (None: fall back to AWS_ENDPOINT_URL, then AWS)."""
+    global _S3_ENDPOINT
+    _S3_ENDPOINT = url
+
+
+def s3_endpoint() -> str | None:
+    return _S3_ENDPOINT or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URL (s3://, http(s)://, file://)."""
+    path = str(path)
+    protocol = path.split("://", 1)[0] if is_remote(path) else "file"
+    if protocol in ("s3", "s3a"):
+        endpoint = s3_endpoint()
+        # no listings cache: shards written a moment ago (by this or another process) must be seen
+        fs = fsspec.filesystem("s3", use_listings_cache=False,
+                               **({"endpoint_url": endpoint} if endpoint else {}))
+        return fs, path.split("://", 1)[1].rstrip("/")
+    if protocol == "file":
+        local = path.split("://", 1)[1] if path.startswith("file://") else path
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(local))
+    return fsspec.core.url_to_fs(path)
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or URL with '/'."""
+    root = str(root)
+    if not is_remote(root):
+        return os.path.join(root, *parts)
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return bool(fs.exists(p))
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_remote(path) or path.startswith("file://"):  # local: no fsspec overhead per file
+        local = path.split("://", 1)[1] if path.startswith("file://") else path
+        try:
+            with open(local, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"{path}: no such file") from None
+    fs, p = filesystem(path)
+    try:
+        return fs.cat_file(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+
+
+def open_file(path: str, mode: str = "rb") -> IO[bytes]:
+    fs, p = filesystem(path)
+    return fs.open(p, mode)
+
+
+def list_files(path: str) -> list[str]:
+    """Names (not paths) of the files directly inside a folder; [] when it does not exist."""
+    if not is_remote(path):
+        try:
+            return sorted(e.name for e in os.scandir(path) if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    fs, p = filesystem(path)
+    try:
+        entries = fs.ls(p, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+
+def makedirs(path: str) -> None:
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `data` so that `path` either does not exist or holds all of it."""
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, p = filesystem(path)
+    fs.pipe_file(p, data)  # one PUT (or a multipart upload completed at the end): all or nothing
+
+
+def put_file_atomic(local_tmp: str, path: str) -> None:
+    """Move a finished local temporary file to `path` (rename locally, upload-then-delete for URLs)."""
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.replace(local_tmp, path)
+        return
+    fs, p = filesystem(path)
+    fs.put_file(local_tmp, p)  # the object appears only when the upload completes
+    os.remove(local_tmp)
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def local_tmp_dir(root: str) -> str:
+    """A local scratch folder for files on their way to `root` (beside it when it is local)."""
+    if not is_remote(root):
+        d = os.path.join(root, ".tmp")
+    else:
+        d = os.path.join(os.environ.get("LOCDIFF_CACHE", os.path.expanduser("~/.cache/locdiff")), "tmp")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def clear_local_tmp(root: str) -> None:
+    """Remove partial files a killed run left in `root`'s local scratch folder (one writer per stage)."""
+    if is_remote(root):
+        return
+    d = os.path.join(root, ".tmp")
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(d, name))
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    fs, p = filesystem(url)
+    return fs.open(p, mode)
+
+
+def register_webdataset_s3() -> None:
+    """Register an fsspec-based opener for s3:// URLs in webdataset's gopen (idempotent)."""
+    import importlib
+
+    import webdataset.gopen  # noqa: F401  (module import: the package re-exports a function of that name)
+
+    gopen_mod = importlib.import_module("webdataset.gopen")
+    for scheme in ("s3", "s3a"):
+        gopen_mod.gopen_schemes[scheme] = _gopen_fsspec

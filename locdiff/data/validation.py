@@ -1,0 +1,183 @@
+"""Validation of records and images: what is skipped, why, and what is fatal.
+
+One bad record never stops a stage: it is skipped, logged with its id and reason, and counted per reason
+in the stage's manifest. A whole source that is wrong (no CSV, no coordinate columns, a published
+checksum that does not match) raises an error naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# the reasons a record can be skipped for (keys of the manifest's "skipped")
+REASONS = (
+    "missing_id", "duplicate_id", "missing_coordinates", "invalid_coordinates",
+    "missing_file", "unreachable", "damaged_archive", "undecodable", "truncated",
+    "checksum_mismatch", "invalid_embedding",
+)
+EXAMPLES_PER_REASON = 20  # ids kept per reason in the manifest (all are logged)
+
+
+class SourceError(ValueError):
+    """A whole source is unusable (no CSV, missing columns, unreadable archive)."""
+
+
+class ChecksumError(ValueError):
+    """A file's checksum differs from the published or recorded one."""
+
+
+class RecordError(Exception):
+    """One record cannot be used; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SkipLog:
+    """Counts of skipped records per reason, with the first few ids of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, record_id: str, reason: str, detail: str = "") -> None:
+        assert reason in REASONS, reason
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < EXAMPLES_PER_REASON:
+            ex.append(str(record_id))
+        log.warning("skipped %r: %s%s", record_id, reason, f" ({detail})" if detail else "")
+
+    def merge(self, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
+        for reason, n in counts.items():
+            self.counts[reason] += int(n)
+            ex = self.examples.setdefault(reason, [])
+            ex.extend(examples.get(reason, [])[: max(0, EXAMPLES_PER_REASON - len(ex))])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"skipped": {k: int(self.counts[k]) for k in sorted(self.counts)},
+                "skipped_examples": {k: self.examples[k] for k in sorted(self.examples)}}
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts.values()))
+
+
+def parse_coordinate(value: Any) -> float | None:
+    """A float from a CSV cell, None when empty or not a number."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def check_record_coordinates(lat: Any, lon: Any) -> tuple[float, float]:
+    """(lat, lon) as floats, or RecordError: missing_coordinates / invalid_coordinates."""
+    la, lo = parse_coordinate(lat), parse_coordinate(lon)
+    if la is None or lo is None:
+        raise RecordError("missing_coordinates", f"lat={lat!r}, lon={lon!r}")
+    if not (math.isfinite(la) and math.isfinite(lo)) or not -90 <= la <= 90 or not -180 <= lo <= 360:
+        raise RecordError("invalid_coordinates",
+                          f"lat={la!r} must be in [-90, 90] and lon={lo!r} in [-180, 360] degrees")
+    return la, lo
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_checksum(data: bytes, *, sha256: str | None = None, md5: str | None = None, what: str = "") -> str:
+    """The sha256 of `data`; ChecksumError when it differs from a given sha256 or md5."""
+    digest = sha256_bytes(data)
+    if sha256 and digest != sha256.lower():
+        raise ChecksumError(f"{what}: sha256 {digest} differs from the expected {sha256}")
+    if md5 and hashlib.md5(data).hexdigest() != md5.lower():
+        raise ChecksumError(f"{what}: md5 {hashlib.md5(data).hexdigest()} differs from the expected {md5}")
+    return digest
+
+
+def open_image(data: bytes, *, verify: str = "header") -> Image.Image:
+    """Open image bytes and check they are a whole image; RecordError(undecodable | truncated).
+
+    verify="header" reads the header and, for JPEG, checks the end-of-image marker (a cut file lacks it)
+    without decoding the pixels; "decode" decodes the whole image (at reduced scale for JPEG).
+    """
+    if not data:
+        raise RecordError("truncated", "empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.size  # noqa: B018 (parses the header)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise RecordError("undecodable", f"not an image: {err}") from None
+    # a JPEG without its end-of-image marker is usually cut short: decode it to find out
+    if verify == "decode" or im.format != "JPEG" or not jpeg_ends(data):
+        try:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        except OSError as err:
+            reason = "truncated" if "truncated" in str(err) else "undecodable"
+            raise RecordError(reason, str(err)) from None
+        except (SyntaxError, ValueError) as err:
+            raise RecordError("undecodable", str(err)) from None
+        im = Image.open(io.BytesIO(data))  # fresh handle (draft changed the decoder scale)
+    if im.width < 1 or im.height < 1:
+        raise RecordError("undecodable", f"image size {im.size}")
+    return im
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's frame header, or None when the bytes are not a
+    well-formed JPEG up to its start of frame. Reads the marker segments only (microseconds)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2: i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _SOF:
+            if length < 8 or i + 10 > n:
+                return None
+            h = int.from_bytes(data[i + 5: i + 7], "big")
+            w = int.from_bytes(data[i + 7: i + 9], "big")
+            return (w, h, data[i + 9]) if w and h else None
+        if marker in (0xDA, 0xD9):  # scan or end before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def jpeg_ends(data: bytes) -> bool:
+    # EOI (FF D9), possibly followed by a little padding/trailer that some cameras append
+    return data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")

@@ -1,0 +1,331 @@
+"""Reading and writing the two stable table formats (README "Formats").
+
+- Embeddings table: Parquet, columns `id` (string), `lat`, `lon` (float64 degrees; optional for unlabelled
+  data) and `embedding` (fixed-size or variable list of float32, the same length in every row).
+  A folder of Parquet files (the data layer's feature shards) is read as one table, files in name order.
+- Predictions table: Parquet or CSV by extension, columns `id`, `lat`, `lon` (truth; optional),
+  `pred_lat`, `pred_lon` and optional `method`, `confidence`.
+
+Everything is columnar (pyarrow / NumPy); there is no Python loop over rows, so millions of rows are fine.
+Bad input raises ValueError naming the file, the column and the first bad row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from locdiff.tables import EmbeddingTable
+
+PathLike = str | os.PathLike
+
+
+def _is_remote(path: PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _filesystem(path: PathLike):
+    """(fsspec filesystem or None, path string): fsspec for URLs such as s3://, None for local paths."""
+    if not _is_remote(path):
+        return None, str(path)
+    import fsspec  # local import: only remote paths need it
+
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs, p
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _bad(path: PathLike, column: str, row: int, what: str) -> ValueError:
+    return ValueError(f"{path}: column {column!r}, row {row}: {what}")
+
+
+def _read_parquet(path: PathLike) -> pa.Table:
+    fs, p = _filesystem(path)
+    if fs is None:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        if os.path.isdir(p):
+            files = sorted(str(f) for f in Path(p).rglob("*.parquet"))
+            if not files:
+                raise ValueError(f"{path}: folder holds no .parquet files")
+            try:
+                return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+            except (pa.ArrowInvalid, OSError) as err:
+                raise ValueError(f"{path}: cannot read the Parquet files as one table: {err}") from err
+    elif not fs.exists(p):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    try:
+        return pq.read_table(p, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
+
+
+def _column(table: pa.Table, name: str, path: PathLike) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise ValueError(f"{path}: missing column {name!r} (columns: {', '.join(table.column_names)})")
+    return table.column(name)
+
+
+def _ids(col: pa.ChunkedArray, path: PathLike, *, unique: bool = True) -> np.ndarray:
+    if col.null_count:
+        raise _bad(path, "id", _first_bad(col.is_null().to_numpy(zero_copy_only=False)), "id is null")
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        if pa.types.is_integer(col.type):
+            col = pc.cast(col, pa.string())
+        else:
+            raise ValueError(f"{path}: column 'id' must be strings, got {col.type}")
+    ids = col.to_numpy(zero_copy_only=False).astype(object)
+    if unique and len(ids):
+        import pandas as pd  # hash-based duplicate detection, no row loop
+
+        dup = pd.Index(ids).duplicated()
+        if dup.any():
+            row = _first_bad(dup)
+            first = int(np.flatnonzero(ids == ids[row])[0])
+            raise _bad(path, "id", row, f"duplicate id {ids[row]!r} (first seen at row {first})")
+    return ids
+
+
+def _float_column(col: pa.ChunkedArray, name: str, path: PathLike) -> np.ndarray:
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        raise ValueError(f"{path}: column {name!r} must be numeric (float64 degrees), got {col.type}")
+    if col.null_count:
+        raise _bad(path, name, _first_bad(col.is_null().to_numpy(zero_copy_only=False)), "value is null")
+    return col.to_numpy().astype(np.float64, copy=False)
+
+
+def _check_coords(lat: np.ndarray, lon: np.ndarray, path: PathLike, names: tuple[str, str] = ("lat", "lon")):
+    for name, arr, lo, hi in ((names[0], lat, -90.0, 90.0), (names[1], lon, -180.0, 360.0)):
+        bad = ~np.isfinite(arr) | (arr < lo) | (arr > hi)
+        if bad.any():
+            row = _first_bad(bad)
+            raise _bad(path, name, row, f"{arr[row]!r} is not a finite number in [{lo:g}, {hi:g}] degrees")
+
+
+def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise ValueError(f"{path}: column 'embedding' must be a list of float32, got {t}")
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise ValueError(f"{path}: column 'embedding' must hold floats, got {t}")
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    n = len(arr)
+    if arr.null_count:
+        raise _bad(path, "embedding", _first_bad(arr.is_null().to_numpy(zero_copy_only=False)),
+                   "embedding is null")
+    if n == 0:
+        dim = t.list_size if pa.types.is_fixed_size_list(t) else 0
+        return np.zeros((0, dim), np.float32)
+    lengths = pc.list_value_length(arr).to_numpy()
+    if (lengths != lengths[0]).any():
+        row = _first_bad(lengths != lengths[0])
+        raise _bad(path, "embedding", row,
+                   f"embedding has length {lengths[row]}, but row 0 has {lengths[0]} (all rows must match)")
+    dim = int(lengths[0])
+    if dim == 0:
+        raise _bad(path, "embedding", 0, "embedding is empty")
+    values = arr.flatten()  # respects offsets/slices
+    if values.null_count:
+        flat = _first_bad(values.is_null().to_numpy(zero_copy_only=False))
+        raise _bad(path, "embedding", flat // dim, f"element {flat % dim} of the embedding is null")
+    emb = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        row = _first_bad(~finite)
+        col_i = int(np.argmax(~np.isfinite(emb[row])))
+        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {emb[row, col_i]!r} "
+                                           "(NaN or infinite)")
+    return emb
+
+
+def embedding_table_from_arrow(table: pa.Table, source: PathLike = "<table>", *,
+                               labelled: bool | None = None) -> EmbeddingTable:
+    """Validate an Arrow table in the embeddings format and return it as an EmbeddingTable.
+
+    Args:
+        table: columns `id`, `embedding` and (optionally) `lat`, `lon`.
+        source: the file it came from, named in error messages.
+        labelled: True to require `lat`/`lon`, False to ignore them, None to read them when present.
+    """
+    ids = _ids(_column(table, "id", source), source)
+    has = [c in table.column_names for c in ("lat", "lon")]
+    if labelled is True or (labelled is None and any(has)):
+        lat = _float_column(_column(table, "lat", source), "lat", source)
+        lon = _float_column(_column(table, "lon", source), "lon", source)
+        _check_coords(lat, lon, source)
+    else:
+        lat = lon = None
+    emb = _embeddings(_column(table, "embedding", source), source)
+    return EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=str(source))
+
+
+def read_embeddings(path: PathLike, *, labelled: bool | None = None) -> EmbeddingTable:
+    """Read and validate an embeddings table (a Parquet file, a folder of them, or an fsspec URL).
+
+    Raises:
+        FileNotFoundError: path does not exist.
+        ValueError: naming the file, column and first bad row, for a missing column, embeddings of
+            different lengths, NaN/inf or null in an embedding, coordinates NaN or out of range,
+            duplicate or null ids.
+    """
+    return embedding_table_from_arrow(_read_parquet(path), path, labelled=labelled)
+
+
+def embedding_table_to_arrow(table: EmbeddingTable) -> pa.Table:
+    emb = np.ascontiguousarray(table.embedding, dtype=np.float32)
+    if emb.ndim != 2:
+        raise ValueError(f"embedding must be (N, d), got shape {emb.shape}")
+    n, d = emb.shape
+    if len(table.ids) != n:
+        raise ValueError(f"{len(table.ids)} ids but {n} embeddings")
+    cols: dict[str, pa.Array] = {"id": pa.array(np.asarray(table.ids).astype(str), pa.string())}
+    if table.lat is not None and table.lon is not None:
+        cols["lat"] = pa.array(np.asarray(table.lat, np.float64))
+        cols["lon"] = pa.array(np.asarray(table.lon, np.float64))
+    cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
+    return pa.table(cols)
+
+
+def _write_atomic(path: PathLike, write) -> None:
+    """Write to a temporary sibling and rename, so an interrupted write never leaves a half file."""
+    fs, p = _filesystem(path)
+    if fs is not None:
+        write(p, fs)
+        return
+    Path(p).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{p}.tmp-{os.getpid()}"
+    try:
+        write(tmp, None)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_embeddings(path: PathLike, table: EmbeddingTable) -> None:
+    """Write an embeddings table as Parquet (embedding as a fixed-size list of float32)."""
+    at = embedding_table_to_arrow(table)
+    _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
+
+
+@dataclass
+class PredictionTable:
+    ids: np.ndarray  # (N,) object array of str
+    lat: np.ndarray | None  # (N,) truth, float64 degrees; None for unlabelled data
+    lon: np.ndarray | None
+    pred_lat: np.ndarray  # (N,) float64 degrees
+    pred_lon: np.ndarray
+    method: np.ndarray | None = None  # (N,) object array of str
+    confidence: np.ndarray | None = None  # (N,) float64
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labelled(self) -> bool:
+        return self.lat is not None and self.lon is not None
+
+
+def _fmt(path: PathLike) -> str:
+    suffix = str(path).lower().rsplit(".", 1)[-1] if "." in str(path) else ""
+    if suffix in ("parquet", "pq"):
+        return "parquet"
+    if suffix == "csv":
+        return "csv"
+    raise ValueError(f"{path}: predictions file must end in .parquet or .csv")
+
+
+def write_predictions(path: PathLike, ids: Any, lat: Any, lon: Any, pred_lat: Any, pred_lon: Any,
+                      method: str | Any | None = None, confidence: Any | None = None) -> None:
+    """Write a predictions table (Parquet or CSV by extension). lat/lon (truth) may be None."""
+    kind = _fmt(path)
+    ids = np.asarray(ids).astype(str)
+    n = len(ids)
+    cols: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    if (lat is None) != (lon is None):
+        raise ValueError(f"{path}: give both lat and lon (the truth) or neither")
+    named = {"lat": lat, "lon": lon, "pred_lat": pred_lat, "pred_lon": pred_lon, "confidence": confidence}
+    for name, values in named.items():
+        if values is None:
+            continue
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(arr) != n:
+            raise ValueError(f"{path}: column {name!r} has {len(arr)} values for {n} ids")
+        cols[name] = pa.array(arr)
+    _check_coords(cols["pred_lat"].to_numpy(), cols["pred_lon"].to_numpy(), path, ("pred_lat", "pred_lon"))
+    if method is not None:
+        m = np.full(n, method, dtype=object) if isinstance(method, str) else np.asarray(method).astype(str)
+        if len(m) != n:
+            raise ValueError(f"{path}: column 'method' has {len(m)} values for {n} ids")
+        cols["method"] = pa.array(m, pa.string())
+    order = [c for c in ("id", "lat", "lon", "pred_lat", "pred_lon", "method", "confidence") if c in cols]
+    at = pa.table({c: cols[c] for c in order})
+    if kind == "parquet":
+        _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
+    else:
+        import pyarrow.csv as pcsv
+
+        def w(p, fs):
+            if fs is None:
+                pcsv.write_csv(at, p)
+            else:
+                with fs.open(p, "wb") as f:
+                    pcsv.write_csv(at, f)
+        _write_atomic(path, w)
+
+
+def read_predictions(path: PathLike) -> PredictionTable:
+    """Read and validate a predictions table (Parquet or CSV by extension)."""
+    kind = _fmt(path)
+    if kind == "parquet":
+        table = _read_parquet(path)
+    else:
+        import pyarrow.csv as pcsv
+
+        fs, p = _filesystem(path)
+        if fs is None and not os.path.exists(p):
+            raise FileNotFoundError(f"{path}: no such file")
+        opts = pcsv.ConvertOptions(column_types={"id": pa.string(), "method": pa.string()})
+        try:
+            if fs is None:
+                table = pcsv.read_csv(p, convert_options=opts)
+            else:
+                with fs.open(p, "rb") as f:
+                    table = pcsv.read_csv(f, convert_options=opts)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: not a readable CSV predictions file: {err}") from err
+    ids = _ids(_column(table, "id", path), path, unique=False)
+    pred_lat = _float_column(_column(table, "pred_lat", path), "pred_lat", path)
+    pred_lon = _float_column(_column(table, "pred_lon", path), "pred_lon", path)
+    _check_coords(pred_lat, pred_lon, path, ("pred_lat", "pred_lon"))
+    lat = lon = None
+    if "lat" in table.column_names or "lon" in table.column_names:
+        lat = _float_column(_column(table, "lat", path), "lat", path)
+        lon = _float_column(_column(table, "lon", path), "lon", path)
+        _check_coords(lat, lon, path)
+    method = confidence = None
+    if "method" in table.column_names:
+        method = table.column("method").to_numpy(zero_copy_only=False).astype(object)
+    if "confidence" in table.column_names:
+        c = table.column("confidence")
+        confidence = (c.to_numpy(zero_copy_only=False).astype(np.float64) if pa.types.is_floating(c.type)
+                      or pa.types.is_integer(c.type) or c.null_count == len(c) else None)
+        if confidence is None:
+            raise ValueError(f"{path}: column 'confidence' must be numeric, got {c.type}")
+    return PredictionTable(ids=ids, lat=lat, lon=lon, pred_lat=pred_lat, pred_lon=pred_lon, method=method,
+                           confidence=confidence, source=str(path))
+
+
+__all__ = ["read_embeddings", "write_embeddings", "embedding_table_from_arrow", "embedding_table_to_arrow",
+           "PredictionTable", "write_predictions", "read_predictions"]

@@ -1,0 +1,165 @@
+"""CS-UNet: a conditional SIREN with a U-Net shape, the LocDiff denoiser (LOCDIFF.md 6).
+
+    z_t (B, D) --in_proj (sine, omega_0)--> width[0]
+      encoder: per level, `blocks_per_level` sine residual blocks at widths[0] > widths[1] > ...
+      bottleneck: one block at widths[-1]
+      decoder: per level (reversed), concat the encoder skip, blocks back up to widths[i]
+    --LayerNorm, out_proj--> (B, D)    the z_0 estimate (x0-prediction)
+
+Every block is FiLM-modulated by a conditioning vector c = MLP(image embedding) + MLP(sinusoid(t)) in the
+pi-GAN way, h = sin(omega (W x + b) (1 + gamma(c)) + beta(c)). The image-embedding branch can be replaced
+by a learned null vector (classifier-free guidance). Embeddings are standardised inside the model with
+statistics stored as buffers, so a checkpoint is self-contained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from locdiff.model.config import NetworkConfig
+
+
+def _siren_uniform_(weight: torch.Tensor, bound: float) -> None:
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class SineFiLMBlock(nn.Module):
+    """Pre-norm residual block: x -> skip(x) + W2 dropout(sin(omega (W1 LN(x)) (1 + gamma) + beta))."""
+
+    def __init__(self, dim_in: int, dim_out: int, cond_dim: int, omega: float, dropout: float) -> None:
+        super().__init__()
+        self.omega = omega
+        self.norm = nn.LayerNorm(dim_in)
+        self.lin1 = nn.Linear(dim_in, dim_out)
+        self.lin2 = nn.Linear(dim_out, dim_out)
+        self.film = nn.Linear(cond_dim, 2 * dim_out)
+        self.drop = nn.Dropout(dropout)
+        self.skip = nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out, bias=False)
+        # SIREN hidden-layer init: omega W x has the arcsine-friendly spread sqrt(6/n)
+        _siren_uniform_(self.lin1.weight, math.sqrt(6 / dim_in) / omega)
+        _siren_uniform_(self.lin2.weight, math.sqrt(6 / dim_out) * 0.5)
+        nn.init.zeros_(self.film.weight)  # start as an unmodulated SIREN block
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(cond).chunk(2, dim=-1)  # (B, dim_out) each
+        h = torch.sin(self.omega * self.lin1(self.norm(x)) * (1 + gamma) + beta)
+        return self.skip(x) + self.lin2(self.drop(h))
+
+
+class CSUNet(nn.Module):
+    """The conditional sine U-Net denoiser.
+
+    Args:
+        dim: D, the SHDD code dimension (input and output).
+        embed_dim: d, the image-embedding dimension.
+        config: widths, blocks_per_level, omega_0, omega_hidden, dropout, cond_dim, time_dim.
+    """
+
+    def __init__(self, dim: int, embed_dim: int, config: NetworkConfig) -> None:
+        super().__init__()
+        if not config.widths or any(w < 1 for w in config.widths):
+            raise ValueError(
+                f"network.widths must be a non-empty list of positive integers; got {config.widths}"
+            )
+        if config.blocks_per_level < 1:
+            raise ValueError(f"network.blocks_per_level must be >= 1; got {config.blocks_per_level}")
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"network.dropout must be in [0, 1); got {config.dropout}")
+        self.dim, self.embed_dim, self.config = dim, embed_dim, config
+        c, w0 = config.cond_dim, config.widths[0]
+        self.register_buffer("emb_mean", torch.zeros(embed_dim))
+        self.register_buffer("emb_std", torch.ones(embed_dim))
+        self.cond_mlp = nn.Sequential(nn.Linear(embed_dim, c), nn.SiLU(), nn.Linear(c, c))
+        self.null_cond = nn.Parameter(torch.zeros(c))  # replaces the image branch when it is dropped
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
+        self.cond_act = nn.SiLU()
+        # SIREN first layer: sin(omega_0 W z), W ~ U(-1/n, 1/n)
+        self.in_proj = nn.Linear(dim, w0)
+        _siren_uniform_(self.in_proj.weight, 1.0 / dim)
+        self.omega_0 = config.omega_0
+        om, p, n = config.omega_hidden, config.dropout, config.blocks_per_level
+        self.down = nn.ModuleList()
+        prev = w0
+        for w in config.widths:
+            self.down.append(
+                nn.ModuleList(SineFiLMBlock(prev if i == 0 else w, w, c, om, p) for i in range(n))
+            )
+            prev = w
+        self.mid = SineFiLMBlock(prev, prev, c, om, p)
+        self.up = nn.ModuleList()
+        for w in reversed(config.widths):
+            self.up.append(
+                nn.ModuleList(SineFiLMBlock(prev + w if i == 0 else w, w, c, om, p) for i in range(n))
+            )
+            prev = w
+        self.out_norm = nn.LayerNorm(prev)
+        self.out_proj = nn.Linear(prev, dim)
+        nn.init.uniform_(self.out_proj.weight, -1e-3, 1e-3)
+        nn.init.zeros_(self.out_proj.bias)
+
+    @torch.no_grad()
+    def set_embedding_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardisation of the image embeddings, from the training set."""
+        self.emb_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.emb_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+
+    def condition(
+        self, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """c = MLP(standardised embedding, or the null vector where drop_cond) + MLP(sinusoid(t))."""
+        e = self.cond_mlp((emb.float() - self.emb_mean) / self.emb_std)  # (B, c)
+        if drop_cond is not None:
+            e = torch.where(drop_cond[:, None], self.null_cond.to(e.dtype).expand_as(e), e)
+        return self.cond_act(e + self.time_mlp(timestep_embedding(t, self.config.time_dim)))
+
+    def forward(
+        self, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z_0 estimate.
+
+        Args:
+            z: (B, D) noisy code z_t. t: (B,) integer timesteps. emb: (B, d) image embeddings.
+            drop_cond: (B,) bool, True -> unconditional (null condition); None -> all conditional.
+        Returns:
+            (B, D).
+        """
+        c = self.condition(t, emb, drop_cond)
+        h = torch.sin(self.omega_0 * self.in_proj(z))  # (B, w0)
+        skips = []
+        for level in self.down:
+            for block in level:
+                h = block(h, c)
+            skips.append(h)
+        h = self.mid(h, c)
+        for level, skip in zip(self.up, reversed(skips), strict=True):
+            h = torch.cat([h, skip], dim=-1)
+            for block in level:
+                h = block(h, c)
+        return self.out_proj(self.out_norm(h))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

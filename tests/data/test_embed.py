@@ -1,0 +1,172 @@
+"""The embedding stage on a tiny randomly initialised CLIP (built from a config, saved with
+save_pretrained, loaded back through from_pretrained: no download), SHDD targets, export and inspect."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from locdiff.cli import main
+from locdiff.data import ShardDataset, load_features, stage_dir
+from locdiff.data.config import load_dataset_config
+from locdiff.data.featurize import embed
+from locdiff.data.ingest import ingest
+from locdiff.data.manifest import read_manifest
+from locdiff.data.validation import ChecksumError
+
+PROJ = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=PROJ,
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny-clip"
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ingested(sources, tmp_path_factory):
+    url, exp = sources["folder"]["http"]
+    root = tmp_path_factory.mktemp("embed")
+    cfg = load_dataset_config("folder", shard_size=4, max_side=128)
+    ingest("folder", str(root), source=f"{url}/folder.tar", config=cfg, progress=False)
+    return root, exp
+
+
+def reference_embeddings(model_dir, jpegs: list[bytes]) -> np.ndarray:
+    """Independent of the encoder class: the full CLIPModel's get_image_features, L2-normalised."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    proc = CLIPImageProcessor.from_pretrained(model_dir)
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def test_embed_writes_features_matching_the_manifest(tiny_clip, ingested, capsys):
+    root, exp = ingested
+    rc = main(["data", "embed", "folder", "--root", str(root), "--encoder", str(tiny_clip), "--degree", "3"])
+    assert rc == 0, capsys.readouterr().err
+    folder = stage_dir(str(root), "folder", "features", "tiny-clip")
+    m = read_manifest(folder)
+    assert m["embedding"] == {"dim": PROJ, "dtype": "float16", "shape": [PROJ]}
+    assert m["shdd"] == {"degree": 3, "dim": 16, "dtype": "float32", "shape": [16]}
+    assert m["count"] == len(exp.good) and m["encoder"]["model"] == str(tiny_clip)
+    samples = list(ShardDataset([f"{folder}/{s['shard']}" for s in m["shards"]], rank=0, world_size=1))
+    assert len(samples) == m["count"]
+    for s in samples:
+        assert s["emb"].dtype == np.dtype(m["embedding"]["dtype"])
+        assert list(s["emb"].shape) == m["embedding"]["shape"]
+        assert s["shdd"].dtype == np.dtype(m["shdd"]["dtype"]) and list(s["shdd"].shape) == m["shdd"]["shape"]
+
+    table, shdd = load_features(str(root), "folder", "tiny-clip", with_shdd=True)
+    assert table.embedding.shape == (len(exp.good), PROJ) and table.embedding.dtype == np.float32
+    assert list(table.ids) == [s["json"]["id"] for s in samples]
+    np.testing.assert_array_equal(table.embedding, np.stack([s["emb"] for s in samples]).astype(np.float32))
+    np.testing.assert_array_equal(shdd, np.stack([s["shdd"] for s in samples]))
+    assert [(la, lo) for la, lo in zip(table.lat, table.lon, strict=True)] == \
+        [exp.good[i][:2] for i in table.ids]
+
+    # the stored embeddings are CLIP's, computed independently from the stored images
+    images = list(ShardDataset([f"{stage_dir(str(root), 'folder', 'images')}/{s['shard']}"
+                                for s in read_manifest(stage_dir(str(root), "folder", "images"))["shards"]],
+                               rank=0, world_size=1))
+    ref = reference_embeddings(tiny_clip, [s["jpg"] for s in images])
+    np.testing.assert_allclose(table.embedding, ref, atol=2e-3)
+    # SHDD targets: the real-SH values at the stored coordinates; |shdd|^2 = D / (4 pi) for every point
+    from locdiff.shdd import encode
+
+    np.testing.assert_allclose(shdd, encode(torch.tensor(table.lat), torch.tensor(table.lon), 3).numpy(),
+                               atol=1e-6)
+    np.testing.assert_allclose((shdd.astype(np.float64) ** 2).sum(1), 16 / (4 * np.pi), rtol=1e-5)
+
+    # a second run is a no-op
+    before = {s["shard"]: s["sha256"] for s in m["shards"]}
+    again = embed("folder", str(root), str(tiny_clip), degree=3, progress=False)
+    assert {s["shard"]: s["sha256"] for s in again["shards"]} == before
+
+
+def test_export_is_an_embeddings_table(tiny_clip, ingested, tmp_path, capsys):
+    root, exp = ingested
+    embed("folder", str(root), str(tiny_clip), progress=False)
+    out = tmp_path / "x.parquet"
+    rc = main(["data", "export", "folder", "--root", str(root), "--encoder", str(tiny_clip),
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    from locdiff.io import read_embeddings
+
+    table = read_embeddings(out)
+    ref = load_features(str(root), "folder", "tiny-clip")
+    assert list(table.ids) == list(ref.ids) and set(table.ids) == set(exp.good)
+    assert table.lat.dtype == np.float64 and table.embedding.dtype == np.float32
+    np.testing.assert_array_equal(table.lat, ref.lat)
+    np.testing.assert_array_equal(table.embedding, ref.embedding)
+
+
+def test_inspect_prints_counts_and_draws_a_map(tiny_clip, ingested, capsys):
+    root, exp = ingested
+    rc = main(["data", "inspect", str(root / "folder")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"images: {len(exp.good)} samples in 3 shards" in out
+    assert "skipped: none" in out and '"id": "img0000"' in out
+    png = (root / "folder" / "locations.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_damaged_image_shard_is_a_checksum_error(tiny_clip, ingested, tmp_path):
+    import shutil
+
+    root, _ = ingested
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "folder", copy / "folder")
+    shard = copy / "folder" / "images" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"shard-000001\.tar: sha256 .* differs from the images manifest"):
+        embed("folder", str(copy), str(tiny_clip), degree=2, progress=False)
+
+
+def test_features_manifest_is_valid_json_with_encoder_revision(tiny_clip, ingested):
+    root, _ = ingested
+    m = json.loads((root / "folder" / "features" / "tiny-clip" / "manifest.json").read_text())
+    assert {"name", "model", "revision"} <= set(m["encoder"]) and "software" in m
+
+
+def test_embed_and_export_on_s3(tiny_clip, sources, tmp_path):
+    url, exp = sources["folder"]["s3"]
+    root = "s3://data/embed-s3"
+    cfg = load_dataset_config("folder", shard_size=4, max_side=128)
+    ingest("folder", root, source=f"{url}/folder.tar", config=cfg, progress=False)
+    m = embed("folder", root, str(tiny_clip), degree=2, progress=False)
+    assert m["count"] == len(exp.good) and m["shdd"]["dim"] == 9
+    table, shdd = load_features((root, "folder", "tiny-clip"), with_shdd=True)
+    assert table.embedding.shape == (len(exp.good), PROJ) and shdd.shape == (len(exp.good), 9)
+    from locdiff.data.features import export_features
+    from locdiff.io import read_embeddings
+
+    export_features(root, "folder", "tiny-clip", f"{root}/export.parquet")
+    back = read_embeddings(f"{root}/export.parquet")
+    assert list(back.ids) == list(table.ids)
+    np.testing.assert_array_equal(back.embedding, table.embedding)

@@ -1,0 +1,68 @@
+"""A process killed mid-ingest and run again ends with the same manifest and shards as an uninterrupted
+run, without rewriting the shards it had finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from locdiff.data.config import configs_dir
+
+from .fixtures import build_folder
+
+CLI = "import sys; from locdiff.cli import main; sys.exit(main())"
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_ingest_resumes_to_the_same_manifest(tmp_path, monkeypatch):
+    exp = build_folder(tmp_path / "src", "", n=40, archive=False)
+    configs = tmp_path / "configs"
+    shutil.copytree(configs_dir() / "datasets", configs / "datasets")
+    text = (configs / "datasets" / "folder.yaml").read_text().replace("shard_size: 1000", "shard_size: 4")
+    (configs / "datasets" / "folder.yaml").write_text(text)
+    env = {**os.environ, "LOCDIFF_CONFIGS": str(configs), "LOCDIFF_INGEST_DELAY": "0.05"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ["data", "ingest", "folder", "--source", str(tmp_path / "src")]
+
+    proc = run_cli([*args, "--root", str(killed)], env)
+    images = killed / "folder" / "images"
+    deadline = time.time() + 120
+    while not (images / "shard-000002.tar").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "ingest made no progress"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup handlers run
+    proc.wait()
+    assert not (images / "manifest.json").exists()
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images.glob("shard-*.tar")}
+    assert 3 <= len(finished) < 10
+
+    partial = images / ".tmp" / "shard-000009.tar.99999-deadbeef.tmp"  # as a kill inside a write leaves
+    partial.parent.mkdir(exist_ok=True)
+    partial.write_bytes(b"half a shard")
+    env.pop("LOCDIFF_INGEST_DELAY")
+    for root in (killed, clean):
+        proc = run_cli([*args, "--root", str(root)], env)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert f"{len(exp.good)} images in 10 shards" in out
+
+    resumed = json.loads((images / "manifest.json").read_text())
+    uninterrupted = json.loads((clean / "folder" / "images" / "manifest.json").read_text())
+    assert resumed == uninterrupted
+    assert resumed["count"] == 40 and resumed["skipped"] == {}
+    for name, stat in finished.items():  # finished shards were not rewritten
+        p = images / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stat
+    for s in resumed["shards"]:  # and every shard is byte-identical to the uninterrupted run's
+        assert (images / s["shard"]).read_bytes() == (clean / "folder" / "images" / s["shard"]).read_bytes()
+    leftovers = [p for p in images.rglob("*") if p.is_file() and (".tmp" in p.name or ".part" in p.name)]
+    assert leftovers == []

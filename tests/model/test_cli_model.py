@@ -1,0 +1,313 @@
+"""`locdiff train` / `locdiff predict` end to end on small synthetic data."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from locdiff.cli import main
+from locdiff.io import read_predictions
+from locdiff.metrics import geo_metrics
+
+from .conftest import TEST_OVERRIDES, TINY
+
+
+def _sets(extra=()):
+    out = []
+    for item in [*TEST_OVERRIDES, *extra]:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synth_dir):
+    run_dir = tmp_path_factory.mktemp("run") / "ld"
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(TINY),
+            "--train",
+            str(synth_dir / "train.parquet"),
+            "--val",
+            str(synth_dir / "val.parquet"),
+            "--out",
+            str(run_dir),
+            "--no-progress",
+            *_sets(),
+        ]
+    )
+    assert rc == 0
+    return run_dir
+
+
+def test_train_writes_the_run(run):
+    for name in (
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "model.pt",
+        "gallery.npz",
+        "selection.json",
+    ):
+        assert (run / name).is_file(), name
+    sel = json.loads((run / "selection.json").read_text())
+    assert sel["aggregation"] in ("mean", "support")
+    assert sel["step"] == 200
+
+
+def test_train_again_resumes(run, synth_dir, caplog):
+    before = (run / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO"):
+        rc = main(
+            [
+                "train",
+                "--config",
+                str(TINY),
+                "--train",
+                str(synth_dir / "train.parquet"),
+                "--val",
+                str(synth_dir / "val.parquet"),
+                "--out",
+                str(run),
+                "--no-progress",
+                *_sets(),
+            ]
+        )
+    assert rc == 0
+    assert "resuming from" in caplog.text
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 200
+    assert (run / "metrics.jsonl").read_text() == before  # nothing trained twice
+
+
+def test_train_into_a_run_with_another_config_is_an_error(run, synth_dir, capsys):
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(TINY),
+            "--train",
+            str(synth_dir / "train.parquet"),
+            "--out",
+            str(run),
+            "--no-progress",
+            *_sets(["network.dropout=0.3"]),
+        ]
+    )
+    assert rc == 2
+    assert "network.dropout" in capsys.readouterr().err
+
+
+def test_predict_and_beat_chance(run, synth_dir, synth_tables, tmp_path):
+    out = tmp_path / "pred.parquet"
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--data",
+                str(synth_dir / "test.parquet"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    pred = read_predictions(out)
+    test = synth_tables["test"]
+    assert list(pred.ids) == list(test.ids)
+    assert set(pred.method) == {"locdiff"}
+    assert np.all((pred.confidence >= 0) & (pred.confidence <= 1))
+    m = geo_metrics(pred.pred_lat, pred.pred_lon, pred.lat, pred.lon)
+    # chance: a random training location for every test image (same clustered distribution)
+    rng = np.random.default_rng(0)
+    train = synth_tables["train"]
+    j = rng.integers(0, len(train), len(test))
+    chance = geo_metrics(train.lat[j], train.lon[j], test.lat, test.lon)
+    assert m["acc_750km"] > chance["acc_750km"] + 25
+    assert m["median_km"] < 0.5 * chance["median_km"]
+
+
+def test_predict_hybrid_csv_and_options(run, synth_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--data",
+                str(synth_dir / "test_unseen.parquet"),
+                "--out",
+                str(out),
+                "--method",
+                "locdiff-h",
+                "--samples",
+                "2",
+                "--steps",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    pred = read_predictions(out)
+    assert set(pred.method) == {"locdiff-h"} and len(pred) == 200
+
+
+def test_predict_is_seeded(run, synth_dir, tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for p in (a, b):
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--data",
+                str(synth_dir / "val.parquet"),
+                "--out",
+                str(p),
+                "--samples",
+                "2",
+                "--steps",
+                "3",
+                "--no-progress",
+            ]
+        )
+    assert np.array_equal(read_predictions(a).pred_lat, read_predictions(b).pred_lat)
+
+
+def test_predict_unlabelled_data(run, synth_dir, tmp_path):
+    t = pq.read_table(synth_dir / "val.parquet").drop(["lat", "lon"])
+    pq.write_table(t, tmp_path / "u.parquet")
+    out = tmp_path / "pred.parquet"
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--data",
+                str(tmp_path / "u.parquet"),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--steps",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert set(pq.read_table(out).column_names) == {"id", "pred_lat", "pred_lon", "method", "confidence"}
+
+
+def test_hybrid_on_a_baseline_run_is_a_clear_error(synth_dir, tmp_path, capsys):
+    run = tmp_path / "knn"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(TINY),
+                "--method",
+                "knn",
+                "--train",
+                str(synth_dir / "train.parquet"),
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "predict",
+            "--run",
+            str(run),
+            "--data",
+            str(synth_dir / "test.parquet"),
+            "--out",
+            str(tmp_path / "p.parquet"),
+            "--method",
+            "locdiff-h",
+        ]
+    )
+    assert rc == 2
+    assert "run of method 'knn'" in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_bad_inputs_are_named(synth_dir, tmp_path, capsys):
+    t = pq.read_table(synth_dir / "val.parquet").drop(["lat"])
+    pq.write_table(t, tmp_path / "nolat.parquet")
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(TINY),
+            "--train",
+            str(tmp_path / "nolat.parquet"),
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "nolat.parquet" in err and "lat" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("network:\n  widht: [3]\n")
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(bad),
+            "--train",
+            str(synth_dir / "val.parquet"),
+            "--out",
+            str(tmp_path / "r2"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2 and "network.widht: unknown key" in capsys.readouterr().err
+    rc = main(
+        [
+            "predict",
+            "--run",
+            str(tmp_path / "nope"),
+            "--data",
+            str(synth_dir / "val.parquet"),
+            "--out",
+            str(tmp_path / "p.parquet"),
+        ]
+    )
+    assert rc == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_predict_wrong_embedding_dimension(run, tmp_path, capsys):
+    table = pa.table(
+        {
+            "id": ["a", "b"],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(10, np.float32)), 5),
+        }
+    )
+    pq.write_table(table, tmp_path / "d5.parquet")
+    rc = main(
+        [
+            "predict",
+            "--run",
+            str(run),
+            "--data",
+            str(tmp_path / "d5.parquet"),
+            "--out",
+            str(tmp_path / "p.parquet"),
+        ]
+    )
+    assert rc == 2 and "dimension 5" in capsys.readouterr().err

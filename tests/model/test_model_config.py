@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from locdiff.model.config import Config, config_from_dict, config_to_dict, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+@pytest.mark.parametrize("name", ["tiny", "base", "paper"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.method == "locdiff"
+    assert cfg.train.objective == "kl+mse"
+
+
+def test_unknown_key_names_file_and_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match=r"c\.yaml.*train\.stepz: unknown key; valid keys here: objective"):
+        load_config(path)
+
+
+def test_type_errors_are_named():
+    with pytest.raises(ValueError, match=r"network\.widths\[1\]: must be an integer"):
+        config_from_dict({"network": {"widths": [64, "a"]}})
+    with pytest.raises(ValueError, match=r"train\.objective: must be one of 'kl', 'mse', 'kl\+mse'"):
+        config_from_dict({"train": {"objective": "l1"}})
+
+
+def test_overrides_typecheck_and_apply(tmp_path):
+    cfg = load_config(
+        None, ["train.steps=7", "network.widths=[8, 4]", "shdd.kl_tau=0.5", "method=knn", "baselines.knn.k=3"]
+    )
+    assert (cfg.train.steps, cfg.network.widths, cfg.shdd.kl_tau, cfg.method) == (7, [8, 4], 0.5, "knn")
+    assert cfg.baselines == {"knn": {"k": 3}}
+    with pytest.raises(ValueError, match="must be an integer"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ValueError, match="unknown key 'nope'"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_save_roundtrip(tmp_path):
+    cfg = load_config(CONFIGS / "base.yaml", ["train.lr=0.01"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+    assert config_to_dict(Config())["shdd"]["degree"] == 32

@@ -1,0 +1,82 @@
+"""What `make demo` does, on tiny data: the local stack up (infra/start.sh), `prefect deploy`,
+`prefect deployment run` through the CLI, the process worker runs the pipeline (Ray Train inside), the
+results read back through MLflow's API, the stack down (infra/stop.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flows import demo
+from tests.orchestration.conftest import REPO, TINY_OVERRIDES, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(600)
+def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    monkeypatch.setenv("PREFECT_PORT", str(free_port()))
+    monkeypatch.setenv("MLFLOW_PORT", str(free_port()))
+    env = demo.stack_env(state)
+    subprocess.run([str(REPO / "infra" / "start.sh")], cwd=REPO, env=env, check=True, timeout=240)
+    pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
+    assert set(pids) == {"prefect-server", "prefect-worker", "mlflow-server"}
+    try:
+        demo.deploy(env)
+        ds = lambda name, split: {"name": name, "source": "embeddings", "path": str(tiny_data[split])}  # noqa: E731
+        params = {"config": "tiny", "root": str(tmp_path / "root"), "workers": 2, "overrides": TINY_OVERRIDES,
+                  "train_data": ds("e2e-train", "train"), "tests": [ds("e2e-test", "test")]}
+        flow_run_id = demo.trigger(env, params)
+        lines: list[str] = []
+        final = demo.follow(flow_run_id, env, timeout_s=420, echo=lines.append)
+        worker_log = (state / "logs" / "prefect-worker.log").read_text()[-4000:]
+        assert final == "Completed", "\n".join(lines[-40:]) + worker_log
+
+        run_id, results = demo.results_from_mlflow(env, "tiny-e2e-train")
+        assert set(results) == {"e2e-test"}
+        assert {"acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "geoscore"} \
+            <= set(results["e2e-test"])
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        names = [a.path for a in client.list_artifacts(run_id, "plots/e2e-test")]
+        assert any(n.endswith("worldmap.png") for n in names)
+        assert any(n.endswith("error_cdf.png") for n in names)
+        # artifacts are served through the server into the state folder
+        assert any((state / "mlflow" / "artifacts").rglob("worldmap.png"))
+    finally:
+        subprocess.run([str(REPO / "infra" / "stop.sh")], cwd=REPO, env=env, timeout=120)
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not list((state / "pids").glob("*.pid"))
+
+
+def test_unreachable_prefect_server_says_what_to_start():
+    with pytest.raises(demo.ServiceUnavailable, match="infra/start.sh"):
+        demo.check_prefect_api(f"http://127.0.0.1:{free_port()}/api", timeout=2)
+
+
+def test_start_fails_clearly_when_a_port_is_taken(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**demo.stack_env(tmp_path / "state"), "PREFECT_PORT": str(server.server_port)}
+        proc = subprocess.run([str(REPO / "infra" / "start.sh")], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode != 0
+    assert f"port {server.server_port}" in proc.stderr and "PREFECT_PORT" in proc.stderr
+    assert not list(Path(tmp_path / "state" / "pids").glob("*.pid"))

@@ -1,0 +1,122 @@
+"""The `train-locdiff` flow against a real Prefect API (prefect_test_harness) on tiny data: every stage
+runs, MLflow holds the params, metrics and artifacts, and a second run skips the finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.orchestration.conftest import TINY_OVERRIDES
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _params(tiny_data, root):
+    ds = lambda name, split: {"name": name, "source": "embeddings", "path": str(tiny_data[split])}  # noqa: E731
+    return {"train_data": ds("tiny-train", "train"),
+            "tests": [ds("tiny-test", "test"), ds("tiny-unseen", "test_unseen")],
+            "config": "tiny", "root": str(root), "workers": 2, "overrides": TINY_OVERRIDES}
+
+
+def test_pipeline_runs_logs_and_skips(prefect_api, ray_local, tiny_data, tmp_path, mlflow_uri, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import train_locdiff
+    from locdiff import tracking
+
+    out = train_locdiff(**_params(tiny_data, tmp_path / "root"))
+    # precomputed embeddings: ingest writes the features stage, so embed finds it complete
+    assert {k: v for k, v in out["stages"].items() if v != "done"} == {"embed:tiny-train": "skipped",
+                                                                        "embed:tiny-test": "skipped",
+                                                                        "embed:tiny-unseen": "skipped"}
+    run = tracking.read_run(out["mlflow_run_id"])
+    assert run["status"] == "FINISHED"
+    assert run["params"]["train.steps"] == "24" and run["params"]["pipeline.config_name"] == "tiny"
+    for ds in ("tiny-test", "tiny-unseen"):
+        for name in tracking.METRIC_NAMES:
+            assert f"{ds}/{name}" in run["metrics"], (ds, name)
+        assert 0.0 <= run["metrics"][f"{ds}/acc_2500km"] <= 100.0
+        assert {f"plots/{ds}/worldmap.png", f"plots/{ds}/error_cdf.png"} <= set(run["artifacts"])
+        child = tracking.read_run(run["children"][ds])
+        assert any(a.startswith("predictions/") for a in child["artifacts"])
+    assert "config.yaml" in run["artifacts"] and "checkpoint/checkpoint.pt" in run["artifacts"]
+
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions("name='locdiff'")
+    assert [v.run_id for v in versions] == [out["mlflow_run_id"]]  # the model, registered as `locdiff`
+    assert len(MlflowClient().get_metric_history(out["mlflow_run_id"], "loss")) == 24
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+        tables = [a for a in artifact if a.key == "locdiff-accuracy"]
+    assert tables and "tiny-unseen" in tables[0].data and "2500 km" in tables[0].data
+
+    again = train_locdiff(**_params(tiny_data, tmp_path / "root"))
+    assert set(again["stages"].values()) == {"skipped"}
+    assert again["mlflow_run_id"] == out["mlflow_run_id"]
+    assert again["results"] == out["results"]
+
+    # A new, empty MLflow store (the state folder was deleted): the finished training is not redone,
+    # it is logged again (params, per-step loss, model, evaluations) into the new store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
+    third = train_locdiff(**_params(tiny_data, tmp_path / "root"))
+    assert third["mlflow_run_id"] != out["mlflow_run_id"]
+    assert third["stages"]["train"] == "done" and third["stages"]["evaluate:tiny-test"] == "done"
+    record = json.loads((Path(third["run_dir"]) / "train.json").read_text())
+    assert record["restored_from_step"] == 24 and record["samples_per_s"] == 0.0  # no Ray training
+    assert len(MlflowClient().get_metric_history(third["mlflow_run_id"], "loss")) == 24
+    assert third["results"] == out["results"]
+
+
+def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monkeypatch):
+    from flows.pipeline import train_locdiff
+    from locdiff.tracking import TrackingUnavailable
+    from tests.orchestration.conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(ValueError, match="unknown model config 'nope'.*known configs: .*tiny"):
+        train_locdiff(**{**_params(tiny_data, tmp_path / "r1"), "config": "nope"})
+    with pytest.raises(PermissionError, match="storage root .* pass a writable root"):
+        train_locdiff(**{**_params(tiny_data, "/sys/locdiff-root")})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingUnavailable, match="infra/start.sh"):
+        train_locdiff(**_params(tiny_data, tmp_path / "r2"))
+    assert not (tmp_path / "r2" / "tiny-train").exists()  # nothing started
+
+
+def test_retries_only_transient_failures(prefect_api):
+    from prefect import flow, task
+
+    from flows.retry import transient
+
+    calls = {"bad": 0, "flaky": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient)
+    def bad_input():
+        calls["bad"] += 1
+        raise ValueError("bad row")
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient)
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ConnectionError("S3 endpoint reset the connection")
+        return "ok"
+
+    @flow
+    def both():
+        with pytest.raises(ValueError):
+            bad_input()
+        return flaky()
+
+    assert both() == "ok"
+    assert calls == {"bad": 1, "flaky": 3}

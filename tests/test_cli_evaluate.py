@@ -1,0 +1,39 @@
+"""`locdiff evaluate`: the printed table, the JSON, plots, and a clear error for unlabelled predictions."""
+
+import json
+
+import pytest
+
+from locdiff.cli import main
+from locdiff.io import write_predictions
+from locdiff.metrics import geo_metrics
+
+PRED = ([0.0, 0.0, 0.0, -90.0], [0.0, 0.2, 6.0, 0.0])
+TRUE = ([0.0, 0.0, 0.0, 90.0], [0.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_evaluate_prints_table_and_writes_json(tmp_path, capsys, ext):
+    path = tmp_path / f"pred.{ext}"
+    write_predictions(path, ["a", "b", "c", "d"], *TRUE, *PRED, method="knn")
+    rc = main(["evaluate", "--predictions", str(path), "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "knn" in out and "25.00 % (1)" in out and "50.00 % (2)" in out and "75.00 % (3)" in out
+    m = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert m == pytest.approx(geo_metrics(*PRED, *TRUE))
+
+
+def test_evaluate_plots(tmp_path):
+    path = tmp_path / "pred.parquet"
+    write_predictions(path, ["a", "b", "c", "d"], *TRUE, *PRED)
+    assert main(["evaluate", "--predictions", str(path), "--plots", str(tmp_path / "plots")]) == 0
+    for name in ("map.png", "error_cdf.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_needs_truth(tmp_path, capsys):
+    path = tmp_path / "pred.parquet"
+    write_predictions(path, ["a"], None, None, [1.0], [2.0])
+    assert main(["evaluate", "--predictions", str(path)]) == 2
+    assert "no truth columns 'lat' and 'lon'" in capsys.readouterr().err
