@@ -116,21 +116,19 @@ _STENCIL = torch.tensor([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -
 def _values_at(coeffs: torch.Tensor, points: torch.Tensor, degree: int) -> torch.Tensor:
     """f_c at unit vectors points (B, P, 3) -> (B, P)."""
     lat, lon = unit_to_latlon(points)
-    y = spherical_harmonics(lat, lon, degree)  # (B, P, D)
+    y = spherical_harmonics(lat, lon, degree, chunk=2048)  # (B, P, D)
     return torch.einsum("bpd,bd->bp", y, coeffs)
 
 
-def refine(coeffs: torch.Tensor, p: torch.Tensor, degree: int, *, iterations: int = 5
+def refine(coeffs_rep: torch.Tensor, p: torch.Tensor, degree: int, *, iterations: int = 4
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Newton ascent of f_c from unit vectors p (B, C, 3). Returns refined points and their values."""
-    b, c, _ = p.shape
-    dt = coeffs.dtype
-    coeffs_rep = coeffs.repeat_interleave(c, dim=0)  # (B*C, D)
-    p = p.reshape(b * c, 3)
+    """Newton ascent of f_c from unit vectors p (P, 3), coeffs_rep (P, D) the code of each start point.
+    Returns refined points (P, 3) and their values (P,)."""
+    dt = coeffs_rep.dtype
     h = 0.5 / (degree + 1)  # radians; the kernel's main lobe has radius ~3.8/L
     h_min = (1e-3 if dt == torch.float64 else 0.1) / (degree + 1)
     trust = 1.5 / (degree + 1)
-    stencil = _STENCIL.to(dtype=dt, device=coeffs.device)
+    stencil = _STENCIL.to(dtype=dt, device=coeffs_rep.device)
     for _ in range(iterations):
         e1, e2 = _tangent_frame(p)
         offs = stencil * h  # (9, 2)
@@ -162,18 +160,19 @@ def refine(coeffs: torch.Tensor, p: torch.Tensor, degree: int, *, iterations: in
         trust = max(trust * 0.5, 4 * h_min)
     lat, lon = unit_to_latlon(p)
     value = (spherical_harmonics(lat, lon, degree) * coeffs_rep).sum(-1)
-    return p.reshape(b, c, 3), value.reshape(b, c)
+    return p, value
 
 
 @torch.no_grad()
-def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 5, batch_size: int = 4096
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, gate: float = 0.5,
+           batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mode of f_c for each coefficient vector.
 
     Args:
         coeffs: (..., D) with D = (L+1)**2; float32 or float64.
         candidates: local maxima of the grid refined per vector.
         iterations: Newton iterations per candidate.
+        gate: refine only local maxima whose grid value is >= best - gate * |best|.
     Returns:
         lat, lon (degrees) and f_c at the mode, each of shape (...).
     """
@@ -189,10 +188,21 @@ def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 5, ba
     for i in range(0, flat.shape[0], batch_size):
         c = flat[i : i + batch_size]
         values, glat, glon = grid_values(c)
-        _, idx = _local_maxima(values, candidates)
+        top, idx = _local_maxima(values, candidates)
+        # Refine only candidates whose grid value is within `gate` of the best: the grid's
+        # discretisation error is at most ~25 % of a peak, so lower maxima cannot win.
+        best_grid = top[:, :1]
+        keep = top >= best_grid - gate * best_grid.abs()
+        keep[:, 0] = True
+        rows, cols = keep.nonzero(as_tuple=True)
         n_lon = glon.shape[0]
-        cand = latlon_to_unit(glat[idx // n_lon], glon[idx % n_lon])  # (B, C, 3)
-        p, val = refine(c, cand, degree, iterations=iterations)
+        flat_idx = idx[rows, cols]
+        start = latlon_to_unit(glat[flat_idx // n_lon], glon[flat_idx % n_lon])  # (P, 3)
+        p_ref, v_ref = refine(c[rows], start, degree, iterations=iterations)
+        val = torch.full(top.shape, -torch.inf, dtype=c.dtype, device=c.device)
+        val[rows, cols] = v_ref
+        p = torch.zeros(*top.shape, 3, dtype=c.dtype, device=c.device)
+        p[rows, cols] = p_ref
         best = val.argmax(dim=1)
         pb = p[torch.arange(p.shape[0]), best]
         lat, lon = unit_to_latlon(pb)

@@ -1,6 +1,7 @@
 import numpy as np
 
 from locdiff.methods import get_method
+
 from .common import fit_and_check
 
 OPTS = {"epochs": 60, "hidden": 128, "depth": 2, "lr": 3e-3, "samples": 8, "steps": 8}

@@ -2,6 +2,7 @@ import numpy as np
 
 from locdiff.baselines.geocell import build_cells
 from locdiff.geo import random_points
+
 from .common import fit_and_check
 
 OPTS = {"epochs": 8, "hidden": 128, "depth": 1, "max_cell_size": 60, "lr": 3e-3}

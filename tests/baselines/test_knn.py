@@ -3,6 +3,7 @@ import pytest
 
 from locdiff.baselines.knn import cosine_topk
 from locdiff.methods import get_method
+
 from .common import fit_and_check
 
 
