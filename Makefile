@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check locdiff flows tests benchmarks
 
 demo: setup
-	$(BIN)/python -m locdiff.demo
+	$(BIN)/python -m flows.demo
 
 stop:
 	@if [ -x infra/stop.sh ]; then infra/stop.sh; fi

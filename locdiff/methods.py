@@ -6,7 +6,7 @@ and `locdiff predict` work the same way for LocDiff and for every baseline.
     method = get_method("knn").from_config(cfg)   # cfg: the resolved config dict of the run
     method.fit(train, val, run_dir)               # resumes from run_dir when it holds a checkpoint
     pred = method.predict(test)                   # Prediction(lat, lon, confidence)
-    method = load_method(run_dir)                 # reads run_dir/config.yaml for the method name
+    method = get_method(name).load(run_dir, cfg)  # the CLI reads cfg from run_dir/config.yaml
 """
 
 from __future__ import annotations

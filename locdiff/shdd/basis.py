@@ -138,8 +138,9 @@ def _fast_tables(degree: int, dtype: torch.dtype, device: str):
 
 def _basis_fast(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, degree: int, out: torch.Tensor,
                 chunk: int) -> torch.Tensor:
-    """(N, D) into `out`, a chunk of points at a time so that the working set stays in cache and the
-    output is written once. No autograd.
+    """(N, D) as the transpose of `out` (D, N), a chunk of points at a time so that the working set stays
+    in cache and the output is written once, without a transposing copy (which costs more than the
+    whole recurrence on CPU). No autograd.
 
     Working layout per degree l, rows from l*l: m = 0..l (Pbar_lm sqrt2 cos), then m = 1..l (sin);
     one permutation per chunk puts them in the flat order."""
@@ -172,8 +173,8 @@ def _basis_fast(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, degree: int,
             torch.mul(p_new[1:], sn[:l], out=b[base + l + 1 : base + 2 * l + 1])
             p_prev2, p_prev = p_prev, p_new
         torch.index_select(b, 0, perm, out=b2)
-        out[i0 : i0 + n].copy_(b2.T)
-    return out
+        out[:, i0 : i0 + n] = b2  # rows of n contiguous values: no transpose
+    return out.T
 
 
 def spherical_harmonics(lat: torch.Tensor, lon: torch.Tensor, degree: int, *, chunk: int | None = None
@@ -183,10 +184,12 @@ def spherical_harmonics(lat: torch.Tensor, lon: torch.Tensor, degree: int, *, ch
     Args:
         lat, lon: tensors of the same shape (...), degrees. Not validated here (see `encode`).
         degree: L >= 0.
-        chunk: points per block in the no-grad path (default: about 4 MB of output per block).
+        chunk: points per block in the no-grad path (default: about 32 MB of output per block).
 
     Returns:
         (..., (L+1)**2) in the dtype of `lat` (float32 or float64), differentiable in lat and lon.
+        For 1-D input the no-grad result is a transposed view of a (D, N) buffer (column-major):
+        use `.contiguous()` where row-major memory matters; every torch operation accepts it.
     """
     if degree < 0:
         raise ValueError(f"degree must be >= 0; got {degree}")
@@ -203,8 +206,8 @@ def spherical_harmonics(lat: torch.Tensor, lon: torch.Tensor, degree: int, *, ch
         y = _basis_differentiable(x, s, lo, degree).to(out_dtype)
     else:
         if chunk is None:
-            chunk = max(64, (4 << 20) // (d * x.element_size()))
-        out = torch.empty(x.shape[0], d, dtype=work, device=x.device)
+            chunk = max(256, (32 << 20) // (d * x.element_size()))
+        out = torch.empty(d, x.shape[0], dtype=work, device=x.device)
         with torch.no_grad():
             y = _basis_fast(x, s, lo, degree, out, chunk).to(out_dtype)
     return y.reshape(*shape, d)
