@@ -7,7 +7,6 @@ Works on torch tensors and NumPy arrays alike (the result has the type of the in
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
