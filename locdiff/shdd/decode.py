@@ -48,6 +48,9 @@ def _synthesis_tables(degree: int, dtype: torch.dtype, device: str):
             cos_idx[mm, l] = l * l + l + mm
             if mm:
                 sin_idx[mm - 1, l] = l * l + l - mm
+    # values below 1e-30 are far below float32 resolution of the sum; as float32 denormals they would make
+    # every matrix product against the table many times slower on x86
+    leg[leg.abs() < 1e-30] = 0.0
     lat = 90.0 - torch.rad2deg(theta)
     lon = torch.rad2deg(phi)
     return (leg.to(dtype=dtype, device=device), fourier.to(dtype=dtype, device=device),
@@ -120,7 +123,7 @@ def _values_at(coeffs: torch.Tensor, points: torch.Tensor, degree: int) -> torch
     return torch.einsum("bpd,bd->bp", y, coeffs)
 
 
-def refine(coeffs_rep: torch.Tensor, p: torch.Tensor, degree: int, *, iterations: int = 4
+def refine(coeffs_rep: torch.Tensor, p: torch.Tensor, degree: int, *, iterations: int = 3
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Newton ascent of f_c from unit vectors p (P, 3), coeffs_rep (P, D) the code of each start point.
     Returns refined points (P, 3) and their values (P,)."""
@@ -164,7 +167,7 @@ def refine(coeffs_rep: torch.Tensor, p: torch.Tensor, degree: int, *, iterations
 
 
 @torch.no_grad()
-def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, gate: float = 0.5,
+def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 3, gate: float = 0.5,
            batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mode of f_c for each coefficient vector.
 
