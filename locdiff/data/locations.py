@@ -46,10 +46,10 @@ class Location:
     url = ""
 
     def read(self, relpath: str) -> bytes:
-        raise NotImplementedError
+        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
 
     def exists(self, relpath: str) -> bool:
-        raise NotImplementedError
+        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
 
     def list_csv(self) -> list[str] | None:
         """Top-level .csv names, or None when the location cannot be listed (http)."""

@@ -57,10 +57,10 @@ class Source:
         self.source = source
 
     def plan(self, limit: int | None = None) -> Plan:
-        raise NotImplementedError
+        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
 
     def fetch(self, record: Record) -> bytes:
-        raise NotImplementedError
+        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass
