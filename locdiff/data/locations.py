@@ -10,6 +10,7 @@ import os
 import tarfile
 import threading
 import zipfile
+from abc import ABC, abstractmethod
 
 from locdiff.data import storage
 from locdiff.data.download import download_file, fetch
@@ -39,17 +40,19 @@ def http_exists(url: str, timeout: float = 30.0) -> bool:
         raise RecordError("unreachable", f"{url}: {err}") from None
 
 
-class Location:
+class Location(ABC):
     """Files addressed by relative path."""
 
     parallel = False  # whether reads may run in many threads at once
     url = ""
 
+    @abstractmethod
     def read(self, relpath: str) -> bytes:
-        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
+        """Implemented by each concrete subclass."""
 
+    @abstractmethod
     def exists(self, relpath: str) -> bool:
-        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
+        """Implemented by each concrete subclass."""
 
     def list_csv(self) -> list[str] | None:
         """Top-level .csv names, or None when the location cannot be listed (http)."""

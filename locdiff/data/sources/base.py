@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class Plan:
     provenance: dict[str, Any]  # source URLs and checksums for the manifest
 
 
-class Source:
+class Source(ABC):
     """A data set's records and a way to fetch each record's image bytes."""
 
     parallel = False  # fetches may run in threads (remote per-image reads)
@@ -56,11 +57,13 @@ class Source:
         self.cfg = cfg
         self.source = source
 
+    @abstractmethod
     def plan(self, limit: int | None = None) -> Plan:
-        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
+        """Implemented by each concrete subclass."""
 
+    @abstractmethod
     def fetch(self, record: Record) -> bytes:
-        raise NotImplementedError("subclasses implement this")  # abstract: each source or location overrides it
+        """Implemented by each concrete subclass."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass
