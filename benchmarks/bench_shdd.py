@@ -67,7 +67,7 @@ def main() -> None:
         print_table([row])
 
     for L in (16, 64, 128):
-        n = {16: 2_000, 64: 500, 128: 100}[L]
+        n = {16: 10_000, 64: 2_000, 128: 500}[L]
         lat, lon = random_points(n, seed=L + 1, dtype=torch.float32)
         codes = shdd.encode(lat, lon, L)
         t0 = time.perf_counter()
