@@ -49,6 +49,9 @@ class DiffusionConfig:
     prediction: Literal["sample", "epsilon"] = "sample"  # the network predicts z0 (design 5)
     cond_drop_prob: float = 0.0  # classifier-free guidance training: condition dropped with this p
     guidance_scale: float = 1.0  # w at sampling; 1 = no guidance
+    # training timesteps are drawn from [min_train_timestep, T); T - 1 trains the network as a one-step
+    # regressor (its input is then always pure noise): the no-diffusion ablation, sampled with S = 1
+    min_train_timestep: int = 0
 
 
 @dataclass
@@ -185,7 +188,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any] | None, *, source: str = "config") -> Config:
     """Validate a nested mapping into a Config. `source` prefixes error messages (e.g. the file name)."""
-    return _build(Config, data or {}, f"{source}: ")
+    cfg = _build(Config, data or {}, f"{source}: ")
+    d = cfg.diffusion
+    if not 0 <= d.min_train_timestep < d.timesteps:
+        raise ValueError(f"{source}: diffusion.min_train_timestep must be in [0, diffusion.timesteps - 1 = "
+                         f"{d.timesteps - 1}]; got {d.min_train_timestep}")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

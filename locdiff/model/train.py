@@ -166,7 +166,8 @@ def train_step(
         )
     b = z0.shape[0]
     gdev = generator.device if generator is not None else device
-    t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=gdev).to(device)
+    t = torch.randint(config.diffusion.min_train_timestep, schedule.timesteps, (b,), generator=generator,
+                      device=gdev).to(device)
     noise = torch.randn(z0.shape, generator=generator, device=gdev).to(device)
     drop = None
     if config.diffusion.cond_drop_prob > 0:
@@ -272,7 +273,8 @@ def validation_loss(
     n = 0
     for i in range(0, emb.shape[0], batch_size):
         e, z = emb[i : i + batch_size].to(device), z0[i : i + batch_size].to(device)
-        t = torch.randint(0, schedule.timesteps, (z.shape[0],), generator=g).to(device)
+        t_lo = config.diffusion.min_train_timestep
+        t = torch.randint(t_lo, schedule.timesteps, (z.shape[0],), generator=g).to(device)
         zt = schedule.add_noise(z, torch.randn(z.shape, generator=g).to(device), t)
         out = model(zt, t, e).float()
         loss, parts = diffusion_loss(out, z, config)

@@ -17,7 +17,6 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from locdiff.geo import latlon_to_unit, unit_to_latlon
 from locdiff.shdd.basis import degree_from_dim, legendre_table, spherical_harmonics

@@ -49,3 +49,10 @@ def test_save_roundtrip(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
     assert config_to_dict(Config())["shdd"]["degree"] == 32
+
+
+def test_min_train_timestep_range_is_checked():
+    cfg = config_from_dict({"diffusion": {"timesteps": 100, "min_train_timestep": 99}})
+    assert cfg.diffusion.min_train_timestep == 99
+    with pytest.raises(ValueError, match=r"diffusion.min_train_timestep .* got 100"):
+        config_from_dict({"diffusion": {"timesteps": 100, "min_train_timestep": 100}}, source="x.yaml")
