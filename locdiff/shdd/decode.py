@@ -5,9 +5,10 @@
    table Pbar_lm(theta_i)) and a Fourier stage (one matrix product against cached cos/sin(m phi_j)).
    That costs O(B L^3) instead of the O(B L^4) of a matrix product against a full grid basis.
 2. Candidates. The `candidates` largest local maxima of the grid (8-neighbourhood, wrapping in lon).
-3. Refinement. Newton ascent on the sphere from each candidate: gradient and Hessian from a 6-point
-   stencil in the tangent plane, the stencil shrinking each iteration; steps clipped to a trust radius.
-   Sub-kilometre for every L (float64 to metres).
+3. Refinement. A first Newton step fitted to the candidate's 3x3 grid neighbourhood (no extra
+   evaluation), then Newton ascent on the sphere: gradient and Hessian from a 6-point stencil in the
+   tangent plane, the stencil shrinking each iteration, steps clipped to a trust radius, iterations
+   past the second only for candidates still moving. Sub-kilometre for every L (float64 to metres).
 4. The refined candidate with the largest f_c wins.
 """
 
@@ -223,8 +224,8 @@ def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, ga
     Args:
         coeffs: (..., D) with D = (L+1)**2; float32 or float64.
         candidates: local maxima of the grid refined per vector.
-        iterations: at most this many Newton iterations per candidate (at least 2; more only where
-            the second has not converged).
+        iterations: at most this many Newton iterations per candidate after the grid step; from the
+            third on, only candidates that have not converged are iterated.
         gate: refine only local maxima whose grid value is >= best - gate * |best|.
         batch_size: vectors refined together.
         grid_batch: vectors per grid stage; by default as many as keep the (B, n_lat, n_lon) grid near
