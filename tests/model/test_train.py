@@ -137,3 +137,18 @@ def test_fit_rejects_unlabelled(tmp_path, synth_tables, test_config):
 
 def test_scale_constant():
     assert shdd.SCALE == pytest.approx((4 * np.pi) ** 0.5)
+
+
+def test_min_train_timestep_restricts_the_training_timesteps(synth_tables, test_config):
+    """min_train_timestep = T - 1 (the one-step regressor ablation): every training input is at t = T - 1."""
+    cfg = load_config(TINY, [*TEST_OVERRIDES, "diffusion.min_train_timestep=999"])
+    torch.manual_seed(0)
+    model = build_model(cfg, synth_tables["train"].dim)
+    opt = make_optimizer(model, cfg)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        train_step(model, _batch(synth_tables["train"]), opt, cfg, generator=g)
+    t = torch.cat(seen)
+    assert t.numel() == 3 * 64 and (t == 999).all()
