@@ -20,16 +20,23 @@ from locdiff import pipeline
 def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base", root: str = "data",
                   workers: int = 2, gpus_per_worker: float = 0.0, degree: int | None = None,
                   resume: bool = True, overrides: list[str] | None = None,
-                  tracking_uri: str | None = None) -> dict:
-    """Ingest and embed every data set, train `config` on Ray, evaluate on the test sets."""
-    cfg = pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
+                  tracking_uri: str | None = None, val: DataSet | None = None) -> dict:
+    """Ingest and embed every data set, train `config` (on Ray with `workers` > 0), evaluate on the test
+    sets. Without `val`, a share of the training rows is held out for validation (train.val_share).
+    The run folder is named by the config, the data and their completion key: the same parameters a
+    second time skip every finished stage; a changed override trains a new run."""
+    pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
     stages = {}
-    for ds in [train_data, *tests]:
+    for ds in [train_data, *([val] if val else []), *tests]:
         stages[f"ingest:{ds.name}"] = ingest(ds, root)
         stages[f"embed:{ds.name}"] = embed(ds, root, degree)
-    run_dir = pipeline.run_dir_for(root, pipeline.run_name(config, train_data.name, cfg.shdd.degree, resume))
+    val_spec = pipeline.DataSpec.parse(val) if val else None
+    run_dir = pipeline.plan_run(config, pipeline.DataSpec.parse(train_data), root, val_spec=val_spec,
+                                degree=degree, overrides=overrides)
+    if not resume:
+        run_dir = f"{run_dir}-{pipeline.timestamp()}"
     record = train(config, train_data, root, run_dir, degree, overrides, workers, gpus_per_worker,
-                   tracking_uri)
+                   tracking_uri, val)
     stages["train"] = "skipped" if record.get("skipped") else "done"
     evaluation = evaluate(run_dir, tests, root, tracking_uri)
     stages.update({f"evaluate:{k}": v for k, v in evaluation["status"].items()})

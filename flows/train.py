@@ -12,24 +12,25 @@ from locdiff import pipeline
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient)
 def train_run(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None,
-              overrides: list[str], workers: int, gpus_per_worker: float, tracking_uri: str | None) -> dict:
+              overrides: list[str], workers: int, gpus_per_worker: float, tracking_uri: str | None,
+              val: DataSet | None = None) -> dict:
     """Train (resuming the run folder's last checkpoint on a retry) and log to MLflow."""
     return pipeline.train(config, pipeline.DataSpec.parse(dataset), root, run_dir, degree=degree,
                           overrides=overrides, num_workers=workers, gpus_per_worker=gpus_per_worker,
-                          tracking_uri=tracking_uri)
+                          tracking_uri=tracking_uri, val_spec=pipeline.DataSpec.parse(val) if val else None)
 
 
 @flow(name="train")
 def train(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None = None,
           overrides: list[str] | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
-          tracking_uri: str | None = None) -> dict:
-    """Train one config on one data set's features into run_dir unless its train.json exists."""
+          tracking_uri: str | None = None, val: DataSet | None = None) -> dict:
+    """Train one config on one data set's features into run_dir unless it is complete (run.json)."""
     record = pipeline.training_record(run_dir, tracking_uri=tracking_uri, check_tracking=True)
     if record is not None:
         get_run_logger().info("train: %s is complete (MLflow run %s), skipped", run_dir,
                               record["mlflow_run_id"])
         return {**record, "skipped": True}
     record = train_run(config, dataset, root, run_dir, degree, list(overrides or []), workers,
-                       gpus_per_worker, tracking_uri)
+                       gpus_per_worker, tracking_uri, val)
     get_run_logger().info("train: %d steps, MLflow run %s", record["step"], record["mlflow_run_id"])
     return record

@@ -1,18 +1,16 @@
-"""Distributed training on Ray Train: the model's `train_step` unchanged, in DistributedDataParallel.
+"""Distributed training on Ray Train: the one engine (locdiff.engine) in every worker, DDP between them.
 
     settings = RayTrainSettings(num_workers=2, storage_root="runs/ray")     # or s3://bucket/prefix
     result = train_on_ray(config, "ROOT/NAME/features/ENCODER", run_dir, settings)
-    result.run_dir / "checkpoint.pt"        # the same format as `locdiff train` writes (fit resumes it)
+    method.fit(train, val, run_dir)     # finds the final checkpoint: only finalizes
 
-Each worker builds the CS-UNet from the config, wraps it with `ray.train.torch.prepare_model` (DDP; the
-device and mixed precision follow the model's `train.amp` on GPU), reads its share of the training data
-(the feature shards split by rank, or the rows of an embeddings table split by rank when there are fewer
-shards than workers) and calls `locdiff.model.train.train_step` for `config.train.steps` global steps.
-Each worker's batch is `train.batch_size // num_workers`, so the global batch is the one of the config
-(or `per_worker_batch`, for weak scaling).
-Every `train.checkpoint_every` steps rank 0 reports a `ray.train.Checkpoint` (model, EMA, optimizer, LR
-schedule, step, every rank's RNG state) to the storage root; `FailureConfig(max_failures)` restarts the
-worker group after a worker dies and the loop resumes from the last reported checkpoint.
+Each worker builds the method's task from the config, opens the training data as a stream (its share of
+the shards each epoch: locdiff.data.stream) and runs `locdiff.engine.train` with its rank, the model
+wrapped by `ray.train.torch.prepare_model` (DDP) and Ray's checkpoint storage (`RayStore`). The global
+batch is the config's (`train.batch_size`, split across workers) unless `per_worker_batch` is set (weak
+scaling). Every `train.checkpoint_every` steps rank 0 reports the engine's state, which holds the stream
+position; `FailureConfig(max_failures)` restarts the worker group after a worker dies and the engine
+resumes at the exact row it checkpointed.
 
 The same code runs on this machine (a local Ray started with a temp dir, CPU workers) and on a cluster:
 set RAY_ADDRESS (e.g. `ray://head:10001` or `auto`) and ray.init connects to it; use an s3:// storage
@@ -33,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +57,7 @@ class RayTrainSettings:
     # None: train.batch_size is the global batch, split across workers (the single-process training's
     # optimisation, unchanged); an int: each worker's batch (global = num_workers x it, weak scaling).
     per_worker_batch: int | None = None
+    trace_dir: str | None = None  # tests: each rank appends the ids of every batch to trace_dir/rankR.jsonl
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init kwargs for a local start
 
 
@@ -164,193 +161,77 @@ def _storage(root: str) -> tuple[str, Any]:
     return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _rank_table(source: str, rank: int, world_size: int) -> tuple[EmbeddingTable, int]:
-    """This rank's share of the training data and the total number of rows.
+class RayStore:
+    """Checkpoints in Ray Train's storage (local folder or s3://): rank 0 reports the engine's state and
+    the metrics log as a `ray.train.Checkpoint`, the other ranks report without one. Per-step loss and
+    lr go to MLflow at every checkpoint (each step exactly once across restarts)."""
 
-    `source` is a features stage folder (ROOT/NAME/features/ENCODER, with manifest.json) or an
-    embeddings Parquet. Whole shards go to ranks when there are at least as many shards as ranks
-    (`locdiff.data.shards.split_shards`), else rows are dealt round-robin; either way every row is read
-    by exactly one rank.
-    """
-    if str(source).endswith(".parquet"):
-        from locdiff.io import read_embeddings
+    def __init__(self, rank: int, loop: dict[str, Any]) -> None:
+        self.rank, self.loop = rank, loop
+        self.history: list[dict[str, Any]] = []
+        self.flushed = 0
 
-        return _rows_of(read_embeddings(source, labelled=True), rank, world_size)
-    from locdiff.data import manifest as mf
-    from locdiff.data import storage
-    from locdiff.data.features import load_features, read_feature_shard
-    from locdiff.data.shards import split_shards
-    from locdiff.data.validation import ChecksumError, sha256_bytes
+    def load(self, map_location: Any) -> dict[str, Any] | None:
+        import ray.train
 
-    manifest = mf.require_manifest(source, "embed")
-    shards = manifest["shards"]
-    total = int(sum(s["count"] for s in shards))
-    if len(shards) < world_size:
-        return _rows_of(load_features(source), rank, world_size)[0], total
-    parts = []
-    for entry in split_shards(shards, rank=rank, world_size=world_size):
-        url = storage.join(source, entry["shard"])
-        data = storage.read_bytes(url)
-        if sha256_bytes(data) != entry["sha256"]:
-            raise ChecksumError(f"{url}: sha256 differs from the manifest's; re-run the embed stage")
-        parts.append(read_feature_shard(data, url))
-    dim = int(manifest["embedding"]["dim"])
-    table = EmbeddingTable(
-        ids=np.array([i for p in parts for i in p["ids"]], dtype=object),
-        lat=np.concatenate([p["lat"] for p in parts]), lon=np.concatenate([p["lon"] for p in parts]),
-        embedding=np.concatenate([p["emb"] for p in parts if len(p["ids"])] or [np.zeros((0, dim))])
-        .astype(np.float32, copy=False), source=source)
-    return table, total
+        from locdiff.runs import load_state
 
-
-def _rows_of(table: EmbeddingTable, rank: int, world_size: int) -> tuple[EmbeddingTable, int]:
-    sl = slice(rank, None, world_size)
-    return EmbeddingTable(table.ids[sl], table.lat[sl], table.lon[sl], table.embedding[sl],
-                          source=table.source), len(table)
-
-
-def _all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.as_tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
-        if backend == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return t.cpu().numpy()
-
-
-def _train_loop(loop: dict[str, Any]) -> None:
-    """The Ray Train worker function (one per worker)."""
-    import signal
-
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.torch import get_device, prepare_model
-
-    from locdiff.model.config import config_from_dict, config_to_dict
-    from locdiff.model.csunet import unwrap
-    from locdiff.model.schedule import NoiseSchedule
-    from locdiff.model.train import EMA, build_model, encode_targets, lr_lambda, make_optimizer, train_step
-
-    os.environ.update(loop.get("env") or {})  # endpoint and credentials of the driver (S3, MLflow)
-    config = config_from_dict(loop["config"], source="ray train config")
-    tc = config.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = get_device()
-    torch.manual_seed(tc.seed)
-
-    table, total = _rank_table(loop["data"], rank, world)
-    emb = torch.as_tensor(np.ascontiguousarray(table.embedding, dtype=np.float32))
-    # Embedding normalisation statistics over all ranks' rows (what `fit` computes on the whole table).
-    e64 = emb.double()
-    sums = _all_reduce(np.concatenate([[len(table)], e64.sum(0).numpy(), (e64 ** 2).sum(0).numpy()]))
-    n_all, d = sums[0], emb.shape[1]
-    mean = sums[1:1 + d] / n_all
-    var = (sums[1 + d:] - n_all * mean ** 2) / max(n_all - 1, 1)
-    n_min = int(_all_reduce(np.array([len(table)], dtype=np.float64), op="min")[0])
-    if n_min == 0:
-        raise ValueError(f"{loop['data']}: rank {rank} of {world} got no training rows ({total} in all); "
-                         "use fewer workers or more data")
-
-    model = build_model(config, d)
-    model.set_embedding_stats(torch.as_tensor(mean, dtype=torch.float32),
-                              torch.as_tensor(np.sqrt(np.maximum(var, 0)), dtype=torch.float32))
-    # Moves to the device and wraps in DDP when world > 1. static_graph: the null-condition vector gets no
-    # gradient when classifier-free guidance is off, the same parameters every step, which DDP then allows.
-    model = prepare_model(model, parallel_strategy_kwargs={"static_graph": True})
-    optimizer = make_optimizer(model, config)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    ema = EMA(model, tc.ema_decay)
-    schedule = NoiseSchedule(config.diffusion.timesteps)
-    generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
-
-    step, restored = 0, 0
-    flushed = 0  # rows up to this step are in MLflow
-    history: list[dict[str, float]] = []  # per-step loss and lr from step 1 (rank 0), saved with checkpoints
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
         with ckpt.as_directory() as folder:
-            state = torch.load(Path(folder) / "checkpoint.pt", map_location=device, weights_only=False)
+            state = load_state(Path(folder) / "checkpoint.pt", map_location)
             log_file = Path(folder) / "metrics.jsonl"
             if log_file.exists():
-                history = [json.loads(line) for line in log_file.read_text().splitlines() if line]
-        unwrap(model).load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        step = restored = int(state["step"])
-        flushed = int(state.get("mlflow_flushed", step))
-        gens = state.get("rank_generators") or []
-        if len(gens) == world:
-            generator.set_state(gens[rank])
-        if rank == 0:
+                self.history = [json.loads(line) for line in log_file.read_text().splitlines() if line]
+        step = int(state["step"])
+        self.history = [r for r in self.history if r.get("step", 0) <= step]
+        self.flushed = int(state.get("mlflow_flushed", step))
+        if self.rank == 0:
             log.info("resuming from %s at step %d", ckpt.path, step)
+        return state
 
-    bs = max(1, min(loop.get("per_worker_batch") or tc.batch_size // world, n_min))
-    steps_per_epoch = max(1, n_min // bs)
-    z0_all = encode_targets(table.lat, table.lon, config.shdd.degree)
-    perm_epoch, perm = -1, None
-    t0, first_step = time.perf_counter(), step
-    timed_from = step
-    last: dict[str, float] = {}
-    fault_at = loop.get("fault_kill_at_step")
+    def log(self, rows: list[dict[str, Any]]) -> None:
+        self.history.extend(rows)
 
-    def report() -> None:
-        gens = [None] * world
-        if dist.is_available() and dist.is_initialized():
-            dist.all_gather_object(gens, generator.get_state())
-        else:
-            gens = [generator.get_state()]
-        elapsed = time.perf_counter() - t0
-        metrics = {"step": step, **last, "restored_from_step": restored,
-                   "samples_per_s": (step - timed_from) * bs * world / max(elapsed, 1e-9)}
-        nonlocal flushed
-        if rank != 0:
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        import ray.train
+        import torch
+
+        if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
-        if loop.get("mlflow_run_id"):
+        step = int(state["step"])
+        if self.loop.get("mlflow_run_id"):
             from locdiff.tracking import log_step_metrics
 
+            rows = [{k: r[k] for k in ("step", "loss", "lr") if k in r} for r in self.history
+                    if r.get("step", 0) > self.flushed and "loss" in r]
             try:
-                log_step_metrics(loop["mlflow_run_id"], [r for r in history if r["step"] > flushed],
-                                 tracking_uri=loop.get("tracking_uri"))
-                flushed = step
+                log_step_metrics(self.loop["mlflow_run_id"], rows, tracking_uri=self.loop.get("tracking_uri"))
+                self.flushed = step
             except Exception as err:  # noqa: BLE001 - tracking must not stop training; retried next time
                 log.warning("could not log steps %d..%d to MLflow (%s); retrying at the next checkpoint",
-                            flushed + 1, step, err)
+                            self.flushed + 1, step, err)
         with tempfile.TemporaryDirectory(prefix="ckpt") as tmp:
             folder = Path(tmp)
-            torch.save({"model": unwrap(model).state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                        "step": step, "rng": {"torch": torch.get_rng_state(),
-                                              "generator": generator.get_state()},
-                        "rank_generators": gens, "mlflow_flushed": flushed, "config": config_to_dict(config),
-                        "dim": unwrap(model).dim, "embed_dim": unwrap(model).embed_dim},
-                       folder / "checkpoint.pt")
+            torch.save({**state, "mlflow_flushed": self.flushed}, folder / "checkpoint.pt")
             with (folder / "metrics.jsonl").open("w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
-    while step < tc.steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch * 7919 + rank)
-            perm, perm_epoch = torch.randperm(len(table), generator=g), epoch
-        idx = perm[pos * bs:(pos + 1) * bs]
-        batch = {"embedding": emb[idx], "z0": z0_all[idx]}
-        out = train_step(model, batch, optimizer, config, schedule=schedule, generator=generator,
-                         ema=ema, lr_scheduler=lr_sched)
-        step += 1
-        if step == first_step + 3:  # throughput after the first steps (DDP bucket set-up, allocations)
-            t0, timed_from = time.perf_counter(), step
-        last = {"loss": out["loss"]}
-        if rank == 0:
-            history.append({"step": step, "loss": out["loss"], "lr": lr_sched.get_last_lr()[0]})
+
+def _step_hook(loop: dict[str, Any], rank: int, world: int):
+    """Fault injection (the last rank SIGKILLs itself once at `fault_kill_at_step`) and the id trace."""
+    import signal
+
+    fault_at = loop.get("fault_kill_at_step")
+    trace = Path(loop["trace_dir"]) / f"rank{rank}.jsonl" if loop.get("trace_dir") else None
+
+    def on_step(step: int, rows: Any) -> None:
+        if trace is not None:
+            with trace.open("a") as f:
+                f.write(json.dumps({"step": step, "ids": [str(i) for i in rows.ids]}) + "\n")
         if fault_at is not None and step == fault_at and rank == world - 1:
             marker = Path(loop["marker_dir"]) / FAULT_MARKER
             if not marker.exists():
@@ -359,26 +240,56 @@ def _train_loop(loop: dict[str, Any]) -> None:
                 # Give the controller (it polls every 2 s) time to register the last checkpoint.
                 time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.5)
                 os.kill(os.getpid(), signal.SIGKILL)
-        if step % max(1, tc.checkpoint_every) == 0 or step == tc.steps:
-            report()
+
+    return on_step
 
 
-def train_on_ray(config: Any, data: str, run_dir: str | Path, settings: RayTrainSettings) -> RayTrainResult:
-    """Train LocDiff's denoiser with Ray Train; write the final checkpoint into run_dir.
+def _train_loop(loop: dict[str, Any]) -> None:
+    """The Ray Train worker function (one per worker): the engine with Ray's rank, DDP and storage."""
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    from locdiff import engine
+    from locdiff.methods import get_method, prepare_data
+    from locdiff.model.config import config_from_dict
+
+    config = config_from_dict(loop["config"], source="ray train config")
+    method = get_method(config.method).from_config(config if config.method == "locdiff" else loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    source, val = prepare_data(loop["train"], loop.get("val"), val_share=loop.get("val_share", 0.0),
+                               seed=config.train.seed)
+    task = method.task(source)
+    settings = method.settings(source)
+    if loop.get("per_worker_batch"):
+        settings.batch_size = int(loop["per_worker_batch"]) * world
+    # static_graph: the null-condition vector gets no gradient when classifier-free guidance is off, the
+    # same parameters every step, which DDP then allows.
+    dist = engine.Distributed(rank, world, device=get_device(),
+                              wrap=lambda m: prepare_model(m, parallel_strategy_kwargs={"static_graph": True}))
+    engine.train(task, source, settings, store=RayStore(rank, loop), val=val, dist=dist, progress=False,
+                 on_step=_step_hook(loop, rank, world))
+
+
+def train_on_ray(config: Any, train: str, run_dir: str | Path, settings: RayTrainSettings, *,
+                 val: str | None = None, val_share: float = 0.0) -> RayTrainResult:
+    """Train a method's task (LocDiff's denoiser or a trained baseline) with Ray Train; write the final
+    checkpoint and log into run_dir, where `method.fit` finds them (it then only finalizes).
 
     Args:
-        config: a `locdiff.model.config.Config` (the resolved run config).
-        data: the training features stage folder, or an embeddings Parquet.
-        run_dir: receives checkpoint.pt, config.yaml and metrics.jsonl in `locdiff train`'s format, so
-            `LocDiffMethod.fit(..., run_dir)` resumes from it at the last step (training is skipped).
+        config: the resolved run config (a `locdiff.model.config.Config`).
+        train, val: the data as paths or URLs (a features folder or an embeddings table); without `val`,
+            `val_share` of the training rows is held out (the same rows on every worker).
+        run_dir: receives checkpoint.pt, config.yaml and metrics.jsonl.
         settings: workers, GPUs, storage root, run name, failures.
-    Returns:
-        RayTrainResult.
     """
     import ray
 
     if settings.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1; got {settings.num_workers}")
+    if not isinstance(train, str | os.PathLike):
+        raise ValueError("Ray training reads its data from a path or URL (a features folder or an embeddings "
+                         "table), not from an in-memory table")
     storage_path, storage_fs = _storage(settings.storage_root)
     run_name = settings.run_name or f"locdiff-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(run_dir)
@@ -395,29 +306,31 @@ def train_on_ray(config: Any, data: str, run_dir: str | Path, settings: RayTrain
     ensure_ray(num_cpus=max(2, int(np.ceil(settings.num_workers * settings.cpus_per_worker))),
                **settings.ray_init)
     try:
-        return _fit(config, data, run_dir, settings, storage_path, storage_fs, run_name, use_gpu, resources)
+        return _fit(config, {"train": _absolute(train), "val": _absolute(val) if val else None,
+                             "val_share": val_share}, run_dir, settings, storage_path, storage_fs, run_name,
+                    use_gpu, resources)
     finally:
         if started_here:
             stop_local_ray()
 
 
-def _fit(config: Any, data: str, run_dir: Path, settings: RayTrainSettings, storage_path: str,
+def _fit(config: Any, data: dict[str, Any], run_dir: Path, settings: RayTrainSettings, storage_path: str,
          storage_fs: Any, run_name: str, use_gpu: bool, resources: dict[str, float]) -> RayTrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from locdiff.model.config import config_to_dict, save_config
+    from locdiff.model.config import config_to_dict
+    from locdiff.runs import RunFolder
 
     tracking_uri = None
     if settings.mlflow_run_id:
         from locdiff.tracking import absolute_uri, resolve_tracking_uri
 
         tracking_uri = absolute_uri(resolve_tracking_uri(settings.tracking_uri))  # workers run elsewhere
-    loop = {"config": config_to_dict(config), "data": _absolute(data), "tracking_uri": tracking_uri,
+    loop = {"config": config_to_dict(config), **data, "tracking_uri": tracking_uri,
             "mlflow_run_id": settings.mlflow_run_id, "per_worker_batch": settings.per_worker_batch,
-            "fault_kill_at_step": settings.fault_kill_at_step,
-            "marker_dir": _absolute(run_dir / ".ray"),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}}
+            "fault_kill_at_step": settings.fault_kill_at_step, "trace_dir": settings.trace_dir,
+            "marker_dir": _absolute(run_dir / ".ray")}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop,
@@ -435,21 +348,19 @@ def _fit(config: Any, data: str, run_dir: Path, settings: RayTrainSettings, stor
         raise RuntimeError(f"Ray training failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"Ray training of run {run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        import shutil
+    run = RunFolder(run_dir)
+    from locdiff.runs import load_state
 
-        shutil.copyfile(Path(folder) / "checkpoint.pt", run_dir / "checkpoint.pt")
-    save_config(config, run_dir / "config.yaml")
-    _write_metrics_log(result, run_dir / "metrics.jsonl")
+    with result.checkpoint.as_directory() as folder:
+        state = load_state(Path(folder) / "checkpoint.pt")
+        state.pop("mlflow_flushed", None)
+        run.save_checkpoint(state)
+        f = Path(folder) / "metrics.jsonl"
+        from locdiff.runs import METRICS, write_text_atomic
+
+        write_text_atomic(run.file(METRICS), f.read_text() if f.exists() else "")
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return RayTrainResult(run_dir=run_dir, step=int(metrics.get("step", 0)), metrics=metrics,
                           storage_path=f"{settings.storage_root.rstrip('/')}/{run_name}",
                           restored_from_step=int(metrics.get("restored_from_step", 0)),
                           samples_per_s=float(metrics.get("samples_per_s", 0.0)))
-
-
-def _write_metrics_log(result: Any, path: Path) -> None:
-    """The last checkpoint's per-step log (every step from 1) as metrics.jsonl."""
-    with result.checkpoint.as_directory() as folder:
-        f = Path(folder) / "metrics.jsonl"
-        path.write_text(f.read_text() if f.exists() else "")

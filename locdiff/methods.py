@@ -1,12 +1,19 @@
 """The interface every geolocation method implements, and the registry `locdiff train/predict` use.
 
-A method is trained by `fit` into a run directory and loaded back from it; `locdiff train --method NAME`
+A method is trained by `fit` into a run folder and loaded back from it; `locdiff train --method NAME`
 and `locdiff predict` work the same way for LocDiff and for every baseline.
 
-    method = get_method("knn").from_config(cfg)   # cfg: the resolved config dict of the run
-    method.fit(train, val, run_dir)               # resumes from run_dir when it holds a checkpoint
+    method = get_method("knn").from_config(cfg)   # cfg: the resolved config (a Config or its dict)
+    method.fit(train, val, run_dir)               # train: a path, an EmbeddingTable or a DataSource;
+                                                  # resumes from run_dir when it holds a checkpoint
     pred = method.predict(test)                   # Prediction(lat, lon, confidence)
     method = get_method(name).load(run_dir, cfg)  # the CLI reads cfg from run_dir/config.yaml
+
+`fit` is written once, here: the method gives the engine a `Task` (its network and loss; None when there
+is nothing to train, as for retrieval) and its `Settings`; the engine trains (locdiff.engine); then the
+method's `finalize` does what comes after training (choices on validation, the retrieval gallery) and
+saves what `load` needs. A Ray Train run (locdiff.distributed) trains the same task with the same engine;
+`fit` then finds the final checkpoint and only finalizes.
 """
 
 from __future__ import annotations
@@ -38,20 +45,64 @@ class Prediction:
     confidence: np.ndarray | None = None  # (N,) higher is more confident
 
 
+def prepare_data(train: Any, val: Any = None, *, val_share: float = 0.0, seed: int = 0):
+    """(training source, validation source or None): `val` when given, else a held-out share of `train`
+    (a deterministic hash of the row index; nothing is copied)."""
+    from locdiff.data.stream import open_source
+
+    source = open_source(train, labelled=True)
+    if val is not None:
+        vsrc = open_source(val, labelled=True)
+        if vsrc.dim != source.dim:
+            raise ValueError(f"{vsrc.location}: column 'embedding' has dimension {vsrc.dim}; the training data "
+                             f"{source.location} has {source.dim}")
+        return source, vsrc
+    if val_share > 0 and source.count >= 20:
+        return source.split(val_share, seed)
+    return source, None
+
+
 class GeoMethod(ABC):
     """A trainable image-embedding -> location predictor."""
 
     name: str = ""
+    trains: bool = True  # False: nothing to train (retrieval), `task` returns None
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: dict[str, Any]) -> GeoMethod:
+    def from_config(cls, config: Any) -> GeoMethod:
         """Build an untrained method from the resolved run config."""
 
+    def task(self, source: Any) -> Any:
+        """The engine task (network and loss) to train on `source`; None: nothing to train."""
+        return None
+
+    def settings(self, source: Any) -> Any:
+        """The engine settings (steps, batch, LR, ...) for `source`."""
+        raise ValueError(f"{self.name} has nothing to train")
+
     @abstractmethod
-    def fit(self, train: EmbeddingTable, val: EmbeddingTable | None, run_dir: Path, *,
-            progress: bool = True) -> dict[str, float]:
-        """Train, writing checkpoints into run_dir (resuming from them); return final metrics."""
+    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True) -> dict[str, float]:
+        """After training (result: the engine's Result, None without a task): choices on validation,
+        galleries; then save. Returns final metrics."""
+
+    def fit(self, train: Any, val: Any, run_dir: str | Path, *, progress: bool = True, val_share: float = 0.0,
+            max_steps_this_run: int | None = None) -> dict[str, float]:
+        """Train into run_dir (resuming from its checkpoint) and finalize; returns final metrics."""
+        from locdiff import engine
+        from locdiff.runs import RunFolder
+
+        source, vsrc = prepare_data(train, val, val_share=val_share, seed=0)
+        run = RunFolder(run_dir)
+        run.create()
+        task = self.task(source)
+        result = None
+        if task is not None:
+            result = engine.train(task, source, self.settings(source), store=engine.RunStore(run), val=vsrc,
+                                  progress=progress, max_steps_this_run=max_steps_this_run)
+            if result.step < self.settings(source).steps:
+                return dict(result.metrics)  # interrupted on purpose: nothing to finalize yet
+        return self.finalize(result, source, vsrc, run, progress=progress)
 
     @abstractmethod
     def save(self, run_dir: Path) -> None:
@@ -59,7 +110,7 @@ class GeoMethod(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, run_dir: Path, config: dict[str, Any]) -> GeoMethod:
+    def load(cls, run_dir: Path, config: Any) -> GeoMethod:
         """Load a trained method from run_dir."""
 
     @abstractmethod

@@ -6,17 +6,16 @@ Disk layout under the storage root ROOT (local folder or s3://bucket/prefix):
 - ROOT/NAME/images, ROOT/NAME/features/ENCODER: the data layer's stages (a stage is complete exactly when
   its manifest.json exists);
 - ROOT/ray/RUN: Ray Train checkpoints;
-- runs/RUN (local, next to the process): the run folder `locdiff predict` reads (checkpoint.pt,
-  config.yaml, metrics.jsonl), `train.json` (written last: the training stage is complete) and
+- ROOT/runs/NAME (./runs/NAME for a remote root): the run folder (locdiff.runs: `locdiff predict` reads
+  it; run.json, written last, holds the completion key and the MLflow run id) and
   eval/DATASET/{predictions.parquet, metrics.json, *.png} (evaluation complete when metrics.json exists).
+  NAME carries the completion key, so a changed override or new data is a new run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_RECORD = "train.json"
+MLFLOW_RECORD = "mlflow.json"  # the run folder's MLflow run id (resumes log to the same run)
 
 
 @dataclass
@@ -160,10 +159,17 @@ def embed(spec: DataSpec, root: str, degree: int | None = None) -> dict[str, Any
 
 # ---- training ----------------------------------------------------------------------------------------
 
-def run_name(config_name: str, train_name: str, degree: int, resume: bool) -> str:
-    """The run's name: stable (config, data, degree) when resuming, else with a time stamp."""
+def run_name(config_name: str, train_name: str, degree: int, key: str | None = None) -> str:
+    """The run's name: config, data and degree, plus the first digits of the completion key (config and
+    data identities): the same parameters give the same run (skipped when complete), any change another."""
     base = f"{Path(config_name).stem}-{train_name}-L{degree}"
-    return base if resume else f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{base}-{key[:10]}" if key else base
+
+
+def timestamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def run_dir_for(root: str, name: str) -> str:
@@ -171,6 +177,22 @@ def run_dir_for(root: str, name: str) -> str:
     if "://" in str(root):
         return str(Path("runs") / name)
     return str(Path(root).expanduser().resolve() / "runs" / name)
+
+
+def plan_run(config_name: str, train_spec: DataSpec, root: str, *, val_spec: DataSpec | None = None,
+             degree: int | None = None, overrides: list[str] | None = None) -> str:
+    """The run folder of a training: ROOT/runs/NAME with NAME from `run_name` and the completion key."""
+    from locdiff.methods import prepare_data
+    from locdiff.model.config import config_to_dict
+    from locdiff.runs import completion_key
+
+    config = resolve_config(config_name, degree=degree, overrides=overrides)
+    source, val = prepare_data(features_dir(train_spec, root),
+                               features_dir(val_spec, root) if val_spec else None,
+                               val_share=config.train.val_share, seed=config.train.seed)
+    key = completion_key(config_to_dict(config), {"train": source.identity(),
+                                                  "val": val.identity() if val is not None else None})
+    return run_dir_for(root, run_name(config_name, train_spec.name, config.shdd.degree, key))
 
 
 def preflight(config_name: str, root: str, *, degree: int | None = None, overrides: list[str] | None = None,
@@ -191,11 +213,14 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
 
 def training_record(run_dir: str | Path, *, tracking_uri: str | None = None,
                     check_tracking: bool = False) -> dict[str, Any] | None:
-    """The completed training's record (run_dir/train.json), or None. With check_tracking, also None
-    when the MLflow store does not hold the run (a new store: train again to log it there)."""
-    path = Path(run_dir) / TRAIN_RECORD
-    record = json.loads(path.read_text()) if path.exists() else None
-    if record is not None and check_tracking:
+    """The completed training's record (run.json with its MLflow run), or None. With check_tracking, also
+    None when the MLflow store does not hold the run (a new store: train again to log it there)."""
+    from locdiff.runs import RunFolder
+
+    record = RunFolder(run_dir).record()
+    if record is None or not record.get("complete") or not record.get("mlflow_run_id"):
+        return None
+    if check_tracking:
         from locdiff.tracking import find_run
 
         if find_run(record.get("mlflow_run_id"), tracking_uri=tracking_uri) is None:
@@ -208,99 +233,68 @@ def training_record(run_dir: str | Path, *, tracking_uri: str | None = None,
 def train(config_name: str, train_spec: DataSpec, root: str, run_dir: str | Path, *,
           degree: int | None = None, overrides: list[str] | None = None, num_workers: int = 2,
           gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, tracking_uri: str | None = None,
-          fault_kill_at_step: int | None = None) -> dict[str, Any]:
-    """Train on Ray with MLflow tracking and finish the run folder; returns the training record.
+          fault_kill_at_step: int | None = None, val_spec: DataSpec | None = None) -> dict[str, Any]:
+    """Train on Ray (num_workers > 0) or in this process, with MLflow tracking; returns the record.
 
-    Resumes an interrupted run (same run folder, same Ray run, same MLflow run). The record
-    (run_dir/train.json: MLflow run id, steps, metrics, throughput) is written last.
+    The run folder's completion key (config and data) decides: complete -> nothing to do; a checkpoint ->
+    resumed (same run folder, same Ray run, same MLflow run). run.json (with the MLflow run id) is written
+    last. Without `val_spec` a share of the training rows is held out for validation.
     """
     from locdiff import tracking
-    from locdiff.distributed import RayTrainResult, RayTrainSettings, train_on_ray
-    from locdiff.methods import get_method
+    from locdiff.distributed import RayTrainSettings
     from locdiff.model.config import config_to_dict
+    from locdiff.runs import RunFolder
+    from locdiff.training import train_run
 
     config = resolve_config(config_name, degree=degree, overrides=overrides)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking_uri(uri)
     check_root(root)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(run_dir)
+    run.create()
     data = features_dir(train_spec, root)
-    id_file = run_dir / "mlflow_run_id"
-    previous = id_file.read_text().strip() if id_file.exists() else None
+    val = features_dir(val_spec, root) if val_spec else None
+    ids = run.read_json(MLFLOW_RECORD, default={"run_id": None}) if run.file(MLFLOW_RECORD).exists() else {}
+    previous = ids.get("run_id")
     if tracking.find_run(previous, tracking_uri=uri) is None:
         previous = None  # not in this store (a new one): a new MLflow run
-    cfg_dict = config_to_dict(config)
-    full = {**cfg_dict, "pipeline": {"config_name": config_name, "train": train_spec.name, "root": str(root),
-                                     "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}}
-    with tracking.training_run(full, tracking_uri=uri, run_name=run_dir.name, run_id=previous,
+    full = {**config_to_dict(config), "pipeline": {"config_name": config_name, "train": train_spec.name,
+                                                   "val": val_spec.name if val_spec else None,
+                                                   "root": str(root), "num_workers": num_workers,
+                                                   "gpus_per_worker": gpus_per_worker}}
+    with tracking.training_run(full, tracking_uri=uri, run_name=run.path.name, run_id=previous,
                                tags={"train_data": train_spec.name, "config": config_name}) as run_id:
-        id_file.write_text(run_id)
-        from locdiff.data.features import load_features
-
-        table = load_features(data)
-        method = get_method(config.method).from_config(cfg_dict)
-        if config.method != "locdiff":  # a baseline: trained by its own fit in this process
-            final = method.fit(table, None, run_dir, progress=False)
-            method.save(run_dir)
-            _save_config(config, run_dir)
-            tracking.log_checkpoint(run_id, run_dir, tracking_uri=uri)
-            record = {"mlflow_run_id": run_id, "run_dir": str(run_dir), "step": 0, "model_uri": None,
-                      "metrics": _numbers(final or {})}
-            _write_json(run_dir / TRAIN_RECORD, record)
-            return record
-        settings = RayTrainSettings(num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-                                    cpus_per_worker=cpus_per_worker,
-                                    storage_root=_join(root, "ray"), run_name=run_dir.name,
-                                    tracking_uri=uri, mlflow_run_id=run_id,
+        run.write_json(MLFLOW_RECORD, {"run_id": run_id})
+        settings = RayTrainSettings(num_workers=max(1, num_workers), gpus_per_worker=gpus_per_worker,
+                                    cpus_per_worker=cpus_per_worker, storage_root=_join(root, "ray"),
+                                    run_name=run.path.name, tracking_uri=uri, mlflow_run_id=run_id,
                                     fault_kill_at_step=fault_kill_at_step)
-        from locdiff.model.train import load_checkpoint
+        outcome = train_run(config, data, run.path, val=val, workers=num_workers, ray_settings=settings,
+                            progress=False)
+        if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
+            _log_history(run_id, run.path, uri)
+        tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
+        from locdiff.methods import get_method
 
-        ckpt = load_checkpoint(run_dir) if config.method == "locdiff" else None
-        if ckpt is not None and int(ckpt["step"]) >= config.train.steps:
-            # Training finished earlier (the record or the MLflow run went missing): do not train again.
-            log.info("%s: checkpoint at the final step %d; Ray training skipped", run_dir, ckpt["step"])
-            result = RayTrainResult(run_dir=run_dir, step=int(ckpt["step"]), metrics={}, storage_path="",
-                                    restored_from_step=int(ckpt["step"]), samples_per_s=0.0)
-            _log_history(run_id, run_dir, uri)
-        else:
-            result = train_on_ray(config, data, run_dir, settings)
-        # The method's own post-training steps (validation choices, the LocDiff-H gallery) on the run
-        # folder: `fit` resumes from the final checkpoint, so it does not train again.
-        final = method.fit(table, None, run_dir, progress=False)
-        method.save(run_dir)
-        tracking.log_checkpoint(run_id, run_dir, tracking_uri=uri)
+        method = get_method(config.method).load(run.path, config_to_dict(config))
         model = getattr(method, "model", None)
         model_uri = tracking.log_model(run_id, model, tracking_uri=uri) if model is not None else None
-        record = {"mlflow_run_id": run_id, "run_dir": str(run_dir), "step": result.step,
-                  "restored_from_step": result.restored_from_step, "samples_per_s": result.samples_per_s,
-                  "ray_storage": result.storage_path, "model_uri": model_uri,
-                  "metrics": _numbers({**result.metrics, **(final or {})})}
-    _write_json(run_dir / TRAIN_RECORD, record)
+        record = {**outcome.record, "mlflow_run_id": run_id, "run_dir": str(run.path), "model_uri": model_uri}
+    run.write_record(record)
     return record
 
 
 def _log_history(run_id: str, run_dir: Path, uri: str) -> None:
-    """Log run_dir/metrics.jsonl's per-step loss and lr to a new MLflow run of a finished training."""
+    """Log the run folder's per-step loss and lr to an MLflow run that does not have them yet."""
     from locdiff import tracking
+    from locdiff.runs import RunFolder
 
-    path = run_dir / "metrics.jsonl"
-    if not path.exists() or tracking.find_run(run_id, tracking_uri=uri).get("metrics", {}).get("loss"):
+    found = tracking.find_run(run_id, tracking_uri=uri) or {}
+    if found.get("metrics", {}).get("loss") is not None:
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = RunFolder(run_dir).read_metrics()
     tracking.log_step_metrics(run_id, [{k: r[k] for k in ("step", "loss", "lr") if k in r} for r in rows
                                        if "loss" in r], tracking_uri=uri)
-
-
-def _numbers(d: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, int | float)}
-
-
-def _save_config(config: Any, run_dir: Path) -> None:
-    from locdiff.model.config import save_config
-
-    if not (run_dir / "config.yaml").exists():
-        save_config(config, run_dir / "config.yaml")
 
 
 def _join(root: str, *parts: str) -> str:
@@ -309,68 +303,68 @@ def _join(root: str, *parts: str) -> str:
     return join(str(root), *parts)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 # ---- evaluation ----------------------------------------------------------------------------------------
 
 def evaluation_done(run_dir: str | Path, dataset: str, *, tracking_uri: str | None = None
                     ) -> dict[str, Any] | None:
-    """The metrics of a finished evaluation (run_dir/eval/NAME/metrics.json) that the training's MLflow
+    """The metrics of a finished evaluation (RUN/eval/NAME/metrics.json) that the training's MLflow
     run also holds; None otherwise."""
-    path = Path(run_dir) / "eval" / dataset / "metrics.json"
-    if not path.exists():
+    from locdiff.runs import RunFolder
+
+    run = RunFolder(run_dir)
+    name = f"eval/{dataset}/metrics.json"
+    if not run.file(name).exists():
         return None
     from locdiff.tracking import find_run
 
     record = training_record(run_dir) or {}
-    run = find_run(record.get("mlflow_run_id"), tracking_uri=tracking_uri)
-    if run is None or f"{dataset}/acc_1km" not in run["metrics"]:
+    found = find_run(record.get("mlflow_run_id"), tracking_uri=tracking_uri)
+    if found is None or f"{dataset}/acc_1km" not in found["metrics"]:
         return None
-    return json.loads(path.read_text())
+    return run.read_json(name)
 
 
 def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: str | None = None,
              predict_options: dict[str, Any] | None = None) -> dict[str, float]:
     """Predict the test set, compute the metrics, draw the plots and log a nested MLflow run.
 
-    Writes run_dir/eval/NAME/{predictions.parquet, worldmap.png, error_cdf.png} and metrics.json last.
+    Writes RUN/eval/NAME/{predictions.parquet, worldmap.png, error_cdf.png} and metrics.json last.
     """
     import pandas as pd
 
     from locdiff import tracking
-    from locdiff.data.features import load_features
+    from locdiff.data.stream import read_table
+    from locdiff.io import write_predictions
     from locdiff.methods import get_method
     from locdiff.metrics import geo_metrics
-    from locdiff.model.config import read_run_config
+    from locdiff.runs import RunFolder
 
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     record = training_record(run_dir)
     if record is None:
-        raise FileNotFoundError(f"{run_dir}: training has not finished (no {TRAIN_RECORD}); run the train "
+        raise FileNotFoundError(f"{run_dir}: training has not finished (no complete run.json); run the train "
                                 "stage first")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking_uri(uri)
-    cfg = read_run_config(run_dir)
-    method = get_method(cfg.get("method", "locdiff")).load(run_dir, cfg)
-    table = load_features(features_dir(spec, root))
+    cfg = run.read_config()
+    method = get_method(cfg.get("method", "locdiff")).load(run.path, cfg)
+    table = read_table(features_dir(spec, root))
     if not table.labelled:
         raise ValueError(f"{table.source}: evaluation needs lat/lon")
     pred = method.predict(table, **(predict_options or {}))
     metrics = geo_metrics(pred.lat, pred.lon, table.lat, table.lon)
-    out = run_dir / "eval" / spec.name
+    out = run.file(f"eval/{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
+    name = cfg.get("method", "locdiff")
+    write_predictions(out / "predictions.parquet", table.ids, table.lat, table.lon, pred.lat, pred.lon,
+                      method=name, confidence=pred.confidence)
     df = pd.DataFrame({"id": table.ids.astype(str), "lat": table.lat, "lon": table.lon,
-                       "pred_lat": pred.lat, "pred_lon": pred.lon, "method": cfg.get("method", "locdiff")})
+                       "pred_lat": pred.lat, "pred_lon": pred.lon, "method": name})
     if pred.confidence is not None:
         df["confidence"] = pred.confidence
-    df.to_parquet(out / "predictions.parquet", index=False)
-    plots = draw_plots(df, out, title=f"{run_dir.name} on {spec.name}")
+    plots = draw_plots(df, out, title=f"{run.path.name} on {spec.name}")
     tracking.log_evaluation(record["mlflow_run_id"], spec.name, metrics, df, plots=plots, tracking_uri=uri)
-    _write_json(out / "metrics.json", metrics)
+    run.write_json(f"eval/{spec.name}/metrics.json", metrics)
     return metrics
 
 

@@ -176,11 +176,17 @@ def log_step_metrics(run_id: str, rows: Sequence[Mapping[str, float]], *,
 
 
 def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None) -> None:
-    """Log the files of a training run directory (checkpoint, resolved config) under `checkpoint/`."""
+    """Log the run folder's own files (locdiff.runs: config, checkpoint, predictor, log, choices) under
+    `checkpoint/`; data such as the retrieval gallery is referenced by the run, not copied."""
     from mlflow.tracking import MlflowClient
 
+    from locdiff import runs
+
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    client.log_artifacts(run_id, str(run_dir), artifact_path="checkpoint")
+    for name in (runs.CONFIG, runs.CHECKPOINT, runs.METRICS, runs.WEIGHTS, runs.MODEL, runs.SELECTION):
+        path = Path(run_dir) / name
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path="checkpoint")
 
 
 def log_model(run_id: str, model: Any, *, tracking_uri: str | None = None,

@@ -13,20 +13,17 @@ samples supporting the answer (mode) or the mean resultant length (mean).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from locdiff.baselines.options import MLPOptions, parse_options, resolve_device
-from locdiff.baselines.trainer import train_epochs
+from locdiff.baselines.mlp import TrainedBaseline
+from locdiff.baselines.options import MLPOptions
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
-from locdiff.methods import GeoMethod, Prediction
+from locdiff.methods import Prediction
 from locdiff.tables import EmbeddingTable
-
-STATE = "flow.pt"
 
 
 @dataclass
@@ -80,71 +77,22 @@ class VelocityNet(nn.Module):
         return self.velocity(x, t, self.condition(emb))
 
 
-class FlowMethod(GeoMethod):
+class FlowMethod(TrainedBaseline):
     name = "flow"
+    options_cls = FlowOptions
 
-    def __init__(self, options: FlowOptions):
-        self.options = options
-        self.device = resolve_device(options.device)
-        self.net: VelocityNet | None = None
+    def build_net(self, embed_dim: int) -> nn.Module:
+        return VelocityNet(embed_dim, self.options)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FlowMethod:
-        return cls(parse_options(FlowOptions, config, "flow"))
-
-    def _build_net(self, dim: int) -> None:
-        torch.manual_seed(self.options.seed)
-        self.net = VelocityNet(dim, self.options).to(self.device)
-
-    def fit(self, train: EmbeddingTable, val: EmbeddingTable | None, run_dir: Path, *,
-            progress: bool = True) -> dict[str, float]:
-        if not train.labelled:
-            raise ValueError(f"{train.source}: flow needs a labelled training table (columns lat, lon)")
-        self._build_net(train.dim)
-        dev = self.device
-        x = torch.from_numpy(train.embedding).float().to(dev)
-        u = torch.from_numpy(latlon_to_unit(train.lat, train.lon)).float().to(dev)
-        x1_target = self.options.target == "x1"
-
-        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-            idx = idx.to(dev)
-            x1 = u[idx]
-            x0 = torch.randn_like(x1)  # seeded per epoch by train_epochs
-            t = torch.rand(len(idx), device=dev)
-            xt = (1 - t[:, None]) * x0 + t[:, None] * x1
-            out = self.net(xt, t, x[idx])
-            target = x1 if x1_target else x1 - x0
-            return ((out - target) ** 2).sum(1).mean()
-
-        metrics = train_epochs(self.net, loss_fn, len(train), self.options, Path(run_dir), name=self.name,
-                               progress=progress)
-        self.save(Path(run_dir))
-        if val is not None and val.labelled:
-            from locdiff.metrics import geo_metrics
-
-            p = self.predict(val)
-            metrics.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, val.lat, val.lon).items()})
-        return metrics
-
-    def save(self, run_dir: Path) -> None:
-        if self.net is None:
-            raise ValueError("flow: nothing to save, the method is not fitted")
-        tmp = Path(run_dir) / (STATE + ".tmp")
-        torch.save({"options": asdict(self.options), "model": self.net.state_dict(),
-                    "dim": self.net.emb_dim}, tmp)
-        tmp.replace(Path(run_dir) / STATE)
-
-    @classmethod
-    def load(cls, run_dir: Path, config: dict[str, Any]) -> FlowMethod:
-        path = Path(run_dir) / STATE
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no flow model in this run directory (was it trained?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        m = cls.from_config(config)
-        m._build_net(state["dim"])
-        m.net.load_state_dict(state["model"])
-        m.net.eval()
-        return m
+    def loss(self, net, batch: dict[str, Any], generator: torch.Generator):
+        x1 = latlon_to_unit(batch["lat"], batch["lon"]).float()
+        g = generator.device
+        x0 = torch.randn(x1.shape, generator=generator, device=g).to(x1.device)
+        t = torch.rand(len(x1), generator=generator, device=g).to(x1.device)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        out = net(xt, t, batch["embedding"]).float()
+        target = x1 if self.options.target == "x1" else x1 - x0
+        return ((out - target) ** 2).sum(1).mean(), {}
 
     @torch.no_grad()
     def sample(self, emb: torch.Tensor, samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -171,11 +119,7 @@ class FlowMethod(GeoMethod):
 
     def predict(self, table: EmbeddingTable, **options: Any) -> Prediction:
         """Options: samples, steps, aggregation, seed override the config for this call."""
-        if self.net is None:
-            raise ValueError("flow: predict before fit/load")
-        if table.dim != self.net.emb_dim:
-            raise ValueError(f"{table.source}: embeddings have dimension {table.dim}, the model expects "
-                             f"{self.net.emb_dim}")
+        self.check_dim(table)
         o = self.options
         K = int(options.get("samples", o.samples))
         S = int(options.get("steps", o.steps))

@@ -1,36 +1,35 @@
 """`geocell`: classification over adaptive cells built from the training locations (PlaNet / PIGEON style).
 
-Cells: the training points' unit vectors are split recursively at the median of their widest principal
+Cells: the training points' unit vectors (all of them, or a seeded sample of `max_cell_points`) are split
+recursively at the median of their widest principal
 direction (a k-d tree on the sphere) until every cell holds at most `max_cell_size` points, so cells are
 small where photos are dense and large where they are sparse. Each cell is represented by its medoid (the
 training point with the least summed great-circle distance to the others, on a subsample).
 
 Training: an MLP classifier with haversine label smoothing as in PIGEON: the target for an image at x is
-softmax_c(-(d(medoid_c, x) - min_c' d(medoid_c', x)) / tau_km); tau_km = 0 gives one-hot labels.
+softmax_c(-(d(medoid_c, x) - min_c' d(medoid_c', x)) / tau_km); tau_km = 0 gives one-hot labels of the
+nearest medoid's cell.
 Prediction: the medoid of the most probable cell, or with `refine: retrieval` the most similar training
-image inside that cell. Confidence: the top cell's probability.
+image (among the `refine_top_k` retrieved from the training data's gallery) whose nearest medoid is that
+cell's. Confidence: the top cell's probability.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from locdiff.baselines.options import MLPOptions, parse_options, resolve_device
-from locdiff.baselines.trainer import ResidualMLP, batched, train_epochs
+from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
+from locdiff.baselines.options import MLPOptions
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
-from locdiff.methods import GeoMethod, Prediction
+from locdiff.methods import Prediction
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
-STATE = "geocell.pt"
-
 
 @dataclass
 class GeocellOptions(MLPOptions):
@@ -38,6 +37,8 @@ class GeocellOptions(MLPOptions):
     label_smoothing_km: float = 75.0  # haversine smoothing temperature (PIGEON); 0 = one-hot
     refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
     medoid_sample: int = 256  # points per cell used to find its medoid
+    max_cell_points: int = 1_000_000  # locations the cells are built from (a seeded sample above this)
+    refine_top_k: int = 64  # retrieved neighbours searched for one inside the predicted cell
 
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:
@@ -83,96 +84,70 @@ def cell_medoids(lat: np.ndarray, lon: np.ndarray, labels: np.ndarray, n_cells: 
     return medoids
 
 
-class GeocellMethod(GeoMethod):
+class GeocellMethod(TrainedBaseline):
     name = "geocell"
+    options_cls = GeocellOptions
 
     def __init__(self, options: GeocellOptions):
-        self.options = options
-        self.device = resolve_device(options.device)
-        self.net: ResidualMLP | None = None
+        super().__init__(options)
         self.cell_lat: np.ndarray | None = None  # (C,) medoid coordinates
         self.cell_lon: np.ndarray | None = None
-        self.gallery: dict[str, np.ndarray] | None = None  # refine=retrieval: train rows and cells
+        self._cells_unit: torch.Tensor | None = None
+        self.gallery: Any = None
+        self.gallery_ref: dict[str, Any] | None = None
+        self.run_dir = None
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> GeocellMethod:
-        return cls(parse_options(GeocellOptions, config, "geocell"))
-
-    def _build_net(self, dim: int, n_cells: int) -> None:
+    def prepare(self, source: Any) -> None:
         o = self.options
-        torch.manual_seed(o.seed)
-        self.net = ResidualMLP(dim, n_cells, o.hidden, o.depth, o.dropout).to(self.device)
-
-    def fit(self, train: EmbeddingTable, val: EmbeddingTable | None, run_dir: Path, *,
-            progress: bool = True) -> dict[str, float]:
-        if not train.labelled:
-            raise ValueError(f"{train.source}: geocell needs a labelled training table (columns lat, lon)")
-        o = self.options
-        labels = build_cells(train.lat, train.lon, o.max_cell_size)
+        lat, lon = source.locations(max_rows=o.max_cell_points, seed=o.seed)
+        labels = build_cells(lat, lon, o.max_cell_size)
         n_cells = int(labels.max()) + 1
-        medoids = cell_medoids(train.lat, train.lon, labels, n_cells, sample=o.medoid_sample, seed=o.seed)
-        self.cell_lat, self.cell_lon = train.lat[medoids], train.lon[medoids]
-        log.info("geocell: %d cells from %d training points", n_cells, len(train))
-        if o.refine == "retrieval":
-            self.gallery = {"embedding": train.embedding.astype(np.float32), "lat": train.lat,
-                            "lon": train.lon, "label": labels}
-        self._build_net(train.dim, n_cells)
-        dev = self.device
-        x = torch.from_numpy(train.embedding).float().to(dev)
-        y = torch.from_numpy(labels).to(dev)
-        u = torch.from_numpy(latlon_to_unit(train.lat, train.lon)).float().to(dev)  # (N, 3)
-        cu = torch.from_numpy(latlon_to_unit(self.cell_lat, self.cell_lon)).float().to(dev)  # (C, 3)
-        tau = o.label_smoothing_km
+        medoids = cell_medoids(lat, lon, labels, n_cells, sample=o.medoid_sample, seed=o.seed)
+        self.cell_lat, self.cell_lon = lat[medoids], lon[medoids]
+        self._cells_unit = None
+        log.info("geocell: %d cells from %d training locations", n_cells, len(lat))
 
-        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-            idx = idx.to(dev)
-            logits = self.net(x[idx])  # (B, C)
-            if tau <= 0:
-                return torch.nn.functional.cross_entropy(logits, y[idx])
-            d = torch.arccos((u[idx] @ cu.T).clamp(-1, 1)) * EARTH_RADIUS_KM  # (B, C) km
-            target = torch.softmax(-(d - d.min(1, keepdim=True).values) / tau, dim=1)
-            return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    def cells_unit(self, device: torch.device) -> torch.Tensor:
+        if self._cells_unit is None or self._cells_unit.device != device:
+            self._cells_unit = torch.from_numpy(latlon_to_unit(self.cell_lat, self.cell_lon)).float().to(device)
+        return self._cells_unit
 
-        metrics = train_epochs(self.net, loss_fn, len(train), o, Path(run_dir), name=self.name,
-                               progress=progress)
-        self.save(Path(run_dir))
-        if val is not None and val.labelled:
-            from locdiff.metrics import geo_metrics
+    def build_net(self, embed_dim: int) -> torch.nn.Module:
+        o = self.options
+        return ResidualMLP(embed_dim, len(self.cell_lat), o.hidden, o.depth, o.dropout)
 
-            p = self.predict(val)
-            metrics.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, val.lat, val.lon).items()})
-        metrics["cells"] = n_cells
+    def loss(self, net, batch: dict[str, Any], generator: torch.Generator):
+        logits = net(batch["embedding"]).float()  # (B, C)
+        u = latlon_to_unit(batch["lat"], batch["lon"]).float()  # (B, 3)
+        d = torch.arccos((u @ self.cells_unit(u.device).T).clamp(-1, 1)) * EARTH_RADIUS_KM  # (B, C) km
+        tau = self.options.label_smoothing_km
+        if tau <= 0:
+            return torch.nn.functional.cross_entropy(logits, d.argmin(1)), {}
+        target = torch.softmax(-(d - d.min(1, keepdim=True).values) / tau, dim=1)
+        return -(target * torch.log_softmax(logits, 1)).sum(1).mean(), {}
+
+    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True):
+        if self.options.refine == "retrieval":
+            from locdiff.gallery_ref import gallery_for
+
+            self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
+        metrics = super().finalize(result, source, val, run, progress=progress)
+        metrics["cells"] = len(self.cell_lat)
         return metrics
 
-    def save(self, run_dir: Path) -> None:
-        if self.net is None:
-            raise ValueError("geocell: nothing to save, the method is not fitted")
-        run_dir = Path(run_dir)
-        state = {"options": asdict(self.options), "model": self.net.state_dict(), "cell_lat": self.cell_lat,
-                 "cell_lon": self.cell_lon, "gallery": self.gallery, "dim": self.net.inp.in_features}
-        tmp = run_dir / (STATE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(run_dir / STATE)
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {"cell_lat": torch.from_numpy(np.asarray(self.cell_lat, np.float64)),
+                "cell_lon": torch.from_numpy(np.asarray(self.cell_lon, np.float64))}
 
-    @classmethod
-    def load(cls, run_dir: Path, config: dict[str, Any]) -> GeocellMethod:
-        path = Path(run_dir) / STATE
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no geocell model in this run directory (was it trained?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        m = cls.from_config(config)
-        m.cell_lat, m.cell_lon, m.gallery = state["cell_lat"], state["cell_lon"], state["gallery"]
-        m._build_net(state["dim"], len(m.cell_lat))
-        m.net.load_state_dict(state["model"])
-        m.net.eval()
-        return m
+    def extra_meta(self) -> dict[str, Any]:
+        return {"gallery": self.gallery_ref}
+
+    def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.cell_lat, self.cell_lon = tensors["cell_lat"].numpy(), tensors["cell_lon"].numpy()
+        self.gallery_ref = meta.get("gallery")
 
     def predict(self, table: EmbeddingTable, **options: Any) -> Prediction:
-        if self.net is None:
-            raise ValueError("geocell: predict before fit/load")
-        if table.dim != self.net.inp.in_features:
-            raise ValueError(f"{table.source}: embeddings have dimension {table.dim}, the model expects "
-                             f"{self.net.inp.in_features}")
+        self.check_dim(table)
         self.net.eval()
         x = torch.from_numpy(table.embedding).float().to(self.device)
         out = batched(lambda b: torch.softmax(self.net(b), 1).max(1), x)
@@ -182,17 +157,19 @@ class GeocellMethod(GeoMethod):
         refine = options.get("refine", self.options.refine)
         if refine == "retrieval":
             if self.gallery is None:
-                raise ValueError("geocell: refine=retrieval needs a model trained with refine: retrieval")
-            from locdiff.baselines.knn import normalize
+                if not self.gallery_ref:
+                    raise ValueError("geocell: refine=retrieval needs a model trained with refine: retrieval")
+                from locdiff.gallery_ref import open_gallery
 
-            g = self.gallery
-            q = normalize(table.embedding)
-            ge = normalize(g["embedding"])
-            order = np.argsort(g["label"], kind="stable")
-            bounds = np.searchsorted(g["label"][order], np.arange(len(self.cell_lat) + 1))
-            for c in np.unique(cell):  # one matrix product per predicted cell
-                rows = np.flatnonzero(cell == c)
-                members = order[bounds[c]:bounds[c + 1]]
-                best = members[np.argmax(q[rows] @ ge[members].T, axis=1)]
-                lat[rows], lon[rows] = g["lat"][best], g["lon"][best]
+                self.gallery = open_gallery(self.gallery_ref, self.run_dir)
+            sims, idx = self.gallery.search(table.embedding, self.options.refine_top_k)  # (N, k)
+            glat, glon = self.gallery.lat[idx], self.gallery.lon[idx]
+            gu = torch.from_numpy(latlon_to_unit(glat, glon)).float()  # (N, k, 3)
+            near = (gu @ self.cells_unit(torch.device("cpu")).T).argmax(-1).numpy()  # nearest medoid (N, k)
+            inside = near == cell[:, None]
+            first = inside.argmax(1)
+            ok = inside.any(1)
+            rows = np.arange(len(cell))
+            lat = np.where(ok, glat[rows, first], lat)
+            lon = np.where(ok, glon[rows, first], lon)
         return Prediction(lat.astype(np.float64), lon.astype(np.float64), conf)

@@ -23,7 +23,6 @@ from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
-GALLERY = "gallery.npz"
 
 
 @dataclass
@@ -105,69 +104,85 @@ def aggregate_neighbours(sims: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, 
 
 
 class KNNMethod(GeoMethod):
-    """Retrieval baseline: the gallery is the training set."""
+    """Retrieval baseline: the gallery is the training set (stored once per training data set and
+    referenced by the run)."""
 
     name = "knn"
+    trains = False
 
     def __init__(self, options: KNNOptions):
         self.options = options
-        self.gallery: np.ndarray | None = None  # (M, d) float32, unit rows
-        self.lat: np.ndarray | None = None
-        self.lon: np.ndarray | None = None
+        self.gallery: Any = None
+        self.gallery_ref: dict[str, Any] | None = None
+        self.run_dir: Path | None = None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> KNNMethod:
+    def from_config(cls, config: Any) -> KNNMethod:
+        if not isinstance(config, dict):
+            from locdiff.model.config import config_to_dict
+
+            config = config_to_dict(config)
         return cls(parse_options(KNNOptions, config, "knn"))
 
-    def fit(self, train: EmbeddingTable, val: EmbeddingTable | None, run_dir: Path, *,
-            progress: bool = True) -> dict[str, float]:
-        if not train.labelled:
-            raise ValueError(f"{train.source}: knn needs a labelled training table (columns lat, lon)")
-        self.gallery = normalize(train.embedding)
-        self.lat, self.lon = np.asarray(train.lat, np.float64), np.asarray(train.lon, np.float64)
-        self.save(Path(run_dir))
+    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True
+                 ) -> dict[str, float]:
+        from locdiff.gallery_ref import gallery_for
+
+        if not source.labelled:
+            raise ValueError(f"{source.location}: knn needs a labelled training table (columns lat, lon)")
+        self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
+        self.run_dir = run.path
+        self.save(run.path)
         out: dict[str, float] = {"gallery_size": float(len(self.gallery))}
-        if val is not None and val.labelled:
+        if val is not None and val.count:
             from locdiff.metrics import geo_metrics
 
-            p = self.predict(val)
-            out.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, val.lat, val.lon).items()})
+            table = val.read_all(limit=4096)
+            p = self.predict(table)
+            out.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})
         return out
 
     def save(self, run_dir: Path) -> None:
-        if self.gallery is None:
+        if self.gallery_ref is None:
             raise ValueError("knn: nothing to save, the method is not fitted")
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (GALLERY + ".tmp.npz")
-        np.savez(tmp, embedding=self.gallery, lat=self.lat, lon=self.lon)
-        tmp.replace(run_dir / GALLERY)
+        from locdiff.runs import RunFolder
+
+        RunFolder(run_dir).save_model({}, {"method": self.name, "gallery": self.gallery_ref,
+                                           "embed_dim": int(self.gallery.embedding.shape[1])})
 
     @classmethod
-    def load(cls, run_dir: Path, config: dict[str, Any]) -> KNNMethod:
-        path = Path(run_dir) / GALLERY
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no knn gallery in this run directory (was it trained?)")
+    def load(cls, run_dir: Path, config: Any) -> KNNMethod:
+        from locdiff.runs import RunFolder
+
+        _, meta = RunFolder(run_dir).load_model()
+        if meta.get("method") != cls.name:
+            raise ValueError(f"{run_dir}: a {meta.get('method')!r} model, not 'knn'")
         m = cls.from_config(config)
-        with np.load(path) as z:
-            m.gallery, m.lat, m.lon = z["embedding"], z["lat"], z["lon"]
+        m.gallery_ref, m.run_dir = meta["gallery"], Path(run_dir)
         return m
+
+    def _gallery(self) -> Any:
+        if self.gallery is None:
+            from locdiff.gallery_ref import open_gallery
+
+            self.gallery = open_gallery(self.gallery_ref, self.run_dir)
+        return self.gallery
 
     def predict(self, table: EmbeddingTable, **options: Any) -> Prediction:
         """Options: k, aggregation, radius_km override the config for this call."""
-        if self.gallery is None:
+        if self.gallery_ref is None:
             raise ValueError("knn: predict before fit/load")
-        if table.dim != self.gallery.shape[1]:
+        g = self._gallery()
+        if table.dim != g.embedding.shape[1]:
             raise ValueError(f"{table.source}: embeddings have dimension {table.dim}, the gallery has "
-                             f"{self.gallery.shape[1]}")
+                             f"{g.embedding.shape[1]}")
         o = self.options
         k = int(options.get("k", o.k))
         how = options.get("aggregation", o.aggregation)
-        sims, idx = cosine_topk(table.embedding, self.gallery, k, backend=o.backend, chunk=o.chunk,
-                                device=o.device)
+        sims, idx = g.search(table.embedding, k)
         if idx.shape[1] == 1:
-            return Prediction(self.lat[idx[:, 0]], self.lon[idx[:, 0]], sims[:, 0].astype(np.float64))
-        plat, plon, conf = aggregate_neighbours(sims, self.lat[idx], self.lon[idx], how=how,
+            return Prediction(g.lat[idx[:, 0]], g.lon[idx[:, 0]], sims[:, 0].astype(np.float64))
+        plat, plon, conf = aggregate_neighbours(sims, g.lat[idx], g.lon[idx], how=how,
                                                 radius_km=float(options.get("radius_km", o.radius_km)),
                                                 temperature=o.temperature)
         return Prediction(np.asarray(plat, np.float64), np.asarray(plon, np.float64), conf)

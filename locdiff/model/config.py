@@ -73,6 +73,7 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used only on CUDA
     device: str = "auto"  # "auto" -> cuda when available
     val_samples: int = 512  # validation images used to choose the aggregation and LocDiff-H weight
+    val_share: float = 0.02  # without a validation set, this share of the training rows is held out
 
 
 @dataclass

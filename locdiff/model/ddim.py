@@ -85,13 +85,10 @@ class DDIMScheduler:
         # 1. abar at t and at the previous step (abar = 1 past the end: the clean sample)
         ab_t = float(ac[t])
         ab_prev = float(ac[prev_t]) if prev_t >= 0 else 1.0
-        # 2. z_0 and epsilon estimates from the model output
-        if self.prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
-        else:
-            eps = model_output
-            x0 = (sample - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+        # 2. z_0 and epsilon estimates from the model output (the schedule owns the conversion)
+        tt = torch.full(sample.shape[:1], t, dtype=torch.long, device=sample.device)
+        x0 = self.schedule.predict_x0(model_output, sample, tt, self.prediction_type)
+        eps = model_output if self.prediction_type == "epsilon" else (sample - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
         # 3. sigma_t (eq. 16) and the direction pointing to z_t
         var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
         sigma = eta * max(var, 0.0) ** 0.5

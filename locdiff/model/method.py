@@ -1,16 +1,12 @@
 """LocDiffMethod: LocDiff and LocDiff-H behind the GeoMethod interface of `locdiff train/predict`.
 
-Run directory layout (besides config.yaml, written by the CLI):
-    checkpoint.pt     training state (model, EMA, optimizer, step, RNG) - resumable
-    metrics.jsonl     training log
-    model.pt          the EMA denoiser for prediction (state dict, dimensions)
-    gallery.npz       training embeddings and locations, the LocDiff-H retrieval gallery
-    selection.json    choices made on validation: aggregation, LocDiff-H weight and radius, and scores
+Training is the engine's (locdiff.engine) on `LocDiffTask`; after it, `finalize` chooses the aggregation
+and the LocDiff-H blend on validation rows, records the retrieval gallery of the training data and saves
+the predictor (the EMA denoiser as safetensors) into the run folder (layout: locdiff.runs).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,13 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from locdiff.engine import resolve_device
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
-from locdiff.model.hybrid import Gallery, hybrid_candidates, hybrid_select
+from locdiff.model.hybrid import hybrid_candidates, hybrid_select
+from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import locdiff_predict
-from locdiff.model.train import build_model, fit, resolve_device
+from locdiff.runs import SELECTION, RunFolder
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -43,48 +41,48 @@ class LocDiffMethod(GeoMethod):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.model: CSUNet | None = None
-        self.gallery: Gallery | None = None
+        self.gallery: Any = None
+        self.gallery_ref: dict[str, Any] | None = None
         self.selection: dict[str, Any] = {}
-        self._gallery_path: Path | None = None
+        self._run: RunFolder | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | Config) -> LocDiffMethod:
         return cls(config if isinstance(config, Config) else config_from_dict(config))
 
     # -- training --------------------------------------------------------------------------------------
-    def fit(
-        self, train: EmbeddingTable, val: EmbeddingTable | None, run_dir: Path, *, progress: bool = True
-    ) -> dict[str, float]:
-        run_dir = Path(run_dir)
-        result = fit(self.config, train, val, run_dir, progress=progress)
+    def task(self, source: Any) -> LocDiffTask:
+        return LocDiffTask(self.config, getattr(source, "shdd_degree", None))
+
+    def settings(self, source: Any):
+        return engine_settings(self.config)
+
+    def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
+                 ) -> dict[str, float]:
+        from locdiff.gallery_ref import gallery_for
+
         self.model = result.model
-        self.gallery = Gallery(train.embedding, train.lat, train.lon)
+        self._run = run
+        self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
         metrics = dict(result.metrics)
-        sel_path = run_dir / "selection.json"
-        old = json.loads(sel_path.read_text()) if sel_path.exists() else {}
-        if old.get("step") == result.step:
+        old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
+        if old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None):
             self.selection = old  # already chosen for these weights (a re-run after completion)
         else:
-            self.selection = {
-                "step": result.step,
-                "aggregation": "mean",
-                "hybrid_weight": self.config.hybrid.weight,
-                "hybrid_radius_km": self.config.hybrid.radius_km,
-            }
-            if val is not None and val.labelled and len(val):
-                self._select_on_validation(val, progress=progress)
-        metrics.update(
-            {k: v for k, v in self.selection.items() if isinstance(v, float) and k.startswith("val_")}
-        )
-        self.save(run_dir)
+            self.selection = {"step": result.step, "aggregation": "mean",
+                              "hybrid_weight": self.config.hybrid.weight,
+                              "hybrid_radius_km": self.config.hybrid.radius_km,
+                              "val": val.identity() if val is not None else None}
+            if val is not None and val.count:
+                self._select_on_validation(val.read_all(limit=self.config.train.val_samples), progress=progress)
+        metrics.update({k: v for k, v in self.selection.items() if isinstance(v, float) and k.startswith("val_")})
+        self.save(run.path)
         return metrics
 
     def _select_on_validation(self, val: EmbeddingTable, *, progress: bool) -> None:
-        n = min(len(val), self.config.train.val_samples)
-        out = locdiff_predict(
-            self.model, val.embedding[:n], self.config, seed=self.config.train.seed, progress=progress
-        )
-        truth = (val.lat[:n], val.lon[:n])
+        out = locdiff_predict(self.model, val.embedding, self.config, seed=self.config.train.seed,
+                              progress=progress)
+        truth = (val.lat, val.lon)
         scores = {}
         for agg in ("mean", "support"):
             lat, lon, _ = out.choose(agg)
@@ -98,9 +96,8 @@ class LocDiffMethod(GeoMethod):
         hc = self.config.hybrid
         if hc.tune_on_val:
             mlat, mlon, _ = out.choose("mean")
-            cand = hybrid_candidates(
-                self.gallery, val.embedding[:n], out.mean_code, mlat, mlon, out.mean_value, hc.top_k
-            )
+            cand = hybrid_candidates(self.gallery, val.embedding, out.mean_code, mlat, mlon, out.mean_value,
+                                     hc.top_k)
             best = (-np.inf, hc.weight, hc.radius_km)
             for w in (0.0, 0.25, 0.5, 0.75, 0.9):
                 for r in (250.0, 500.0, 1000.0, 2500.0):
@@ -108,71 +105,52 @@ class LocDiffMethod(GeoMethod):
                     s = _score(geo_metrics(lat, lon, *truth))
                     if s > best[0]:
                         best = (s, w, r)
-            self.selection.update(
-                {"hybrid_weight": best[1], "hybrid_radius_km": best[2], "val_hybrid_score": best[0]}
-            )
+            self.selection.update({"hybrid_weight": best[1], "hybrid_radius_km": best[2],
+                                   "val_hybrid_score": best[0]})
         log.info("validation choices: %s", self.selection)
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
         if self.model is None:
             raise ValueError("nothing to save: the method is not trained")
-        run_dir = Path(run_dir)
-        tmp = run_dir / "model.pt.tmp"
-        torch.save(
-            {
-                "state_dict": self.model.state_dict(),
-                "dim": self.model.dim,
-                "embed_dim": self.model.embed_dim,
-                "config": config_to_dict(self.config),
-            },
-            tmp,
-        )
-        tmp.replace(run_dir / "model.pt")
-        if self.gallery is not None:
-            with open(run_dir / "gallery.npz.tmp", "wb") as f:
-                np.savez(f, embedding=self.gallery.embedding, lat=self.gallery.lat, lon=self.gallery.lon)
-            (run_dir / "gallery.npz.tmp").replace(run_dir / "gallery.npz")
-        (run_dir / "selection.json").write_text(json.dumps(self.selection, indent=2))
+        run = RunFolder(run_dir)
+        run.save_model(self.model.state_dict(), {"method": self.name, "dim": self.model.dim,
+                                                 "embed_dim": self.model.embed_dim,
+                                                 "config": config_to_dict(self.config),
+                                                 "gallery": self.gallery_ref})
+        run.write_json(SELECTION, self.selection)
 
     @classmethod
     def load(cls, run_dir: Path, config: dict[str, Any] | Config) -> LocDiffMethod:
-        run_dir = Path(run_dir)
+        run = RunFolder(run_dir)
         self = cls.from_config(config)
-        path = run_dir / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{run_dir}: no model.pt; the LocDiff run has not finished training")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        model = build_model(self.config, int(blob["embed_dim"]))
-        model.load_state_dict(blob["state_dict"])
+        tensors, meta = run.load_model()
+        model = build_model(self.config, int(meta["embed_dim"]))
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise ValueError(f"{run.path}: the model weights do not fit its config.yaml "
+                             f"({str(err).splitlines()[0]}); the run folder is damaged") from None
         self.model = model.to(resolve_device(self.config.train.device)).eval()
-        sel = run_dir / "selection.json"
-        self.selection = json.loads(sel.read_text()) if sel.exists() else {}
-        self._gallery_path = run_dir / "gallery.npz"
+        self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
+        self.gallery_ref = meta.get("gallery")
+        self._run = run
         return self
 
-    def _get_gallery(self) -> Gallery:
+    def _get_gallery(self) -> Any:
         if self.gallery is None:
-            if self._gallery_path is None or not self._gallery_path.is_file():
-                raise FileNotFoundError("no retrieval gallery (gallery.npz) in the run; LocDiff-H needs it")
-            with np.load(self._gallery_path) as z:
-                self.gallery = Gallery(z["embedding"], z["lat"], z["lon"])
+            from locdiff.gallery_ref import open_gallery
+
+            if not self.gallery_ref:
+                raise FileNotFoundError(f"{self._run.path if self._run else 'the run'}: no retrieval gallery is "
+                                        "recorded; LocDiff-H needs one (train again)")
+            self.gallery = open_gallery(self.gallery_ref, self._run)
         return self.gallery
 
     # -- prediction ------------------------------------------------------------------------------------
-    def predict(
-        self,
-        table: EmbeddingTable,
-        *,
-        method: str = "locdiff",
-        samples: int | None = None,
-        steps: int | None = None,
-        aggregation: str | None = None,
-        seed: int = 0,
-        guidance_scale: float | None = None,
-        progress: bool = False,
-        **options: Any,
-    ) -> Prediction:
+    def predict(self, table: EmbeddingTable, *, method: str = "locdiff", samples: int | None = None,
+                steps: int | None = None, aggregation: str | None = None, seed: int = 0,
+                guidance_scale: float | None = None, progress: bool = False, **options: Any) -> Prediction:
         """Predict with LocDiff ("locdiff") or LocDiff-H ("locdiff-h"), K samples and S DDIM steps."""
         if options:
             raise ValueError(f"unknown predict options for locdiff: {', '.join(options)}")
@@ -181,39 +159,30 @@ class LocDiffMethod(GeoMethod):
         if self.model is None:
             raise ValueError("the method is not trained; fit or load it first")
         if table.dim != self.model.embed_dim:
-            raise ValueError(
-                f"{table.source or 'table'}: column 'embedding' has dimension {table.dim}; the "
-                f"model was trained on dimension {self.model.embed_dim}"
-            )
+            raise ValueError(f"{table.source or 'table'}: column 'embedding' has dimension {table.dim}; the "
+                             f"model was trained on dimension {self.model.embed_dim}")
         agg = aggregation or self.selection.get("aggregation", "mean")
         if agg == "auto":
             agg = self.selection.get("aggregation", "mean")
-        out = locdiff_predict(
-            self.model,
-            table.embedding,
-            self.config,
-            samples=samples,
-            steps=steps,
-            seed=seed,
-            guidance_scale=guidance_scale,
-            progress=progress,
-        )
+        out = locdiff_predict(self.model, table.embedding, self.config, samples=samples, steps=steps, seed=seed,
+                              guidance_scale=guidance_scale, progress=progress)
         lat, lon, conf = out.choose(agg)
         if method == "locdiff-h":
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
-            cand = hybrid_candidates(
-                self._get_gallery(), table.embedding, out.mean_code, mlat, mlon, out.mean_value, hc.top_k
-            )
-            lat, lon, _ = hybrid_select(
-                cand,
-                lat,
-                lon,
-                weight=self.selection.get("hybrid_weight", hc.weight),
-                radius_km=self.selection.get("hybrid_radius_km", hc.radius_km),
-            )
-        return Prediction(
-            lat=np.asarray(lat, np.float64),
-            lon=np.asarray(lon, np.float64),
-            confidence=np.asarray(conf, np.float64),
-        )
+            cand = hybrid_candidates(self._get_gallery(), table.embedding, out.mean_code, mlat, mlon,
+                                     out.mean_value, hc.top_k)
+            lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
+                                        radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
+        return Prediction(lat=np.asarray(lat, np.float64), lon=np.asarray(lon, np.float64),
+                          confidence=np.asarray(conf, np.float64))
+
+
+def load_denoiser(run_dir: str | Path, device: str | torch.device = "cpu") -> CSUNet:
+    """The trained CS-UNet of a LocDiff run folder (safetensors, no pickle)."""
+    run = RunFolder(run_dir)
+    tensors, meta = run.load_model(device)
+    cfg = config_from_dict(meta["config"], source=str(run.file("model.json")))
+    model = build_model(cfg, int(meta["embed_dim"]))
+    model.load_state_dict(tensors)
+    return model.eval()

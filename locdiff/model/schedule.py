@@ -58,6 +58,23 @@ class NoiseSchedule:
         shape = (-1,) + (1,) * (sample.dim() - 1)
         return a.view(shape) * sample + b.view(shape) * noise
 
+    def predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor,
+                   prediction_type: str = "sample") -> torch.Tensor:
+        """The z_0 estimate from a network output at (z_t = sample, t): the output itself for x0-prediction,
+        (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) for epsilon-prediction. The one place this
+        conversion is written (training losses, validation and DDIM all call it).
+
+        Args:
+            model_output, sample: (B, D). t: (B,) integer timesteps.
+        """
+        if prediction_type == "sample":
+            return model_output
+        if prediction_type != "epsilon":
+            raise ValueError(f"prediction_type must be 'sample' or 'epsilon'; got {prediction_type!r}")
+        a, s = self.coefficients(t, dtype=sample.dtype)
+        shape = (-1,) + (1,) * (sample.dim() - 1)
+        return (sample - s.view(shape) * model_output) / a.view(shape).clamp_min(1e-4)
+
     def sample_timesteps(
         self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:

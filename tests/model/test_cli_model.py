@@ -45,24 +45,21 @@ def run(tmp_path_factory, synth_dir):
 
 
 def test_train_writes_the_run(run):
-    for name in (
-        "checkpoint.pt",
-        "config.yaml",
-        "metrics.jsonl",
-        "model.pt",
-        "gallery.npz",
-        "selection.json",
-    ):
+    for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "model.safetensors", "model.json",
+                 "selection.json", "run.json"):
         assert (run / name).is_file(), name
     sel = json.loads((run / "selection.json").read_text())
     assert sel["aggregation"] in ("mean", "support")
     assert sel["step"] == 200
+    record = json.loads((run / "run.json").read_text())
+    assert record["complete"] and record["step"] == 200 and len(record["key"]) == 64
+    assert record["data"]["val"]["kind"] == "table"  # --val given: nothing held out of --train
+    assert record["data"]["train"]["holdout"] is None
 
 
-def test_train_again_resumes(run, synth_dir, caplog):
+def test_train_again_skips_a_complete_run(run, synth_dir, capsys):
     before = (run / "metrics.jsonl").read_text()
-    with caplog.at_level("INFO"):
-        rc = main(
+    rc = main(
             [
                 "train",
                 "--config",
@@ -78,9 +75,35 @@ def test_train_again_resumes(run, synth_dir, caplog):
             ]
         )
     assert rc == 0
-    assert "resuming from" in caplog.text
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 200
+    assert "already trained (same config and data)" in capsys.readouterr().out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 200
     assert (run / "metrics.jsonl").read_text() == before  # nothing trained twice
+
+
+def test_more_steps_continue_from_the_checkpoint(run, synth_dir, tmp_path):
+    """train.steps may change on a resume (a longer schedule): the run continues from its checkpoint."""
+    import shutil
+
+    longer = tmp_path / "longer"
+    shutil.copytree(run, longer)
+    rc = main(["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+               str(synth_dir / "val.parquet"), "--out", str(longer), "--no-progress",
+               *_sets(["train.steps=220"])])
+    assert rc == 0
+    steps = [json.loads(x)["step"] for x in (longer / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 220 and steps.count(200) >= 1
+    assert json.loads((longer / "run.json").read_text())["step"] == 220
+
+
+def test_held_out_share_without_val(synth_dir, tmp_path):
+    out = tmp_path / "r"
+    rc = main(["train", "--config", str(TINY), "--method", "knn", "--train", str(synth_dir / "train.parquet"),
+               "--out", str(out), "--no-progress", "--set", "train.val_share=0.05"])
+    assert rc == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["data"]["train"]["holdout"]["keep"] == "train"
+    assert record["data"]["val"]["holdout"]["keep"] == "val"
+    assert "val/acc_750km" in record["metrics"]
 
 
 def test_train_into_a_run_with_another_config_is_an_error(run, synth_dir, capsys):
@@ -289,6 +312,7 @@ def test_bad_inputs_are_named(synth_dir, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # nothing written when the config is invalid
 
 
 def test_predict_wrong_embedding_dimension(run, tmp_path, capsys):

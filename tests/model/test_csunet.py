@@ -1,7 +1,8 @@
 import torch
 
+from locdiff.engine import unwrap
 from locdiff.model.config import NetworkConfig
-from locdiff.model.csunet import CSUNet, timestep_embedding, unwrap
+from locdiff.model.csunet import CSUNet, timestep_embedding
 
 
 def _net(seed=0, dropout=0.0, blocks=2):

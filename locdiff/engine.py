@@ -1,0 +1,410 @@
+"""The one training loop, used by `locdiff train`, by every Ray Train worker and by the trained baselines.
+
+The method supplies a `Task`: the network (`build`) and its loss on a batch (`loss`). The engine owns the
+rest: the batch stream (bounded memory, split by rank, resumable at the exact row), the optimizer
+(AdamW), the LR schedule (linear warm-up, cosine decay), gradient clipping, bfloat16 autocast on CUDA,
+the EMA of the weights, validation, logging and checkpoints. Losses stay on the device between log steps
+(one transfer per log step, not per step).
+
+Where checkpoints and logs go is a `CheckpointStore`: the run folder for a single process
+(`RunStore`), Ray Train's storage for its workers (`locdiff.distributed`). Both hold the same state, so a
+run trained on Ray is resumed or finished by a single process and the other way round.
+
+    result = train(task, source, settings, store=RunStore(run), val=val_rows)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from locdiff.data.stream import BatchStream, DataSource, Rows
+from locdiff.runs import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+# -- what the method supplies ----------------------------------------------------------------------------------
+
+class Task(ABC):
+    """A trainable network and its objective. `name` is checked when a checkpoint is resumed."""
+
+    name: str = ""
+
+    @abstractmethod
+    def build(self, embed_dim: int, stats: tuple[np.ndarray, np.ndarray]) -> nn.Module:
+        """The untrained network for embeddings of size embed_dim (stats: their mean and std)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, named parts as detached 0-d tensors) on a batch (see `to_batch`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What must match when a checkpoint is resumed (besides the weights' shapes)."""
+        return {"task": self.name}
+
+
+@dataclass
+class Settings:
+    """The loop's hyper-parameters (from the run config's `train` section or a baseline's options)."""
+
+    steps: int
+    batch_size: int  # global: split across ranks
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.0  # 0: no EMA (the trained weights are the result)
+    checkpoint_every: int = 500
+    log_every: int = 50
+    validate_every: int = 0  # 0: validate at checkpoints and at the end
+    seed: int = 0
+    amp: bool = True  # bfloat16 autocast, CUDA only
+    device: str = "auto"
+    window_rows: int = 16_384  # shuffle buffer of the stream
+    stats_rows: int = 65_536  # rows sampled for the embedding standardisation
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_batch(rows: Rows, device: torch.device) -> dict[str, Any]:
+    """A chunk of rows as tensors on the device: embedding (B, d) float32, lat/lon (B,) float64, and the
+    stored SHDD codes (B, D) when the source has them. `ids` stays a NumPy array."""
+    b: dict[str, Any] = {"embedding": torch.from_numpy(np.ascontiguousarray(rows.emb)).to(device, non_blocking=True),
+                         "ids": rows.ids}
+    if rows.lat is not None:
+        b["lat"] = torch.from_numpy(np.ascontiguousarray(rows.lat, np.float64)).to(device)
+        b["lon"] = torch.from_numpy(np.ascontiguousarray(rows.lon, np.float64)).to(device)
+    if rows.shdd is not None:
+        b["shdd"] = torch.from_numpy(np.ascontiguousarray(rows.shdd)).to(device, non_blocking=True)
+    return b
+
+
+# -- EMA and the LR schedule -----------------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class EMA:
+    """Exponential moving average of a model's weights (buffers copied), with the usual warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        src = unwrap(model)
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in src.parameters()], 1 - d)
+        for e, b in zip(self.module.buffers(), src.buffers(), strict=True):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "decay": self.decay, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
+
+
+def lr_factor(settings: Settings) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to min_lr_ratio, as a LambdaLR factor of the step."""
+
+    def factor(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / max(1, settings.warmup_steps)
+        progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps))
+        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# -- where checkpoints and logs go ------------------------------------------------------------------------------
+
+class CheckpointStore(ABC):
+    """Checkpoints and the metrics log of one training."""
+
+    @abstractmethod
+    def load(self, map_location: torch.device) -> dict[str, Any] | None:
+        """The last checkpoint's state, or None for a fresh run (the log is cut back to its step)."""
+
+    @abstractmethod
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Store a checkpoint (only rank 0's state is kept; every rank calls it)."""
+
+    @abstractmethod
+    def log(self, rows: list[dict[str, Any]]) -> None:
+        """Append metrics rows (rank 0)."""
+
+
+class RunStore(CheckpointStore):
+    """A single process: checkpoint.pt and metrics.jsonl of the run folder."""
+
+    def __init__(self, run: RunFolder) -> None:
+        self.run = run
+
+    def load(self, map_location: torch.device) -> dict[str, Any] | None:
+        state = self.run.load_checkpoint(map_location)
+        self.run.truncate_metrics(int(state["step"]) if state is not None else 0)
+        return state
+
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        self.run.save_checkpoint(state)
+
+    def log(self, rows: list[dict[str, Any]]) -> None:
+        self.run.append_metrics(rows)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    model: nn.Module  # the EMA weights (or the trained ones without EMA), unwrapped, eval mode
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    restored_from_step: int = 0
+    samples_per_s: float = 0.0
+    stats: tuple[np.ndarray, np.ndarray] | None = None
+
+
+@dataclass
+class Distributed:
+    """How a Ray Train (or torchrun) worker joins: its rank, the world, and the DDP wrapper."""
+
+    rank: int
+    world_size: int
+    wrap: Callable[[nn.Module], nn.Module]  # e.g. ray.train.torch.prepare_model
+    device: torch.device | None = None
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+class _Autocast(nn.Module):
+    """The network's forward under bfloat16 autocast (CUDA), its output back in float32: the loss that
+    follows (SHDD-KL's grid product, MSE) stays in float32."""
+
+    def __init__(self, inner: nn.Module, device: torch.device, enabled: bool) -> None:
+        super().__init__()
+        self.inner, self.device_type, self.enabled = inner, device.type, enabled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.enabled):
+            out = self.inner(*args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _check_resume(state: Mapping[str, Any], task: Task, embed_dim: int, store: CheckpointStore) -> None:
+    where = getattr(getattr(store, "run", None), "path", "the checkpoint")
+    if state.get("task") != task.describe():
+        raise ValueError(f"{where}: checkpoint of {state.get('task')}, not {task.describe()}; use another run "
+                         "folder (--out)")
+    if int(state.get("embed_dim", embed_dim)) != embed_dim:
+        raise ValueError(f"{where}: the checkpoint was trained on {state['embed_dim']}-d embeddings, the data "
+                         f"has {embed_dim}-d; use the same data or another run folder (--out)")
+
+
+def train(task: Task, source: DataSource, settings: Settings, *, store: CheckpointStore,
+          val: DataSource | None = None, val_rows: int = 4096, dist: Distributed | None = None,
+          progress: bool = True, max_steps_this_run: int | None = None,
+          on_step: Callable[[int, Rows], None] | None = None) -> Result:
+    """Train `task` on `source` for settings.steps steps (resuming from the store's checkpoint).
+
+    Args:
+        val: held-out rows; their loss (fixed timesteps and noise) is logged at checkpoints and at the end.
+        dist: a distributed worker's rank and DDP wrapper; None for a single process.
+        max_steps_this_run: stop after this many steps (with a checkpoint), as an interruption would.
+        on_step: called after every step with the global step and the batch's rows (fault injection and
+            the exactly-once test use it).
+    """
+    from tqdm.auto import tqdm
+
+    s = settings
+    if s.steps < 1 or s.batch_size < 1:
+        raise ValueError(f"train.steps and train.batch_size must be >= 1; got {s.steps} and {s.batch_size}")
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    device = dist.device if dist and dist.device is not None else resolve_device(s.device)
+    torch.manual_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed + 1 + rank)
+    per_rank = max(1, s.batch_size // world)
+    stream = BatchStream(source, per_rank, rank=rank, world_size=world, seed=s.seed, window_rows=s.window_rows)
+
+    stats = source.embedding_stats(s.stats_rows, seed=s.seed)
+    model = task.build(source.dim, stats).to(device)
+    if dist is not None:
+        model = dist.wrap(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s))
+    ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
+
+    step = restored = 0
+    last: dict[str, float] = {}
+    state = store.load(device)
+    if state is not None:
+        _check_resume(state, task, source.dim, store)
+        try:
+            unwrap(model).load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise ValueError(f"the checkpoint does not fit this model and data ({str(err).splitlines()[0]}); "
+                             "use the same config and data, or another run folder (--out)") from None
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        step = restored = int(state["step"])
+        last = dict(state.get("metrics") or {})
+        torch.set_rng_state(state["rng"]["torch"])
+        gens = state.get("rank_generators") or [state["rng"]["generator"]]
+        if len(gens) == world:
+            generator.set_state(gens[rank])
+        log.info("resuming at step %d (%s)", step, stream.position(step))
+
+    val_batch = None
+    if val is not None and val.count:
+        val_batch = to_batch(Rows.concat(list(_take(val, val_rows)), val.dim), device)
+
+    def checkpoint_state() -> dict[str, Any]:
+        gens = dist.gather(generator.get_state()) if dist else [generator.get_state()]
+        return {"task": task.describe(), "model": unwrap(model).state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(), "step": step, "rng": _rng_state(generator),
+                "rank_generators": gens, "position": stream.position(step), "embed_dim": source.dim,
+                "metrics": {k: float(v) for k, v in last.items()},
+                "stats": {"mean": torch.from_numpy(stats[0]), "std": torch.from_numpy(stats[1])}}
+
+    end = s.steps if max_steps_this_run is None else min(s.steps, step + max_steps_this_run)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    t0, timed_from = time.perf_counter(), step
+    forward = _Autocast(model, device, s.amp and device.type == "cuda")
+    bar = tqdm(total=s.steps, initial=step, disable=not progress or rank != 0, desc=f"train {task.name}",
+               dynamic_ncols=True)
+    batches = stream.batches(step)
+    try:
+        while step < end:
+            rows = next(batches)
+            batch = to_batch(rows, device)
+            forward.train()
+            loss, parts = task.loss(forward, batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).detach()
+            optimizer.step()
+            lr_sched.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
+            count += 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, rows)
+            if step == restored + 3:  # throughput after the first steps (allocations, DDP set-up)
+                t0, timed_from = time.perf_counter(), step
+            if step % max(1, s.log_every) == 0 or step == s.steps:
+                values = torch.stack(list(sums.values())).cpu().tolist()  # the one transfer per log step
+                last = {k: v / count for k, v in zip(sums, values, strict=True)}
+                sums, count = {}, 0
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"non-finite loss {last['loss']} before step {step}; lower the "
+                                             "learning rate (train.lr) or check the inputs")
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if rank == 0:
+                    store.log([{"step": step, **last, "lr": lr_sched.get_last_lr()[0],
+                                "elapsed_s": round(time.perf_counter() - t0, 3)}])
+            validate = s.validate_every and step % s.validate_every == 0
+            if step % max(1, s.checkpoint_every) == 0 or step == end or validate:
+                if val_batch is not None and (validate or not s.validate_every):
+                    v = validation_loss(task, ema.module if ema else unwrap(model), val_batch, seed=s.seed)
+                    last.update(v)
+                    if rank == 0:
+                        store.log([{"step": step, **v}])
+                if step % max(1, s.checkpoint_every) == 0 or step == end:
+                    elapsed = time.perf_counter() - t0
+                    rate = (step - timed_from) * s.batch_size / elapsed if step > timed_from else 0.0
+                    store.save(checkpoint_state(), {"step": step, **last, "restored_from_step": restored,
+                                                    "samples_per_s": rate})
+    finally:
+        bar.close()
+        batches.close()
+    elapsed = time.perf_counter() - t0
+    result_model = (ema.module if ema is not None else unwrap(model)).eval()
+    if state is not None and step == restored and val_batch is not None:  # nothing left to train
+        last.update(validation_loss(task, result_model, val_batch, seed=s.seed))
+    return Result(model=result_model, step=step, metrics=last, restored_from_step=restored,
+                  samples_per_s=(step - timed_from) * s.batch_size / elapsed if step > timed_from else 0.0,
+                  stats=stats)
+
+
+def _take(source: DataSource, n: int):
+    got = 0
+    for rows in source.iter_rows():
+        yield rows.take(slice(0, n - got))
+        got += min(len(rows), n - got)
+        if got >= n:
+            return
+
+
+@torch.no_grad()
+def validation_loss(task: Task, model: nn.Module, batch: dict[str, Any], *, seed: int = 0,
+                    chunk: int = 1024) -> dict[str, float]:
+    """The task's loss on held-out rows with a fixed generator (comparable across steps and runs)."""
+    was = model.training
+    model.eval()
+    device = batch["embedding"].device
+    g = torch.Generator(device=device).manual_seed(seed + 12345)
+    totals: dict[str, float] = {}
+    n = len(batch["embedding"])
+    for i in range(0, n, chunk):
+        part = {k: (v[i:i + chunk]) for k, v in batch.items()}
+        loss, parts = task.loss(model, part, g)
+        m = len(part["embedding"])
+        for k, v in {"loss": loss, **parts}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * m
+    model.train(was)
+    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}

@@ -1,0 +1,114 @@
+"""LocDiff's training objective as an engine task: the CS-UNet and the x0-prediction diffusion loss.
+
+One step (LOCDIFF.md 5): z0 = SHDD code of the true location * SCALE (read from the feature shards when
+they store codes of the config's degree, else encoded on the device); t ~ U[min_train_timestep, T);
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; the network predicts z0 (or eps, converted to z0 by the
+schedule); the loss is SHDD-KL, MSE in z-space, or both (`train.objective`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from locdiff import shdd
+from locdiff.engine import Settings, Task
+from locdiff.model.config import Config
+from locdiff.model.csunet import CSUNet
+from locdiff.model.schedule import NoiseSchedule
+
+
+def build_model(config: Config, embed_dim: int) -> CSUNet:
+    """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim."""
+    return CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network)
+
+
+def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192) -> torch.Tensor:
+    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked."""
+    lat_t = torch.as_tensor(lat if isinstance(lat, torch.Tensor) else np.asarray(lat, dtype=np.float64))
+    lon_t = torch.as_tensor(lon if isinstance(lon, torch.Tensor) else np.asarray(lon, dtype=np.float64))
+    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree) * shdd.SCALE
+             for i in range(0, lat_t.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, shdd.num_coefficients(degree), device=lat_t.device)
+
+
+def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective on z-space codes (B, D): "kl", "mse" or "kl+mse"; returns the loss and its parts
+    (detached 0-d tensors: nothing is read back from the device here).
+
+    KL is SHDD-KL on raw codes (z / SCALE); MSE is per coefficient in z-space (unit-variance targets).
+    """
+    obj, tc = config.train.objective, config.train
+    terms = obj.split("+")
+    parts: dict[str, torch.Tensor] = {}
+    loss = pred.new_zeros(())
+    if "kl" in terms:
+        kl = shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
+                          grid_size=config.shdd.kl_grid_size)
+        loss = loss + tc.kl_weight * kl
+        parts["kl"] = kl.detach()
+    if "mse" in terms:
+        mse = shdd.mse_loss(pred, z0)
+        loss = loss + tc.mse_weight * mse
+        parts["mse"] = mse.detach()
+    if not parts:
+        raise ValueError(f"train.objective must be 'kl', 'mse' or 'kl+mse'; got {obj!r}")
+    return loss, parts
+
+
+class LocDiffTask(Task):
+    """The CS-UNet denoiser and its diffusion loss, for the engine."""
+
+    name = "locdiff"
+
+    def __init__(self, config: Config, shdd_degree_stored: int | None = None) -> None:
+        self.config = config
+        self.schedule = NoiseSchedule(config.diffusion.timesteps)
+        # codes stored in the shards are used when their degree is the config's
+        self.use_stored = shdd_degree_stored == config.shdd.degree
+
+    def describe(self) -> dict[str, Any]:
+        n = self.config.network
+        return {"task": self.name, "degree": self.config.shdd.degree, "widths": list(n.widths),
+                "blocks_per_level": n.blocks_per_level, "cond_dim": n.cond_dim, "time_dim": n.time_dim}
+
+    def build(self, embed_dim: int, stats: tuple[np.ndarray, np.ndarray]) -> nn.Module:
+        model = build_model(self.config, embed_dim)
+        model.set_embedding_stats(torch.as_tensor(stats[0]), torch.as_tensor(stats[1]))
+        return model
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.use_stored and "shdd" in batch:
+            return batch["shdd"].float() * shdd.SCALE
+        return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.config.diffusion
+        emb = batch["embedding"]
+        z0 = self.targets(batch)
+        b, device = z0.shape[0], z0.device
+        gdev = generator.device
+        t = torch.randint(d.min_train_timestep, self.schedule.timesteps, (b,), generator=generator,
+                          device=gdev).to(device)
+        noise = torch.randn(z0.shape, generator=generator, device=gdev).to(device)
+        drop = None
+        if d.cond_drop_prob > 0 and model.training:
+            drop = (torch.rand(b, generator=generator, device=gdev) < d.cond_drop_prob).to(device)
+        zt = self.schedule.add_noise(z0, noise, t)
+        out = model(zt, t, emb, drop).float()
+        x0 = self.schedule.predict_x0(out, zt, t, d.prediction)
+        return diffusion_loss(x0, z0, self.config)
+
+
+def engine_settings(config: Config) -> Settings:
+    """The engine's settings from the run config's `train` section."""
+    tc = config.train
+    return Settings(steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
+                    warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
+                    ema_decay=tc.ema_decay, checkpoint_every=tc.checkpoint_every, log_every=tc.log_every,
+                    seed=tc.seed, amp=tc.amp, device=tc.device)

@@ -1,0 +1,286 @@
+"""The run folder: one module owns its layout, its atomic writes and its one checkpoint format.
+
+    RUN/
+      config.yaml        the resolved, validated config (written before training starts)
+      checkpoint.pt      training state: weights, EMA, optimizer, LR schedule, step, RNG, stream position.
+                         torch.save of tensors and plain values only: read with weights_only=True
+      metrics.jsonl      one JSON line per log step (and validation)
+      model.safetensors  the predictor's tensors (the EMA weights for LocDiff); no pickle
+      model.json         what rebuilds the predictor around them (dimensions, method state)
+      selection.json     choices made on validation (aggregation, LocDiff-H weight and radius)
+      run.json           the record, written last: completion key, data identities, encoder, gallery
+                         reference, final metrics. A run is complete exactly when run.json holds the
+                         completion key of its config and data.
+
+The completion key is the hash of the resolved config and the identities of the training and validation
+data (their manifests or content hashes): the same config on the same data is the same run (skipped when
+complete, resumed when not); anything else is another run. `check_compatible` guards resuming a folder
+with another config (the CLI and the pipeline both call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+WEIGHTS = "model.safetensors"
+MODEL = "model.json"
+SELECTION = "selection.json"
+RECORD = "run.json"
+
+# config keys that may change between a run and its resumption (they do not change the weights)
+RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
+                     "train.device", "predict.", "hybrid.")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of obj (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def completion_key(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """The identity of a training: hash of the resolved config and the data identities."""
+    return stable_hash({"config": config, "data": data})
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 5}} -> {"train.steps": 5}; `baselines` stays one value per baseline."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k != "baselines":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of path to write; it replaces path when the block succeeds and is
+    removed when it fails (a full disk leaves no partial file behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunFolder:
+    """A run directory (local). Every file of a run is written through this class."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"run folder {self.path}: cannot create it ({err.strerror}); choose "
+                                  "another --out") from None
+
+    # -- config ------------------------------------------------------------------------------------
+    def has_config(self) -> bool:
+        return self.file(CONFIG).is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved config mapping of the run (validated by the caller's config system)."""
+        from locdiff.model.config import read_run_config
+
+        return read_run_config(self.path)
+
+    def write_config(self, config: Any) -> None:
+        """Write the resolved config (a Config or a mapping) atomically."""
+        import yaml
+
+        from locdiff.model.config import config_to_dict
+
+        data = config if isinstance(config, Mapping) else config_to_dict(config)
+        self.create()
+        write_text_atomic(self.file(CONFIG), yaml.safe_dump(dict(data), sort_keys=False))
+
+    def check_compatible(self, config: Mapping[str, Any]) -> None:
+        """A folder holding a run may only be resumed with a config that trains the same weights."""
+        if not self.has_config():
+            return
+        old, new = flatten(self.read_config()), flatten(config)
+        diff = [k for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+                and not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)]
+        if diff:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+            raise ValueError(f"{self.path} holds a run with a different config ({details}); use a new "
+                             "--out to train a different config")
+
+    # -- training checkpoint ----------------------------------------------------------------------------
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """torch.save the training state atomically. Only tensors and plain values (the weights_only
+        loader rejects anything else, so a run folder never needs pickle)."""
+        self.create()
+        with atomic_path(self.file(CHECKPOINT)) as tmp:
+            torch.save(dict(state), tmp)
+
+    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        path = self.file(CHECKPOINT)
+        if not path.exists():
+            return None
+        return load_state(path, map_location)
+
+    def remove_checkpoint(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.file(CHECKPOINT).unlink()
+
+    # -- metrics log ---------------------------------------------------------------------------------------
+    def append_metrics(self, rows: list[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        self.create()
+        with self.file(METRICS).open("a") as f:
+            f.writelines(json.dumps(dict(r)) + "\n" for r in rows)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(METRICS)
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop log lines after `step` (a resumed run writes them again)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        if rows or self.file(METRICS).exists():
+            write_text_atomic(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- the predictor -------------------------------------------------------------------------------------
+    def save_model(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """The predictor: tensors as safetensors, the rest as JSON."""
+        from safetensors.torch import save_file
+
+        self.create()
+        with atomic_path(self.file(WEIGHTS)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        write_json_atomic(self.file(MODEL), dict(meta))
+
+    def has_model(self) -> bool:
+        return self.file(WEIGHTS).is_file() and self.file(MODEL).is_file()
+
+    def load_model(self, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if not self.has_model():
+            raise FileNotFoundError(f"{self.path}: no trained model ({WEIGHTS}, {MODEL}); the run has not "
+                                    "finished training (run `locdiff train` again to resume it)")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.file(WEIGHTS)), device=str(device))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{self.file(WEIGHTS)}: cannot read the model weights ({err}); the file is "
+                             "damaged: train again into a new --out") from None
+        return tensors, self.read_json(MODEL)
+
+    # -- small JSON files ----------------------------------------------------------------------------------
+    def write_json(self, name: str, obj: Any) -> None:
+        self.create()
+        write_json_atomic(self.file(name), obj)
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        path = self.file(name)
+        if not path.exists():
+            if default is not None:
+                return default
+            raise FileNotFoundError(f"{path}: missing")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); the run folder is damaged") from None
+
+    # -- the record ------------------------------------------------------------------------------------------
+    def record(self) -> dict[str, Any] | None:
+        if not self.file(RECORD).exists():
+            return None
+        return self.read_json(RECORD)
+
+    def is_complete(self, key: str | None = None) -> bool:
+        rec = self.record()
+        return rec is not None and rec.get("complete", False) and (key is None or rec.get("key") == key)
+
+    def write_record(self, record: Mapping[str, Any]) -> None:
+        self.write_json(RECORD, {"format_version": FORMAT_VERSION, **record})
+
+    def clear_record(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.file(RECORD).unlink()
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True: a file carrying code is refused, a damaged one named."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors, truncated zips, refused globals
+        reason = str(err).splitlines()[0][:200]
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {reason}); it is damaged "
+                         "or not a locdiff checkpoint: delete it to train from scratch") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a locdiff checkpoint (a {type(state).__name__}); delete it to train "
+                         "from scratch")
+    return state
+
+
+def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = None,
+                   dim: int | None = None) -> dict[str, Any]:
+    """What made the embeddings: from a features manifest's `encoder` section, or `--encoder NAME` for a
+    table (with its dimension)."""
+    enc: dict[str, Any] = dict((manifest or {}).get("encoder") or {})
+    if name and not enc:
+        enc = {"name": name}
+        try:
+            from locdiff.data.config import load_encoder_config
+
+            cfg = load_encoder_config(name)
+            enc = {"name": cfg.name, "type": cfg.type, "model": cfg.model, "revision": cfg.revision,
+                   "normalize": cfg.normalize}
+        except (ValueError, FileNotFoundError, OSError):
+            pass  # a free-form name: recorded as given
+    if manifest is not None and "embedding" in manifest:
+        dim = dim or int(manifest["embedding"]["dim"])
+    if dim is not None:
+        enc["dim"] = int(dim)
+    return enc

@@ -1,0 +1,99 @@
+"""Train one method into one run folder: the path `locdiff train` and the pipeline share.
+
+1. the config is validated and the folder checked for a compatible earlier run (nothing is written
+   before both pass);
+2. the data is opened as streams (a validation share is held out when no validation set is given) and
+   the completion key computed from the resolved config and the data identities; a complete run with
+   the same key is skipped;
+3. the method trains with the engine, in this process or on Ray Train (`workers` > 0), resuming from the
+   folder's or the Ray storage's last checkpoint, then finalizes (validation choices, the gallery);
+4. run.json records the key, the data, the encoder and the metrics, last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from locdiff.model.config import Config, config_to_dict
+from locdiff.runs import RunFolder, completion_key, encoder_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run: RunFolder
+    record: dict[str, Any]
+    skipped: bool  # a complete run with the same key was found
+    ray: Any = None  # the RayTrainResult when trained on Ray
+
+
+def _method_config(config: Config) -> Any:
+    return config if config.method == "locdiff" else config_to_dict(config)
+
+
+def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, encoder: str | None = None,
+              workers: int = 0, ray_settings: Any = None, progress: bool = True,
+              max_steps_this_run: int | None = None, before_training: Any = None) -> TrainOutcome:
+    """Train `config.method` on `train` into the run folder `out` (see the module docstring).
+
+    Args:
+        train, val: paths/URLs of features folders or embeddings tables, or EmbeddingTables.
+        encoder: the encoder that made a table's embeddings (a features folder's manifest says it itself).
+        workers: > 0 trains on Ray Train with this many workers (`ray_settings`: a RayTrainSettings).
+        before_training: called with the run folder once the run is known to need training (the
+            pipeline opens its MLflow run there).
+    """
+    from locdiff.methods import get_method, prepare_data
+
+    resolved = config_to_dict(config)
+    run = RunFolder(out)
+    run.check_compatible(resolved)
+    source, vsrc = prepare_data(train, val, val_share=config.train.val_share, seed=config.train.seed)
+    data = {"train": source.identity(), "val": vsrc.identity() if vsrc is not None else None}
+    key = completion_key(resolved, data)
+    if run.is_complete(key):
+        log.info("%s: complete for this config and data; nothing to train", run.path)
+        return TrainOutcome(run, run.record(), skipped=True)
+    enc = encoder_record(source.manifest, name=encoder, dim=source.dim)
+    if source.manifest is not None and encoder and enc.get("name") != encoder:
+        raise ValueError(f"--encoder {encoder}: {source.location} was embedded with {enc.get('name')!r} "
+                         "(its manifest says so); leave out --encoder for a features folder")
+    run.clear_record()
+    run.write_config(config)
+    if before_training is not None:
+        before_training(run)
+    method = get_method(config.method).from_config(_method_config(config))
+    ray_result = None
+    if workers > 0 and method.trains:
+        from locdiff.distributed import RayTrainSettings, train_on_ray
+
+        settings = ray_settings or RayTrainSettings()
+        settings.num_workers = workers
+        state = run.load_checkpoint()
+        if state is not None and int(state["step"]) >= method.settings(source).steps:
+            log.info("%s: checkpoint at the final step %d; Ray training skipped", run.path, state["step"])
+        else:
+            if isinstance(train, str | Path):
+                ray_result = train_on_ray(config, str(train), run.path, settings,
+                                          val=str(val) if isinstance(val, str | Path) else None,
+                                          val_share=config.train.val_share if val is None else 0.0)
+            else:
+                raise ValueError("--workers needs the training data as a path or URL")
+    metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run)
+    state = run.load_checkpoint()
+    step = int(state["step"]) if state is not None else 0
+    steps = method.settings(source).steps if method.trains else 0
+    record = {"key": key, "complete": step >= steps, "method": config.method, "step": step, "data": data,
+              "data_location": {"train": getattr(source, "location", None),
+                                "val": getattr(vsrc, "location", None)},
+              "encoder": enc, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+    if ray_result is not None:
+        record.update({"restored_from_step": ray_result.restored_from_step,
+                       "samples_per_s": ray_result.samples_per_s, "ray_storage": ray_result.storage_path})
+    if record["complete"]:
+        run.write_record(record)
+    return TrainOutcome(run, record, skipped=False, ray=ray_result)
