@@ -45,7 +45,7 @@ def tiny_clip(tmp_path_factory):
 def ingested(sources, tmp_path_factory):
     url, exp = sources["folder"]["http"]
     root = tmp_path_factory.mktemp("embed")
-    cfg = load_dataset_config("folder", shard_size=4, max_side=128)
+    cfg = load_dataset_config("folder", shard_size=4, max_side=128, allow_private_addresses=True)
     ingest("folder", str(root), source=f"{url}/folder.tar", config=cfg, progress=False)
     return root, exp
 
@@ -157,7 +157,7 @@ def test_features_manifest_is_valid_json_with_encoder_revision(tiny_clip, ingest
 def test_embed_and_export_on_s3(tiny_clip, sources, tmp_path):
     url, exp = sources["folder"]["s3"]
     root = "s3://data/embed-s3"
-    cfg = load_dataset_config("folder", shard_size=4, max_side=128)
+    cfg = load_dataset_config("folder", shard_size=4, max_side=128, allow_private_addresses=True)
     ingest("folder", root, source=f"{url}/folder.tar", config=cfg, progress=False)
     m = embed("folder", root, str(tiny_clip), degree=2, progress=False)
     assert m["count"] == len(exp.good) and m["shdd"]["dim"] == 9

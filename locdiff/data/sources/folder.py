@@ -1,11 +1,18 @@
 """Any folder or archive (a local path, an http(s) URL or an s3:// URL) of images with a CSV of
 `id, lat, lon`. The image of a row is the column `file`/`path`/`filename`/`image` when there is one,
-else the id itself when it ends in an image extension, else `ID.jpg`."""
+else the id itself when it ends in an image extension, else `ID.jpg`; always a path inside the folder
+(absolute paths, '..' and symlinks out of it are refused: outside_source). A CSV with a `url` column is
+a URL list instead (http(s):// and s3:// only).
+
+With `coordinates: optional` (`--unlabelled`) lat/lon may be absent, and a folder, archive or s3://
+prefix without any CSV is read for every JPEG/PNG/WebP file under it, in sorted order, the relative path
+being the id."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from locdiff.data.locations import safe_relpath
 from locdiff.data.sources.base import IMAGE_EXTENSIONS, TabularSource
 
 PATH_COLUMNS = ("file", "path", "filename", "image")
@@ -22,7 +29,7 @@ class FolderSource(TabularSource):
             path = str(row[col])
         else:
             path = rid if rid.lower().endswith(IMAGE_EXTENSIONS) else f"{rid}.jpg"
-        return f"{self.cfg.image_prefix.strip('/')}/{path}" if self.cfg.image_prefix else path
+        return safe_relpath(f"{self.cfg.image_prefix.strip('/')}/{path}" if self.cfg.image_prefix else path)
 
 
 SOURCE = FolderSource
