@@ -82,9 +82,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import sys
+
     from locdiff.data.inspect import format_report, inspect
 
-    print(format_report(inspect(args.folder, verify=not args.no_verify, progress=True)))
+    print(format_report(inspect(args.folder, verify=not args.no_verify, progress=sys.stderr.isatty())))
     return 0
 
 
