@@ -14,6 +14,15 @@ from typing import Any, Literal
 
 import yaml
 
+# The read limits of the data layer (defaults of the data set config fields of the same names, and of the
+# functions that read): one home for the numbers.
+MAX_IMAGE_BYTES = 50_000_000  # bytes read for one image file
+# 64 Mpx takes the largest camera photos (61 Mpx full frame, 50 Mpx phones) and stops decompression bombs
+# before any pixel is decoded (a 64 Mpx RGBA image is 256 MB decoded)
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_METADATA_BYTES = 4_000_000_000  # a whole file read into memory: metadata CSV, URL list, table
+MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download cache
+
 
 def configs_dir() -> Path:
     """The `configs/` folder (env LOCDIFF_CONFIGS overrides; default: beside the package)."""
@@ -70,10 +79,10 @@ class DatasetConfig:
     # folder without a CSV is read for every JPEG/PNG/WebP under it); "required": they are skipped
     coordinates: Literal["required", "optional"] = "required"
     allow_private_addresses: bool = False  # fetch from private/loopback/link-local hosts (own mirror)
-    max_image_bytes: int = 50_000_000  # bytes read for one image; larger ones are skipped (too_big)
-    max_image_pixels: int = 64_000_000  # width x height; larger ones are skipped undecoded (too_large)
-    max_metadata_bytes: int = 4_000_000_000  # a metadata CSV, URL list or embeddings table
-    max_archive_bytes: int = 200_000_000_000  # an image archive downloaded to the cache
+    max_image_bytes: int = MAX_IMAGE_BYTES  # bytes read for one image; larger: skipped (too_big)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height; larger: skipped undecoded (too_large)
+    max_metadata_bytes: int = MAX_METADATA_BYTES  # a metadata CSV, URL list or embeddings table
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES  # an image archive downloaded to the cache
 
 
 @dataclass

@@ -30,6 +30,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from locdiff.data import storage
+from locdiff.data.config import MAX_ARCHIVE_BYTES, MAX_METADATA_BYTES
 from locdiff.data.validation import ChecksumError, RecordError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ MAX_REDIRECTS = 5
 USER_AGENT = "locdiff-data/0.1 (+https://github.com/locdiff)"
 RECORD_SCHEMES = ("http", "https", "s3")  # what a URL list or URL column may hold
 ALLOW_PRIVATE_ENV = "LOCDIFF_ALLOW_PRIVATE_ADDRESSES"
-DEFAULT_MAX_BYTES = 4_000_000_000  # a whole file read into memory (metadata CSV, URL list, table)
+DEFAULT_MAX_BYTES = MAX_METADATA_BYTES  # a whole file read into memory (metadata CSV, URL list, table)
 
 
 def private_addresses_allowed(configured: bool = False) -> bool:
@@ -306,7 +307,7 @@ def _file_md5(path: str) -> str:
 
 def download_file(url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
                   backoff: float = 0.5, timeout: float = 60.0, dest_dir: str | None = None,
-                  max_bytes: int = 200_000_000_000, allow_private: bool = False) -> tuple[str, str]:
+                  max_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> tuple[str, str]:
     """Download a whole file into the cache (once; a finished download is reused) and check it.
 
     The file is streamed to disk (never held in memory) and stops at `max_bytes`. Returns (local path,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from locdiff.data import storage
+from locdiff.data.config import MAX_IMAGE_BYTES
 from locdiff.data.validation import (
     DEFAULT_MAX_PIXELS,
     RecordError,
@@ -28,7 +29,7 @@ from locdiff.data.validation import (
     open_image,
 )
 
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # bytes read for one image file (max_image_bytes)
+DEFAULT_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
 
 
 @dataclass

@@ -20,6 +20,7 @@ import zipfile
 from abc import ABC, abstractmethod
 
 from locdiff.data import storage
+from locdiff.data.config import MAX_ARCHIVE_BYTES
 from locdiff.data.download import (
     DEFAULT_MAX_BYTES,
     download_file,
@@ -167,7 +168,7 @@ class ArchiveLocation(Location):
 
     def __init__(self, url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
                  backoff: float = 0.5, timeout: float = 60.0, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_archive_bytes: int = 200_000_000_000, allow_private: bool = False) -> None:
+                 max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> None:
         self.url = url
         self.max_bytes = max_bytes
         try:
@@ -257,7 +258,7 @@ class ArchiveLocation(Location):
 
 def open_location(url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
                   backoff: float = 0.5, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
-                  max_archive_bytes: int = 200_000_000_000, allow_private: bool = False) -> Location:
+                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> Location:
     """A Location for a folder, archive, http(s) base URL or s3:// prefix (archives are downloaded).
     `max_bytes` is the default limit of one read (an image); `max_archive_bytes` of a downloaded archive.
 

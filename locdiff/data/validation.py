@@ -17,13 +17,14 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from locdiff.data.config import MAX_IMAGE_PIXELS
+
 log = logging.getLogger(__name__)
 
-# The pixel limit of every image the data layer opens (max_image_pixels in a data set config): 64 Mpx
-# takes the largest camera photos (61 Mpx full frame, 50 Mpx phones) and stops decompression bombs
-# before any pixel is decoded (a 64 Mpx RGBA image is 256 MB decoded). PIL's own guard is set to the
-# same value, so it warns for images above it and refuses those above twice it at open.
-DEFAULT_MAX_PIXELS = 64_000_000
+# The pixel limit of every image the data layer opens (max_image_pixels in a data set config). PIL's own
+# guard is set to the same value, so it warns only for images above it (which are refused anyway) and
+# refuses those above twice it at open; a larger max_pixels given to a function raises PIL's guard to it.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 # the reasons a record can be skipped for (keys of the manifest's "skipped")

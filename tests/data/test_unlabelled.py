@@ -104,6 +104,10 @@ def test_a_csv_without_coordinate_or_id_columns(tmp_path):
     write_csv(src / "list.csv", [{"file": "x.jpg"}, {"file": "y.jpg"}])
     m = ingest("folder", str(tmp_path / "root"), source=str(src), config=cfg(), progress=False)
     assert m["count"] == 2 and [s["json"]["id"] for s in read_back(tmp_path / "root")] == ["x.jpg", "y.jpg"]
+    # neither an id nor a file name: every row is counted, none becomes ".jpg"
+    write_csv(src / "list.csv", [{"lat": "1", "lon": "2"}, {"lat": "3", "lon": "4"}])
+    m = ingest("folder", str(tmp_path / "root3"), source=str(src), config=cfg(), progress=False)
+    assert m["count"] == 0 and m["skipped"] == {"missing_id": 2}
     # one coordinate column alone is a typo, said so
     write_csv(src / "list.csv", [{"file": "x.jpg", "lat": "1"}])
     with pytest.raises(SourceError, match="no longitude column 'lon'"):

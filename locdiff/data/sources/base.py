@@ -176,6 +176,7 @@ class TabularSource(Source):
         self.images: Location | None = None
         self.urls: dict[str, str] | None = None
         self.provenance: dict[str, Any] = {}
+        self._source_loc: Location | None = None  # --source opened once (an archive is indexed once)
 
     # -- locating the metadata and images ------------------------------------------------------
     def _retry_kw(self) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class TabularSource(Source):
                                 else url.rsplit("/", 1)[0], **self._location_kw())
             data = self._read_whole(url)
         else:
-            loc = open_location(self.source, **self._location_kw())
+            loc = self._source_loc or open_location(self.source, **self._location_kw())
             name = cfg.metadata.filename
             if not name or not loc.exists(name):
                 listed = loc.list_csv()
@@ -296,6 +297,8 @@ class TabularSource(Source):
             return check_record_url(url)
         if cfg.path_column and row.get(cfg.path_column):
             path = str(row[cfg.path_column])
+        elif not rid:
+            raise RecordError("missing_id", "no id and no file name")
         else:
             path = cfg.path_template.format(id=rid)
         return safe_relpath(f"{cfg.image_prefix.strip('/')}/{path}" if cfg.image_prefix else path)
@@ -306,7 +309,7 @@ class TabularSource(Source):
         if self.cfg.coordinates != "optional" or self.source is None \
                 or self.source.split("?", 1)[0].lower().endswith(".csv"):
             return None
-        loc = open_location(self.source, **self._location_kw())
+        loc = self._source_loc = open_location(self.source, **self._location_kw())
         if loc.list_csv() == [] and not (self.cfg.metadata.filename and loc.exists(self.cfg.metadata.filename)):
             return loc
         return None

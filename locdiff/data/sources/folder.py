@@ -14,6 +14,7 @@ from typing import Any
 
 from locdiff.data.locations import safe_relpath
 from locdiff.data.sources.base import IMAGE_EXTENSIONS, TabularSource
+from locdiff.data.validation import RecordError
 
 PATH_COLUMNS = ("file", "path", "filename", "image")
 
@@ -27,6 +28,8 @@ class FolderSource(TabularSource):
         col = self.cfg.path_column or next((c for c in PATH_COLUMNS if c in row), None)
         if col and row.get(col):
             path = str(row[col])
+        elif not rid:
+            raise RecordError("missing_id", "no id and no file name")
         else:
             path = rid if rid.lower().endswith(IMAGE_EXTENSIONS) else f"{rid}.jpg"
         return safe_relpath(f"{self.cfg.image_prefix.strip('/')}/{path}" if self.cfg.image_prefix else path)
