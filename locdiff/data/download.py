@@ -1,6 +1,6 @@
 """Fetching bytes from URLs and paths with retries, backoff and limits, and whole files into a local cache.
 
-Every read has a byte limit. HTTP(S) goes through one guarded client (`http_get`, `http_exists`): the
+Every read has a byte limit. HTTP(S) goes through one guarded client (`fetch`, `http_exists`): the
 host is resolved once, every address it resolves to must be public (global unicast) unless private
 addresses are allowed, the connection goes to exactly the address that was checked (no second DNS
 lookup an attacker could rebind), and each redirect is checked the same way. A refused address is
@@ -18,6 +18,7 @@ The same functions serve real URLs and the tests' local HTTP and S3 servers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import ipaddress
@@ -142,11 +143,16 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.sock = _connect(self._ips, self.port, self.timeout)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # verifies certificates and host names; shared by threads
+
+
 class _PinnedHTTPS(http.client.HTTPSConnection):
     """An HTTPS connection to a checked address; the certificate is verified against the name."""
 
     def __init__(self, host: str, port: int, ips: list[str], timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        super().__init__(host, port, timeout=timeout, context=_tls_context())
         self._ips = ips
 
     def connect(self) -> None:
