@@ -15,6 +15,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--source", default=None, metavar="PATH_OR_URL",
                    help="folder, archive, CSV, http(s) or s3:// URL to read instead of the published URLs")
     q.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N metadata rows")
+    q.add_argument("--unlabelled", action="store_true",
+                   help="coordinates optional: keep records without lat/lon (null); a folder without a "
+                        "CSV is read for every JPEG/PNG/WebP under it (config: coordinates: optional)")
+    q.add_argument("--allow-private-addresses", action="store_true",
+                   help="also fetch from private, loopback and link-local hosts (a mirror on your own "
+                        "network; config: allow_private_addresses, env LOCDIFF_ALLOW_PRIVATE_ADDRESSES=1)")
+    q.add_argument("--max-image-bytes", type=int, default=None, metavar="N",
+                   help="bytes read per image (default 50000000); larger ones are skipped as too_big")
+    q.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="pixels per image (default 64000000); larger ones are skipped undecoded as too_large")
     q.set_defaults(func=_ingest)
 
     q = sub.add_parser("embed", help="image embeddings (and SHDD targets) into ROOT/NAME/features/ENCODER")
@@ -26,8 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also store SHDD targets of degree L")
     q.set_defaults(func=_embed)
 
-    q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME")
+    q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME; "
+                                          "checks every shard against its manifest's sha256")
     q.add_argument("folder", metavar="ROOT/NAME")
+    q.add_argument("--no-verify", action="store_true",
+                   help="do not read every shard to check its sha256 (faster on large data sets)")
     q.set_defaults(func=_inspect)
 
     q = sub.add_parser("export", help="features to the embeddings Parquet table")
@@ -41,15 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _ingest(args: argparse.Namespace) -> int:
     import sys
 
+    from locdiff.data.config import load_dataset_config
     from locdiff.data.ingest import ingest
 
+    cfg = load_dataset_config(args.name, coordinates="optional" if args.unlabelled else None,
+                              allow_private_addresses=True if args.allow_private_addresses else None,
+                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
     try:
-        m = ingest(args.name, args.root, source=args.source, limit=args.limit)
+        m = ingest(args.name, args.root, source=args.source, limit=args.limit, config=cfg)
     except ImportError as err:  # an optional extra (img2dataset) that is not installed
         print(f"locdiff data ingest: error: {err}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
-    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards; skipped: {skipped}")
+    unlabelled = f" ({m['unlabelled']} without coordinates)" if m.get("unlabelled") else ""
+    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards{unlabelled}; skipped: {skipped}")
     return 0
 
 
@@ -64,9 +82,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import sys
+
     from locdiff.data.inspect import format_report, inspect
 
-    print(format_report(inspect(args.folder)))
+    print(format_report(inspect(args.folder, verify=not args.no_verify, progress=sys.stderr.isatty())))
     return 0
 
 

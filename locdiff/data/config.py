@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# The read limits of the data layer (defaults of the data set config fields of the same names, and of the
+# functions that read): one home for the numbers.
+MAX_IMAGE_BYTES = 50_000_000  # bytes read for one image file
+# 64 Mpx takes the largest camera photos (61 Mpx full frame, 50 Mpx phones) and stops decompression bombs
+# before any pixel is decoded (a 64 Mpx RGBA image is 256 MB decoded)
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_METADATA_BYTES = 4_000_000_000  # a whole file read into memory: metadata CSV, URL list, table
+MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download cache
 
 
 def configs_dir() -> Path:
@@ -64,6 +74,15 @@ class DatasetConfig:
     hf_images: list[str] = field(default_factory=list)  # image zips in the HF repo, in order
     encoder: str = "precomputed"  # embeddings source: the encoder folder name to write
     requires_source: bool = False  # not public: --source is mandatory (gws15k)
+    # -- what may be read (untrusted sources): see the README, "Ingesting untrusted data" --
+    # "optional": records without coordinates are kept (lat/lon null; folder and URL-list sources; a
+    # folder without a CSV is read for every JPEG/PNG/WebP under it); "required": they are skipped
+    coordinates: Literal["required", "optional"] = "required"
+    allow_private_addresses: bool = False  # fetch from private/loopback/link-local hosts (own mirror)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # bytes read for one image; larger: skipped (too_big)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height; larger: skipped undecoded (too_large)
+    max_metadata_bytes: int = MAX_METADATA_BYTES  # a metadata CSV, URL list or embeddings table
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES  # an image archive downloaded to the cache
 
 
 @dataclass
@@ -96,10 +115,16 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         obj = cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"{where}: {err}") from None
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
-        if f.type in ("int", "float") and not isinstance(v, int | float):
+        if f.type in ("int", "float") and (not isinstance(v, int | float) or isinstance(v, bool)):
             raise ValueError(f"{where}: {f.name} must be a number, got {v!r}")
+        if f.type == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{where}: {f.name} must be true or false, got {v!r}")
+        if typing.get_origin(hints[f.name]) is Literal and v not in typing.get_args(hints[f.name]):
+            raise ValueError(f"{where}: {f.name} must be one of {list(typing.get_args(hints[f.name]))}, "
+                             f"got {v!r}")
     return obj
 
 
@@ -116,6 +141,9 @@ def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
     cfg = _build(DatasetConfig, data, str(path))
     if cfg.shard_size < 1 or cfg.max_side < 16:
         raise ValueError(f"{path}: shard_size must be >= 1 and max_side >= 16")
+    for key in ("max_image_bytes", "max_image_pixels", "max_metadata_bytes", "max_archive_bytes"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{path}: {key} must be >= 1, got {getattr(cfg, key)!r}")
     return cfg
 
 

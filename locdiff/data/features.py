@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
 from locdiff.data import storage
-from locdiff.data.shards import group_samples, parse_regular_tar, parse_tar_bytes, stage_dir
-from locdiff.data.validation import ChecksumError, sha256_bytes
+from locdiff.data.shards import group_samples, json_member, parse_regular_tar, parse_tar_bytes, stage_dir
+from locdiff.data.validation import ChecksumError, ShardError, sha256_bytes
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,13 @@ def read_feature_shard(data: bytes, what: str = "") -> dict[str, Any]:
             raise ValueError(f"{what}: a sample lacks its {err.args[0]} member") from None
         if shdd_off and len(shdd_off) != len(samples):
             raise ValueError(f"{what}: only some samples have shdd.npy")
-    metas = json.loads(b"[" + b",".join([data[o: o + s] for o, s in json_off]) + b"]")
+    try:
+        metas = json.loads(b"[" + b",".join([data[o: o + s] for o, s in json_off]) + b"]")
+    except (ValueError, UnicodeDecodeError):  # find and name the member that does not parse
+        metas = [json_member(data[o: o + s], url=what, key=k) for k, (o, s) in zip(keys, json_off, strict=True)]
+    if any(not isinstance(m, dict) or "id" not in m for m in metas):
+        bad = next(k for k, m in zip(keys, metas, strict=True) if not isinstance(m, dict) or "id" not in m)
+        raise ShardError(f"{what}: member {bad}.json has no id; the shard is corrupt")
     return {
         "keys": keys,
         "ids": [m["id"] for m in metas],
@@ -185,6 +191,7 @@ def export_features(root: str, name: str, encoder: str, out: str) -> EmbeddingTa
     from locdiff.io import write_embeddings
 
     table = load_features(root, name, encoder)
-    write_embeddings(out, table)
+    with storage.disk_full_is_an_error(out):
+        write_embeddings(out, table)
     log.info("wrote %d embeddings of dimension %d to %s", len(table), table.dim, out)
     return table

@@ -22,9 +22,17 @@ from tqdm.auto import tqdm
 from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.config import EncoderConfig, load_encoder_config
-from locdiff.data.images import decode_rgb
-from locdiff.data.shards import group_samples, json_bytes, npy_bytes, parse_tar_bytes, stage_dir, write_tar
-from locdiff.data.validation import ChecksumError, RecordError, SkipLog, sha256_bytes
+from locdiff.data.images import load_rgb
+from locdiff.data.shards import (
+    group_samples,
+    json_bytes,
+    json_member,
+    npy_bytes,
+    parse_tar_bytes,
+    stage_dir,
+    write_tar,
+)
+from locdiff.data.validation import ChecksumError, RecordError, ShardError, SkipLog, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +60,19 @@ def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001
     skips = SkipLog()
     keys, metas, images = [], [], []
     for key, parts in group_samples(parse_tar_bytes(buf, what=job["images_url"])):
+        if "json" not in parts:
+            raise ShardError(f"{job['images_url']}: sample {key} has no json member; the shard is corrupt")
         o, s = parts["json"]
-        meta = json.loads(bytes(buf[o: o + s]))
+        meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
         try:
             o, s = parts["jpg"]
-            images.append(decode_rgb(bytes(buf[o: o + s])))
+            images.append(load_rgb(bytes(buf[o: o + s])))  # the one preprocessing: EXIF orientation too
         except (RecordError, KeyError) as err:
             reason = err.reason if isinstance(err, RecordError) else "missing_file"
             skips.add(meta.get("id", key), reason, str(err))
             continue
         keys.append(key)
-        metas.append({"id": meta["id"], "lat": meta["lat"], "lon": meta["lon"]})
+        metas.append({"id": meta.get("id", key), "lat": meta.get("lat"), "lon": meta.get("lon")})
     bs = int(job["batch_size"])
     embs = [encoder.encode(images[i: i + bs]) for i in range(0, len(images), bs)]
     emb = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32)
@@ -111,6 +121,9 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     enc_cfg = encoder if isinstance(encoder, EncoderConfig) else load_encoder_config(encoder)
     images_dir = stage_dir(root, name, "images")
     images = mf.require_manifest(images_dir, "ingest")
+    if degree is not None and images.get("unlabelled"):
+        raise ValueError(f"{images_dir}: {images['unlabelled']} of {images['count']} images have no "
+                         "coordinates, and SHDD targets need them: embed without --degree")
     out = stage_dir(root, name, "features", enc_cfg.name)
     encoder_desc = {"name": enc_cfg.name, "type": enc_cfg.type, "model": enc_cfg.model,
                     "revision": enc_cfg.revision, "normalize": enc_cfg.normalize}

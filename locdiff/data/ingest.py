@@ -3,7 +3,9 @@
 Records are validated first (ids, coordinates) and numbered in source order; record i goes to shard
 i // shard_size under key %09d. Each shard is fetched, validated, written to a temporary file and moved
 into place after its progress record; shards already finished with the same settings are skipped, so a
-re-run after a crash resumes and ends with the same bytes and manifest as an uninterrupted run.
+re-run after a crash resumes and ends with the same bytes and manifest as an uninterrupted run. A full
+disk stops the stage with a NoSpaceError naming the folder; the shard being written leaves no file
+behind and the finished ones stay.
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ def _load(src: Source, cfg: DatasetConfig, rec: Record) -> StoredImage | RecordE
             except ValueError as err:
                 log.error("%s: %s", rec.id, err)
                 raise RecordError("checksum_mismatch", str(err)) from None
-        return prepare_image(data, max_side=cfg.max_side, quality=cfg.jpeg_quality, verify=cfg.verify)
+        try:
+            return prepare_image(data, max_side=cfg.max_side, quality=cfg.jpeg_quality, verify=cfg.verify,
+                                 max_pixels=cfg.max_image_pixels)
+        except (RecordError, MemoryError):
+            raise
+        except Exception as err:  # a crafted file can trip an image plugin in other ways: one record
+            raise RecordError("undecodable", f"{type(err).__name__}: {err}") from None
     except RecordError as err:
         return err
 
@@ -58,6 +66,7 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     skips = SkipLog()
     samples = []
+    unlabelled = 0
 
     def load(r: Record) -> StoredImage | RecordError:
         return _load(src, cfg, r)
@@ -70,6 +79,7 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
         if isinstance(res, RecordError):
             skips.add(rec.id, res.reason, res.detail)
             continue
+        unlabelled += rec.lat is None
         meta = {"id": rec.id, "lat": rec.lat, "lon": rec.lon, "width": res.width, "height": res.height,
                 "dataset": cfg.name, "source": rec.meta, "ref": rec.ref}
         samples.append((sample_key(rec.index), {"jpg": res.data, "json": json_bytes(meta)}))
@@ -79,7 +89,7 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
         count, digest = write_tar(tmp, samples)
         info = {"shard": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp),
                 "settings_key": settings_key, "first_key": samples[0][0] if samples else None,
-                **skips.to_json()}
+                "unlabelled": unlabelled, **skips.to_json()}
         mf.write_progress(out, name, info)  # before the shard appears: a visible shard is a finished one
         storage.put_file_atomic(tmp, storage.join(out, name))
     finally:
@@ -88,9 +98,18 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
     return info
 
 
+# settings that were added later: in the settings key only when not at their default, so stages
+# written before them stay complete
+_LIMIT_SETTINGS = ("coordinates", "allow_private_addresses", "max_image_bytes", "max_image_pixels")
+
+
 def ingest(name: str, root: str, *, source: str | None = None, limit: int | None = None,
            config: DatasetConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Ingest data set NAME into ROOT/NAME/images; returns the manifest.
+
+    Reads only what the source names: file references stay inside the source, image URLs are
+    http(s):// or s3:// on public addresses (unless the config allows private ones), every read has a
+    byte limit and every image a pixel limit; whatever is refused is skipped and counted by reason.
 
     Args:
         name: data set name (configs/datasets/NAME.yaml) and folder under ROOT.
@@ -102,6 +121,7 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     Raises:
         SourceError: the source as a whole is unusable (no CSV, no coordinate columns, ...).
         ChecksumError: a file differs from its published checksum.
+        storage.NoSpaceError: the disk filled up (a ValueError naming the folder; finished shards stay).
     """
     cfg = config or load_dataset_config(name)
     if limit is not None and limit < 0:
@@ -115,6 +135,8 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     plan = src.plan(limit)
     settings = {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "verify": cfg.verify,
                 "shard_size": cfg.shard_size, "limit": limit}
+    defaults = DatasetConfig(name=cfg.name, source=cfg.source)
+    settings.update({k: getattr(cfg, k) for k in _LIMIT_SETTINGS if getattr(cfg, k) != getattr(defaults, k)})
     key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
     old = mf.read_manifest(out)
     if old is not None and old.get("settings_key") == key:
@@ -123,42 +145,45 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     if old is not None:  # a different ingest of the same name: the stage is incomplete until rewritten
         log.warning("%s: settings or source changed; rewriting the stage", out)
         storage.remove(mf.manifest_path(out))
-    storage.makedirs(out)
-    storage.clear_local_tmp(out)  # partial files of a killed run
-    if hasattr(src, "prepare"):
-        src.prepare(plan, root, name)
-    chunks = [plan.records[i: i + cfg.shard_size] for i in range(0, len(plan.records), cfg.shard_size)]
-    shards: list[dict[str, Any]] = []
-    skips = SkipLog()
-    skips.merge(plan.skips.counts, plan.skips.examples)
-    pool = ThreadPoolExecutor(max(1, cfg.workers)) if src.parallel else None
-    bar = tqdm(total=len(plan.records), desc=f"ingest {name}", unit="img", disable=not progress)
-    try:
-        for i, chunk in enumerate(chunks):
-            info = mf.shard_finished(out, shard_name(i), key)
-            if info is None:
-                info = _write_shard(src, cfg, out, i, chunk, key, pool, bar)
-            else:
-                bar.update(len(chunk))
-            shards.append(info)
-            skips.merge(info.get("skipped", {}), info.get("skipped_examples", {}))
-    finally:
-        bar.close()
-        if pool:
-            pool.shutdown()
-        src.close()
-    _remove_stale_shards(out, len(chunks))
-    count = sum(s["count"] for s in shards)
-    manifest = {
-        "stage": "images", "dataset": name, "source_name": cfg.source, "split": cfg.split,
-        "license": cfg.license, "citation": cfg.citation.strip(),
-        "source": plan.provenance, "settings": settings, "settings_key": key,
-        "software": mf.software_versions(), "rows": plan.rows, "count": count,
-        "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes")} for s in shards],
-        **skips.to_json(),
-    }
-    assert count + skips.total == plan.rows, (count, skips.total, plan.rows)  # nothing dropped silently
-    path = mf.write_manifest(out, manifest)
+    with storage.disk_full_is_an_error(out if not storage.is_remote(out) else storage.local_tmp_dir(out)):
+        storage.makedirs(out)
+        storage.clear_local_tmp(out)  # partial files of a killed run
+        if hasattr(src, "prepare"):
+            src.prepare(plan, root, name)
+        chunks = [plan.records[i: i + cfg.shard_size] for i in range(0, len(plan.records), cfg.shard_size)]
+        shards: list[dict[str, Any]] = []
+        skips = SkipLog()
+        skips.merge(plan.skips.counts, plan.skips.examples)
+        pool = ThreadPoolExecutor(max(1, cfg.workers)) if src.parallel else None
+        bar = tqdm(total=len(plan.records), desc=f"ingest {name}", unit="img", disable=not progress)
+        try:
+            for i, chunk in enumerate(chunks):
+                info = mf.shard_finished(out, shard_name(i), key)
+                if info is None:
+                    info = _write_shard(src, cfg, out, i, chunk, key, pool, bar)
+                else:
+                    bar.update(len(chunk))
+                shards.append(info)
+                skips.merge(info.get("skipped", {}), info.get("skipped_examples", {}))
+        finally:
+            bar.close()
+            if pool:
+                pool.shutdown()
+            src.close()
+        _remove_stale_shards(out, len(chunks))
+        count = sum(s["count"] for s in shards)
+        manifest = {
+            "stage": "images", "dataset": name, "source_name": cfg.source, "split": cfg.split,
+            "license": cfg.license, "citation": cfg.citation.strip(),
+            "source": plan.provenance, "settings": settings, "settings_key": key,
+            "software": mf.software_versions(), "rows": plan.rows, "count": count,
+            "coordinates": cfg.coordinates,
+            "unlabelled": sum(int(s.get("unlabelled", 0)) for s in shards),
+            "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes")} for s in shards],
+            **skips.to_json(),
+        }
+        assert count + skips.total == plan.rows, (count, skips.total, plan.rows)  # nothing dropped silently
+        path = mf.write_manifest(out, manifest)
     log.info("%s: %d samples in %d shards, skipped %s", path, count, len(shards), dict(skips.counts) or 0)
     return manifest
 

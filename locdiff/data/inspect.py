@@ -1,5 +1,6 @@
 """`locdiff data inspect ROOT/NAME`: what a data set folder holds (stages, counts, skipped per reason,
-a few samples) and a PNG map of its locations."""
+a few samples) and a PNG map of its locations. Every shard is checked against the sha256 in its
+manifest and parsed; a damaged one is a ValueError naming the shard (and the member)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import logging
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
 from locdiff.data import storage
-from locdiff.data.shards import ShardDataset
+from locdiff.data.shards import group_samples, json_member, parse_tar_bytes
+from locdiff.data.validation import ChecksumError, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -24,47 +27,105 @@ def _stages(folder: str) -> list[tuple[str, str]]:
     try:
         encoders = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=True)
                           if e["type"] == "directory")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         encoders = []
     out += [(f"features/{e}", storage.join(folder, "features", e)) for e in encoders]
     return out
 
 
-def inspect(folder: str, *, samples: int = 3, map_png: str | None = None) -> dict[str, Any]:
-    """Summarise ROOT/NAME and draw its locations to `map_png` (default ROOT/NAME/locations.png).
+def _shard_entries(m: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    path = mf.manifest_path(stage)
+    try:
+        entries = [{"shard": str(e["shard"]), "count": int(e["count"]), "sha256": str(e["sha256"]),
+                    "bytes": int(e.get("bytes", 0))} for e in m["shards"]]
+        int(m["count"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a stage manifest (missing or bad field {err}); re-run the stage") from None
+    for e in entries:
+        if "/" in e["shard"] or e["shard"] in ("", ".", ".."):
+            raise ValueError(f"{path}: bad shard name {e['shard']!r}")
+    return entries
+
+
+def read_shard(url: str, entry: dict[str, Any], *, verify: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """(key, json member) of every sample of one shard, checked against its manifest entry.
 
     Raises:
-        FileNotFoundError: no stage under the folder has a manifest.
+        FileNotFoundError: the shard is missing.
+        ChecksumError: its sha256 differs from the manifest (a flipped byte, a rewritten file).
+        ShardError: cut short, or a member that does not parse (named).
+        ValueError: its sample count differs from the manifest.
+    """
+    data = storage.read_bytes(url)
+    if verify:
+        digest = sha256_bytes(data)
+        if digest != entry["sha256"]:
+            raise ChecksumError(f"{url}: sha256 {digest} differs from the manifest's {entry['sha256']} "
+                                "(damaged or rewritten shard); re-run the stage that wrote it")
+    buf = memoryview(data)
+    out = []
+    for key, parts in group_samples(parse_tar_bytes(buf, what=url)):
+        if "json" not in parts:
+            raise ValueError(f"{url}: sample {key} has no json member; the shard is corrupt")
+        o, n = parts["json"]
+        out.append((key, json_member(buf[o: o + n], url=url, key=key)))
+    if len(out) != entry["count"]:
+        raise ValueError(f"{url}: {len(out)} samples, the manifest says {entry['count']}")
+    return out
+
+
+def inspect(folder: str, *, samples: int = 3, map_png: str | None = None, verify: bool = True,
+            progress: bool = False) -> dict[str, Any]:
+    """Summarise ROOT/NAME and draw its locations to `map_png` (default ROOT/NAME/locations.png).
+
+    Every shard of every stage is read, checked against its manifest's sha256 (unless verify=False)
+    and parsed.
+
+    Raises:
+        FileNotFoundError: no stage under the folder has a manifest, or a listed shard is missing.
+        ValueError (ChecksumError, ShardError): a damaged shard, named with its member.
     """
     folder = str(folder).rstrip("/")
     report: dict[str, Any] = {"folder": folder, "stages": {}}
     lat: list[float] = []
     lon: list[float] = []
+    unlabelled = 0
     map_from = None  # the map shows the first completed stage (images when there is one)
     for label, stage in _stages(folder):
         m = mf.read_manifest(stage)
         if m is None:
             continue
-        entry = {"count": m["count"], "shards": len(m["shards"]), "skipped": m.get("skipped", {}),
-                 "bytes": sum(s.get("bytes", 0) for s in m["shards"])}
-        if m["stage"] == "features":
-            entry["embedding"] = m["embedding"]
+        entries = _shard_entries(m, stage)
+        entry = {"count": m["count"], "shards": len(entries), "skipped": m.get("skipped", {}),
+                 "bytes": sum(e["bytes"] for e in entries), "verified": verify}
+        if m.get("stage") == "features":
+            entry["embedding"] = m.get("embedding")
             entry["shdd"] = m.get("shdd")
-            entry["encoder"] = m["encoder"]
+            entry["encoder"] = m.get("encoder") or {}
+        if m.get("coordinates") == "optional":
+            entry["unlabelled"] = int(m.get("unlabelled", 0))
         shown = []
-        urls = [storage.join(stage, s["shard"]) for s in m["shards"]]
         map_from = map_from or label
-        if label != map_from:
-            urls = urls[:1]  # samples only
-        for sample in ShardDataset(urls, rank=0, world_size=1):
-            meta = sample["json"]
-            if len(shown) < samples:
-                shown.append({"key": sample["__key__"], "id": meta["id"],
-                              "lat": meta["lat"], "lon": meta["lon"],
-                              **({"size": [meta["width"], meta["height"]]} if "width" in meta else {})})
-            if label == map_from:
-                lat.append(float(meta["lat"]))
-                lon.append(float(meta["lon"]))
+        for e in tqdm(entries, desc=f"check {label}", unit="shard", disable=not progress):
+            url = storage.join(stage, e["shard"])
+            if not verify and label != map_from and len(shown) >= samples:
+                continue
+            for key, meta in read_shard(url, e, verify=verify):
+                located = meta.get("lat") is not None and meta.get("lon") is not None
+                if len(shown) < samples:
+                    shown.append({"key": key, "id": meta.get("id"), "lat": meta.get("lat"),
+                                  "lon": meta.get("lon"),
+                                  **({"size": [meta["width"], meta["height"]]} if "width" in meta else {})})
+                if label == map_from:
+                    if located:
+                        try:
+                            lat.append(float(meta["lat"]))
+                            lon.append(float(meta["lon"]))
+                        except (TypeError, ValueError):
+                            raise ValueError(f"{url}: member {key}.json has a lat/lon that is not a "
+                                             "number; the shard is corrupt") from None
+                    else:
+                        unlabelled += 1
         entry["samples"] = shown
         report["stages"][label] = entry
     if not report["stages"]:
@@ -74,6 +135,7 @@ def inspect(folder: str, *, samples: int = 3, map_png: str | None = None) -> dic
     storage.write_bytes_atomic(target, _map_png(np.array(lat), np.array(lon), folder))
     report["map"] = target
     report["located"] = len(lat)
+    report["unlabelled"] = unlabelled
     return report
 
 
@@ -107,13 +169,18 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {label}: {e['count']} samples in {e['shards']} shards ({e['bytes'] / 1e6:.1f} MB)")
         if "embedding" in e:
             lines.append(f"    encoder {e['encoder'].get('model')} rev {e['encoder'].get('revision')}; "
-                         f"embedding {e['embedding']['dim']}-d {e['embedding']['dtype']}; shdd "
+                         f"embedding {(e['embedding'] or {}).get('dim')}-d {(e['embedding'] or {}).get('dtype')}; shdd "
                          + (f"degree {e['shdd']['degree']} ({e['shdd']['dim']}-d)"
                             if e.get("shdd") else "none"))
         skipped = e["skipped"]
         listed = ", ".join(f"{k} {v}" for k, v in skipped.items())
         lines.append("    skipped: " + (listed or "none"))
+        if "unlabelled" in e:
+            lines.append(f"    coordinates optional: {e['unlabelled']} without coordinates")
+        lines.append("    shards: " + ("sha256 verified against the manifest" if e.get("verified")
+                                       else "not verified (--no-verify)"))
         for s in e["samples"]:
             lines.append(f"    sample {json.dumps(s)}")
-    lines.append(f"  map of {report['located']} locations: {report['map']}")
+    lines.append(f"  map of {report['located']} locations: {report['map']}"
+                 + (f" ({report['unlabelled']} without coordinates)" if report.get("unlabelled") else ""))
     return "\n".join(lines)

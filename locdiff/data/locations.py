@@ -1,19 +1,34 @@
 """A read-only "folder" of files: a local folder, an archive (zip, tar, tar.gz; local or downloaded from
 a URL), an http(s) base URL or an s3:// prefix. Sources read their CSV and images through it, so real
 URLs and the tests' local servers go through the same code.
+
+A location reads only inside itself: a relative path that is absolute, holds '..' or a URL, or (in a
+local folder) resolves through a symlink to a file outside the folder is refused as "outside_source"
+and never opened. Every read has a byte limit.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import tarfile
 import threading
+import urllib.parse
 import zipfile
 from abc import ABC, abstractmethod
 
 from locdiff.data import storage
-from locdiff.data.download import download_file, fetch
+from locdiff.data.config import MAX_ARCHIVE_BYTES
+from locdiff.data.download import (
+    DEFAULT_MAX_BYTES,
+    download_file,
+    fetch,
+    http_exists,
+    private_addresses_allowed,
+    resolve,
+)
 from locdiff.data.validation import RecordError, SourceError
 
 log = logging.getLogger(__name__)
@@ -25,19 +40,26 @@ def is_archive(path: str) -> bool:
     return path.split("?", 1)[0].lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def http_exists(url: str, timeout: float = 30.0) -> bool:
-    """Whether an http(s) URL answers a HEAD request with success."""
-    import urllib.error
-    import urllib.request
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what a folder without a CSV is read for
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
-    req = urllib.request.Request(url, method="HEAD")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout):  # noqa: S310
-            return True
-    except urllib.error.HTTPError:
-        return False
-    except (urllib.error.URLError, OSError) as err:
-        raise RecordError("unreachable", f"{url}: {err}") from None
+
+def safe_relpath(relpath: str) -> str:
+    """A file reference inside a source, normalised to 'a/b/c.jpg'; RecordError("outside_source") for
+    one that is empty, absolute (/x, C:\\x, \\\\host), a URL (x://), or has a '..' component (also when
+    percent-encoded), or holds a NUL byte."""
+    ref = str(relpath).strip()
+    shown = ref if len(ref) <= 200 else ref[:200] + "..."
+    if not ref or "\0" in ref:
+        raise RecordError("outside_source", f"{shown!r}: not a file name")
+    if ref.startswith(("/", "\\")) or _DRIVE.match(ref) or "://" in ref:
+        raise RecordError("outside_source", f"{shown!r}: absolute paths and URLs are not read from a "
+                                            "folder source (give paths relative to it)")
+    parts = [p for p in re.split(r"[/\\]", ref) if p not in ("", ".")]
+    decoded = [p for p in re.split(r"[/\\]", urllib.parse.unquote(ref)) if p]
+    if ".." in parts or ".." in decoded or not parts:
+        raise RecordError("outside_source", f"{shown!r}: '..' leads out of the source")
+    return "/".join(parts)
 
 
 class Location(ABC):
@@ -47,8 +69,9 @@ class Location(ABC):
     url = ""
 
     @abstractmethod
-    def read(self, relpath: str) -> bytes:
-        """Implemented by each concrete subclass."""
+    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes (at most `max_bytes`, default the location's image limit): RecordError
+        missing_file, outside_source, too_big, unreachable..."""
 
     @abstractmethod
     def exists(self, relpath: str) -> bool:
@@ -56,6 +79,11 @@ class Location(ABC):
 
     def list_csv(self) -> list[str] | None:
         """Top-level .csv names, or None when the location cannot be listed (http)."""
+        return None
+
+    def list_photos(self) -> list[str] | None:
+        """Relative paths of every JPEG/PNG/WebP file under the location (sorted; hidden files and
+        folders left out), or None when it cannot be listed (http)."""
         return None
 
     def checksums(self) -> dict[str, str]:
@@ -66,22 +94,49 @@ class Location(ABC):
 class FolderLocation(Location):
     """A local folder, an http(s) base URL or an s3:// prefix."""
 
-    def __init__(self, url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES, allow_private: bool = False) -> None:
+        self.url = url.rstrip("/") or url
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
-        self.parallel = storage.is_remote(url)
+        self.max_bytes, self.allow_private = max_bytes, allow_private
+        is_local = not storage.is_remote(url) or url.startswith("file://")
+        self.parallel = not is_local
+        self.local = os.path.realpath(storage.filesystem(url)[1]) if is_local else None
+
+    def _local_path(self, relpath: str) -> str:
+        """The real path of a file inside the local folder; outside_source when a symlink leads out."""
+        assert self.local is not None
+        full = os.path.realpath(os.path.join(self.local, safe_relpath(relpath)))
+        if full != self.local and not full.startswith(self.local.rstrip(os.sep) + os.sep):
+            raise RecordError("outside_source", f"{relpath}: a symlink leads out of {self.url}")
+        return full
 
     def _url(self, relpath: str) -> str:
-        return storage.join(self.url, relpath) if not relpath.startswith(("http://", "https://", "s3://")) \
-            else relpath
+        return storage.join(self.url, safe_relpath(relpath))
 
-    def read(self, relpath: str) -> bytes:
-        return fetch(self._url(relpath), retries=self.retries, backoff=self.backoff, timeout=self.timeout)
+    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if self.local is None:
+            return fetch(self._url(relpath), retries=self.retries, backoff=self.backoff, timeout=self.timeout,
+                         max_bytes=limit, allow_private=self.allow_private)
+        path = self._local_path(relpath)
+        try:
+            return storage.read_local(path, max_bytes=limit, follow_symlinks=False)
+        except FileNotFoundError as err:
+            raise RecordError("missing_file", f"{relpath} in {self.url}: {err}") from None
+        except storage.TooBigError as err:
+            raise RecordError("too_big", str(err)) from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a symlink put in place after the check
+                raise RecordError("outside_source", f"{relpath}: a symlink in {self.url}") from None
+            raise RecordError("missing_file", f"{relpath} in {self.url}: {err.strerror or err}") from None
 
     def exists(self, relpath: str) -> bool:
         try:
+            if self.local is not None:
+                return os.path.isfile(self._local_path(relpath))
             if self.url.startswith(("http://", "https://")):
-                return http_exists(self._url(relpath), timeout=self.timeout)
+                return http_exists(self._url(relpath), timeout=self.timeout, allow_private=self.allow_private)
             return storage.exists(self._url(relpath))
         except RecordError:
             return False
@@ -89,7 +144,22 @@ class FolderLocation(Location):
     def list_csv(self) -> list[str] | None:
         if self.url.startswith(("http://", "https://")):
             return None
-        return [n for n in storage.list_files(self.url) if n.lower().endswith(".csv")]
+        return [n for n in storage.list_files(self.local or self.url) if n.lower().endswith(".csv")]
+
+    def list_photos(self) -> list[str] | None:
+        if self.url.startswith(("http://", "https://")):
+            return None
+        found: list[str] = []
+        if self.local is not None:
+            for dirpath, dirnames, filenames in os.walk(self.local):  # symlinked folders not entered
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel = os.path.relpath(dirpath, self.local)
+                found += [n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}" for n in filenames]
+        else:
+            fs, p = storage.filesystem(self.url)
+            found = [f[len(p):].lstrip("/") for f in fs.find(p)]
+        return sorted(f for f in found if f.lower().endswith(PHOTO_EXTENSIONS)
+                      and not any(part.startswith(".") for part in f.split("/")))
 
 
 class ArchiveLocation(Location):
@@ -97,16 +167,20 @@ class ArchiveLocation(Location):
     the records past it are skipped as "damaged_archive"."""
 
     def __init__(self, url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
-                 backoff: float = 0.5, timeout: float = 60.0) -> None:
+                 backoff: float = 0.5, timeout: float = 60.0, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> None:
         self.url = url
+        self.max_bytes = max_bytes
         try:
             self.path, self.sha256 = download_file(url, sha256=sha256, md5=md5, retries=retries,
-                                                   backoff=backoff, timeout=timeout)
+                                                   backoff=backoff, timeout=timeout, max_bytes=max_archive_bytes,
+                                                   allow_private=allow_private)
         except FileNotFoundError as err:
             raise SourceError(f"archive {url}: not found ({err})") from None
         self._lock = threading.Lock()
         self.damaged = ""
         self._names: dict[str, object] = {}
+        self._members: list[str] = []  # member names as stored, in archive order
         if self.path.lower().endswith(".zip"):
             try:
                 self._zip = zipfile.ZipFile(self.path)
@@ -131,19 +205,35 @@ class ArchiveLocation(Location):
                 log.error("archive %s is damaged after %d members: %s", url, len(self._names), self.damaged)
 
     def _index(self, name: str, info: object) -> None:
-        name = name.lstrip("./")
+        while name.startswith("./"):
+            name = name[2:]
+        name = name.lstrip("/")
+        self._members.append(name)
         self._names.setdefault(name, info)
         if "/" in name:  # also reachable without a top-level folder (im2gps3ktest/x.jpg -> x.jpg)
             self._names.setdefault(name.split("/", 1)[1], info)
 
     def exists(self, relpath: str) -> bool:
-        return relpath.lstrip("./") in self._names
+        try:
+            return safe_relpath(relpath) in self._names
+        except RecordError:
+            return False
 
     def list_csv(self) -> list[str] | None:
         return sorted(n for n in self._names if n.lower().endswith(".csv") and "/" not in n)
 
-    def read(self, relpath: str) -> bytes:
-        info = self._names.get(relpath.lstrip("./"))
+    def list_photos(self) -> list[str] | None:
+        return sorted({n for n in self._members if n.lower().endswith(PHOTO_EXTENSIONS)
+                       and ".." not in n.split("/") and not any(p.startswith(".") for p in n.split("/"))})
+
+    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        info = self._names.get(safe_relpath(relpath))
+        if info is not None:
+            size = info.file_size if isinstance(info, zipfile.ZipInfo) else info.size  # type: ignore[attr-defined]
+            if size > limit:
+                raise RecordError("too_big", f"{relpath} in {self.url}: {size:,} bytes, above the limit of "
+                                             f"{limit:,}")
         if info is None:
             if self.damaged:
                 raise RecordError("damaged_archive", f"{relpath} not in {self.url} (archive damaged: "
@@ -167,11 +257,30 @@ class ArchiveLocation(Location):
 
 
 def open_location(url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
-                  backoff: float = 0.5, timeout: float = 30.0) -> Location:
-    """A Location for a folder, archive, http(s) base URL or s3:// prefix (archives are downloaded)."""
+                  backoff: float = 0.5, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
+                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> Location:
+    """A Location for a folder, archive, http(s) base URL or s3:// prefix (archives are downloaded).
+    `max_bytes` is the default limit of one read (an image); `max_archive_bytes` of a downloaded archive.
+
+    Raises:
+        SourceError: no such folder or archive, or an http(s) host whose address is refused.
+    """
+    if url.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            if not parts.hostname:
+                raise ValueError("no host")
+            resolve(parts.hostname, port, allow_private=private_addresses_allowed(allow_private))
+        except RecordError as err:
+            raise SourceError(f"{url}: {err.detail}") from None
+        except Exception:  # unresolvable now: the reads report it, with retries
+            pass
     if is_archive(url):
         return ArchiveLocation(url, sha256=sha256, md5=md5, retries=retries, backoff=backoff,
-                               timeout=max(timeout, 60.0))
-    if not storage.is_remote(url) and not os.path.isdir(url):
+                               timeout=max(timeout, 60.0), max_bytes=max_bytes,
+                               max_archive_bytes=max_archive_bytes, allow_private=allow_private)
+    if (not storage.is_remote(url) or url.startswith("file://")) and not os.path.isdir(storage.filesystem(url)[1]):
         raise SourceError(f"{url}: no such folder or archive")
-    return FolderLocation(url, retries=retries, backoff=backoff, timeout=timeout)
+    return FolderLocation(url, retries=retries, backoff=backoff, timeout=timeout, max_bytes=max_bytes,
+                          allow_private=allow_private)

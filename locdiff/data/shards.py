@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from locdiff.data import storage
+from locdiff.data.validation import ShardError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -120,7 +121,7 @@ def parse_tar_bytes(buf: bytes | memoryview, *, what: str = "") -> list[tuple[st
     """(member name, data offset, size) for every regular file of an uncompressed tar held in memory.
 
     Fast path for plain ustar members; anything else (long names, pax headers) goes through tarfile.
-    Raises tarfile.ReadError naming `what` when the archive is cut short or damaged.
+    Raises ShardError (a ValueError) naming `what` when the archive is cut short or damaged.
     """
     mv = memoryview(buf)
     out: list[tuple[str, int, int]] = []
@@ -134,28 +135,47 @@ def parse_tar_bytes(buf: bytes | memoryview, *, what: str = "") -> list[tuple[st
             return _parse_with_tarfile(buf, what)
         try:
             size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise tarfile.ReadError(f"{what}: damaged tar header at byte {off}") from None
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+        except (ValueError, UnicodeDecodeError):
+            raise ShardError(f"{what}: damaged tar header at byte {off}; the shard is corrupt "
+                             "(re-run the stage that wrote it)") from None
         if prefix:
             name = f"{prefix}/{name}"
         if off + 512 + size > end:
-            raise tarfile.ReadError(f"{what}: tar cut short in member {name!r}")
+            raise ShardError(f"{what}: cut short in member {name!r} (truncated shard; re-run the stage "
+                             "that wrote it)")
         out.append((name, off + 512, size))
         off += 512 + (size + 511) // 512 * 512
     if off < end or not out:
-        raise tarfile.ReadError(f"{what}: tar cut short (no end-of-archive marker)")
+        raise ShardError(f"{what}: cut short (no end-of-archive marker; truncated shard; re-run the stage "
+                         "that wrote it)")
     return out
 
 
 def _parse_with_tarfile(buf: bytes | memoryview, what: str) -> list[tuple[str, int, int]]:
     out = []
-    with tarfile.open(fileobj=io.BytesIO(bytes(buf)), mode="r:") as tar:
-        for m in tar:
-            if m.isfile():
-                out.append((m.name, m.offset_data, m.size))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(bytes(buf)), mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    if m.offset_data + m.size > len(buf):
+                        raise ShardError(f"{what}: cut short in member {m.name!r} (truncated shard)")
+                    out.append((m.name, m.offset_data, m.size))
+    except (tarfile.TarError, EOFError, UnicodeDecodeError) as err:
+        raise ShardError(f"{what}: not a readable tar ({err}); the shard is corrupt") from None
     return out
+
+
+def json_member(data: bytes | memoryview, *, url: str, key: str) -> dict[str, Any]:
+    """Parse a sample's json member; ShardError naming the shard and the member when it is not JSON."""
+    try:
+        obj = _JSON.decode(bytes(data).decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ShardError(f"{url}: member {key}.json is not valid JSON ({err}); the shard is corrupt") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{url}: member {key}.json is not a JSON object; the shard is corrupt")
+    return obj
 
 
 def parse_regular_tar(buf: bytes | memoryview) -> tuple[list[str], dict[str, np.ndarray]] | None:
@@ -267,9 +287,13 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         if ext[:2] == "__":
             continue
         if ext == "json":
-            out["json"] = _JSON.decode(value.decode())
+            out["json"] = json_member(value, url=str(sample.get("__url__")), key=str(sample.get("__key__")))
         elif ext[-3:] == "npy":
-            out[ext[:-4] or "npy"] = npy_from_bytes(value)
+            try:
+                out[ext[:-4] or "npy"] = npy_from_bytes(value)
+            except (ValueError, IndexError, TypeError) as err:
+                raise ShardError(f"{sample.get('__url__')}: member {sample.get('__key__')}.{ext} is not a "
+                                 f"valid .npy ({err}); the shard is corrupt") from None
         else:
             out[ext] = value
     return out

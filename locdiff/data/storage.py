@@ -10,10 +10,14 @@ with a single PUT, so it exists only once complete. `register_webdataset_s3()` t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import posixpath
+import stat
 import uuid
+from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
@@ -21,6 +25,36 @@ import fsspec
 log = logging.getLogger(__name__)
 
 _S3_ENDPOINT: str | None = None
+
+
+class TooBigError(ValueError):
+    """A file larger than the byte limit of the read (reading stopped at the limit)."""
+
+
+class NoSpaceError(OSError, ValueError):
+    """The disk (or quota) filled up while writing a stage; the message names the folder."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(folder: str) -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) while writing under `folder` into a NoSpaceError:
+    one line naming the folder and what to do. The caller's own cleanup (temporary files) has run."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except OSError as err:
+        text = str(err)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in text \
+                and "Disk quota exceeded" not in text:  # pyarrow's OSErrors carry no errno
+            raise
+        where = f" (writing {err.filename})" if err.filename else ""
+        raise NoSpaceError(err.errno or errno.ENOSPC, f"{folder}: no space left on device{where}; free some space or "
+                                      "use another --root, then run again: finished shards are kept "
+                                      "and the run resumes") from None
 
 
 def set_s3_endpoint(url: str | None) -> None:
@@ -66,19 +100,57 @@ def exists(path: str) -> bool:
     return bool(fs.exists(p))
 
 
-def read_bytes(path: str) -> bytes:
+def _too_big(path: str, max_bytes: int) -> TooBigError:
+    return TooBigError(f"{path}: larger than the limit of {max_bytes:,} bytes")
+
+
+def read_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool = True) -> bytes:
+    """A local regular file's bytes, at most `max_bytes` of them (TooBigError past that).
+
+    Devices, FIFOs, sockets and folders are refused as FileNotFoundError ("not a regular file"): a
+    read never blocks on a pipe nor runs on forever (/dev/zero). With follow_symlinks=False a symlink
+    as the last component is refused with OSError(ELOOP).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{path}: no such file") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(f"{path}: not a regular file")
+        if max_bytes is None:
+            return f.read()
+        if st.st_size > max_bytes:
+            raise _too_big(path, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise _too_big(path, max_bytes)
+    return data
+
+
+def read_bytes(path: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local path or URL; TooBigError when there are more than `max_bytes`."""
     if not is_remote(path) or path.startswith("file://"):  # local: no fsspec overhead per file
         local = path.split("://", 1)[1] if path.startswith("file://") else path
-        try:
-            with open(local, "rb") as f:
-                return f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise FileNotFoundError(f"{path}: no such file") from None
+        return read_local(local, max_bytes=max_bytes)
     fs, p = filesystem(path)
     try:
-        return fs.cat_file(p)
-    except FileNotFoundError:
+        if max_bytes is None:
+            return fs.cat_file(p)
+        with fs.open(p, "rb") as f:
+            size = getattr(f, "size", None)
+            if size is not None and size > max_bytes:
+                raise _too_big(path, max_bytes)
+            data = f.read(max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"{path}: no such file") from None
+    if len(data) > max_bytes:
+        raise _too_big(path, max_bytes)
+    return data
 
 
 def open_file(path: str, mode: str = "rb") -> IO[bytes]:

@@ -17,13 +17,26 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from locdiff.data.config import MAX_IMAGE_PIXELS
+
 log = logging.getLogger(__name__)
+
+# The pixel limit of every image the data layer opens (max_image_pixels in a data set config). PIL's own
+# guard is set to the same value, so it warns only for images above it (which are refused anyway) and
+# refuses those above twice it at open; a larger max_pixels given to a function raises PIL's guard to it.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 # the reasons a record can be skipped for (keys of the manifest's "skipped")
 REASONS = (
     "missing_id", "duplicate_id", "missing_coordinates", "invalid_coordinates",
     "missing_file", "unreachable", "damaged_archive", "undecodable", "truncated",
     "checksum_mismatch", "invalid_embedding",
+    "outside_source",  # a file reference that is absolute, has '..' or a symlink leading out of the source
+    "refused_url",  # an image URL that is not http(s):// or s3:// (file://, a bare path, ...)
+    "refused_address",  # a host that resolves to a private, loopback, link-local... address (or redirects to one)
+    "too_big",  # more bytes than the per-file limit (max_image_bytes): reading stopped at the limit
+    "too_large",  # more pixels than the limit (max_image_pixels): never decoded (decompression bombs)
 )
 EXAMPLES_PER_REASON = 20  # ids kept per reason in the manifest (all are logged)
 
@@ -34,6 +47,11 @@ class SourceError(ValueError):
 
 class ChecksumError(ValueError):
     """A file's checksum differs from the published or recorded one."""
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read: cut short, a damaged tar header or a member that does not parse.
+    The message is one line naming the shard (and the member)."""
 
 
 class RecordError(Exception):
@@ -114,19 +132,55 @@ def check_checksum(data: bytes, *, sha256: str | None = None, md5: str | None = 
     return digest
 
 
-def open_image(data: bytes, *, verify: str = "header") -> Image.Image:
-    """Open image bytes and check they are a whole image; RecordError(undecodable | truncated).
+def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    """RecordError("too_large") when an image of `size` (width, height) has more than `max_pixels`."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise RecordError("too_large", f"{w} x {h} pixels ({w * h / 1e6:.0f} Mpx) is above the limit of "
+                                       f"{max_pixels / 1e6:g} Mpx (max_image_pixels)")
 
-    verify="header" reads the header and, for JPEG, checks the end-of-image marker (a cut file lacks it)
-    without decoding the pixels; "decode" decodes the whole image (at reduced scale for JPEG).
+
+def _raise_pil_limit(max_pixels: int | None) -> None:
+    """Let PIL open what our own limit allows (its guard refuses above twice MAX_IMAGE_PIXELS)."""
+    if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def open_header(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes reading the header only, and check the pixel count before anything is decoded.
+
+    Raises:
+        RecordError: truncated (empty), undecodable (not an image), too_large (above `max_pixels`,
+            including what PIL's decompression-bomb guard refuses).
     """
     if not data:
         raise RecordError("truncated", "empty file")
+    _raise_pil_limit(max_pixels)
     try:
         im = Image.open(io.BytesIO(data))
         im.size  # noqa: B018 (parses the header)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RecordError("too_large", f"{err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise RecordError("undecodable", f"not an image: {err}") from None
+    if im.width < 1 or im.height < 1:
+        raise RecordError("undecodable", f"image size {im.size}")
+    check_pixels(im.size, max_pixels)
+    return im
+
+
+def open_image(data: bytes, *, verify: str = "header", max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> Image.Image:
+    """Open image bytes and check they are a whole image within the pixel limit.
+
+    The header is read first and an image above `max_pixels` is refused (too_large) before any pixel
+    is decoded. verify="header" then checks, for JPEG, the end-of-image marker (a cut file lacks it)
+    without decoding the pixels; "decode" decodes the whole image (at reduced scale for JPEG).
+
+    Raises:
+        RecordError: undecodable, truncated or too_large.
+    """
+    im = open_header(data, max_pixels=max_pixels)
     # a JPEG without its end-of-image marker is usually cut short: decode it to find out
     if verify == "decode" or im.format != "JPEG" or not jpeg_ends(data):
         try:
@@ -136,11 +190,11 @@ def open_image(data: bytes, *, verify: str = "header") -> Image.Image:
         except OSError as err:
             reason = "truncated" if "truncated" in str(err) else "undecodable"
             raise RecordError(reason, str(err)) from None
-        except (SyntaxError, ValueError) as err:
+        except (SyntaxError, ValueError, EOFError) as err:
             raise RecordError("undecodable", str(err)) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise RecordError("too_large", str(err)) from None
         im = Image.open(io.BytesIO(data))  # fresh handle (draft changed the decoder scale)
-    if im.width < 1 or im.height < 1:
-        raise RecordError("undecodable", f"image size {im.size}")
     return im
 
 

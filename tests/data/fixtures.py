@@ -44,6 +44,15 @@ def png(seed: int, size: tuple[int, int] = (80, 60)) -> bytes:
     return buf.getvalue()
 
 
+def with_orientation(data: bytes, orientation: int) -> bytes:
+    """The same JPEG bytes with an EXIF Orientation tag added (the pixels are not re-encoded)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    segment = exif.tobytes()  # starts with b"Exif\0\0"
+    app1 = b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+    return data[:2] + app1 + data[2:]
+
+
 def read_rows(name: str) -> list[dict[str, str]]:
     with open(ROWS / f"{name}.csv", newline="") as f:
         return list(csv.DictReader(f))

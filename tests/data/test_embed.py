@@ -45,7 +45,7 @@ def tiny_clip(tmp_path_factory):
 def ingested(sources, tmp_path_factory):
     url, exp = sources["folder"]["http"]
     root = tmp_path_factory.mktemp("embed")
-    cfg = load_dataset_config("folder", shard_size=4, max_side=128)
+    cfg = load_dataset_config("folder", shard_size=4, max_side=128, allow_private_addresses=True)
     ingest("folder", str(root), source=f"{url}/folder.tar", config=cfg, progress=False)
     return root, exp
 
@@ -170,3 +170,39 @@ def test_embed_and_export_on_s3(tiny_clip, sources, tmp_path):
     back = read_embeddings(f"{root}/export.parquet")
     assert list(back.ids) == list(table.ids)
     np.testing.assert_array_equal(back.embedding, table.embedding)
+
+
+def test_exif_orientation_reaches_the_encoder(tiny_clip, tmp_path):
+    """A JPEG tagged Orientation=6 is stored byte for byte and embedded upright: the same embedding as
+    CLIP on the upright pixels (NumPy's rot90 of the decoded ones), not the one of the stored pixels."""
+    from .fixtures import jpeg, with_orientation, write_csv
+
+    raw = jpeg(21, size=(96, 72))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tagged.jpg").write_bytes(with_orientation(raw, 6))
+    (src / "untagged.jpg").write_bytes(raw)
+    write_csv(src / "metadata.csv", [{"id": "tagged.jpg", "lat": "1", "lon": "2"},
+                                     {"id": "untagged.jpg", "lat": "1", "lon": "2"}])
+    root = str(tmp_path / "root")
+    m = ingest("folder", root, source=str(src), config=load_dataset_config("folder", max_side=128),
+               progress=False)
+    assert m["count"] == 2
+    embed("folder", root, str(tiny_clip), progress=False)
+    table = load_features(root, "folder", "tiny-clip")
+    emb = dict(zip(table.ids, table.embedding, strict=True))
+
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    proc = CLIPImageProcessor.from_pretrained(tiny_clip)
+    stored = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=proc(images=[Image.fromarray(np.rot90(stored, k=-1)),
+                                                                 Image.fromarray(stored)],
+                                                         return_tensors="pt")["pixel_values"])
+    ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+    ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
+    np.testing.assert_allclose(emb["tagged.jpg"], ref[0], atol=2e-3)
+    np.testing.assert_allclose(emb["untagged.jpg"], ref[1], atol=2e-3)
+    assert np.abs(ref[0] - ref[1]).max() > 2e-2  # orientation matters to this encoder

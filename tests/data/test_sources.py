@@ -22,6 +22,8 @@ SOURCE_PATH = {"im2gps3k": "", "yfcc26k": "", "yfcc4k": "", "mp16": "", "gws15k"
 
 
 def small_config(name: str, **kw):
+    # the fixtures are served on 127.0.0.1: private addresses must be allowed explicitly
+    kw.setdefault("allow_private_addresses", True)
     return load_dataset_config(name, shard_size=4, max_side=128, retries=1, backoff=0.01, timeout=5, **kw)
 
 

@@ -13,6 +13,8 @@ from .fixtures import build_folder, jpeg, write_csv
 
 
 def cfg(name: str, **kw):
+    # the fixtures are served on 127.0.0.1: private addresses must be allowed explicitly
+    kw.setdefault("allow_private_addresses", True)
     return load_dataset_config(name, shard_size=4, max_side=128, retries=1, backoff=0.01, timeout=5, **kw)
 
 

@@ -14,8 +14,8 @@ import pandas as pd
 
 from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
-from locdiff.data.download import fetch
-from locdiff.data.locations import Location, is_archive, open_location
+from locdiff.data.download import check_record_url, fetch, private_addresses_allowed
+from locdiff.data.locations import Location, is_archive, open_location, safe_relpath
 from locdiff.data.validation import (
     RecordError,
     SkipLog,
@@ -33,8 +33,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 class Record:
     index: int  # position among the valid records: decides the shard and the sample key
     id: str
-    lat: float
-    lon: float
+    lat: float | None  # None only when the data set's coordinates are optional (unlabelled photos)
+    lon: float | None
     ref: str  # the image: a path inside the image location, or a URL
     meta: dict[str, Any] = field(default_factory=dict)  # other CSV columns, kept in KEY.json
     sha256: str | None = None  # published checksum of the image bytes, when the source has one
@@ -87,11 +87,24 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str | None], what: str)
 def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit: int | None,
                  keep_meta: bool = True) -> tuple[list[Record], int, SkipLog]:
     """Validate rows into Records (in CSV order): skipped rows are counted per reason, never dropped
-    silently. `ref_for(row_dict, id) -> str` says where the image is."""
-    require_columns(df, {"id": cfg.id_column, "latitude": cfg.lat_column, "longitude": cfg.lon_column},
-                    what)
+    silently. `ref_for(row_dict, id) -> str` says where the image is.
+
+    With `coordinates: optional` the coordinate columns may be absent and empty cells give a record
+    without coordinates (lat/lon None); coordinates that are given must still be valid. Without an id
+    column there, the image reference (file name or URL) is the id.
+    """
+    optional = cfg.coordinates == "optional"
+    present = {"id": cfg.id_column, "latitude": cfg.lat_column, "longitude": cfg.lon_column}
+    if optional:
+        present = {}
+        pair = [c for c in (cfg.lat_column, cfg.lon_column) if c in df.columns]
+        if len(pair) == 1:  # one of the two is a typo: say so rather than drop every coordinate
+            require_columns(df, {"latitude": cfg.lat_column, "longitude": cfg.lon_column}, what)
+    require_columns(df, present, what)
     if limit is not None:
         df = df.iloc[: int(limit)]
+    has_id = cfg.id_column in df.columns
+    has_coords = cfg.lat_column in df.columns and cfg.lon_column in df.columns
     skips = SkipLog()
     records: list[Record] = []
     seen: set[str] = set()
@@ -100,7 +113,12 @@ def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit
     if cfg.keep_columns is not None:
         meta_cols = [c for c in meta_cols if c in cfg.keep_columns]
     for row in df.to_dict("records"):
-        rid = str(row[cfg.id_column]).strip()
+        rid = str(row[cfg.id_column]).strip() if has_id else ""
+        if not has_id:
+            try:
+                rid = ref_for(row, "").strip()
+            except RecordError:
+                rid = ""
         if not rid:
             skips.add(f"row {len(records) + skips.total + 2}", "missing_id", f"{what}: empty id")
             continue
@@ -108,11 +126,17 @@ def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit
             skips.add(rid, "duplicate_id", f"{what}: id seen before")
             continue
         seen.add(rid)
+        lat = lon = None
         try:
-            lat, lon = check_record_coordinates(row[cfg.lat_column], row[cfg.lon_column])
+            if has_coords:
+                lat, lon = check_record_coordinates(row[cfg.lat_column], row[cfg.lon_column])
+            elif not optional:
+                raise RecordError("missing_coordinates", "no coordinate columns")
         except RecordError as err:
-            skips.add(rid, err.reason, err.detail)
-            continue
+            if not (optional and err.reason == "missing_coordinates"):
+                skips.add(rid, err.reason, err.detail)
+                continue
+            lat = lon = None
         try:
             ref = ref_for(row, rid)
         except RecordError as err:
@@ -122,6 +146,21 @@ def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit
         records.append(Record(len(records), rid, lat, lon, ref,
                               {c: row[c] for c in meta_cols if row[c] != ""}, sha or None))
     return records, len(df), skips
+
+
+def listing_records(paths: list[str], limit: int | None) -> tuple[list[Record], int, SkipLog]:
+    """Records without coordinates for image files listed in a folder (sorted; id = relative path)."""
+    paths = sorted(paths)[: None if limit is None else int(limit)]
+    skips = SkipLog()
+    records: list[Record] = []
+    for path in paths:
+        try:
+            ref = safe_relpath(path)
+        except RecordError as err:
+            skips.add(path, err.reason, err.detail)
+            continue
+        records.append(Record(len(records), path, None, None, ref))
+    return records, len(paths), skips
 
 
 class TabularSource(Source):
@@ -137,10 +176,18 @@ class TabularSource(Source):
         self.images: Location | None = None
         self.urls: dict[str, str] | None = None
         self.provenance: dict[str, Any] = {}
+        self._source_loc: Location | None = None  # --source opened once (an archive is indexed once)
 
     # -- locating the metadata and images ------------------------------------------------------
     def _retry_kw(self) -> dict[str, Any]:
-        return {"retries": self.cfg.retries, "backoff": self.cfg.backoff, "timeout": self.cfg.timeout}
+        """Retries, timeouts and limits of every read (images: max_image_bytes by default)."""
+        cfg = self.cfg
+        return {"retries": cfg.retries, "backoff": cfg.backoff, "timeout": cfg.timeout,
+                "allow_private": private_addresses_allowed(cfg.allow_private_addresses)}
+
+    def _location_kw(self) -> dict[str, Any]:
+        return {**self._retry_kw(), "max_bytes": self.cfg.max_image_bytes,
+                "max_archive_bytes": self.cfg.max_archive_bytes}
 
     def _metadata(self) -> tuple[bytes, str, Location | None]:
         """(CSV bytes, its URL, the location it sits in)."""
@@ -155,10 +202,10 @@ class TabularSource(Source):
         elif self.source.split("?", 1)[0].lower().endswith(".csv"):
             url = self.source
             loc = open_location(os.path.dirname(url) if not storage.is_remote(url)
-                                else url.rsplit("/", 1)[0], **self._retry_kw())
+                                else url.rsplit("/", 1)[0], **self._location_kw())
             data = self._read_whole(url)
         else:
-            loc = open_location(self.source, **self._retry_kw())
+            loc = self._source_loc or open_location(self.source, **self._location_kw())
             name = cfg.metadata.filename
             if not name or not loc.exists(name):
                 listed = loc.list_csv()
@@ -172,9 +219,10 @@ class TabularSource(Source):
                 name = listed[0]
             url = storage.join(loc.url, name) if not is_archive(loc.url) else f"{loc.url}#{name}"
             try:
-                data = loc.read(name)
+                data = loc.read(name, max_bytes=cfg.max_metadata_bytes)
             except RecordError as err:
-                raise SourceError(f"{self.source}: cannot read the metadata CSV {name!r}: {err}") from None
+                raise SourceError(f"{self.source}: cannot read the metadata CSV {name!r}: {err.detail}"
+                                  + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
         if cfg.metadata.sha256 or cfg.metadata.md5:
             if self.source is None or url.rsplit("/", 1)[-1] == cfg.metadata.filename:
                 check_checksum(data, sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
@@ -183,21 +231,22 @@ class TabularSource(Source):
 
     def _read_whole(self, url: str) -> bytes:
         try:
-            return fetch(url, **self._retry_kw())
+            return fetch(url, max_bytes=self.cfg.max_metadata_bytes, **self._retry_kw())
         except RecordError as err:
-            raise SourceError(f"cannot read {url}: {err.detail}") from None
+            raise SourceError(f"cannot read {url}: {err.detail}"
+                              + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
 
     def _images(self, loc: Location | None) -> tuple[Location | None, bool]:
         """(where images are read from, whether an image archive/folder was named explicitly)."""
         img = self.cfg.images
         if self.source is None:
             if img.url and not img.url.lower().endswith(".csv"):
-                return open_location(img.url, sha256=img.sha256, md5=img.md5, **self._retry_kw()), True
+                return open_location(img.url, sha256=img.sha256, md5=img.md5, **self._location_kw()), True
             return None, False
         if loc is not None and img.filename and not img.filename.lower().endswith(".csv") \
                 and not is_archive(loc.url) and loc.exists(img.filename):
             return open_location(storage.join(loc.url, img.filename), sha256=img.sha256, md5=img.md5,
-                                 **self._retry_kw()), True
+                                 **self._location_kw()), True
         return loc, False
 
     def _url_list(self, loc: Location | None) -> dict[str, str] | None:
@@ -214,9 +263,9 @@ class TabularSource(Source):
             if loc is None:
                 return None
             try:
-                data = loc.read(name)
+                data = loc.read(name, max_bytes=cfg.max_metadata_bytes)
             except RecordError as err:
-                raise SourceError(f"{self.source}: cannot read the URL list {name!r}: {err}") from None
+                raise SourceError(f"{self.source}: cannot read the URL list {name!r}: {err.detail}") from None
             url = storage.join(loc.url, name)
         if cfg.images.sha256 or cfg.images.md5:
             check_checksum(data, sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)
@@ -233,24 +282,52 @@ class TabularSource(Source):
 
     # -- the interface -------------------------------------------------------------------------
     def ref_for(self, row: dict[str, Any], rid: str) -> str:
+        """Where a record's image is: a URL (checked: http(s):// or s3:// only) or a path inside the
+        image location (checked: relative, no '..')."""
         cfg = self.cfg
         if self.urls is not None:
             url = self.urls.get(rid, "")
             if not url:
                 raise RecordError("missing_file", "no URL for this id in the URL list")
-            return url
+            return check_record_url(url)
         if self.images is None:
             url = str(row.get(cfg.url_column or "", "")).strip()
             if not url:
                 raise RecordError("missing_file", f"empty {cfg.url_column!r}")
-            return url
+            return check_record_url(url)
         if cfg.path_column and row.get(cfg.path_column):
             path = str(row[cfg.path_column])
+        elif not rid:
+            raise RecordError("missing_id", "no id and no file name")
         else:
             path = cfg.path_template.format(id=rid)
-        return f"{cfg.image_prefix.strip('/')}/{path}" if cfg.image_prefix else path
+        return safe_relpath(f"{cfg.image_prefix.strip('/')}/{path}" if cfg.image_prefix else path)
+
+    def _photo_listing(self) -> Location | None:
+        """The location to list photos from when coordinates are optional and --source names a folder,
+        archive or s3:// prefix without any CSV (None otherwise)."""
+        if self.cfg.coordinates != "optional" or self.source is None \
+                or self.source.split("?", 1)[0].lower().endswith(".csv"):
+            return None
+        loc = self._source_loc = open_location(self.source, **self._location_kw())
+        if loc.list_csv() == [] and not (self.cfg.metadata.filename and loc.exists(self.cfg.metadata.filename)):
+            return loc
+        return None
 
     def plan(self, limit: int | None = None) -> Plan:
+        listing = self._photo_listing()
+        if listing is not None:
+            photos = listing.list_photos() or []
+            if not photos:
+                raise SourceError(f"{self.source}: no CSV and no JPEG, PNG or WebP file")
+            self.images, self.urls, self.parallel = listing, None, listing.parallel
+            self.provenance["images"] = {"url": listing.url, "listing_sha256": check_checksum(
+                "\n".join(photos).encode())}
+            for digest in listing.checksums().values():
+                self.provenance["images"]["sha256"] = digest
+            records, rows, skips = listing_records(photos, limit)
+            log.info("%s: no CSV; %d photos without coordinates", listing.url, len(records))
+            return Plan(records, rows, skips, dict(self.provenance))
         data, url, loc = self._metadata()
         df = read_csv_bytes(data, url)
         self.urls = self._url_list(loc)
@@ -275,5 +352,5 @@ class TabularSource(Source):
 
     def fetch(self, record: Record) -> bytes:
         if self.images is None:
-            return fetch(record.ref, **self._retry_kw())
+            return fetch(check_record_url(record.ref), max_bytes=self.cfg.max_image_bytes, **self._retry_kw())
         return self.images.read(record.ref)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
-from locdiff.data.download import fetch
+from locdiff.data.download import fetch, private_addresses_allowed
 from locdiff.data.shards import json_bytes, npy_bytes, sample_key, shard_name, stage_dir, write_tar
 from locdiff.data.validation import (
     RecordError,
@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 def _read_table(url: str, cfg: DatasetConfig) -> tuple[pa.Table, str]:
     try:
-        data = fetch(url, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout)
+        data = fetch(url, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout,
+                     max_bytes=cfg.max_metadata_bytes,
+                     allow_private=private_addresses_allowed(cfg.allow_private_addresses))
     except RecordError as err:
-        raise SourceError(f"{url}: {err.detail}") from None
+        raise SourceError(f"{url}: {err.detail}"
+                          + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
     digest = check_checksum(data, sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
     try:
         table = pq.read_table(io.BytesIO(data))

@@ -7,7 +7,11 @@ Two downloaders, one result:
 - `img2dataset` (the optional extra `pip install 'locdiff[mp16]'`; `auto` picks it above
   `img2dataset_threshold` URLs when installed): downloads all URLs into its own WebDataset shards
   under ROOT/NAME/_img2dataset (incremental mode: re-running resumes), after which the ingest reads the
-  images from those shards and counts img2dataset's failures per record.
+  images from those shards and counts img2dataset's failures per record. img2dataset resolves and
+  fetches URLs itself: hosts that resolve to private addresses are refused before it starts (unless
+  allowed), but it does not pin the address it checked nor check redirects, and it decodes images
+  under its own limits (the ingest then re-checks each image's bytes and pixels). Use the builtin
+  downloader for URL lists you do not trust.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 from typing import Any
 
 from locdiff.data import storage
+from locdiff.data.download import private_addresses_allowed, refused_hosts
 from locdiff.data.locations import ArchiveLocation
 from locdiff.data.sources.base import Plan, Record, TabularSource
 from locdiff.data.validation import RecordError
@@ -65,7 +70,12 @@ class Mp16Source(TabularSource):
             work = os.path.join(storage.local_tmp_dir(root), name, "_img2dataset")
         else:
             work = os.path.join(root, name, "_img2dataset")
-        self._downloaded = run_img2dataset(plan.records, work, self.cfg)
+        records, refused = plan.records, {}
+        if not private_addresses_allowed(self.cfg.allow_private_addresses):
+            bad = refused_hosts([r.ref for r in plan.records])
+            refused = {r.id: bad[r.ref] for r in plan.records if r.ref in bad}
+            records = [r for r in plan.records if r.id not in refused]
+        self._downloaded = {**run_img2dataset(records, work, self.cfg), **refused}
         self.parallel = False
 
     def fetch(self, record: Record) -> bytes:
@@ -80,7 +90,7 @@ class Mp16Source(TabularSource):
         loc = self._tars.get(tar)
         if loc is None:
             self._tars.clear()  # shards are read in order: keep one open
-            loc = self._tars[tar] = ArchiveLocation(tar)
+            loc = self._tars[tar] = ArchiveLocation(tar, max_bytes=self.cfg.max_image_bytes)
         return loc.read(member)
 
 

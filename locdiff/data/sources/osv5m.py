@@ -53,10 +53,10 @@ class MultiArchive(Location):
                     self._open[n] = self.opener(n)
         return [self._open[n] for n in self.names]
 
-    def read(self, relpath: str) -> bytes:
+    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
         for arc in self.archives():
             if arc.exists(relpath):
-                return arc.read(relpath)
+                return arc.read(relpath, max_bytes)
         damaged = [a.url for a in self.archives() if a.damaged]
         raise RecordError("damaged_archive" if damaged else "missing_file",
                           f"{relpath} in none of {len(self.names)} image zips"
@@ -80,7 +80,8 @@ class Osv5mSource(TabularSource):
             return hf_download(self.cfg.hf_repo, relpath, self.cfg.hf_revision)
         url = storage.join(self.source, relpath)
         try:
-            return download_file(url, **self._retry_kw())[0]  # local paths are returned as they are
+            return download_file(url, max_bytes=self.cfg.max_archive_bytes,
+                                 **self._retry_kw())[0]  # local paths are returned as they are
         except FileNotFoundError:
             raise SourceError(f"{self.source}: the mirror has no {relpath!r}") from None
 
@@ -88,8 +89,10 @@ class Osv5mSource(TabularSource):
         cfg = self.cfg
         name = cfg.metadata.filename or f"{cfg.split}.csv"
         path = self._file(name)
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            data = storage.read_local(path, max_bytes=cfg.max_metadata_bytes)
+        except (FileNotFoundError, storage.TooBigError) as err:
+            raise SourceError(f"{name}: {err} (max_metadata_bytes)") from None
         if cfg.metadata.sha256:
             check_checksum(data, sha256=cfg.metadata.sha256, what=name)
         origin = (f"hf://datasets/{cfg.hf_repo}@{cfg.hf_revision}" if self.source is None else self.source)
@@ -97,7 +100,8 @@ class Osv5mSource(TabularSource):
         df = read_csv_bytes(data, name)
         if not cfg.hf_images:
             raise SourceError(f"data set {cfg.name!r}: the config lists no image zips (hf_images)")
-        self.images = MultiArchive(lambda n: ArchiveLocation(self._file(n)), list(cfg.hf_images))
+        self.images = MultiArchive(lambda n: ArchiveLocation(self._file(n), max_bytes=cfg.max_image_bytes),
+                                   list(cfg.hf_images))
         self.parallel = False
         self.provenance["images"] = {"url": f"{origin}/{{{','.join(cfg.hf_images)}}}"}
         records, rows, skips = plan_records(df, cfg, f"{origin}/{name}", self.ref_for, limit)
