@@ -25,6 +25,7 @@ from locdiff.baselines.options import MLPOptions, parse_options, resolve_device
 from locdiff.baselines.trainer import ResidualMLP, batched, train_epochs
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
 from locdiff.methods import GeoMethod, Prediction
+from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,10 @@ STATE = "geocell.pt"
 
 @dataclass
 class GeocellOptions(MLPOptions):
-    max_cell_size: int = 200  # a cell with more training points is split in two
-    label_smoothing_km: float = 75.0  # haversine smoothing temperature (PIGEON); 0 = one-hot
+    max_cell_size: int = setting(200, ge=1)  # a cell with more training points is split in two
+    label_smoothing_km: float = setting(75.0, ge=0)  # haversine smoothing temperature (PIGEON); 0 = one-hot
     refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = 256  # points per cell used to find its medoid
+    medoid_sample: int = setting(256, ge=1)  # points per cell used to find its medoid
 
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:
