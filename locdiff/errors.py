@@ -157,14 +157,16 @@ def _os_error(exc: OSError) -> str:
 def describe(exc: BaseException, *, debug_hint: str = DEBUG_HINT) -> str:
     """The one line (no trailing newline, no command prefix) that reports `exc` to a user.
 
-    UserError and plain ValueError: their message. OS errors: the file and the cause (a full disk says
-    so). YAML, JSON, Arrow/Parquet, zip/pickle/EOF and torch.load errors: the kind of damage (the file is
-    named when the error came through `reraise_for`). Anything else is a bug, reported as "unexpected
-    TYPE: message (`debug_hint`)".
+    UserError, plain ValueError and a "...Unavailable" service error: their message. OS errors: the file
+    and the cause (a full disk says so). YAML, JSON, Arrow/Parquet, zip/pickle/EOF and torch.load errors:
+    the kind of damage (the file is named when the error came through `reraise_for`). Anything else is a
+    bug, reported as "unexpected TYPE: message (`debug_hint`)".
     """
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(exc, UserError):
+    if isinstance(exc, UserError) or type(exc).__name__.endswith("Unavailable"):
+        # ...Unavailable: a service that cannot be reached (tracking.TrackingUnavailable,
+        # distributed.RayUnavailable); their messages say what to start. New ones should subclass UserError.
         return one_line(str(exc))
     if isinstance(exc, OSError) and not _from_module(exc, "pyarrow"):
         return _os_error(exc)

@@ -48,7 +48,8 @@ BAD_CONFIGS = [
     ("trian:\n  steps: 3\n", [], ": trian: unknown key (did you mean 'train'?); valid keys here: method, shdd"),
     ("train:\n  steps: ten\n", [], ": train.steps: must be an integer >= 1; got 'ten'"),
     ("train:\n  amp: 1\n", [], ": train.amp: must be true or false; got 1"),
-    ("train:\n  lr: 1e-3\n", [], ": train.lr: must be a number > 0; got '1e-3' (YAML reads 1e-3 as text; write 1.0e-3)"),
+    ("train:\n  lr: 1e-3\n", [], ": train.lr: must be a number > 0; got '1e-3' (YAML reads 1e-3 as text; "
+                                  "write 1.0e-3)"),
     ("train: 5\n", [], ": train: must be a mapping with keys objective, kl_weight"),
     ("network:\n  widths: 64\n", [], ": network.widths: must be a non-empty list of integers >= 1; got 64"),
     ("train:\n  objective: l1\n", [], ": train.objective: must be one of 'kl', 'mse', 'kl+mse'; got 'l1'"),
@@ -154,6 +155,15 @@ def test_disk_full_is_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1, err
     # a write error carries no file name, so the boundary cannot name it (reraise_for can: see below)
     assert err == "locdiff evaluate: error: disk full while writing a file: free space or choose another --out\n"
+
+
+def test_a_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", "x.yaml"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err == ("locdiff train: error: the following arguments are required: --train, --out "
+                   "(see locdiff train --help)\n")
 
 
 def test_interrupt_and_unexpected_errors(monkeypatch, capsys):
@@ -310,3 +320,7 @@ def test_describe_of_third_party_and_generic_errors():
     assert describe(ZeroDivisionError("division by zero"), debug_hint="see the task log") == (
         "unexpected ZeroDivisionError: division by zero (see the task log)")
     assert exit_code(KeyboardInterrupt()) == 130 and exit_code(ValueError()) == 2
+    from locdiff.tracking import TrackingUnavailable
+
+    down = TrackingUnavailable("MLflow at http://127.0.0.1:9 is not reachable; start it with infra/start.sh")
+    assert describe(down) == str(down)

@@ -14,9 +14,17 @@ import importlib
 import logging
 import sys
 import traceback
+import typing
 
 # Modules under locdiff.cli that add subcommands; a module that is not there yet is skipped.
 _GROUPS = ("shdd", "model", "evaluate", "data")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (subparsers inherit the class): `locdiff train: error: ... (see --help)`."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _global_flags(parser: argparse.ArgumentParser, *, default: object) -> None:
@@ -35,7 +43,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locdiff", description="LocDiff image geolocalization.")
+    parser = _Parser(prog="locdiff", description="LocDiff image geolocalization.")
     _global_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _GROUPS:
