@@ -25,8 +25,9 @@ from benchmarks.common import print_table, save
 
 def plain_throughput(config, table, steps: int, threads: int) -> float:
     """samples/s of `train_step` in this process with `threads` torch threads (after 5 warm-up steps)."""
-    from locdiff.model.schedule import NoiseSchedule
     from locdiff.model.train import EMA, build_model, encode_targets, lr_lambda, make_optimizer, train_step
+
+    from locdiff.model.schedule import NoiseSchedule
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -23,19 +23,20 @@ from locdiff.baselines.mlp import TrainedBaseline
 from locdiff.baselines.options import MLPOptions
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import Prediction
+from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 
 @dataclass
 class FlowOptions(MLPOptions):
-    epochs: int = 40
-    time_dim: int = 32  # sinusoidal features of t
-    steps: int = 16  # ODE steps at sampling
+    epochs: int = 40  # keeps MLPOptions' rule (>= 1)
+    time_dim: int = setting(32, ge=2)  # sinusoidal features of t
+    steps: int = setting(16, ge=1)  # ODE steps at sampling
     solver: Literal["heun", "euler"] = "heun"
-    samples: int = 16  # noise draws per image
+    samples: int = setting(16, ge=1)  # noise draws per image
     aggregation: Literal["mode", "mean"] = "mode"
-    mode_radius_km: float = 300.0
-    predict_batch: int = 1024  # images per sampling batch
+    mode_radius_km: float = setting(300.0, gt=0)
+    predict_batch: int = setting(1024, ge=1)  # images per sampling batch
     target: Literal["x1", "velocity"] = "x1"  # x1: the net predicts the clean point, v = (x1_hat - x_t)/(1-t)
 
 

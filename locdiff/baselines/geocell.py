@@ -27,18 +27,19 @@ from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
 from locdiff.baselines.options import MLPOptions
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
 from locdiff.methods import Prediction
+from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class GeocellOptions(MLPOptions):
-    max_cell_size: int = 200  # a cell with more training points is split in two
-    label_smoothing_km: float = 75.0  # haversine smoothing temperature (PIGEON); 0 = one-hot
+    max_cell_size: int = setting(200, ge=1)  # a cell with more training points is split in two
+    label_smoothing_km: float = setting(75.0, ge=0)  # haversine smoothing temperature (PIGEON); 0 = one-hot
     refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = 256  # points per cell used to find its medoid
-    max_cell_points: int = 1_000_000  # locations the cells are built from (a seeded sample above this)
-    refine_top_k: int = 64  # retrieved neighbours searched for one inside the predicted cell
+    medoid_sample: int = setting(256, ge=1)  # points per cell used to find its medoid
+    max_cell_points: int = setting(1_000_000, ge=1)  # locations the cells are built from (a seeded sample above this)
+    refine_top_k: int = setting(64, ge=1)  # retrieved neighbours searched for one inside the predicted cell
 
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:

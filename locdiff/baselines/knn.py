@@ -19,6 +19,7 @@ import torch
 from locdiff.baselines.options import parse_options, resolve_device
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import GeoMethod, Prediction
+from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KNNOptions:
-    k: int = 1  # neighbours retrieved; 1 = top-1 retrieval
+    k: int = setting(1, ge=1)  # neighbours retrieved; 1 = top-1 retrieval
     aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
-    radius_km: float = 100.0  # support radius of the "mode" aggregation
-    temperature: float = 0.05  # neighbour weight exp((sim - best) / temperature)
+    radius_km: float = setting(100.0, gt=0)  # support radius of the "mode" aggregation
+    temperature: float = setting(0.05, gt=0)  # neighbour weight exp((sim - best) / temperature)
     backend: Literal["auto", "torch", "faiss"] = "auto"  # auto: faiss when installed, else torch
-    chunk: int = 4096  # queries per matrix product (torch backend)
-    device: str = "auto"
+    chunk: int = setting(4096, ge=1)  # queries per matrix product (torch backend)
+    device: str = setting("auto", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
 
 
 def normalize(x: np.ndarray | torch.Tensor) -> Any:

@@ -1,5 +1,11 @@
 """The `locdiff` command. Each group of subcommands lives in its own module with a `register` function;
-heavy libraries are imported inside the handlers so that `locdiff --help` stays fast."""
+heavy libraries are imported inside the handlers so that `locdiff --help` stays fast.
+
+This is the CLI's one error boundary: whatever a handler raises becomes ONE line on stderr,
+`locdiff COMMAND: error: ...` (from `locdiff.errors.describe`), and exit code 2; Ctrl-C is
+`locdiff COMMAND: interrupted` and 130. `--debug` prints the traceback before that line. Handlers raise
+(a `locdiff.errors.UserError` where they can name the file, row or field) and never print errors themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,38 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+import typing
 
 # Modules under locdiff.cli that add subcommands; a module that is not there yet is skipped.
 _GROUPS = ("shdd", "model", "evaluate", "data")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (subparsers inherit the class): `locdiff train: error: ... (see --help)`."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error (with its one-line report)")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                out += [child, *_subparsers(child)]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locdiff", description="LocDiff image geolocalization.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = _Parser(prog="locdiff", description="LocDiff image geolocalization.")
+    _global_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _GROUPS:
         try:
@@ -24,19 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    # -v and --debug also after the subcommand (`locdiff train ... --debug`); SUPPRESS keeps the value
+    # given before it. Each parser records its command name ("data ingest") for the error line.
+    for child in _subparsers(parser):
+        _global_flags(child, default=argparse.SUPPRESS)
+        child.set_defaults(command_name=child.prog.split(" ", 1)[1] if " " in child.prog else child.prog)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `locdiff ARGV`; returns the exit status (0, 2 for an error, 130 when interrupted)."""
+    from locdiff.errors import describe, exit_code
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = getattr(args, "command_name", args.command)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"locdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, Exception) as err:  # the boundary: one line, never a traceback by default
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(err, KeyboardInterrupt):
+            print(f"locdiff {command}: interrupted", file=sys.stderr)
+        else:
+            print(f"locdiff {command}: error: {describe(err)}", file=sys.stderr)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

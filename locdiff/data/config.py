@@ -1,18 +1,18 @@
 """Typed configs for data sets (`configs/datasets/NAME.yaml`) and encoders (`configs/encoders/NAME.yaml`).
 
-Unknown keys are rejected with the file and key named, so a typo never silently falls back to a default.
+Validated by `locdiff.schema` (the one config system): unknown keys are rejected with the file and key
+named, so a typo never silently falls back to a default, and every number is checked against its range.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from locdiff import schema
+from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, setting
 
 # The read limits of the data layer (defaults of the data set config fields of the same names, and of the
 # functions that read): one home for the numbers.
@@ -34,8 +34,9 @@ def configs_dir() -> Path:
 class RemoteFile:
     url: str | None = None  # where the real file is published (http(s), s3, hf://)
     filename: str | None = None  # its name inside a --source folder or mirror
-    sha256: str | None = None  # published checksum, when there is one; a mismatch is an error
-    md5: str | None = None
+    # published checksum, when there is one; a mismatch is an error
+    sha256: str | None = setting(None, pattern=r"[0-9a-fA-F]{64}", expect="64 hex digits")
+    md5: str | None = setting(None, pattern=r"[0-9a-fA-F]{32}", expect="32 hex digits")
 
 
 @dataclass
@@ -59,16 +60,16 @@ class DatasetConfig:
     sha256_column: str | None = None  # per-record image checksum, when the source publishes one
     keep_columns: list[str] | None = None  # other CSV columns kept in KEY.json (None: all of them)
     image_prefix: str = ""  # folder inside the image location/archive that holds the files
-    shard_size: int = 1000  # samples per shard (the last one may be short, skipped records shrink them)
-    max_side: int = 512  # longest image side; larger images are resized, JPEGs within it kept as-is
-    jpeg_quality: int = 90
+    shard_size: int = setting(1000, ge=1)  # samples per shard (the last one may be short, skipped records shrink them)
+    max_side: int = setting(512, ge=16)  # longest image side; larger images are resized, JPEGs within it kept as-is
+    jpeg_quality: int = setting(90, ge=1, le=100)
     verify: Literal["header", "decode"] = "header"  # "decode" fully decodes every image (slower)
-    workers: int = 16  # parallel fetches for remote per-image sources
-    retries: int = 3  # extra attempts for an unreachable URL (exponential backoff)
-    backoff: float = 0.5  # seconds before the first retry
-    timeout: float = 30.0  # seconds per request
+    workers: int = setting(16, ge=1)  # parallel fetches for remote per-image sources
+    retries: int = setting(3, ge=0)  # extra attempts for an unreachable URL (exponential backoff)
+    backoff: float = setting(0.5, ge=0)  # seconds before the first retry
+    timeout: float = setting(30.0, gt=0)  # seconds per request
     downloader: Literal["auto", "builtin", "img2dataset"] = "builtin"
-    img2dataset_threshold: int = 100_000  # "auto": img2dataset above this many URLs when installed
+    img2dataset_threshold: int = setting(100_000, ge=0)  # "auto": img2dataset above this many URLs when installed
     hf_repo: str | None = None  # Hugging Face data set id (osv5m)
     hf_revision: str = "main"
     hf_images: list[str] = field(default_factory=list)  # image zips in the HF repo, in order
@@ -79,10 +80,11 @@ class DatasetConfig:
     # folder without a CSV is read for every JPEG/PNG/WebP under it); "required": they are skipped
     coordinates: Literal["required", "optional"] = "required"
     allow_private_addresses: bool = False  # fetch from private/loopback/link-local hosts (own mirror)
-    max_image_bytes: int = MAX_IMAGE_BYTES  # bytes read for one image; larger: skipped (too_big)
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height; larger: skipped undecoded (too_large)
-    max_metadata_bytes: int = MAX_METADATA_BYTES  # a metadata CSV, URL list or embeddings table
-    max_archive_bytes: int = MAX_ARCHIVE_BYTES  # an image archive downloaded to the cache
+    max_image_bytes: int = setting(MAX_IMAGE_BYTES, ge=1)  # bytes read for one image; larger: skipped (too_big)
+    # width x height; larger: skipped undecoded (too_large)
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, ge=1)
+    max_metadata_bytes: int = setting(MAX_METADATA_BYTES, ge=1)  # a metadata CSV, URL list or embeddings table
+    max_archive_bytes: int = setting(MAX_ARCHIVE_BYTES, ge=1)  # an image archive downloaded to the cache
 
 
 @dataclass
@@ -91,41 +93,18 @@ class EncoderConfig:
     type: Literal["clip"] = "clip"
     model: str = "openai/clip-vit-large-patch14"  # hub id or local folder (from_pretrained)
     revision: str | None = None  # pinned hub revision (commit); None for local folders
-    batch_size: int = 64
+    batch_size: int = setting(64, ge=1)
     storage_dtype: Literal["float16", "float32"] = "float16"  # dtype of KEY.emb.npy
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # autocast; auto: fp16 on GPU
     normalize: bool = True  # L2-normalise embeddings (CLIP convention)
-    device: str | None = None  # None: cuda when available, else cpu
-    ray_batch_size: int = 256
+    # None: cuda when available, else cpu
+    device: str | None = setting(None, pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
+    ray_batch_size: int = setting(256, ge=1)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("metadata", "images") and cls is DatasetConfig:
-            value = _build(RemoteFile, value or {}, f"{where}: {key}")
-        kwargs[key] = value
-    try:
-        obj = cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{where}: {err}") from None
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        v = getattr(obj, f.name)
-        if f.type in ("int", "float") and (not isinstance(v, int | float) or isinstance(v, bool)):
-            raise ValueError(f"{where}: {f.name} must be a number, got {v!r}")
-        if f.type == "bool" and not isinstance(v, bool):
-            raise ValueError(f"{where}: {f.name} must be true or false, got {v!r}")
-        if typing.get_origin(hints[f.name]) is Literal and v not in typing.get_args(hints[f.name]):
-            raise ValueError(f"{where}: {f.name} must be one of {list(typing.get_args(hints[f.name]))}, "
-                             f"got {v!r}")
-    return obj
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Validate a mapping into `cls` (locdiff.schema): ConfigError "WHERE: KEY: PROBLEM"."""
+    return schema.build(cls, data, source=where)
 
 
 def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
@@ -136,15 +115,9 @@ def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
     if not path.exists():
         avail = sorted(p.stem for p in (configs_dir() / "datasets").glob("*.yaml"))
         raise ValueError(f"unknown data set {name_or_path!r}: no {path}; known: {avail}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = schema.read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = _build(DatasetConfig, data, str(path))
-    if cfg.shard_size < 1 or cfg.max_side < 16:
-        raise ValueError(f"{path}: shard_size must be >= 1 and max_side >= 16")
-    for key in ("max_image_bytes", "max_image_pixels", "max_metadata_bytes", "max_archive_bytes"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{path}: {key} must be >= 1, got {getattr(cfg, key)!r}")
-    return cfg
+    return _build(DatasetConfig, data, str(path))
 
 
 def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
@@ -158,7 +131,7 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
     if path.suffix in (".yaml", ".yml") and path.exists():
         cfg_path = path
     if cfg_path.exists():
-        data = yaml.safe_load(cfg_path.read_text()) or {}
+        data = schema.read_yaml(cfg_path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return _build(EncoderConfig, data, str(cfg_path))
     if path.is_dir():

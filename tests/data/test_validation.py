@@ -101,7 +101,7 @@ def test_per_record_checksum_mismatch_is_counted(tmp_path):
 def test_unknown_config_keys_are_rejected(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("name: x\nsource: folder\nshard_sise: 3\n")
-    with pytest.raises(ValueError, match=r"x\.yaml: unknown key\(s\) \['shard_sise'\]"):
+    with pytest.raises(ValueError, match=r"x\.yaml: shard_sise: unknown key \(did you mean 'shard_size'\?\)"):
         load_dataset_config(str(p))
 
 
