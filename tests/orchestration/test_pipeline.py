@@ -53,7 +53,7 @@ def test_pipeline_runs_logs_and_skips(prefect_api, ray_local, tiny_data, tmp_pat
 
     versions = MlflowClient().search_model_versions("name='locdiff'")
     assert [v.run_id for v in versions] == [out["mlflow_run_id"]]  # the model, registered as `locdiff`
-    assert len(MlflowClient().get_metric_history(out["mlflow_run_id"], "loss")) == 24
+    assert len(MlflowClient().get_metric_history(out["mlflow_run_id"], "loss")) == 24 // 4  # every log step
 
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
@@ -71,10 +71,19 @@ def test_pipeline_runs_logs_and_skips(prefect_api, ray_local, tiny_data, tmp_pat
     third = train_locdiff(**_params(tiny_data, tmp_path / "root"))
     assert third["mlflow_run_id"] != out["mlflow_run_id"]
     assert third["stages"]["train"] == "done" and third["stages"]["evaluate:tiny-test"] == "done"
-    record = json.loads((Path(third["run_dir"]) / "train.json").read_text())
-    assert record["restored_from_step"] == 24 and record["samples_per_s"] == 0.0  # no Ray training
-    assert len(MlflowClient().get_metric_history(third["mlflow_run_id"], "loss")) == 24
+    record = json.loads((Path(third["run_dir"]) / "run.json").read_text())
+    assert record["mlflow_run_id"] == third["mlflow_run_id"] and record["step"] == 24
+    assert len(MlflowClient().get_metric_history(third["mlflow_run_id"], "loss")) == 24 // 4
     assert third["results"] == out["results"]
+    assert third["run_dir"] == out["run_dir"]
+
+    # A changed override is another run: it trains again; the same parameters a second time skip.
+    changed = {**_params(tiny_data, tmp_path / "root"), "overrides": [*TINY_OVERRIDES, "train.steps=16"]}
+    fourth = train_locdiff(**changed)
+    assert fourth["run_dir"] != out["run_dir"] and fourth["stages"]["train"] == "done"
+    assert json.loads((Path(fourth["run_dir"]) / "run.json").read_text())["step"] == 16
+    fifth = train_locdiff(**changed)
+    assert fifth["stages"]["train"] == "skipped" and fifth["run_dir"] == fourth["run_dir"]
 
 
 def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monkeypatch):
