@@ -1,11 +1,16 @@
-"""Training throughput: Ray Train on 2 CPU workers (DDP) against the same `train_step` in one plain
-process, in the same run, on the synthetic benchmark with the `tiny` model config.
+"""Training: the engine streaming feature shards against the same engine on the table held in memory, Ray
+Train on 2 CPU workers against one plain process, and the peak memory of a 2-worker Ray training at two
+data-set sizes, all in the same run.
 
-    python -m benchmarks.bench_train [--steps 200] [--batch 256]
+    python -m benchmarks.bench_train [--steps 200] [--batch 256] [--n-train 20000]
+                                     [--memory-sizes 200000,2000000] [--skip-memory]
 
-Per core: Ray's samples/s divided by its 2 workers (one thread each) against the plain process with one
-thread. Target: >= 0.8x. The plain process with 2 threads is shown for reference. Ray's figure is the
-training loop's own (after start-up), the start-up cost is reported separately.
+1. Streaming: `locdiff.engine.train` on the features stage (shards read, checked and parsed by a
+   background thread, a shuffle window of 16k rows) vs on an in-memory TableSource of the same rows, one
+   thread each. Target: streaming >= 0.9x in-memory.
+2. Ray Train: samples/s per core (2 workers, one thread each) vs the plain process. Target >= 0.8x.
+3. Memory: peak resident memory (driver + Ray Train workers, sampled every 0.2 s) of a 2-worker Ray
+   training on 200,000 and 2,000,000 synthetic rows (128-d, degree 32). Target: they differ by < 25 %.
 """
 
 from __future__ import annotations
@@ -14,55 +19,71 @@ import argparse
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import print_table, save
 
 
-def plain_throughput(config, table, steps: int, threads: int) -> float:
-    """samples/s of `train_step` in this process with `threads` torch threads (after 5 warm-up steps)."""
-    from locdiff.model.train import EMA, build_model, encode_targets, lr_lambda, make_optimizer, train_step
+def _ingest(parquet: Path, root: Path, name: str) -> str:
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest
 
-    from locdiff.model.schedule import NoiseSchedule
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        emb = torch.as_tensor(np.ascontiguousarray(table.embedding, dtype=np.float32))
-        z0 = encode_targets(table.lat, table.lon, config.shdd.degree)
-        model = build_model(config, emb.shape[1])
-        model.set_embedding_stats(emb.mean(0), emb.std(0))
-        opt = make_optimizer(model, config)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
-        ema = EMA(model, config.train.ema_decay)
-        schedule = NoiseSchedule(config.diffusion.timesteps)
-        gen = torch.Generator().manual_seed(1)
-        bs = config.train.batch_size
-        n = len(table)
-
-        def run(k: int) -> None:
-            for _ in range(k):
-                idx = torch.randint(0, n, (bs,), generator=gen)
-                train_step(model, {"embedding": emb[idx], "z0": z0[idx]}, opt, config, schedule=schedule,
-                           generator=gen, ema=ema, lr_scheduler=sched)
-
-        run(5)
-        t = time.perf_counter()
-        run(steps)
-        return steps * bs / (time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(old)
+    cfg = load_dataset_config("embeddings")
+    ingest(name, str(root), source=str(parquet), config=cfg, progress=False)
+    return str(root / name / "features" / cfg.encoder)
 
 
-def config_with_batch(config, batch: int):
-    from dataclasses import replace
+def engine_throughput(config, source, steps: int, run_dir: Path) -> float:
+    """samples/s of the engine on `source` (one thread; after the first steps)."""
+    from locdiff import engine
+    from locdiff.model.objective import LocDiffTask, engine_settings
+    from locdiff.runs import RunFolder
 
-    return replace(config, train=replace(config.train, batch_size=batch))
+    torch.set_num_threads(1)
+    settings = engine_settings(config)
+    settings.steps, settings.checkpoint_every, settings.log_every = steps, steps, 50
+    res = engine.train(LocDiffTask(config, getattr(source, "shdd_degree", None)), source, settings,
+                       store=engine.RunStore(RunFolder(run_dir)), progress=False)
+    return res.samples_per_s
+
+
+class PeakRSS:
+    """Peak of the summed RSS of this process and its Ray Train workers, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "RayTrainWorker" in cmd or "TrainController" in cmd:
+                    total += p.memory_info().rss
+            except (psutil.Error, TypeError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> None:
@@ -71,66 +92,82 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--config", default="tiny", help="model config name or YAML path")
+    parser.add_argument("--memory-sizes", default="200000,2000000")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+    from locdiff.data.stream import TableSource, open_source
     from locdiff.distributed import RayTrainSettings, ensure_ray, train_on_ray
-    from locdiff.io import read_embeddings
     from locdiff.pipeline import resolve_config
     from locdiff.synth import SynthConfig, write_benchmark
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train"))
     paths = write_benchmark(tmp / "synth", SynthConfig(n_train=args.n_train, n_test=10, n_unseen=10))
-    table = read_embeddings(paths["train"])
-    config = resolve_config(args.config, overrides=[f"train.steps={args.steps}",
-                                                    f"train.batch_size={args.batch}",
-                                                    f"train.checkpoint_every={args.steps}"])
+    feats = _ingest(paths["train"], tmp / "root", "bench")
+    config = resolve_config(args.config, overrides=[f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+                                                    f"train.checkpoint_every={args.steps}", "train.val_share=0"])
+    shards = open_source(feats)
+    memory = TableSource(shards.read_all())  # the same rows (float16-stored embeddings) held in memory
+    results: dict[str, object] = {}
+    stream_sps = engine_throughput(config, shards, args.steps, tmp / "run-stream")
+    mem_sps = engine_throughput(config, memory, args.steps, tmp / "run-mem")
+    rows = [{"setup": "engine, in-memory table", "samples_per_s": mem_sps, "vs_in_memory": 1.0},
+            {"setup": "engine, streaming feature shards", "samples_per_s": stream_sps,
+             "vs_in_memory": stream_sps / mem_sps}]
+    print_table(rows, title=f"streaming vs in-memory, {args.config} config, batch {args.batch}, 1 thread")
+    print(f"streaming / in-memory = {stream_sps / mem_sps:.2f}x (target >= 0.9x): "
+          f"{'met' if stream_sps / mem_sps >= 0.9 else 'MISSED'}")
+    results["streaming"] = {"rows": rows, "ratio": stream_sps / mem_sps, "target": 0.9}
 
-    plain1 = plain_throughput(config, table, args.steps, threads=1)
-    plain2 = plain_throughput(config, table, args.steps, threads=2)
-    half = config_with_batch(config, args.batch // 2)
-    plain_half = plain_throughput(half, table, args.steps, threads=1)
-    ensure_ray(num_cpus=2)  # one local Ray for both runs (stopped when this process exits)
+    ensure_ray(num_cpus=2)
     runs = {}
-    # The weak-scaling run first: the first Ray run also pays for the cluster's start-up processes.
-    for label, per_worker in (("per_worker", args.batch), ("global", None)):
+    b = args.batch
+    for label, per_worker in (("per_worker", b), ("global", None)):
         t = time.perf_counter()
-        result = train_on_ray(config, str(paths["train"]), tmp / f"run-{label}",
+        result = train_on_ray(config, feats, tmp / f"run-{label}",
                               RayTrainSettings(num_workers=2, storage_root=str(tmp / "ray"),
                                                per_worker_batch=per_worker))
         runs[label] = (result.samples_per_s, time.perf_counter() - t)
-    b, h = args.batch, args.batch // 2
-    rows = [
-        {"setup": f"plain process, 1 thread, batch {b}", "cores": 1, "samples_per_s": plain1,
-         "per_core": plain1, "reference": "-"},
-        {"setup": f"plain process, 1 thread, batch {h}", "cores": 1, "samples_per_s": plain_half,
-         "per_core": plain_half, "reference": "-"},
-        {"setup": f"plain process, 2 threads, batch {b}", "cores": 2, "samples_per_s": plain2,
-         "per_core": plain2 / 2, "reference": f"plain batch {b}"},
-        {"setup": f"Ray Train 2 CPU workers, batch {h}/worker (global {b})", "cores": 2,
-         "samples_per_s": runs["global"][0], "per_core": runs["global"][0] / 2,
-         "reference": f"plain batch {h}"},
-        {"setup": f"Ray Train 2 CPU workers, batch {b}/worker (global {2 * b})", "cores": 2,
-         "samples_per_s": runs["per_worker"][0], "per_core": runs["per_worker"][0] / 2,
-         "reference": f"plain batch {b}"},
+    half = resolve_config(args.config, overrides=[f"train.steps={args.steps}", f"train.batch_size={b // 2}",
+                                                  f"train.checkpoint_every={args.steps}", "train.val_share=0"])
+    plain_half = engine_throughput(half, shards, args.steps, tmp / "run-half")
+    ray_rows = [
+        {"setup": f"plain process, 1 thread, batch {b}", "samples_per_s": stream_sps, "per_core": stream_sps,
+         "per_core_vs_ref": 1.0},
+        {"setup": f"plain process, 1 thread, batch {b // 2}", "samples_per_s": plain_half, "per_core": plain_half,
+         "per_core_vs_ref": 1.0},
+        {"setup": f"Ray Train 2 workers, batch {b // 2}/worker (global {b})", "samples_per_s": runs["global"][0],
+         "per_core": runs["global"][0] / 2, "per_core_vs_ref": runs["global"][0] / 2 / plain_half},
+        {"setup": f"Ray Train 2 workers, batch {b}/worker (global {2 * b})", "samples_per_s": runs["per_worker"][0],
+         "per_core": runs["per_worker"][0] / 2, "per_core_vs_ref": runs["per_worker"][0] / 2 / stream_sps},
     ]
-    refs = {f"plain batch {b}": plain1, f"plain batch {h}": plain_half}
-    for r in rows:
-        r["per_core_vs_ref"] = r["per_core"] / refs[r["reference"]] if r["reference"] in refs else 1.0
-    print_table(rows, title=f"training throughput, {args.config} config, {args.steps} steps")
-    for label, (sps, wall) in runs.items():
-        print(f"Ray Train ({label} batch) wall time including start-up: {wall:.1f} s "
-              f"(training loop alone: {args.steps * (b if label == 'global' else 2 * b) / sps:.1f} s)")
-    ratio = rows[4]["per_core_vs_ref"]
-    print(f"per-core ratio, the same step (batch {b} per process): Ray/plain {ratio:.2f}x (target >= 0.8x): "
-          f"{'met' if ratio >= 0.8 else 'MISSED'}; with the global batch split: "
-          f"{rows[3]['per_core_vs_ref']:.2f}x")
-    save("train", {"steps": args.steps, "batch": args.batch, "n_train": args.n_train, "config": args.config,
-                   "rows": rows, "ray_wall_s": {k: v[1] for k, v in runs.items()},
-                   "ratio_per_core": ratio, "ratio_per_core_global_batch": rows[3]["per_core_vs_ref"],
-                   "target": 0.8})
+    print_table(ray_rows, title="Ray Train vs one process (the same engine, streaming shards)")
+    results["ray"] = {"rows": ray_rows, "wall_s": {k: v[1] for k, v in runs.items()}, "target": 0.8}
+
+    if not args.skip_memory:
+        mem_rows = []
+        for n in [int(x) for x in args.memory_sizes.split(",")]:
+            data = write_benchmark(tmp / f"synth{n}", SynthConfig(n_train=n, n_test=10, n_unseen=10, dim=128))
+            folder = _ingest(data["train"], tmp / f"root{n}", f"m{n}")
+            shutil.rmtree(tmp / f"synth{n}", ignore_errors=True)
+            cfg = resolve_config(args.config, overrides=["shdd.degree=32", "train.steps=100", "train.batch_size=256",
+                                                         "train.checkpoint_every=50", "train.val_share=0"])
+            with PeakRSS() as peak:
+                t = time.perf_counter()
+                train_on_ray(cfg, folder, tmp / f"run-mem{n}", RayTrainSettings(
+                    num_workers=2, storage_root=str(tmp / f"ray{n}")))
+                wall = time.perf_counter() - t
+            mem_rows.append({"rows": n, "peak_rss_gb": peak.peak / 1e9, "wall_s": wall})
+            shutil.rmtree(tmp / f"root{n}", ignore_errors=True)
+        ratio = mem_rows[-1]["peak_rss_gb"] / mem_rows[0]["peak_rss_gb"]
+        print_table(mem_rows, title="peak memory of a 2-worker Ray training (driver + workers), 128-d, degree 32")
+        print(f"largest / smallest = {ratio:.2f} (target: within 25 %): "
+              f"{'met' if abs(ratio - 1) < 0.25 else 'MISSED'}")
+        results["memory"] = {"rows": mem_rows, "ratio": ratio, "target": "within 25 %"}
+    save("train", {"steps": args.steps, "batch": b, "n_train": args.n_train, "config": args.config, **results})
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

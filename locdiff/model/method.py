@@ -19,7 +19,7 @@ from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
-from locdiff.model.hybrid import hybrid_candidates, hybrid_select
+from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import locdiff_predict
 from locdiff.runs import SELECTION, RunFolder
@@ -98,15 +98,10 @@ class LocDiffMethod(GeoMethod):
             mlat, mlon, _ = out.choose("mean")
             cand = hybrid_candidates(self.gallery, val.embedding, out.mean_code, mlat, mlon, out.mean_value,
                                      hc.top_k)
-            best = (-np.inf, hc.weight, hc.radius_km)
-            for w in (0.0, 0.25, 0.5, 0.75, 0.9):
-                for r in (250.0, 500.0, 1000.0, 2500.0):
-                    lat, lon, _ = hybrid_select(cand, mlat, mlon, weight=w, radius_km=r)
-                    s = _score(geo_metrics(lat, lon, *truth))
-                    if s > best[0]:
-                        best = (s, w, r)
-            self.selection.update({"hybrid_weight": best[1], "hybrid_radius_km": best[2],
-                                   "val_hybrid_score": best[0]})
+            blend = choose_blend(cand, mlat, mlon, *truth)
+            self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
+                                   "val_hybrid_score": blend["score"],
+                                   "val_retrieval_score": blend["retrieval_score"]})
         log.info("validation choices: %s", self.selection)
 
     # -- persistence -----------------------------------------------------------------------------------
