@@ -167,13 +167,14 @@ class Gallery:
 
     def __init__(self, index: Any, lat: np.ndarray, lon: np.ndarray, ids: np.ndarray | None = None, *,
                  info: dict[str, Any] | None = None, nprobe: int | None = None,
-                 ids_loader: Callable[[], np.ndarray] | None = None):
+                 ids_loader: Callable[[], np.ndarray] | None = None, reference: dict[str, str] | None = None):
         self.index = index
         self.lat = np.asarray(lat, dtype=np.float64)
         self.lon = np.asarray(lon, dtype=np.float64)
         self._ids = None if ids is None else np.asarray(ids)
         self._ids_loader = ids_loader
         self.info: dict[str, Any] = dict(info or {})
+        self._reference = dict(reference) if reference else None
         if index.ntotal != len(self.lat) or len(self.lat) != len(self.lon):
             raise ValueError(f"gallery: index holds {index.ntotal} entries, lat {len(self.lat)}, "
                              f"lon {len(self.lon)}")
@@ -217,8 +218,7 @@ class Gallery:
 
     def reference(self) -> dict[str, str] | None:
         """{"uri", "sha256"} of the stored gallery this one was saved to or loaded from, else None."""
-        ref = self.info.get("_reference")
-        return dict(ref) if ref else None
+        return dict(self._reference) if self._reference else None
 
     # ------------------------------------------------------------------ search
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +232,9 @@ class Gallery:
         q = np.array(query, dtype=np.float32, order="C", copy=True)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"query embeddings of shape {q.shape}, the gallery has dimension {self.dim}")
+        finite = np.isfinite(q).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"query {int(np.argmin(finite))} has a NaN or infinite embedding")
         k = min(int(k), len(self))
         if k < 1 or len(q) == 0:
             return np.zeros((len(q), max(k, 0)), np.float32), np.zeros((len(q), max(k, 0)), np.int64)
@@ -319,14 +322,14 @@ class Gallery:
         for key, arr in (("lat", self.lat), ("lon", self.lon), ("ids", self.ids)):
             put(key, lambda p, a=arr: _save_npy(p, a))
         _remove_empty_dir(tmp_root)
-        meta = {k: v for k, v in self.info.items() if not k.startswith("_")}
+        meta = dict(self.info)
         meta.update({"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim,
                      "files": files, "software": _software()})
         meta.setdefault("search", {})["nprobe"] = self.nprobe
         data = _dumps(meta)
         storage.write_bytes_atomic(storage.join(location, GALLERY_JSON), data)
         ref = {"uri": location, "sha256": hashlib.sha256(data).hexdigest()}
-        self.info = {**meta, "_reference": ref}
+        self.info, self._reference = meta, ref
         log.info("saved the %s gallery of %d entries to %s", self.kind, len(self), location)
         return ref
 
@@ -355,11 +358,11 @@ class Gallery:
         if index.ntotal != meta["count"] or index.d != meta["dim"]:
             raise ValueError(f"{storage.join(location, files['index']['path'])}: {index.ntotal} entries of "
                              f"dimension {index.d}, gallery.json says {meta['count']} of {meta['dim']}")
-        lat = _load_npy(location, files["lat"], (meta["count"],))
-        lon = _load_npy(location, files["lon"], (meta["count"],))
+        lat = _load_npy(location, files["lat"], (meta["count"],), "f")
+        lon = _load_npy(location, files["lon"], (meta["count"],), "f")
         ref = {"uri": location, "sha256": digest}
-        return cls(index, lat, lon, info={**meta, "_reference": ref}, nprobe=nprobe,
-                   ids_loader=lambda: _load_npy(location, files["ids"], (meta["count"],)))
+        return cls(index, lat, lon, info=meta, nprobe=nprobe, reference=ref,
+                   ids_loader=lambda: _load_npy(location, files["ids"], (meta["count"],), "U"))
 
 
 # ---------------------------------------------------------------------- building internals
@@ -641,6 +644,20 @@ def source_identity(source: str) -> dict[str, Any]:
                        "sha256": _sha256_file(f)} for f in files]}
 
 
+def table_identity(table: Any) -> dict[str, Any]:
+    """Content identity of an in-memory EmbeddingTable: the sha256 of its ids, locations and embeddings
+    (for a table with no file behind it; a table read from a file is better named by `source_identity`)."""
+    if not table.labelled:
+        raise ValueError(f"{table.source}: a gallery needs a labelled table (columns lat, lon)")
+    h = hashlib.sha256()
+    ids = np.asarray(table.ids).astype(str)
+    h.update(f"{len(ids)}:{ids.dtype.str}:{table.dim}".encode())
+    for arr in (ids, np.asarray(table.lat, np.float64), np.asarray(table.lon, np.float64),
+                np.asarray(table.embedding, np.float32)):
+        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+    return {"kind": "table", "sha256": h.hexdigest()}
+
+
 def gallery_source(source: str, *, chunk_rows: int = 65536) -> GallerySource:
     """Identity, canonical location, count and chunk reader of a features folder or Parquet table."""
     from locdiff.data import manifest as mf
@@ -828,7 +845,7 @@ class _fetched:
             os.remove(self.tmp)
 
 
-def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...], kind: str) -> np.ndarray:
     import io
 
     url = storage.join(location, entry["path"])
@@ -846,8 +863,9 @@ def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...]) -> n
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
         raise ValueError(f"{url}: not a readable .npy array ({err}); rebuild the gallery") from None
-    if arr.shape != shape:
-        raise ValueError(f"{url}: shape {arr.shape}, gallery.json says {shape}; rebuild the gallery")
+    if arr.shape != shape or arr.dtype.kind != kind:
+        raise ValueError(f"{url}: {arr.dtype} array of shape {arr.shape}, expected {shape} of kind {kind!r}; "
+                         "rebuild the gallery")
     return arr
 
 
@@ -863,4 +881,4 @@ def config_from_dict(d: dict[str, Any] | None) -> GalleryConfig:
 
 __all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "GallerySource", "array_chunks", "config_from_dict",
            "gallery_for", "gallery_location", "gallery_source", "get_or_build", "source_identity",
-           "table_chunks"]
+           "table_chunks", "table_identity"]

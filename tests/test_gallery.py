@@ -26,6 +26,8 @@ from locdiff.gallery import (  # noqa: E402
     gallery_location,
     get_or_build,
     source_identity,
+    table_chunks,
+    table_identity,
 )
 
 
@@ -133,6 +135,17 @@ def test_ivf_from_a_one_shot_stream_and_short_lists_are_filled():
     assert (idx >= 0).all() and (idx < len(g)).all()
     assert all(len(np.unique(row)) == 1000 for row in idx)
     assert (np.diff(sim, axis=1) <= 1e-6).all()
+
+
+def test_search_rejects_bad_queries():
+    emb, lat, lon, ids, q = clustered(300, 8, seed=3)
+    g = Gallery.from_arrays(emb, lat, lon, ids)
+    with pytest.raises(ValueError, match="dimension 8"):
+        g.search(q[:, :6], 3)
+    q = q.copy()
+    q[4, 1] = np.nan
+    with pytest.raises(ValueError, match="query 4 has a NaN"):
+        g.search(q, 3)
 
 
 def test_build_rejects_bad_chunks_and_counts():
@@ -455,3 +468,22 @@ def test_gallery_for_a_features_folder(tmp_path):
     (folder / shard_name(1)).write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1:])
     with pytest.raises(ValueError, match=r"shard-000001\.tar: sha256 differs"):
         gallery_for(str(folder), GalleryConfig(index="ivf_flat", nlist=4))
+
+
+def test_in_memory_table_identity(tmp_path):
+    """A table with no file behind it (what a method's fit receives today) is named by its content."""
+    from locdiff.tables import EmbeddingTable
+
+    emb, lat, lon, ids, q = clustered(900, 8, seed=10)
+    table = EmbeddingTable(ids=ids.astype(object), lat=lat, lon=lon, embedding=emb)
+    same = EmbeddingTable(ids=ids.astype(object), lat=lat.copy(), lon=lon.copy(), embedding=emb.copy())
+    moved = EmbeddingTable(ids=ids.astype(object), lat=np.where(np.arange(900) == 5, 0.0, lat), lon=lon,
+                           embedding=emb)
+    assert table_identity(table) == table_identity(same) != table_identity(moved)
+    loc = str(tmp_path / "g")
+    g, ref = get_or_build(table_identity(table), loc, lambda: table_chunks(table, 200), count=len(table))
+    assert get_or_build(table_identity(same), loc, lambda: table_chunks(same, 200), count=900)[1] == ref
+    _, ref_idx, _ = exact_topk(q, emb, 3)
+    np.testing.assert_array_equal(g.search(q, 3)[1], ref_idx)
+    with pytest.raises(ValueError, match="labelled"):
+        table_identity(EmbeddingTable(ids=ids.astype(object), lat=None, lon=None, embedding=emb))
