@@ -5,10 +5,14 @@ gallery holds the L2-normalised embeddings in a faiss index (cosine similarity =
 entries' lat/lon (float64) and ids, addressable by the indices `search` returns.
 
 Index type by size (`GalleryConfig`): exact `IndexFlatIP` below `flat_threshold` entries (default
-200,000), above it an inverted-file index, by default IVF-SQ8 (8-bit scalar codes: a quarter of the
-memory of float32 vectors; at MP-16 scale, 4.7M x 768-d, 3.6 GB instead of 14.4 GB), searched over
-`nprobe` of its `nlist` lists. `benchmarks/bench_gallery.py` measures recall, speed and memory of the
-choices.
+200,000); above it an inverted-file index over `nlist` lists (default the power of two nearest
+2 sqrt(N)), searched over `nprobe` of them (default 32). The stored vectors are by default float16
+(`ivf_fp16`: half the memory of float32, 7.2 GB instead of 14.4 GB at MP-16 scale, 4.7M x 768-d, and
+the recall of exact float32 storage); `ivf_sq8` (8-bit codes, a quarter) loses some top-1 neighbours to
+the quantisation (recall@1 0.95-0.97 in bench_gallery, against 0.999-1.0 for fp16); `ivf_flat` stores
+float32. Not offered: HNSW (measured in `benchmarks/bench_gallery.py`: at 100k it builds ~6x slower
+than IVF and holds 1.5x the flat vectors) and IVF-PQ (32 bytes a vector at 128-d: recall@1 0.36 in an
+exploratory run on the same data, and minutes to train).
 
 Building reads a stream of chunks `(embedding (n, d), lat (n,), lon (n,), ids (n,))` and never holds
 more than the index itself, one chunk and the per-entry lat/lon/ids: a flat index is filled into storage
@@ -178,9 +182,7 @@ class Gallery:
         if index.ntotal != len(self.lat) or len(self.lat) != len(self.lon):
             raise ValueError(f"gallery: index holds {index.ntotal} entries, lat {len(self.lat)}, "
                              f"lon {len(self.lon)}")
-        self._ivf = None
-        if self.kind != "flat":
-            self._ivf = _faiss().extract_index_ivf(index)
+        self._ivf = _faiss().try_extract_index_ivf(index)  # None for a flat index
         self.nprobe = int(nprobe or self.info.get("search", {}).get("nprobe") or GalleryConfig.nprobe)
 
     # ------------------------------------------------------------------ properties
@@ -193,7 +195,7 @@ class Gallery:
 
     @property
     def kind(self) -> str:
-        return str(self.info.get("build", {}).get("index", "flat"))
+        return str(self.info.get("build", {}).get("index") or ("flat" if self._ivf is None else "ivf"))
 
     @property
     def nprobe(self) -> int:
@@ -224,9 +226,9 @@ class Gallery:
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k cosine similarity: (similarity (N, k) float32, index (N, k) int64), best first.
 
-        Exact for a flat index. For an IVF index the similarities come from the stored codes (SQ8:
-        within about 1e-2 of the exact cosine) and rows that `nprobe` lists cannot fill are searched
-        again with more lists, so every returned index is a valid entry.
+        Exact for a flat index. For an IVF index the similarities come from the stored codes (fp16:
+        within about 1e-3 of the exact cosine, SQ8 about 1e-2), and rows that `nprobe` lists cannot fill
+        are searched again with more lists, so every returned index is a valid entry.
         """
         faiss = _faiss()
         q = np.array(query, dtype=np.float32, order="C", copy=True)
