@@ -13,12 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
-faiss = pytest.importorskip("faiss")
-
-from locdiff.gallery import (  # noqa: E402
+from locdiff.gallery import (
     Gallery,
     GalleryConfig,
     array_chunks,
