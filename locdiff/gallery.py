@@ -1,0 +1,886 @@
+"""The retrieval gallery: a faiss index over a training set's embeddings, stored once per data set.
+
+LocDiff-H and the knn baseline retrieve the training entries most similar to a query embedding. The
+gallery holds the L2-normalised embeddings in a faiss index (cosine similarity = inner product) and the
+entries' lat/lon (float64) and ids, addressable by the indices `search` returns.
+
+Index type by size (`GalleryConfig`): exact `IndexFlatIP` below `flat_threshold` entries (default
+200,000); above it an inverted-file index over `nlist` lists (default the power of two nearest
+2 sqrt(N)), searched over `nprobe` of them (default 32). The stored vectors are by default float16
+(`ivf_fp16`: half the memory of float32, 7.2 GB instead of 14.4 GB at MP-16 scale, 4.7M x 768-d, and
+the recall of exact float32 storage); `ivf_sq8` (8-bit codes, a quarter) loses some top-1 neighbours to
+the quantisation (recall@1 0.95-0.97 in bench_gallery, against 0.999-1.0 for fp16); `ivf_flat` stores
+float32. Not offered: HNSW (measured in `benchmarks/bench_gallery.py`: at 100k it builds ~6x slower
+than IVF and holds 1.5x the flat vectors) and IVF-PQ (32 bytes a vector at 128-d: recall@1 0.36 in an
+exploratory run on the same data, and minutes to train).
+
+Building reads a stream of chunks `(embedding (n, d), lat (n,), lon (n,), ids (n,))` and never holds
+more than the index itself, one chunk and the per-entry lat/lon/ids: a flat index is filled into storage
+allocated once; an IVF index, given a re-iterable source (a function returning a fresh iterator), is
+built in three passes: a seeded uniform sample trains the quantizer, a second pass assigns every entry to
+its list so that each list is allocated at its final size, a third adds the entries (with a one-shot
+iterator the first chunks train it and lists grow as entries arrive, about 1.4-1.8x the final size).
+
+On disk (a local folder or an s3:// prefix, through `locdiff.data.storage`):
+
+    LOCATION/gallery.json            count, dim, index type and parameters, the data source's identity,
+                                     and the path, size and sha256 of every file below; written last
+    LOCATION/data-XXXXXXXXXXXX/      one folder per build (a unique name: concurrent builders never
+        index.faiss                  write the same file; whichever gallery.json lands last wins, and it
+        lat.npy, lon.npy             names a complete folder)
+        ids.npy                      fixed-width unicode, no pickle
+
+A gallery is complete exactly when gallery.json exists. `save` returns a reference
+`{"uri": LOCATION, "sha256": <sha256 of gallery.json>}` that a run stores instead of a copy;
+`Gallery.load(uri, sha256)` verifies gallery.json against it and every file against gallery.json before
+deserialising anything. `get_or_build` reuses a complete gallery built from the same source identity with
+the same build settings, else builds and saves one; `gallery_for(source)` does it all for a features
+folder (ROOT/NAME/features/ENCODER, gallery in its `gallery/` subfolder) or an embeddings Parquet table
+(`T.parquet`, gallery in the sibling folder `T.gallery/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from locdiff.data import storage
+
+log = logging.getLogger(__name__)
+
+GALLERY_JSON = "gallery.json"
+FORMAT_VERSION = 1
+MAX_GALLERY_JSON_BYTES = 16 << 20
+FILES = {"index": "index.faiss", "lat": "lat.npy", "lon": "lon.npy", "ids": "ids.npy"}
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str] | np.ndarray]
+ChunkSource = Callable[[], Iterable[Chunk]]
+# approximate index kinds -> faiss code of the stored vectors (per entry: Flat 4 bytes/dim, SQfp16 2, SQ8 1)
+CODES = {"ivf_flat": "Flat", "ivf_fp16": "SQfp16", "ivf_sq8": "SQ8"}
+IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "ivf_sq8"]
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency of the gallery
+        raise ImportError("the retrieval gallery needs faiss: pip install faiss-cpu") from None
+    return faiss
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    """How a gallery is built (all but `nprobe`, which is a search setting, decide its bytes)."""
+
+    index: Literal["auto", "flat", "ivf_flat", "ivf_fp16", "ivf_sq8"] = "auto"  # auto: flat below threshold
+    flat_threshold: int = 200_000  # auto: exact flat index below this many entries
+    approx: Literal["ivf_flat", "ivf_fp16", "ivf_sq8"] = "ivf_fp16"  # auto: index at or above the threshold
+    nlist: int | None = None  # IVF lists; None: the power of two nearest 2 * sqrt(count)
+    nprobe: int = 32  # IVF lists searched per query (search time; recall against speed)
+    train_per_list: int = 64  # IVF training rows per list (capped by the count)
+    seed: int = 0  # training sample and k-means
+
+    def __post_init__(self) -> None:
+        if self.index not in ("auto", "flat", *CODES):
+            raise ValueError(f"gallery index {self.index!r}; valid: auto, flat, {', '.join(CODES)}")
+        if self.approx not in CODES:
+            raise ValueError(f"gallery approx {self.approx!r}; valid: {', '.join(CODES)}")
+        for name in ("flat_threshold", "nprobe", "train_per_list"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"gallery {name} must be at least 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"gallery nlist must be at least 1, got {self.nlist}")
+
+    def kind(self, count: int) -> IndexKind:
+        if self.index != "auto":
+            return self.index
+        return "flat" if count < self.flat_threshold else self.approx
+
+    def build_params(self, count: int) -> dict[str, Any]:
+        """Everything that decides the index's bytes for `count` entries."""
+        kind = self.kind(count)
+        if kind == "flat":
+            return {"index": "flat", "factory": "Flat"}
+        nlist = self.nlist or 2 ** max(0, round(math.log2(2 * math.sqrt(max(count, 1)))))
+        nlist = max(1, min(nlist, count))
+        return {"index": kind, "factory": f"IVF{nlist},{CODES[kind]}", "nlist": nlist, "seed": self.seed,
+                "train_rows": min(count, nlist * self.train_per_list)}
+
+
+@dataclass
+class _Meta:
+    """Per-entry arrays collected while building."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    ids: list[np.ndarray] = field(default_factory=list)
+    row: int = 0
+
+
+def _check_chunk(chunk: Chunk, dim: int | None, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
+    """Validated (unit-norm float32 embeddings, lat, lon, ids as str) of one chunk."""
+    faiss = _faiss()
+    try:
+        emb, lat, lon, ids = chunk
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a chunk must be (embedding, lat, lon, ids)") from None
+    emb = np.array(emb, dtype=np.float32, order="C", copy=True)  # normalised in place below
+    if emb.ndim != 2 or (dim is not None and emb.shape[1] != dim):
+        raise ValueError(f"{where}: embeddings of shape {emb.shape}, expected (n, {dim or 'd'})")
+    n = emb.shape[0]
+    lat = np.asarray(lat, dtype=np.float64).reshape(-1)
+    lon = np.asarray(lon, dtype=np.float64).reshape(-1)
+    ids = np.asarray(ids).astype(str).reshape(-1)
+    if not (len(lat) == len(lon) == len(ids) == n):
+        raise ValueError(f"{where}: {n} embeddings but {len(lat)} lat, {len(lon)} lon, {len(ids)} ids")
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"{where}: entry {int(np.argmin(finite))} has a NaN or infinite embedding")
+    bad = ~(np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90) & (lon >= -180) & (lon <= 360))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{where}: entry {i} ({ids[i]}) has no valid location (lat={lat[i]}, lon={lon[i]}); "
+                         "a gallery needs labelled entries")
+    if n:
+        faiss.normalize_L2(emb)  # zero rows stay zero
+    return emb, lat, lon, ids
+
+
+def _chunks(source: ChunkSource | Iterable[Chunk]) -> Iterator[Chunk]:
+    return iter(source() if callable(source) else source)
+
+
+def _strip(path: str) -> str:
+    return path.rstrip("/")
+
+
+class Gallery:
+    """A faiss index over unit-norm embeddings plus the entries' lat, lon and ids."""
+
+    def __init__(self, index: Any, lat: np.ndarray, lon: np.ndarray, ids: np.ndarray | None = None, *,
+                 info: dict[str, Any] | None = None, nprobe: int | None = None,
+                 ids_loader: Callable[[], np.ndarray] | None = None, reference: dict[str, str] | None = None):
+        self.index = index
+        self.lat = np.asarray(lat, dtype=np.float64)
+        self.lon = np.asarray(lon, dtype=np.float64)
+        self._ids = None if ids is None else np.asarray(ids)
+        self._ids_loader = ids_loader
+        self.info: dict[str, Any] = dict(info or {})
+        self._reference = dict(reference) if reference else None
+        if index.ntotal != len(self.lat) or len(self.lat) != len(self.lon):
+            raise ValueError(f"gallery: index holds {index.ntotal} entries, lat {len(self.lat)}, "
+                             f"lon {len(self.lon)}")
+        self._ivf = _faiss().try_extract_index_ivf(index)  # None for a flat index
+        self.nprobe = int(nprobe or self.info.get("search", {}).get("nprobe") or GalleryConfig.nprobe)
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def kind(self) -> str:
+        return str(self.info.get("build", {}).get("index") or ("flat" if self._ivf is None else "ivf"))
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._nprobe = max(1, int(value))
+        if self._ivf is not None:
+            self._ivf.nprobe = min(self._nprobe, self._ivf.nlist)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(M,) str ids; read (and verified) on first use when the gallery was loaded."""
+        if self._ids is None:
+            if self._ids_loader is None:
+                raise ValueError("gallery: no ids")
+            self._ids = self._ids_loader()
+            if len(self._ids) != len(self):
+                raise ValueError(f"gallery: {len(self._ids)} ids for {len(self)} entries")
+        return self._ids
+
+    def reference(self) -> dict[str, str] | None:
+        """{"uri", "sha256"} of the stored gallery this one was saved to or loaded from, else None."""
+        return dict(self._reference) if self._reference else None
+
+    # ------------------------------------------------------------------ search
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cosine similarity: (similarity (N, k) float32, index (N, k) int64), best first.
+
+        Exact for a flat index. For an IVF index the similarities come from the stored codes (fp16:
+        within about 1e-3 of the exact cosine, SQ8 about 1e-2), and rows that `nprobe` lists cannot fill
+        are searched again with more lists, so every returned index is a valid entry.
+        """
+        faiss = _faiss()
+        q = np.array(query, dtype=np.float32, order="C", copy=True)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query embeddings of shape {q.shape}, the gallery has dimension {self.dim}")
+        finite = np.isfinite(q).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"query {int(np.argmin(finite))} has a NaN or infinite embedding")
+        k = min(int(k), len(self))
+        if k < 1 or len(q) == 0:
+            return np.zeros((len(q), max(k, 0)), np.float32), np.zeros((len(q), max(k, 0)), np.int64)
+        faiss.normalize_L2(q)
+        sim, idx = self.index.search(q, k)
+        if self._ivf is not None:
+            missing = np.flatnonzero((idx < 0).any(axis=1))
+            nprobe = self._ivf.nprobe
+            while len(missing) and nprobe < self._ivf.nlist:
+                nprobe = min(self._ivf.nlist, nprobe * 4)
+                params = faiss.SearchParametersIVF(nprobe=nprobe)
+                s2, i2 = self.index.search(q[missing], k, params=params)
+                sim[missing], idx[missing] = s2, i2
+                missing = missing[(i2 < 0).any(axis=1)]
+        return sim.astype(np.float32, copy=False), idx.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_arrays(cls, embedding: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+                    ids: Sequence[str] | np.ndarray | None = None, *, config: GalleryConfig | None = None,
+                    chunk_rows: int = 65536, source: dict[str, Any] | None = None) -> Gallery:
+        """A gallery of in-memory arrays (built through the same chunked path)."""
+        embedding = np.asarray(embedding)
+        n = len(embedding)
+        ids = np.arange(n).astype(str) if ids is None else np.asarray(ids)
+        return cls.build(lambda: array_chunks(embedding, lat, lon, ids, chunk_rows), count=n, config=config,
+                         source=source)
+
+    @classmethod
+    def build(cls, chunks: ChunkSource | Iterable[Chunk], *, count: int | None = None,
+              config: GalleryConfig | None = None, source: dict[str, Any] | None = None,
+              progress: bool = False) -> Gallery:
+        """Build from chunks (embedding (n, d), lat (n,), lon (n,), ids (n,)).
+
+        Args:
+            chunks: a function returning a fresh iterator of chunks (needed for the uniform training
+                sample and exact list allocation of an IVF index; it must yield the same rows each
+                call), or a one-shot iterable.
+            count: the number of entries (from the manifest or the Parquet metadata); a mismatch is a
+                ValueError. When None, a re-iterable source is counted in one extra pass.
+            source: the data's identity, recorded in gallery.json (see `source_identity`).
+        """
+        config = config or GalleryConfig()
+        if count is None:
+            if not callable(chunks):
+                raise ValueError("gallery: a one-shot chunk iterator needs count=")
+            count = sum(len(c[0]) for c in chunks())
+        if count < 1:
+            raise ValueError("gallery: the source has no entries")
+        params = config.build_params(count)
+        log.info("building a %s gallery of %d entries (%s)", params["index"], count, params["factory"])
+        if params["index"] == "flat":
+            index, meta = _build_flat(_chunks(chunks), count, progress)
+        elif callable(chunks):
+            index, meta = _build_ivf_passes(chunks, count, params, progress)
+        else:
+            index, meta = _build_ivf_stream(_chunks(chunks), count, params, progress)
+        ids = np.concatenate(meta.ids)
+        info = {"count": count, "dim": int(index.d), "build": params, "search": {"nprobe": config.nprobe},
+                "source": source or {}}
+        return cls(index, meta.lat, meta.lon, ids, info=info, nprobe=config.nprobe)
+
+    # ------------------------------------------------------------------ storage
+    def save(self, location: str) -> dict[str, str]:
+        """Write the gallery to a local folder or s3:// prefix; gallery.json last. Returns the reference
+        {"uri": location, "sha256": <sha256 of gallery.json>}."""
+        faiss = _faiss()
+        location = _strip(str(location))
+        data_dir = f"data-{uuid.uuid4().hex[:12]}"
+        tmp_root = storage.local_tmp_dir(location)
+        files: dict[str, dict[str, Any]] = {}
+
+        def put(key: str, write: Callable[[str], None]) -> None:
+            tmp = os.path.join(tmp_root, f"{data_dir}-{FILES[key]}.tmp-{os.getpid()}")
+            try:
+                write(tmp)
+                files[key] = {"path": f"{data_dir}/{FILES[key]}", "bytes": os.path.getsize(tmp),
+                              "sha256": _sha256_file(tmp)}
+                storage.put_file_atomic(tmp, storage.join(location, data_dir, FILES[key]))
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+        put("index", lambda p: faiss.write_index(self.index, p))  # streamed to the file, no second copy
+        for key, arr in (("lat", self.lat), ("lon", self.lon), ("ids", self.ids)):
+            put(key, lambda p, a=arr: _save_npy(p, a))
+        _remove_empty_dir(tmp_root)
+        meta = dict(self.info)
+        meta.update({"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim,
+                     "files": files, "software": _software()})
+        meta.setdefault("search", {})["nprobe"] = self.nprobe
+        data = _dumps(meta)
+        storage.write_bytes_atomic(storage.join(location, GALLERY_JSON), data)
+        ref = {"uri": location, "sha256": hashlib.sha256(data).hexdigest()}
+        self.info, self._reference = meta, ref
+        log.info("saved the %s gallery of %d entries to %s", self.kind, len(self), location)
+        return ref
+
+    @classmethod
+    def load(cls, uri: str | dict[str, str], sha256: str | None = None, *, nprobe: int | None = None,
+             progress: bool = False) -> Gallery:
+        """Load a saved gallery (a location, or a reference dict from `save`), verifying gallery.json
+        against `sha256` when given and every file against gallery.json before deserialising it.
+
+        Raises:
+            FileNotFoundError: no gallery.json at the location (no complete gallery there).
+            ValueError: one line naming the file whose size or sha256 differs, or a malformed gallery.json.
+        """
+        faiss = _faiss()
+        if isinstance(uri, dict):
+            uri, sha256 = uri["uri"], sha256 or uri.get("sha256")
+        location = _strip(str(uri))
+        meta, digest = _read_gallery_json(location)
+        gj = storage.join(location, GALLERY_JSON)
+        if sha256 and digest != sha256.lower():
+            raise ValueError(f"{gj}: sha256 {digest} differs from the recorded {sha256} (the gallery was "
+                             "rebuilt or changed); rebuild it or train the run again")
+        files = meta["files"]
+        with _fetched(location, files["index"]) as path:
+            index = faiss.read_index(path)
+        if index.ntotal != meta["count"] or index.d != meta["dim"]:
+            raise ValueError(f"{storage.join(location, files['index']['path'])}: {index.ntotal} entries of "
+                             f"dimension {index.d}, gallery.json says {meta['count']} of {meta['dim']}")
+        lat = _load_npy(location, files["lat"], (meta["count"],), "f")
+        lon = _load_npy(location, files["lon"], (meta["count"],), "f")
+        ref = {"uri": location, "sha256": digest}
+        return cls(index, lat, lon, info=meta, nprobe=nprobe, reference=ref,
+                   ids_loader=lambda: _load_npy(location, files["ids"], (meta["count"],), "U"))
+
+
+# ---------------------------------------------------------------------- building internals
+def _collect_meta(meta: _Meta, lat: np.ndarray, lon: np.ndarray, ids: np.ndarray, count: int,
+                  where: str) -> None:
+    n = len(lat)
+    if meta.row + n > count:
+        raise ValueError(f"{where}: the source yields more than the {count} entries it declared")
+    meta.lat[meta.row: meta.row + n] = lat
+    meta.lon[meta.row: meta.row + n] = lon
+    meta.ids.append(ids)
+    meta.row += n
+
+
+def _finish(meta: _Meta, count: int) -> None:
+    if meta.row != count or not meta.ids:
+        raise ValueError(f"gallery: the source yielded {meta.row} entries, it declared {count}")
+
+
+def _build_flat(chunks: Iterable[Chunk], count: int, progress: bool) -> tuple[Any, _Meta]:
+    """IndexFlatIP with its storage allocated once at the final size (faiss's add would grow it by
+    doubling, up to 1.7x the final size)."""
+    faiss = _faiss()
+    index = store = None
+    meta = _Meta(np.empty(count), np.empty(count))
+    with tqdm(total=count, desc="gallery (flat)", unit="entry", disable=not progress) as bar:
+        for i, chunk in enumerate(chunks):
+            emb, lat, lon, ids = _check_chunk(chunk, None if index is None else index.d, f"gallery chunk {i}")
+            if index is None:
+                dim = emb.shape[1]
+                index = faiss.IndexFlatIP(dim)
+                index.codes.resize(count * dim * 4)
+                store = faiss.rev_swig_ptr(index.codes.data(), count * dim * 4).view(np.float32)
+                store = store.reshape(count, dim)
+            start = meta.row
+            _collect_meta(meta, lat, lon, ids, count, f"gallery chunk {i}")
+            store[start: meta.row] = emb
+            bar.update(len(emb))
+    _finish(meta, count)
+    index.ntotal = count
+    return index, meta
+
+
+def _new_ivf(dim: int, params: dict[str, Any]) -> Any:
+    faiss = _faiss()
+    index = faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = int(params["seed"])
+    return index
+
+
+def _train(index: Any, sample: np.ndarray, params: dict[str, Any]) -> None:
+    log.info("training %s on %d rows", params["factory"], len(sample))
+    index.train(sample)
+
+
+def _build_ivf_passes(chunks: ChunkSource, count: int, params: dict[str, Any],
+                      progress: bool) -> tuple[Any, _Meta]:
+    """Three passes: a seeded uniform training sample; the list of every entry (so that each inverted
+    list is allocated once at its final size); the entries added with those lists."""
+    faiss = _faiss()
+    rng = np.random.default_rng(params["seed"])
+    train_rows = int(params["train_rows"])
+    pick = np.sort(rng.choice(count, size=train_rows, replace=False)) if train_rows < count else \
+        np.arange(count)
+    sample: np.ndarray | None = None
+    dim: int | None = None
+    row = got = 0
+    with tqdm(total=count, desc="gallery: sample", unit="entry", disable=not progress) as bar:
+        for i, chunk in enumerate(_chunks(chunks)):
+            emb, _, _, _ = _check_chunk(chunk, dim, f"gallery chunk {i}")
+            if sample is None:
+                dim = emb.shape[1]
+                sample = np.empty((train_rows, dim), np.float32)
+            lo, hi = np.searchsorted(pick, [row, row + len(emb)])
+            sample[got: got + hi - lo] = emb[pick[lo:hi] - row]
+            got += hi - lo
+            row += len(emb)
+            bar.update(len(emb))
+            if got == train_rows:
+                break
+    if sample is None or got != train_rows:
+        raise ValueError(f"gallery: the source yielded {row} entries, it declared {count}")
+    index = _new_ivf(dim, params)
+    _train(index, sample, params)
+    del sample
+    ivf = faiss.extract_index_ivf(index)
+
+    assign = np.empty(count, np.int64)
+    lat_seen = np.empty(count)
+    row = 0
+    with tqdm(total=count, desc="gallery: assign", unit="entry", disable=not progress) as bar:
+        for i, chunk in enumerate(_chunks(chunks)):
+            emb, lat, _, _ = _check_chunk(chunk, dim, f"gallery chunk {i}")
+            if row + len(emb) > count:
+                raise ValueError(f"gallery chunk {i}: the source yields more than the {count} entries it "
+                                 "declared")
+            _, a = ivf.quantizer.search(emb, 1)
+            assign[row: row + len(emb)] = a[:, 0]
+            lat_seen[row: row + len(emb)] = lat
+            row += len(emb)
+            bar.update(len(emb))
+    if row != count:
+        raise ValueError(f"gallery: the source yielded {row} entries, it declared {count}")
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    sizes = np.bincount(assign, minlength=ivf.nlist)
+    for lst, size in enumerate(sizes.tolist()):  # reserve: grow to the final size, keep the capacity
+        invlists.resize(lst, size)
+        invlists.resize(lst, 0)
+
+    meta = _Meta(np.empty(count), np.empty(count))
+    with tqdm(total=count, desc="gallery: add", unit="entry", disable=not progress) as bar:
+        for i, chunk in enumerate(_chunks(chunks)):
+            emb, lat, lon, ids = _check_chunk(chunk, dim, f"gallery chunk {i}")
+            start = meta.row
+            _collect_meta(meta, lat, lon, ids, count, f"gallery chunk {i}")
+            if not np.array_equal(lat, lat_seen[start: meta.row], equal_nan=True):
+                raise ValueError(f"gallery chunk {i}: the source yielded different rows on another pass; "
+                                 "give a deterministic chunk source")
+            a = np.ascontiguousarray(assign[start: meta.row])
+            ivf.add_core(len(emb), faiss.swig_ptr(emb), None, faiss.swig_ptr(a))
+            bar.update(len(emb))
+    _finish(meta, count)
+    return index, meta
+
+
+def _build_ivf_stream(chunks: Iterable[Chunk], count: int, params: dict[str, Any],
+                      progress: bool) -> tuple[Any, _Meta]:
+    """One pass: the first `train_rows` entries train the index, then every entry is added."""
+    train_rows = int(params["train_rows"])
+    log.warning("gallery: a one-shot chunk stream trains the IVF index on its first %d entries (pass a "
+                "function returning the chunks for a uniform sample)", train_rows)
+    index = dim = None
+    pending: list[np.ndarray] = []
+    buffered = 0
+    meta = _Meta(np.empty(count), np.empty(count))
+    with tqdm(total=count, desc="gallery (ivf)", unit="entry", disable=not progress) as bar:
+        for i, chunk in enumerate(chunks):
+            emb, lat, lon, ids = _check_chunk(chunk, dim, f"gallery chunk {i}")
+            dim = emb.shape[1]
+            _collect_meta(meta, lat, lon, ids, count, f"gallery chunk {i}")
+            if index is None:
+                pending.append(emb)
+                buffered += len(emb)
+                if buffered >= train_rows or meta.row == count:
+                    index = _new_ivf(dim, params)
+                    held = np.concatenate(pending)
+                    pending.clear()
+                    _train(index, held[:train_rows], params)
+                    index.add(held)
+                    del held
+            else:
+                index.add(emb)
+            bar.update(len(emb))
+    _finish(meta, count)
+    if index is None:  # pragma: no cover - the count check above makes this unreachable
+        raise ValueError("gallery: no entries")
+    return index, meta
+
+
+# ---------------------------------------------------------------------- chunk sources
+def array_chunks(embedding: np.ndarray, lat: np.ndarray, lon: np.ndarray, ids: Sequence[str] | np.ndarray,
+                 rows: int = 65536) -> Iterator[Chunk]:
+    """Chunks of in-memory arrays."""
+    ids = np.asarray(ids)
+    for s in range(0, len(embedding), rows):
+        yield embedding[s: s + rows], lat[s: s + rows], lon[s: s + rows], ids[s: s + rows]
+
+
+def table_chunks(table: Any, rows: int = 65536) -> Iterator[Chunk]:
+    """Chunks of an in-memory EmbeddingTable (labelled)."""
+    if not table.labelled:
+        raise ValueError(f"{table.source}: a gallery needs a labelled table (columns lat, lon)")
+    return array_chunks(table.embedding, table.lat, table.lon, table.ids, rows)
+
+
+def _is_features_folder(path: str) -> bool:
+    from locdiff.data import manifest as mf
+
+    return (not path.endswith(".parquet")) and storage.exists(mf.manifest_path(path))
+
+
+def _parquet_files(path: str) -> list[str]:
+    fs, p = storage.filesystem(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if fs.isdir(p):
+        files = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
+        if not files:
+            raise ValueError(f"{path}: folder holds neither a manifest.json (features) nor .parquet files")
+        prefix = path.split("://", 1)[0] + "://" if storage.is_remote(path) else ""
+        return [prefix + f for f in files]
+    return [path]
+
+
+def _feature_chunks(folder: str) -> Iterator[Chunk]:
+    """One chunk per feature shard, each checked against the manifest's sha256 and count."""
+    from locdiff.data import manifest as mf
+    from locdiff.data.features import read_feature_shard, to_float32
+    from locdiff.data.validation import ChecksumError, sha256_bytes
+
+    m = mf.require_manifest(folder, "embed")
+    for entry in m["shards"]:
+        url = storage.join(folder, entry["shard"])
+        data = storage.read_bytes(url)
+        if sha256_bytes(data) != entry["sha256"]:
+            raise ChecksumError(f"{url}: sha256 differs from the manifest's {entry['sha256']} (damaged or "
+                                "rewritten shard); re-run `locdiff data embed`")
+        part = read_feature_shard(data, url)
+        del data
+        if len(part["ids"]) != entry["count"]:
+            raise ValueError(f"{url}: {len(part['ids'])} samples, the manifest says {entry['count']}")
+        if not part["ids"]:
+            continue
+        yield to_float32(part["emb"]), part["lat"], part["lon"], np.asarray(part["ids"]).astype(str)
+
+
+def _parquet_chunks(files: list[str], rows: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from locdiff.io import embedding_table_from_arrow
+
+    for path in files:
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            start = 0
+            for batch in pf.iter_batches(batch_size=rows, columns=["id", "lat", "lon", "embedding"]):
+                n = batch.num_rows
+                t = embedding_table_from_arrow(pa.Table.from_batches([batch]),
+                                               f"{path} (rows {start}-{start + n - 1})", labelled=True)
+                start += n
+                yield t.embedding, t.lat, t.lon, t.ids.astype(str)
+
+
+def _parquet_count(files: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in files:
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+@dataclass
+class GallerySource:
+    """What `get_or_build` needs about a training data set."""
+
+    identity: dict[str, Any]  # content identity: equal exactly when the entries are the same
+    location: str  # canonical gallery location
+    count: int
+    chunks: ChunkSource
+
+
+def gallery_location(source: str) -> str:
+    """Canonical gallery location of a data source: FEATURES/gallery for a features folder
+    (ROOT/NAME/features/ENCODER), T.gallery beside a Parquet table T.parquet (or a folder T of them)."""
+    source = _strip(str(source))
+    if _is_features_folder(source):
+        return storage.join(source, "gallery")
+    return (source[: -len(".parquet")] if source.endswith(".parquet") else source) + ".gallery"
+
+
+def source_identity(source: str) -> dict[str, Any]:
+    """Content identity of a data source: the sha256 of a features folder's manifest.json (which holds
+    every shard's sha256), or of each Parquet file's bytes (read once, streamed)."""
+    from locdiff.data import manifest as mf
+
+    source = _strip(str(source))
+    if _is_features_folder(source):
+        data = storage.read_bytes(mf.manifest_path(source))
+        return {"kind": "features", "manifest_sha256": hashlib.sha256(data).hexdigest()}
+    files = _parquet_files(source)
+    return {"kind": "parquet",
+            "files": [{"name": posixpath.relpath(f, source) if f != source else posixpath.basename(f),
+                       "sha256": _sha256_file(f)} for f in files]}
+
+
+def table_identity(table: Any) -> dict[str, Any]:
+    """Content identity of an in-memory EmbeddingTable: the sha256 of its ids, locations and embeddings
+    (for a table with no file behind it; a table read from a file is better named by `source_identity`)."""
+    if not table.labelled:
+        raise ValueError(f"{table.source}: a gallery needs a labelled table (columns lat, lon)")
+    h = hashlib.sha256()
+    ids = np.asarray(table.ids).astype(str)
+    h.update(f"{len(ids)}:{ids.dtype.str}:{table.dim}".encode())
+    for arr in (ids, np.asarray(table.lat, np.float64), np.asarray(table.lon, np.float64),
+                np.asarray(table.embedding, np.float32)):
+        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+    return {"kind": "table", "sha256": h.hexdigest()}
+
+
+def gallery_source(source: str, *, chunk_rows: int = 65536) -> GallerySource:
+    """Identity, canonical location, count and chunk reader of a features folder or Parquet table."""
+    from locdiff.data import manifest as mf
+
+    source = _strip(str(source))
+    if _is_features_folder(source):
+        m = mf.require_manifest(source, "embed")
+        count = int(sum(int(e["count"]) for e in m["shards"]))
+        return GallerySource(source_identity(source), gallery_location(source), count,
+                             lambda: _feature_chunks(source))
+    files = _parquet_files(source)
+    return GallerySource(source_identity(source), gallery_location(source), _parquet_count(files),
+                         lambda: _parquet_chunks(files, chunk_rows))
+
+
+def get_or_build(source_identity: dict[str, Any], location: str, chunks_fn: ChunkSource, *,
+                 count: int | None = None, config: GalleryConfig | None = None,
+                 progress: bool = False) -> tuple[Gallery, dict[str, str]]:
+    """The complete gallery at `location` when it was built from `source_identity` with `config`'s build
+    settings, else a new one built from `chunks_fn()` and saved there. Returns (gallery, reference).
+
+    Concurrent callers do not corrupt each other: each writes its own data folder and gallery.json
+    last; the last one written is the gallery. A gallery replaced for a changed source has its data
+    folder removed after the new gallery.json is written.
+    """
+    config = config or GalleryConfig()
+    location = _strip(str(location))
+    stale: dict[str, Any] | None = None
+    try:
+        meta, _ = _read_gallery_json(location)
+    except FileNotFoundError:
+        meta = None
+    except ValueError as err:
+        log.warning("%s; rebuilding the gallery", err)
+        meta = None
+    if meta is not None:
+        want = config.build_params(meta["count"])
+        if meta.get("source") == source_identity and meta.get("build") == want and \
+                (count is None or count == meta["count"]):
+            try:
+                g = Gallery.load(location, nprobe=config.nprobe, progress=progress)
+                log.info("reusing the gallery at %s", location)
+                return g, g.reference() or {}
+            except ValueError as err:
+                log.warning("%s; rebuilding the gallery", err)
+        else:
+            stale = meta
+            log.info("the gallery at %s was built from another source or with other settings; rebuilding",
+                     location)
+    g = Gallery.build(chunks_fn, count=count, config=config, source=source_identity, progress=progress)
+    ref = g.save(location)
+    if stale is not None:
+        old = {posixpath.dirname(f["path"]) for f in stale.get("files", {}).values()}
+        new = {posixpath.dirname(f["path"]) for f in g.info["files"].values()}
+        for d in old - new:
+            if _safe_relpath(d):
+                storage.remove(storage.join(location, d))
+    return g, ref
+
+
+def gallery_for(source: str, config: GalleryConfig | None = None, *, location: str | None = None,
+                progress: bool = False) -> tuple[Gallery, dict[str, str]]:
+    """`get_or_build` for a features folder or an embeddings Parquet table, at its canonical location
+    unless `location` is given."""
+    src = gallery_source(source)
+    return get_or_build(src.identity, location or src.location, src.chunks, count=src.count, config=config,
+                        progress=progress)
+
+
+# ---------------------------------------------------------------------- file helpers
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _software() -> dict[str, str]:
+    faiss = _faiss()
+    return {"faiss": str(faiss.__version__), "numpy": np.__version__}
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def _sha256_file(path: str, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    if storage.is_remote(path):
+        with storage.open_file(path, "rb") as f:
+            while b := f.read(block):
+                h.update(b)
+    else:
+        with open(path, "rb") as f:
+            while b := f.read(block):
+                h.update(b)
+    return h.hexdigest()
+
+
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _safe_relpath(p: str) -> bool:
+    return bool(p) and not p.startswith("/") and "\\" not in p and \
+        all(part not in ("", ".", "..") for part in p.split("/"))
+
+
+def _read_gallery_json(location: str) -> tuple[dict[str, Any], str]:
+    """(parsed gallery.json, its sha256); FileNotFoundError when absent, ValueError when malformed."""
+    path = storage.join(location, GALLERY_JSON)
+    fs, p = storage.filesystem(path)
+    try:
+        size = fs.size(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no gallery here (gallery.json is written last; build it first)") \
+            from None
+    if size is not None and size > MAX_GALLERY_JSON_BYTES:
+        raise ValueError(f"{path}: {size} bytes, more than a gallery.json holds; not a gallery")
+    data = storage.read_bytes(path)
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rebuild the gallery") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a gallery of format version {FORMAT_VERSION}; rebuild the gallery")
+    files = meta.get("files")
+    try:
+        ok = all(isinstance(files[k]["path"], str) and _safe_relpath(files[k]["path"]) and
+                 isinstance(files[k]["sha256"], str) and int(files[k]["bytes"]) >= 0 for k in FILES)
+        ok = ok and int(meta["count"]) > 0 and int(meta["dim"]) > 0
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: files, count or dim missing or malformed; rebuild the gallery")
+    return meta, hashlib.sha256(data).hexdigest()
+
+
+def _verify_size(path: str, actual: int, entry: dict[str, Any]) -> None:
+    if actual != int(entry["bytes"]):
+        raise ValueError(f"{path}: {actual} bytes, gallery.json records {entry['bytes']} (truncated or "
+                         "replaced); rebuild the gallery")
+
+
+def _verify_digest(path: str, digest: str, entry: dict[str, Any]) -> None:
+    if digest != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 {digest} differs from gallery.json's {entry['sha256']} (damaged or "
+                         "replaced); rebuild the gallery")
+
+
+class _fetched:
+    """Context manager: a verified local path of a gallery file (remote files are downloaded to a
+    temporary file, removed on exit)."""
+
+    def __init__(self, location: str, entry: dict[str, Any]):
+        self.url = storage.join(location, entry["path"])
+        self.entry = entry
+        self.tmp: str | None = None
+
+    def __enter__(self) -> str:
+        if storage.is_remote(self.url) and not self.url.startswith("file://"):
+            fs, p = storage.filesystem(self.url)
+            try:
+                size = int(fs.size(p))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.url}: no such file (the gallery is incomplete); rebuild the "
+                                        "gallery") from None
+            _verify_size(self.url, size, self.entry)
+            tmp_dir = storage.local_tmp_dir(self.url)
+            self.tmp = os.path.join(tmp_dir, f"gallery-{uuid.uuid4().hex[:12]}.tmp")
+            fs.get_file(p, self.tmp)
+            local = self.tmp
+        else:
+            local = self.url.split("://", 1)[1] if self.url.startswith("file://") else self.url
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"{self.url}: no such file (the gallery is incomplete); rebuild the "
+                                        "gallery")
+        _verify_size(self.url, os.path.getsize(local), self.entry)
+        _verify_digest(self.url, _sha256_file(local), self.entry)
+        return local
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp and os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...], kind: str) -> np.ndarray:
+    import io
+
+    url = storage.join(location, entry["path"])
+    fs, p = storage.filesystem(url)
+    try:
+        size = int(fs.size(p))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file (the gallery is incomplete); rebuild the gallery") \
+            from None
+    _verify_size(url, size, entry)
+    data = storage.read_bytes(url)
+    _verify_size(url, len(data), entry)
+    _verify_digest(url, hashlib.sha256(data).hexdigest(), entry)
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{url}: not a readable .npy array ({err}); rebuild the gallery") from None
+    if arr.shape != shape or arr.dtype.kind != kind:
+        raise ValueError(f"{url}: {arr.dtype} array of shape {arr.shape}, expected {shape} of kind {kind!r}; "
+                         "rebuild the gallery")
+    return arr
+
+
+def config_from_dict(d: dict[str, Any] | None) -> GalleryConfig:
+    """GalleryConfig from a config mapping (unknown keys are a ValueError naming them)."""
+    d = dict(d or {})
+    known = set(asdict(GalleryConfig()))
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"gallery config: unknown keys {unknown}; valid: {sorted(known)}")
+    return GalleryConfig(**d)
+
+
+__all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "GallerySource", "array_chunks", "config_from_dict",
+           "gallery_for", "gallery_location", "gallery_source", "get_or_build", "source_identity",
+           "table_chunks", "table_identity"]
