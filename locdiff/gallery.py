@@ -49,13 +49,14 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from locdiff.data import storage
+from locdiff.schema import setting
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +82,16 @@ def _faiss() -> Any:
 
 @dataclass(frozen=True)
 class GalleryConfig:
-    """How a gallery is built (all but `nprobe`, which is a search setting, decide its bytes)."""
+    """How a gallery is built (all but `nprobe`, which is a search setting, decide its bytes). The run
+    config's `gallery` section."""
 
     index: Literal["auto", "flat", "ivf_flat", "ivf_fp16", "ivf_sq8"] = "auto"  # auto: flat below threshold
-    flat_threshold: int = 200_000  # auto: exact flat index below this many entries
+    flat_threshold: int = setting(200_000, ge=1)  # auto: exact flat index below this many entries
     approx: Literal["ivf_flat", "ivf_fp16", "ivf_sq8"] = "ivf_fp16"  # auto: index at or above the threshold
-    nlist: int | None = None  # IVF lists; None: the power of two nearest 2 * sqrt(count)
-    nprobe: int = 32  # IVF lists searched per query (search time; recall against speed)
-    train_per_list: int = 64  # IVF training rows per list (capped by the count)
-    seed: int = 0  # training sample and k-means
-
-    def __post_init__(self) -> None:
-        if self.index not in ("auto", "flat", *CODES):
-            raise ValueError(f"gallery index {self.index!r}; valid: auto, flat, {', '.join(CODES)}")
-        if self.approx not in CODES:
-            raise ValueError(f"gallery approx {self.approx!r}; valid: {', '.join(CODES)}")
-        for name in ("flat_threshold", "nprobe", "train_per_list"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"gallery {name} must be at least 1, got {getattr(self, name)}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"gallery nlist must be at least 1, got {self.nlist}")
+    nlist: int | None = setting(None, ge=1)  # IVF lists; None: the power of two nearest 2 * sqrt(count)
+    nprobe: int = setting(32, ge=1)  # IVF lists searched per query (search time; recall against speed)
+    train_per_list: int = setting(64, ge=1)  # IVF training rows per list (capped by the count)
+    seed: int = setting(0, ge=0)  # training sample and k-means
 
     def kind(self, count: int) -> IndexKind:
         if self.index != "auto":
@@ -541,138 +532,26 @@ def table_chunks(table: Any, rows: int = 65536) -> Iterator[Chunk]:
     return array_chunks(table.embedding, table.lat, table.lon, table.ids, rows)
 
 
-def _is_features_folder(path: str) -> bool:
-    from locdiff.data import manifest as mf
+def gallery_location(source: Any, fallback: str | None = None) -> str:
+    """Canonical gallery location of a training source (locdiff.data.stream): FEATURES/gallery for a
+    features folder, T.gallery beside a Parquet table T.parquet (or a folder T of them), `fallback` (the
+    run folder's gallery/) for an in-memory table. A held-out view gets its own subfolder: the gallery
+    holds training rows only, never the validation rows chosen on."""
+    from locdiff.data.stream import ParquetSource, ShardSource
 
-    return (not path.endswith(".parquet")) and storage.exists(mf.manifest_path(path))
-
-
-def _parquet_files(path: str) -> list[str]:
-    fs, p = storage.filesystem(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if fs.isdir(p):
-        files = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
-        if not files:
-            raise ValueError(f"{path}: folder holds neither a manifest.json (features) nor .parquet files")
-        prefix = path.split("://", 1)[0] + "://" if storage.is_remote(path) else ""
-        return [prefix + f for f in files]
-    return [path]
-
-
-def _feature_chunks(folder: str) -> Iterator[Chunk]:
-    """One chunk per feature shard, each checked against the manifest's sha256 and count."""
-    from locdiff.data import manifest as mf
-    from locdiff.data.features import read_feature_shard, to_float32
-    from locdiff.data.validation import ChecksumError, sha256_bytes
-
-    m = mf.require_manifest(folder, "embed")
-    for entry in m["shards"]:
-        url = storage.join(folder, entry["shard"])
-        data = storage.read_bytes(url)
-        if sha256_bytes(data) != entry["sha256"]:
-            raise ChecksumError(f"{url}: sha256 differs from the manifest's {entry['sha256']} (damaged or "
-                                "rewritten shard); re-run `locdiff data embed`")
-        part = read_feature_shard(data, url)
-        del data
-        if len(part["ids"]) != entry["count"]:
-            raise ValueError(f"{url}: {len(part['ids'])} samples, the manifest says {entry['count']}")
-        if not part["ids"]:
-            continue
-        yield to_float32(part["emb"]), part["lat"], part["lon"], np.asarray(part["ids"]).astype(str)
-
-
-def _parquet_chunks(files: list[str], rows: int) -> Iterator[Chunk]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from locdiff.io import embedding_table_from_arrow
-
-    for path in files:
-        fs, p = storage.filesystem(path)
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            start = 0
-            for batch in pf.iter_batches(batch_size=rows, columns=["id", "lat", "lon", "embedding"]):
-                n = batch.num_rows
-                t = embedding_table_from_arrow(pa.Table.from_batches([batch]),
-                                               f"{path} (rows {start}-{start + n - 1})", labelled=True)
-                start += n
-                yield t.embedding, t.lat, t.lon, t.ids.astype(str)
-
-
-def _parquet_count(files: list[str]) -> int:
-    import pyarrow.parquet as pq
-
-    total = 0
-    for path in files:
-        fs, p = storage.filesystem(path)
-        with fs.open(p, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-@dataclass
-class GallerySource:
-    """What `get_or_build` needs about a training data set."""
-
-    identity: dict[str, Any]  # content identity: equal exactly when the entries are the same
-    location: str  # canonical gallery location
-    count: int
-    chunks: ChunkSource
-
-
-def gallery_location(source: str) -> str:
-    """Canonical gallery location of a data source: FEATURES/gallery for a features folder
-    (ROOT/NAME/features/ENCODER), T.gallery beside a Parquet table T.parquet (or a folder T of them)."""
-    source = _strip(str(source))
-    if _is_features_folder(source):
-        return storage.join(source, "gallery")
-    return (source[: -len(".parquet")] if source.endswith(".parquet") else source) + ".gallery"
-
-
-def source_identity(source: str) -> dict[str, Any]:
-    """Content identity of a data source: the sha256 of a features folder's manifest.json (which holds
-    every shard's sha256), or of each Parquet file's bytes (read once, streamed)."""
-    from locdiff.data import manifest as mf
-
-    source = _strip(str(source))
-    if _is_features_folder(source):
-        data = storage.read_bytes(mf.manifest_path(source))
-        return {"kind": "features", "manifest_sha256": hashlib.sha256(data).hexdigest()}
-    files = _parquet_files(source)
-    return {"kind": "parquet",
-            "files": [{"name": posixpath.relpath(f, source) if f != source else posixpath.basename(f),
-                       "sha256": _sha256_file(f)} for f in files]}
-
-
-def table_identity(table: Any) -> dict[str, Any]:
-    """Content identity of an in-memory EmbeddingTable: the sha256 of its ids, locations and embeddings
-    (for a table with no file behind it; a table read from a file is better named by `source_identity`)."""
-    if not table.labelled:
-        raise ValueError(f"{table.source}: a gallery needs a labelled table (columns lat, lon)")
-    h = hashlib.sha256()
-    ids = np.asarray(table.ids).astype(str)
-    h.update(f"{len(ids)}:{ids.dtype.str}:{table.dim}".encode())
-    for arr in (ids, np.asarray(table.lat, np.float64), np.asarray(table.lon, np.float64),
-                np.asarray(table.embedding, np.float32)):
-        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
-    return {"kind": "table", "sha256": h.hexdigest()}
-
-
-def gallery_source(source: str, *, chunk_rows: int = 65536) -> GallerySource:
-    """Identity, canonical location, count and chunk reader of a features folder or Parquet table."""
-    from locdiff.data import manifest as mf
-
-    source = _strip(str(source))
-    if _is_features_folder(source):
-        m = mf.require_manifest(source, "embed")
-        count = int(sum(int(e["count"]) for e in m["shards"]))
-        return GallerySource(source_identity(source), gallery_location(source), count,
-                             lambda: _feature_chunks(source))
-    files = _parquet_files(source)
-    return GallerySource(source_identity(source), gallery_location(source), _parquet_count(files),
-                         lambda: _parquet_chunks(files, chunk_rows))
+    if isinstance(source, ShardSource):
+        loc = storage.join(source.location, "gallery")
+    elif isinstance(source, ParquetSource):
+        base = _strip(source.location)
+        loc = (base[: -len(".parquet")] if base.endswith(".parquet") else base.rstrip("/")) + ".gallery"
+    elif fallback is not None:
+        loc = fallback
+    else:
+        raise ValueError(f"{source.location}: an in-memory table needs a gallery location")
+    h = source.holdout
+    if h is not None:
+        loc = storage.join(loc, f"{h.keep}-share{h.share:g}-seed{h.seed}")
+    return loc
 
 
 def get_or_build(source_identity: dict[str, Any], location: str, chunks_fn: ChunkSource, *,
@@ -720,13 +599,35 @@ def get_or_build(source_identity: dict[str, Any], location: str, chunks_fn: Chun
     return g, ref
 
 
-def gallery_for(source: str, config: GalleryConfig | None = None, *, location: str | None = None,
-                progress: bool = False) -> tuple[Gallery, dict[str, str]]:
-    """`get_or_build` for a features folder or an embeddings Parquet table, at its canonical location
-    unless `location` is given."""
-    src = gallery_source(source)
-    return get_or_build(src.identity, location or src.location, src.chunks, count=src.count, config=config,
-                        progress=progress)
+def _writable(location: str) -> bool:
+    if storage.is_remote(location):
+        return True
+    import os
+
+    parent = location
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip("/")) or "."
+    return os.access(parent, os.W_OK)
+
+
+def gallery_for(data: Any, config: GalleryConfig | None = None, *, location: str | None = None,
+                fallback: str | None = None, progress: bool = False) -> tuple[Gallery, dict[str, str]]:
+    """The gallery of a training data set (anything `locdiff.data.stream.open_source` opens, a held-out
+    view included), built once and reused while its content and build settings are the same. Stored
+    at `gallery_location` (or `fallback`, e.g. the run folder, when that place is not writable)."""
+    from locdiff.data.stream import open_source
+
+    source = open_source(data, labelled=True)
+    loc = location or gallery_location(source, fallback)
+    if location is None and fallback is not None and not _writable(loc):
+        log.warning("%s is not writable; the gallery goes to %s", loc, fallback)
+        loc = fallback
+
+    def chunks() -> Iterator[Chunk]:
+        for rows in source.iter_rows():
+            yield rows.emb, rows.lat, rows.lon, rows.ids.astype(str)
+
+    return get_or_build(source.identity(), loc, chunks, count=source.count, config=config, progress=progress)
 
 
 # ---------------------------------------------------------------------- file helpers
@@ -871,16 +772,5 @@ def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...], kind
     return arr
 
 
-def config_from_dict(d: dict[str, Any] | None) -> GalleryConfig:
-    """GalleryConfig from a config mapping (unknown keys are a ValueError naming them)."""
-    d = dict(d or {})
-    known = set(asdict(GalleryConfig()))
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"gallery config: unknown keys {unknown}; valid: {sorted(known)}")
-    return GalleryConfig(**d)
-
-
-__all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "GallerySource", "array_chunks", "config_from_dict",
-           "gallery_for", "gallery_location", "gallery_source", "get_or_build", "source_identity",
-           "table_chunks", "table_identity"]
+__all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "array_chunks", "gallery_for", "gallery_location",
+           "get_or_build"]

@@ -74,7 +74,7 @@ BAD_RUN_VALUES = [
     ("baselines.knn.k", 0, "must be an integer >= 1; got 0"),
     ("baselines.knn.radius_km", 0, "must be a number > 0; got 0"),
     ("baselines.knn.temperature", 0, "must be a number > 0; got 0"),
-    ("baselines.knn.chunk", 0, "must be an integer >= 1; got 0"),
+    ("gallery.nprobe", 0, "must be an integer >= 1; got 0"),
     ("baselines.geocell.epochs", 0, "must be an integer >= 1; got 0"),
     ("baselines.geocell.max_cell_size", 0, "must be an integer >= 1; got 0"),
     ("baselines.geocell.label_smoothing_km", -1, "must be a number >= 0; got -1"),

@@ -24,9 +24,7 @@ from locdiff.gallery import (
     gallery_for,
     gallery_location,
     get_or_build,
-    source_identity,
     table_chunks,
-    table_identity,
 )
 
 
@@ -417,9 +415,11 @@ def test_gallery_for_a_parquet_table(tmp_path):
     emb, lat, lon, ids, q = clustered(1_500, 12, seed=8)
     path = str(tmp_path / "train.parquet")
     write_embeddings(path, EmbeddingTable(ids=ids.astype(object), lat=lat, lon=lon, embedding=emb))
-    assert gallery_location(path) == str(tmp_path / "train.gallery")
+    from locdiff.data.stream import open_source
+
+    assert gallery_location(open_source(path)) == str(tmp_path / "train.gallery")
     g, ref = gallery_for(path)
-    assert ref["uri"] == str(tmp_path / "train.gallery") and g.info["source"]["kind"] == "parquet"
+    assert ref["uri"] == str(tmp_path / "train.gallery") and g.info["source"]["kind"] == "table"
     sim, idx = g.search(q, 5)
     _, ref_idx, _ = exact_topk(q, emb, 5)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -450,9 +450,11 @@ def test_gallery_for_a_features_folder(tmp_path):
         shards.append({"shard": path.name, "count": len(rows), "sha256": digest, "bytes": path.stat().st_size})
     mf.write_manifest(str(folder), {"stage": "features", "count": 1200, "shdd": None, "shards": shards,
                                     "embedding": {"dim": 12, "dtype": "float16"}})
-    assert gallery_location(str(folder)) == str(folder / "gallery")
-    ident = source_identity(str(folder))
-    assert ident["kind"] == "features" and len(ident["manifest_sha256"]) == 64
+    from locdiff.data.stream import open_source
+
+    assert gallery_location(open_source(str(folder))) == str(folder / "gallery")
+    ident = open_source(str(folder)).identity()
+    assert ident["kind"] == "features" and len(ident["sha256"]) == 64
     g, ref = gallery_for(str(folder))
     assert ref["uri"] == str(folder / "gallery")
     table = load_features(str(folder))  # the project's reader: the same entries, in the same order
@@ -469,8 +471,10 @@ def test_gallery_for_a_features_folder(tmp_path):
         gallery_for(str(folder), GalleryConfig(index="ivf_flat", nlist=4))
 
 
-def test_in_memory_table_identity(tmp_path):
-    """A table with no file behind it (what a method's fit receives today) is named by its content."""
+def test_in_memory_table_and_held_out_views(tmp_path):
+    """A table with no file behind it is named by its content; a held-out view gets its own gallery of
+    training rows only (never the validation rows that LocDiff-H's blend is chosen on)."""
+    from locdiff.data.stream import TableSource
     from locdiff.tables import EmbeddingTable
 
     emb, lat, lon, ids, q = clustered(900, 8, seed=10)
@@ -478,11 +482,17 @@ def test_in_memory_table_identity(tmp_path):
     same = EmbeddingTable(ids=ids.astype(object), lat=lat.copy(), lon=lon.copy(), embedding=emb.copy())
     moved = EmbeddingTable(ids=ids.astype(object), lat=np.where(np.arange(900) == 5, 0.0, lat), lon=lon,
                            embedding=emb)
-    assert table_identity(table) == table_identity(same) != table_identity(moved)
+    ident = TableSource(table).identity
+    assert ident() == TableSource(same).identity() != TableSource(moved).identity()
     loc = str(tmp_path / "g")
-    g, ref = get_or_build(table_identity(table), loc, lambda: table_chunks(table, 200), count=len(table))
-    assert get_or_build(table_identity(same), loc, lambda: table_chunks(same, 200), count=900)[1] == ref
+    g, ref = gallery_for(table, location=loc)
+    assert gallery_for(same, location=loc)[1] == ref
+    assert get_or_build(ident(), loc, lambda: table_chunks(table, 200), count=900)[1] == ref
     _, ref_idx, _ = exact_topk(q, emb, 3)
     np.testing.assert_array_equal(g.search(q, 3)[1], ref_idx)
+    train, val = TableSource(table).split(0.1, seed=1)
+    assert gallery_location(train, fallback=loc) == f"{loc}/train-share0.1-seed1"
+    gt, _ = gallery_for(train, fallback=loc)
+    assert len(gt) == train.count and not set(gt.ids) & set(val.read_all().ids.astype(str))
     with pytest.raises(ValueError, match="labelled"):
-        table_identity(EmbeddingTable(ids=ids.astype(object), lat=None, lon=None, embedding=emb))
+        table_chunks(EmbeddingTable(ids=ids.astype(object), lat=None, lon=None, embedding=emb))

@@ -129,9 +129,9 @@ class GeocellMethod(TrainedBaseline):
 
     def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True):
         if self.options.refine == "retrieval":
-            from locdiff.gallery_ref import gallery_for
+            from locdiff.gallery import gallery_for
 
-            self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
+            self.gallery, self.gallery_ref = gallery_for(source, fallback=str(run.file("gallery")), progress=progress)
         metrics = super().finalize(result, source, val, run, progress=progress)
         metrics["cells"] = len(self.cell_lat)
         return metrics
@@ -160,9 +160,9 @@ class GeocellMethod(TrainedBaseline):
             if self.gallery is None:
                 if not self.gallery_ref:
                     raise ValueError("geocell: refine=retrieval needs a model trained with refine: retrieval")
-                from locdiff.gallery_ref import open_gallery
+                from locdiff.gallery import Gallery
 
-                self.gallery = open_gallery(self.gallery_ref, self.run_dir)
+                self.gallery = Gallery.load(self.gallery_ref)
             sims, idx = self.gallery.search(table.embedding, self.options.refine_top_k)  # (N, k)
             glat, glon = self.gallery.lat[idx], self.gallery.lon[idx]
             gu = torch.from_numpy(latlon_to_unit(glat, glon)).float()  # (N, k, 3)

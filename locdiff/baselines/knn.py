@@ -2,8 +2,8 @@
 
 k = 1 answers the location of the most similar training image. With k > 1 the answer is the retrieved
 location with the most similarity-weighted support among the top k within `radius_km` ("mode"), or the
-normalised weighted mean of their unit vectors ("mean"). Search is exact: chunked matrix products in
-torch, or faiss's flat inner-product index when faiss is installed (`backend: auto`).
+normalised weighted mean of their unit vectors ("mean"). Search is the training data's gallery
+(locdiff.gallery: exact below `gallery.flat_threshold` entries, IVF above), built once per data set.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from locdiff.baselines.options import parse_options, resolve_device
+from locdiff.baselines.options import parse_options
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import GeoMethod, Prediction
-from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, setting
+from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -32,58 +30,6 @@ class KNNOptions:
     aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
     radius_km: float = setting(100.0, gt=0)  # support radius of the "mode" aggregation
     temperature: float = setting(0.05, gt=0)  # neighbour weight exp((sim - best) / temperature)
-    backend: Literal["auto", "torch", "faiss"] = "auto"  # auto: faiss when installed, else torch
-    chunk: int = setting(4096, ge=1)  # queries per matrix product (torch backend)
-    device: str = setting("auto", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
-
-
-def normalize(x: np.ndarray | torch.Tensor) -> Any:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    if isinstance(x, torch.Tensor):
-        return torch.nn.functional.normalize(x.float(), dim=-1)
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _faiss():
-    try:
-        import faiss  # optional
-    except ImportError:
-        return None
-    return faiss
-
-
-def cosine_topk(query: np.ndarray, gallery: np.ndarray, k: int, *, backend: str = "auto", chunk: int = 4096,
-                device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k cosine similarity search.
-
-    Args:
-        query: (N, d) float32, gallery: (M, d) float32; both are L2-normalised here.
-        k: neighbours per query (clipped to M).
-    Returns:
-        (similarities (N, k) float32, indices (N, k) int64), best first.
-    """
-    k = min(k, len(gallery))
-    q, g = normalize(query), normalize(gallery)
-    faiss = _faiss() if backend in ("auto", "faiss") else None
-    if backend == "faiss" and faiss is None:
-        raise ValueError("knn backend 'faiss' requested but faiss is not installed; use backend: torch")
-    if faiss is not None:
-        index = faiss.IndexFlatIP(g.shape[1])
-        index.add(np.ascontiguousarray(g))
-        sims, idx = index.search(np.ascontiguousarray(q), k)
-        return sims.astype(np.float32), idx.astype(np.int64)
-    dev = resolve_device(device)
-    gt = torch.from_numpy(g).to(dev)
-    sims_out = np.empty((len(q), k), np.float32)
-    idx_out = np.empty((len(q), k), np.int64)
-    with torch.no_grad():
-        for s in range(0, len(q), chunk):
-            qt = torch.from_numpy(q[s:s + chunk]).to(dev)
-            sim, ix = torch.topk(qt @ gt.T, k, dim=1)  # (B, M) -> (B, k)
-            sims_out[s:s + chunk] = sim.cpu().numpy()
-            idx_out[s:s + chunk] = ix.cpu().numpy()
-    return sims_out, idx_out
 
 
 def aggregate_neighbours(sims: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, how: str, radius_km: float,
@@ -111,8 +57,11 @@ class KNNMethod(GeoMethod):
     name = "knn"
     trains = False
 
-    def __init__(self, options: KNNOptions):
+    def __init__(self, options: KNNOptions, gallery_config: Any = None):
+        from locdiff.gallery import GalleryConfig
+
         self.options = options
+        self.gallery_config = gallery_config or GalleryConfig()
         self.gallery: Any = None
         self.gallery_ref: dict[str, Any] | None = None
         self.run_dir: Path | None = None
@@ -123,15 +72,20 @@ class KNNMethod(GeoMethod):
             from locdiff.model.config import config_to_dict
 
             config = config_to_dict(config)
-        return cls(parse_options(KNNOptions, config, "knn"))
+        from locdiff import schema
+        from locdiff.gallery import GalleryConfig
+
+        return cls(parse_options(KNNOptions, config, "knn"),
+                   schema.build(GalleryConfig, config.get("gallery") or {}, source="config", prefix="gallery"))
 
     def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True
                  ) -> dict[str, float]:
-        from locdiff.gallery_ref import gallery_for
+        from locdiff.gallery import gallery_for
 
         if not source.labelled:
             raise ValueError(f"{source.location}: knn needs a labelled training table (columns lat, lon)")
-        self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
+        self.gallery, self.gallery_ref = gallery_for(source, self.gallery_config, fallback=str(run.file("gallery")),
+                                                     progress=progress)
         self.run_dir = run.path
         self.save(run.path)
         out: dict[str, float] = {"gallery_size": float(len(self.gallery))}
@@ -149,7 +103,7 @@ class KNNMethod(GeoMethod):
         from locdiff.runs import RunFolder
 
         RunFolder(run_dir).save_model({}, {"method": self.name, "gallery": self.gallery_ref,
-                                           "embed_dim": int(self.gallery.embedding.shape[1])})
+                                           "embed_dim": int(self.gallery.dim)})
 
     @classmethod
     def load(cls, run_dir: Path, config: Any) -> KNNMethod:
@@ -164,9 +118,9 @@ class KNNMethod(GeoMethod):
 
     def _gallery(self) -> Any:
         if self.gallery is None:
-            from locdiff.gallery_ref import open_gallery
+            from locdiff.gallery import Gallery
 
-            self.gallery = open_gallery(self.gallery_ref, self.run_dir)
+            self.gallery = Gallery.load(self.gallery_ref, nprobe=self.gallery_config.nprobe)
         return self.gallery
 
     def predict(self, table: EmbeddingTable, **options: Any) -> Prediction:
@@ -174,9 +128,8 @@ class KNNMethod(GeoMethod):
         if self.gallery_ref is None:
             raise ValueError("knn: predict before fit/load")
         g = self._gallery()
-        if table.dim != g.embedding.shape[1]:
-            raise ValueError(f"{table.source}: embeddings have dimension {table.dim}, the gallery has "
-                             f"{g.embedding.shape[1]}")
+        if table.dim != g.dim:
+            raise ValueError(f"{table.source}: embeddings have dimension {table.dim}, the gallery has {g.dim}")
         o = self.options
         k = int(options.get("k", o.k))
         how = options.get("aggregation", o.aggregation)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from locdiff import schema
+from locdiff.gallery import GalleryConfig
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, Invalid, setting
 
 Objective = Literal["kl", "mse", "kl+mse"]
@@ -130,6 +131,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # the retrieval index (locdiff.gallery)
     baselines: dict[str, Any] = setting(default_factory=dict, check=_baselines)  # baseline name -> its options
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,52 +30,6 @@ log = logging.getLogger(__name__)
 SELECTION_GRID = ((0.0, 0.01, 0.03, 0.1, 0.25, 0.5, 0.75, 1.0), (float("inf"), 2500.0, 1000.0, 500.0, 250.0, 100.0))
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-class Gallery:
-    """Exact cosine search over (embedding, location) pairs: faiss when installed, else torch in chunks."""
-
-    def __init__(self, embedding: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, use_faiss: bool = True):
-        self.embedding = _normalize(embedding)
-        self.lat = np.asarray(lat, dtype=np.float64)
-        self.lon = np.asarray(lon, dtype=np.float64)
-        self._index = None
-        if use_faiss:
-            try:
-                import faiss
-            except ImportError:
-                faiss = None
-            if faiss is not None:
-                self._index = faiss.IndexFlatIP(self.embedding.shape[1])
-                self._index.add(self.embedding)
-
-    def __len__(self) -> int:
-        return self.embedding.shape[0]
-
-    def search(self, query: np.ndarray, k: int, *, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarity, index), each (N, k), best first."""
-        q = _normalize(query)
-        if q.shape[1] != self.embedding.shape[1]:
-            raise ValueError(
-                f"query embeddings have dimension {q.shape[1]}, the gallery {self.embedding.shape[1]}"
-            )
-        k = min(k, len(self))
-        if self._index is not None:
-            sim, idx = self._index.search(q, k)
-            return sim, idx
-        g = torch.from_numpy(self.embedding)
-        sims, idxs = [], []
-        for i in range(0, q.shape[0], chunk):
-            s = torch.from_numpy(q[i : i + chunk]) @ g.T  # (n, M)
-            v, j = s.topk(k, dim=1)
-            sims.append(v.numpy())
-            idxs.append(j.numpy())
-        return np.concatenate(sims), np.concatenate(idxs)
-
-
 @dataclass
 class HybridCandidates:
     """Per-image top-k candidates with what the score needs; lets validation try several settings."""
@@ -87,7 +42,7 @@ class HybridCandidates:
 
 
 def hybrid_candidates(
-    gallery: Gallery,
+    gallery: Any,
     query: np.ndarray,
     mean_code: torch.Tensor,
     mode_lat: np.ndarray,

@@ -59,11 +59,12 @@ class LocDiffMethod(GeoMethod):
 
     def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
                  ) -> dict[str, float]:
-        from locdiff.gallery_ref import gallery_for
+        from locdiff.gallery import gallery_for
 
         self.model = result.model
         self._run = run
-        self.gallery, self.gallery_ref = gallery_for(source, run, progress=progress)
+        self.gallery, self.gallery_ref = gallery_for(source, self.config.gallery, fallback=str(run.file("gallery")),
+                                                     progress=progress)
         metrics = dict(result.metrics)
         old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
         if old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None):
@@ -134,12 +135,12 @@ class LocDiffMethod(GeoMethod):
 
     def _get_gallery(self) -> Any:
         if self.gallery is None:
-            from locdiff.gallery_ref import open_gallery
+            from locdiff.gallery import Gallery
 
             if not self.gallery_ref:
                 raise FileNotFoundError(f"{self._run.path if self._run else 'the run'}: no retrieval gallery is "
                                         "recorded; LocDiff-H needs one (train again)")
-            self.gallery = open_gallery(self.gallery_ref, self._run)
+            self.gallery = Gallery.load(self.gallery_ref, nprobe=self.config.gallery.nprobe)
         return self.gallery
 
     # -- prediction ------------------------------------------------------------------------------------
