@@ -6,7 +6,6 @@ Unknown keys are rejected with the file and key named, so a typo never silently 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,9 +14,10 @@ import yaml
 
 
 def configs_dir() -> Path:
-    """The `configs/` folder (env LOCDIFF_CONFIGS overrides; default: beside the package)."""
-    env = os.environ.get("LOCDIFF_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    """The `configs/` folder shipped with the package (env LOCDIFF_CONFIGS overrides): `locdiff.resources`."""
+    from locdiff.resources import configs_dir as packaged
+
+    return packaged()
 
 
 @dataclass
@@ -105,12 +105,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
     """Read configs/datasets/NAME.yaml (or a YAML path) into a DatasetConfig; overrides win."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = configs_dir() / "datasets" / f"{name_or_path}.yaml"
-    if not path.exists():
-        avail = sorted(p.stem for p in (configs_dir() / "datasets").glob("*.yaml"))
-        raise ValueError(f"unknown data set {name_or_path!r}: no {path}; known: {avail}")
+    from locdiff.resources import find_config, is_yaml_path, known_configs
+
+    path = find_config("datasets", name_or_path)
+    if path is None:
+        where = name_or_path if is_yaml_path(name_or_path) else configs_dir() / "datasets" / f"{name_or_path}.yaml"
+        raise ValueError(f"unknown data set {name_or_path!r}: no {where}; known: {known_configs('datasets')}")
     data = yaml.safe_load(path.read_text()) or {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = _build(DatasetConfig, data, str(path))
@@ -125,11 +125,11 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
     A local folder or hub id gets a CLIP config whose name is the folder's base name (or the hub id
     with '/' replaced by '--'), which becomes the features folder name.
     """
+    from locdiff.resources import find_config, known_configs
+
     path = Path(spec)
-    cfg_path = configs_dir() / "encoders" / f"{spec}.yaml"
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        cfg_path = path
-    if cfg_path.exists():
+    cfg_path = find_config("encoders", spec)
+    if cfg_path is not None:
         data = yaml.safe_load(cfg_path.read_text()) or {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return _build(EncoderConfig, data, str(cfg_path))
@@ -138,7 +138,7 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
                                       **overrides}, spec)
     if "/" in spec and not spec.startswith(("/", ".")) and spec.count("/") == 1:
         return _build(EncoderConfig, {"name": spec.replace("/", "--"), "model": spec, **overrides}, spec)
-    avail = sorted(p.stem for p in (configs_dir() / "encoders").glob("*.yaml"))
+    avail = known_configs("encoders")
     raise ValueError(f"unknown encoder {spec!r}: not a config in {configs_dir() / 'encoders'} ({avail}), "
                      "a local model folder or a hub id")
 
