@@ -32,7 +32,7 @@ lock:
 	$(LOCK_VENV)/bin/pip install --no-deps geoclip==1.3.0
 	$(LOCK_VENV)/bin/pip check | grep -v '^geoclip ' | { ! grep .; }
 	{ sed -n '/^#/!q;p' constraints.txt; \
-	  $(LOCK_VENV)/bin/pip freeze --exclude locdiff | sed 's/^\([A-Za-z0-9_.-]*==[^+]*\)+.*/\1/'; } > constraints.txt.new
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude locdiff --exclude pip | sed 's/^\([A-Za-z0-9_.-]*==[^+]*\)+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 	@echo "constraints.txt renewed; review with git diff constraints.txt"

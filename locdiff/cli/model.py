@@ -121,11 +121,12 @@ def _check_resume(run_dir: Path, new: dict[str, Any]) -> None:
 def _train(args: argparse.Namespace) -> int:
     from locdiff.methods import get_method
     from locdiff.model.config import config_to_dict, load_config, save_config
+    from locdiff.resources import model_config_path
 
     overrides = list(args.overrides)
     if args.method:
         overrides.append(f"method={args.method}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(model_config_path(args.config), overrides)  # a bare name: the packaged config
     if cfg.method not in TRAIN_METHODS:
         raise ValueError(
             f"{args.config}: method must be one of {', '.join(TRAIN_METHODS)}; got {cfg.method!r}"
