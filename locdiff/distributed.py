@@ -22,6 +22,7 @@ root there so that every node sees the checkpoints. Ray is imported inside funct
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,8 +112,10 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         if address:
             _cluster_auth()
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-            runtime_env["env_vars"] = {**_worker_env(secrets=False), **(runtime_env.get("env_vars") or {})}
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+            env_vars = {**_worker_env(secrets=False), **(runtime_env.get("env_vars") or {})}
+            if env_vars:
+                runtime_env["env_vars"] = env_vars
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env or None, **kwargs)
         else:
             _local_auth()
             if "_temp_dir" not in kwargs:  # short (socket paths), removed when this process ends
@@ -196,45 +200,60 @@ def _local_auth() -> None:
     if mode and mode != "token":
         log.warning("RAY_AUTH_MODE=%s ignored: the local Ray always uses token authentication", mode)
     os.environ["RAY_AUTH_MODE"] = "token"
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not _token_file_ok(path):
+        log.warning("RAY_AUTH_TOKEN_PATH=%s holds no token; the local Ray uses a token of its own", path)
+        path = None
+    if not (os.environ.get("RAY_AUTH_TOKEN") or path):
         # Inherited by this process's children (Ray's own processes, a flow's subprocesses), not logged.
+        # RAY_AUTH_TOKEN comes first in Ray's search, before RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token.
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     _refresh_ray_auth()
 
 
 def _cluster_auth() -> None:
     """Token mode for a cluster when a token is configured (Ray's defaults otherwise; never disabled here)."""
-    from pathlib import Path as _Path
-
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode == "disabled":
         log.warning("RAY_AUTH_MODE=disabled: connecting to %s without token authentication",
                     os.environ.get("RAY_ADDRESS"))
         return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(_Path.home() / ".ray" / "auth_token")
-    if not mode and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not _token_file_ok(path):
+        # Ray aborts the process on an unreadable token file: say what to fix instead.
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH={path}: no readable, non-empty token file; point it at the "
+                         "cluster's token (infra/README.md) or set RAY_AUTH_TOKEN")
+    default = Path.home() / ".ray" / "auth_token"
+    if not mode and (os.environ.get("RAY_AUTH_TOKEN") or path or default.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
         _refresh_ray_auth()
 
 
-class _loopback_only:
+def _token_file_ok(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(4096).strip())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
     """During a local ray.init: Ray resolves 127.0.0.1 to the machine's address (and then listens on every
     interface) unless it runs in single-machine mode, which this turns on for the start."""
-
-    def __enter__(self) -> None:
-        try:
-            from ray._private import ray_constants
-        except ImportError:
-            self.saved = None
-            return
-        self.constants = ray_constants
-        self.saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-        if self.saved is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = False
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.saved is not None:
-            self.constants.ENABLE_RAY_CLUSTER = self.saved
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # another Ray version: the warning after the start tells
+        yield
+        return
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _remove_ray_temp(path: str) -> None:
