@@ -26,7 +26,7 @@ def configs_dir() -> Path:
         return Path(env)
     packaged = Path(__file__).resolve().parent / "configs"
     if packaged.is_dir():
-        return packaged
+        return packaged.resolve()  # in a checkout: the top-level configs/ the link points to
     # A checkout whose link was not created (e.g. symlinks off in git): the top-level folder beside it.
     return Path(__file__).resolve().parent.parent / "configs"
 
