@@ -12,12 +12,12 @@ setup: $(STAMP)
 # at the tested versions of constraints.txt (`make lock` renews them). torch==2.13.0: pip takes this
 # machine's local CPU wheel, a GPU machine gets PyPI's CUDA build of the same release.
 # GeoCLIP (a baseline) goes in without its declared dependencies: they would pull torchvision, which
-# breaks beside our torch; what it needs at run time is already there.
+# breaks beside our torch; of the rest, `import geoclip` needs geopy (and its geographiclib).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
-	$(BIN)/pip install -c constraints.txt --no-deps geoclip==1.3.0
+	$(BIN)/pip install -c constraints.txt --no-deps geoclip==1.3.0 geopy==2.4.1 geographiclib==2.1
 	-$(BIN)/pip install -q -c constraints.txt 'sphericart-torch>=2.0,<3' || echo "optional extra sphericart-torch did not install; benchmarks skip it"
 	touch $(STAMP)
 
@@ -29,7 +29,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install '.[dev]' 'sphericart-torch>=2.0,<3'
-	$(LOCK_VENV)/bin/pip install --no-deps geoclip==1.3.0
+	$(LOCK_VENV)/bin/pip install --no-deps geoclip==1.3.0 geopy==2.4.1 geographiclib==2.1
 	$(LOCK_VENV)/bin/pip check | grep -v '^geoclip ' | { ! grep .; }
 	{ sed -n '/^#/!q;p' constraints.txt; \
 	  $(LOCK_VENV)/bin/pip freeze --all --exclude locdiff --exclude pip | sed 's/^\([A-Za-z0-9_.-]*==[^+]*\)+.*/\1/'; } > constraints.txt.new
