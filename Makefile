@@ -4,19 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo stop clean
+.PHONY: setup test bench lint demo stop clean lock
 
 setup: $(STAMP)
 
-# One resolve of everything (see ../shared/design/STACK.md: installing moto in a second step broke s3fs).
-# torch==2.13.0 is pinned in pyproject.toml: pip takes this machine's local CPU wheel, a GPU machine gets
-# PyPI's CUDA build of the same release.
-$(STAMP): pyproject.toml
+# One resolve of everything (see ../shared/design/STACK.md: installing moto in a second step broke s3fs),
+# at the tested versions of constraints.txt (`make lock` renews them). torch==2.13.0: pip takes this
+# machine's local CPU wheel, a GPU machine gets PyPI's CUDA build of the same release.
+# GeoCLIP (a baseline) goes in without its declared dependencies: they would pull torchvision, which
+# breaks beside our torch; of the rest, `import geoclip` needs geopy (and its geographiclib).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
-	-$(BIN)/pip install -q 'sphericart-torch>=2.0' 'faiss-cpu>=1.8' || echo "optional extras (sphericart, faiss) did not install; benchmarks skip them"
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt --no-deps geoclip==1.3.0 geopy==2.4.1 geographiclib==2.1
+	-$(BIN)/pip install -q -c constraints.txt 'sphericart-torch>=2.0,<3' || echo "optional extra sphericart-torch did not install; benchmarks skip it"
 	touch $(STAMP)
+
+# Renew constraints.txt: a fresh venv, one install within pyproject.toml's bounds (the newest releases
+# that resolve), then pip freeze. Run the tests with it (`make clean test`) before committing the result.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install '.[dev]' 'sphericart-torch>=2.0,<3'
+	$(LOCK_VENV)/bin/pip install --no-deps geoclip==1.3.0 geopy==2.4.1 geographiclib==2.1
+	$(LOCK_VENV)/bin/pip check | grep -v '^geoclip ' | { ! grep .; }
+	{ sed -n '/^#/!q;p' constraints.txt; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude locdiff --exclude pip | sed 's/^\([A-Za-z0-9_.-]*==[^+]*\)+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt renewed; review with git diff constraints.txt"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -34,4 +53,4 @@ stop:
 	@if [ -x infra/stop.sh ]; then infra/stop.sh; fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/results
+	rm -rf $(VENV) $(LOCK_VENV) build *.egg-info .pytest_cache benchmarks/results

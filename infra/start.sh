@@ -8,7 +8,8 @@
 #   infra/stop.sh             # stop everything started here
 #
 # Settings (environment): LOCDIFF_STATE (state folder), PREFECT_PORT (4200), MLFLOW_PORT (5000),
-# LOCDIFF_POOL (work pool name, locdiff-process), PYTHON_BIN (the venv's bin folder).
+# LOCDIFF_POOL (work pool name, locdiff-process), PYTHON_BIN (the venv's bin folder). Every service
+# listens on 127.0.0.1 only.
 set -euo pipefail
 # Job control: each background service gets its own process group, so that infra/stop.sh's SIGTERM to the
 # group reaches it (a worker launched with plain `nohup ... &` ignored SIGTERM, see STACK.md).
@@ -28,7 +29,9 @@ export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Ray: the flow runs start a local Ray bound to 127.0.0.1 with token authentication and a token of their
+# own (locdiff.distributed.ensure_ray); for a cluster set RAY_ADDRESS and RAY_AUTH_TOKEN(_PATH).
+export RAY_AUTH_MODE=token
 
 running() {  # running NAME: its pid file names a live process
   local f="$STATE/pids/$1.pid"
@@ -88,5 +91,6 @@ export PREFECT_HOME="$PREFECT_HOME"
 export PREFECT_API_URL="$PREFECT_API_URL"
 export MLFLOW_TRACKING_URI="$MLFLOW_TRACKING_URI"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true
+export RAY_AUTH_MODE=token
 ENV
 echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT   MLflow UI: $MLFLOW_TRACKING_URI   (source $STATE/env)"

@@ -20,12 +20,15 @@ root there so that every node sees the checkpoints. Ray is imported inside funct
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FAULT_MARKER = "fault-injected"
-# Environment the workers get from the driver (a cluster's workers do not share the driver's shell).
+# Environment the Ray processes need from the driver's: S3 endpoint and credentials, MLflow, LocDiff
+# settings. It reaches them through their own environment, never through train_loop_config or a pickled
+# object (Ray keeps those in its run state): a local Ray's processes inherit this process's environment
+# (ensure_ray restarts the local Ray it started when these variables change); a cluster's nodes have their
+# own (infra/k8s: Secrets), and the non-secret ones are also passed in the job's runtime_env.
 FORWARDED_ENV = ("AWS_", "MLFLOW_", "LOCDIFF_")
+# A forwarded variable whose name holds one of these is a secret: never put in a runtime_env.
+SECRET_ENV_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "SESSION", "AUTH")
 
 
 @dataclass
@@ -76,30 +85,172 @@ class RayUnavailable(RuntimeError):
 
 
 def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray (auth off, short temp dir) once."""
+    """Connect to RAY_ADDRESS when set, else start a local Ray once (127.0.0.1 only, token auth).
+
+    A local Ray listens on 127.0.0.1 only (its dashboard too) and uses Ray's token authentication with a
+    token made for this process (RAY_AUTH_TOKEN, unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set);
+    its processes inherit this process's environment, credentials included. When the AWS_/MLFLOW_/
+    LOCDIFF_ variables changed since the local Ray this process started, it is restarted so that its
+    workers see the new values. A cluster (RAY_ADDRESS) gets the non-secret ones in the job's runtime_env
+    and authenticates with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (infra/README.md).
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        changed = _local_env_changed(ray)
+        if not changed:
+            return
+        log.info("%s changed since the local Ray started: restarting it so that its workers see the new "
+                 "values", ", ".join(changed))
+        stop_local_ray()
+        ray.shutdown()
     address = os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, log_to_driver=True, **kwargs)
+            _cluster_auth()
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            env_vars = {**_worker_env(secrets=False), **(runtime_env.get("env_vars") or {})}
+            if env_vars:
+                runtime_env["env_vars"] = env_vars
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env or None, **kwargs)
         else:
+            _local_auth()
             if "_temp_dir" not in kwargs:  # short (socket paths), removed when this process ends
                 kwargs["_temp_dir"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
                 atexit.register(_remove_ray_temp, kwargs["_temp_dir"])
                 _LOCAL_TEMP.append(kwargs["_temp_dir"])
             kwargs.setdefault("dashboard_host", "127.0.0.1")  # the State API (used by Ray Train) needs it
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
+            if sys.platform == "linux" and os.path.exists("/sys/class/net/lo"):
+                # torch.distributed's gloo (the CPU DDP backend) then connects ranks over loopback too
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            with _loopback_only():
+                ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            _LOCAL_STARTED.update(gcs=ray.get_runtime_context().gcs_address, env=_worker_env())
+            node_ip = ray.util.get_node_ip_address()
+            if node_ip not in ("127.0.0.1", "::1"):
+                log.warning("the local Ray runs on %s, not 127.0.0.1: other hosts may reach it", node_ip)
     except Exception as err:  # noqa: BLE001 - name what to fix
         where = f"the cluster at RAY_ADDRESS={address}" if address else "a local Ray instance"
+        auth = (" If the cluster uses token authentication, set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
+                "(infra/README.md)." if address else "")
         raise RayUnavailable(f"cannot start or reach {where}: {err}. Check RAY_ADDRESS (unset it to run "
-                             "locally) and that the head node is up (`ray status`).") from err
+                             f"locally) and that the head node is up (`ray status`).{auth}") from err
 
 
 _LOCAL_TEMP: list[str] = []  # temp dirs of local Ray instances this process started
+_LOCAL_STARTED: dict[str, Any] = {}  # the local Ray ensure_ray started: its GCS address and environment
+
+
+def _is_secret(name: str, value: str) -> bool:
+    """A credential: by its name, or a URL carrying user:password@."""
+    from urllib.parse import urlsplit
+
+    if any(m in name.upper() for m in SECRET_ENV_MARKERS):
+        return True
+    try:
+        return "@" in urlsplit(value).netloc
+    except ValueError:
+        return True  # not parseable: do not forward it
+
+
+def _worker_env(*, secrets: bool = True) -> dict[str, str]:
+    """The forwarded part of this process's environment (without the secrets when `secrets` is False)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    return env if secrets else {k: v for k, v in env.items() if not _is_secret(k, v)}
+
+
+def _local_env_changed(ray: Any) -> list[str]:
+    """The forwarded variables (names) that changed since ensure_ray started the running local Ray."""
+    if not _LOCAL_STARTED:
+        return []
+    try:
+        if ray.get_runtime_context().gcs_address != _LOCAL_STARTED["gcs"]:
+            return []  # not the one started here: leave it alone
+    except Exception:  # noqa: BLE001 - not ours: leave it alone
+        return []
+    now, then = _worker_env(), _LOCAL_STARTED["env"]
+    return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in _NO_RESTART)
+
+
+# MLflow's client sets these itself (the workers get the tracking URI and run id in the loop config):
+# a change is no reason to restart the local Ray.
+_NO_RESTART = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")
+
+
+def _refresh_ray_auth() -> None:
+    """Make an imported Ray see RAY_AUTH_* changes (Ray reads them once, at import or first init)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError) as err:  # another Ray version: it reads the environment itself
+        log.debug("could not refresh Ray's auth settings: %s", err)
+
+
+def _local_auth() -> None:
+    """Token authentication for a local Ray, with a token made for this process when none is set."""
+    import secrets
+
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode and mode != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: the local Ray always uses token authentication", mode)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not _token_file_ok(path):
+        log.warning("RAY_AUTH_TOKEN_PATH=%s holds no token; the local Ray uses a token of its own", path)
+        path = None
+    if not (os.environ.get("RAY_AUTH_TOKEN") or path):
+        # Inherited by this process's children (Ray's own processes, a flow's subprocesses), not logged.
+        # RAY_AUTH_TOKEN comes first in Ray's search, before RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token.
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    _refresh_ray_auth()
+
+
+def _cluster_auth() -> None:
+    """Token mode for a cluster when a token is configured (Ray's defaults otherwise; never disabled here)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: connecting to %s without token authentication",
+                    os.environ.get("RAY_ADDRESS"))
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not _token_file_ok(path):
+        # Ray aborts the process on an unreadable token file: say what to fix instead.
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH={path}: no readable, non-empty token file; point it at the "
+                         "cluster's token (infra/README.md) or set RAY_AUTH_TOKEN")
+    default = Path.home() / ".ray" / "auth_token"
+    if not mode and (os.environ.get("RAY_AUTH_TOKEN") or path or default.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _refresh_ray_auth()
+
+
+def _token_file_ok(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(4096).strip())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """During a local ray.init: Ray resolves 127.0.0.1 to the machine's address (and then listens on every
+    interface) unless it runs in single-machine mode, which this turns on for the start."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # another Ray version: the warning after the start tells
+        yield
+        return
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _remove_ray_temp(path: str) -> None:
@@ -115,6 +266,7 @@ def stop_local_ray() -> None:
     """Stop the local Ray this process started (and remove its temp dir); a cluster is left alone."""
     while _LOCAL_TEMP:
         _remove_ray_temp(_LOCAL_TEMP.pop())
+    _LOCAL_STARTED.clear()
 
 
 def _absolute(path: str | Path) -> str:
@@ -137,18 +289,12 @@ def _storage(root: str) -> tuple[str, Any]:
         return str(path), None
     import pyarrow.fs
 
-    from locdiff.data.storage import filesystem, s3_endpoint
+    from locdiff.data.storage import filesystem
 
+    # The filesystem is pickled to the Train controller and workers: it carries the endpoint only
+    # (`filesystem` passes no credentials), and each process that unpickles it takes the credentials from
+    # its own environment (the usual AWS chain), so no secret travels in Ray's run state.
     fs, inner = filesystem(root)
-    if root.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ACCESS_KEY_ID"):
-        # The filesystem is pickled to the Train controller and workers, which may not share this
-        # process's environment: carry the endpoint and the credentials from the environment with it.
-        import fsspec
-
-        fs = fsspec.filesystem("s3", use_listings_cache=False, key=os.environ["AWS_ACCESS_KEY_ID"],
-                               secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                               token=os.environ.get("AWS_SESSION_TOKEN"),
-                               **({"endpoint_url": s3_endpoint()} if s3_endpoint() else {}))
     try:
         fs.makedirs(inner, exist_ok=True)
         fs.ls(inner.split("/", 1)[0])
@@ -327,10 +473,18 @@ def _fit(config: Any, data: dict[str, Any], run_dir: Path, settings: RayTrainSet
         from locdiff.tracking import absolute_uri, resolve_tracking_uri
 
         tracking_uri = absolute_uri(resolve_tracking_uri(settings.tracking_uri))  # workers run elsewhere
+        from urllib.parse import urlsplit
+
+        if urlsplit(tracking_uri).password or "@" in urlsplit(tracking_uri).netloc:
+            raise ValueError("the MLflow tracking URI carries credentials (user:password@host), which Ray would "
+                             "keep in its run state: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                             "instead")
     loop = {"config": config_to_dict(config), **data, "tracking_uri": tracking_uri,
             "mlflow_run_id": settings.mlflow_run_id, "per_worker_batch": settings.per_worker_batch,
             "fault_kill_at_step": settings.fault_kill_at_step, "trace_dir": settings.trace_dir,
             "marker_dir": _absolute(run_dir / ".ray")}
+    # No environment in the loop config (Ray keeps it in its run state): the workers have their own
+    # (FORWARDED_ENV; train_on_ray's ensure_ray restarted a local Ray whose environment was out of date).
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop,

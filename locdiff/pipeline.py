@@ -80,15 +80,11 @@ class DataSpec:
 
 
 def model_config_path(name: str) -> Path:
-    """configs/model/NAME.yaml (or a YAML path); ValueError listing the known names otherwise."""
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        path = REPO / "configs" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
-        raise ValueError(f"unknown model config {name!r}: no file {path}; known configs: "
-                         f"{', '.join(known) or '(none)'}")
-    return path
+    """configs/model/NAME.yaml as shipped with the package (or a YAML path); ValueError listing the known
+    names otherwise (`locdiff.resources`, which `locdiff train --config` uses too)."""
+    from locdiff.resources import model_config_path as packaged
+
+    return packaged(name)
 
 
 def resolve_config(name: str, *, degree: int | None = None, overrides: list[str] | None = None):

@@ -68,12 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from locdiff.model.config import load_config
+    from locdiff.resources import model_config_path
     from locdiff.training import train_run
 
     overrides = list(args.overrides)
     if args.method:
         overrides.append(f"method={args.method}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(model_config_path(args.config), overrides)  # a bare name: the packaged config
     if cfg.method not in TRAIN_METHODS:
         raise ValueError(f"{args.config}: method must be one of {', '.join(TRAIN_METHODS)}; got {cfg.method!r}")
     if args.workers < 0 or args.gpus_per_worker < 0:

@@ -6,7 +6,6 @@ named, so a typo never silently falls back to a default, and every number is che
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +24,10 @@ MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download
 
 
 def configs_dir() -> Path:
-    """The `configs/` folder (env LOCDIFF_CONFIGS overrides; default: beside the package)."""
-    env = os.environ.get("LOCDIFF_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    """The `configs/` folder shipped with the package (env LOCDIFF_CONFIGS overrides): `locdiff.resources`."""
+    from locdiff.resources import configs_dir as packaged
+
+    return packaged()
 
 
 @dataclass
@@ -109,12 +109,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
     """Read configs/datasets/NAME.yaml (or a YAML path) into a DatasetConfig; overrides win."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = configs_dir() / "datasets" / f"{name_or_path}.yaml"
-    if not path.exists():
-        avail = sorted(p.stem for p in (configs_dir() / "datasets").glob("*.yaml"))
-        raise ValueError(f"unknown data set {name_or_path!r}: no {path}; known: {avail}")
+    from locdiff.resources import find_config, is_yaml_path, known_configs
+
+    path = find_config("datasets", name_or_path)
+    if path is None:
+        where = name_or_path if is_yaml_path(name_or_path) else configs_dir() / "datasets" / f"{name_or_path}.yaml"
+        raise ValueError(f"unknown data set {name_or_path!r}: no {where}; known: {known_configs('datasets')}")
     data = schema.read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _build(DatasetConfig, data, str(path))
@@ -126,11 +126,11 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
     A local folder or hub id gets a CLIP config whose name is the folder's base name (or the hub id
     with '/' replaced by '--'), which becomes the features folder name.
     """
+    from locdiff.resources import find_config, known_configs
+
     path = Path(spec)
-    cfg_path = configs_dir() / "encoders" / f"{spec}.yaml"
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        cfg_path = path
-    if cfg_path.exists():
+    cfg_path = find_config("encoders", spec)
+    if cfg_path is not None:
         data = schema.read_yaml(cfg_path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return _build(EncoderConfig, data, str(cfg_path))
@@ -139,7 +139,7 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
                                       **overrides}, spec)
     if "/" in spec and not spec.startswith(("/", ".")) and spec.count("/") == 1:
         return _build(EncoderConfig, {"name": spec.replace("/", "--"), "model": spec, **overrides}, spec)
-    avail = sorted(p.stem for p in (configs_dir() / "encoders").glob("*.yaml"))
+    avail = known_configs("encoders")
     raise ValueError(f"unknown encoder {spec!r}: not a config in {configs_dir() / 'encoders'} ({avail}), "
                      "a local model folder or a hub id")
 

@@ -3,7 +3,6 @@ the same feature shards as the in-process path."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import pytest
@@ -23,7 +22,6 @@ def test_ray_backend_matches_local(tiny_clip, ingested, tmp_path):  # noqa: F811
     local = embed("folder", str(root), str(tiny_clip), degree=2, progress=False)
     copy = tmp_path / "copy"
     shutil.copytree(root / "folder" / "images", copy / "folder" / "images")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
     try:
