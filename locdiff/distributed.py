@@ -316,17 +316,22 @@ class RayStore:
         self.rank, self.loop = rank, loop
         self.history: list[dict[str, Any]] = []
         self.flushed = 0
+        self.where: str | None = None  # the checkpoint resumed from
 
     def load(self, map_location: Any) -> dict[str, Any] | None:
         import ray.train
 
-        from locdiff.runs import load_state
-
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
+        return None if ckpt is None else self.restore(ckpt, map_location)
+
+    def restore(self, ckpt: Any, map_location: Any = "cpu") -> dict[str, Any]:
+        """The engine's state from a `ray.train.Checkpoint` (weights only: a pickle payload is refused)."""
+        from locdiff.runs import check_checkpoint, load_state
+
+        self.where = f"{ckpt.path}/checkpoint.pt"  # named in the engine's errors about it
         with ckpt.as_directory() as folder:
             state = load_state(Path(folder) / "checkpoint.pt", map_location)
+            check_checkpoint(state, self.where)
             log_file = Path(folder) / "metrics.jsonl"
             if log_file.exists():
                 self.history = [json.loads(line) for line in log_file.read_text().splitlines() if line]

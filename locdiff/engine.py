@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from locdiff.data.stream import BatchStream, DataSource, Rows
-from locdiff.runs import RunFolder
+from locdiff.errors import UserError
+from locdiff.runs import CHECKPOINT, RunFolder, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class RunStore(CheckpointStore):
 
     def __init__(self, run: RunFolder) -> None:
         self.run = run
+        self.where = run.file(CHECKPOINT)  # named in errors about the checkpoint
 
     def load(self, map_location: torch.device) -> dict[str, Any] | None:
         state = self.run.load_checkpoint(map_location)
@@ -237,14 +239,11 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     return state
 
 
-def _check_resume(state: Mapping[str, Any], task: Task, embed_dim: int, store: CheckpointStore) -> None:
-    where = getattr(getattr(store, "run", None), "path", "the checkpoint")
+def _check_resume(state: Mapping[str, Any], task: Task, source: DataSource, where: Any) -> None:
+    check_checkpoint(dict(state), where, embed_dim=source.dim, data=source.location or "the data")
     if state.get("task") != task.describe():
-        raise ValueError(f"{where}: checkpoint of {state.get('task')}, not {task.describe()}; use another run "
-                         "folder (--out)")
-    if int(state.get("embed_dim", embed_dim)) != embed_dim:
-        raise ValueError(f"{where}: the checkpoint was trained on {state['embed_dim']}-d embeddings, the data "
-                         f"has {embed_dim}-d; use the same data or another run folder (--out)")
+        raise UserError(f"{where}: checkpoint of {state.get('task')}, not {task.describe()}; use another run "
+                        "folder (--out)")
 
 
 def train(task: Task, source: DataSource, settings: Settings, *, store: CheckpointStore,
@@ -284,22 +283,28 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
     last: dict[str, float] = {}
     state = store.load(device)
     if state is not None:
-        _check_resume(state, task, source.dim, store)
+        where = getattr(store, "where", None) or "the checkpoint"
+        _check_resume(state, task, source, where)
         try:
             unwrap(model).load_state_dict(state["model"])
             if ema is not None:
                 ema.load_state_dict(state["ema"])
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise ValueError(f"the checkpoint does not fit this model and data ({str(err).splitlines()[0]}); "
-                             "use the same config and data, or another run folder (--out)") from None
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        step = restored = int(state["step"])
-        last = dict(state.get("metrics") or {})
-        torch.set_rng_state(state["rng"]["torch"])
-        gens = state.get("rank_generators") or [state["rng"]["generator"]]
-        if len(gens) == world:
-            generator.set_state(gens[rank])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{where}: does not fit this model and data ({str(err).splitlines()[0]}); use the "
+                            "same config and data, or another run folder (--out)") from None
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+            step = restored = int(state["step"])
+            last = {k: float(v) for k, v in dict(state.get("metrics") or {}).items()}
+            torch.set_rng_state(state["rng"]["torch"])
+            gens = state.get("rank_generators") or [state["rng"]["generator"]]
+            if len(gens) == world:
+                generator.set_state(gens[rank])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise UserError(f"{where}: a damaged training state ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); delete it to train from scratch"
+                            ) from None
         log.info("resuming at step %d (%s)", step, stream.position(step))
 
     val_batch = None

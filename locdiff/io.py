@@ -12,6 +12,7 @@ Bad input raises ValueError naming the file, the column and the first bad row.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,20 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.argmax(mask))
 
 
-def _bad(path: PathLike, column: str, row: int, what: str) -> ValueError:
-    return ValueError(f"{path}: column {column!r}, row {row}: {what}")
+class RowError(ValueError):
+    """A bad value in one row of a table: `PATH: column COLUMN, row ROW: WHAT` (row 0 is the first data row)."""
+
+    def __init__(self, path: PathLike, column: str, row: int, what: str) -> None:
+        self.path, self.column, self.row, self.what = str(path), column, int(row), what
+        super().__init__(f"{path}: column {column!r}, row {row}: {what}")
+
+    def moved(self, path: PathLike, first_row: int) -> RowError:
+        """The same error for rows that start at `first_row` of file `path` (a slice of a larger table)."""
+        return RowError(path, self.column, first_row + self.row, self.what)
+
+
+def _bad(path: PathLike, column: str, row: int, what: str) -> RowError:
+    return RowError(path, column, row, what)
 
 
 def _read_parquet(path: PathLike) -> pa.Table:
@@ -109,7 +122,7 @@ def _check_coords(lat: np.ndarray, lon: np.ndarray, path: PathLike, names: tuple
         bad = ~np.isfinite(arr) | (arr < lo) | (arr > hi)
         if bad.any():
             row = _first_bad(bad)
-            raise _bad(path, name, row, f"{arr[row]!r} is not a finite number in [{lo:g}, {hi:g}] degrees")
+            raise _bad(path, name, row, f"{float(arr[row])!r} is not a finite number in [{lo:g}, {hi:g}] degrees")
 
 
 def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
@@ -143,7 +156,7 @@ def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
     if not finite.all():
         row = _first_bad(~finite)
         col_i = int(np.argmax(~np.isfinite(emb[row])))
-        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {emb[row, col_i]!r} "
+        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i])!r} "
                                            "(NaN or infinite)")
     return emb
 
@@ -202,6 +215,8 @@ def _write_atomic(path: PathLike, write) -> None:
     if fs is not None:
         write(p, fs)
         return
+    if os.path.isdir(p):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
@@ -296,14 +311,26 @@ def read_predictions(path: PathLike) -> PredictionTable:
         fs, p = _filesystem(path)
         if fs is None and not os.path.exists(p):
             raise FileNotFoundError(f"{path}: no such file")
+        if fs is None and os.path.isdir(p):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         opts = pcsv.ConvertOptions(column_types={"id": pa.string(), "method": pa.string()})
-        try:
+
+        def read(threads: bool = True) -> pa.Table:
+            ro = pcsv.ReadOptions(use_threads=threads)
             if fs is None:
-                table = pcsv.read_csv(p, convert_options=opts)
-            else:
-                with fs.open(p, "rb") as f:
-                    table = pcsv.read_csv(f, convert_options=opts)
-        except pa.ArrowInvalid as err:
+                return pcsv.read_csv(p, read_options=ro, convert_options=opts)
+            with fs.open(p, "rb") as f:
+                return pcsv.read_csv(f, read_options=ro, convert_options=opts)
+
+        try:
+            table = read()
+        except pa.ArrowInvalid:
+            try:  # once more in one thread, where pyarrow's message has the row number ("Row #3: ...")
+                read(threads=False)
+            except pa.ArrowInvalid as err1:
+                err = err1
+            except Exception:  # noqa: BLE001 - keep the first error
+                pass
             raise ValueError(f"{path}: not a readable CSV predictions file: {err}") from err
     ids = _ids(_column(table, "id", path), path, unique=False)
     pred_lat = _float_column(_column(table, "pred_lat", path), "pred_lat", path)
@@ -327,5 +354,5 @@ def read_predictions(path: PathLike) -> PredictionTable:
                            confidence=confidence, source=str(path))
 
 
-__all__ = ["read_embeddings", "write_embeddings", "embedding_table_from_arrow", "embedding_table_to_arrow",
+__all__ = ["RowError", "read_embeddings", "write_embeddings", "embedding_table_from_arrow", "embedding_table_to_arrow",
            "PredictionTable", "write_predictions", "read_predictions"]

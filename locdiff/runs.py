@@ -21,16 +21,21 @@ with another config (the CLI and the pipeline both call it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from locdiff.errors import CorruptFileError, UserError, reraise_for
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,10 @@ WEIGHTS = "model.safetensors"
 MODEL = "model.json"
 SELECTION = "selection.json"
 RECORD = "run.json"
+MAX_JSON_BYTES = 64 << 20  # a run's JSON files are kB; a larger one is refused unread
+DAMAGED = "the run folder is damaged: train again into a new --out"
+# what every checkpoint holds (locdiff.engine writes it; a file without one of these is not resumable)
+CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 
 # config keys that may change between a run and its resumption (they do not change the weights)
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
@@ -87,7 +96,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    """Write `text` to path through a temporary sibling (a full disk is a DiskFullError naming path)."""
+    with reraise_for(path, writing=True), atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
@@ -152,14 +162,44 @@ class RunFolder:
         """torch.save the training state atomically. Only tensors and plain values (the weights_only
         loader rejects anything else, so a run folder never needs pickle)."""
         self.create()
-        with atomic_path(self.file(CHECKPOINT)) as tmp:
-            torch.save(dict(state), tmp)
+        path = self.file(CHECKPOINT)
+        # through a Python file: a full disk is an OSError (ENOSPC) here, where torch's own writer would
+        # raise a RuntimeError that reads like a damaged file; the temporary file goes either way
+        with reraise_for(path, what="checkpoint", writing=True), atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(dict(state), f)
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         path = self.file(CHECKPOINT)
         if not path.exists():
             return None
         return load_state(path, map_location)
+
+    def check_resumable(self, embed_dim: int, data: str = "the data") -> None:
+        """Before anything is written: the folder's checkpoint (if any) must be readable, complete and
+        trained on `embed_dim`-d embeddings (UserError naming the checkpoint otherwise). Memory-mapped, so
+        the tensors are not read."""
+        path = self.file(CHECKPOINT)
+        if not path.exists():
+            return
+        check_checkpoint(load_state(path, mmap=True), path, embed_dim=embed_dim, data=data)
+
+    @contextlib.contextmanager
+    def removed_if_unstarted(self) -> Iterator[None]:
+        """Around the start of a training: when it fails before its first checkpoint in a folder that held
+        no run, the files it wrote (config.yaml, metrics.jsonl) go, and the folder when it made it, so a
+        refused or failed fresh run leaves nothing behind. A folder with a checkpoint is never touched."""
+        existed, had_config = self.path.exists(), self.has_config()
+        try:
+            yield
+        except BaseException:
+            if not had_config and not self.file(CHECKPOINT).exists():
+                for name in (CONFIG, METRICS):
+                    with contextlib.suppress(OSError):
+                        self.file(name).unlink()
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()  # only when empty: anything else someone wrote stays
+            raise
 
     def remove_checkpoint(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -170,7 +210,7 @@ class RunFolder:
         if not rows:
             return
         self.create()
-        with self.file(METRICS).open("a") as f:
+        with reraise_for(self.file(METRICS), writing=True), self.file(METRICS).open("a") as f:
             f.writelines(json.dumps(dict(r)) + "\n" for r in rows)
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -192,29 +232,41 @@ class RunFolder:
     # -- the predictor -------------------------------------------------------------------------------------
     def save_model(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """The predictor: tensors as safetensors, the rest as JSON."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         self.create()
-        with atomic_path(self.file(WEIGHTS)) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        # written by Python: a full disk is an OSError (ENOSPC), named, and the temporary file goes
+        with reraise_for(self.file(WEIGHTS), writing=True), atomic_path(self.file(WEIGHTS)) as tmp:
+            tmp.write_bytes(data)
         write_json_atomic(self.file(MODEL), dict(meta))
 
     def has_model(self) -> bool:
         return self.file(WEIGHTS).is_file() and self.file(MODEL).is_file()
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, description) of the predictor; UserError naming the file when one is damaged."""
+        for name in (WEIGHTS, MODEL):
+            if self.file(name).exists() and not self.file(name).is_file():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.file(name)))
         if not self.has_model():
             raise FileNotFoundError(f"{self.path}: no trained model ({WEIGHTS}, {MODEL}); the run has not "
                                     "finished training (run `locdiff train` again to resume it)")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        path = self.file(WEIGHTS)
         try:
-            tensors = load_file(str(self.file(WEIGHTS)), device=str(device))
+            tensors = load_file(str(path), device=str(device))
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{self.file(WEIGHTS)}: cannot read the model weights ({err}); the file is "
-                             "damaged: train again into a new --out") from None
-        return tensors, self.read_json(MODEL)
+            raise CorruptFileError(path, f"{path}: cannot read the model weights ({str(err).splitlines()[0]}); "
+                                   "the file is damaged: train again into a new --out") from None
+        meta = self.read_json(MODEL)
+        dim = meta.get("embed_dim") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) or type(dim) is not int or dim < 1:
+            raise CorruptFileError(self.file(MODEL), f"{self.file(MODEL)}: not a locdiff model description (it "
+                                   f"needs 'method' and a positive integer 'embed_dim'); {DAMAGED}")
+        return tensors, meta
 
     # -- small JSON files ----------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
@@ -227,10 +279,14 @@ class RunFolder:
             if default is not None:
                 return default
             raise FileNotFoundError(f"{path}: missing")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CorruptFileError(path, f"{path}: larger than {MAX_JSON_BYTES} bytes; {DAMAGED}")
         try:
-            return json.loads(path.read_text())
+            return json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); the run folder is damaged") from None
+            raise CorruptFileError(path, f"{path}: not valid JSON ({err}); {DAMAGED}") from None
 
     # -- the record ------------------------------------------------------------------------------------------
     def record(self) -> dict[str, Any] | None:
@@ -250,18 +306,38 @@ class RunFolder:
             self.file(RECORD).unlink()
 
 
-def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True: a file carrying code is refused, a damaged one named."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors, truncated zips, refused globals
-        reason = str(err).splitlines()[0][:200]
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {reason}); it is damaged "
-                         "or not a locdiff checkpoint: delete it to train from scratch") from None
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+               mmap: bool = False) -> dict[str, Any]:
+    """torch.load with weights_only=True: a file carrying code is refused (its code never runs), a damaged
+    one is a CorruptFileError naming it. mmap=True maps the tensors instead of reading them."""
+    hint = "it is damaged or not a locdiff checkpoint: delete it to train from scratch"
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    with reraise_for(path, what="the checkpoint", hint=hint):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except (OSError, MemoryError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError,
+                zipfile.BadZipFile):
+            raise  # reraise_for names the file and the kind of damage
+        except Exception as err:  # noqa: BLE001 - whatever else the reader of a crafted file raises
+            raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a locdiff checkpoint (a {type(state).__name__}); delete it to train "
-                         "from scratch")
+        raise CorruptFileError(path, f"{path}: not a locdiff checkpoint (a {type(state).__name__}); delete it "
+                               "to train from scratch")
     return state
+
+
+def check_checkpoint(state: dict[str, Any], path: str | os.PathLike, *, embed_dim: int | None = None,
+                     data: str = "the data") -> None:
+    """UserError naming the checkpoint when it lacks a key every checkpoint has, or was trained on
+    embeddings of another dimension than `embed_dim` (the dimension of `data`)."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CorruptFileError(path, f"{path}: not a complete locdiff checkpoint (no {', '.join(map(repr, missing))}); "
+                               "delete it to train from scratch")
+    if embed_dim is not None and "embed_dim" in state and int(state["embed_dim"]) != int(embed_dim):
+        raise UserError(f"{path}: trained on {int(state['embed_dim'])}-d embeddings, but {data} has {embed_dim}-d; "
+                        "use the data it was trained on, or another run folder (--out)")
 
 
 def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = None,

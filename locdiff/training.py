@@ -62,38 +62,41 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     if source.manifest is not None and encoder and enc.get("name") != encoder:
         raise ValueError(f"--encoder {encoder}: {source.location} was embedded with {enc.get('name')!r} "
                          "(its manifest says so); leave out --encoder for a features folder")
-    run.clear_record()
-    run.write_config(config)
-    if before_training is not None:
-        before_training(run)
     method = get_method(config.method).from_config(_method_config(config))
-    ray_result = None
-    if workers > 0 and method.trains:
-        from locdiff.distributed import RayTrainSettings, train_on_ray
+    if method.trains:  # a damaged checkpoint, or one of other data, is refused before anything is written
+        run.check_resumable(source.dim, source.location or "the data")
+    with run.removed_if_unstarted():  # a fresh run that fails before its first checkpoint leaves nothing
+        run.clear_record()
+        run.write_config(config)
+        if before_training is not None:
+            before_training(run)
+        ray_result = None
+        if workers > 0 and method.trains:
+            from locdiff.distributed import RayTrainSettings, train_on_ray
 
-        settings = ray_settings or RayTrainSettings()
-        settings.num_workers = workers
-        state = run.load_checkpoint()
-        if state is not None and int(state["step"]) >= method.settings(source).steps:
-            log.info("%s: checkpoint at the final step %d; Ray training skipped", run.path, state["step"])
-        else:
-            if isinstance(train, str | Path):
-                ray_result = train_on_ray(config, str(train), run.path, settings,
-                                          val=str(val) if isinstance(val, str | Path) else None,
-                                          val_share=config.train.val_share if val is None else 0.0)
+            settings = ray_settings or RayTrainSettings()
+            settings.num_workers = workers
+            state = run.load_checkpoint()
+            if state is not None and int(state["step"]) >= method.settings(source).steps:
+                log.info("%s: checkpoint at the final step %d; Ray training skipped", run.path, state["step"])
             else:
-                raise ValueError("--workers needs the training data as a path or URL")
-    metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run)
-    state = run.load_checkpoint()
-    step = int(state["step"]) if state is not None else 0
-    steps = method.settings(source).steps if method.trains else 0
-    record = {"key": key, "complete": step >= steps, "method": config.method, "step": step, "data": data,
-              "data_location": {"train": getattr(source, "location", None),
-                                "val": getattr(vsrc, "location", None)},
-              "encoder": enc, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
-    if ray_result is not None:
-        record.update({"restored_from_step": ray_result.restored_from_step,
-                       "samples_per_s": ray_result.samples_per_s, "ray_storage": ray_result.storage_path})
-    if record["complete"]:
-        run.write_record(record)
-    return TrainOutcome(run, record, skipped=False, ray=ray_result)
+                if isinstance(train, str | Path):
+                    ray_result = train_on_ray(config, str(train), run.path, settings,
+                                              val=str(val) if isinstance(val, str | Path) else None,
+                                              val_share=config.train.val_share if val is None else 0.0)
+                else:
+                    raise ValueError("--workers needs the training data as a path or URL")
+        metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run)
+        state = run.load_checkpoint()
+        step = int(state["step"]) if state is not None else 0
+        steps = method.settings(source).steps if method.trains else 0
+        record = {"key": key, "complete": step >= steps, "method": config.method, "step": step, "data": data,
+                  "data_location": {"train": getattr(source, "location", None),
+                                    "val": getattr(vsrc, "location", None)},
+                  "encoder": enc, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+        if ray_result is not None:
+            record.update({"restored_from_step": ray_result.restored_from_step,
+                           "samples_per_s": ray_result.samples_per_s, "ray_storage": ray_result.storage_path})
+        if record["complete"]:
+            run.write_record(record)
+        return TrainOutcome(run, record, skipped=False, ray=ray_result)

@@ -66,7 +66,7 @@ def test_checkpoint_of_other_data_or_task_is_a_clear_error(tmp_path):
     s = engine.Settings(**{**SETTINGS, "steps": 10})
     store = engine.RunStore(RunFolder(tmp_path))
     engine.train(Toy(), TableSource(_table()), s, store=store, progress=False)
-    with pytest.raises(ValueError, match="8-d embeddings, the data has 5-d"):
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: trained on 8-d embeddings, but toy has 5-d"):
         engine.train(Toy(), TableSource(_table(d=5)), s, store=store, progress=False)
 
     class Other(Toy):

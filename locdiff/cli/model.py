@@ -101,6 +101,11 @@ def _predict(args: argparse.Namespace) -> int:
     from locdiff.methods import get_method
     from locdiff.runs import RunFolder
 
+    if Path(args.out).is_dir():  # before any work: the predictions file cannot be written there
+        import errno
+        import os
+
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), args.out)
     run = RunFolder(args.run)
     cfg = run.read_config()
     trained = cfg.get("method", "locdiff")

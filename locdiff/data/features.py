@@ -56,10 +56,16 @@ def _read_npy_block(buf: memoryview, offsets: np.ndarray, what: str) -> np.ndarr
     starts, sizes = offsets[:, 0], offsets[:, 1]
     off0, size0 = int(starts[0]), int(sizes[0])
     f = io.BytesIO(bytes(buf[off0: off0 + min(size0, 4096)]))
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read_header(f)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+    except ValueError as err:
+        raise ShardError(f"{what}: an .npy member has a damaged header ({err}); the shard is corrupt") from None
+    if dtype.hasobject:  # pickled Python objects: never loaded
+        raise ShardError(f"{what}: .npy members of dtype object (pickled Python objects) are not allowed; the "
+                         "shard is corrupt or crafted")
     hlen = f.tell()
     nbytes = size0 - hlen
     if (sizes != size0).any():
@@ -140,8 +146,8 @@ def load_features(path_or_root: str | tuple[str, str, str], name: str | None = N
     """
     folder = features_dir(path_or_root, name, encoder)
     manifest = mf.require_manifest(folder, "embed")
-    entries = manifest["shards"]
-    dim = int(manifest["embedding"]["dim"])
+    entries = mf.shard_entries(manifest, folder)
+    dim = mf.embedding_dim(manifest, folder)
     total = sum(int(e["count"]) for e in entries)
     emb = np.empty((total, dim), dtype=np.float32)
     ids: list[str] = []
@@ -191,7 +197,7 @@ def export_features(root: str, name: str, encoder: str, out: str) -> EmbeddingTa
     from locdiff.io import write_embeddings
 
     table = load_features(root, name, encoder)
-    with storage.disk_full_is_an_error(out):
+    with storage.disk_full_is_an_error(out, hint="free some space or choose another --out"):
         write_embeddings(out, table)
     log.info("wrote %d embeddings of dimension %d to %s", len(table), table.dim, out)
     return table

@@ -136,52 +136,53 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     if old is not None:
         log.warning("%s: inputs, encoder or degree changed; rewriting the stage", out)
         storage.remove(mf.manifest_path(out))
-    storage.makedirs(out)
-    storage.clear_local_tmp(out)  # partial files of a killed run
-    jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
-             "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
-             "batch_size": enc_cfg.batch_size, "settings_key": key} for s in images["shards"]]
-    done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
-    todo = [j for j in jobs if done[j["shard"]] is None]
-    log.info("%s: %d of %d shards to embed", out, len(todo), len(jobs))
-    if todo and backend == "ray":
-        from locdiff.embed.ray_runner import embed_with_ray
+    with storage.disk_full_is_an_error(out if not storage.is_remote(out) else storage.local_tmp_dir(out)):
+        storage.makedirs(out)
+        storage.clear_local_tmp(out)  # partial files of a killed run
+        jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
+                 "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
+                 "batch_size": enc_cfg.batch_size, "settings_key": key} for s in images["shards"]]
+        done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
+        todo = [j for j in jobs if done[j["shard"]] is None]
+        log.info("%s: %d of %d shards to embed", out, len(todo), len(jobs))
+        if todo and backend == "ray":
+            from locdiff.embed.ray_runner import embed_with_ray
 
-        for info in embed_with_ray(todo, enc_cfg):
-            done[info["shard"]] = info
-    elif todo:
-        if backend != "local":
-            raise ValueError(f"unknown backend {backend!r}; valid: 'local', 'ray'")
-        from locdiff.embed import make_encoder
+            for info in embed_with_ray(todo, enc_cfg):
+                done[info["shard"]] = info
+        elif todo:
+            if backend != "local":
+                raise ValueError(f"unknown backend {backend!r}; valid: 'local', 'ray'")
+            from locdiff.embed import make_encoder
 
-        model = make_encoder(enc_cfg)
-        for job in tqdm(todo, desc=f"embed {name}", unit="shard", disable=not progress):
-            done[job["shard"]] = embed_shard(job, model)
-    infos = [done[j["shard"]] for j in jobs]
-    skips = SkipLog()
-    for info in infos:
-        skips.merge(info.get("skipped", {}), info.get("skipped_examples", {}))
-    dims = {i["dim"] for i in infos if i["count"]}
-    if len(dims) > 1:
-        raise ValueError(f"{out}: shards of different embedding dimensions {sorted(dims)}")
-    dim = dims.pop() if dims else None
-    if dim is None:
-        from locdiff.embed import make_encoder
+            model = make_encoder(enc_cfg)
+            for job in tqdm(todo, desc=f"embed {name}", unit="shard", disable=not progress):
+                done[job["shard"]] = embed_shard(job, model)
+        infos = [done[j["shard"]] for j in jobs]
+        skips = SkipLog()
+        for info in infos:
+            skips.merge(info.get("skipped", {}), info.get("skipped_examples", {}))
+        dims = {i["dim"] for i in infos if i["count"]}
+        if len(dims) > 1:
+            raise ValueError(f"{out}: shards of different embedding dimensions {sorted(dims)}")
+        dim = dims.pop() if dims else None
+        if dim is None:
+            from locdiff.embed import make_encoder
 
-        dim = make_encoder(enc_cfg).dim
-    manifest = {
-        "stage": "features", "dataset": name, "encoder": encoder_desc,
-        "embedding": {"dim": dim, "dtype": enc_cfg.storage_dtype, "shape": [dim]},
-        "degree": degree,
-        "shdd": None if degree is None else {"degree": degree, "dim": (degree + 1) ** 2, "dtype": "float32",
-                                             "shape": [(degree + 1) ** 2]},
-        "inputs": {"images_manifest": {k: images.get(k) for k in ("settings_key", "count")},
-                   "images_shards_sha256": hashlib.sha256(json.dumps(images["shards"]).encode()).hexdigest()},
-        "settings_key": key, "software": mf.software_versions(),
-        "count": sum(i["count"] for i in infos),
-        "shards": [{k: i[k] for k in ("shard", "count", "sha256", "bytes")} for i in infos],
-        **skips.to_json(),
-    }
-    path = mf.write_manifest(out, manifest)
-    log.info("%s: %d embeddings (dim %d) in %d shards", path, manifest["count"], dim, len(infos))
-    return manifest
+            dim = make_encoder(enc_cfg).dim
+        manifest = {
+            "stage": "features", "dataset": name, "encoder": encoder_desc,
+            "embedding": {"dim": dim, "dtype": enc_cfg.storage_dtype, "shape": [dim]},
+            "degree": degree,
+            "shdd": None if degree is None else {"degree": degree, "dim": (degree + 1) ** 2, "dtype": "float32",
+                                                 "shape": [(degree + 1) ** 2]},
+            "inputs": {"images_manifest": {k: images.get(k) for k in ("settings_key", "count")},
+                       "images_shards_sha256": hashlib.sha256(json.dumps(images["shards"]).encode()).hexdigest()},
+            "settings_key": key, "software": mf.software_versions(),
+            "count": sum(i["count"] for i in infos),
+            "shards": [{k: i[k] for k in ("shard", "count", "sha256", "bytes")} for i in infos],
+            **skips.to_json(),
+        }
+        path = mf.write_manifest(out, manifest)
+        log.info("%s: %d embeddings (dim %d) in %d shards", path, manifest["count"], dim, len(infos))
+        return manifest

@@ -129,7 +129,10 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     if cfg.source == "embeddings":
         from locdiff.data.sources.embeddings import ingest_embeddings
 
-        return ingest_embeddings(cfg, name, root, source=source, limit=limit)
+        features = stage_dir(root, name, "features", cfg.encoder)
+        with storage.disk_full_is_an_error(features if not storage.is_remote(features)
+                                           else storage.local_tmp_dir(features)):
+            return ingest_embeddings(cfg, name, root, source=source, limit=limit)
     out = stage_dir(root, name, "images")
     src = make_source(cfg, source)
     plan = src.plan(limit)

@@ -34,17 +34,7 @@ def _stages(folder: str) -> list[tuple[str, str]]:
 
 
 def _shard_entries(m: dict[str, Any], stage: str) -> list[dict[str, Any]]:
-    path = mf.manifest_path(stage)
-    try:
-        entries = [{"shard": str(e["shard"]), "count": int(e["count"]), "sha256": str(e["sha256"]),
-                    "bytes": int(e.get("bytes", 0))} for e in m["shards"]]
-        int(m["count"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not a stage manifest (missing or bad field {err}); re-run the stage") from None
-    for e in entries:
-        if "/" in e["shard"] or e["shard"] in ("", ".", ".."):
-            raise ValueError(f"{path}: bad shard name {e['shard']!r}")
-    return entries
+    return mf.shard_entries(m, stage)
 
 
 def read_shard(url: str, entry: dict[str, Any], *, verify: bool = True) -> list[tuple[str, dict[str, Any]]]:

@@ -40,6 +40,9 @@ def software_versions() -> dict[str, str]:
     return out
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists shards: a few MB for the largest data sets
+
+
 def dumps(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
@@ -56,13 +59,46 @@ def read_manifest(stage_dir: str) -> dict[str, Any] | None:
     """The stage's manifest, or None when the stage has not completed."""
     path = manifest_path(stage_dir)
     try:
-        data = storage.read_bytes(path)
+        data = storage.read_bytes(path, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
     try:
-        return json.loads(data)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-run the stage that wrote it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path}: not a stage manifest (no list of shards); re-run the stage that wrote it")
+    return manifest
+
+
+def shard_entries(manifest: dict[str, Any], stage_dir: str) -> list[dict[str, Any]]:
+    """The manifest's shards as {shard, count, sha256, bytes}, checked: a shard name is a plain file name
+    in the stage folder (no '/', '..': a crafted manifest cannot make a reader leave the folder), the
+    numbers are integers. ValueError naming the manifest otherwise."""
+    path = manifest_path(stage_dir)
+    try:
+        entries = [{"shard": e["shard"], "count": int(e["count"]), "sha256": str(e["sha256"]),
+                    "bytes": int(e.get("bytes", 0))} for e in manifest["shards"]]
+        int(manifest["count"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a stage manifest (missing or bad field {err}); re-run the stage") from None
+    for e in entries:
+        name = e["shard"]
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or e["count"] < 0:
+            raise ValueError(f"{path}: bad shard entry {name!r}; re-run the stage")
+    return entries
+
+
+def embedding_dim(manifest: dict[str, Any], stage_dir: str) -> int:
+    """The embedding dimension a features manifest records (ValueError naming it when it has none)."""
+    try:
+        dim = manifest["embedding"]["dim"]
+    except (KeyError, TypeError):
+        dim = None
+    if type(dim) is not int or dim < 1:
+        raise ValueError(f"{manifest_path(stage_dir)}: not a features manifest (no embedding dimension); "
+                         "re-run the embed stage")
+    return dim
 
 
 def require_manifest(stage_dir: str, what: str) -> dict[str, Any]:
@@ -79,9 +115,10 @@ def write_progress(stage_dir: str, shard: str, info: dict[str, Any]) -> None:
 
 def read_progress(stage_dir: str, shard: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read_bytes(progress_path(stage_dir, shard)))
-    except (FileNotFoundError, json.JSONDecodeError):
+        info = json.loads(storage.read_bytes(progress_path(stage_dir, shard), max_bytes=MAX_MANIFEST_BYTES))
+    except (FileNotFoundError, ValueError):  # missing, damaged or too large: the shard is written again
         return None
+    return info if isinstance(info, dict) else None
 
 
 def shard_finished(stage_dir: str, shard: str, settings_key: str) -> dict[str, Any] | None:

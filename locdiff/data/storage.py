@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import fsspec
 
+from locdiff.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _S3_ENDPOINT: str | None = None
@@ -31,17 +33,21 @@ class TooBigError(ValueError):
     """A file larger than the byte limit of the read (reading stopped at the limit)."""
 
 
-class NoSpaceError(OSError, ValueError):
-    """The disk (or quota) filled up while writing a stage; the message names the folder."""
+class NoSpaceError(OSError, UserError):
+    """The disk (or quota) filled up while writing a stage; the message names the folder (a UserError:
+    the CLI and the flows report the message as it is)."""
 
     def __str__(self) -> str:
         return str(self.strerror)
 
 
+RESUME_HINT = "free some space or use another --root, then run again: finished shards are kept and the run resumes"
+
+
 @contextlib.contextmanager
-def disk_full_is_an_error(folder: str) -> Iterator[None]:
+def disk_full_is_an_error(folder: str, hint: str = RESUME_HINT) -> Iterator[None]:
     """Turn a full disk or quota (ENOSPC, EDQUOT) while writing under `folder` into a NoSpaceError:
-    one line naming the folder and what to do. The caller's own cleanup (temporary files) has run."""
+    one line naming the folder and what to do (`hint`). The caller's own cleanup (temporary files) has run."""
     try:
         yield
     except NoSpaceError:
@@ -52,9 +58,7 @@ def disk_full_is_an_error(folder: str) -> Iterator[None]:
                 and "Disk quota exceeded" not in text:  # pyarrow's OSErrors carry no errno
             raise
         where = f" (writing {err.filename})" if err.filename else ""
-        raise NoSpaceError(err.errno or errno.ENOSPC, f"{folder}: no space left on device{where}; free some space or "
-                                      "use another --root, then run again: finished shards are kept "
-                                      "and the run resumes") from None
+        raise NoSpaceError(err.errno or errno.ENOSPC, f"{folder}: no space left on device{where}; {hint}") from None
 
 
 def set_s3_endpoint(url: str | None) -> None:

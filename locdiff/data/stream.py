@@ -260,11 +260,11 @@ class ShardSource(DataSource):
 
         self.location = str(folder).rstrip("/")
         self.manifest = mf.require_manifest(self.location, "embed")
-        self.dim = int(self.manifest["embedding"]["dim"])
+        self.dim = mf.embedding_dim(self.manifest, self.location)
         self.shdd_degree = (self.manifest.get("shdd") or {}).get("degree")
         offset = 0
-        for entry in self.manifest["shards"]:
-            n = int(entry["count"])
+        for entry in mf.shard_entries(self.manifest, self.location):
+            n = entry["count"]
             from locdiff.data import storage
 
             url = storage.join(self.location, entry["shard"])
@@ -343,6 +343,7 @@ class ParquetSource(DataSource):
             raise ValueError(f"{path}: folder holds no .parquet files")
         offset = 0
         self._files: list[tuple[str, Any]] = []
+        self._group_rows: dict[tuple[str, int], int] = {}
         names = None
         for f in files:
             try:
@@ -354,10 +355,13 @@ class ParquetSource(DataSource):
             if "embedding" not in names or "id" not in names:
                 raise ValueError(f"{f}: missing column {'id' if 'id' not in names else 'embedding'!r} "
                                  f"(columns: {', '.join(names)})")
+            in_file = 0
             for g in range(meta.num_row_groups):
                 n = meta.row_group(g).num_rows
                 self.pieces += _cut(f, g, n, offset, None, piece_rows)
+                self._group_rows[(f, g)] = in_file  # the group's first row in its file (for messages)
                 offset += n
+                in_file += n
             self._files.append((f, meta))
         has = {"lat", "lon"} <= set(names or [])
         if labelled and not has:
@@ -388,7 +392,7 @@ class ParquetSource(DataSource):
     def _read_unit(self, piece: Piece) -> Rows:
         import pyarrow.parquet as pq
 
-        from locdiff.io import embedding_table_from_arrow
+        from locdiff.io import RowError, embedding_table_from_arrow
 
         key = (piece.url, piece.unit)
         if self._cache is not None and self._cache[0] == key:
@@ -401,9 +405,11 @@ class ParquetSource(DataSource):
             except Exception as err:  # noqa: BLE001 - name the file, whatever pyarrow raised
                 raise ValueError(f"{piece.url}: cannot read row group {piece.unit}: {err}") from None
             self._cache = (key, table)
-        what = f"{piece.url} (row group {piece.unit}, rows {piece.start}-{piece.stop - 1})"
-        t = embedding_table_from_arrow(table.slice(piece.start, piece.rows), what,
-                                       labelled=True if self.labelled else False)
+        try:
+            t = embedding_table_from_arrow(table.slice(piece.start, piece.rows), piece.url,
+                                           labelled=True if self.labelled else False)
+        except RowError as err:  # name the row by its place in the file, not in this slice
+            raise err.moved(piece.url, self._group_rows.get((piece.url, piece.unit), 0) + piece.start) from None
         return Rows(t.ids, t.lat, t.lon, t.embedding, None,
                     np.arange(piece.offset, piece.offset + piece.rows, dtype=np.int64))
 

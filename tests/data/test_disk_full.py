@@ -88,7 +88,7 @@ def test_a_real_full_disk_is_one_line_and_exit_2(tmp_path):
            or "Traceback" in line]
     images = f"{root}/folder/images"
     assert "rc=2" in out, (out, err)
-    assert len(err) == 1 and err[0].startswith(f"locdiff data: error: {images}: no space left on device"), err
+    assert len(err) == 1 and err[0].startswith(f"locdiff data ingest: error: {images}: no space left on device"), err
     files = [line for line in out.splitlines() if line.startswith(str(root))]
     assert [f for f in files if ".tmp" in os.path.basename(f)] == []  # no partial file left
     shards = [f for f in files if os.path.basename(f).startswith("shard-") and f.endswith(".tar")]

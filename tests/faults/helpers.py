@@ -1,0 +1,88 @@
+"""What the fault and security tests share: one tiny trained run, small tables and a features stage
+(built once per module), and the check that a failed command left every earlier file as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from locdiff.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "model" / "tiny.yaml"
+# The tiny config shortened to seconds: 4 steps, a checkpoint at step 2 and 4, cheap prediction.
+FAST = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=32", "train.warmup_steps=1",
+        "train.val_samples=16", "predict.samples=2", "predict.steps=2", "hybrid.tune_on_val=false"]
+
+
+def sets(*overrides: str) -> list[str]:
+    """`--set K=V` arguments: FAST, then `overrides` (a later one wins)."""
+    out: list[str] = []
+    for o in (*FAST, *overrides):
+        out += ["--set", o]
+    return out
+
+
+@dataclass
+class World:
+    """Inputs shared (read-only) by the cases; a case copies what it damages."""
+
+    base: Path
+    train: Path  # embeddings table, 128-d, labelled
+    test: Path  # embeddings table, 128-d
+    train64: Path  # the same kind of table with 64-d embeddings
+    run: Path  # a complete LocDiff run trained on `train` with TINY + FAST
+    features_root: Path  # ROOT with ROOT/emb/features/precomputed (3 shards of `test`)
+
+    def train_argv(self, out: Path, *extra: str, data: Path | None = None) -> list[str]:
+        return ["train", "--config", str(TINY), "--train", str(data or self.train), "--out", str(out),
+                "--no-progress", *sets(*extra)]
+
+    def copy_run(self, dest: Path) -> Path:
+        shutil.copytree(self.run, dest)
+        return dest
+
+
+def build_world(base: Path) -> World:
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest
+    from locdiff.synth import SynthConfig, write_benchmark
+
+    d128 = write_benchmark(base / "d128", SynthConfig(n_train=300, n_test=60, n_unseen=10, dim=128, seed=0))
+    d64 = write_benchmark(base / "d64", SynthConfig(n_train=100, n_test=10, n_unseen=10, dim=64, seed=1))
+    world = World(base=base, train=d128["train"], test=d128["test"], train64=d64["train"], run=base / "run",
+                  features_root=base / "root")
+    assert main(world.train_argv(world.run)) == 0
+    cfg = load_dataset_config("embeddings", shard_size=20)
+    ingest("emb", str(world.features_root), source=str(world.test), config=cfg, progress=False)
+    return world
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """sha256 of every file under the folders (a missing folder holds nothing)."""
+    out = {}
+    for folder in folders:
+        paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        for p in paths:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str]]:
+    """Files changed, removed and added between two snapshots (all empty: nothing was touched)."""
+    return {"changed": sorted(p for p in before if p in after and after[p] != before[p]),
+            "removed": sorted(p for p in before if p not in after),
+            "added": sorted(p for p in after if p not in before)}
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))

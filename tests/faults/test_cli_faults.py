@@ -1,0 +1,440 @@
+"""Bad inputs and faults through the CLI, as a table: each case damages a copy of a good input (a run
+folder, a table, a features stage) or writes a bad one, runs one `locdiff` command and expects exit code
+2, exactly ONE line on stderr (`locdiff COMMAND: error: ...`) naming the culprit (the file, and the row,
+field or member where there is one), and every file that existed before the command unchanged, with no
+file added (no partial output, no temporary file, no config.yaml of a refused run).
+
+A full disk is in test_disk_full.py; the pipeline's preflight and the Prefect flows in test_services.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from locdiff.cli import main
+
+from .helpers import REPO, TINY, World, changes, flip_byte, snapshot, truncate
+
+Case = Callable[[World, Path], tuple[list[str], list[str]]]
+
+
+def _predict(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["predict", "--run", str(run), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
+# -- the run folder ------------------------------------------------------------------------------------------
+
+def truncated_safetensors(w, tmp):
+    run = w.copy_run(tmp / "run")
+    truncate(run / "model.safetensors")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.safetensors'}: "]
+
+
+def safetensors_header_garbage(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "model.safetensors").write_bytes(b"\xff" * 64)
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.safetensors'}: "]
+
+
+def model_json_not_json(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "model.json").write_text('{"method": "locdiff", ')
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.json'}: not valid JSON"]
+
+
+def model_json_wrong_shape(w, tmp):
+    run = w.copy_run(tmp / "run")
+    meta = json.loads((run / "model.json").read_text())
+    meta["embed_dim"] = "many"
+    (run / "model.json").write_text(json.dumps(meta))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.json'}: ", "embed_dim"]
+
+
+def selection_json_not_json(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "selection.json").write_text("[1, 2")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON"]
+
+
+def truncated_checkpoint_on_resume(w, tmp):
+    run = w.copy_run(tmp / "run")
+    truncate(run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: "]
+
+
+def checkpoint_not_a_dict_on_resume(w, tmp):
+    import torch
+
+    run = w.copy_run(tmp / "run")
+    torch.save([torch.zeros(3)], run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: ", "not a locdiff checkpoint"]
+
+
+def checkpoint_missing_keys_on_resume(w, tmp):
+    import torch
+
+    run = w.copy_run(tmp / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: ", "optimizer"]
+
+
+def run_config_bad_yaml_predict(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "config.yaml").write_text("train: [\n")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'config.yaml'}: not valid YAML"]
+
+
+def run_config_bad_yaml_resume(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "config.yaml").write_text("train: [\n")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: not valid YAML"]
+
+
+def run_config_unknown_key(w, tmp):
+    run = w.copy_run(tmp / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["stepz"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'config.yaml'}: train.stepz: unknown key"]
+
+
+def run_config_out_of_range(w, tmp):
+    run = w.copy_run(tmp / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["network"]["dropout"] = 1.5
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return (_predict(run, w.test, tmp / "p.csv"),
+            [f"{run / 'config.yaml'}: network.dropout: must be a number in [0, 1); got 1.5"])
+
+
+def run_config_out_of_range_resume(w, tmp):
+    run = w.copy_run(tmp / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["batch_size"] = -4
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: train.batch_size: must be an integer >= 1"]
+
+
+def truncated_gallery(w, tmp):
+    run = w.copy_run(tmp / "run")
+    truncate(run / "gallery.npz")
+    meta = json.loads((run / "model.json").read_text())
+    meta["gallery"]["uri"] = str(run / "gallery.npz")  # the copy's own gallery
+    (run / "model.json").write_text(json.dumps(meta))
+    return _predict(run, w.test, tmp / "p.csv", "--method", "locdiff-h"), [f"{run / 'gallery.npz'}: "]
+
+
+def gallery_missing_array(w, tmp):
+    run = w.copy_run(tmp / "run")
+    np.savez(run / "gallery.npz", embedding=np.zeros((3, 128), np.float32))  # no lat, lon
+    meta = json.loads((run / "model.json").read_text())
+    meta["gallery"]["uri"] = str(run / "gallery.npz")
+    (run / "model.json").write_text(json.dumps(meta))
+    return _predict(run, w.test, tmp / "p.csv", "--method", "locdiff-h"), [f"{run / 'gallery.npz'}: ", "lat"]
+
+
+def resume_128d_run_with_64d_data(w, tmp):
+    run = w.copy_run(tmp / "run")
+    return (w.train_argv(run, data=w.train64),
+            [f"{run / 'checkpoint.pt'}: ", "128-d", f"{w.train64} has 64-d"])
+
+
+def predict_64d_data_with_128d_run(w, tmp):
+    return _predict(w.run, w.train64, tmp / "p.csv"), [f"{w.train64}: column 'embedding' has dimension 64"]
+
+
+def resume_with_steps_minus_5(w, tmp):
+    run = w.copy_run(tmp / "run")
+    return w.train_argv(run, "train.steps=-5"), ["--set train.steps: must be an integer >= 1; got -5"]
+
+
+# -- configs: refused before anything is written ------------------------------------------------------------
+
+def _config(tmp: Path, section: str, key: str, value) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg[section][key] = value
+    path = tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def config_steps_minus_5(w, tmp):
+    path = _config(tmp, "train", "steps", -5)
+    argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
+    return argv, [f"{path}: train.steps: must be an integer >= 1; got -5"]
+
+
+def config_batch_size_minus_4(w, tmp):
+    path = _config(tmp, "train", "batch_size", -4)
+    argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
+    return argv, [f"{path}: train.batch_size: must be an integer >= 1; got -4"]
+
+
+def config_not_yaml(w, tmp):
+    path = tmp / "bad.yaml"
+    path.write_text("train:\n  steps: [4\n")
+    argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
+    return argv, [f"{path}: not valid YAML"]
+
+
+# -- tables ---------------------------------------------------------------------------------------------------
+
+def _not_parquet(tmp: Path) -> Path:
+    path = tmp / "table.parquet"
+    path.write_bytes(b"id,lat,lon\na,1,2\n")
+    return path
+
+
+def train_on_a_file_that_is_not_parquet(w, tmp):
+    path = _not_parquet(tmp)
+    return w.train_argv(tmp / "run", data=path), [f"{path}: not a readable Parquet file"]
+
+
+def predict_on_a_file_that_is_not_parquet(w, tmp):
+    path = _not_parquet(tmp)
+    return _predict(w.run, path, tmp / "p.csv"), [f"{path}: not a readable Parquet file"]
+
+
+def truncated_parquet(w, tmp):
+    path = tmp / "table.parquet"
+    shutil.copy(w.train, path)
+    truncate(path, 0.7)
+    return w.train_argv(tmp / "run", data=path), [f"{path}: "]
+
+
+def _with_nan(w: World, tmp: Path, row: int) -> Path:
+    table = pq.read_table(w.train)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    emb[row, 5] = np.nan
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    path = tmp / "nan.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", arr), path,
+                   row_group_size=100)  # the training reader reads row groups: the row is named in the file
+    return path
+
+
+def train_on_a_table_with_nan(w, tmp):
+    path = _with_nan(w, tmp, 157)
+    return w.train_argv(tmp / "run", data=path), [f"{path}: column 'embedding', row 157: element 5 of the "
+                                                  "embedding is nan (NaN or infinite)"]
+
+
+def predict_on_a_table_with_nan(w, tmp):
+    path = _with_nan(w, tmp, 11)
+    return _predict(w.run, path, tmp / "p.csv"), [f"{path}: column 'embedding', row 11: element 5"]
+
+
+def _predictions_csv(tmp: Path, bad: str) -> Path:
+    path = tmp / "pred.csv"
+    rows = ["id,lat,lon,pred_lat,pred_lon", "a,10,20,11,21", "b,30,40,31,41", f"c,{bad}", "d,0,0,0,0"]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def evaluate_a_predictions_row_out_of_range(w, tmp):
+    path = _predictions_csv(tmp, "50,60,95,61")
+    return ["evaluate", "--predictions", str(path), "--json", str(tmp / "m.json")], \
+        [f"{path}: column 'pred_lat', row 2: 95.0 is not a finite number in [-90, 90]"]
+
+
+def evaluate_a_predictions_row_not_a_number(w, tmp):
+    path = _predictions_csv(tmp, "50,sixty,51,61")
+    return ["evaluate", "--predictions", str(path)], [f"{path}: ", "lon"]
+
+
+def evaluate_a_predictions_row_too_short(w, tmp):
+    path = _predictions_csv(tmp, "50")
+    return ["evaluate", "--predictions", str(path)], [f"{path}: ", "Row #4: Expected 5 columns, got 2"]
+
+
+# -- missing things, directories ---------------------------------------------------------------------------------
+
+def train_on_a_missing_file(w, tmp):
+    path = tmp / "absent.parquet"
+    return w.train_argv(tmp / "run", data=path), [f"{path}: no such file"]
+
+
+def predict_from_a_missing_run(w, tmp):
+    return _predict(tmp / "norun", w.test, tmp / "p.csv"), [f"{tmp / 'norun'}: "]
+
+
+def predict_from_a_run_without_a_model(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "model.safetensors").unlink()
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run}: no trained model"]
+
+
+def evaluate_a_missing_file(w, tmp):
+    return ["evaluate", "--predictions", str(tmp / "absent.csv")], [f"{tmp / 'absent.csv'}: no such file"]
+
+
+def evaluate_a_directory(w, tmp):
+    path = tmp / "pred.csv"
+    path.mkdir()
+    return ["evaluate", "--predictions", str(path)], [f"{path}: is a directory"]
+
+
+def model_safetensors_is_a_directory(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").mkdir()
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.safetensors'}: is a directory"]
+
+
+def predict_out_is_a_directory(w, tmp):
+    out = tmp / "p.csv"
+    out.mkdir()
+    return _predict(w.run, w.test, out), [f"{out}: is a directory"]
+
+
+def train_config_is_a_directory(w, tmp):
+    path = tmp / "c.yaml"
+    path.mkdir()
+    argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
+    return argv, [f"{path}: is a directory"]
+
+
+# -- feature shards -----------------------------------------------------------------------------------------------
+
+def _stage(w: World, tmp: Path) -> tuple[Path, Path]:
+    shutil.copytree(w.features_root, tmp / "root")
+    folder = tmp / "root" / "emb"
+    return folder, folder / "features" / "precomputed"
+
+
+def inspect_a_truncated_shard(w, tmp):
+    folder, stage = _stage(w, tmp)
+    truncate(stage / "shard-000001.tar")
+    return ["data", "inspect", str(folder)], [f"{stage / 'shard-000001.tar'}: sha256 "]
+
+
+def inspect_a_truncated_shard_unverified(w, tmp):
+    folder, stage = _stage(w, tmp)
+    truncate(stage / "shard-000001.tar")
+    return ["data", "inspect", str(folder), "--no-verify"], [f"{stage / 'shard-000001.tar'}: cut short"]
+
+
+def _corrupt_json(stage: Path, shard: str, fix_manifest: bool) -> None:
+    path = stage / shard
+    data = bytearray(path.read_bytes())
+    at = data.index(b".json\x00")  # the first json member's name in its tar header
+    header = at - data[:at].rfind(b"\x00") + 1 if False else (at // 512) * 512
+    data[header + 512: header + 512 + 5] = b"{bad:"
+    path.write_bytes(bytes(data))
+    if fix_manifest:
+        import hashlib
+
+        m = json.loads((stage / "manifest.json").read_text())
+        for e in m["shards"]:
+            if e["shard"] == shard:
+                e["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+        (stage / "manifest.json").write_text(json.dumps(m))
+
+
+def inspect_a_corrupted_json_member(w, tmp):
+    folder, stage = _stage(w, tmp)
+    _corrupt_json(stage, "shard-000002.tar", fix_manifest=True)
+    return ["data", "inspect", str(folder)], [f"{stage / 'shard-000002.tar'}: member ", ".json is not valid JSON"]
+
+
+def inspect_a_flipped_byte(w, tmp):
+    folder, stage = _stage(w, tmp)
+    flip_byte(stage / "shard-000000.tar", 2000)
+    return ["data", "inspect", str(folder)], [f"{stage / 'shard-000000.tar'}: sha256 ", "differs from the manifest"]
+
+
+def train_on_a_flipped_byte(w, tmp):
+    folder, stage = _stage(w, tmp)
+    flip_byte(stage / "shard-000001.tar", 2000)
+    return w.train_argv(tmp / "run", data=stage), [f"{stage / 'shard-000001.tar'}: sha256 differs"]
+
+
+def export_a_truncated_shard(w, tmp):
+    folder, stage = _stage(w, tmp)
+    truncate(stage / "shard-000002.tar")
+    argv = ["data", "export", "emb", "--root", str(tmp / "root"), "--encoder", "precomputed",
+            "--out", str(tmp / "out.parquet")]
+    return argv, [f"{stage / 'shard-000002.tar'}: sha256 differs"]
+
+
+def train_on_a_broken_manifest(w, tmp):
+    folder, stage = _stage(w, tmp)
+    (stage / "manifest.json").write_text('{"stage": "features", "shards": [')
+    return w.train_argv(tmp / "run", data=stage), [f"{stage / 'manifest.json'}: not valid JSON"]
+
+
+CASES: list[Case] = [
+    truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
+    selection_json_not_json, truncated_checkpoint_on_resume, checkpoint_not_a_dict_on_resume,
+    checkpoint_missing_keys_on_resume, run_config_bad_yaml_predict, run_config_bad_yaml_resume,
+    run_config_unknown_key, run_config_out_of_range, run_config_out_of_range_resume, truncated_gallery,
+    gallery_missing_array, resume_128d_run_with_64d_data, predict_64d_data_with_128d_run,
+    resume_with_steps_minus_5, config_steps_minus_5, config_batch_size_minus_4, config_not_yaml,
+    train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, truncated_parquet,
+    train_on_a_table_with_nan, predict_on_a_table_with_nan, evaluate_a_predictions_row_out_of_range,
+    evaluate_a_predictions_row_not_a_number, evaluate_a_predictions_row_too_short, train_on_a_missing_file,
+    predict_from_a_missing_run, predict_from_a_run_without_a_model, evaluate_a_missing_file,
+    evaluate_a_directory, model_safetensors_is_a_directory, predict_out_is_a_directory,
+    train_config_is_a_directory, inspect_a_truncated_shard, inspect_a_truncated_shard_unverified,
+    inspect_a_corrupted_json_member, inspect_a_flipped_byte, train_on_a_flipped_byte, export_a_truncated_shard,
+    train_on_a_broken_manifest,
+]
+
+
+def _command(argv: list[str]) -> str:
+    return f"{argv[0]} {argv[1]}" if argv[0] == "data" else argv[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_a_fault_is_one_line_exit_2_and_nothing_is_lost(world, tmp_path, capsys, case):
+    argv, culprits = case(world, tmp_path)
+    before = snapshot(tmp_path, world.base)
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    prefix = f"locdiff {_command(argv)}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    assert "unexpected" not in lines[0], lines[0]  # a user-caused fault is never reported as a bug
+    assert changes(before, snapshot(tmp_path, world.base)) == {"changed": [], "removed": [], "added": []}
+
+
+# -- the same through a separate process: the exit status and stderr of `python -m locdiff` -----------------------
+
+@pytest.mark.parametrize("case", [truncated_checkpoint_on_resume, truncated_gallery, inspect_a_corrupted_json_member],
+                         ids=lambda c: c.__name__)
+def test_a_fault_in_a_separate_process(world, tmp_path, case):
+    argv, culprits = case(world, tmp_path)
+    before = snapshot(tmp_path, world.base)
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "locdiff", *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    # log records (timestamped INFO lines) may come first; the report is the last line and the only error
+    lines = [ln for ln in proc.stderr.splitlines() if not _is_log_record(ln)]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"locdiff {_command(argv)}: error: ") and proc.stderr.endswith(lines[0] + "\n")
+    assert all(c in lines[0] for c in culprits), lines[0]
+    assert changes(before, snapshot(tmp_path, world.base)) == {"changed": [], "removed": [], "added": []}
+
+
+def _is_log_record(line: str) -> bool:
+    import re
+
+    return re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO) ", line) is not None
