@@ -270,11 +270,8 @@ def train(config_name: str, train_spec: DataSpec, root: str, run_dir: str | Path
         if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
             _log_history(run_id, run.path, uri)
         tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
-        from locdiff.methods import get_method
-
-        method = get_method(config.method).load(run.path, config_to_dict(config))
-        model = getattr(method, "model", None)
-        model_uri = tracking.log_model(run_id, model, tracking_uri=uri) if model is not None else None
+        # the predictor's files (safetensors, JSON, YAML; no pickle), registered as `locdiff`
+        model_uri = tracking.log_model(run_id, run.path, tracking_uri=uri) if config.method == "locdiff" else None
         record = {**outcome.record, "mlflow_run_id": run_id, "run_dir": str(run.path), "model_uri": model_uri}
     run.write_record(record)
     return record

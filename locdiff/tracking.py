@@ -1,10 +1,11 @@
 """MLflow tracking for training and evaluation runs.
 
 One MLflow run per training, holding the whole resolved config as flattened params, loss and learning
-rate per step, the config, the checkpoint and the model (logged with `mlflow.pytorch` and registered as
-`locdiff`); one nested run per evaluation set holding `DATASET/acc_1km` ... `DATASET/acc_2500km`,
-`DATASET/median_km`, `DATASET/geoscore`, the predictions table, a world map of predictions against
-truths and the error CDF plot. The parent run gets the same metrics and plots so that its page shows
+rate per step, the config, the checkpoint and the model (the run folder's predictor files under the
+`locdiff` flavor: safetensors, JSON and YAML, no pickle; registered as `locdiff`); one nested run per
+evaluation set holding `DATASET/acc_1km` ... `DATASET/acc_2500km`, `DATASET/median_km`,
+`DATASET/geoscore`, the predictions table, a world map of predictions against truths and the error CDF
+plot. The parent run gets the same metrics and plots so that its page shows
 everything.
 
 The tracking URI comes from the argument (the config), else `MLFLOW_TRACKING_URI`, else a local SQLite
@@ -189,23 +190,63 @@ def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None
             client.log_artifact(run_id, str(path), artifact_path="checkpoint")
 
 
-def log_model(run_id: str, model: Any, *, tracking_uri: str | None = None,
+class _RunFolderFlavor:
+    """The `locdiff` MLflow flavor: the run folder's predictor files as they are (locdiff.runs: tensors in
+    safetensors, JSON and YAML), nothing pickled. MLflow calls `save_model` from `Model.log`."""
+
+    __name__ = "locdiff"
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Any, run_dir: str) -> None:
+        import shutil
+
+        from locdiff import __version__ as version
+        from locdiff import runs
+
+        os.makedirs(path)
+        names = (runs.CONFIG, runs.WEIGHTS, runs.MODEL, runs.SELECTION)  # the gallery is data: referenced
+        files = [name for name in names if (Path(run_dir) / name).is_file()]
+        for name in files:
+            shutil.copyfile(Path(run_dir) / name, Path(path) / name)
+        mlflow_model.add_flavor("locdiff", locdiff_version=version, files=files,
+                                method=runs.RunFolder(run_dir).read_config().get("method", "locdiff"),
+                                loader="locdiff.tracking.load_logged_model")
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None,
               registered_name: str = REGISTERED_MODEL) -> str:
-    """Log the torch module with mlflow.pytorch and register it; return the model URI.
+    """Log the run folder's predictor as the MLflow model `model` of the run and register it; return its URI.
 
-    Pickle serialization with explicit pip requirements: the default (torch.export, inferred requirements)
-    took 12 s and loaded back a GraphModule (see STACK.md).
+    The model is the run's own files (config.yaml, model.safetensors, model.json, selection.json) under the
+    `locdiff` flavor: tensors, JSON and YAML, no pickle (loading it runs no code from the store). Load it
+    with `load_logged_model(uri)`.
     """
-    import numpy
-    import torch
+    from mlflow.models import Model
 
+    from locdiff import runs
+
+    if not runs.RunFolder(run_dir).has_model():
+        raise FileNotFoundError(f"{run_dir}: no trained model to log ({runs.WEIGHTS}, {runs.MODEL})")
     mlflow = _mlflow(tracking_uri)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
     with _in_run(mlflow, run_id):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        pip_requirements=requirements,
-                                        registered_model_name=registered_name)
+        info = Model.log(None, name="model", flavor=_RunFolderFlavor, registered_model_name=registered_name,
+                         run_dir=str(run_dir))
     return info.model_uri
+
+
+def load_logged_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None):
+    """The method (a `locdiff.methods.GeoMethod`, ready to predict) of a model logged by `log_model`:
+    its files are downloaded (to `dst`, default a temporary folder) and read as a run folder is."""
+    import mlflow
+
+    from locdiff.methods import get_method
+    from locdiff.model.config import read_run_config
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst) if dst is not None else None)
+    cfg = read_run_config(local)
+    return get_method(cfg.get("method", "locdiff")).load(Path(local), cfg)
 
 
 def evaluation_metrics(dataset: str, metrics: Mapping[str, float]) -> dict[str, float]:

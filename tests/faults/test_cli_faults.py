@@ -330,7 +330,7 @@ def _corrupt_json(stage: Path, shard: str, fix_manifest: bool) -> None:
     path = stage / shard
     data = bytearray(path.read_bytes())
     at = data.index(b".json\x00")  # the first json member's name in its tar header
-    header = at - data[:at].rfind(b"\x00") + 1 if False else (at // 512) * 512
+    header = (at // 512) * 512  # the tar header block that holds the member name
     data[header + 512: header + 512 + 5] = b"{bad:"
     path.write_bytes(bytes(data))
     if fix_manifest:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from locdiff import tracking
 from locdiff.metrics import geo_metrics
+from locdiff.runs import RunFolder
 
 
 def test_flatten_config_dotted_and_lists():
@@ -29,7 +32,8 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
     png = tmp_path / "map.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n")
     child = tracking.log_evaluation(run_id, "synth-test", metrics, df, plots={"worldmap": png})
-    model_uri = tracking.log_model(run_id, torch.nn.Linear(3, 2))
+    run_dir = _locdiff_run(tmp_path / "run")
+    model_uri = tracking.log_model(run_id, run_dir)
 
     run = tracking.read_run(run_id)
     assert run["params"]["train.lr"] == "0.001" and run["params"]["network.widths"] == "[8, 4]"
@@ -47,10 +51,30 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
     assert [m.step for m in history] == [1, 2, 3]
     versions = client.search_model_versions("name='locdiff'")
     assert len(versions) == 1 and versions[0].run_id == run_id
-    import mlflow.pytorch
+    # the model is the run's files (tensors, JSON, YAML): nothing pickled, and it loads back as the method
+    import mlflow
 
-    loaded = mlflow.pytorch.load_model(model_uri)
-    assert isinstance(loaded, torch.nn.Linear)  # pickle format: the module itself, not a GraphModule
+    files = sorted(p.name for p in Path(mlflow.artifacts.download_artifacts(model_uri)).iterdir())
+    assert files == ["MLmodel", "config.yaml", "model.json", "model.safetensors", "registered_model_meta",
+                     "selection.json"]  # not mlflow.pytorch's data/model.pth (a pickle)
+    loaded = tracking.load_logged_model(model_uri, dst=tmp_path / "loaded")
+    expected = RunFolder(run_dir).load_model()[0]
+    got = loaded.model.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def _locdiff_run(out: Path) -> Path:
+    """A run folder with an untrained LocDiff predictor (what `locdiff train` saves, without training)."""
+    from locdiff.model.config import load_config
+    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.objective import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml")
+    method = LocDiffMethod.from_config(cfg)
+    method.model = build_model(cfg, 8)
+    RunFolder(out).write_config(cfg)
+    method.save(out)
+    return out
 
 
 def test_missing_metric_is_an_error(mlflow_uri):
