@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
 from locdiff import pipeline
@@ -20,9 +21,10 @@ def embed_dataset(dataset: DataSet, root: str, degree: int | None) -> int:
 @flow(name="embed")
 def embed(dataset: DataSet, root: str, degree: int | None = None) -> str:
     """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete."""
-    if pipeline.stage_complete("embed", pipeline.DataSpec.parse(dataset), root):
-        get_run_logger().info("embed %s: manifest exists, skipped", dataset.name)
-        return "skipped"
-    count = embed_dataset(dataset, root, degree)
-    get_run_logger().info("embed %s: %d samples", dataset.name, count)
-    return "done"
+    with one_line():
+        if pipeline.stage_complete("embed", pipeline.DataSpec.parse(dataset), root):
+            get_run_logger().info("embed %s: manifest exists, skipped", dataset.name)
+            return "skipped"
+        count = embed_dataset(dataset, root, degree)
+        get_run_logger().info("embed %s: %d samples", dataset.name, count)
+        return "done"

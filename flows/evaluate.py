@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
 from locdiff import pipeline
@@ -20,14 +21,15 @@ def evaluate_dataset(run_dir: str, dataset: DataSet, root: str, tracking_uri: st
 @flow(name="evaluate")
 def evaluate(run_dir: str, datasets: list[DataSet], root: str, tracking_uri: str | None = None) -> dict:
     """Evaluate run_dir on each data set (skipping finished ones); publish the accuracy table."""
-    results, status = {}, {}
-    for ds in datasets:
-        done = pipeline.evaluation_done(run_dir, ds.name, tracking_uri=tracking_uri)
-        if done is not None:
-            get_run_logger().info("evaluate %s: metrics exist, skipped", ds.name)
-        results[ds.name] = done or evaluate_dataset(run_dir, ds, root, tracking_uri)
-        status[ds.name] = "skipped" if done is not None else "done"
-    table = pipeline.accuracy_markdown(results, title=f"LocDiff accuracy: {run_dir}")
-    create_markdown_artifact(table, key="locdiff-accuracy", description="accuracy per test set")
-    get_run_logger().info("accuracy\n%s", table)
-    return {"results": results, "status": status}
+    with one_line():
+        results, status = {}, {}
+        for ds in datasets:
+            done = pipeline.evaluation_done(run_dir, ds.name, tracking_uri=tracking_uri)
+            if done is not None:
+                get_run_logger().info("evaluate %s: metrics exist, skipped", ds.name)
+            results[ds.name] = done or evaluate_dataset(run_dir, ds, root, tracking_uri)
+            status[ds.name] = "skipped" if done is not None else "done"
+        table = pipeline.accuracy_markdown(results, title=f"LocDiff accuracy: {run_dir}")
+        create_markdown_artifact(table, key="locdiff-accuracy", description="accuracy per test set")
+        get_run_logger().info("accuracy\n%s", table)
+        return {"results": results, "status": status}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
 from locdiff import pipeline
@@ -20,9 +21,10 @@ def ingest_dataset(dataset: DataSet, root: str) -> int:
 @flow(name="ingest")
 def ingest(dataset: DataSet, root: str) -> str:
     """Ingest one data set into ROOT/NAME unless that stage is complete."""
-    if pipeline.stage_complete("ingest", pipeline.DataSpec.parse(dataset), root):
-        get_run_logger().info("ingest %s: manifest exists, skipped", dataset.name)
-        return "skipped"
-    count = ingest_dataset(dataset, root)
-    get_run_logger().info("ingest %s: %d samples", dataset.name, count)
-    return "done"
+    with one_line():
+        if pipeline.stage_complete("ingest", pipeline.DataSpec.parse(dataset), root):
+            get_run_logger().info("ingest %s: manifest exists, skipped", dataset.name)
+            return "skipped"
+        count = ingest_dataset(dataset, root)
+        get_run_logger().info("ingest %s: %d samples", dataset.name, count)
+        return "done"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.embed import embed
+from flows.errors import one_line
 from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.params import DataSet
@@ -25,21 +26,22 @@ def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base
     sets. Without `val`, a share of the training rows is held out for validation (train.val_share).
     The run folder is named by the config, the data and their completion key: the same parameters a
     second time skip every finished stage; a changed override trains a new run."""
-    pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
-    stages = {}
-    for ds in [train_data, *([val] if val else []), *tests]:
-        stages[f"ingest:{ds.name}"] = ingest(ds, root)
-        stages[f"embed:{ds.name}"] = embed(ds, root, degree)
-    val_spec = pipeline.DataSpec.parse(val) if val else None
-    run_dir = pipeline.plan_run(config, pipeline.DataSpec.parse(train_data), root, val_spec=val_spec,
-                                degree=degree, overrides=overrides)
-    if not resume:
-        run_dir = f"{run_dir}-{pipeline.timestamp()}"
-    record = train(config, train_data, root, run_dir, degree, overrides, workers, gpus_per_worker,
-                   tracking_uri, val)
-    stages["train"] = "skipped" if record.get("skipped") else "done"
-    evaluation = evaluate(run_dir, tests, root, tracking_uri)
-    stages.update({f"evaluate:{k}": v for k, v in evaluation["status"].items()})
-    get_run_logger().info("MLflow run %s; stages %s", record["mlflow_run_id"], stages)
-    return {"run_dir": run_dir, "mlflow_run_id": record["mlflow_run_id"], "stages": stages,
-            "results": evaluation["results"]}
+    with one_line():
+        pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
+        stages = {}
+        for ds in [train_data, *([val] if val else []), *tests]:
+            stages[f"ingest:{ds.name}"] = ingest(ds, root)
+            stages[f"embed:{ds.name}"] = embed(ds, root, degree)
+        val_spec = pipeline.DataSpec.parse(val) if val else None
+        run_dir = pipeline.plan_run(config, pipeline.DataSpec.parse(train_data), root, val_spec=val_spec,
+                                    degree=degree, overrides=overrides)
+        if not resume:
+            run_dir = f"{run_dir}-{pipeline.timestamp()}"
+        record = train(config, train_data, root, run_dir, degree, overrides, workers, gpus_per_worker,
+                       tracking_uri, val)
+        stages["train"] = "skipped" if record.get("skipped") else "done"
+        evaluation = evaluate(run_dir, tests, root, tracking_uri)
+        stages.update({f"evaluate:{k}": v for k, v in evaluation["status"].items()})
+        get_run_logger().info("MLflow run %s; stages %s", record["mlflow_run_id"], stages)
+        return {"run_dir": run_dir, "mlflow_run_id": record["mlflow_run_id"], "stages": stages,
+                "results": evaluation["results"]}

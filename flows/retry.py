@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, ImportError)
+PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError,
+             NotADirectoryError, ImportError)
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:

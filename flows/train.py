@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
 from locdiff import pipeline
@@ -25,12 +26,13 @@ def train(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | 
           overrides: list[str] | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
           tracking_uri: str | None = None, val: DataSet | None = None) -> dict:
     """Train one config on one data set's features into run_dir unless it is complete (run.json)."""
-    record = pipeline.training_record(run_dir, tracking_uri=tracking_uri, check_tracking=True)
-    if record is not None:
-        get_run_logger().info("train: %s is complete (MLflow run %s), skipped", run_dir,
-                              record["mlflow_run_id"])
-        return {**record, "skipped": True}
-    record = train_run(config, dataset, root, run_dir, degree, list(overrides or []), workers,
-                       gpus_per_worker, tracking_uri, val)
-    get_run_logger().info("train: %d steps, MLflow run %s", record["step"], record["mlflow_run_id"])
-    return record
+    with one_line():
+        record = pipeline.training_record(run_dir, tracking_uri=tracking_uri, check_tracking=True)
+        if record is not None:
+            get_run_logger().info("train: %s is complete (MLflow run %s), skipped", run_dir,
+                                  record["mlflow_run_id"])
+            return {**record, "skipped": True}
+        record = train_run(config, dataset, root, run_dir, degree, list(overrides or []), workers,
+                           gpus_per_worker, tracking_uri, val)
+        get_run_logger().info("train: %d steps, MLflow run %s", record["step"], record["mlflow_run_id"])
+        return record

@@ -202,8 +202,8 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
     from locdiff import tracking
 
     config = resolve_config(config_name, degree=degree, overrides=overrides)
-    check_root(root)
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
+    check_root(root)  # last: it creates the root
     return config
 
 
