@@ -1,7 +1,8 @@
 """Train one method into one run folder: the path `locdiff train` and the pipeline share.
 
-1. the config is validated and the folder checked for a compatible earlier run (nothing is written
-   before both pass);
+1. the config is validated and the folder checked for a compatible earlier run: its config, and its
+   checkpoint (readable, complete, trained on embeddings of the data's dimension); nothing is written
+   before these pass, and a fresh run that fails before its first checkpoint leaves no file behind;
 2. the data is opened as streams (a validation share is held out when no validation set is given) and
    the completion key computed from the resolved config and the data identities; a complete run with
    the same key is skipped;

@@ -37,7 +37,9 @@ class ClipEncoder(ImageEncoder):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the unused text tower is expected: no table of its weights
         try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(cfg.model, config=config, **kw)
+            # safetensors only: a model folder or hub repo holding pickled weights (pytorch_model.bin) is refused
+            self.model = CLIPVisionModelWithProjection.from_pretrained(cfg.model, config=config,
+                                                                       use_safetensors=True, **kw)
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model = self.model.eval().to(self.device)

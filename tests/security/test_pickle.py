@@ -245,3 +245,29 @@ def test_no_unsafe_loader_in_the_project():
                    if "torch.load(" in p.read_text() and p.name != "errors.py"]
     assert hits == []
     assert torch_loads == ["locdiff/runs.py"]  # the one reader, with weights_only=True
+
+
+def test_an_encoder_folder_with_pickled_weights_is_refused(tmp_path):
+    """A local model folder (`--encoder PATH`) whose weights are a pickle (pytorch_model.bin) is refused:
+    the encoder loads safetensors only."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from locdiff.data.config import load_encoder_config
+    from locdiff.embed import make_encoder
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=8)
+    folder = tmp_path / "tiny-clip"
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    assert make_encoder(load_encoder_config(str(folder))).dim == 8  # the safetensors folder loads
+    marker = tmp_path / MARKER
+    (folder / "model.safetensors").unlink()
+    torch.save({"vision_model.embeddings.patch_embedding.weight": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        make_encoder(load_encoder_config(str(folder)))
+    assert not marker.exists()
