@@ -335,9 +335,13 @@ def check_checkpoint(state: dict[str, Any], path: str | os.PathLike, *, embed_di
     if missing:
         raise CorruptFileError(path, f"{path}: not a complete locdiff checkpoint (no {', '.join(map(repr, missing))}); "
                                "delete it to train from scratch")
-    if embed_dim is not None and "embed_dim" in state and int(state["embed_dim"]) != int(embed_dim):
-        raise UserError(f"{path}: trained on {int(state['embed_dim'])}-d embeddings, but {data} has {embed_dim}-d; "
-                        "use the data it was trained on, or another run folder (--out)")
+    dim = state.get("embed_dim")
+    if dim is not None and (type(dim) is not int or dim < 1):
+        raise CorruptFileError(path, f"{path}: not a locdiff checkpoint (embed_dim {dim!r}); delete it to train "
+                               "from scratch")
+    if embed_dim is not None and dim is not None and dim != int(embed_dim):
+        raise UserError(f"{path}: trained on {dim}-d embeddings, but {data} has {embed_dim}-d; use the data it "
+                        "was trained on, or another run folder (--out)")
 
 
 def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = None,
