@@ -347,7 +347,11 @@ class Gallery:
                              "rebuilt or changed); rebuild it or train the run again")
         files = meta["files"]
         with _fetched(location, files["index"]) as path:
-            index = faiss.read_index(path)
+            try:
+                index = faiss.read_index(path)
+            except RuntimeError as err:  # a file faiss cannot parse (it checks the index type first)
+                raise ValueError(f"{storage.join(location, files['index']['path'])}: not a readable faiss index "
+                                 f"({str(err).splitlines()[0][-160:]}); rebuild the gallery") from None
         if index.ntotal != meta["count"] or index.d != meta["dim"]:
             raise ValueError(f"{storage.join(location, files['index']['path'])}: {index.ntotal} entries of "
                              f"dimension {index.d}, gallery.json says {meta['count']} of {meta['dim']}")

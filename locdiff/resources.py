@@ -53,7 +53,13 @@ def config_path(kind: str, name: str | os.PathLike) -> Path:
     path = find_config(kind, name)
     if path is not None:
         return path
-    where = Path(name) if is_yaml_path(name) else configs_dir() / kind / f"{name}.yaml"
+    if is_yaml_path(name):  # a path the user gave: say what is wrong with it
+        from locdiff.errors import UserError
+
+        if Path(name).is_dir():
+            raise UserError(f"{name}: is a directory; give a YAML file")
+        raise FileNotFoundError(f"{name}: no such config file; check the path")
+    where = configs_dir() / kind / f"{name}.yaml"
     raise ValueError(f"unknown {_WHAT[kind]} {str(name)!r}: no file {where}; known configs: "
                      f"{', '.join(known_configs(kind)) or '(none)'} (or give a YAML path)")
 

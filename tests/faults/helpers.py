@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,33 @@ class World:
     def copy_run(self, dest: Path) -> Path:
         shutil.copytree(self.run, dest)
         return dest
+
+    def copy_gallery(self, run: Path, dest: Path) -> Path:
+        """Copy the retrieval gallery the run references (locdiff.gallery: gallery.json and its data folder)
+        to `dest` and point the run's model.json at the copy; returns `dest`."""
+        meta = json.loads((run / "model.json").read_text())
+        shutil.copytree(meta["gallery"]["uri"], dest)
+        meta["gallery"]["uri"] = str(dest)
+        (run / "model.json").write_text(json.dumps(meta))
+        return dest
+
+
+def gallery_file(gallery: Path, key: str) -> Path:
+    """The file of a gallery's `key` (index, lat, lon, ids), as its gallery.json names it."""
+    return gallery / json.loads((gallery / "gallery.json").read_text())["files"][key]["path"]
+
+
+def reseal_gallery(run: Path, gallery: Path, key: str) -> None:
+    """Record a changed gallery file in gallery.json, and the new gallery.json in the run's model.json, as
+    whoever crafted both would (so the change is not caught by a checksum)."""
+    meta = json.loads((gallery / "gallery.json").read_text())
+    data = gallery_file(gallery, key).read_bytes()
+    meta["files"][key].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    text = json.dumps(meta).encode()
+    (gallery / "gallery.json").write_bytes(text)
+    model = json.loads((run / "model.json").read_text())
+    model["gallery"]["sha256"] = hashlib.sha256(text).hexdigest()
+    (run / "model.json").write_text(json.dumps(model))
 
 
 def build_world(base: Path) -> World:

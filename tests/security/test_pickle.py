@@ -4,7 +4,7 @@ the right name in another format, and the command that reads it either refuses i
 line naming the file) or never opens it. The marker never appears.
 
 Files covered: checkpoint.pt (train resumes it; a Ray Train checkpoint directory, read by
-`RayStore.restore`), model.safetensors and model.json (predict), gallery.npz (LocDiff-H and retrieval),
+`RayStore.restore`), model.safetensors and model.json (predict), the retrieval gallery (LocDiff-H),
 config.yaml (a YAML tag that would call a function), the legacy model.pt, feature shards (an .npy member
 of object dtype) and a features manifest, and the MLflow model (tensors, JSON and YAML: no pickle)."""
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from locdiff.cli import main
-from tests.faults.helpers import World, build_world, changes, snapshot
+from tests.faults.helpers import World, build_world, changes, gallery_file, reseal_gallery, snapshot
 
 MARKER = "pwned-marker"
 
@@ -111,29 +111,29 @@ def test_a_model_description_cannot_name_code(world, tmp_path, capsys):
     _assert_refused(_predict(run, world.test, tmp_path / "p.csv"), run / "model.json", marker, capsys, [tmp_path])
 
 
-def _point_gallery(run: Path, path: Path) -> None:
-    meta = json.loads((run / "model.json").read_text())
-    meta["gallery"]["uri"] = str(path)
-    (run / "model.json").write_text(json.dumps(meta))
-
-
-@pytest.mark.parametrize("kind", ["object-array", "raw-pickle", "npy-pickle"])
+@pytest.mark.parametrize("kind", ["lat-object-array", "ids-object-array", "index-pickle"])
 def test_a_gallery_payload_is_refused(world, tmp_path, capsys, kind):
+    """A retrieval gallery (locdiff.gallery: gallery.json, index.faiss, lat/lon/ids .npy) crafted together
+    with the run's model.json, so that every checksum agrees: an .npy of pickled objects or a pickle in
+    place of the faiss index is refused, naming the file, and runs nothing."""
     run = world.copy_run(tmp_path / "run")
     marker = tmp_path / MARKER
-    gallery = run / "gallery.npz"
-    if kind == "object-array":  # an npz member of dtype object: pickled inside the archive
-        with open(gallery, "wb") as f:
-            np.savez(f, embedding=np.array([Payload(marker)], dtype=object), lat=np.zeros(1), lon=np.zeros(1))
-    elif kind == "raw-pickle":
-        gallery.write_bytes(pickle.dumps(Payload(marker)))
+    gallery = world.copy_gallery(run, tmp_path / "gallery")
+    key = {"lat-object-array": "lat", "ids-object-array": "ids", "index-pickle": "index"}[kind]
+    target = gallery_file(gallery, key)
+    if kind == "index-pickle":
+        target.write_bytes(pickle.dumps(Payload(marker)))
     else:
-        with open(gallery, "wb") as f:
-            np.save(f, np.array([Payload(marker)], dtype=object), allow_pickle=True)
-    _point_gallery(run, gallery)
+        n = json.loads((gallery / "gallery.json").read_text())["count"]
+        with open(target, "wb") as f:
+            np.save(f, np.array([Payload(marker)] * n, dtype=object), allow_pickle=True)
+    reseal_gallery(run, gallery, key)
     assert not marker.exists()
-    _assert_refused(_predict(run, world.test, tmp_path / "p.csv", "--method", "locdiff-h"), gallery, marker,
-                    capsys, [tmp_path])
+    argv = _predict(run, world.test, tmp_path / "p.csv", "--method", "locdiff-h")
+    if kind == "ids-object-array":  # ids are read only when asked for: prediction never opens them
+        assert main(argv) == 0 and not marker.exists()
+        return
+    _assert_refused(argv, target, marker, capsys, [tmp_path])
 
 
 def test_a_yaml_tag_in_the_run_config_runs_nothing(world, tmp_path, capsys):
