@@ -55,6 +55,11 @@ class Task(ABC):
         """What must match when a checkpoint is resumed (besides the weights' shapes)."""
         return {"task": self.name}
 
+    def validation_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
+        """Optional: accuracy-type metrics of the model on held-out rows, logged beside the validation loss
+        at every checkpoint (the learning curve); names without the "val_" prefix."""
+        return {}
+
 
 @dataclass
 class Settings:
@@ -411,5 +416,7 @@ def validation_loss(task: Task, model: nn.Module, batch: dict[str, Any], *, seed
         m = len(part["embedding"])
         for k, v in {"loss": loss, **parts}.items():
             totals[k] = totals.get(k, 0.0) + float(v) * m
+    out = {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+    out.update({f"val_{k}": float(v) for k, v in task.validation_metrics(model, batch).items()})
     model.train(was)
-    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+    return out

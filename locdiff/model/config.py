@@ -58,6 +58,14 @@ class NetworkConfig:
     dropout: float = setting(0.1, ge=0, lt=1)
     cond_dim: int = setting(256, ge=1)  # conditioning vector: image-embedding MLP + sinusoidal timestep embedding
     time_dim: int = setting(128, ge=1)  # sinusoidal timestep features
+    # The prior head: a residual MLP (width, depth, dropout) from the image embedding to the code's
+    # conditional mean mu(e). The denoiser's output is a_t z_t + (1 - a_t^2) mu(e) + U-Net(z_t, t, e): the
+    # Gaussian-optimal z0 estimate plus a learned residual (the multi-modal part). 0 disables it (the plain
+    # CS-UNet). Measured on the realistic benchmark's val split (one step, L = 32): the plain CS-UNet
+    # reached 35.5 % within 200 km, a residual MLP of this size alone 58.7 %.
+    head_width: int = setting(512, ge=0)
+    head_depth: int = setting(3, ge=0)
+    head_dropout: float = setting(0.1, ge=0, lt=1)
 
 
 @dataclass
@@ -142,6 +150,9 @@ class Config:
                           f"must be < diffusion.timesteps ({t}); got {self.diffusion.min_train_timestep}")
         if self.predict.steps > t:
             raise Invalid("predict.steps", f"must be <= diffusion.timesteps ({t}); got {self.predict.steps}")
+        if self.network.head_width > 0 and self.diffusion.prediction != "sample":
+            raise Invalid("network.head_width", "the prior head needs diffusion.prediction: sample (it adds to the "
+                          "z0 estimate); set network.head_width: 0 for epsilon-prediction")
 
 
 def config_from_dict(data: dict[str, Any] | None, *, source: str = "config") -> Config:

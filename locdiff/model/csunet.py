@@ -8,8 +8,15 @@
 
 Every block is FiLM-modulated by a conditioning vector c = MLP(image embedding) + MLP(sinusoid(t)) in the
 pi-GAN way, h = sin(omega (W x + b) (1 + gamma(c)) + beta(c)). The image-embedding branch can be replaced
-by a learned null vector (classifier-free guidance). Embeddings are standardised inside the model with
-statistics stored as buffers, so a checkpoint is self-contained.
+by a learned null vector (classifier-free guidance).
+
+With a prior head (network.head_width > 0, x0-prediction), the output is
+    z0_hat = a_t z_t + (1 - a_t^2) mu(e) + U-Net(z_t, t, e),   a_t = sqrt(abar_t):
+the posterior mean of z0 given z_t when z0 ~ N(mu(e), I), plus the U-Net's correction. mu(e) is a residual
+MLP of the embedding: the embedding -> location map, the hard part of the problem, gets a clean path that
+the FiLM-modulated sine blocks (whose input at t ~ T is pure noise) did not give it.
+Embeddings are standardised inside the model with statistics stored as buffers, so a checkpoint is
+self-contained.
 """
 
 from __future__ import annotations
@@ -62,6 +69,31 @@ class SineFiLMBlock(nn.Module):
         return self.skip(x) + self.lin2(self.drop(h))
 
 
+class PriorHead(nn.Module):
+    """mu(e): standardised embedding -> Linear -> depth x residual [LN, Linear, GELU, Dropout, Linear] -> LN ->
+    Linear -> (B, D), the code's conditional mean. The last layer starts at zero (mu = 0: the prior mean of
+    the codes), `null` is mu without a condition (classifier-free guidance)."""
+
+    def __init__(self, embed_dim: int, dim: int, width: int, depth: int, dropout: float) -> None:
+        super().__init__()
+        self.inp = nn.Linear(embed_dim, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout),
+                          nn.Linear(width, width))
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        h = self.inp(e)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(self.norm(h))
+
+
 class CSUNet(nn.Module):
     """The conditional sine U-Net denoiser.
 
@@ -71,7 +103,8 @@ class CSUNet(nn.Module):
         config: widths, blocks_per_level, omega_0, omega_hidden, dropout, cond_dim, time_dim.
     """
 
-    def __init__(self, dim: int, embed_dim: int, config: NetworkConfig) -> None:
+    def __init__(self, dim: int, embed_dim: int, config: NetworkConfig,
+                 alphas_cumprod: torch.Tensor | None = None) -> None:
         super().__init__()
         if not config.widths or any(w < 1 for w in config.widths):
             raise ValueError(
@@ -86,6 +119,12 @@ class CSUNet(nn.Module):
         self.register_buffer("emb_mean", torch.zeros(embed_dim))
         self.register_buffer("emb_std", torch.ones(embed_dim))
         self.cond_mlp = nn.Sequential(nn.Linear(embed_dim, c), nn.SiLU(), nn.Linear(c, c))
+        self.head: PriorHead | None = None
+        if config.head_width > 0:
+            if alphas_cumprod is None:
+                raise ValueError("the prior head needs the noise schedule (alphas_cumprod)")
+            self.head = PriorHead(embed_dim, dim, config.head_width, config.head_depth, config.head_dropout)
+            self.register_buffer("sqrt_abar", alphas_cumprod.sqrt().float())
         self.null_cond = nn.Parameter(torch.zeros(c))  # replaces the image branch when it is dropped
         self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
         self.cond_act = nn.SiLU()
@@ -119,11 +158,14 @@ class CSUNet(nn.Module):
         self.emb_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.emb_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
 
+    def standardise(self, emb: torch.Tensor) -> torch.Tensor:
+        return (emb.float() - self.emb_mean) / self.emb_std
+
     def condition(
         self, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None
     ) -> torch.Tensor:
         """c = MLP(standardised embedding, or the null vector where drop_cond) + MLP(sinusoid(t))."""
-        e = self.cond_mlp((emb.float() - self.emb_mean) / self.emb_std)  # (B, c)
+        e = self.cond_mlp(self.standardise(emb))  # (B, c)
         if drop_cond is not None:
             e = torch.where(drop_cond[:, None], self.null_cond.to(e.dtype).expand_as(e), e)
         return self.cond_act(e + self.time_mlp(timestep_embedding(t, self.config.time_dim)))
@@ -151,5 +193,13 @@ class CSUNet(nn.Module):
             h = torch.cat([h, skip], dim=-1)
             for block in level:
                 h = block(h, c)
-        return self.out_proj(self.out_norm(h))
+        out = self.out_proj(self.out_norm(h))
+        if self.head is None:
+            return out
+        # the Gaussian-optimal z0 estimate for a unit-variance prior around mu(e), plus the U-Net's residual
+        mu = self.head(self.standardise(emb))  # (B, D)
+        if drop_cond is not None:
+            mu = torch.where(drop_cond[:, None], self.head.null.to(mu.dtype).expand_as(mu), mu)
+        a = self.sqrt_abar[t].to(out.dtype)[:, None]  # (B, 1)
+        return a * z.to(out.dtype) + (1 - a * a) * mu + out
 

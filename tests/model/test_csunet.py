@@ -3,12 +3,16 @@ import torch
 from locdiff.engine import unwrap
 from locdiff.model.config import NetworkConfig
 from locdiff.model.csunet import CSUNet, timestep_embedding
+from locdiff.model.schedule import NoiseSchedule
+
+ABAR = NoiseSchedule(1000).alphas_cumprod
 
 
-def _net(seed=0, dropout=0.0, blocks=2):
+def _net(seed=0, dropout=0.0, blocks=2, head=16):
     torch.manual_seed(seed)
-    cfg = NetworkConfig(widths=[32, 16, 8], blocks_per_level=blocks, dropout=dropout, cond_dim=16, time_dim=8)
-    return CSUNet(dim=25, embed_dim=6, config=cfg)
+    cfg = NetworkConfig(widths=[32, 16, 8], blocks_per_level=blocks, dropout=dropout, cond_dim=16, time_dim=8,
+                        head_width=head, head_depth=1, head_dropout=dropout)
+    return CSUNet(dim=25, embed_dim=6, config=cfg, alphas_cumprod=ABAR)
 
 
 def test_shapes_and_levels():
@@ -60,3 +64,19 @@ def test_unwrap():
     net = _net()
     assert unwrap(torch.nn.DataParallel(net)) is net
     assert unwrap(net) is net
+
+
+def test_prior_head_is_the_gaussian_posterior_mean_at_init():
+    """With the U-Net's output near zero, z0_hat = a_t z_t + (1 - a_t^2) mu(e): at t = 0 the input itself
+    (scaled), at t = T - 1 the head's mu(e) alone."""
+    net = _net(head=16)
+    with torch.no_grad():
+        net.out_proj.weight.zero_()
+        net.head.out.bias.copy_(torch.arange(25.0))
+    z, e = torch.randn(2, 25), torch.randn(2, 6)
+    a0 = float(ABAR[0].sqrt())
+    torch.testing.assert_close(net(z, torch.zeros(2, dtype=torch.long), e), a0 * z + (1 - a0 ** 2) * torch.arange(25.0))
+    last = net(z, torch.full((2,), 999), e)
+    torch.testing.assert_close(last, torch.arange(25.0).expand(2, 25), atol=1e-3, rtol=0)
+    plain = _net(head=0)
+    assert plain.head is None and plain(z, torch.zeros(2, dtype=torch.long), e).shape == (2, 25)
