@@ -234,6 +234,8 @@ class _Autocast(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.enabled):
             out = self.inner(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.float() if isinstance(o, torch.Tensor) else o for o in out)
         return out.float() if isinstance(out, torch.Tensor) else out
 
 

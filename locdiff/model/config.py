@@ -84,6 +84,9 @@ class TrainConfig:
     objective: Objective = "kl+mse"  # KL alone is blind to l = 0 and the scale (LOCDIFF.md 4)
     kl_weight: float = setting(1.0, ge=0)
     mse_weight: float = setting(1.0, ge=0)  # on z-space MSE per coefficient (unit variance targets)
+    # the prior head's own loss (the same objective on mu(e) against z0), so that it learns the conditional
+    # mean from every sample, not only through the (1 - a_t^2) share of the denoiser's output; 0 disables
+    prior_weight: float = setting(1.0, ge=0)
     steps: int = setting(2000, ge=1)
     batch_size: int = setting(256, ge=1)
     lr: float = setting(1e-3, gt=0)

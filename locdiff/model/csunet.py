@@ -171,15 +171,17 @@ class CSUNet(nn.Module):
         return self.cond_act(e + self.time_mlp(timestep_embedding(t, self.config.time_dim)))
 
     def forward(
-        self, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None,
+        return_prior: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """z_0 estimate.
 
         Args:
             z: (B, D) noisy code z_t. t: (B,) integer timesteps. emb: (B, d) image embeddings.
             drop_cond: (B,) bool, True -> unconditional (null condition); None -> all conditional.
+            return_prior: also return the prior head's mu(e) (training gives it a loss of its own).
         Returns:
-            (B, D).
+            (B, D), or ((B, D), (B, D)) with return_prior.
         """
         c = self.condition(t, emb, drop_cond)
         h = torch.sin(self.omega_0 * self.in_proj(z))  # (B, w0)
@@ -195,11 +197,12 @@ class CSUNet(nn.Module):
                 h = block(h, c)
         out = self.out_proj(self.out_norm(h))
         if self.head is None:
-            return out
+            return (out, out.new_zeros(out.shape)) if return_prior else out
         # the Gaussian-optimal z0 estimate for a unit-variance prior around mu(e), plus the U-Net's residual
         mu = self.head(self.standardise(emb))  # (B, D)
         if drop_cond is not None:
             mu = torch.where(drop_cond[:, None], self.head.null.to(mu.dtype).expand_as(mu), mu)
         a = self.sqrt_abar[t].to(out.dtype)[:, None]  # (B, 1)
-        return a * z.to(out.dtype) + (1 - a * a) * mu + out
+        x0 = a * z.to(out.dtype) + (1 - a * a) * mu + out
+        return (x0, mu) if return_prior else x0
 

@@ -102,9 +102,19 @@ class LocDiffTask(Task):
         if d.cond_drop_prob > 0 and model.training:
             drop = (torch.rand(b, generator=generator, device=gdev) < d.cond_drop_prob).to(device)
         zt = self.schedule.add_noise(z0, noise, t)
-        out = model(zt, t, emb, drop).float()
-        x0 = self.schedule.predict_x0(out, zt, t, d.prediction)
-        return diffusion_loss(x0, z0, self.config)
+        w = self.config.train.prior_weight if self.config.network.head_width > 0 else 0.0
+        if w > 0:
+            out, mu = model(zt, t, emb, drop, return_prior=True)
+        else:
+            out = model(zt, t, emb, drop)
+        x0 = self.schedule.predict_x0(out.float(), zt, t, d.prediction)
+        loss, parts = diffusion_loss(x0, z0, self.config)
+        if w > 0:
+            keep = ~drop if drop is not None else slice(None)  # mu of a dropped condition is the null vector
+            prior, _ = diffusion_loss(mu.float()[keep], z0[keep], self.config)
+            loss = loss + w * prior
+            parts["prior"] = prior.detach()
+        return loss, parts
 
 
     @torch.no_grad()
