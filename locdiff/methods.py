@@ -43,6 +43,9 @@ class Prediction:
     lat: np.ndarray  # (N,) float64 degrees
     lon: np.ndarray  # (N,) float64 degrees
     confidence: np.ndarray | None = None  # (N,) higher is more confident
+    # (N, D) raw SHDD code of the predicted density, for methods that predict one (LocDiff): what the
+    # top-k modes of `locdiff locate` are read from (locdiff.shdd.modes)
+    density_code: np.ndarray | None = None
 
 
 def prepare_data(train: Any, val: Any = None, *, val_share: float = 0.0, seed: int = 0):

@@ -119,7 +119,9 @@ class PredictConfig:
     samples: int = setting(16, ge=1)  # K samples per image
     steps: int = setting(50, ge=1)  # S DDIM steps
     aggregation: Aggregation = "auto"  # auto -> chosen on validation during training (default mean)
-    support_radius_km: float = setting(500.0, gt=0)  # radius for the "most support" aggregation and the confidence
+    support_radius_km: float = setting(500.0, gt=0)  # radius for the "most support" aggregation
+    # the confidence of an answer is the calibrated probability that the truth lies within this radius
+    confidence_radius_km: float = setting(200.0, gt=0)
     batch_size: int = setting(256, ge=1)  # images per sampling batch
     decode_candidates: int = setting(3, ge=1)  # local maxima refined by shdd.decode
 

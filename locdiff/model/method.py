@@ -1,8 +1,14 @@
 """LocDiffMethod: LocDiff and LocDiff-H behind the GeoMethod interface of `locdiff train/predict`.
 
 Training is the engine's (locdiff.engine) on `LocDiffTask`; after it, `finalize` chooses the aggregation
-and the LocDiff-H blend on validation rows, records the retrieval gallery of the training data and saves
-the predictor (the EMA denoiser as safetensors) into the run folder (layout: locdiff.runs).
+and the LocDiff-H blend on validation rows, calibrates the confidence there, records the retrieval gallery
+of the training data and saves the predictor (the EMA denoiser as safetensors) into the run folder
+(layout: locdiff.runs).
+
+Confidence: the raw score of an answer is the share of the predicted density (the mean sampled code,
+locdiff.shdd.modes) within `predict.confidence_radius_km` of it; an isotonic map fitted on the validation
+rows (locdiff.calibration) turns it into the probability that the truth lies within that radius. The map
+is stored, per prediction method, in selection.json; a run without validation rows reports the raw score.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from locdiff.calibration import IsotonicCalibrator, cross_fitted, expected_calibration_error
 from locdiff.engine import resolve_device
+from locdiff.geo import haversine_km
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
-from locdiff.model.predict import locdiff_predict
+from locdiff.model.predict import LocDiffOutput, locdiff_predict
 from locdiff.runs import SELECTION, RunFolder
+from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -67,7 +76,8 @@ class LocDiffMethod(GeoMethod):
                                                      progress=progress)
         metrics = dict(result.metrics)
         old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
-        if old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None):
+        if (old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None)
+                and (val is None or "calibration" in old)):
             self.selection = old  # already chosen for these weights (a re-run after completion)
         else:
             self.selection = {"step": result.step, "aggregation": "mean",
@@ -103,7 +113,60 @@ class LocDiffMethod(GeoMethod):
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
                                    "val_hybrid_score": blend["score"],
                                    "val_retrieval_score": blend["retrieval_score"]})
-        log.info("validation choices: %s", self.selection)
+        self._calibrate(out, val)
+        log.info("validation choices: %s", {k: v for k, v in self.selection.items() if k != "calibration"})
+
+    def _calibrate(self, out: LocDiffOutput, val: EmbeddingTable) -> None:
+        """Fit the confidence map of each prediction method on the validation rows (module docstring).
+        Also records the ECE of the raw score and a cross-fitted (2-fold) ECE of the calibrated one."""
+        radius = self.config.predict.confidence_radius_km
+        cal: dict[str, Any] = {"radius_km": radius, "score": "density mass within radius_km of the answer",
+                               "methods": {}}
+        for name in PREDICT_METHODS:
+            lat, lon = self._answers(out, val.embedding, name)
+            score = mass_within(out.mean_code, lat, lon, radius)
+            hit = (np.asarray(haversine_km(lat, lon, val.lat, val.lon)) <= radius).astype(np.float64)
+            fitted = IsotonicCalibrator.fit(score, hit)
+            cal["methods"][name] = {**fitted.to_json(), "base_rate": float(hit.mean()),
+                                    "ece_raw": expected_calibration_error(score, hit),
+                                    "ece_crossfit": expected_calibration_error(cross_fitted(score, hit), hit)}
+        self.selection["calibration"] = cal
+        self.selection["val_ece"] = cal["methods"]["locdiff"]["ece_crossfit"]
+
+    @property
+    def confidence_radius_km(self) -> float:
+        """The radius the confidence refers to (the calibration's, else the config's)."""
+        cal = self.selection.get("calibration") or {}
+        return float(cal.get("radius_km", self.config.predict.confidence_radius_km))
+
+    def calibrator(self, method: str = "locdiff") -> IsotonicCalibrator | None:
+        """The validation-fitted confidence map of a prediction method; None when the run has none."""
+        entry = ((self.selection.get("calibration") or {}).get("methods") or {}).get(method)
+        if not entry:
+            return None
+        try:
+            return IsotonicCalibrator.from_json(entry)
+        except (ValueError, KeyError, TypeError) as err:
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: the confidence calibration of {method!r} is damaged ({err}); train "
+                             "again into a new --out") from None
+
+    def _aggregation(self, aggregation: str | None = None) -> str:
+        agg = aggregation or self.selection.get("aggregation", "mean")
+        return self.selection.get("aggregation", "mean") if agg == "auto" else agg
+
+    def _answers(self, out: LocDiffOutput, emb: np.ndarray, method: str, aggregation: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The answer of each image for "locdiff" (the chosen aggregation) or "locdiff-h" (the gallery
+        candidate LocDiff's density prefers, else the LocDiff answer)."""
+        lat, lon, _ = out.choose(self._aggregation(aggregation))
+        if method == "locdiff-h":
+            hc = self.config.hybrid
+            mlat, mlon, _ = out.choose("mean")
+            cand = hybrid_candidates(self._get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
+            lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
+                                        radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
+        return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
@@ -157,21 +220,14 @@ class LocDiffMethod(GeoMethod):
         if table.dim != self.model.embed_dim:
             raise ValueError(f"{table.source or 'table'}: column 'embedding' has dimension {table.dim}; the "
                              f"model was trained on dimension {self.model.embed_dim}")
-        agg = aggregation or self.selection.get("aggregation", "mean")
-        if agg == "auto":
-            agg = self.selection.get("aggregation", "mean")
         out = locdiff_predict(self.model, table.embedding, self.config, samples=samples, steps=steps, seed=seed,
                               guidance_scale=guidance_scale, progress=progress)
-        lat, lon, conf = out.choose(agg)
-        if method == "locdiff-h":
-            hc = self.config.hybrid
-            mlat, mlon, _ = out.choose("mean")
-            cand = hybrid_candidates(self._get_gallery(), table.embedding, out.mean_code, mlat, mlon,
-                                     out.mean_value, hc.top_k)
-            lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
-                                        radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
-        return Prediction(lat=np.asarray(lat, np.float64), lon=np.asarray(lon, np.float64),
-                          confidence=np.asarray(conf, np.float64))
+        lat, lon = self._answers(out, table.embedding, method, aggregation)
+        score = mass_within(out.mean_code, lat, lon, self.confidence_radius_km)
+        calibrate = self.calibrator(method)
+        conf = calibrate(score) if calibrate is not None else score
+        return Prediction(lat=lat, lon=lon, confidence=np.asarray(conf, np.float64),
+                          density_code=out.mean_code.numpy())
 
 
 def load_denoiser(run_dir: str | Path, device: str | torch.device = "cpu") -> CSUNet:
