@@ -262,8 +262,12 @@ def _fmt(path: PathLike) -> str:
 
 
 def write_predictions(path: PathLike, ids: Any, lat: Any, lon: Any, pred_lat: Any, pred_lon: Any,
-                      method: str | Any | None = None, confidence: Any | None = None) -> None:
-    """Write a predictions table (Parquet or CSV by extension). lat/lon (truth) may be None."""
+                      method: str | Any | None = None, confidence: Any | None = None,
+                      extra: dict[str, Any] | None = None) -> None:
+    """Write a predictions table (Parquet or CSV by extension). lat/lon (truth) may be None.
+
+    `extra`: more columns (name -> N values), after the standard ones (e.g. `locdiff locate`'s place
+    names and top-k modes); their names must not be those of the standard columns."""
     kind = _fmt(path)
     ids = np.asarray(ids).astype(str)
     n = len(ids)
@@ -285,6 +289,14 @@ def write_predictions(path: PathLike, ids: Any, lat: Any, lon: Any, pred_lat: An
             raise ValueError(f"{path}: column 'method' has {len(m)} values for {n} ids")
         cols["method"] = pa.array(m, pa.string())
     order = [c for c in ("id", "lat", "lon", "pred_lat", "pred_lon", "method", "confidence") if c in cols]
+    for name, values in (extra or {}).items():
+        if name in order or name in named:
+            raise ValueError(f"{path}: extra column {name!r} is a standard column")
+        arr = pa.array(list(values))
+        if len(arr) != n:
+            raise ValueError(f"{path}: column {name!r} has {len(arr)} values for {n} ids")
+        cols[name] = arr
+        order.append(name)
     at = pa.table({c: cols[c] for c in order})
     if kind == "parquet":
         _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))

@@ -270,9 +270,12 @@ def train(config_name: str, train_spec: DataSpec, root: str, run_dir: str | Path
         if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
             _log_history(run_id, run.path, uri)
         tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
-        # the predictor's files (safetensors, JSON, YAML; no pickle), registered as `locdiff`
-        model_uri = tracking.log_model(run_id, run.path, tracking_uri=uri) if config.method == "locdiff" else None
-        record = {**outcome.record, "mlflow_run_id": run_id, "run_dir": str(run.path), "model_uri": model_uri}
+        # LocDiff runs become the registered pyfunc model (locdiff.inference.pyfunc); baselines are logged
+        # as their run folder files only
+        logged = (tracking.log_model(run_id, run.path, tracking_uri=uri) if config.method == "locdiff"
+                  else {"model_uri": None, "version": None})
+        record = {**outcome.record, "mlflow_run_id": run_id, "run_dir": str(run.path),
+                  "model_uri": logged["model_uri"], "model_version": logged["version"]}
     run.write_record(record)
     return record
 
@@ -321,7 +324,10 @@ def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: st
              predict_options: dict[str, Any] | None = None) -> dict[str, float]:
     """Predict the test set, compute the metrics, draw the plots and log a nested MLflow run.
 
-    Writes RUN/eval/NAME/{predictions.parquet, worldmap.png, error_cdf.png} and metrics.json last.
+    Writes RUN/eval/NAME/{predictions.parquet, worldmap.png, error_cdf.png, reliability.png,
+    calibration.json} and metrics.json last. The metrics include `ece`, the expected calibration error of
+    the confidence (the probability of lying within the run's confidence radius); the registered model
+    version of the run gets the metrics as tags.
     """
     import pandas as pd
 
@@ -341,11 +347,14 @@ def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: st
     tracking.check_tracking_uri(uri)
     cfg = run.read_config()
     method = get_method(cfg.get("method", "locdiff")).load(run.path, cfg)
-    table = read_table(features_dir(spec, root))
+    data = features_dir(spec, root)
+    check_data_encoder(run, data)
+    table = read_table(data)
     if not table.labelled:
         raise ValueError(f"{table.source}: evaluation needs lat/lon")
     pred = method.predict(table, **(predict_options or {}))
     metrics = geo_metrics(pred.lat, pred.lon, table.lat, table.lon)
+    radius = float(getattr(method, "confidence_radius_km", 0.0) or 0.0)
     out = run.file(f"eval/{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
     name = cfg.get("method", "locdiff")
@@ -356,9 +365,52 @@ def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: st
     if pred.confidence is not None:
         df["confidence"] = pred.confidence
     plots = draw_plots(df, out, title=f"{run.path.name} on {spec.name}")
-    tracking.log_evaluation(record["mlflow_run_id"], spec.name, metrics, df, plots=plots, tracking_uri=uri)
+    files = []
+    if pred.confidence is not None and radius > 0:
+        from locdiff import plots as plotting
+        from locdiff.calibration import reliability
+        from locdiff.metrics import distances_km
+
+        hit = distances_km(pred.lat, pred.lon, table.lat, table.lon) <= radius
+        rel = reliability(pred.confidence, hit)
+        metrics["ece"] = rel["ece"]
+        metrics["confidence_radius_km"] = radius
+        run.write_json(f"eval/{spec.name}/calibration.json", {"radius_km": radius, **rel})
+        files.append(run.file(f"eval/{spec.name}/calibration.json"))
+        plots["reliability"] = plotting.reliability_plot(
+            out / "reliability.png", rel, title=f"{run.path.name} on {spec.name}: within {radius:g} km")
+    tracking.log_evaluation(record["mlflow_run_id"], spec.name, metrics, df, plots=plots, files=files,
+                            tracking_uri=uri)
+    if record.get("model_version"):
+        tags = tracking.evaluation_metrics(spec.name, metrics)
+        if "ece" in metrics:
+            tags[f"{spec.name}/ece"] = metrics["ece"]
+        tracking.tag_model_version(record["model_version"], tags, tracking_uri=uri)
     run.write_json(f"eval/{spec.name}/metrics.json", metrics)
     return metrics
+
+
+def check_data_encoder(run: Any, data: str) -> None:
+    """Refuse a features folder (or table) whose embeddings another encoder made than the run's."""
+    from locdiff.data.stream import open_source
+    from locdiff.runs import check_encoder
+
+    src = open_source(data)
+    check_encoder(run.encoder(), (src.manifest or {}).get("encoder"), src.dim, run=str(run.path),
+                  data=src.location)
+
+
+def promote(run_dir: str | Path, tests: list[str], *, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """Move the registry's `champion` alias to this run's model version when it beats the champion on
+    the test sets `tests` (locdiff.tracking.promote); None when the run has no registered version."""
+    from locdiff import tracking
+
+    record = training_record(run_dir) or {}
+    if not record.get("model_version"):
+        log.warning("%s: no registered model version (not a LocDiff run, or logged by an older version); "
+                    "champion unchanged", run_dir)
+        return None
+    return tracking.promote(record["model_version"], tests, tracking_uri=tracking_uri)
 
 
 def draw_plots(df: Any, out: Path, *, title: str = "") -> dict[str, Path]:

@@ -24,9 +24,10 @@ def _pyplot():
 
 
 def _background(ax: Any) -> None:
-    from locdiff.synth import _cities
+    from locdiff.gazetteer import cities
 
-    lat, lon, _ = _cities()
+    c = cities()
+    lat, lon = c.lat, c.lon
     ax.scatter(lon, lat, s=0.6, c="0.8", linewidths=0, rasterized=True, zorder=0)
 
 
@@ -86,6 +87,58 @@ def error_cdf(path: str | Path, errors_km: dict[str, Any], *, title: str = "") -
     ax.legend(loc="upper left")
     if title:
         ax.set_title(title, pad=14)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reliability_plot(path: str | Path, reliability: dict[str, Any], *, title: str = "") -> Path:
+    """PNG reliability diagram of a confidence (locdiff.calibration.reliability): accuracy against mean
+    confidence per bin, the diagonal of perfect calibration, bin counts below, the ECE in the legend."""
+    plt = _pyplot()
+    bins = [b for b in reliability["bins"] if b["count"]]
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 6), dpi=120, sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], c="0.6", ls="--", lw=0.8, label="perfectly calibrated")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", c="tab:blue",
+            label=f"model (ECE {reliability['ece']:.3f}, n = {reliability['n']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share within the radius")
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
+    centers = [(b["lo"] + b["hi"]) / 2 for b in reliability["bins"]]
+    axc.bar(centers, [b["count"] for b in reliability["bins"]], width=0.09, color="0.6")
+    axc.set_xlabel("confidence")
+    axc.set_ylabel("images")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def locations_map(path: str | Path, lat: Any, lon: Any, labels: Any = None, *, title: str = "",
+                  max_labels: int = 40) -> Path:
+    """PNG map of located photos (red dots), the first `max_labels` labelled (e.g. file names)."""
+    plt = _pyplot()
+    lat, lon = np.asarray(lat, float), np.asarray(lon, float)
+    fig, ax = plt.subplots(figsize=(12, 6.2), dpi=120)
+    _background(ax)
+    ax.scatter(lon, lat, s=12, c="tab:red", zorder=3, label=f"{len(lat)} photos")
+    for i, text in enumerate(list(labels or [])[:max_labels]):
+        ax.annotate(str(text), (lon[i], lat[i]), fontsize=6, xytext=(3, 3), textcoords="offset points", zorder=4)
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.legend(loc="lower left")
+    if title:
+        ax.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")

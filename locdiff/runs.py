@@ -305,6 +305,16 @@ class RunFolder:
         with contextlib.suppress(FileNotFoundError):
             self.file(RECORD).unlink()
 
+    def encoder(self) -> dict[str, Any]:
+        """The encoder the run's training embeddings came from (run.json `encoder`: name, type, model,
+        revision, normalize, dim; whatever is known), with `dim` from model.json when run.json lacks it."""
+        enc = dict((self.record() or {}).get("encoder") or {})
+        if "dim" not in enc and self.file(MODEL).is_file():
+            dim = self.read_json(MODEL).get("embed_dim")
+            if dim is not None:
+                enc["dim"] = int(dim)
+        return enc
+
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
                mmap: bool = False) -> dict[str, Any]:
@@ -364,3 +374,49 @@ def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = Non
     if dim is not None:
         enc["dim"] = int(dim)
     return enc
+
+
+def describe_encoder(enc: Mapping[str, Any] | None) -> str:
+    """`NAME (MODEL@REVISION, dim D)` from an encoder record, with what is known."""
+    enc = enc or {}
+    model = enc.get("model")
+    if model and enc.get("revision"):
+        model = f"{model}@{enc['revision']}"
+    inner = ", ".join(p for p in (model, f"dim {enc['dim']}" if enc.get("dim") else None) if p)
+    name = enc.get("name") or "an unrecorded encoder"
+    return f"{name} ({inner})" if inner else str(name)
+
+
+def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any] | None, dim: int, *,
+                  run: str, data: str) -> None:
+    """Refuse embeddings that another encoder made than the run's (a one-line UserError).
+
+    The dimensions must match; so must the model, its revision and the normalisation where both sides
+    record them (the encoder name is compared only when neither side records its model: a config name
+    and a hub id can name the same model).
+
+    Args:
+        run_encoder: the run's record (`RunFolder.encoder()`).
+        data_encoder: the data's encoder (a features manifest's `encoder`), None when unknown (a table).
+        dim: the data's embedding dimension.
+        run, data: how to name the run and the data in the message.
+    """
+    from locdiff.errors import UserError
+
+    data_enc = {**(data_encoder or {}), "dim": int(dim)}
+    problems = []
+    if run_encoder.get("dim") is not None and int(run_encoder["dim"]) != int(dim):
+        problems.append(f"dimension {dim} != {run_encoder['dim']}")
+    both = lambda key: run_encoder.get(key) is not None and data_enc.get(key) is not None  # noqa: E731
+    if both("model") and str(run_encoder["model"]) != str(data_enc["model"]):
+        problems.append(f"model {data_enc['model']} != {run_encoder['model']}")
+    elif not both("model") and both("name") and run_encoder["name"] != data_enc["name"]:
+        problems.append(f"encoder {data_enc['name']} != {run_encoder['name']}")
+    if both("revision") and str(run_encoder["revision"]) != str(data_enc["revision"]):
+        problems.append(f"revision {data_enc['revision']} != {run_encoder['revision']}")
+    if both("normalize") and bool(run_encoder["normalize"]) != bool(data_enc["normalize"]):
+        problems.append(f"normalize {data_enc['normalize']} != {run_encoder['normalize']}")
+    if problems:
+        raise UserError(f"{data}: embeddings from {describe_encoder(data_enc)} do not fit {run}, trained on "
+                        f"{describe_encoder(run_encoder)} embeddings ({'; '.join(problems)}); embed the data "
+                        "with the run's encoder, or use a run trained on this encoder")

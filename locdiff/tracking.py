@@ -1,12 +1,15 @@
 """MLflow tracking for training and evaluation runs.
 
 One MLflow run per training, holding the whole resolved config as flattened params, loss and learning
-rate per step, the config, the checkpoint and the model (the run folder's predictor files under the
-`locdiff` flavor: safetensors, JSON and YAML, no pickle; registered as `locdiff`); one nested run per
-evaluation set holding `DATASET/acc_1km` ... `DATASET/acc_2500km`, `DATASET/median_km`,
-`DATASET/geoscore`, the predictions table, a world map of predictions against truths and the error CDF
-plot. The parent run gets the same metrics and plots so that its page shows
-everything.
+rate per step, the config, the checkpoint and the model (a pyfunc without pickles, locdiff.inference.pyfunc,
+registered as `locdiff`); one nested run per evaluation set holding `DATASET/acc_1km` ...
+`DATASET/acc_2500km`, `DATASET/median_km`, `DATASET/geoscore`, `DATASET/ece`, the predictions table, a
+world map of predictions against truths, the error CDF and the reliability plot. The parent run gets the
+same metrics and plots so that its page shows everything.
+
+The registry: every model version carries its evaluation metrics as tags (`DATASET/geoscore` ...); the
+alias `champion` names the version to serve: the first registered version, then any version whose mean
+GeoScore over the test sets of its pipeline beats the champion's on the same sets (`promote`).
 
 The tracking URI comes from the argument (the config), else `MLFLOW_TRACKING_URI`, else a local SQLite
 store `sqlite:///mlflow.db`. mlflow is imported inside functions (the library stays importable without
@@ -190,63 +193,106 @@ def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None
             client.log_artifact(run_id, str(path), artifact_path="checkpoint")
 
 
-class _RunFolderFlavor:
-    """The `locdiff` MLflow flavor: the run folder's predictor files as they are (locdiff.runs: tensors in
-    safetensors, JSON and YAML), nothing pickled. MLflow calls `save_model` from `Model.log`."""
-
-    __name__ = "locdiff"
-
-    @staticmethod
-    def save_model(path: str, mlflow_model: Any, run_dir: str) -> None:
-        import shutil
-
-        from locdiff import __version__ as version
-        from locdiff import runs
-
-        os.makedirs(path)
-        names = (runs.CONFIG, runs.WEIGHTS, runs.MODEL, runs.SELECTION)  # the gallery is data: referenced
-        files = [name for name in names if (Path(run_dir) / name).is_file()]
-        for name in files:
-            shutil.copyfile(Path(run_dir) / name, Path(path) / name)
-        mlflow_model.add_flavor("locdiff", locdiff_version=version, files=files,
-                                method=runs.RunFolder(run_dir).read_config().get("method", "locdiff"),
-                                loader="locdiff.tracking.load_logged_model")
-        mlflow_model.save(os.path.join(path, "MLmodel"))
+CHAMPION = "champion"
+PROMOTION_METRIC = "geoscore"
 
 
 def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None,
-              registered_name: str = REGISTERED_MODEL) -> str:
-    """Log the run folder's predictor as the MLflow model `model` of the run and register it; return its URI.
-
-    The model is the run's own files (config.yaml, model.safetensors, model.json, selection.json) under the
-    `locdiff` flavor: tensors, JSON and YAML, no pickle (loading it runs no code from the store). Load it
-    with `load_logged_model(uri)`.
-    """
-    from mlflow.models import Model
-
+              registered_name: str = REGISTERED_MODEL) -> dict[str, Any]:
+    """Log a LocDiff run folder as the pyfunc model of locdiff.inference.pyfunc (weights as safetensors,
+    config as YAML/JSON, the project's code as its code path, a signature; nothing pickled) and register
+    it as `registered_name`; the first version becomes `champion`. Returns {"model_uri", "version"}."""
     from locdiff import runs
+    from locdiff.inference import pyfunc
 
     if not runs.RunFolder(run_dir).has_model():
         raise FileNotFoundError(f"{run_dir}: no trained model to log ({runs.WEIGHTS}, {runs.MODEL})")
     mlflow = _mlflow(tracking_uri)
-    with _in_run(mlflow, run_id):
-        info = Model.log(None, name="model", flavor=_RunFolderFlavor, registered_model_name=registered_name,
-                         run_dir=str(run_dir))
-    return info.model_uri
+    with tempfile.TemporaryDirectory(prefix="locdiff-stage-") as tmp, _in_run(mlflow, run_id):
+        data = pyfunc.stage(run_dir, tmp)
+        info = mlflow.pyfunc.log_model(name="model", loader_module=pyfunc.LOADER_MODULE, data_path=str(data),
+                                       code_paths=[pyfunc.code_path()], signature=pyfunc.signature(),
+                                       pip_requirements=pyfunc.requirements(),
+                                       registered_model_name=registered_name)
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    if version is not None:
+        client = _client(tracking_uri)
+        try:
+            client.get_model_version_by_alias(registered_name, CHAMPION)
+        except Exception:  # noqa: BLE001 - no champion yet (MlflowException RESOURCE_DOES_NOT_EXIST)
+            client.set_registered_model_alias(registered_name, CHAMPION, version)
+            logger.info("model %s version %s is the first: alias %s", registered_name, version, CHAMPION)
+    return {"model_uri": info.model_uri, "version": version}
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+
+
+def tag_model_version(version: str, metrics: Mapping[str, float], *, tracking_uri: str | None = None,
+                      registered_name: str = REGISTERED_MODEL) -> None:
+    """Set each metric (e.g. {"im2gps3k/geoscore": 1234.5}) as a tag of the model version."""
+    client = _client(tracking_uri)
+    for key, value in metrics.items():
+        client.set_model_version_tag(registered_name, version, key, f"{float(value):.6g}")
+
+
+def promote(version: str, tests: Sequence[str], *, tracking_uri: str | None = None,
+            registered_name: str = REGISTERED_MODEL, metric: str = PROMOTION_METRIC) -> dict[str, Any]:
+    """Move the `champion` alias to `version` when it beats the champion on the test sets `tests`.
+
+    Both versions' tags `TEST/metric` are compared, averaged over the test sets that both were evaluated
+    on; the version wins when its mean is higher (GeoScore: higher is better). No common test set: the
+    champion stays. No champion: the version becomes it. Returns {"champion", "moved", "reason"}.
+    """
+    client = _client(tracking_uri)
+    mine = client.get_model_version(registered_name, version).tags
+    try:
+        champ = client.get_model_version_by_alias(registered_name, CHAMPION)
+    except Exception:  # noqa: BLE001 - no champion yet
+        client.set_registered_model_alias(registered_name, CHAMPION, version)
+        return {"champion": version, "moved": True, "reason": "no champion yet"}
+    if str(champ.version) == str(version):
+        return {"champion": version, "moved": False, "reason": "already the champion"}
+    common = [t for t in tests if f"{t}/{metric}" in mine and f"{t}/{metric}" in champ.tags]
+    if not common:
+        reason = (f"no test set of {list(tests)} carries {metric} on both version {version} and the champion "
+                  f"(version {champ.version})")
+        logger.warning("champion stays at version %s: %s", champ.version, reason)
+        return {"champion": str(champ.version), "moved": False, "reason": reason}
+    new = sum(float(mine[f"{t}/{metric}"]) for t in common) / len(common)
+    old = sum(float(champ.tags[f"{t}/{metric}"]) for t in common) / len(common)
+    if new > old:
+        client.set_registered_model_alias(registered_name, CHAMPION, version)
+        reason = f"mean {metric} {new:.6g} > {old:.6g} (version {champ.version}) on {', '.join(common)}"
+        logger.info("champion -> version %s: %s", version, reason)
+        return {"champion": version, "moved": True, "reason": reason}
+    reason = f"mean {metric} {new:.6g} <= {old:.6g} (version {champ.version}) on {', '.join(common)}"
+    return {"champion": str(champ.version), "moved": False, "reason": reason}
 
 
 def load_logged_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None):
-    """The method (a `locdiff.methods.GeoMethod`, ready to predict) of a model logged by `log_model`:
-    its files are downloaded (to `dst`, default a temporary folder) and read as a run folder is."""
+    """The method (a `locdiff.methods.LocDiffMethod`, ready to predict) of a model logged by `log_model`:
+    downloaded (to `dst`, default a temporary folder) and read from its data folder as a run folder is.
+    (`locdiff.Geolocator.load(model_uri)` gives the whole predictor, encoder and place names included.)"""
     import mlflow
 
+    from locdiff.inference.pyfunc import resolve_model
     from locdiff.methods import get_method
     from locdiff.model.config import read_run_config
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst) if dst is not None else None)
-    cfg = read_run_config(local)
-    return get_method(cfg.get("method", "locdiff")).load(Path(local), cfg)
+    if dst is not None:
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))
+        folder, keep = resolve_model(local)
+    else:
+        folder, keep = resolve_model(model_uri, tracking_uri=tracking_uri)
+    cfg = read_run_config(folder)
+    method = get_method(cfg.get("method", "locdiff")).load(Path(folder), cfg)
+    method._download = keep  # a temporary download lives as long as the method
+    return method
 
 
 def evaluation_metrics(dataset: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -262,7 +308,7 @@ def evaluation_metrics(dataset: str, metrics: Mapping[str, float]) -> dict[str, 
 
 def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float],
                    predictions: Any, *, plots: Mapping[str, str | Path] | None = None,
-                   tracking_uri: str | None = None) -> str:
+                   files: Sequence[str | Path] = (), tracking_uri: str | None = None) -> str:
     """Log one evaluation set as a nested run of the training run; return the nested run id.
 
     Args:
@@ -270,7 +316,8 @@ def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float
         dataset: the evaluation set's name, the metric prefix.
         metrics: at least METRIC_NAMES (accuracies in percent, median in km, GeoScore).
         predictions: a pandas DataFrame in the predictions table format.
-        plots: name -> PNG path (world map, error CDF), logged under `plots/DATASET/`.
+        plots: name -> PNG path (world map, error CDF, reliability), logged under `plots/DATASET/`.
+        files: more files for the nested run (e.g. the calibration JSON), logged under `evaluation/`.
     """
     mlflow = _mlflow(tracking_uri)
     named = evaluation_metrics(dataset, metrics)
@@ -290,6 +337,8 @@ def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float
                 mlflow.log_artifact(str(path), artifact_path="predictions")
             for path in (plots or {}).values():
                 mlflow.log_artifact(str(path), artifact_path="plots")
+            for path in files:
+                mlflow.log_artifact(str(path), artifact_path="evaluation")
             return child.info.run_id
 
 

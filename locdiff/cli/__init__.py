@@ -17,7 +17,7 @@ import traceback
 import typing
 
 # Modules under locdiff.cli that add subcommands; a module that is not there yet is skipped.
-_GROUPS = ("shdd", "model", "evaluate", "data")
+_GROUPS = ("locate", "shdd", "model", "evaluate", "data")
 
 
 class _Parser(argparse.ArgumentParser):

