@@ -1,4 +1,8 @@
-"""The `train-locdiff` flow: ingest -> embed -> train -> evaluate for one config.
+"""The `train-locdiff` flow: ingest -> embed -> train -> evaluate -> promote, for one config.
+
+The trained LocDiff model is registered in MLflow as `locdiff` (a pyfunc, locdiff.inference.pyfunc);
+its evaluation metrics become tags of its version, and the alias `champion` moves to it when it beats
+the champion on the flow's test sets (the first version is the champion).
 
 Deployed from prefect.yaml; trigger it with
     prefect deployment run 'train-locdiff/train-locdiff' --param config=base
@@ -6,7 +10,8 @@ Deployed from prefect.yaml; trigger it with
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
 from flows.embed import embed
 from flows.errors import one_line
@@ -15,6 +20,12 @@ from flows.ingest import ingest
 from flows.params import DataSet
 from flows.train import train
 from locdiff import pipeline
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def promote(run_dir: str, tests: list[str], tracking_uri: str | None) -> dict | None:
+    """Move the registry's `champion` alias to this run's model when it beats the champion."""
+    return pipeline.promote(run_dir, tests, tracking_uri=tracking_uri)
 
 
 @flow(name="train-locdiff")
@@ -42,6 +53,9 @@ def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base
         stages["train"] = "skipped" if record.get("skipped") else "done"
         evaluation = evaluate(run_dir, tests, root, tracking_uri)
         stages.update({f"evaluate:{k}": v for k, v in evaluation["status"].items()})
-        get_run_logger().info("MLflow run %s; stages %s", record["mlflow_run_id"], stages)
+        champion = promote(run_dir, [t.name for t in tests], tracking_uri)
+        get_run_logger().info("MLflow run %s; stages %s; champion %s", record["mlflow_run_id"], stages,
+                              champion)
         return {"run_dir": run_dir, "mlflow_run_id": record["mlflow_run_id"], "stages": stages,
-                "results": evaluation["results"]}
+                "results": evaluation["results"], "model_version": record.get("model_version"),
+                "champion": champion}

@@ -132,33 +132,38 @@ class Geolocator:
         """The radius the confidence refers to."""
         return self.method.confidence_radius_km
 
+    def encoder_config(self) -> Any:
+        """The EncoderConfig of the run's image encoder (from run.json `encoder`)."""
+        from locdiff import schema
+        from locdiff.data.config import EncoderConfig
+        from locdiff.errors import UserError
+
+        rec = self.encoder_record
+        if not rec.get("model"):
+            raise UserError(f"{self.source}: the run does not record its image encoder (trained on an "
+                            "embeddings table without --encoder); locate photos with a run trained on "
+                            "features of `locdiff data embed` or with `locdiff train --encoder NAME`, or pass "
+                            "embeddings (Geolocator.locate_embeddings)")
+        model = str(rec["model"])
+        if model.startswith(("/", ".")) and not Path(model).exists():
+            raise UserError(f"{self.source}: the run's image encoder {model} (a local folder) does not exist "
+                            "here; copy it there or locate with embeddings")
+        fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+        data = {k: v for k, v in rec.items() if k in fields and v is not None}
+        data.setdefault("name", Path(model).name)
+        if self.device is not None:
+            data["device"] = self.device
+        return schema.build(EncoderConfig, data, source=f"{self.source}: run.json encoder")
+
     def encoder(self) -> Any:
         """The run's image encoder, built once (`locdiff.embed.make_encoder`)."""
         if self._encoder is None:
-            from locdiff import schema
-            from locdiff.data.config import EncoderConfig
             from locdiff.embed import make_encoder
             from locdiff.errors import UserError
 
-            rec = self.encoder_record
-            if not rec.get("model"):
-                raise UserError(f"{self.source}: the run does not record its image encoder (trained on an "
-                                "embeddings table without --encoder); locate photos with a run trained on "
-                                "features of `locdiff data embed` or with `locdiff train --encoder NAME`, or pass "
-                                "embeddings (Geolocator.locate_embeddings)")
-            model = str(rec["model"])
-            if model.startswith(("/", ".")) and not Path(model).exists():
-                raise UserError(f"{self.source}: the run's image encoder {model} (a local folder) does not exist "
-                                "here; copy it there or locate with embeddings")
-            fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-            data = {k: v for k, v in rec.items() if k in fields and v is not None}
-            data.setdefault("name", Path(model).name)
-            if self.device is not None:
-                data["device"] = self.device
-            cfg = schema.build(EncoderConfig, data, source=f"{self.source}: run.json encoder")
-            self._encoder = make_encoder(cfg)
+            self._encoder = make_encoder(self.encoder_config())
             if int(self._encoder.dim) != self.embedding_dim:
-                raise UserError(f"{self.source}: its encoder {model} gives {self._encoder.dim}-d embeddings, the "
+                raise UserError(f"{self.source}: its encoder gives {self._encoder.dim}-d embeddings, the "
                                 f"model takes {self.embedding_dim}-d ones; the run folder is inconsistent")
         return self._encoder
 
@@ -174,7 +179,7 @@ class Geolocator:
         items = list(images)
         ids = [_name(x, i) for i, x in enumerate(items)]
         encoder = self.encoder() if items else None
-        bs = batch_size or int(getattr(getattr(encoder, "cfg", None), "batch_size", 32) or 32)
+        bs = batch_size or (self.encoder_config().batch_size if items else 1)
         side = _max_side()
         errors: dict[int, str] = {}
         parts: list[np.ndarray] = []

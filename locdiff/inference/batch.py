@@ -1,0 +1,243 @@
+"""Locate a whole collection of unlabelled photos (the stages of the `locate-photos` flow).
+
+    photos: a folder, an archive, a CSV URL list (column `url`) or an s3:// prefix, local or remote
+    out:    where the results go; default: beside the input, PHOTOS-located (http(s) inputs need one)
+
+    OUT/photos/images/shard-*.tar          ingest (the data layer, `coordinates: optional`)
+    OUT/photos/features/ENCODER/shard-*    embed, with the model's own image encoder
+    OUT/predictions/MODELKEY/shard-*.parquet   predict, one table per feature shard
+    OUT/predictions.parquet, OUT/map.png   the whole table (README "Formats", predictions of unlabelled
+                                           data, plus place names and the top-k modes) and a world map
+
+Every stage resumes: ingest and embed skip their finished shards (their manifests), and a feature
+shard whose table exists for the same model and settings (MODELKEY: a hash of the model's weights,
+choices and the top-k/method settings) is not predicted again. The run is logged to MLflow as an
+inference run (experiment `locdiff-inference`: params, counts, the table and the map; no evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAME = "photos"  # the data set name under OUT
+INFERENCE_EXPERIMENT = "locdiff-inference"
+
+
+@dataclass
+class LocateJob:
+    photos: str
+    model: str
+    out: str
+    top_k: int = 5
+    method: str = "locdiff"
+    shard_size: int = 1000
+    allow_private_addresses: bool = False
+    stages: dict[str, Any] = field(default_factory=dict)  # what each stage did
+
+    @property
+    def table(self) -> str:
+        from locdiff.data.storage import join
+
+        return join(self.out, "predictions.parquet")
+
+    @property
+    def map(self) -> str:
+        from locdiff.data.storage import join
+
+        return join(self.out, "map.png")
+
+
+def default_out(photos: str) -> str:
+    """PHOTOS-located beside the input (a folder, archive, CSV or s3:// prefix)."""
+    from locdiff.errors import UserError
+
+    if photos.startswith(("http://", "https://")):
+        raise UserError(f"{photos}: an http(s) input has no folder beside it; give `out` (a folder or s3:// "
+                        "prefix) for the results")
+    base = photos.rstrip("/")
+    stem = base.rsplit("/", 1)[-1]
+    for ext in (".csv", ".tar", ".zip", ".tar.gz", ".tgz"):
+        if stem.lower().endswith(ext):
+            base = base[: len(base) - len(ext)]
+            break
+    return f"{base}-located"
+
+
+def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, method: str = "locdiff",
+         shard_size: int = 1000, allow_private_addresses: bool = False) -> LocateJob:
+    """Check the parameters (nothing is read or written) and name the output folder."""
+    from locdiff.errors import UserError
+
+    if not photos:
+        raise UserError("photos: give a folder, URL list (CSV) or s3:// prefix of photos")
+    if top_k < 1:
+        raise UserError(f"top_k must be >= 1; got {top_k}")
+    if method not in ("locdiff", "locdiff-h"):
+        raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {method!r}")
+    if shard_size < 1:
+        raise UserError(f"shard_size must be >= 1; got {shard_size}")
+    return LocateJob(photos=photos, model=model, out=(out or default_out(photos)).rstrip("/"), top_k=top_k,
+                     method=method, shard_size=shard_size, allow_private_addresses=allow_private_addresses)
+
+
+def ingest(job: LocateJob) -> dict[str, Any]:
+    """The data layer's ingest of the photos into OUT/photos/images (coordinates optional); resumes."""
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest as data_ingest
+
+    cfg = load_dataset_config("folder", coordinates="optional", shard_size=job.shard_size,
+                              allow_private_addresses=job.allow_private_addresses or None)
+    manifest = data_ingest(NAME, job.out, source=job.photos, config=cfg, progress=False)
+    job.stages["ingest"] = {"count": manifest["count"], "skipped": manifest.get("skipped", {})}
+    return manifest
+
+
+def embed(job: LocateJob, geolocator: Any) -> tuple[str, dict[str, Any]]:
+    """The data layer's embed stage with the model's encoder; returns (features folder, manifest)."""
+    from locdiff.data.featurize import embed as data_embed
+    from locdiff.data.shards import stage_dir
+
+    cfg = geolocator.encoder_config()
+    manifest = data_embed(NAME, job.out, cfg, degree=None, progress=False)
+    job.stages["embed"] = {"count": manifest["count"], "encoder": manifest["encoder"]}
+    return stage_dir(job.out, NAME, "features", cfg.name), manifest
+
+
+def model_key(geolocator: Any, job: LocateJob) -> str:
+    """What the predictions depend on: the weights, the validation choices and the settings."""
+    from locdiff import runs
+
+    h = hashlib.sha256()
+    for name in (runs.WEIGHTS, runs.SELECTION, runs.CONFIG):
+        path = geolocator.run.file(name)
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(block)
+    h.update(f"{job.method}|{job.top_k}".encode())
+    return h.hexdigest()[:16]
+
+
+def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, Any]) -> list[str]:
+    """One predictions table per feature shard (skipped when it exists for this model key); returns them."""
+    import numpy as np
+
+    from locdiff.data import storage
+    from locdiff.data.stream import open_source
+    from locdiff.inference.geolocator import write_locations
+    from locdiff.runs import check_encoder
+
+    check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
+                  run=geolocator.source, data=features)
+    key = model_key(geolocator, job)
+    folder = storage.join(job.out, "predictions", key)
+    src = open_source(features)
+    by_shard: dict[str, list[Any]] = {}
+    for piece in src.pieces:
+        by_shard.setdefault(piece.url, []).append(piece)
+    tables, done, skipped = [], 0, 0
+    for entry in manifest["shards"]:
+        url = storage.join(features, entry["shard"])
+        table = storage.join(folder, entry["shard"].replace(".tar", ".parquet"))
+        tables.append(table)
+        if storage.exists(table):
+            skipped += 1
+            continue
+        rows = [src.read(p) for p in by_shard.get(url, [])]
+        ids = [str(i) for r in rows for i in r.ids]
+        emb = np.concatenate([r.emb for r in rows]) if rows else np.zeros((0, src.dim), np.float32)
+        located = geolocator.locate_embeddings(emb, top_k=job.top_k, method=job.method, ids=ids,
+                                               encoder=manifest.get("encoder")) if ids else []
+        tmp = os.path.join(storage.local_tmp_dir(job.out), f"{entry['shard']}.{os.getpid()}.parquet")
+        write_locations(tmp, located, job.top_k)
+        storage.put_file_atomic(tmp, table)
+        done += 1
+    job.stages["predict"] = {"shards": len(tables), "predicted": done, "skipped": skipped, "model_key": key,
+                             "confidence_radius_km": geolocator.radius_km}
+    return tables
+
+
+def write_outputs(job: LocateJob, tables: list[str]) -> dict[str, Any]:
+    """OUT/predictions.parquet (all shards, in order) and OUT/map.png; returns counts."""
+    import pandas as pd
+
+    from locdiff.data import storage
+    from locdiff.plots import locations_map
+
+    frames = []
+    for t in tables:
+        with storage.open_file(t) as f:
+            frames.append(pd.read_parquet(io.BytesIO(f.read())))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    storage.write_bytes_atomic(job.table, buf.getvalue())
+    tmp = os.path.join(storage.local_tmp_dir(job.out), f"map.{os.getpid()}.png")
+    if len(df):
+        locations_map(tmp, df["pred_lat"], df["pred_lon"], [str(i).rsplit("/", 1)[-1] for i in df["id"]],
+                      title=f"{len(df)} photos of {job.photos}")
+    else:
+        locations_map(tmp, [], [], title=f"no photos in {job.photos}")
+    storage.put_file_atomic(tmp, job.map)
+    summary = {"located": int(len(df)),
+               "mean_confidence": float(df["confidence"].mean()) if len(df) else float("nan")}
+    job.stages["outputs"] = summary
+    return summary
+
+
+def log_inference(job: LocateJob, *, seconds: float, tracking_uri: str | None = None) -> str:
+    """An MLflow run in the `locdiff-inference` experiment: params, counts, the table and the map."""
+    import tempfile
+    from pathlib import Path
+
+    from locdiff import tracking
+    from locdiff.data import storage
+
+    mlflow = tracking._mlflow(tracking_uri)
+    tracking._set_experiment(mlflow, INFERENCE_EXPERIMENT, tracking.resolve_tracking_uri(tracking_uri))
+    params = {"photos": job.photos, "model": job.model, "out": job.out, "top_k": job.top_k,
+              "method": job.method, "shard_size": job.shard_size, "model_key": job.stages["predict"]["model_key"],
+              "confidence_radius_km": job.stages["predict"]["confidence_radius_km"]}
+    with mlflow.start_run(run_name=f"locate-{job.out.rsplit('/', 1)[-1]}",
+                          tags={"locdiff.kind": "inference"}) as run:
+        mlflow.log_params(params)
+        metrics = {"photos_located": job.stages["outputs"]["located"], "seconds": seconds,
+                   "photos_skipped": sum(job.stages["ingest"].get("skipped", {}).values()),
+                   "shards_predicted": job.stages["predict"]["predicted"],
+                   "shards_skipped": job.stages["predict"]["skipped"]}
+        if job.stages["outputs"]["located"]:
+            metrics["mean_confidence"] = job.stages["outputs"]["mean_confidence"]
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            for url in (job.table, job.map):
+                local = Path(tmp) / url.rsplit("/", 1)[-1]
+                local.write_bytes(storage.read_bytes(url))
+                mlflow.log_artifact(str(local))
+        return run.info.run_id
+
+
+def locate_photos(photos: str, model: str = "models:/locdiff@champion", *, out: str | None = None,
+                  top_k: int = 5, method: str = "locdiff", shard_size: int = 1000,
+                  allow_private_addresses: bool = False, tracking_uri: str | None = None,
+                  log_to_mlflow: bool = True) -> dict[str, Any]:
+    """All stages in this process (the flow runs the same stages as tasks); returns a summary."""
+    from locdiff.inference.geolocator import Geolocator
+
+    t0 = time.monotonic()
+    job = plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
+               allow_private_addresses=allow_private_addresses)
+    g = Geolocator.load(model, tracking_uri=tracking_uri)
+    ingest(job)
+    features, manifest = embed(job, g)
+    tables = predict(job, g, features, manifest)
+    write_outputs(job, tables)
+    run_id = log_inference(job, seconds=time.monotonic() - t0, tracking_uri=tracking_uri) if log_to_mlflow else None
+    return {"table": job.table, "map": job.map, "mlflow_run_id": run_id, "stages": job.stages}
