@@ -1,7 +1,7 @@
 """Calibrated confidence: a monotone map from a raw score to the observed frequency of being right.
 
 `IsotonicCalibrator.fit(score, hit)` fits the isotonic (non-decreasing) regression of hit (0/1) on score
-by pool-adjacent-violators; applying it interpolates linearly between the fitted blocks. Among images
+by pool-adjacent-violators; applying it is constant on each fitted block and linear between blocks. Among images
 given confidence p, about p of them are then right, on data like the data it was fitted on. It is stored
 as plain JSON (`to_json` / `from_json`), never pickled.
 
@@ -42,19 +42,23 @@ class IsotonicCalibrator:
         xs, first = np.unique(s, return_index=True)
         counts = np.diff(np.append(first, s.size)).astype(np.float64)
         sums = np.add.reduceat(h, first)
-        # pool adjacent violators on (sum, count, x-weighted sum)
-        bx, bs, bn = [], [], []
-        for x, sm, c in zip(xs * counts, sums, counts, strict=True):
-            bx.append(x)
+        # pool adjacent violators on (sum, count); a block spans the scores [lo, hi]
+        lo, hi, bs, bn = [], [], [], []
+        for x, sm, c in zip(xs, sums, counts, strict=True):
+            lo.append(x)
+            hi.append(x)
             bs.append(sm)
             bn.append(c)
             while len(bs) > 1 and bs[-2] / bn[-2] >= bs[-1] / bn[-1]:
-                sm2, c2, x2 = bs.pop(), bn.pop(), bx.pop()
+                sm2, c2, h2 = bs.pop(), bn.pop(), hi.pop()
+                lo.pop()
                 bs[-1] += sm2
                 bn[-1] += c2
-                bx[-1] += x2
-        bn_a = np.asarray(bn)
-        return cls(x=np.asarray(bx) / bn_a, y=np.asarray(bs) / bn_a, n=int(s.size))
+                hi[-1] = h2
+        y = np.asarray(bs) / np.asarray(bn)
+        # knots at both ends of every block: constant on a block, linear between blocks (as scikit-learn)
+        x_knots = np.column_stack([lo, hi]).reshape(-1)
+        return cls(x=x_knots, y=np.repeat(y, 2), n=int(s.size))
 
     def __call__(self, score: Any) -> np.ndarray:
         s = np.asarray(score, np.float64)

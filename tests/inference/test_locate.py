@@ -1,0 +1,181 @@
+"""`locdiff locate` and the Geolocator API on a run trained on tiny-CLIP embeddings of generated photos:
+a folder with an unreadable file, typed results, the one preprocessing, top-k modes, encoder checks."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from locdiff import Geolocator, Location, Mode
+from locdiff.cli import main
+from locdiff.errors import UserError
+from locdiff.geo import haversine_km
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, photos):
+    """Five photos (nested), a truncated JPEG, a text file, all without coordinates."""
+    out = tmp_path_factory.mktemp("new")
+    jpgs = sorted(photos["test"].glob("*.jpg"))[:5]
+    for i, p in enumerate(jpgs):
+        dst = out / ("sub" if i == 4 else "") / p.name
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy(p, dst)
+    (out / "broken.jpg").write_bytes(jpgs[0].read_bytes()[:200])
+    (out / "notes.txt").write_text("not a photo")
+    return out
+
+
+def test_cli_locates_a_folder_and_reports_the_unreadable_file(trained, folder, tmp_path, capsys):
+    out, png = tmp_path / "pred.csv", tmp_path / "map.png"
+    rc = main(["locate", "--run", str(trained["run_dir"]), str(folder), "--top-k", "3", "--out", str(out),
+               "--map", str(png), "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert f"skipped {folder / 'broken.jpg'}: truncated" in cap.err or \
+        f"skipped {folder / 'broken.jpg'}: undecodable" in cap.err
+    lines = cap.out.splitlines()
+    assert lines[0].split()[:4] == ["file", "lat", "lon", "place"] and "confidence (200 km)" in lines[0]
+    assert "5 of 6 photos located" in cap.out and "not located" in cap.out
+    df = pd.read_csv(out)
+    assert len(df) == 5 and "notes.txt" not in " ".join(df["id"])
+    assert list(df.columns[:5]) == ["id", "pred_lat", "pred_lon", "method", "confidence"]
+    assert {"place", "place_km", "confidence_radius_km", "mode1_lat", "mode3_probability", "mode2_place"} <= set(df)
+    assert df["confidence"].between(0, 1).all() and (df["method"] == "locdiff").all()
+    assert str(folder / "sub" / sorted(p.name for p in (folder / "sub").glob("*.jpg"))[0]) in set(df["id"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_are_one_line(trained, folder, tmp_path, capsys):
+    assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"locdiff locate: error: --out {tmp_path / 'x.json'}: give a .csv " \
+                                              "or .parquet file"
+    assert main(["locate", "--run", str(tmp_path / "nope"), str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such run folder" in err
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_bytes(b"nope")
+    assert main(["locate", "--run", str(trained["run_dir"]), str(only_bad), "--no-progress"]) == 2
+    assert "none of the 1 photos could be read" in capsys.readouterr().err
+
+
+def test_api_types_inputs_and_order(trained, folder):
+    g = Geolocator.load(trained["run_dir"])
+    files = sorted(str(p) for p in folder.glob("*.jpg"))  # broken.jpg first
+    pil = Image.open(files[1])
+    raw = open(files[2], "rb").read()
+    res = g.locate([files[1], pil, raw, files[0]], top_k=4)
+    assert [type(r) for r in res] == [Location] * 4
+    assert [r.id for r in res] == [files[1], "image[1]", "image[2]", files[0]]
+    assert res[3].error and not res[3].ok and np.isnan(res[3].lat) and res[3].modes == ()
+    # the same photo as a path, a PIL image or bytes: the same embedding, so the same answer
+    ids, emb, failed = g.embed([files[1], pil, raw])
+    assert not failed and np.array_equal(emb[0], emb[1])
+    for r in res[:3]:
+        assert r.ok and -90 <= r.lat <= 90 and -180 <= r.lon <= 180 and 0 <= r.confidence <= 1
+        assert r.radius_km == 200.0 and r.method == "locdiff" and isinstance(r.place, str) and r.place
+        assert 1 <= len(r.modes) <= 4 and all(isinstance(m, Mode) for m in r.modes)
+    with pytest.raises(UserError, match="broken.jpg: cannot read the photo"):
+        g.locate([files[0]], errors="raise")
+    # locate == locate_embeddings of the same embeddings (same order, same seed)
+    ids, emb, _ = g.embed(files[1:])
+    assert g.locate(files[1:]) == g.locate_embeddings(emb, ids=ids)
+
+
+def test_embeddings_match_an_independent_clip(trained, folder, tiny_clip):
+    """The encoder path against transformers' full CLIPModel.get_image_features (L2-normalised)."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    files = sorted(str(p) for p in folder.glob("photo-*.jpg"))
+    _, emb, _ = Geolocator.load(trained["run_dir"]).embed(files)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    proc = CLIPImageProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=proc(images=[Image.open(f).convert("RGB") for f in files],
+                                                         return_tensors="pt")["pixel_values"])
+    ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+    np.testing.assert_allclose(emb, torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5)
+
+
+def test_exif_orientation_is_applied(trained, folder):
+    """A JPEG with an EXIF orientation tag is located as the upright image (the ingest's preprocessing)."""
+    from tests.data.fixtures import with_orientation
+
+    data = open(sorted(folder.glob("photo-*.jpg"))[0], "rb").read()
+    tagged = with_orientation(data, 6)  # rotate 90 degrees clockwise to display
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))).convert("RGB")
+    g = Geolocator.load(trained["run_dir"])
+    _, emb, _ = g.embed([tagged, upright, data])
+    assert np.array_equal(emb[0], emb[1]) and not np.array_equal(emb[0], emb[2])
+
+
+def test_top_k_modes_are_ordered_distinct_and_sum_to_at_most_one(trained):
+    g = Geolocator.load(trained["run_dir"])
+    emb = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+    res = g.locate_embeddings(emb / np.linalg.norm(emb, axis=1, keepdims=True), top_k=5)
+    assert max(len(r.modes) for r in res) > 1  # the test means something: several modes occur
+    for r in res:
+        p = [m.probability for m in r.modes]
+        assert 1 <= len(p) <= 5 and all(a >= b for a, b in zip(p, p[1:], strict=False)) and sum(p) <= 1 + 1e-9
+        for i, a in enumerate(r.modes):
+            for b in r.modes[i + 1:]:
+                assert haversine_km(a.lat, a.lon, b.lat, b.lon) >= 100.0
+
+
+def test_calibration_is_recorded_and_used(trained):
+    """The run holds an isotonic confidence map fitted on its validation rows; predictions use it."""
+    from locdiff.runs import RunFolder
+
+    sel = RunFolder(trained["run_dir"]).read_json("selection.json")
+    cal = sel["calibration"]
+    assert cal["radius_km"] == 200.0 and set(cal["methods"]) == {"locdiff", "locdiff-h"}
+    entry = cal["methods"]["locdiff"]
+    assert entry["kind"] == "isotonic" and entry["n"] > 20 and 0 <= entry["ece_crossfit"] <= 1
+    assert np.all(np.diff(entry["y"]) >= 0) and 0 <= min(entry["y"]) and max(entry["y"]) <= 1
+    assert 0 <= trained["metrics"]["ece"] <= 1  # the test set's ECE, logged by the evaluation
+
+
+def test_encoder_mismatch_is_a_clear_error(trained, photos, other_clip, tmp_path, capsys):
+    from locdiff import pipeline
+
+    # features of another encoder (same dimension): `locdiff predict` names both encoders
+    spec = pipeline.DataSpec(name="other", source="folder", path=str(photos["test"]), encoder=str(other_clip))
+    pipeline.ingest(spec, str(tmp_path))
+    pipeline.embed(spec, str(tmp_path))
+    feats = pipeline.features_dir(spec, str(tmp_path))
+    capsys.readouterr()
+    rc = main(["predict", "--run", str(trained["run_dir"]), "--data", feats, "--out", str(tmp_path / "p.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert f"{feats}: embeddings from other-clip" in err and "trained on tiny-clip" in err and "model " in err
+    # the run's own features pass
+    assert main(["predict", "--run", str(trained["run_dir"]), "--data", trained["features"]["test"],
+                 "--out", str(tmp_path / "q.parquet"), "--no-progress"]) == 0
+    # embeddings of another dimension
+    g = Geolocator.load(trained["run_dir"])
+    with pytest.raises(UserError, match=r"dimension 12 != 16"):
+        g.locate_embeddings(np.zeros((2, 12), np.float32))
+    with pytest.raises(UserError, match="model /.*other-clip != /.*tiny-clip"):
+        g.locate_embeddings(np.zeros((2, 16), np.float32), encoder={"name": "other-clip", "model": str(other_clip)})
+
+
+def test_a_run_without_an_encoder_record_says_so(tmp_path):
+    from locdiff.model.config import load_config
+    from locdiff.synth import SynthConfig, make_benchmark
+    from locdiff.training import train_run
+    from tests.inference.conftest import OVERRIDES
+
+    table = make_benchmark(SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))["train"]
+    cfg = load_config("configs/model/tiny.yaml", OVERRIDES + ["train.steps=10"])
+    train_run(cfg, table, tmp_path / "run", progress=False)
+    g = Geolocator.load(tmp_path / "run")
+    assert len(g.locate_embeddings(table.embedding[:3])) == 3  # embeddings work
+    with pytest.raises(UserError, match="does not record its image encoder"):
+        g.locate([b"whatever"])

@@ -1,0 +1,69 @@
+"""The `locate-photos` flow through a real Prefect API (prefect_test_harness): a folder of unlabelled photos
+(one unreadable) and the champion model in; a predictions table and a map beside the folder, an MLflow
+inference run; a second run skips every finished shard."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.locate import locate_photos
+    from locdiff.inference.batch import INFERENCE_EXPERIMENT
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in sorted(photos["test"].glob("*.jpg"))[:7]:
+        shutil.copy(p, folder / p.name)
+    (folder / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3)
+    located = tmp_path / "new-located"
+    assert out["table"] == str(located / "predictions.parquet") and out["map"] == str(located / "map.png")
+    df = pd.read_parquet(out["table"])
+    assert len(df) == 7 and sorted(df["id"]) == sorted(p.name for p in folder.glob("photo-*.jpg"))
+    assert {"lat", "lon"}.isdisjoint(df.columns)  # unlabelled: no truth columns
+    assert {"pred_lat", "pred_lon", "confidence", "place", "mode3_probability"} <= set(df.columns)
+    assert (located / "map.png").read_bytes()[:4] == b"\x89PNG"
+    assert out["stages"]["ingest"]["skipped"] == {"undecodable": 1}
+    assert out["stages"]["predict"] == {**out["stages"]["predict"], "shards": 3, "predicted": 3, "skipped": 0}
+
+    client = MlflowClient()
+    run = client.get_run(out["mlflow_run_id"])
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == INFERENCE_EXPERIMENT and run.data.tags["locdiff.kind"] == "inference"
+    assert run.data.params["model"] == "models:/locdiff@champion" and run.data.metrics["photos_located"] == 7
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"predictions.parquet", "map.png"}
+    assert not any(k.endswith("acc_1km") for k in run.data.metrics)  # no evaluation
+
+    again = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3)
+    assert again["stages"]["predict"]["predicted"] == 0 and again["stages"]["predict"]["skipped"] == 3
+    assert pd.read_parquet(again["table"]).equals(df)
+
+    with get_client(sync_client=True) as c:  # both runs are recorded by the Prefect API, completed
+        states = [r.state.name for r in c.read_flow_runs()]
+    assert states.count("Completed") == 2, states
+
+
+def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
+    from flows.locate import locate_photos
+
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        locate_photos(photos=str(tmp_path), top_k=0)
+    with pytest.raises(ValueError, match="http\\(s\\) input has no folder beside it"):
+        locate_photos(photos="https://example.org/urls.csv")

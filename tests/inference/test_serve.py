@@ -1,0 +1,101 @@
+"""The registered model behind a real `mlflow models serve` on 127.0.0.1: a JPEG and an embedding posted
+over HTTP come back located, exactly as the Python API locates them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from locdiff import Geolocator
+
+pytestmark = pytest.mark.server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained, store, tmp_path_factory):
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/locdiff@champion",
+                                 "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "--workers", "1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(log.parent))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started (its own session)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {"error": err.read().decode()}
+
+
+def test_post_a_jpeg_and_an_embedding(server, trained, photos):
+    jpg = sorted(photos["test"].glob("*.jpg"))[3]
+    g = Geolocator.load(trained["run_dir"])
+    status, body = post(server, {"dataframe_split": {"columns": ["id", "image"], "data": [
+        ["mine.jpg", base64.b64encode(jpg.read_bytes()).decode()],
+        ["junk", base64.b64encode(b"not a photo").decode()]]}, "params": {"top_k": 3}})
+    assert status == 200, body
+    rows = body["predictions"]
+    ref = g.locate([jpg.read_bytes()], top_k=3)[0]
+    assert rows[0]["id"] == "mine.jpg" and rows[0]["error"] == ""
+    assert rows[0]["lat"] == pytest.approx(ref.lat, abs=1e-9) and rows[0]["lon"] == pytest.approx(ref.lon, abs=1e-9)
+    assert rows[0]["confidence"] == pytest.approx(ref.confidence, abs=1e-12) and rows[0]["place"] == ref.place
+    assert rows[0]["top_k_probability"] == pytest.approx([m.probability for m in ref.modes], abs=1e-12)
+    assert rows[1]["id"] == "junk" and "undecodable" in rows[1]["error"]
+
+    emb = np.random.default_rng(3).normal(size=(2, 16))
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": [[list(e)] for e in emb]},
+                                 "params": {"method": "locdiff-h"}})
+    assert status == 200, body
+    ref = g.locate_embeddings(emb, method="locdiff-h")
+    assert [r["lat"] for r in body["predictions"]] == pytest.approx([r.lat for r in ref], abs=1e-9)
+    assert all(r["method"] == "locdiff-h" and len(r["top_k_lat"]) >= 1 for r in body["predictions"])
+
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": [[[0.5] * 12]]}})
+    assert status == 200 and "dimension 12 != 16" in body["predictions"][0]["error"]
