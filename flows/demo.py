@@ -1,13 +1,19 @@
-"""`make demo`: the whole pipeline on the synthetic benchmark, through the real local stack.
+"""`make demo`: from photos to a served location, through the real local stack.
 
-    python -m flows.demo [--n-train 20000] [--config tiny] [--stop]
+    python -m flows.demo [--n-train 3000] [--config tiny] [--stop]
 
-1. writes the synthetic benchmark (`locdiff synth`) to data/synth unless it is there;
+1. writes synthetic geotagged photos (locdiff.synth_photos: JPEGs whose look varies with the place, at
+   cities of the offline gazetteer) and a tiny randomly initialised CLIP built from a config (no download)
+   to data/demo-photos unless they are there;
 2. starts the local stack (infra/start.sh: Prefect server + process worker, MLflow server);
 3. deploys prefect.yaml (`prefect deploy --name train-locdiff`);
-4. triggers `prefect deployment run 'train-locdiff/train-locdiff'` with the demo data sets;
+4. triggers `prefect deployment run 'train-locdiff/train-locdiff'` on the photos: ingest, embed with the
+   tiny CLIP, train (Ray Train), evaluate, register the pyfunc model `locdiff` (alias `champion`);
 5. follows the flow run (states and log lines) until it ends;
-6. prints the accuracy table (from MLflow) and the URLs of the Prefect and MLflow UIs.
+6. prints the accuracy table (from MLflow) and the URLs of the Prefect and MLflow UIs;
+7. locates a few new photos (and an unreadable file) with
+   `locdiff locate --run models:/locdiff@champion` and prints that table.
+The encoder is random, so the accuracy says nothing about LocDiff: the path is the point.
 
 The stack keeps running for browsing the UIs; `make stop` (infra/stop.sh) stops it (`--stop` here does it
 at the end). Settings: LOCDIFF_STATE, PREFECT_PORT, MLFLOW_PORT as for infra/start.sh.
@@ -176,12 +182,44 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
     return parent.info.run_id, results
 
 
+def write_demo_photos(data: Path, n_train: int, n_test: int, n_new: int = 6) -> dict[str, Path]:
+    """Photos (train, test: with metadata.csv; new: without, plus an unreadable file) and the tiny CLIP."""
+    from locdiff.synth_photos import tiny_clip, write_photos
+
+    paths = {"train": data / "train", "test": data / "test", "new": data / "new", "clip": data / "tiny-clip"}
+    stamp = data / "photos.json"
+    want = {"n_train": n_train, "n_test": n_test, "n_new": n_new}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return paths
+    print(f"== writing {n_train} + {n_test} geotagged photos and a tiny CLIP to {data}", flush=True)
+    write_photos(paths["train"], n_train, seed=1)
+    write_photos(paths["test"], n_test, seed=2)
+    write_photos(paths["new"], n_new, seed=3, prefix="new", metadata=False)
+    (paths["new"] / "unreadable.jpg").write_bytes(b"this is not a JPEG")
+    tiny_clip(paths["clip"])
+    stamp.write_text(json.dumps(want))
+    return paths
+
+
+def locate_new_photos(env: dict[str, str], folder: Path) -> str:
+    """`locdiff locate --run models:/locdiff@champion FOLDER`: its table (and the skipped file's line)."""
+    shown = str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
+    cmd = [sys.executable, "-m", "locdiff", "locate", "--run", "models:/locdiff@champion", shown,
+           "--top-k", "3", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"locdiff locate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    skipped = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("locdiff locate: skipped"))
+    return f"$ locdiff locate --run models:/locdiff@champion {shown} --top-k 3\n" + proc.stdout + \
+        (f"\n{skipped}" if skipped else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="model config (configs/model/NAME.yaml)")
-    parser.add_argument("--n-train", type=int, default=20_000, help="synthetic training images")
-    parser.add_argument("--n-test", type=int, default=2_000, help="synthetic test images (test_unseen: half)")
-    parser.add_argument("--data", default="data/synth", help="where the synthetic benchmark goes")
+    parser.add_argument("--n-train", type=int, default=3_000, help="training photos")
+    parser.add_argument("--n-test", type=int, default=300, help="test photos")
+    parser.add_argument("--data", default="data/demo-photos", help="where the photos and the tiny CLIP go")
     parser.add_argument("--root", default="data/demo", help="the pipeline's storage root")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. train.steps=500 (repeatable)")
@@ -191,25 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     env = stack_env()
 
     data = (REPO / args.data).resolve()
-    if not (data / "synth.json").exists():
-        print(f"== writing the synthetic benchmark to {data} ({args.n_train} training images)")
-        from locdiff.synth import SynthConfig, write_benchmark
-
-        write_benchmark(data, SynthConfig(n_train=args.n_train, n_test=args.n_test,
-                                          n_unseen=max(1, args.n_test // 2)))
+    paths = write_demo_photos(data, args.n_train, args.n_test)
     print("== starting the local stack (infra/start.sh)", flush=True)
     subprocess.run([str(REPO / "infra" / "start.sh")], cwd=REPO, env=env, check=True)
     try:
         print("== deploying train-locdiff (prefect.yaml)", flush=True)
         deploy(env)
+        clip = str(paths["clip"])
         params = {
             "config": args.config, "root": args.root, "workers": 2, "gpus_per_worker": 0, "resume": True,
             "overrides": args.overrides,
-            "train_data": {"name": "synth-train", "source": "embeddings",
-                           "path": str(data / "train.parquet")},
-            "tests": [{"name": "synth-test", "source": "embeddings", "path": str(data / "test.parquet")},
-                      {"name": "synth-test-unseen", "source": "embeddings",
-                       "path": str(data / "test_unseen.parquet")}],
+            "train_data": {"name": "photos-train", "source": "folder", "path": str(paths["train"]),
+                           "encoder": clip},
+            "tests": [{"name": "photos-test", "source": "folder", "path": str(paths["test"]), "encoder": clip}],
         }
         flow_run_id = trigger(env, params)
         print(f"== prefect deployment run '{DEPLOYMENT}': flow run {flow_run_id}", flush=True)
@@ -219,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flow run ended {state}; see {ui}/runs/flow-run/{flow_run_id} and "
                   f"{env['LOCDIFF_STATE']}/logs/prefect-worker.log", file=sys.stderr)
             return 1
-        run_id, results = results_from_mlflow(env, f"{Path(args.config).stem}-synth-train")
+        run_id, results = results_from_mlflow(env, f"{Path(args.config).stem}-photos-train")
         from locdiff.pipeline import accuracy_markdown
 
-        print("\n" + accuracy_markdown(results, title="LocDiff on the synthetic benchmark (from MLflow)"))
+        print("\n" + accuracy_markdown(results, title="LocDiff on synthetic photos through a random tiny CLIP "
+                                                      "(from MLflow)"))
+        print("== locating new photos with the registered champion model", flush=True)
+        print(locate_new_photos(env, paths["new"]) + "\n")
         ui = env["PREFECT_API_URL"].removesuffix("/api")
         print(f"Prefect UI: {ui}/runs/flow-run/{flow_run_id}")
         mlflow_url = env["MLFLOW_TRACKING_URI"]

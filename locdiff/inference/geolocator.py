@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+_BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its buffer in messages
 MIN_SEPARATION_KM = 100.0  # modes closer than this are one mode
 DEFAULT_TOP_K = 5
 ImageInput = Any  # a path (str or PathLike), image bytes, or a PIL image
@@ -190,7 +192,7 @@ class Geolocator:
                 try:
                     batch.append(load_rgb(items[i], max_side=side))
                 except RecordError as err:
-                    errors[i] = f"{err.reason}: {err.detail}"
+                    errors[i] = f"{err.reason}: {_BYTESIO.sub('', err.detail)}"
                     log.warning("%s: cannot read the photo (%s); skipped", ids[i], errors[i])
             if batch:
                 parts.append(np.asarray(encoder.encode(batch), np.float32))

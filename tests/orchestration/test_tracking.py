@@ -1,4 +1,5 @@
-"""MLflow tracking on a real SQLite store: params, per-step metrics, evaluation runs, the model."""
+"""MLflow tracking on a real SQLite store: params, per-step metrics, evaluation runs, the model (more on the
+registered model: tests/inference/test_registry.py)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
                        "pred_lat": plat, "pred_lon": plon})
     png = tmp_path / "map.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n")
-    child = tracking.log_evaluation(run_id, "synth-test", metrics, df, plots={"worldmap": png})
+    cal = tmp_path / "calibration.json"
+    cal.write_text("{}")
+    child = tracking.log_evaluation(run_id, "synth-test", metrics, df, plots={"worldmap": png}, files=[cal])
     run_dir = _locdiff_run(tmp_path / "run")
-    model_uri = tracking.log_model(run_id, run_dir)
+    logged = tracking.log_model(run_id, run_dir)
 
     run = tracking.read_run(run_id)
     assert run["params"]["train.lr"] == "0.001" and run["params"]["network.widths"] == "[8, 4]"
@@ -42,7 +45,7 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
     assert "config.yaml" in run["artifacts"] and "plots/synth-test/map.png" in run["artifacts"]
     assert run["children"] == {"synth-test": child}
     nested = tracking.read_run(child)
-    assert "predictions/predictions_synth-test.parquet" in nested["artifacts"]
+    assert {"predictions/predictions_synth-test.parquet", "evaluation/calibration.json"} <= set(nested["artifacts"])
 
     from mlflow.tracking import MlflowClient
 
@@ -54,10 +57,13 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
     # the model is the run's files (tensors, JSON, YAML): nothing pickled, and it loads back as the method
     import mlflow
 
-    files = sorted(p.name for p in Path(mlflow.artifacts.download_artifacts(model_uri)).iterdir())
-    assert files == ["MLmodel", "config.yaml", "model.json", "model.safetensors", "registered_model_meta",
-                     "selection.json"]  # not mlflow.pytorch's data/model.pth (a pickle)
-    loaded = tracking.load_logged_model(model_uri, dst=tmp_path / "loaded")
+    root = Path(mlflow.artifacts.download_artifacts(logged["model_uri"]))
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert {"MLmodel", "data/locdiff-model/config.yaml", "data/locdiff-model/model.json",
+            "data/locdiff-model/model.safetensors", "data/locdiff-model/selection.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pth", ".pt"))]  # no pickle anywhere
+    assert str(client.get_model_version_by_alias("locdiff", "champion").version) == logged["version"]
+    loaded = tracking.load_logged_model(logged["model_uri"], dst=tmp_path / "loaded")
     expected = RunFolder(run_dir).load_model()[0]
     got = loaded.model.state_dict()
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
