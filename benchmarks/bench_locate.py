@@ -31,7 +31,6 @@ import torch
 from benchmarks.common import RESULTS, print_table, save
 
 log = logging.getLogger("bench_locate")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _calibration_rows(method: Any, data: dict[str, Any], split: str, name: str, base_rate: float
@@ -58,6 +57,7 @@ def _calibration_rows(method: Any, data: dict[str, Any], split: str, name: str, 
 def calibration(quick: bool, out: Path) -> dict[str, Any]:
     from locdiff.model.config import load_config
     from locdiff.model.method import LocDiffMethod
+    from locdiff.resources import model_config_path
     from locdiff.plots import reliability_plot
     from locdiff.runs import RunFolder
     from locdiff.synth import SynthConfig, make_benchmark
@@ -66,7 +66,7 @@ def calibration(quick: bool, out: Path) -> dict[str, Any]:
     n_train, n_val, n_test = (4000, 400, 500) if quick else (20_000, 1000, 2000)
     data = make_benchmark(SynthConfig(n_train=n_train, n_val=n_val, n_test=n_test, n_unseen=n_test // 2, seed=0))
     overrides = [f"train.val_samples={n_val}"] + (["train.steps=200"] if quick else [])
-    cfg = load_config(ROOT / "configs" / "model" / "tiny.yaml", overrides)
+    cfg = load_config(model_config_path("tiny"), overrides)
     t0 = time.perf_counter()
     train_run(cfg, data["train"], out / "synth-run", val=data["val"], progress=False)
     train_s = time.perf_counter() - t0
@@ -121,9 +121,10 @@ def throughput(quick: bool, out: Path, synth_method: Any, synth_data: dict[str, 
     pipeline.ingest(spec, str(out / "root"))
     pipeline.embed(spec, str(out / "root"))
     from locdiff.model.config import load_config
+    from locdiff.resources import model_config_path
     from locdiff.training import train_run
 
-    cfg = load_config(ROOT / "configs" / "model" / "tiny.yaml", ["train.steps=100", "train.val_share=0.1"])
+    cfg = load_config(model_config_path("tiny"), ["train.steps=100", "train.val_share=0.1"])
     train_run(cfg, pipeline.features_dir(spec, str(out / "root")), out / "photo-run", progress=False)
     g = Geolocator(out / "photo-run")
     files = sorted(str(p) for p in new.glob("*.jpg"))

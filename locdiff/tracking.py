@@ -117,7 +117,10 @@ def training_run(config: Mapping[str, Any], *, tracking_uri: str | None = None,
     mlflow = _mlflow(tracking_uri)
     if run_id is None:
         _set_experiment(mlflow, experiment, resolve_tracking_uri(tracking_uri))
-    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=dict(tags or {})) as run:
+        exp = None
+    else:
+        exp = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=dict(tags or {}), experiment_id=exp) as run:
         if run_id is None:
             mlflow.log_params(flatten_config(config))
             with tempfile.TemporaryDirectory() as tmp:
@@ -129,16 +132,25 @@ def training_run(config: Mapping[str, Any], *, tracking_uri: str | None = None,
         yield run.info.run_id
 
 
-def _set_experiment(mlflow: Any, name: str, uri: str) -> None:
-    """Use experiment `name`, creating it; a SQLite store keeps its artifacts next to the database
+def experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, creating it; a SQLite store keeps its artifacts next to the database
     (MLflow's default would be ./mlruns in whatever the working directory is)."""
-    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {}
+    if uri.startswith("sqlite:///"):
         folder = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent / "mlartifacts"
-        try:
-            mlflow.create_experiment(name, artifact_location=folder.as_uri())
-        except Exception:  # noqa: BLE001 - created meanwhile by another process: use it
-            pass
-    mlflow.set_experiment(name)
+        kwargs["artifact_location"] = folder.as_uri()
+    try:
+        return mlflow.create_experiment(name, **kwargs)
+    except Exception:  # noqa: BLE001 - created meanwhile by another process: use it
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _set_experiment(mlflow: Any, name: str, uri: str) -> None:
+    """Use experiment `name` (created when missing) for the runs started next."""
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow, name, uri))
 
 
 def _plain(obj: Any) -> Any:
@@ -157,7 +169,9 @@ def _in_run(mlflow: Any, run_id: str):
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         return contextlib.nullcontext(active)
-    return mlflow.start_run(run_id=run_id)
+    # its own experiment, whatever experiment the process used last (e.g. an inference run's)
+    exp = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id
+    return mlflow.start_run(run_id=run_id, experiment_id=exp)
 
 
 def log_step_metrics(run_id: str, rows: Sequence[Mapping[str, float]], *,
@@ -327,8 +341,8 @@ def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float
         mlflow.log_metrics({**named, **extra})
         for path in (plots or {}).values():
             mlflow.log_artifact(str(path), artifact_path=f"plots/{dataset}")
-        with mlflow.start_run(run_name=f"eval-{dataset}", nested=True,
-                              tags={"dataset": dataset}) as child:
+        with mlflow.start_run(run_name=f"eval-{dataset}", nested=True, tags={"dataset": dataset},
+                              experiment_id=mlflow.active_run().info.experiment_id) as child:
             mlflow.log_metrics({**named, **extra})
             mlflow.log_param("dataset", dataset)
             with tempfile.TemporaryDirectory() as tmp:

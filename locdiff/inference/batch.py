@@ -202,11 +202,11 @@ def log_inference(job: LocateJob, *, seconds: float, tracking_uri: str | None = 
     from locdiff.data import storage
 
     mlflow = tracking._mlflow(tracking_uri)
-    tracking._set_experiment(mlflow, INFERENCE_EXPERIMENT, tracking.resolve_tracking_uri(tracking_uri))
+    exp = tracking.experiment_id(mlflow, INFERENCE_EXPERIMENT, tracking.resolve_tracking_uri(tracking_uri))
     params = {"photos": job.photos, "model": job.model, "out": job.out, "top_k": job.top_k,
               "method": job.method, "shard_size": job.shard_size, "model_key": job.stages["predict"]["model_key"],
               "confidence_radius_km": job.stages["predict"]["confidence_radius_km"]}
-    with mlflow.start_run(run_name=f"locate-{job.out.rsplit('/', 1)[-1]}",
+    with mlflow.start_run(run_name=f"locate-{job.out.rsplit('/', 1)[-1]}", experiment_id=exp,
                           tags={"locdiff.kind": "inference"}) as run:
         mlflow.log_params(params)
         metrics = {"photos_located": job.stages["outputs"]["located"], "seconds": seconds,

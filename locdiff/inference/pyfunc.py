@@ -11,8 +11,9 @@ The model is written with MLflow's *loader module* workflow (`mlflow.pyfunc.log_
         model.json               dimensions and the gallery reference (JSON)
         selection.json           validation choices: aggregation, LocDiff-H blend, confidence calibration
         run.json                 the record: the image encoder (name, model id, revision, dim), the data
-        gallery/...              the LocDiff-H retrieval gallery when it is a local file of at most
-                                 MAX_GALLERY_BYTES (else model.json keeps the reference to it)
+        gallery/                 the LocDiff-H retrieval gallery (locdiff.gallery: gallery.json and its
+                                 faiss index, lat/lon/ids) when it is local and at most MAX_GALLERY_BYTES;
+                                 else model.json keeps the reference to where it is stored
 
 The encoder is a reference (a hub id with its revision, or a local folder), loaded where the model is
 served. `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
@@ -69,15 +70,33 @@ def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
     uri = ref.get("uri")
     if isinstance(uri, str) and "://" not in uri:
         src = Path(uri) if os.path.isabs(uri) else run.file(uri)
-        if src.is_file() and src.stat().st_size <= MAX_GALLERY_BYTES:
-            (out.path / "gallery").mkdir(exist_ok=True)
-            shutil.copy2(src, out.path / "gallery" / src.name)
-            meta["gallery"] = {**ref, "uri": f"gallery/{src.name}"}  # relative to the model's run folder
+        if _copy_gallery(src, out.path / "gallery"):
+            meta["gallery"] = {**ref, "uri": "gallery"}  # relative to the model's run folder
             out.write_json(runs.MODEL, meta)
-        elif src.is_file():
-            log.warning("%s: the gallery (%d bytes) is referenced, not copied into the model", src,
-                        src.stat().st_size)
     return out.path
+
+
+def _copy_gallery(src: Path, dst: Path) -> bool:
+    """Copy a local gallery (gallery.json and the files it lists, byte for byte: its sha256 stays the one
+    the run recorded) when it is at most MAX_GALLERY_BYTES; False when it stays a reference."""
+    import json
+
+    from locdiff.gallery import GALLERY_JSON
+
+    gj = src / GALLERY_JSON
+    if not gj.is_file():
+        return False
+    files = [f["path"] for f in (json.loads(gj.read_text()).get("files") or {}).values()]
+    if any(Path(f).is_absolute() or ".." in Path(f).parts for f in files):
+        raise ValueError(f"{gj}: a file path leads out of the gallery folder; rebuild the gallery")
+    size = sum((src / f).stat().st_size for f in files)
+    if size > MAX_GALLERY_BYTES:
+        log.warning("%s: the gallery (%d bytes) is referenced, not copied into the model", src, size)
+        return False
+    for f in [GALLERY_JSON, *files]:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / f, dst / f)
+    return True
 
 
 def signature() -> Any:

@@ -168,12 +168,13 @@ def test_encoder_mismatch_is_a_clear_error(trained, photos, other_clip, tmp_path
 
 def test_a_run_without_an_encoder_record_says_so(tmp_path):
     from locdiff.model.config import load_config
+    from locdiff.resources import model_config_path
     from locdiff.synth import SynthConfig, make_benchmark
     from locdiff.training import train_run
     from tests.inference.conftest import OVERRIDES
 
     table = make_benchmark(SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))["train"]
-    cfg = load_config("configs/model/tiny.yaml", OVERRIDES + ["train.steps=10"])
+    cfg = load_config(model_config_path("tiny"), OVERRIDES + ["train.steps=10"])
     train_run(cfg, table, tmp_path / "run", progress=False)
     g = Geolocator.load(tmp_path / "run")
     assert len(g.locate_embeddings(table.embedding[:3])) == 3  # embeddings work

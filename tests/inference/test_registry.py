@@ -27,7 +27,8 @@ def test_the_model_is_a_pyfunc_of_tensors_and_text(model_dir):
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))]
     data = "data/locdiff-model"
     assert {f"{data}/model.safetensors", f"{data}/model.json", f"{data}/config.yaml", f"{data}/selection.json",
-            f"{data}/run.json", f"{data}/gallery/gallery.npz", "code/locdiff/inference/pyfunc.py"} <= set(files)
+            f"{data}/run.json", f"{data}/gallery/gallery.json", "code/locdiff/inference/pyfunc.py"} <= set(files)
+    assert any(f.startswith(f"{data}/gallery/data-") and f.endswith("/index.faiss") for f in files)
     mlmodel = yaml.safe_load((root / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
     assert flavor["loader_module"] == "locdiff.inference.pyfunc" and flavor["data"] == data
