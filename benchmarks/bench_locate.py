@@ -57,8 +57,8 @@ def _calibration_rows(method: Any, data: dict[str, Any], split: str, name: str, 
 def calibration(quick: bool, out: Path) -> dict[str, Any]:
     from locdiff.model.config import load_config
     from locdiff.model.method import LocDiffMethod
-    from locdiff.resources import model_config_path
     from locdiff.plots import reliability_plot
+    from locdiff.resources import model_config_path
     from locdiff.runs import RunFolder
     from locdiff.synth import SynthConfig, make_benchmark
     from locdiff.training import train_run

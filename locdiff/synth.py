@@ -26,7 +26,6 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np

@@ -35,7 +35,8 @@ def test_the_model_is_a_pyfunc_of_tensors_and_text(model_dir):
     assert set(mlmodel["flavors"]) == {"python_function"}  # no pickled flavor besides it
     sig = mlmodel["signature"]
     assert {c["name"] for c in yaml.safe_load(sig["inputs"])} == {"id", "image", "embedding"}
-    assert {"lat", "lon", "confidence", "top_k_lat", "top_k_probability"} <= {c["name"] for c in yaml.safe_load(sig["outputs"])}
+    outputs = {c["name"] for c in yaml.safe_load(sig["outputs"])}
+    assert {"lat", "lon", "confidence", "top_k_lat", "top_k_probability"} <= outputs
     assert {p["name"] for p in yaml.safe_load(sig["params"])} == {"top_k", "method"}
 
 
