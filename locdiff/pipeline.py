@@ -336,7 +336,7 @@ def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: st
     from locdiff.io import write_predictions
     from locdiff.methods import get_method
     from locdiff.metrics import geo_metrics
-    from locdiff.runs import RunFolder
+    from locdiff.runs import RunFolder, check_data_encoder
 
     run = RunFolder(run_dir)
     record = training_record(run_dir)
@@ -388,16 +388,6 @@ def evaluate(run_dir: str | Path, spec: DataSpec, root: str, *, tracking_uri: st
         tracking.tag_model_version(record["model_version"], tags, tracking_uri=uri)
     run.write_json(f"eval/{spec.name}/metrics.json", metrics)
     return metrics
-
-
-def check_data_encoder(run: Any, data: str) -> None:
-    """Refuse a features folder (or table) whose embeddings another encoder made than the run's."""
-    from locdiff.data.stream import open_source
-    from locdiff.runs import check_encoder
-
-    src = open_source(data)
-    check_encoder(run.encoder(), (src.manifest or {}).get("encoder"), src.dim, run=str(run.path),
-                  data=src.location)
 
 
 def promote(run_dir: str | Path, tests: list[str], *, tracking_uri: str | None = None) -> dict[str, Any] | None:

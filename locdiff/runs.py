@@ -420,3 +420,13 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
         raise UserError(f"{data}: embeddings from {describe_encoder(data_enc)} do not fit {run}, trained on "
                         f"{describe_encoder(run_encoder)} embeddings ({'; '.join(problems)}); embed the data "
                         "with the run's encoder, or use a run trained on this encoder")
+
+
+def check_data_encoder(run: RunFolder, data: str) -> None:
+    """`check_encoder` for a features folder (its manifest names the encoder) or a table (the dimension
+    only) that is about to be predicted with `run`."""
+    from locdiff.data.stream import open_source
+
+    src = open_source(data)
+    check_encoder(run.encoder(), (src.manifest or {}).get("encoder"), src.dim, run=str(run.path),
+                  data=src.location)

@@ -116,7 +116,7 @@ def _predict(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1; got {value}")
-    from locdiff.pipeline import check_data_encoder
+    from locdiff.runs import check_data_encoder
 
     check_data_encoder(run, args.data)
     table = read_table(args.data)

@@ -64,6 +64,9 @@ def default_out(photos: str) -> str:
                         "prefix) for the results")
     base = photos.rstrip("/")
     stem = base.rsplit("/", 1)[-1]
+    if not stem or (base.startswith("s3://") and "/" not in base.removeprefix("s3://")):
+        raise UserError(f"{photos}: the top of a file system or bucket has nothing beside it; give `out` for "
+                        "the results")
     for ext in (".csv", ".tar", ".zip", ".tar.gz", ".tgz"):
         if stem.lower().endswith(ext):
             base = base[: len(base) - len(ext)]

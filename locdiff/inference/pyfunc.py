@@ -220,7 +220,7 @@ class LocDiffModel:
         embs = df["embedding"].tolist() if "embedding" in df.columns else [None] * n
         results: list[Any] = [None] * n
         img_rows = [i for i in range(n) if _present(images[i])]
-        emb_rows = [i for i in range(n) if i not in set(img_rows) and _present(embs[i])]
+        emb_rows = [i for i in range(n) if not _present(images[i]) and _present(embs[i])]
         g = self.geolocator
         if img_rows:
             located = g.locate([_image_bytes(images[i]) for i in img_rows], top_k=top_k, method=method)
