@@ -15,6 +15,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.errors import one_line
 from flows.retry import transient
 from locdiff.inference import batch
 
@@ -51,13 +52,13 @@ def locate_photos(photos: str, model: str = "models:/locdiff@champion", out: str
     """Locate every photo of `photos` (a folder, a CSV URL list or an s3:// prefix) with `model` (a model
     URI or a run folder); writes OUT/predictions.parquet and OUT/map.png, OUT defaulting to
     PHOTOS-located beside the input."""
-    t0 = time.monotonic()
-    job = batch.plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
-                     allow_private_addresses=allow_private_addresses)
-    job = ingest_photos(job)
-    job = embed_and_predict(job, tracking_uri)
-    run_id = log_run(job, time.monotonic() - t0, tracking_uri)
-    logger = get_run_logger()
-    logger.info("located %d photos of %s: %s, %s (MLflow run %s); stages %s", job.stages["outputs"]["located"],
-                photos, job.table, job.map, run_id, job.stages)
-    return {"table": job.table, "map": job.map, "mlflow_run_id": run_id, "stages": job.stages}
+    with one_line():
+        t0 = time.monotonic()
+        job = batch.plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
+                         allow_private_addresses=allow_private_addresses)
+        job = ingest_photos(job)
+        job = embed_and_predict(job, tracking_uri)
+        run_id = log_run(job, time.monotonic() - t0, tracking_uri)
+        get_run_logger().info("located %d photos of %s: %s, %s (MLflow run %s); stages %s",
+                              job.stages["outputs"]["located"], photos, job.table, job.map, run_id, job.stages)
+        return {"table": job.table, "map": job.map, "mlflow_run_id": run_id, "stages": job.stages}

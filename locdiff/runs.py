@@ -416,6 +416,10 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
         problems.append(f"revision {data_enc['revision']} != {run_encoder['revision']}")
     if both("normalize") and bool(run_encoder["normalize"]) != bool(data_enc["normalize"]):
         problems.append(f"normalize {data_enc['normalize']} != {run_encoder['normalize']}")
+    if problems and not data_encoder:  # a table: only its dimension is known
+        raise UserError(f"{data}: column 'embedding' has dimension {dim}; {run} was trained on "
+                        f"{describe_encoder(run_encoder)} embeddings; embed the data with the run's encoder, "
+                        "or use a run trained on this encoder")
     if problems:
         raise UserError(f"{data}: embeddings from {describe_encoder(data_enc)} do not fit {run}, trained on "
                         f"{describe_encoder(run_encoder)} embeddings ({'; '.join(problems)}); embed the data "

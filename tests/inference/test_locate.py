@@ -160,7 +160,7 @@ def test_encoder_mismatch_is_a_clear_error(trained, photos, other_clip, tmp_path
                  "--out", str(tmp_path / "q.parquet"), "--no-progress"]) == 0
     # embeddings of another dimension
     g = Geolocator.load(trained["run_dir"])
-    with pytest.raises(UserError, match=r"dimension 12 != 16"):
+    with pytest.raises(UserError, match=r"has dimension 12; .* trained on tiny-clip \(.*dim 16\) embeddings"):
         g.locate_embeddings(np.zeros((2, 12), np.float32))
     with pytest.raises(UserError, match="model /.*other-clip != /.*tiny-clip"):
         g.locate_embeddings(np.zeros((2, 16), np.float32), encoder={"name": "other-clip", "model": str(other_clip)})
