@@ -6,6 +6,8 @@ Deployed from prefect.yaml; trigger it with
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger
 
 from flows.embed import embed
@@ -20,13 +22,14 @@ from locdiff import pipeline
 def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base", root: str = "data",
                   workers: int = 2, gpus_per_worker: float = 0.0, degree: int | None = None,
                   resume: bool = True, overrides: list[str] | None = None,
-                  tracking_uri: str | None = None) -> dict:
+                  tracking_uri: str | None = None,
+                  embed_runner: Literal["auto", "local", "ray"] = "auto") -> dict:
     """Ingest and embed every data set, train `config` on Ray, evaluate on the test sets."""
     cfg = pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
     stages = {}
     for ds in [train_data, *tests]:
         stages[f"ingest:{ds.name}"] = ingest(ds, root)
-        stages[f"embed:{ds.name}"] = embed(ds, root, degree)
+        stages[f"embed:{ds.name}"] = embed(ds, root, degree, embed_runner)
     run_dir = pipeline.run_dir_for(root, pipeline.run_name(config, train_data.name, cfg.shdd.degree, resume))
     record = train(config, train_data, root, run_dir, degree, overrides, workers, gpus_per_worker,
                    tracking_uri)

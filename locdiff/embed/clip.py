@@ -15,15 +15,29 @@ import torch
 from PIL import Image
 
 from locdiff.data.config import EncoderConfig
-from locdiff.embed.base import ImageEncoder
+from locdiff.embed.base import ImageEncoder, Preprocessor
 
 log = logging.getLogger(__name__)
+
+
+class ClipPreprocessor(Preprocessor):
+    """The checkpoint's CLIPImageProcessor (resize, centre crop, normalise) -> (N, 3, H, W) float32."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__(cfg)
+        from transformers import CLIPImageProcessor
+
+        kw = {"revision": cfg.revision} if cfg.revision else {}
+        self.processor = CLIPImageProcessor.from_pretrained(cfg.model, **kw)
+
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        return np.asarray(self.processor(images=images, return_tensors="np")["pixel_values"], np.float32)
 
 
 class ClipEncoder(ImageEncoder):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(cfg)
-        from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -41,7 +55,7 @@ class ClipEncoder(ImageEncoder):
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model = self.model.eval().to(self.device)
-        self.processor = CLIPImageProcessor.from_pretrained(cfg.model, **kw)
+        self.preprocess = ClipPreprocessor(cfg)
         self.dim = int(self.model.config.projection_dim)
         precision = cfg.precision
         if precision == "auto":
@@ -52,10 +66,10 @@ class ClipEncoder(ImageEncoder):
                  precision, self.dim)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> np.ndarray:
-        if not images:
+    def embed(self, inputs: np.ndarray) -> np.ndarray:
+        if len(inputs) == 0:
             return np.zeros((0, self.dim), np.float32)
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = torch.from_numpy(np.require(inputs, np.float32, ['C', 'W'])).to(self.device)
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         with ctx:

@@ -170,3 +170,18 @@ def test_embed_and_export_on_s3(tiny_clip, sources, tmp_path):
     back = read_embeddings(f"{root}/export.parquet")
     assert list(back.ids) == list(table.ids)
     np.testing.assert_array_equal(back.embedding, table.embedding)
+
+
+def test_auto_runner_picks_ray_only_for_jobs_worth_its_start_up():
+    import importlib.util
+
+    from locdiff.data.featurize import RAY_MIN_IMAGES, choose_runner
+
+    small = [{"count": 4}] * 3
+    big = [{"count": RAY_MIN_IMAGES // 2 + 1}] * 2
+    assert choose_runner("auto", small) == "local"
+    assert choose_runner("auto", [{"count": 10 * RAY_MIN_IMAGES}]) == "local"  # one shard: nothing to spread
+    assert choose_runner("auto", big) == ("ray" if importlib.util.find_spec("ray") else "local")
+    assert choose_runner("local", big) == "local" and choose_runner("ray", small) == "ray"
+    with pytest.raises(ValueError, match="--runner must be one of auto, local, ray, got 'spark'"):
+        choose_runner("spark", small)
