@@ -165,3 +165,4 @@ def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, read_chunk
     if written != len(jobs):  # only if Ray Data lost rows: fail rather than write a short manifest
         raise RuntimeError(f"ray: {len(jobs) - written} of {len(jobs)} shards never completed")
     log.info("ray: embedded %d shards", len(jobs))
+    log.debug("ray data stats:\n%s", ds.stats())
