@@ -25,7 +25,8 @@ def embed(dataset: DataSet, root: str, degree: int | None = None,
     """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete.
 
     runner: "local" (this process), "ray" (Ray Data: the cluster at RAY_ADDRESS or a local Ray, parallel
-    over shards, GPU actors when there are GPUs) or "auto" (Ray for large jobs when it is installed)."""
+    over shards, GPU actors when there are GPUs) or "auto" (Ray for large jobs on a cluster, several GPUs
+    or more than 4 CPUs; see locdiff.data.featurize.choose_runner)."""
     if pipeline.stage_complete("embed", pipeline.DataSpec.parse(dataset), root):
         get_run_logger().info("embed %s: manifest exists, skipped", dataset.name)
         return "skipped"

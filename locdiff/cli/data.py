@@ -25,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--degree", type=int, default=None, metavar="L",
                    help="also store SHDD targets of degree L")
     q.add_argument("--runner", choices=("auto", "local", "ray"), default="auto",
-                   help="local: this process; ray: Ray Data (RAY_ADDRESS or a local Ray), parallel over "
-                        "shards, GPU actors when there are GPUs; auto (default): ray for large jobs when "
-                        "Ray is installed")
+                   help="local: this process (a few shards at a time on threads); ray: Ray Data "
+                        "(RAY_ADDRESS or a local Ray), parallel over shards, GPU actors when there are GPUs; "
+                        "auto (default): ray for large jobs on a cluster, several GPUs or more than 4 CPUs")
     q.set_defaults(func=_embed)
 
     q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME")

@@ -11,6 +11,7 @@ GPU actors when there are GPUs); both write the same shards through `write_featu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -36,10 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNNERS = ("auto", "local", "ray")
-# runner "auto" starts Ray only for jobs this large: below it Ray's start-up (a local instance, one
-# model per actor) costs more than the parallel decoding gains on a small machine (bench_embed)
+# runner "auto" uses Ray only for jobs this large: a Ray run costs about 10 CPU-seconds before its first
+# image (actors load the model, decode workers start), as much as decoding 3000 images (bench_embed)
 RAY_MIN_SHARDS = 2
-RAY_MIN_IMAGES = 2000
+RAY_MIN_IMAGES = 5000
+LOCAL_THREADS = 4  # shards embedded at a time by the local runner (at most; one per CPU)
 
 
 def shdd_targets(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
@@ -155,9 +157,38 @@ def embed_shard(job: dict[str, Any], encoder: ImageEncoder) -> dict[str, Any]:
     return write_feature_shard(job, keys, metas, emb, skipped, encoder.dim)
 
 
+def embed_shards_local(jobs: list[dict[str, Any]], encoder: ImageEncoder, *, threads: int | None = None,
+                       progress: bool = True, desc: str = "embed") -> Iterator[dict[str, Any]]:
+    """`embed_shard` for every job in this process, `threads` shards at a time (default: one per CPU,
+    at most LOCAL_THREADS): JPEG decoding and resizing release the GIL, so the threads decode in
+    parallel while the model runs. Yields each shard's progress record as it is written."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads = max(1, min(len(jobs), threads or min(os.cpu_count() or 1, LOCAL_THREADS)))
+    with tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress) as bar, \
+            ThreadPoolExecutor(threads, thread_name_prefix="embed") as pool:
+        queue = iter(jobs)
+        running = {pool.submit(embed_shard, job, encoder) for job in itertools.islice(queue, threads)}
+        try:
+            while running:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    info = future.result()
+                    bar.update(1)
+                    yield info
+                    running |= {pool.submit(embed_shard, job, encoder) for job in itertools.islice(queue, 1)}
+        finally:
+            for future in running:
+                future.cancel()
+
+
 def choose_runner(runner: str, todo: list[dict[str, Any]]) -> str:
-    """"local" or "ray" for the shard jobs `todo`. "auto" picks Ray when it is installed and the job
-    has at least RAY_MIN_SHARDS shards and RAY_MIN_IMAGES images, else this process."""
+    """"local" or "ray" for the shard jobs `todo`.
+
+    "auto" picks Ray when it is installed, the job has at least RAY_MIN_SHARDS shards and RAY_MIN_IMAGES
+    images, and Ray has more to work with than this process's threads: a cluster (RAY_ADDRESS), several
+    GPUs, or more CPUs than LOCAL_THREADS. On 2 cores the local runner was the faster (bench_embed).
+    """
     if runner not in RUNNERS:
         raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     if runner != "auto":
@@ -165,7 +196,11 @@ def choose_runner(runner: str, todo: list[dict[str, Any]]) -> str:
     import importlib.util
 
     images = sum(int(j.get("count") or 0) for j in todo)
-    if len(todo) >= RAY_MIN_SHARDS and images >= RAY_MIN_IMAGES and importlib.util.find_spec("ray"):
+    if len(todo) < RAY_MIN_SHARDS or images < RAY_MIN_IMAGES or importlib.util.find_spec("ray") is None:
+        return "local"
+    import torch
+
+    if os.environ.get("RAY_ADDRESS") or torch.cuda.device_count() > 1 or (os.cpu_count() or 1) > LOCAL_THREADS:
         return "ray"
     return "local"
 
@@ -178,9 +213,10 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         encoder: an encoder config name (configs/encoders/), a local model folder, a hub id or an
             EncoderConfig; its name is the features folder.
         degree: SHDD degree L of the stored targets; None for none.
-        runner: "local" (this process), "ray" (Ray Data: shards decoded in parallel tasks, one model per
-            actor, GPU actors when the cluster has GPUs; see locdiff.embed.ray_runner) or "auto" (Ray for
-            large jobs when it is installed, see `choose_runner`). Every runner writes the same shards.
+        runner: "local" (this process, a few shards at a time on threads: `embed_shards_local`), "ray"
+            (Ray Data: shards decoded in parallel tasks, one model per actor, GPU actors when the cluster
+            has GPUs; see locdiff.embed.ray_runner) or "auto" (see `choose_runner`). Every runner writes
+            the same shards.
         num_actors: Ray runner only: the most encoder actors (default: see `embed_with_ray`).
 
     Raises:
@@ -235,8 +271,8 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         from locdiff.embed import make_encoder
 
         model = make_encoder(enc_cfg)
-        for job in tqdm(todo, desc=f"embed {name}", unit="shard", disable=not progress):
-            done[job["shard"]] = embed_shard(job, model)
+        for info in embed_shards_local(todo, model, progress=progress, desc=f"embed {name}"):
+            done[info["shard"]] = info
     infos = [done[j["shard"]] for j in jobs]
     skips = SkipLog()
     for info in infos:

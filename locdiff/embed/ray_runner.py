@@ -11,9 +11,10 @@ functions that read and write shards (`locdiff.data.featurize.read_shard_chunks`
 runner's batches: both runners write the same shards. A shard is written as soon as its last chunk is
 embedded, so a killed run resumes from its finished shards like the local runner.
 
-Resources: on a CPU-only cluster the decode tasks and the actors ask for half a CPU each, so that on
-2 cores Ray Data's tasks and the actors never starve each other (STACK.md: 1-CPU actors on 2 cores hung
-Ray Data); Ray runs each actor's torch on one thread. Ray is imported inside functions.
+Resources: decode tasks ask for 0.75 CPU and, on a CPU-only cluster, actors for half a CPU, so that on
+2 cores two decode tasks and an actor run side by side and never starve each other (STACK.md: 1-CPU
+actors on 2 cores hung Ray Data); Ray runs each actor's torch on one thread. Ray is imported inside
+functions.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from locdiff.data.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
-READ_CPUS = 0.5  # per decode task
+READ_CPUS = 0.75  # per decode task: on 2 CPUs, two decode tasks and one half-CPU actor
 CPU_ACTOR_CPUS = 0.5  # per encoder actor on a CPU-only cluster
 GPU_ACTOR_CPUS = 1.0  # per encoder actor on a GPU (half a CPU where CPUs are scarce)
 

@@ -172,16 +172,27 @@ def test_embed_and_export_on_s3(tiny_clip, sources, tmp_path):
     np.testing.assert_array_equal(back.embedding, table.embedding)
 
 
-def test_auto_runner_picks_ray_only_for_jobs_worth_its_start_up():
+def test_auto_runner_picks_ray_only_where_it_has_more_than_this_process(monkeypatch):
     import importlib.util
+    import os
 
-    from locdiff.data.featurize import RAY_MIN_IMAGES, choose_runner
+    from locdiff.data.featurize import LOCAL_THREADS, RAY_MIN_IMAGES, choose_runner
 
     small = [{"count": 4}] * 3
     big = [{"count": RAY_MIN_IMAGES // 2 + 1}] * 2
+    has_ray = importlib.util.find_spec("ray") is not None
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    if not torch.cuda.device_count() > 1:
+        assert choose_runner("auto", big) == "local"  # 2 cores: this process's threads are as fast
+    monkeypatch.setattr(os, "cpu_count", lambda: 4 * LOCAL_THREADS)
+    assert choose_runner("auto", big) == ("ray" if has_ray else "local")
     assert choose_runner("auto", small) == "local"
     assert choose_runner("auto", [{"count": 10 * RAY_MIN_IMAGES}]) == "local"  # one shard: nothing to spread
-    assert choose_runner("auto", big) == ("ray" if importlib.util.find_spec("ray") else "local")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster
+    assert choose_runner("auto", big) == ("ray" if has_ray else "local")
+    assert choose_runner("auto", small) == "local"
     assert choose_runner("local", big) == "local" and choose_runner("ray", small) == "ray"
     with pytest.raises(ValueError, match="--runner must be one of auto, local, ray, got 'spark'"):
         choose_runner("spark", small)
@@ -232,3 +243,13 @@ def _jpeg(rng) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def test_flows_expose_the_embed_runner():
+    pytest.importorskip("prefect")
+    from flows.embed import embed as embed_flow
+    from flows.pipeline import train_locdiff
+
+    for flow, name in ((embed_flow, "runner"), (train_locdiff, "embed_runner")):
+        param = flow.parameters.properties[name]
+        assert param["enum"] == ["auto", "local", "ray"] and param["default"] == "auto"
