@@ -10,6 +10,8 @@ Deployed from prefect.yaml; trigger it with
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -32,9 +34,11 @@ def promote(run_dir: str, tests: list[str], tracking_uri: str | None) -> dict | 
 def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base", root: str = "data",
                   workers: int = 2, gpus_per_worker: float = 0.0, degree: int | None = None,
                   resume: bool = True, overrides: list[str] | None = None,
-                  tracking_uri: str | None = None, val: DataSet | None = None) -> dict:
+                  tracking_uri: str | None = None, val: DataSet | None = None,
+                  embed_runner: Literal["auto", "local", "ray"] = "auto") -> dict:
     """Ingest and embed every data set, train `config` (on Ray with `workers` > 0), evaluate on the test
     sets. Without `val`, a share of the training rows is held out for validation (train.val_share).
+    `embed_runner` chooses the embed stage's runner (auto, local, or Ray Data).
     The run folder is named by the config, the data and their completion key: the same parameters a
     second time skip every finished stage; a changed override trains a new run."""
     with one_line():
@@ -42,7 +46,7 @@ def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base
         stages = {}
         for ds in [train_data, *([val] if val else []), *tests]:
             stages[f"ingest:{ds.name}"] = ingest(ds, root)
-            stages[f"embed:{ds.name}"] = embed(ds, root, degree)
+            stages[f"embed:{ds.name}"] = embed(ds, root, degree, embed_runner)
         val_spec = pipeline.DataSpec.parse(val) if val else None
         run_dir = pipeline.plan_run(config, pipeline.DataSpec.parse(train_data), root, val_spec=val_spec,
                                     degree=degree, overrides=overrides)

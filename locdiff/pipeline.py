@@ -142,15 +142,17 @@ def ingest(spec: DataSpec, root: str) -> dict[str, Any]:
                        progress=False)
 
 
-def embed(spec: DataSpec, root: str, degree: int | None = None) -> dict[str, Any]:
-    """Run the data layer's embed stage (no-op for precomputed embeddings); returns the manifest."""
+def embed(spec: DataSpec, root: str, degree: int | None = None, runner: str = "auto") -> dict[str, Any]:
+    """Run the data layer's embed stage (no-op for precomputed embeddings); returns the manifest.
+
+    runner: "auto", "local" or "ray" (see `locdiff.data.featurize.embed`)."""
     from locdiff.data.manifest import require_manifest
 
     if spec.dataset_config().source == "embeddings":
         return require_manifest(features_dir(spec, root), "ingest")
     from locdiff.data.featurize import embed as data_embed
 
-    return data_embed(spec.name, root, spec.encoder, degree=degree, progress=False)
+    return data_embed(spec.name, root, spec.encoder, degree=degree, runner=runner, progress=False)
 
 
 # ---- training ----------------------------------------------------------------------------------------

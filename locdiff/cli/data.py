@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="encoder config (configs/encoders/), local model folder or hub id")
     q.add_argument("--degree", type=int, default=None, metavar="L",
                    help="also store SHDD targets of degree L")
+    q.add_argument("--runner", choices=("auto", "local", "ray"), default="auto",
+                   help="local: this process (a few shards at a time on threads); ray: Ray Data "
+                        "(RAY_ADDRESS or a local Ray), parallel over shards, GPU actors when there are GPUs; "
+                        "auto (default): ray for large jobs on a cluster, several GPUs or more than 4 CPUs")
     q.set_defaults(func=_embed)
 
     q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME; "
@@ -72,9 +76,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from locdiff.data.featurize import embed
+    import sys
 
-    m = embed(args.name, args.root, args.encoder, degree=args.degree)
+    from locdiff.data.featurize import embed
+    from locdiff.distributed import RayUnavailable
+
+    try:
+        m = embed(args.name, args.root, args.encoder, degree=args.degree, runner=args.runner)
+    except RayUnavailable as err:
+        print(f"locdiff data embed: error: {err}", file=sys.stderr)
+        return 2
     print(f"{args.name}: {m['count']} embeddings ({m['embedding']['dim']}-d {m['embedding']['dtype']})"
           + (f", SHDD degree {m['degree']}" if m["degree"] is not None else "")
           + f" in {len(m['shards'])} shards")

@@ -3,18 +3,21 @@
 Feature shard i holds, for every decodable sample of image shard i and under the same key,
 `KEY.emb.npy` (the image embedding, float16 by default), `KEY.shdd.npy` (float32 SHDD target of the
 location at degree L, when a degree is asked) and `KEY.json` (id, lat, lon). Like ingest it resumes:
-finished shards (same inputs, encoder and degree) are skipped. Runs in-process (batched, GPU when there
-is one) or, with backend="ray", one Ray actor per GPU (`locdiff.embed.ray_runner`).
+finished shards (same inputs, encoder and degree) are skipped. Runs in this process (batched, GPU when
+there is one) or on Ray Data (`locdiff.embed.ray_runner`: shards decoded in parallel, one model per actor,
+GPU actors when there are GPUs); both write the same shards through `write_feature_shard`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,7 +37,19 @@ from locdiff.data.shards import (
 )
 from locdiff.data.validation import ChecksumError, RecordError, ShardError, SkipLog, sha256_bytes
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from locdiff.embed.base import ImageEncoder
+
 log = logging.getLogger(__name__)
+
+RUNNERS = ("auto", "local", "ray")
+# runner "auto" uses Ray only for jobs this large: a Ray run costs about 10 CPU-seconds before its first
+# image (actors load the model, decode workers start), as much as decoding 3000 images (bench_embed)
+RAY_MIN_SHARDS = 2
+RAY_MIN_IMAGES = 5000
+LOCAL_THREADS = 4  # shards embedded at a time by the local runner (at most; one per CPU)
 
 
 def shdd_targets(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
@@ -47,10 +62,18 @@ def shdd_targets(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
                   degree).to(torch.float32).numpy()
 
 
-def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001 (an ImageEncoder)
-    """Encode one image shard into one feature shard; returns its progress record.
+def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Image]], np.ndarray]
+                      ) -> Iterator[dict[str, Any]]:
+    """Read one image shard, check its sha256 and decode it into chunks of up to job["batch_size"]
+    decodable samples, preprocessed for the encoder.
 
-    job: images_url, sha256, shard, out, degree, storage_dtype, batch_size, settings_key.
+    Every runner embeds these same chunks as its batches, so the local and Ray runners give the same
+    embeddings. A chunk: shard, index (0, 1, ...), keys, metas ({id, lat, lon} each), inputs (the
+    encoder's input array, or an empty float32 array for a shard without a decodable sample) and last
+    (True on the shard's final chunk, which also carries `skipped`: SkipLog.to_json() of the shard).
+
+    Raises:
+        ChecksumError: the shard differs from the images manifest.
     """
     data = storage.read_bytes(job["images_url"])
     if sha256_bytes(data) != job["sha256"]:
@@ -58,7 +81,20 @@ def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001
                             f"manifest's {job['sha256']} (damaged shard); re-run `locdiff data ingest`")
     buf = memoryview(data)
     skips = SkipLog()
-    keys, metas, images = [], [], []
+    bs = int(job["batch_size"])
+    keys: list[str] = []
+    metas: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    index = 0
+
+    def chunk(last: bool) -> dict[str, Any]:
+        inputs = preprocess(images) if images else np.zeros((0,), np.float32)
+        out = {"shard": job["shard"], "index": index, "keys": list(keys), "metas": list(metas),
+               "inputs": inputs, "last": last}
+        if last:
+            out["skipped"] = skips.to_json()
+        return out
+
     for key, parts in group_samples(parse_tar_bytes(buf, what=job["images_url"])):
         if "json" not in parts:
             raise ShardError(f"{job['images_url']}: sample {key} has no json member; the shard is corrupt")
@@ -66,16 +102,25 @@ def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001
         meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
         try:
             o, s = parts["jpg"]
-            images.append(load_rgb(bytes(buf[o: o + s])))  # the one preprocessing: EXIF orientation too
+            image = load_rgb(bytes(buf[o: o + s]))  # the one preprocessing: EXIF orientation too
         except (RecordError, KeyError) as err:
             reason = err.reason if isinstance(err, RecordError) else "missing_file"
             skips.add(meta.get("id", key), reason, str(err))
             continue
+        if len(images) == bs:  # a full batch, and more samples follow
+            yield chunk(last=False)
+            keys, metas, images = [], [], []
+            index += 1
         keys.append(key)
         metas.append({"id": meta.get("id", key), "lat": meta.get("lat"), "lon": meta.get("lon")})
-    bs = int(job["batch_size"])
-    embs = [encoder.encode(images[i: i + bs]) for i in range(0, len(images), bs)]
-    emb = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32)
+        images.append(image)
+    yield chunk(last=True)
+
+
+def write_feature_shard(job: dict[str, Any], keys: list[str], metas: list[dict[str, Any]], emb: np.ndarray,
+                        skipped: dict[str, Any], dim: int) -> dict[str, Any]:
+    """Write one feature shard (embeddings in job["storage_dtype"], SHDD targets at job["degree"]) and
+    its progress record, atomically; returns the progress record."""
     emb = emb.astype(job["storage_dtype"])
     shdd = None
     if job["degree"] is not None and keys:
@@ -92,8 +137,8 @@ def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001
     try:
         count, digest = write_tar(tmp, samples)
         info = {"shard": job["shard"], "count": count, "sha256": digest,
-                "bytes": os.path.getsize(tmp), "settings_key": job["settings_key"], "dim": int(encoder.dim),
-                **skips.to_json()}
+                "bytes": os.path.getsize(tmp), "settings_key": job["settings_key"], "dim": int(dim),
+                **skipped}
         mf.write_progress(out, job["shard"], info)
         storage.put_file_atomic(tmp, storage.join(out, job["shard"]))
     finally:
@@ -102,22 +147,97 @@ def embed_shard(job: dict[str, Any], encoder) -> dict[str, Any]:  # noqa: ANN001
     return info
 
 
+def embed_shard(job: dict[str, Any], encoder: ImageEncoder) -> dict[str, Any]:
+    """Encode one image shard into one feature shard in this process; returns its progress record.
+
+    job: images_url, sha256, shard, out, degree, storage_dtype, batch_size, settings_key.
+    """
+    keys: list[str] = []
+    metas: list[dict[str, Any]] = []
+    embs: list[np.ndarray] = []
+    skipped: dict[str, Any] = {}
+    for c in read_shard_chunks(job, encoder.preprocess):
+        keys += c["keys"]
+        metas += c["metas"]
+        if c["keys"]:
+            embs.append(encoder.embed(c["inputs"]))
+        if c["last"]:
+            skipped = c["skipped"]
+    emb = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32)
+    return write_feature_shard(job, keys, metas, emb, skipped, encoder.dim)
+
+
+def embed_shards_local(jobs: list[dict[str, Any]], encoder: ImageEncoder, *, threads: int | None = None,
+                       progress: bool = True, desc: str = "embed") -> Iterator[dict[str, Any]]:
+    """`embed_shard` for every job in this process, `threads` shards at a time (default: one per CPU,
+    at most LOCAL_THREADS): JPEG decoding and resizing release the GIL, so the threads decode in
+    parallel while the model runs. Yields each shard's progress record as it is written."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads = max(1, min(len(jobs), threads or min(os.cpu_count() or 1, LOCAL_THREADS)))
+    with tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress) as bar, \
+            ThreadPoolExecutor(threads, thread_name_prefix="embed") as pool:
+        queue = iter(jobs)
+        running = {pool.submit(embed_shard, job, encoder) for job in itertools.islice(queue, threads)}
+        try:
+            while running:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    info = future.result()
+                    bar.update(1)
+                    yield info
+                    running |= {pool.submit(embed_shard, job, encoder) for job in itertools.islice(queue, 1)}
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def choose_runner(runner: str, todo: list[dict[str, Any]]) -> str:
+    """"local" or "ray" for the shard jobs `todo`.
+
+    "auto" picks Ray when it is installed, the job has at least RAY_MIN_SHARDS shards and RAY_MIN_IMAGES
+    images, and Ray has more to work with than this process's threads: a cluster (RAY_ADDRESS), several
+    GPUs, or more CPUs than LOCAL_THREADS. On 2 cores the local runner was the faster (bench_embed).
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner != "auto":
+        return runner
+    import importlib.util
+
+    images = sum(int(j.get("count") or 0) for j in todo)
+    if len(todo) < RAY_MIN_SHARDS or images < RAY_MIN_IMAGES or importlib.util.find_spec("ray") is None:
+        return "local"
+    import torch
+
+    if os.environ.get("RAY_ADDRESS") or torch.cuda.device_count() > 1 or (os.cpu_count() or 1) > LOCAL_THREADS:
+        return "ray"
+    return "local"
+
+
 def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | None = None,
-          backend: str = "local", progress: bool = True) -> dict[str, Any]:
+          runner: str = "auto", num_actors: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Embed the images of ROOT/NAME (and add SHDD targets at `degree`); returns the features manifest.
 
     Args:
         encoder: an encoder config name (configs/encoders/), a local model folder, a hub id or an
             EncoderConfig; its name is the features folder.
         degree: SHDD degree L of the stored targets; None for none.
-        backend: "local" (this process) or "ray" (one actor per GPU; see locdiff.embed.ray_runner).
+        runner: "local" (this process, a few shards at a time on threads: `embed_shards_local`), "ray"
+            (Ray Data: shards decoded in parallel tasks, one model per actor, GPU actors when the cluster
+            has GPUs; see locdiff.embed.ray_runner) or "auto" (see `choose_runner`). Every runner writes
+            the same shards.
+        num_actors: Ray runner only: the most encoder actors (default: see `embed_with_ray`).
 
     Raises:
         FileNotFoundError: the images stage has not completed.
         ChecksumError: an image shard differs from its manifest.
+        RayUnavailable: runner "ray" and Ray could not be started or reached ("auto" embeds locally).
     """
     if degree is not None and (isinstance(degree, bool) or int(degree) != degree or degree < 0):
         raise ValueError(f"--degree must be an integer >= 0, got {degree!r}")
+    if runner not in RUNNERS:
+        raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     enc_cfg = encoder if isinstance(encoder, EncoderConfig) else load_encoder_config(encoder)
     images_dir = stage_dir(root, name, "images")
     images = mf.require_manifest(images_dir, "ingest")
@@ -140,24 +260,33 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         storage.makedirs(out)
         storage.clear_local_tmp(out)  # partial files of a killed run
         jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
-                 "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
+                 "count": s.get("count"), "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
                  "batch_size": enc_cfg.batch_size, "settings_key": key} for s in images["shards"]]
         done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
         todo = [j for j in jobs if done[j["shard"]] is None]
-        log.info("%s: %d of %d shards to embed", out, len(todo), len(jobs))
-        if todo and backend == "ray":
+        chosen = choose_runner(runner, todo) if todo else "local"
+        log.info("%s: %d of %d shards to embed (%s runner)", out, len(todo), len(jobs), chosen)
+        if todo and chosen == "ray":
+            from locdiff.distributed import RayUnavailable
             from locdiff.embed.ray_runner import embed_with_ray
 
-            for info in embed_with_ray(todo, enc_cfg):
-                done[info["shard"]] = info
-        elif todo:
-            if backend != "local":
-                raise ValueError(f"unknown backend {backend!r}; valid: 'local', 'ray'")
+            try:
+                for info in embed_with_ray(todo, enc_cfg, read_chunks=read_shard_chunks,
+                                           write_shard=write_feature_shard, num_actors=num_actors,
+                                           progress=progress, desc=f"embed {name}"):
+                    done[info["shard"]] = info
+            except RayUnavailable as err:
+                if runner == "ray":
+                    raise
+                log.warning("%s; embedding in this process instead", err)
+                chosen = "local"
+                todo = [j for j in jobs if done[j["shard"]] is None]
+        if todo and chosen == "local":
             from locdiff.embed import make_encoder
 
             model = make_encoder(enc_cfg)
-            for job in tqdm(todo, desc=f"embed {name}", unit="shard", disable=not progress):
-                done[job["shard"]] = embed_shard(job, model)
+            for info in embed_shards_local(todo, model, progress=progress, desc=f"embed {name}"):
+                done[info["shard"]] = info
         infos = [done[j["shard"]] for j in jobs]
         skips = SkipLog()
         for info in infos:

@@ -1,4 +1,6 @@
-"""The image-encoder interface: PIL images in, (N, d) float32 embeddings out."""
+"""The image-encoder interface, in two steps so that they can run in different processes:
+`Preprocessor` (PIL images -> model input array; CPU only, no weights) and `ImageEncoder.embed`
+(model input -> (N, d) float32 embeddings). `ImageEncoder.encode` does both."""
 
 from __future__ import annotations
 
@@ -10,8 +12,21 @@ from PIL import Image
 from locdiff.data.config import EncoderConfig
 
 
+class Preprocessor(ABC):
+    """Turns decoded RGB images into the encoder's input array (no model weights loaded)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        """(N,) RGB images, N >= 1 -> (N, ...) float32 model inputs."""
+
+
 class ImageEncoder(ABC):
-    """An image encoder. Subclasses load their weights in __init__ and set `dim`."""
+    """An image encoder. Subclasses load their weights in __init__ and set `dim` and `preprocess`."""
+
+    preprocess: Preprocessor
 
     def __init__(self, cfg: EncoderConfig) -> None:
         self.cfg = cfg
@@ -27,14 +42,11 @@ class ImageEncoder(ABC):
                 "revision": self.cfg.revision, "normalize": self.cfg.normalize}
 
     @abstractmethod
+    def embed(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, ...) model inputs from `preprocess` (N may be 0) -> (N, dim) float32 embeddings."""
+
     def encode(self, images: list[Image.Image]) -> np.ndarray:
         """(N,) RGB images -> (N, dim) float32 embeddings."""
-
-
-def make_encoder(cfg: EncoderConfig) -> ImageEncoder:
-    """The encoder an EncoderConfig describes (ValueError for an unknown type)."""
-    if cfg.type == "clip":
-        from locdiff.embed.clip import ClipEncoder
-
-        return ClipEncoder(cfg)
-    raise ValueError(f"encoder {cfg.name!r}: unknown type {cfg.type!r}; valid: 'clip'")
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.embed(self.preprocess(images))

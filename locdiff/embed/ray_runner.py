@@ -1,9 +1,20 @@
-"""Scale-out of the embedding stage with Ray Data: one actor per GPU (or a few CPU actors), each holding
-the encoder once and turning whole image shards into feature shards, so resuming and the manifest work
-exactly as in the local backend.
+"""The embedding stage on Ray Data: shards decoded in parallel CPU tasks, one encoder per actor.
 
-Ray is imported inside the function; on a CPU-only machine the actors ask for half a CPU each so that
-Ray Data's own tasks still get scheduled (see STACK.md: 2 cores, 1-CPU workers hung Ray Data).
+    shard jobs --flat_map, CPU tasks--> chunks: read a shard, check it, decode, preprocess (no weights)
+               --map_batches, actor pool--> embeddings: one model per actor, on a GPU when the cluster
+                                            has GPUs (`gpus_per_actor` each), else on CPU
+               --driver--> a shard's chunks gathered, then `write_shard` writes its feature shard
+
+Ray Data streams the chunks (its backpressure bounds the memory in flight). The caller hands in the
+functions that read and write shards (`locdiff.data.featurize.read_shard_chunks` and
+`write_feature_shard`), so this module knows nothing of the shard format and the chunks are the local
+runner's batches: both runners write the same shards. A shard is written as soon as its last chunk is
+embedded, so a killed run resumes from its finished shards like the local runner.
+
+Resources: decode tasks ask for 0.75 CPU and, on a CPU-only cluster, actors for half a CPU, so that on
+2 cores two decode tasks and an actor run side by side and never starve each other (STACK.md: 1-CPU
+actors on 2 cores hung Ray Data); Ray runs each actor's torch on one thread. Ray is imported inside
+functions.
 """
 
 from __future__ import annotations
@@ -11,46 +22,148 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from locdiff.data.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
+READ_CPUS = 0.75  # per decode task: on 2 CPUs, two decode tasks and one half-CPU actor
+CPU_ACTOR_CPUS = 0.5  # per encoder actor on a CPU-only cluster
+GPU_ACTOR_CPUS = 1.0  # per encoder actor on a GPU (half a CPU where CPUs are scarce)
 
-class _ShardEmbedder:
-    """A Ray Data actor: loads the encoder once, then embeds one shard job per row."""
+ReadChunks = Callable[[dict[str, Any], Callable], Iterator[dict[str, Any]]]
+WriteShard = Callable[[dict[str, Any], list[str], list[dict[str, Any]], np.ndarray, dict[str, Any], int],
+                      dict[str, Any]]
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+_PREPROCESSORS: dict[str, Any] = {}  # per worker process: the preprocessor of each encoder config
+
+
+def _preprocessor(cfg_json: str) -> Any:
+    if cfg_json not in _PREPROCESSORS:
+        from locdiff.embed import make_preprocessor
+
+        _PREPROCESSORS[cfg_json] = make_preprocessor(EncoderConfig(**json.loads(cfg_json)))
+    return _PREPROCESSORS[cfg_json]
+
+
+def _read(row: dict[str, Any], *, read_chunks: ReadChunks, cfg_json: str) -> Iterator[dict[str, Any]]:
+    """flat_map: one shard job -> its chunks (decoded and preprocessed), one row each."""
+    job = json.loads(row["job"])
+    for c in read_chunks(job, _preprocessor(cfg_json)):
+        yield {"job": row["i"], "index": c["index"], "last": c["last"], "inputs": c["inputs"],
+               "meta": json.dumps({"keys": c["keys"], "metas": c["metas"], "skipped": c.get("skipped")})}
+
+
+class _Embedder:
+    """A Ray Data actor: loads the encoder once, then embeds one chunk per row."""
+
+    def __init__(self, cfg_json: str) -> None:
         from locdiff.embed import make_encoder
 
-        self.encoder = make_encoder(EncoderConfig(**cfg))
+        self.encoder = make_encoder(EncoderConfig(**json.loads(cfg_json)))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        from locdiff.data.featurize import embed_shard
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        embs = [self.encoder.embed(np.asarray(x, np.float32)) for x in batch["inputs"]]
+        return {"job": batch["job"], "index": batch["index"], "last": batch["last"], "meta": batch["meta"],
+                "emb": [e.astype(np.float32).tobytes() for e in embs],
+                "dim": np.full(len(embs), self.encoder.dim, np.int64)}
 
-        jobs = [json.loads(j) for j in batch["job"]]
-        return {"info": [json.dumps(embed_shard(job, self.encoder)) for job in jobs]}
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The user-facing error (ValueError, FileNotFoundError ...) inside Ray's wrappers, else `err`."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, ValueError | FileNotFoundError | PermissionError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return err
 
 
-def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, num_actors: int | None = None,
-                   address: str | None = None) -> list[dict[str, Any]]:
-    """Run `embed_shard` for every job on a Ray cluster (started locally when none is running).
+def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, read_chunks: ReadChunks,
+                   write_shard: WriteShard, num_actors: int | None = None, gpus_per_actor: float = 1.0,
+                   progress: bool = True, desc: str = "embed") -> Iterator[dict[str, Any]]:
+    """Embed every shard job on Ray Data; yields each shard's progress record as it is written.
+
+    Uses the cluster at RAY_ADDRESS, else a local Ray (`locdiff.distributed.ensure_ray`).
 
     Args:
-        num_actors: actors in the pool; default one per GPU, or 1 without GPUs.
-        address: Ray cluster address (default: RAY_ADDRESS or a new local cluster).
+        jobs: shard jobs (JSON-able dicts with a "shard" name), as `read_chunks` and `write_shard` take.
+        read_chunks: (job, preprocess) -> the shard's chunks: index, last, keys, metas, inputs, and on
+            the last chunk `skipped`; runs in Ray tasks.
+        write_shard: (job, keys, metas, embeddings, skipped, dim) -> progress record; runs here.
+        num_actors: encoder actors; default one per `gpus_per_actor` GPUs, or without GPUs a pool that
+            Ray Data grows from 1 up to half the cluster's CPUs while chunks wait for an actor.
+        gpus_per_actor: GPUs each actor asks for (0.5 puts two models on a GPU).
+
+    Raises:
+        RayUnavailable: Ray could not be started or reached.
+        ChecksumError (and the other errors of read_chunks / write_shard), raised as themselves.
     """
     import ray
+    from tqdm.auto import tqdm
 
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n = num_actors or max(1, gpus)
-    ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs])
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
-    out = ds.map_batches(_ShardEmbedder, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)},
-                         batch_size=1, concurrency=n, **resources)
-    infos = [json.loads(r["info"]) for r in out.take_all()]
-    log.info("ray: embedded %d shards with %d actor(s)", len(infos), n)
-    return infos
+    from locdiff.distributed import ensure_ray
+
+    ensure_ray()
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1.0))
+    gpus = 0.0 if (cfg.device or "").startswith("cpu") else float(resources.get("GPU", 0.0))
+    if gpus >= gpus_per_actor > 0:
+        n = num_actors or max(1, int(gpus // gpus_per_actor))
+        actor_cpus = GPU_ACTOR_CPUS if cpus >= 4 * n else CPU_ACTOR_CPUS
+        pool = ray.data.ActorPoolStrategy(size=n)
+        actor = {"num_gpus": gpus_per_actor, "num_cpus": actor_cpus}
+    else:
+        n = num_actors or max(1, int(cpus // 2))
+        pool = ray.data.ActorPoolStrategy(size=n) if num_actors else ray.data.ActorPoolStrategy(min_size=1,
+                                                                                               max_size=n)
+        actor = {"num_cpus": CPU_ACTOR_CPUS}
+    cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # one bar, over shards, below
+    ds = ray.data.from_items([{"i": i, "job": json.dumps(j)} for i, j in enumerate(jobs)],
+                             override_num_blocks=len(jobs))
+    ds = ds.flat_map(_read, fn_kwargs={"read_chunks": read_chunks, "cfg_json": cfg_json}, num_cpus=READ_CPUS)
+    ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"cfg_json": cfg_json}, batch_size=1, compute=pool,
+                        **actor)
+    log.info("ray: %d shards, up to %d encoder actor(s) (%s)", len(jobs), n,
+             f"{gpus_per_actor} GPU each" if "num_gpus" in actor else f"{actor['num_cpus']} CPU each")
+    chunks: dict[int, dict[int, dict[str, Any]]] = {}
+    sizes: dict[int, int] = {}
+    bar = tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress)
+    written = 0
+    try:
+        for row in ds.iter_rows():
+            j = int(row["job"])
+            chunks.setdefault(j, {})[int(row["index"])] = row
+            if row["last"]:
+                sizes[j] = int(row["index"]) + 1
+            if len(chunks[j]) != sizes.get(j):
+                continue
+            got = chunks.pop(j)
+            parts = [got[i] for i in range(sizes[j])]
+            metas = [json.loads(p["meta"]) for p in parts]
+            dim = int(parts[0]["dim"])
+            emb = np.frombuffer(b"".join(p["emb"] for p in parts), np.float32).reshape(-1, dim)
+            info = write_shard(jobs[j], [k for m in metas for k in m["keys"]],
+                               [x for m in metas for x in m["metas"]], emb, metas[-1]["skipped"], dim)
+            written += 1
+            bar.update(1)
+            yield info
+    except Exception as err:
+        cause = _unwrap(err)
+        if cause is err:
+            raise
+        raise cause from None
+    finally:
+        bar.close()
+        ctx.enable_progress_bars = saved
+    if written != len(jobs):  # only if Ray Data lost rows: fail rather than write a short manifest
+        raise RuntimeError(f"ray: {len(jobs) - written} of {len(jobs)} shards never completed")
+    log.info("ray: embedded %d shards", len(jobs))
+    log.debug("ray data stats:\n%s", ds.stats())

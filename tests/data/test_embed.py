@@ -206,3 +206,86 @@ def test_exif_orientation_reaches_the_encoder(tiny_clip, tmp_path):
     np.testing.assert_allclose(emb["tagged.jpg"], ref[0], atol=2e-3)
     np.testing.assert_allclose(emb["untagged.jpg"], ref[1], atol=2e-3)
     assert np.abs(ref[0] - ref[1]).max() > 2e-2  # orientation matters to this encoder
+
+
+def test_auto_runner_picks_ray_only_where_it_has_more_than_this_process(monkeypatch):
+    import importlib.util
+    import os
+
+    from locdiff.data.featurize import LOCAL_THREADS, RAY_MIN_IMAGES, choose_runner
+
+    small = [{"count": 4}] * 3
+    big = [{"count": RAY_MIN_IMAGES // 2 + 1}] * 2
+    has_ray = importlib.util.find_spec("ray") is not None
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    if not torch.cuda.device_count() > 1:
+        assert choose_runner("auto", big) == "local"  # 2 cores: this process's threads are as fast
+    monkeypatch.setattr(os, "cpu_count", lambda: 4 * LOCAL_THREADS)
+    assert choose_runner("auto", big) == ("ray" if has_ray else "local")
+    assert choose_runner("auto", small) == "local"
+    assert choose_runner("auto", [{"count": 10 * RAY_MIN_IMAGES}]) == "local"  # one shard: nothing to spread
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster
+    assert choose_runner("auto", big) == ("ray" if has_ray else "local")
+    assert choose_runner("auto", small) == "local"
+    assert choose_runner("local", big) == "local" and choose_runner("ray", small) == "ray"
+    with pytest.raises(ValueError, match="--runner must be one of auto, local, ray, got 'spark'"):
+        choose_runner("spark", small)
+
+
+@pytest.mark.parametrize("config", [
+    None,  # the tiny CLIP's saved config (shortest edge 32, crop 32x32, bicubic)
+    {"crop_size": 224, "size": 224, "resample": 3, "do_center_crop": True, "do_normalize": True,
+     "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
+    {"size": {"shortest_edge": 100}, "crop_size": {"height": 90, "width": 64}, "resample": 2,
+     "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "image_processor_type": "CLIPImageProcessor"},
+])
+def test_clip_pixels_equal_transformers_pil_processor(tiny_clip, tmp_path, config):
+    """ClipPreprocessor (PIL + numpy, no transformers) gives CLIPImageProcessor's PIL-backend pixels
+    value for value: landscape, portrait, odd sizes, smaller than the crop, one image or several."""
+    try:
+        from transformers import CLIPImageProcessorPil as Reference
+    except ImportError:
+        from transformers import CLIPImageProcessor as Reference
+
+    from locdiff.data.config import EncoderConfig
+    from locdiff.embed import make_preprocessor
+
+    model = tiny_clip
+    if config is not None:
+        model = tmp_path / "proc"
+        model.mkdir()
+        (model / "preprocessor_config.json").write_text(json.dumps(config))
+    ours = make_preprocessor(EncoderConfig(name="x", model=str(model)))
+    assert ours.pixels is not None  # the PIL + numpy path, not the fallback
+    rng = np.random.default_rng(0)
+    sizes = [(512, 384), (384, 512), (301, 299), (224, 224), (225, 1000), (1000, 225), (33, 77), (641, 480)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    images.append(Image.open(io.BytesIO(_jpeg(rng))).convert("RGB"))
+    ref = Reference.from_pretrained(str(model))
+    for batch in (images, images[6:7]):
+        want = ref(images=batch, return_tensors="np")["pixel_values"]
+        got = ours(batch)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def _jpeg(rng) -> bytes:
+    """A smooth photo-like JPEG (a gradient with noise)."""
+    y, x = np.mgrid[0:300, 0:420]
+    img = np.stack([x % 256, y % 256, (x + y) % 256], -1) + rng.integers(0, 20, (300, 420, 3))
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_flows_expose_the_embed_runner():
+    pytest.importorskip("prefect")
+    from flows.embed import embed as embed_flow
+    from flows.pipeline import train_locdiff
+
+    for flow, name in ((embed_flow, "runner"), (train_locdiff, "embed_runner")):
+        param = flow.parameters.properties[name]
+        assert param["enum"] == ["auto", "local", "ray"] and param["default"] == "auto"

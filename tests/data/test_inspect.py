@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from locdiff.cli import main
@@ -109,7 +110,7 @@ def test_a_missing_shard_and_a_broken_manifest_are_one_line(copy, capsys):
 
 
 def test_embed_reports_a_corrupted_json_member_by_name(copy, tmp_path):
-    from locdiff.data.featurize import embed_shard
+    from locdiff.data.featurize import read_shard_chunks
 
     shard = copy / "images" / "shard-000000.tar"
     corrupt_json_member(shard, "000000002")
@@ -117,4 +118,4 @@ def test_embed_reports_a_corrupted_json_member_by_name(copy, tmp_path):
            "shard": shard.name, "out": str(tmp_path / "f"), "degree": None, "storage_dtype": "float16",
            "batch_size": 4, "settings_key": "k"}
     with pytest.raises(ShardError, match=r"shard-000000\.tar: member 000000002\.json is not valid JSON"):
-        embed_shard(job, encoder=None)
+        list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
