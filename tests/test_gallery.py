@@ -7,11 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -188,44 +185,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (fake credentials) with a bucket "galleries"; yields its endpoint."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "LOCDIFF_CACHE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "LOCDIFF_CACHE": str(tmp_path_factory.mktemp("cache"))})
-    deadline = time.time() + 20
-    try:
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
-        import boto3
+def s3(moto_s3, tmp_path_factory):
+    """The session's S3 endpoint (moto server on 127.0.0.1) with a bucket "galleries"; yields its endpoint."""
+    from tests.conftest import make_bucket
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="galleries")
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    os.environ.setdefault("LOCDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+    make_bucket(moto_s3, "galleries")
+    return moto_s3
 
 
 @pytest.fixture(params=["local", "s3"])

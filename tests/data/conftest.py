@@ -8,10 +8,7 @@ import hashlib
 import http.server
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -65,40 +62,17 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with fake credentials; yields the endpoint URL."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "LOCDIFF_CACHE", "HF_HOME")}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "LOCDIFF_CACHE": str(tmp_path_factory.mktemp("cache")),
-                       "HF_HOME": str(tmp_path_factory.mktemp("hf"))})
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
-    import boto3
+def s3(moto_s3, tmp_path_factory):
+    """The session's S3 endpoint (moto server on 127.0.0.1) with the buckets of the data tests and the data
+    layer's caches in temporary folders; yields the endpoint URL."""
+    from tests.conftest import make_bucket
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    saved = {k: os.environ.get(k) for k in ("LOCDIFF_CACHE", "HF_HOME")}
+    os.environ.update({"LOCDIFF_CACHE": str(tmp_path_factory.mktemp("cache")),
+                       "HF_HOME": str(tmp_path_factory.mktemp("hf"))})
     for bucket in ("fixtures", "data"):
-        client.create_bucket(Bucket=bucket)
-    yield endpoint
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        make_bucket(moto_s3, bucket)
+    yield moto_s3
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

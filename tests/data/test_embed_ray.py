@@ -20,19 +20,7 @@ from locdiff.data.validation import ChecksumError
 from .fixtures import build_folder
 from .test_embed import tiny_clip  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.ray
 N_IMAGES = 10  # in shards of 4: 4, 4, 2 samples
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the session (2 CPUs), started through the project's `ensure_ray`."""
-    pytest.importorskip("ray")
-    from locdiff.distributed import ensure_ray, stop_local_ray
-
-    ensure_ray(num_cpus=2)
-    yield
-    stop_local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def encoder(model_dir):
     return dataclasses.replace(load_encoder_config(str(model_dir)), batch_size=3)
 
 
-def test_ray_runner_writes_the_local_runners_features(tiny_clip, images_root, tmp_path, ray_session):  # noqa: F811
+def test_ray_runner_writes_the_local_runners_features(tiny_clip, images_root, tmp_path, ray_local):  # noqa: F811
     root, exp = images_root
     local_root, ray_root = copy_images(root, tmp_path / "local"), copy_images(root, tmp_path / "ray")
     local = embed("folder", str(local_root), encoder(tiny_clip), degree=2, runner="local", progress=False)
@@ -79,7 +67,7 @@ def test_ray_runner_writes_the_local_runners_features(tiny_clip, images_root, tm
     assert np.abs(got.embedding).sum() > 0
 
 
-def test_ray_rerun_embeds_only_unfinished_shards(tiny_clip, images_root, tmp_path, ray_session):  # noqa: F811
+def test_ray_rerun_embeds_only_unfinished_shards(tiny_clip, images_root, tmp_path, ray_local):  # noqa: F811
     root, _ = images_root
     ray_root = copy_images(root, tmp_path / "ray")
     first = embed("folder", str(ray_root), encoder(tiny_clip), runner="ray", progress=False)
@@ -99,7 +87,7 @@ def test_ray_rerun_embeds_only_unfinished_shards(tiny_clip, images_root, tmp_pat
 
 
 def test_ray_runner_raises_a_damaged_shard_as_a_checksum_error(tiny_clip, images_root, tmp_path,  # noqa: F811
-                                                               ray_session):
+                                                               ray_local):
     root, _ = images_root
     ray_root = copy_images(root, tmp_path / "ray")
     shard = ray_root / "folder" / "images" / "shard-000001.tar"

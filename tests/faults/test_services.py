@@ -53,14 +53,6 @@ def test_one_line_keeps_one_line_errors_and_rewrites_the_rest():
     assert "\n" not in str(err.value) and str(err.value).startswith("a torch file is corrupt or truncated")
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_a_failed_flow_is_one_line(prefect_api, world, tmp_path):
     from flows.ingest import ingest
     from flows.params import DataSet

@@ -9,16 +9,6 @@ import shutil
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.prefect
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     from mlflow.tracking import MlflowClient

@@ -16,36 +16,12 @@ SMALL = {"shdd": {"degree": 6}, "network": {"widths": [32, 16], "cond_dim": 32, 
 
 
 @pytest.fixture()
-def s3_root(monkeypatch):
-    """A real S3 endpoint (moto server on 127.0.0.1) with a bucket; yields the s3:// storage root."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+def s3_root(moto_s3):
+    """The session's S3 endpoint (moto server on 127.0.0.1) with a bucket; yields the s3:// storage root."""
+    from tests.conftest import make_bucket
 
-    from tests.orchestration.conftest import free_port
-
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckpt")
-    yield "s3://ckpt/locdiff"
-    proc.terminate()
-    proc.wait(10)
+    make_bucket(moto_s3, "ckpt")
+    return "s3://ckpt/locdiff"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -11,14 +11,6 @@ import pytest
 from tests.orchestration.conftest import TINY_OVERRIDES
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _params(tiny_data, root):
     ds = lambda name, split: {"name": name, "source": "embeddings", "path": str(tiny_data[split])}  # noqa: E731
     return {"train_data": ds("tiny-train", "train"),
