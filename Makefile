@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo stop clean lock
+.PHONY: setup test test-fast bench lint demo stop clean lock
 
 setup: $(STAMP)
 
 # One resolve of everything (see ../shared/design/STACK.md: installing moto in a second step broke s3fs),
 # at the tested versions of constraints.txt (`make lock` renews them). torch==2.13.0: pip takes this
 # machine's local CPU wheel, a GPU machine gets PyPI's CUDA build of the same release.
-# GeoCLIP (a baseline) goes in without its declared dependencies: they would pull torchvision, which
+# GeoCLIP (its pretrained location encoder makes `locdiff realbench`) goes in without its declared dependencies: they would pull torchvision, which
 # breaks beside our torch; of the rest, `import geoclip` needs geopy (and its geographiclib).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lock:
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Everything that starts no service (Ray, Prefect, S3, HTTP servers) and is not marked slow: about 2 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not ray and not prefect and not s3 and not server and not slow"
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

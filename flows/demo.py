@@ -125,9 +125,12 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
         LogFilterFlowRunId,
     )
     from prefect.client.schemas.sorting import LogSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     t0, seen, last_state, last_progress = time.monotonic(), set(), None, None
-    with get_client(sync_client=True) as client:
+    # explicitly this stack's API: inside another settings context (a test harness, a profile) the
+    # environment variable alone would not win
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
             state = run.state.name if run.state else "?"

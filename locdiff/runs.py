@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -163,10 +164,13 @@ class RunFolder:
         loader rejects anything else, so a run folder never needs pickle)."""
         self.create()
         path = self.file(CHECKPOINT)
-        # through a Python file: a full disk is an OSError (ENOSPC) here, where torch's own writer would
-        # raise a RuntimeError that reads like a damaged file; the temporary file goes either way
-        with reraise_for(path, what="checkpoint", writing=True), atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(dict(state), f)
+        # serialised in memory, then written by Python: a full disk is an OSError (ENOSPC) here, where
+        # torch's own writer (even into a Python file) may raise a RuntimeError ("unexpected pos") that
+        # reads like a damaged file; the temporary file goes either way
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        with reraise_for(path, what="checkpoint", writing=True), atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         path = self.file(CHECKPOINT)

@@ -22,6 +22,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.server
 @pytest.mark.timeout(600)
 def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
     state = tmp_path / "state"

@@ -18,7 +18,7 @@ def _points(n, dtype, seed):
 @pytest.mark.parametrize("L", [4, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("dtype,tol_km", [(torch.float64, 0.1), (torch.float32, 1.0)])
 def test_roundtrip(L, dtype, tol_km):
-    n = 10_000
+    n = {64: 2_000, 128: 400}.get(L, 10_000)  # the decode grid grows with L: fewer points keep it quick
     lat, lon = _points(n, dtype, seed=L)
     la, lo, val = shdd.decode(shdd.encode(lat, lon, L))
     assert la.dtype == dtype and la.shape == (n,)
