@@ -128,9 +128,14 @@ class CSUNet(nn.Module):
         self.null_cond = nn.Parameter(torch.zeros(c))  # replaces the image branch when it is dropped
         self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
         self.cond_act = nn.SiLU()
-        # SIREN first layer: sin(omega_0 W z), W ~ U(-1/n, 1/n)
+        # first layer sin(omega_0 W z): z is a D-dimensional unit-variance code, not SIREN's 2-3 coordinates,
+        # so W gets SIREN's hidden-layer init (omega_0 W z spreads like U(-sqrt 6, sqrt 6)/sqrt 3 whatever
+        # omega_0): with the coordinate init U(-1/n, 1/n) the features had a spread of ~0.02 at omega_0 = 1
+        # (the next LayerNorm amplified their gradients ~50x: norms of 1e2..1e7 measured, clipped away)
+        # and at omega_0 = 30 every gradient of W was scaled by 30
         self.in_proj = nn.Linear(dim, w0)
-        _siren_uniform_(self.in_proj.weight, 1.0 / dim)
+        _siren_uniform_(self.in_proj.weight, math.sqrt(6 / dim) / config.omega_0)
+        nn.init.zeros_(self.in_proj.bias)
         self.omega_0 = config.omega_0
         om, p, n = config.omega_hidden, config.dropout, config.blocks_per_level
         self.down = nn.ModuleList()
