@@ -387,9 +387,9 @@ def write_benchmark(out_dir: str | Path, cfg: RealBenchConfig) -> dict[str, Path
     from locdiff.io import write_embeddings
 
     t0 = time.perf_counter()
+    encoder = location_encoder()  # first: a missing geoclip fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    encoder = location_encoder()
     world = RealBenchWorld(cfg)
     paths, rows = {}, {}
     for split, n in cfg.sizes().items():
