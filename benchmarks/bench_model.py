@@ -1,17 +1,22 @@
-"""LocDiff against the baselines on the synthetic benchmark, on this machine's CPU (`make bench`).
+"""LocDiff against the baselines on the synthetic and the realistic benchmark, on this machine's CPU (`make bench`).
 
-One run prints and saves (benchmarks/results/model.json):
-1. accuracy on `test` and `test_unseen` of LocDiff, LocDiff-H and every baseline (knn top-1, knn top-16,
-   geocell, regress, flow), LocDiff trained with each other objective (KL alone, MSE alone), and the same
-   LocDiff network sampled in one step (one sample, one DDIM step: z0 predicted from pure noise at t = T,
-   no iterative denoising), and the same network trained as a one-step regressor (every training input
-   is pure noise at t = T, so it learns z0 from the embedding alone; `diffusion.min_train_timestep`);
+The benchmarks (`--benchmarks synth,realbench`, both by default) run one after the other with the same
+methods and sizes: `synth` (locdiff/synth.py, made in memory) and `realbench` (locdiff/realbench.py, GeoCLIP
+location-encoder embeddings, written into the work folder with the same seed). For each, one run prints
+and saves (benchmarks/results/model.json, results and throughput by benchmark):
+1. accuracy on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`) of LocDiff, LocDiff-H
+   and every baseline (knn top-1, knn top-16, geocell, regress, flow), LocDiff trained with each other
+   objective (KL alone, MSE alone), and the same LocDiff network sampled in one step (one sample, one
+   DDIM step: z0 predicted from pure noise at t = T, no iterative denoising), and the same network
+   trained as a one-step regressor (every training input is pure noise at t = T, so it learns z0 from
+   the embedding alone; `diffusion.min_train_timestep`);
 2. inference throughput (images/s, embeddings given) of LocDiff at K = 16, S = 50 and cheaper settings and
    of knn over a 100,000-entry gallery, with the accuracy of each on the same test images.
 
     python -m benchmarks.bench_model                 # the full run (base config, 50,000 training images)
     python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes)
     python -m benchmarks.bench_model --skip-locdiff  # baselines only
+    python -m benchmarks.bench_model --benchmarks realbench  # one benchmark only
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger("bench_model")
 ROOT = Path(__file__).resolve().parent.parent
-SPLITS = ("test", "test_unseen")
+SPLITS = {"synth": ("test", "test_unseen"), "realbench": ("test", "test_unseen", "im2gps3k", "yfcc26k")}
 BASELINES = {  # row name -> (method, options overriding the config's baselines.<method>)
     "knn": ("knn", {"k": 1}),
     "knn top-16": ("knn", {"k": 16, "aggregation": "mode"}),
@@ -46,9 +51,18 @@ def _subset(t: EmbeddingTable, n: int) -> EmbeddingTable:
     return EmbeddingTable(t.ids[:n], t.lat[:n], t.lon[:n], t.embedding[:n], t.source)
 
 
-def _evaluate(model: Any, data: dict[str, EmbeddingTable], **options: Any) -> dict[str, dict[str, float]]:
+class Benchmark(dict):
+    """One benchmark's tables by split (`data["train"]`, ...), with its name and the splits evaluated."""
+
+    def __init__(self, name: str, tables: dict[str, EmbeddingTable]):
+        super().__init__(tables)
+        self.name = name
+        self.splits = SPLITS[name]
+
+
+def _evaluate(model: Any, data: Benchmark, **options: Any) -> dict[str, dict[str, float]]:
     out = {}
-    for split in SPLITS:
+    for split in data.splits:
         t0 = time.perf_counter()
         p = model.predict(data[split], **options)
         secs = time.perf_counter() - t0
@@ -148,21 +162,42 @@ def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, An
         measure("LocDiff-H K=16 S=50",
                 lambda: locdiff.predict(test, method="locdiff-h", samples=16, steps=50))
     # knn over a 100,000-entry gallery: the same world and test images, a larger training split.
-    world = SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
-    gallery = make_split(world, "train", args.gallery)
-    for backend in ("torch", "faiss"):
-        if backend == "faiss":
-            try:
-                import faiss  # noqa: F401
-            except ImportError:
-                continue
-        knn = get_method("knn").from_config({"baselines": {"knn": {"k": 1, "backend": backend}}})
-        knn.fit(gallery, None, work / f"knn_gallery_{backend}", progress=False)
-        measure(f"knn top-1, {args.gallery:,} gallery ({backend})", lambda knn=knn: knn.predict(test))
+    gallery = _gallery(args, data)
+    # knn searches the gallery of locdiff.gallery (faiss; exact or IVF by size): it has no `backend` option
+    knn = get_method("knn").from_config({"baselines": {"knn": {"k": 1}}})
+    knn.fit(gallery, None, work / "knn_gallery", progress=False)
+    measure(f"knn top-1, {args.gallery:,} gallery", lambda: knn.predict(test))
     base_knn = next((r for r in rows if r["method"].startswith("knn")), None)
     for r in rows:  # ratio against knn measured in the same run
         r["speed_vs_knn"] = r["images_per_s"] / base_knn["images_per_s"] if base_knn else None
     return rows
+
+
+def _gallery(args, data: Benchmark) -> EmbeddingTable:
+    if data.name == "realbench":
+        from locdiff import realbench
+
+        return realbench.make_split(realbench.RealBenchWorld(_realbench_config(args)), "train", args.gallery)
+    world = SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
+    return make_split(world, "train", args.gallery)
+
+
+def _realbench_config(args):
+    from locdiff.realbench import RealBenchConfig
+
+    return RealBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=0,
+                           n_test=args.n_test, n_test_unseen=args.n_unseen, n_yfcc=args.n_yfcc)
+
+
+def load_benchmark(name: str, args, work: Path) -> Benchmark:
+    """One benchmark: synth made in memory, realbench written to WORK/realbench and read back."""
+    if name == "synth":
+        return Benchmark(name, make_benchmark(SynthConfig(**_synth_kwargs(args))))
+    from locdiff.io import read_embeddings
+    from locdiff.realbench import write_benchmark
+
+    paths = write_benchmark(work / "realbench", _realbench_config(args))
+    return Benchmark(name, {split: read_embeddings(path) for split, path in paths.items()})
 
 
 def _synth_kwargs(args) -> dict[str, Any]:
@@ -172,83 +207,100 @@ def _synth_kwargs(args) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmarks", default=",".join(SPLITS), metavar="NAMES",
+                    help="comma-separated, run in this order (default synth,realbench)")
     ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--n-train", type=int, default=50_000)
     ap.add_argument("--n-val", type=int, default=1_000)
     ap.add_argument("--n-test", type=int, default=2_000)
     ap.add_argument("--n-unseen", type=int, default=1_000)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--n-yfcc", type=int, default=4_000, help="realbench yfcc26k rows (0: all 25,600)")
+    ap.add_argument("--dim", type=int, default=128, help="synth embedding dimension (realbench: 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", type=int, default=100_000, help="knn gallery size for the throughput")
     ap.add_argument("--n-throughput", type=int, default=256, help="test images timed per setting")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (tiny config, small data)")
     ap.add_argument("--skip-locdiff", action="store_true")
     ap.add_argument("--skip-objectives", action="store_true", help="skip the KL-alone / MSE-alone runs")
-    ap.add_argument("--work", help="keep run directories here (default: a temporary folder)")
+    ap.add_argument("--work", help="keep run directories (and the realbench tables) here (default: a temporary folder)")
     args = ap.parse_args()
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    unknown = sorted(set(benchmarks) - set(SPLITS))
+    if unknown or not benchmarks:
+        ap.error(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SPLITS)}")
     if args.quick:
-        args.n_train, args.n_val, args.n_test, args.n_unseen = 4_000, 300, 300, 200
+        args.n_train, args.n_val, args.n_test, args.n_unseen, args.n_yfcc = 4_000, 300, 300, 200, 300
         args.gallery, args.n_throughput = 10_000, 64
         if args.config.endswith("base.yaml"):
             args.config = str(ROOT / "configs/model/tiny.yaml")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    data = make_benchmark(SynthConfig(**_synth_kwargs(args)))
-    log.info("synthetic benchmark: %s", {k: len(v) for k, v in data.items()})
-    results: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {b: {} for b in benchmarks}  # benchmark -> row -> split -> metrics
     errors: dict[str, str] = {}
-    speed: list[dict[str, Any]] = []
+    speed: dict[str, list[dict[str, Any]]] = {b: [] for b in benchmarks}
+    sizes: dict[str, dict[str, int]] = {}
+
+    def payload() -> dict[str, Any]:
+        return {"args": vars(args), "synth": _synth_kwargs(args), "benchmarks": benchmarks, "sizes": sizes,
+                "results": results, "throughput": speed, "errors": errors}
 
     def checkpoint(stage: str) -> None:
         """Save what is measured so far (an interrupted run still leaves its numbers)."""
-        save("model", {"args": vars(args), "synth": _synth_kwargs(args), "results": results,
-                       "throughput": speed, "errors": errors, "complete": False, "last_stage": stage,
+        save("model", {**payload(), "complete": False, "last_stage": stage,
                        "elapsed_s": time.perf_counter() - t_start})
 
-    def report(row: str) -> None:
-        r = results[row]
-        print("\n" + format_table({f"{row} / {s}": r[s] for s in SPLITS}), flush=True)
-        checkpoint(row)
-
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
+        work_root = Path(args.work) if args.work else Path(tmp)
         config: dict[str, Any] = {}
         if not args.skip_locdiff:
             from locdiff.model.config import config_to_dict, load_config
 
             config = config_to_dict(load_config(args.config, args.set))
-        run_baselines(config, data, work, results, report)
-        locdiff = None
-        if not args.skip_locdiff:
-            try:
-                locdiff = run_locdiff(args, data, work, results, report)
-            except Exception as err:  # noqa: BLE001 - report it and still measure the rest
-                log.exception("LocDiff failed")
-                errors["locdiff"] = f"{type(err).__name__}: {err}"
-        speed.extend(throughput(args, data, locdiff, work, config))
-        checkpoint("throughput")
-        if locdiff is not None and not args.skip_objectives:
-            try:
-                run_objectives(args, data, work, results, report)
-            except Exception as err:  # noqa: BLE001
-                log.exception("objective ablation failed")
-                errors["objectives"] = f"{type(err).__name__}: {err}"
-    for split in SPLITS:
-        table = {row: r[split] for row, r in results.items()}
-        title = f"{split} ({len(data[split])} images, {len(data['train'])} train)"
-        print("\n" + format_table(table, title=title))
-    print_table([{"method": row, "fit_s": r.get("fit_s"),
-                  **{f"{s} img/s": r[s]["images_per_s"] for s in SPLITS}} for row, r in results.items()],
+        for bench in benchmarks:
+            torch.manual_seed(args.seed)
+            work = work_root / bench
+            data = load_benchmark(bench, args, work)
+            sizes[bench] = {k: len(v) for k, v in data.items()}
+            log.info("%s benchmark: %s", bench, sizes[bench])
+            res = results[bench]
+
+            def report(row: str, bench=bench, data=data, res=res) -> None:
+                print("\n" + format_table({f"{bench} / {row} / {s}": res[row][s] for s in data.splits}), flush=True)
+                checkpoint(f"{bench}: {row}")
+
+            run_baselines(config, data, work, res, report)
+            locdiff = None
+            if not args.skip_locdiff:
+                try:
+                    locdiff = run_locdiff(args, data, work, res, report)
+                except Exception as err:  # noqa: BLE001 - report it and still measure the rest
+                    log.exception("LocDiff failed on %s", bench)
+                    errors[f"{bench}/locdiff"] = f"{type(err).__name__}: {err}"
+            speed[bench].extend(throughput(args, data, locdiff, work, config))
+            checkpoint(f"{bench}: throughput")
+            if locdiff is not None and not args.skip_objectives:
+                try:
+                    run_objectives(args, data, work, res, report)
+                except Exception as err:  # noqa: BLE001
+                    log.exception("objective ablation failed on %s", bench)
+                    errors[f"{bench}/objectives"] = f"{type(err).__name__}: {err}"
+    keys = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "geoscore")
+    print_table([{"benchmark": bench, "split": split, "method": row, "n": r[split]["n"],
+                  **{k: r[split][k] for k in keys}}
+                 for bench in benchmarks for split in SPLITS[bench] for row, r in results[bench].items()],
+                title=f"accuracy (%) by benchmark and split ({args.n_train} train)")
+    print_table([{"benchmark": bench, "method": row, "fit_s": r.get("fit_s"),
+                  **{f"{s} img/s": r[s]["images_per_s"] for s in ("test", "test_unseen")}}
+                 for bench in benchmarks for row, r in results[bench].items()],
                 title="training time and prediction speed")
-    print_table(speed, title=f"throughput on {args.n_throughput} test images (embeddings given)")
+    print_table([{"benchmark": bench, **row} for bench in benchmarks for row in speed[bench]],
+                title=f"throughput on {args.n_throughput} test images (embeddings given)")
     total = time.perf_counter() - t_start
     print(f"\ntotal {total / 60:.1f} min")
     if errors:
         print(f"errors: {errors}")
-    save("model", {"args": vars(args), "synth": _synth_kwargs(args), "results": results, "throughput": speed,
-                   "errors": errors, "complete": True, "total_s": total})
+    save("model", {**payload(), "complete": True, "total_s": total})
 
 
 if __name__ == "__main__":

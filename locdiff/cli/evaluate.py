@@ -1,4 +1,5 @@
-"""`locdiff evaluate` (the metrics table of a predictions file) and `locdiff synth` (synthetic benchmark)."""
+"""`locdiff evaluate` (the metrics table of a predictions file), `locdiff synth` (synthetic benchmark) and
+`locdiff realbench` (the realistic benchmark)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     s.set_defaults(func=_synth)
+
+    r = subparsers.add_parser(
+        "realbench", help="write the realistic benchmark (GeoCLIP location-encoder embeddings)",
+        description="Write a realistic geolocation benchmark: embeddings from GeoCLIP's pretrained location "
+                    "encoder (the geoclip package, nothing downloaded) blended with look-alike places and "
+                    "noise, at photo-collection-like locations and at the real Im2GPS3k / YFCC26k test "
+                    "locations. Writes DIR/{train,val,val_unseen,test,test_unseen,im2gps3k,yfcc26k}.parquet "
+                    "and DIR/realbench.json; the same seed gives identical files.")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    r.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    r.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
+    r.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
+    r.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
+                   help="val_unseen rows, held-out regions (default 1000)")
+    r.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
+    r.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
+                   help="test_unseen rows, held-out regions (default 2000)")
+    r.add_argument("--n-yfcc", type=int, default=4_000, metavar="N",
+                   help="yfcc26k rows: a fixed subsample of the 25,600 locations, the same for every seed "
+                        "(default 4000; 0: all)")
+    r.add_argument("--noise", type=float, default=None, metavar="X",
+                   help="norm of the embedding noise (default 1.65; higher is harder)")
+    r.set_defaults(func=_realbench)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -73,4 +97,17 @@ def _synth(args: argparse.Namespace) -> int:
     paths = write_benchmark(args.out, cfg)
     for split, path in paths.items():
         print(f"{split}: {path}")
+    return 0
+
+
+def _realbench(args: argparse.Namespace) -> int:
+    from locdiff.realbench import RealBenchConfig, write_benchmark
+
+    noise = {} if args.noise is None else {"noise": args.noise}
+    cfg = RealBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
+                          n_test=args.n_test, n_test_unseen=args.n_test_unseen, n_yfcc=args.n_yfcc, **noise)
+    paths = write_benchmark(args.out, cfg)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    print(f"config: {paths['train'].parent / 'realbench.json'}")
     return 0
