@@ -104,6 +104,16 @@ def run_locdiff(args, data, work: Path, results: dict[str, Any], report) -> Any:
         results[row] = {"fit_s": fit_s if row == "LocDiff" else None, "objective": chosen,
                         **_evaluate(method, data, **opts)}
         report(row)
+    return method
+
+
+def run_ablations(args, data, work: Path, results: dict[str, Any], report) -> None:
+    """The same network trained as a one-step regressor, and LocDiff trained with each objective other than
+    the config's (`--ablations`: three more trainings per benchmark)."""
+    from locdiff.model.config import load_config
+
+    base_cfg = load_config(args.config, args.set)
+    chosen = base_cfg.train.objective
     # the same network trained as a one-step regressor: input always pure noise (t = T - 1), one step
     cfg = load_config(args.config, [*args.set, f"diffusion.min_train_timestep={base_cfg.diffusion.timesteps - 1}"])
     log.info("one-step regressor")
@@ -111,14 +121,6 @@ def run_locdiff(args, data, work: Path, results: dict[str, Any], report) -> Any:
     row = "one-step regressor (trained at t=T)"
     results[row] = {"fit_s": secs, "objective": chosen, **_evaluate(reg, data, method="locdiff", samples=1, steps=1)}
     report(row)
-    return method
-
-
-def run_objectives(args, data, work: Path, results: dict[str, Any], report) -> None:
-    """LocDiff trained with each objective other than the config's."""
-    from locdiff.model.config import load_config
-
-    chosen = load_config(args.config, args.set).train.objective
     for objective in ("kl+mse", "kl", "mse"):
         if objective == chosen:
             continue
@@ -185,7 +187,7 @@ def _gallery(args, data: Benchmark) -> EmbeddingTable:
 def _realbench_config(args):
     from locdiff.realbench import RealBenchConfig
 
-    return RealBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=0,
+    return RealBenchConfig(seed=args.seed, n_train=args.n_train_realbench, n_val=args.n_val, n_val_unseen=0,
                            n_test=args.n_test, n_test_unseen=args.n_unseen, n_yfcc=args.n_yfcc)
 
 
@@ -211,7 +213,8 @@ def main() -> None:
                     help="comma-separated, run in this order (default synth,realbench)")
     ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    ap.add_argument("--n-train", type=int, default=50_000)
+    ap.add_argument("--n-train", type=int, default=50_000, help="synth training rows")
+    ap.add_argument("--n-train-realbench", type=int, default=60_000, help="realbench training rows (as in issue 9)")
     ap.add_argument("--n-val", type=int, default=1_000)
     ap.add_argument("--n-test", type=int, default=2_000)
     ap.add_argument("--n-unseen", type=int, default=1_000)
@@ -222,7 +225,8 @@ def main() -> None:
     ap.add_argument("--n-throughput", type=int, default=256, help="test images timed per setting")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (tiny config, small data)")
     ap.add_argument("--skip-locdiff", action="store_true")
-    ap.add_argument("--skip-objectives", action="store_true", help="skip the KL-alone / MSE-alone runs")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also train the one-step regressor and the other objectives (3 more trainings each)")
     ap.add_argument("--work", help="keep run directories (and the realbench tables) here (default: a temporary folder)")
     args = ap.parse_args()
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
@@ -231,6 +235,7 @@ def main() -> None:
         ap.error(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SPLITS)}")
     if args.quick:
         args.n_train, args.n_val, args.n_test, args.n_unseen, args.n_yfcc = 4_000, 300, 300, 200, 300
+        args.n_train_realbench = 4_000
         args.gallery, args.n_throughput = 10_000, 64
         if args.config.endswith("base.yaml"):
             args.config = str(ROOT / "configs/model/tiny.yaml")
@@ -279,9 +284,9 @@ def main() -> None:
                     errors[f"{bench}/locdiff"] = f"{type(err).__name__}: {err}"
             speed[bench].extend(throughput(args, data, locdiff, work, config))
             checkpoint(f"{bench}: throughput")
-            if locdiff is not None and not args.skip_objectives:
+            if locdiff is not None and args.ablations:
                 try:
-                    run_objectives(args, data, work, res, report)
+                    run_ablations(args, data, work, res, report)
                 except Exception as err:  # noqa: BLE001
                     log.exception("objective ablation failed on %s", bench)
                     errors[f"{bench}/objectives"] = f"{type(err).__name__}: {err}"

@@ -7,7 +7,7 @@
     --LayerNorm, out_proj--> (B, D)    the z_0 estimate (x0-prediction)
 
 Every block is FiLM-modulated by a conditioning vector c = MLP(image embedding) + MLP(sinusoid(t)) in the
-pi-GAN way, h = sin(omega (W x + b) (1 + gamma(c)) + beta(c)). The image-embedding branch can be replaced
+pi-GAN way, h = sin(omega (W x + b) (1 + tanh gamma(c)) + beta(c)). The image-embedding branch can be replaced
 by a learned null vector (classifier-free guidance).
 
 With a prior head (network.head_width > 0, x0-prediction), the output is
@@ -46,7 +46,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0
 
 
 class SineFiLMBlock(nn.Module):
-    """Pre-norm residual block: x -> skip(x) + W2 dropout(sin(omega (W1 LN(x)) (1 + gamma) + beta))."""
+    """Pre-norm residual block: x -> skip(x) + W2 dropout(sin(omega (W1 LN(x)) (1 + tanh gamma) + beta))."""
 
     def __init__(self, dim_in: int, dim_out: int, cond_dim: int, omega: float, dropout: float) -> None:
         super().__init__()
@@ -65,7 +65,9 @@ class SineFiLMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.film(cond).chunk(2, dim=-1)  # (B, dim_out) each
-        h = torch.sin(self.omega * self.lin1(self.norm(x)) * (1 + gamma) + beta)
+        # the modulated frequency 1 + tanh(gamma) stays in (0, 2): an unbounded 1 + gamma let the sine's
+        # frequency (and with it every gradient through the block) grow without limit during training
+        h = torch.sin(self.omega * self.lin1(self.norm(x)) * (1 + torch.tanh(gamma)) + beta)
         return self.skip(x) + self.lin2(self.drop(h))
 
 
