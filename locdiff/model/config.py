@@ -53,7 +53,7 @@ class NetworkConfig:
     # encoder widths, top to bottom
     widths: list[int] = setting(default_factory=lambda: [512, 256, 128], ge=1, min_len=1)
     blocks_per_level: int = setting(1, ge=1)  # sine residual blocks per level (encoder and decoder)
-    omega_0: float = setting(30.0, gt=0)  # SIREN frequency of the input layer
+    omega_0: float = setting(1.0, gt=0)  # sine frequency of the input layer (SIREN's 30 is for 2-3 coordinates)
     omega_hidden: float = setting(1.0, gt=0)  # frequency of the hidden sine layers (SIREN init scales weights by it)
     dropout: float = setting(0.1, ge=0, lt=1)
     cond_dim: int = setting(256, ge=1)  # conditioning vector: image-embedding MLP + sinusoidal timestep embedding
