@@ -8,7 +8,7 @@ from locdiff.model.config import Config, config_from_dict, config_to_dict, load_
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
-@pytest.mark.parametrize("name,objective", [("tiny", "kl+mse"), ("base", "kl"), ("paper", "kl+mse")])
+@pytest.mark.parametrize("name,objective", [("tiny", "kl+mse"), ("base", "kl+mse"), ("paper", "kl+mse")])
 def test_shipped_configs_load(name, objective):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.method == "locdiff"
