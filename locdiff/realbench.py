@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from locdiff.errors import UserError, reraise_for
+from locdiff.errors import UserError
 from locdiff.geo import haversine_km, unit_to_latlon
 from locdiff.synth import _destination
 from locdiff.tables import EmbeddingTable
@@ -144,7 +144,7 @@ def pack_testset_locations(im2gps3k_csv: str | Path, yfcc25600_csv: str | Path, 
 
 class GeoClipLocationEncoder:
     """GeoCLIP's pretrained LocationEncoder (geoclip 1.3.0), weights read from the package with
-    `torch.load(weights_only=True)`; `(lat, lon) -> (N, 512)` unit-norm float32. Nothing is downloaded:
+    `runs.load_state` (weights_only=True); `(lat, lon) -> (N, 512)` unit-norm float32. Nothing is downloaded:
     the module is built without its own loader and the packaged state dict is loaded strictly."""
 
     name = "geoclip-1.3.0/LocationEncoder"
@@ -152,6 +152,8 @@ class GeoClipLocationEncoder:
 
     def __init__(self) -> None:
         import torch
+
+        from locdiff.runs import load_state
 
         try:
             from transformers.utils import logging as hf_logging  # geoclip imports transformers' CLIP
@@ -180,9 +182,8 @@ class GeoClipLocationEncoder:
         if not self.weights.is_file():
             raise UserError(f"{self.weights}: GeoCLIP's location encoder weights are missing; reinstall it "
                             f"with `{GEOCLIP_INSTALL}`")
-        with reraise_for(self.weights, what="GeoCLIP location encoder weights",
-                         hint=f"reinstall: {GEOCLIP_INSTALL}"):
-            state = torch.load(self.weights, map_location="cpu", weights_only=True)
+        state = load_state(self.weights, "cpu", what="GeoCLIP location encoder weights",
+                           hint=f"reinstall: {GEOCLIP_INSTALL}")
         self.sha256 = hashlib.sha256(self.weights.read_bytes()).hexdigest()
         with torch.random.fork_rng(devices=[]):  # the constructor samples (then overwritten) RFF matrices
             model = LocationEncoder(from_pretrained=False)

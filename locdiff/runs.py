@@ -321,13 +321,15 @@ class RunFolder:
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-               mmap: bool = False) -> dict[str, Any]:
-    """torch.load with weights_only=True: a file carrying code is refused (its code never runs), a damaged
-    one is a CorruptFileError naming it. mmap=True maps the tensors instead of reading them."""
-    hint = "it is damaged or not a locdiff checkpoint: delete it to train from scratch"
+               mmap: bool = False, what: str = "the checkpoint",
+               hint: str = "it is damaged or not a locdiff checkpoint: delete it to train from scratch",
+               ) -> dict[str, Any]:
+    """torch.load with weights_only=True (the project's one torch reader): a file carrying code is refused
+    (its code never runs), a damaged one is a CorruptFileError naming it (`what`, `hint`). mmap=True maps
+    the tensors instead of reading them."""
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    with reraise_for(path, what="the checkpoint", hint=hint):
+    with reraise_for(path, what=what, hint=hint):
         try:
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except (OSError, MemoryError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError,
