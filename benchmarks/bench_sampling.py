@@ -3,9 +3,9 @@
 For a trained LocDiff run and a labelled table (a validation split: never choose on a test split), it
 predicts with each (K, S) of a sweep and reports accuracy and speed; then it splits the images by how much
 K = 16 samples disagree (the share of samples within the support radius of the mean answer: low = several
-distinct modes, an ambiguous image) and compares one sample with 16 in each quartile, as a table and a
+distinct modes, an ambiguous image) and compares one sample with 16 in each group, as a table and a
 figure (benchmarks/results/sampling_<name>.png). Where several samples help, it is on the low-agreement
-quartile; if no quartile gains, one step is as good and the cheap setting should be the default.
+groups; if no group gains, one step is as good and the cheap setting should be the default.
 
     python -m benchmarks.bench_sampling --run RUN --data VAL.parquet [--name realbench] [--n 1000]
 """
@@ -60,19 +60,21 @@ def main() -> None:
             agreement = np.asarray(out.mean_conf)
     print_table(rows, title=f"{args.name}: accuracy (%) and speed by samples K and steps S ({n} images)")
 
-    # by how much the 16 samples agree: quartiles of the share of samples near the mean answer
-    edges = np.quantile(agreement, [0.25, 0.5, 0.75])
-    quartile = np.searchsorted(edges, agreement, side="right")
+    # by how much the 16 samples agree (share of samples near the mean answer): all agree, or the images
+    # where some disagree, split at their median (ties at 1.0 are common: quantiles alone would be empty)
+    some = agreement < 1.0
+    cut = float(np.median(agreement[some])) if some.any() else 0.0
+    groups = {"most ambiguous": some & (agreement <= cut), "some disagree": some & (agreement > cut),
+              "all 16 agree": ~some}
     by_q = []
-    for q in range(4):
-        sel = quartile == q
-        entry = {"quartile": q + 1, "images": int(sel.sum()),
+    for label, sel in groups.items():
+        entry = {"group": label, "images": int(sel.sum()),
                  "agreement": f"{agreement[sel].min():.2f}-{agreement[sel].max():.2f}" if sel.any() else "-"}
         for key in ((1, 1, "mean"), (16, 20, "mean"), (16, 20, "support")):
             hit = float((errors[key][sel] <= 200).mean() * 100) if sel.any() else None
             entry[f"K={key[0]} S={key[1]} {key[2]} @200km"] = hit
         by_q.append(entry)
-    print_table(by_q, title=f"{args.name}: accuracy within 200 km by sample agreement (quartile 1 = most ambiguous)")
+    print_table(by_q, title=f"{args.name}: accuracy within 200 km by how much 16 samples agree")
 
     import matplotlib
 
@@ -80,13 +82,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"Q{e['quartile']}\n{e['agreement']}" for e in by_q]
+    labels = [f"{e['group']}\n{e['images']} images, {e['agreement']}" for e in by_q]
     series = [c for c in by_q[0] if c.endswith("@200km")]
     width = 0.8 / len(series)
     for i, c in enumerate(series):
-        ax.bar(np.arange(4) + (i - (len(series) - 1) / 2) * width, [e[c] or 0 for e in by_q], width, label=c)
-    ax.set_xticks(np.arange(4), labels)
-    ax.set_xlabel("share of the 16 samples near the mean answer (quartiles; Q1 = most multi-modal)")
+        ax.bar(np.arange(len(by_q)) + (i - (len(series) - 1) / 2) * width, [e[c] or 0 for e in by_q], width, label=c)
+    ax.set_xticks(np.arange(len(by_q)), labels)
+    ax.set_xlabel("share of the 16 samples near the mean answer")
     ax.set_ylabel("% within 200 km")
     ax.set_title(f"{args.name}: do several samples help ambiguous images?")
     ax.legend(fontsize=8)
