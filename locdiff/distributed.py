@@ -105,9 +105,10 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         stop_local_ray()
         ray.shutdown()
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _cluster_auth()  # its refusals say what to fix themselves
     try:
         if address:
-            _cluster_auth()
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             env_vars = {**_worker_env(secrets=False), **(runtime_env.get("env_vars") or {})}
             if env_vars:
@@ -209,12 +210,13 @@ def _local_auth() -> None:
 
 
 def _cluster_auth() -> None:
-    """Token mode for a cluster when a token is configured (Ray's defaults otherwise; never disabled here)."""
+    """Token mode for a cluster when a token is configured (Ray's defaults otherwise). Turning
+    authentication off is refused: a cluster reachable without a token runs anyone's code."""
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode == "disabled":
-        log.warning("RAY_AUTH_MODE=disabled: connecting to %s without token authentication",
-                    os.environ.get("RAY_ADDRESS"))
-        return
+        raise ValueError(f"RAY_AUTH_MODE=disabled: refusing to connect to {os.environ.get('RAY_ADDRESS')} "
+                         "without token authentication; run the cluster with RAY_AUTH_MODE=token and set "
+                         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH here (infra/README.md)")
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if path and not os.environ.get("RAY_AUTH_TOKEN") and not _token_file_ok(path):
         # Ray aborts the process on an unreadable token file: say what to fix instead.

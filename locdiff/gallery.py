@@ -25,7 +25,7 @@ On disk (a local folder or an s3:// prefix, through `locdiff.data.storage`):
 
     LOCATION/gallery.json            count, dim, index type and parameters, the data source's identity,
                                      and the path, size and sha256 of every file below; written last
-    LOCATION/data-XXXXXXXXXXXX/      one folder per build (a unique name: concurrent builders never
+    LOCATION/data-<12 hex digits>/   one folder per build (a unique name: concurrent builders never
         index.faiss                  write the same file; whichever gallery.json lands last wins, and it
         lat.npy, lon.npy             names a complete folder)
         ids.npy                      fixed-width unicode, no pickle

@@ -82,6 +82,19 @@ def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any, radius: float = EAR
     return 2 * radius * lib.arcsin(lib.sqrt(a))
 
 
+def destination(lat: np.ndarray, lon: np.ndarray, dist_km: np.ndarray, bearing: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Points dist_km away from (lat, lon) along the given bearing (radians from north)."""
+    x = latlon_to_unit(lat, lon)  # (N, 3)
+    la, lo = np.deg2rad(lat), np.deg2rad(lon)
+    north = np.stack([-np.sin(la) * np.cos(lo), -np.sin(la) * np.sin(lo), np.cos(la)], -1)
+    east = np.stack([-np.sin(lo), np.cos(lo), np.zeros_like(lo)], -1)
+    d = (dist_km / EARTH_RADIUS_KM)[:, None]
+    b = bearing[:, None]
+    y = np.cos(d) * x + np.sin(d) * (np.cos(b) * north + np.sin(b) * east)
+    return unit_to_latlon(y)
+
+
 def km_to_rad(km: float) -> float:
     return km / EARTH_RADIUS_KM
 

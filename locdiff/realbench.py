@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from locdiff.errors import UserError
-from locdiff.geo import haversine_km, unit_to_latlon
-from locdiff.synth import _destination
+from locdiff.geo import destination, haversine_km, unit_to_latlon
+from locdiff.schema import check_ranges, setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,12 @@ GEOCLIP_INSTALL = "pip install --no-deps geoclip==1.3.0 geopy geographiclib"
 @dataclass
 class RealBenchConfig:
     seed: int = 0
-    n_train: int = 60_000
-    n_val: int = 2_000
-    n_val_unseen: int = 1_000
-    n_test: int = 3_000
-    n_test_unseen: int = 2_000
-    n_yfcc: int = 4_000  # rows of the yfcc26k split: a fixed subsample of its 25,600; 0 = all
+    n_train: int = setting(60_000, ge=1)
+    n_val: int = setting(2_000, ge=0)
+    n_val_unseen: int = setting(1_000, ge=0)
+    n_test: int = setting(3_000, ge=0)
+    n_test_unseen: int = setting(2_000, ge=0)
+    n_yfcc: int = setting(4_000, ge=0)  # rows of the yfcc26k split: a fixed subsample of its 25,600; 0 = all
     population_exponent: float = 0.5  # city weight = population ** this (sub-linear)
     # shares of photos at a landmark, local, regional, land-ish, anywhere (see the module docstring)
     location_mix: tuple[float, float, float, float, float] = (0.30, 0.35, 0.25, 0.08, 0.02)
@@ -71,30 +71,20 @@ class RealBenchConfig:
     local_km: float = 3.0  # median distance of a "local" photo from its city centre (log-normal)
     regional_km: float = 25.0  # median distance of a "regional" photo (log-normal)
     landish_km: float = 150.0  # land-ish scatter: uniform in area within this of a uniformly drawn city
-    n_regions: int = 45  # held-out disks; a third for val_unseen, the rest for test_unseen
+    n_regions: int = setting(45, ge=2)  # held-out disks; a third for val_unseen, the rest for test_unseen
     region_radius_km: float = 40.0
     region_margin_km: float = 25.0  # no train/val/test point within radius + margin of a held-out centre
     region_separation_km: float = 300.0  # minimum distance between two held-out centres
-    lookalike_frac: float = 0.3  # share of images blended with a look-alike place
+    lookalike_frac: float = setting(0.3, ge=0, le=1)  # share of images blended with a look-alike place
     lookalike_weight: tuple[float, float] = (0.2, 0.7)  # blend weight w of the look-alike, uniform
     lookalike_band_deg: float = 3.0  # the look-alike's absolute latitude is within this of the photo's
     lookalike_min_km: float = 1_500.0  # and it is at least this far away
     # norm of the Gaussian noise added to the unit embedding (before renormalising); with the defaults
     # top-1 kNN on `test` gets about 3 / 33 / 61 / 70 / 80 % within 1 / 25 / 200 / 750 / 2500 km
-    noise: float = 1.65
+    noise: float = setting(1.65, ge=0)
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_val", "n_val_unseen", "n_test", "n_test_unseen", "n_yfcc"):
-            if getattr(self, name) < 0:
-                raise UserError(f"realbench: {name} must be >= 0, got {getattr(self, name)}")
-        if self.n_train < 1:
-            raise UserError(f"realbench: n_train must be >= 1, got {self.n_train}")
-        if self.n_regions < 2:
-            raise UserError(f"realbench: n_regions must be >= 2, got {self.n_regions}")
-        if not 0.0 <= self.lookalike_frac <= 1.0:
-            raise UserError(f"realbench: lookalike_frac must be in [0, 1], got {self.lookalike_frac}")
-        if self.noise < 0:
-            raise UserError(f"realbench: noise must be >= 0, got {self.noise}")
+        check_ranges(self, "realbench")
         self.location_mix = tuple(float(v) for v in self.location_mix)  # type: ignore[assignment]
         self.lookalike_weight = tuple(float(v) for v in self.lookalike_weight)  # type: ignore[assignment]
 
@@ -235,7 +225,7 @@ class RealBenchWorld:
         self.weight = self.weight / self.weight.sum()
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0]))
         L = cfg.landmarks_per_city
-        self.lm_lat, self.lm_lon = _destination(
+        self.lm_lat, self.lm_lon = destination(
             np.repeat(self.lat, L), np.repeat(self.lon, L),
             np.minimum(rng.lognormal(math.log(2.0), 0.7, len(self.lat) * L), 15.0),
             rng.uniform(0, 2 * np.pi, len(self.lat) * L))
@@ -299,7 +289,7 @@ class RealBenchWorld:
                  np.minimum(rng.lognormal(math.log(cfg.local_km), 0.8, m), 10 * cfg.local_km),
                  np.minimum(rng.lognormal(math.log(cfg.regional_km), 0.6, m), 6 * cfg.regional_km)],
                 cfg.landish_km * np.sqrt(rng.uniform(0.0, 1.0, m)))  # land-ish: uniform in area
-            lat, lon = _destination(base_lat, base_lon, dist, rng.uniform(0, 2 * np.pi, m))
+            lat, lon = destination(base_lat, base_lon, dist, rng.uniform(0, 2 * np.pi, m))
             anywhere = kind == 4  # uniform on the sphere
             if anywhere.any():
                 lat[anywhere], lon[anywhere] = unit_to_latlon(_unit_normal(rng, int(anywhere.sum())))

@@ -310,6 +310,17 @@ def build_at(cls: type[T], data: Any) -> T:
     return obj
 
 
+def check_ranges(obj: Any, source: str) -> None:
+    """The number bounds of a dataclass made directly (not through `build`), e.g. from CLI flags:
+    ConfigError "SOURCE: FIELD: must be >= 1; got 0" for the first field out of its `setting` range."""
+    for f in dataclasses.fields(obj):
+        value, spec = getattr(obj, f.name), spec_of(type(obj), f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _in_range(v, spec):
+                raise ConfigError(source, f.name, f"must be {range_text(spec)}; got {show(value)}")
+
+
 def build(cls: type[T], data: Any, *, source: str = "", prefix: str = "") -> T:
     """A validated `cls` from a mapping, or ConfigError "SOURCE: PREFIX.KEY: PROBLEM".
 

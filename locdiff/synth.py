@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit, unit_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
+from locdiff.schema import check_ranges, setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ SPLITS = ("train", "val", "test", "test_unseen")
 
 @dataclass
 class SynthConfig:
-    n_train: int = 50_000
-    n_val: int = 0  # 0: no val split is written
-    n_test: int = 5_000
-    n_unseen: int = 2_000
-    dim: int = 128
+    n_train: int = setting(50_000, ge=1)
+    n_val: int = setting(0, ge=0)  # 0: no val split is written
+    n_test: int = setting(5_000, ge=1)
+    n_unseen: int = setting(2_000, ge=1)
+    dim: int = setting(128, ge=8)
     seed: int = 0
     n_regions: int = 6  # held-out disks for test_unseen
     region_radius_km: tuple[float, float] = (500.0, 900.0)
@@ -62,13 +63,7 @@ class SynthConfig:
     noise: float = 1.2  # with these defaults top-1 kNN on 30k train gets ~4/19/50/78/89 % on test
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_test", "n_unseen"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"synth: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_val < 0:
-            raise ValueError(f"synth: n_val must be >= 0, got {self.n_val}")
-        if self.dim < 8:
-            raise ValueError(f"synth: dim must be >= 8, got {self.dim}")
+        check_ranges(self, "synth")
         if len(self.scales_km) != len(self.scale_weights):
             raise ValueError("synth: scales_km and scale_weights must have the same length")
 
@@ -80,17 +75,6 @@ def _cities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     c = cities()
     return c.lat, c.lon, c.population
 
-
-def _destination(lat: np.ndarray, lon: np.ndarray, dist_km: np.ndarray, bearing: np.ndarray):
-    """Points dist_km away from (lat, lon) along the given bearing (radians from north)."""
-    x = latlon_to_unit(lat, lon)  # (N, 3)
-    la, lo = np.deg2rad(lat), np.deg2rad(lon)
-    north = np.stack([-np.sin(la) * np.cos(lo), -np.sin(la) * np.sin(lo), np.cos(la)], -1)
-    east = np.stack([-np.sin(lo), np.cos(lo), np.zeros_like(lo)], -1)
-    d = (dist_km / EARTH_RADIUS_KM)[:, None]
-    b = bearing[:, None]
-    y = np.cos(d) * x + np.sin(d) * (np.cos(b) * north + np.sin(b) * east)
-    return unit_to_latlon(y)
 
 
 class SynthWorld:
@@ -106,7 +90,7 @@ class SynthWorld:
         self.weight /= self.weight.sum()
         # Landmarks: fixed points a few km from each city centre.
         L = cfg.landmarks_per_city
-        self.lm_lat, self.lm_lon = _destination(
+        self.lm_lat, self.lm_lon = destination(
             np.repeat(self.lat, L), np.repeat(self.lon, L),
             np.minimum(rng.lognormal(np.log(2.0), 0.7, n_city * L), 15.0),
             rng.uniform(0, 2 * np.pi, n_city * L))
@@ -177,7 +161,7 @@ class SynthWorld:
                 [rng.uniform(0.0, 0.3, m), np.minimum(rng.lognormal(np.log(4.0), 0.8, m), 40.0)],
                 np.sqrt(rng.uniform(15.0 ** 2, 150.0 ** 2, m)),  # rural: uniform in area of an annulus
             )
-            lat, lon = _destination(base_lat, base_lon, dist, rng.uniform(0, 2 * np.pi, m))
+            lat, lon = destination(base_lat, base_lon, dist, rng.uniform(0, 2 * np.pi, m))
             rd = self.region_distance(lat, lon)
             keep = (rd < 0).any(1) if unseen else (rd > cfg.margin_km).all(1)
             out.append((lat[keep], lon[keep], city[keep], np.where(kind == 0, lm, -1)[keep], kind[keep]))

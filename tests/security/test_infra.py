@@ -93,3 +93,19 @@ def test_every_dependency_is_bounded_and_its_tested_version_fits():
     assert "faiss-cpu" in named and "torch" in named
     # GeoCLIP and geopy (what `import geoclip` needs): installed with --no-deps by the Makefile
     assert pins["torch"] == "2.13.0" and {"geoclip", "geopy", "geographiclib"} <= set(pins)
+
+
+def test_a_cluster_without_authentication_is_refused():
+    """RAY_AUTH_MODE=disabled with a cluster address: a refusal naming it, before anything connects (in a
+    fresh process: a Ray this test session already started would short-cut ensure_ray)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "RAY_AUTH_MODE": "disabled"}
+    code = ("from locdiff.distributed import ensure_ray\n"
+            "try:\n    ensure_ray()\nexcept ValueError as err:\n    print(err)\nelse:\n    print('connected')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.match(r"RAY_AUTH_MODE=disabled: refusing to connect to 127\.0\.0\.1:1 without token "
+                    r"authentication", out.stdout), out.stdout
