@@ -47,6 +47,8 @@ import logging
 import math
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -297,11 +299,18 @@ class Gallery:
         faiss = _faiss()
         location = _strip(str(location))
         data_dir = f"data-{uuid.uuid4().hex[:12]}"
-        tmp_root = storage.local_tmp_dir(location)
+        # This save's own scratch folder: a shared one could be removed by a concurrent builder that
+        # finished first (seen: faiss could not open its file for writing).
+        if storage.is_remote(location):
+            scratch_parent = storage.local_tmp_dir(location)
+        else:
+            os.makedirs(location, exist_ok=True)
+            scratch_parent = location
+        tmp_root = tempfile.mkdtemp(prefix=f".tmp-{data_dir}-", dir=scratch_parent)
         files: dict[str, dict[str, Any]] = {}
 
         def put(key: str, write: Callable[[str], None]) -> None:
-            tmp = os.path.join(tmp_root, f"{data_dir}-{FILES[key]}.tmp-{os.getpid()}")
+            tmp = os.path.join(tmp_root, f"{FILES[key]}.tmp")
             try:
                 write(tmp)
                 files[key] = {"path": f"{data_dir}/{FILES[key]}", "bytes": os.path.getsize(tmp),
@@ -311,10 +320,12 @@ class Gallery:
                 if os.path.exists(tmp):
                     os.remove(tmp)
 
-        put("index", lambda p: faiss.write_index(self.index, p))  # streamed to the file, no second copy
-        for key, arr in (("lat", self.lat), ("lon", self.lon), ("ids", self.ids)):
-            put(key, lambda p, a=arr: _save_npy(p, a))
-        _remove_empty_dir(tmp_root)
+        try:
+            put("index", lambda p: faiss.write_index(self.index, p))  # streamed to the file, no second copy
+            for key, arr in (("lat", self.lat), ("lon", self.lon), ("ids", self.ids)):
+                put(key, lambda p, a=arr: _save_npy(p, a))
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
         meta = dict(self.info)
         meta.update({"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim,
                      "files": files, "software": _software()})
@@ -660,13 +671,6 @@ def _sha256_file(path: str, block: int = 8 << 20) -> str:
             while b := f.read(block):
                 h.update(b)
     return h.hexdigest()
-
-
-def _remove_empty_dir(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
 
 
 def _safe_relpath(p: str) -> bool:
