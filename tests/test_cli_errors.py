@@ -131,6 +131,7 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys)
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_subcommand_name_and_exit_code_in_a_subprocess(tmp_path):
     path = _write(tmp_path, "network:\n  dropout: 1.5\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -94,6 +94,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_two_ddp_processes_end_with_identical_weights(tmp_path):
     import torch.multiprocessing as mp
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from locdiff.methods import get_method
 
@@ -7,6 +8,7 @@ from .common import fit_and_check
 OPTS = {"epochs": 60, "hidden": 128, "depth": 2, "lr": 3e-3, "samples": 8, "steps": 8}
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_flow_beats_chance_round_trips_and_is_seeded(tiny_bench, chance, tmp_path):
     method, _ = fit_and_check("flow", OPTS, tiny_bench, chance, tmp_path, min_gain_750=15)
     test = tiny_bench["test"]

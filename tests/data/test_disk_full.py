@@ -63,6 +63,7 @@ def test_enospc_while_writing_a_shard(tmp_path, monkeypatch):
 CLI = "import sys; from locdiff.cli import main; sys.exit(main())"
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_a_real_full_disk_is_one_line_and_exit_2(tmp_path):
     if shutil.which("unshare") is None:
         pytest.skip("no unshare command")

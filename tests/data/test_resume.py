@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from locdiff.data.config import configs_dir
 
 from .fixtures import build_folder
@@ -22,6 +24,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_killed_ingest_resumes_to_the_same_manifest(tmp_path, monkeypatch):
     exp = build_folder(tmp_path / "src", "", n=40, archive=False)
     configs = tmp_path / "configs"

@@ -59,6 +59,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or ".part" in p.name))
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_a_full_disk_is_one_line_and_keeps_what_was_finished(world: World, tmp_path):
     why = _can_mount(tmp_path)
     if why:

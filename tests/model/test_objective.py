@@ -64,6 +64,7 @@ def test_min_train_timestep_restricts_the_training_timesteps(synth_tables):
     assert t.numel() == 3 * 64 and (t == 999).all()
 
 
+@pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_training_lowers_the_loss(tmp_path, synth_tables, test_config):
     from locdiff.model.method import LocDiffMethod
 
