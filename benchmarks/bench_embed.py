@@ -96,7 +96,7 @@ def single_process_before(root: Path, model: Path) -> list[dict]:
     from locdiff.data import storage
     from locdiff.data.config import load_encoder_config
     from locdiff.data.featurize import write_feature_shard
-    from locdiff.data.images import decode_rgb
+    from locdiff.data.images import load_rgb
     from locdiff.data.shards import group_samples, parse_tar_bytes
     from locdiff.data.validation import sha256_bytes
     from locdiff.embed import make_encoder
@@ -115,7 +115,7 @@ def single_process_before(root: Path, model: Path) -> list[dict]:
             o, n = parts["json"]
             meta = json.loads(bytes(buf[o: o + n]))
             o, n = parts["jpg"]
-            images.append(decode_rgb(bytes(buf[o: o + n])))
+            images.append(load_rgb(bytes(buf[o: o + n])))
             keys.append(key)
             metas.append({"id": meta["id"], "lat": meta["lat"], "lon": meta["lon"]})
         embs = [enc.embed(processor(images=images[i: i + BATCH], return_tensors="pt")["pixel_values"].numpy())
@@ -219,7 +219,7 @@ def stage_costs(root: Path, model: Path) -> list[dict]:
     from locdiff.data import storage
     from locdiff.data.config import load_encoder_config
     from locdiff.data.featurize import write_feature_shard
-    from locdiff.data.images import decode_rgb
+    from locdiff.data.images import load_rgb
     from locdiff.data.shards import group_samples, parse_tar_bytes
     from locdiff.data.validation import sha256_bytes
     from locdiff.embed import make_encoder
@@ -247,7 +247,7 @@ def stage_costs(root: Path, model: Path) -> list[dict]:
                 return [k for k, _ in items], [bytes(buf[p["jpg"][0]: p["jpg"][0] + p["jpg"][1]]) for _, p in items]
 
             keys, jpgs = timed("read", read)
-            images = timed("decode", lambda jpgs=jpgs: [decode_rgb(b) for b in jpgs])
+            images = timed("decode", lambda jpgs=jpgs: [load_rgb(b) for b in jpgs])
             batches = range(0, len(images), BATCH)
             timed("hf", lambda images=images, batches=batches: [
                 processor(images=images[i: i + BATCH], return_tensors="np") for i in batches])
@@ -263,7 +263,7 @@ def stage_costs(root: Path, model: Path) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(out, ignore_errors=True)
-    names = {"read": "read + sha256 + tar parse", "decode": "JPEG decode (decode_rgb)",
+    names = {"read": "read + sha256 + tar parse", "decode": "JPEG decode (load_rgb)",
              "hf": "preprocess: transformers CLIPImageProcessor (before)",
              "pixels": "preprocess: ClipPixels, PIL + numpy (now)",
              "model": f"model, torch {threads} threads (before; local now)",
