@@ -33,6 +33,12 @@ decode 1.6-1.9, resize/crop 1.2-1.5), but each Ray run adds about 10 CPU-seconds
 transformers import and model load, new decode workers' imports, Ray Data's own actors, Ray's daemons
 at ~0.1 CPU while up), as much as 3000 images; so on 2 cores Ray can only win on jobs of many thousand
 images, and the threaded local runner, which pays none of it, is the faster there.
+
+Measured again 2026-12-01 with the machine otherwise idle, BENCH_EMBED_IMAGES=24000, best of 2: before
+73.7 s, local now 41.2 s (1.79x), ray 51.9 s (1.42x; 1.31x with Ray's start). Not met at that size either:
+Ray spends 3.7 CPU ms per image against 3.1 for the local runner. With 8,000 images, decode tasks of 0.5
+instead of 0.75 CPU (three at a time on 2 CPUs) gave 19.4 / 22.4 s against 23.7 / 23.0 s: within the
+noise, not enough to change the default.
 """
 
 from __future__ import annotations
