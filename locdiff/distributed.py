@@ -214,7 +214,7 @@ def _cluster_auth() -> None:
     authentication off is refused: a cluster reachable without a token runs anyone's code."""
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode == "disabled":
-        raise ValueError(f"RAY_AUTH_MODE=disabled: refusing to connect to {os.environ.get('RAY_ADDRESS')} "
+        raise ValueError(f"RAY_AUTH_MODE is 'disabled': refusing to connect to {os.environ.get('RAY_ADDRESS')} "
                          "without token authentication; run the cluster with RAY_AUTH_MODE=token and set "
                          "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH here (infra/README.md)")
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")

@@ -107,5 +107,5 @@ def test_a_cluster_without_authentication_is_refused():
             "try:\n    ensure_ray()\nexcept ValueError as err:\n    print(err)\nelse:\n    print('connected')\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert re.match(r"RAY_AUTH_MODE=disabled: refusing to connect to 127\.0\.0\.1:1 without token "
+    assert re.match(r"RAY_AUTH_MODE is 'disabled': refusing to connect to 127\.0\.0\.1:1 without token "
                     r"authentication", out.stdout), out.stdout
