@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import print_table, save
+from benchmarks.common import print_table, proc_status_bytes, save
 
 QUERIES = 1000
 K = 10
@@ -75,11 +75,7 @@ class Synth:
 
 # ---------------------------------------------------------------------- child process side
 def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024  # MiB
-    return float("nan")
+    return proc_status_bytes(key) / 2**20 or float("nan")  # MiB
 
 
 def _recall(idx: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

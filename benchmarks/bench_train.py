@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, save
+from benchmarks.common import print_table, proc_status_bytes, save
 
 
 def _ingest(parquet: Path, root: Path, name: str) -> str:
@@ -64,7 +64,7 @@ def _make_features(n: int, root: str, name: str) -> str:
 
 class PeakRSS:
     """Peaks of the RSS of this process (the driver), of its Ray Train workers (summed) and of the
-    controller, and of their sum, sampled every 0.2 s in a thread."""
+    controller, and of their sum, sampled every 0.2 s in a thread from /proc (psutil is only Ray's vendored copy)."""
 
     def __init__(self) -> None:
         self.peak = {"total": 0, "driver": 0, "workers": 0, "controller": 0}
@@ -72,24 +72,16 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def _rss(pid: int | str) -> int:
-        with open(f"/proc/{pid}/status") as f:  # Linux; psutil is only Ray's vendored copy
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
     def _sample(self) -> dict[str, int]:
-        parts = {"driver": self._rss(os.getpid()), "workers": 0, "controller": 0}
+        parts = {"driver": proc_status_bytes("VmRSS"), "workers": 0, "controller": 0}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmd = f.read().decode(errors="replace")
                 if "RayTrainWorker" in cmd:
-                    parts["workers"] += self._rss(pid)
+                    parts["workers"] += proc_status_bytes("VmRSS", pid)
                 elif "TrainController" in cmd:
-                    parts["controller"] += self._rss(pid)
+                    parts["controller"] += proc_status_bytes("VmRSS", pid)
             except OSError:  # the process ended meanwhile
                 continue
         parts["total"] = sum(parts.values())

@@ -26,6 +26,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def proc_status_bytes(key: str, pid: int | str = "self") -> int:
+    """A memory line of /proc/PID/status (VmRSS, VmHWM, ...) in bytes; 0 when the line is absent (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
     if not rows:
         return
