@@ -124,6 +124,9 @@ class PredictConfig:
     confidence_radius_km: float = setting(200.0, gt=0)
     batch_size: int = setting(256, ge=1)  # images per sampling batch
     decode_candidates: int = setting(3, ge=1)  # local maxima refined by shdd.decode
+    # 0: the answer is the argmax of f_c; s > 0: the peak is chosen on f_c smoothed by a Gaussian taper of
+    # width L / s in degree (the peak with the most mass near it) and placed by Newton ascent on raw f_c
+    decode_smoothing: float = setting(3.0, ge=0)
 
 
 @dataclass

@@ -120,8 +120,8 @@ class LocDiffTask(Task):
     @torch.no_grad()
     def validation_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
         """Accuracy of one sample, one DDIM step (z0 predicted from pure noise at t = T - 1: the network's
-        posterior-mean code), decoded by mode seeking, on at most 1,024 held-out rows: the learning curve
-        at every checkpoint, cheap enough to log."""
+        posterior-mean code), decoded by mode seeking as `predict` decodes it, on at most 1,024 held-out
+        rows: the learning curve at every checkpoint, cheap enough to log."""
         if "lat" not in batch:
             return {}
         from locdiff.metrics import geo_metrics
@@ -131,7 +131,8 @@ class LocDiffTask(Task):
         z = torch.randn(len(emb), shdd.num_coefficients(self.config.shdd.degree), generator=g, device=emb.device)
         t = torch.full((len(emb),), self.schedule.timesteps - 1, dtype=torch.long, device=emb.device)
         x0 = self.schedule.predict_x0(model(z, t, emb, None).float(), z, t, self.config.diffusion.prediction)
-        lat, lon, _ = shdd.decode((x0 / shdd.SCALE).cpu(), candidates=1, iterations=2)
+        lat, lon, _ = shdd.decode((x0 / shdd.SCALE).cpu(), candidates=1, iterations=2,
+                                  smoothing=self.config.predict.decode_smoothing)
         m = geo_metrics(lat.double().numpy(), lon.double().numpy(), batch["lat"][:1024].cpu().numpy(),
                         batch["lon"][:1024].cpu().numpy())
         return {f"onestep_{k}": v for k, v in m.items() if k.startswith("acc_") or k == "median_km"}

@@ -116,13 +116,15 @@ def locdiff_predict(
         # step is plenty and ~15x cheaper than a full decode; the answers are decoded fully below.
         lat, lon, _ = shdd.decode(codes, candidates=1, iterations=1)  # (n, K)
         mean = codes.mean(1)  # (n, D)
-        mlat, mlon, mval = shdd.decode(mean, candidates=pc.decode_candidates)
+        mlat, mlon, mval = shdd.decode(mean, candidates=pc.decode_candidates,
+                                         smoothing=pc.decode_smoothing)
         sup = _support(lat, lon, pc.support_radius_km)  # (n, K)
         dens = shdd.density(mean.double(), lat.double(), lon.double())  # (n, K), tie-break
         score = sup.double() + 0.5 * torch.sigmoid(dens / dens.abs().amax(1, keepdim=True).clamp_min(1e-12))
         best = score.argmax(1)
         rows = torch.arange(n)
-        sl, so, _ = shdd.decode(codes[rows, best], candidates=pc.decode_candidates)
+        sl, so, _ = shdd.decode(codes[rows, best], candidates=pc.decode_candidates,
+                               smoothing=pc.decode_smoothing)
         dm = haversine_km(mlat[:, None].double(), mlon[:, None].double(), lat.double(), lon.double())
         outs["ml"].append(mlat)
         outs["mo"].append(mlon)

@@ -10,6 +10,11 @@
    tangent plane, the stencil shrinking each iteration, steps clipped to a trust radius, iterations
    past the second only for candidates still moving. Sub-kilometre for every L (float64 to metres).
 4. The refined candidate with the largest f_c wins.
+
+With `smoothing` s > 0 the peak is chosen on a smoothed code and placed on the raw one: steps 1-4 run on
+c damped by the Gaussian taper exp(-l(l+1) / (2 (L/s)^2)) (`gaussian_taper`), which favours the peak
+with the most mass around it over a narrower but higher one; one more refinement from that point on the
+raw c puts the answer back at the raw peak (its full resolution) and returns the raw f_c there.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ import torch
 from locdiff.geo import latlon_to_unit, unit_to_latlon
 from locdiff.shdd.basis import degree_from_dim, legendre_table, spherical_harmonics
 from locdiff.shdd.grid import equiangular_grid
+
+
+@lru_cache(maxsize=16)
+def gaussian_taper(degree: int, smoothing: float) -> torch.Tensor:
+    """(D,) float64 damping exp(-l(l+1) / (2 (L/smoothing)^2)) of each coefficient: a heat-kernel-like
+    smoothing whose width in degree is L / smoothing (larger smoothing, smoother function)."""
+    if smoothing <= 0:
+        raise ValueError(f"smoothing must be > 0; got {smoothing}")
+    l = torch.arange(degree + 1, dtype=torch.float64)
+    w = torch.exp(-l * (l + 1) / (2 * (max(degree, 1) / smoothing) ** 2))
+    return w.repeat_interleave(2 * torch.arange(degree + 1) + 1)
 
 
 @lru_cache(maxsize=16)
@@ -218,7 +234,8 @@ def refine(coeffs_rep: torch.Tensor, p: torch.Tensor, degree: int, *, iterations
 
 @torch.no_grad()
 def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, gate: float = 0.5,
-           batch_size: int = 4096, grid_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           batch_size: int = 4096, grid_batch: int | None = None, smoothing: float = 0.0
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mode of f_c for each coefficient vector.
 
     Args:
@@ -230,6 +247,8 @@ def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, ga
         batch_size: vectors refined together.
         grid_batch: vectors per grid stage; by default as many as keep the (B, n_lat, n_lon) grid near
             a million values, so that it stays in cache.
+        smoothing: 0 for the plain argmax; s > 0 chooses the peak on the code smoothed by
+            `gaussian_taper(L, s)` and refines it on the raw code (module docstring).
     Returns:
         lat, lon (degrees) and f_c at the mode, each of shape (...).
     """
@@ -239,8 +258,18 @@ def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, ga
     degree = degree_from_dim(coeffs.shape[-1])
     if not torch.isfinite(coeffs).all():
         raise ValueError("coeffs contains NaN or inf")
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0; got {smoothing}")
     shape = coeffs.shape[:-1]
     flat = coeffs.reshape(-1, coeffs.shape[-1])
+    if flat.shape[0] == 0:
+        empty = flat.new_zeros(shape)
+        return empty, empty.clone(), empty.clone()
+    if smoothing > 0:
+        taper = gaussian_taper(degree, float(smoothing)).to(dtype=coeffs.dtype, device=coeffs.device)
+        slat, slon, _ = decode(coeffs * taper, candidates=candidates, iterations=iterations, gate=gate,
+                               batch_size=batch_size, grid_batch=grid_batch)
+        return _refine_from(coeffs, slat, slon, degree, iterations, batch_size)
     if grid_batch is None:
         grid_batch = max(1, (1 << 20) // math.prod(equiangular_grid(degree)))
     out_lat, out_lon, out_val = [], [], []
@@ -278,3 +307,18 @@ def decode(coeffs: torch.Tensor, *, candidates: int = 3, iterations: int = 4, ga
         out_val.append(val[torch.arange(p.shape[0]), best])
     return (torch.cat(out_lat).reshape(shape), torch.cat(out_lon).reshape(shape),
             torch.cat(out_val).reshape(shape))
+
+
+def _refine_from(coeffs: torch.Tensor, lat: torch.Tensor, lon: torch.Tensor, degree: int, iterations: int,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Newton ascent of each raw code from a given start (degrees); lat, lon and f_c at the end."""
+    shape = coeffs.shape[:-1]
+    flat = coeffs.reshape(-1, coeffs.shape[-1])
+    start = latlon_to_unit(lat.reshape(-1).to(flat.dtype), lon.reshape(-1).to(flat.dtype))
+    out_p, out_v = [], []
+    for i in range(0, flat.shape[0], batch_size):
+        p, v = refine(flat[i : i + batch_size], start[i : i + batch_size], degree, iterations=iterations)
+        out_p.append(p)
+        out_v.append(v)
+    rlat, rlon = unit_to_latlon(torch.cat(out_p))
+    return rlat.reshape(shape), rlon.reshape(shape), torch.cat(out_v).reshape(shape)

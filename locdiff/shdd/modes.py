@@ -31,7 +31,7 @@ import torch
 
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit, unit_to_latlon
 from locdiff.shdd.basis import degree_from_dim
-from locdiff.shdd.decode import grid_values, refine
+from locdiff.shdd.decode import gaussian_taper, grid_values, refine
 from locdiff.shdd.grid import equiangular_grid
 
 # The density is smoothed by a Gaussian taper of width L / SMOOTHING in degree: the sharp truncation at
@@ -78,10 +78,9 @@ def _cell_weights(degree: int) -> torch.Tensor:
 @lru_cache(maxsize=8)
 def _taper(degree: int) -> torch.Tensor:
     """(D,) Gaussian damping exp(-l(l+1) / (2 (L/3)^2)) per coefficient, l = 0 set to 0."""
-    l = torch.arange(degree + 1, dtype=torch.float64)
-    w = torch.exp(-l * (l + 1) / (2 * (max(degree, 1) / SMOOTHING) ** 2))
+    w = gaussian_taper(degree, SMOOTHING).clone()
     w[0] = 0.0
-    return w.repeat_interleave(2 * torch.arange(degree + 1) + 1)
+    return w
 
 
 def _density_grid(coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -46,6 +46,64 @@ def test_sum_of_two_far_places_decodes_to_one_of_them():
     assert haversine_km(lat, lon, torch.tensor(b[0]), torch.tensor(b[1])).item() < 10.0
 
 
+
+def _sharp_and_broad(L=32):
+    """One delta at Paris (weight 1) and six of weight 0.3 on a 400 km ring around a point in Australia:
+    the single peak is the higher one, the ring holds more mass."""
+    import math
+
+    centre = (-25.0, 135.0)
+    d = math.degrees(400.0 / 6371.0)
+    lat = [48.85] + [centre[0] + d * math.cos(2 * math.pi * k / 6) for k in range(6)]
+    lon = [2.35] + [centre[1] + d * math.sin(2 * math.pi * k / 6) / math.cos(math.radians(centre[0]))
+                    for k in range(6)]
+    codes = shdd.encode(torch.tensor(lat, dtype=torch.float64), torch.tensor(lon, dtype=torch.float64), L)
+    weights = torch.tensor([1.0] + [0.3] * 6, dtype=torch.float64)
+    return (weights[:, None] * codes).sum(0), (48.85, 2.35), centre
+
+
+def test_smoothed_decode_picks_the_peak_with_more_mass_and_places_it_on_the_raw_code():
+    from locdiff.shdd.grid import fibonacci_lattice
+
+    code, sharp, broad = _sharp_and_broad()
+    # the reference, independent of the decoder: f_c on a dense lattice; the highest point is at the single
+    # delta, but the mass of f_c within 1,000 km is larger around the ring
+    glat, glon = fibonacci_lattice(200_000)
+    f = shdd.density(code, glat, glon)
+    top = f.argmax()  # the lattice spacing is ~50 km
+    assert haversine_km(glat[top], glon[top], torch.tensor(sharp[0]), torch.tensor(sharp[1])).item() < 50.0
+
+    def mass(p):
+        near = haversine_km(glat, glon, torch.tensor(p[0]), torch.tensor(p[1])) <= 1000.0
+        return f[near].sum().item()
+
+    assert mass(broad) > 1.5 * mass(sharp)
+
+    lat, lon, val = shdd.decode(code)  # the plain argmax: the sharp peak
+    assert haversine_km(lat, lon, torch.tensor(sharp[0]), torch.tensor(sharp[1])).item() < 10.0
+    lat, lon, val = shdd.decode(code, smoothing=3.0)  # the peak with more mass around it
+    assert haversine_km(lat, lon, torch.tensor(broad[0]), torch.tensor(broad[1])).item() < 100.0
+    # ... placed on the raw code: the value returned is raw f_c there, and no point 2 km away is higher
+    assert torch.allclose(val, shdd.density(code, lat, lon), rtol=1e-9)
+    step = 2.0 / 111.0
+    around = shdd.density(code, torch.stack([lat + step, lat - step, lat, lat]),
+                          torch.stack([lon, lon, lon + step, lon - step]))
+    assert (around <= val).all()
+
+
+@pytest.mark.parametrize("L", [8, 32])
+def test_smoothed_decode_keeps_a_single_place_exact(L):
+    lat, lon = _points(2_000, torch.float64, seed=L)
+    la, lo, val = shdd.decode(shdd.encode(lat, lon, L), smoothing=3.0)
+    assert haversine_km(lat, lon, la, lo).max().item() < 0.1
+    assert torch.allclose(val, torch.full_like(val, (L + 1) ** 2 / (4 * torch.pi)), rtol=1e-3)
+    with pytest.raises(ValueError, match="smoothing"):
+        shdd.decode(shdd.encode(lat[:2], lon[:2], L), smoothing=-1.0)
+    # batch shapes are kept, and an empty batch gives empty results
+    la2, _, _ = shdd.decode(shdd.encode(lat[:6], lon[:6], L).reshape(2, 3, -1), smoothing=3.0)
+    assert la2.shape == (2, 3)
+    assert shdd.decode(torch.zeros(0, (L + 1) ** 2, dtype=torch.float64), smoothing=3.0)[0].shape == (0,)
+
 def test_noise_degrades_gracefully():
     L = 32
     g = torch.Generator().manual_seed(0)
