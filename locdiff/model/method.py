@@ -30,7 +30,7 @@ from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder
+from locdiff.runs import SELECTION, RunFolder, stable_hash
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
@@ -76,14 +76,18 @@ class LocDiffMethod(GeoMethod):
                                                      progress=progress)
         metrics = dict(result.metrics)
         old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
+        # what the choices depend on besides the weights and the validation rows: a resumable change of these
+        # (train.val_samples, predict.*, hybrid.*) chooses again
+        settings = stable_hash({"val_samples": self.config.train.val_samples,
+                                **{k: v for k, v in config_to_dict(self.config).items() if k in ("predict", "hybrid")}})
         if (old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None)
-                and (val is None or "calibration" in old)):
+                and old.get("settings") == settings and (val is None or "calibration" in old)):
             self.selection = old  # already chosen for these weights (a re-run after completion)
         else:
             self.selection = {"step": result.step, "aggregation": "mean",
                               "hybrid_weight": self.config.hybrid.weight,
                               "hybrid_radius_km": self.config.hybrid.radius_km,
-                              "val": val.identity() if val is not None else None}
+                              "val": val.identity() if val is not None else None, "settings": settings}
             if val is not None and val.count:
                 self._select_on_validation(val.read_all(limit=self.config.train.val_samples), progress=progress)
         metrics.update({k: v for k, v in self.selection.items() if isinstance(v, float) and k.startswith("val_")})
@@ -91,6 +95,7 @@ class LocDiffMethod(GeoMethod):
         return metrics
 
     def _select_on_validation(self, val: EmbeddingTable, *, progress: bool) -> None:
+        self.selection["val_rows"] = int(len(val.lat))
         out = locdiff_predict(self.model, val.embedding, self.config, seed=self.config.train.seed,
                               progress=progress)
         truth = (val.lat, val.lon)

@@ -95,6 +95,26 @@ def test_more_steps_continue_from_the_checkpoint(run, synth_dir, tmp_path):
     assert json.loads((longer / "run.json").read_text())["step"] == 220
 
 
+
+def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
+    """train.val_samples (or predict.* / hybrid.*) may change on a complete run without retraining; the
+    choices made on validation must then be made again, not kept from the old setting."""
+    import shutil
+
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    before = json.loads((again / "selection.json").read_text())
+    rows = before["val_rows"]
+    assert rows > 40
+    weights = (again / "model.safetensors").read_bytes()
+    rc = main(["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+               str(synth_dir / "val.parquet"), "--out", str(again), "--no-progress",
+               *_sets(["train.val_samples=40"])])
+    assert rc == 0
+    after = json.loads((again / "selection.json").read_text())
+    assert after["val_rows"] == 40 and after["settings"] != before["settings"]
+    assert after["step"] == before["step"] and (again / "model.safetensors").read_bytes() == weights  # not retrained
+
 def test_held_out_share_without_val(synth_dir, tmp_path):
     out = tmp_path / "r"
     rc = main(["train", "--config", str(TINY), "--method", "knn", "--train", str(synth_dir / "train.parquet"),
