@@ -112,19 +112,23 @@ def locdiff_predict(
         ).float()  # (n, K, D)
         codes = (z / shdd.SCALE).cpu()
         n = codes.shape[0]
-        # Each sample only votes (support radius of hundreds of km): the grid maximum plus one Newton
-        # step is plenty and ~15x cheaper than a full decode; the answers are decoded fully below.
-        lat, lon, _ = shdd.decode(codes, candidates=1, iterations=1)  # (n, K)
         mean = codes.mean(1)  # (n, D)
-        mlat, mlon, mval = shdd.decode(mean, candidates=pc.decode_candidates,
-                                         smoothing=pc.decode_smoothing)
+        mlat, mlon, mval = shdd.decode(mean, candidates=pc.decode_candidates, smoothing=pc.decode_smoothing)
+        if k == 1:  # the one sample is the mean: its vote and the "support" answer are the mean's mode
+            lat, lon = mlat[:, None], mlon[:, None]
+        else:
+            # Each sample only votes (support radius of hundreds of km): the grid maximum plus one Newton
+            # step is plenty and ~15x cheaper than a full decode; the answers are decoded fully below.
+            lat, lon, _ = shdd.decode(codes, candidates=1, iterations=1, smoothing=pc.decode_smoothing)  # (n, K)
         sup = _support(lat, lon, pc.support_radius_km)  # (n, K)
         dens = shdd.density(mean.double(), lat.double(), lon.double())  # (n, K), tie-break
         score = sup.double() + 0.5 * torch.sigmoid(dens / dens.abs().amax(1, keepdim=True).clamp_min(1e-12))
         best = score.argmax(1)
         rows = torch.arange(n)
-        sl, so, _ = shdd.decode(codes[rows, best], candidates=pc.decode_candidates,
-                               smoothing=pc.decode_smoothing)
+        if k == 1:
+            sl, so = mlat, mlon
+        else:
+            sl, so, _ = shdd.decode(codes[rows, best], candidates=pc.decode_candidates, smoothing=pc.decode_smoothing)
         dm = haversine_km(mlat[:, None].double(), mlon[:, None].double(), lat.double(), lon.double())
         outs["ml"].append(mlat)
         outs["mo"].append(mlon)

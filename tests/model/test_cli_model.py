@@ -225,6 +225,26 @@ def test_predict_is_seeded(run, synth_dir, tmp_path):
     assert np.array_equal(read_predictions(a).pred_lat, read_predictions(b).pred_lat)
 
 
+
+def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
+    """K = 1: the mean and "support" answers are the one sample's mode, decoded as shdd.decode does with the
+    configured smoothing, and that sample is all of the support (confidence 1)."""
+    from locdiff import shdd
+    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.predict import locdiff_predict
+    from locdiff.runs import RunFolder
+
+    _, meta = RunFolder(run).load_model()
+    m = LocDiffMethod.load(run, meta["config"])
+    emb = synth_tables["test"].embedding[:64]
+    out = locdiff_predict(m.model, emb, m.config, samples=1, steps=1, seed=0)
+    lat, lon, val = shdd.decode(out.mean_code, candidates=m.config.predict.decode_candidates,
+                                smoothing=m.config.predict.decode_smoothing)
+    np.testing.assert_array_equal(out.mean_lat, lat.double().numpy())
+    np.testing.assert_array_equal(out.support_lat, out.mean_lat)
+    np.testing.assert_array_equal(out.support_lon, out.mean_lon)
+    assert (out.mean_conf == 1).all() and (out.support_conf == 1).all()
+
 def test_predict_unlabelled_data(run, synth_dir, tmp_path):
     t = pq.read_table(synth_dir / "val.parquet").drop(["lat", "lon"])
     pq.write_table(t, tmp_path / "u.parquet")
