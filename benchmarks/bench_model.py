@@ -294,7 +294,8 @@ def main() -> None:
     print_table([{"benchmark": bench, "split": split, "method": row, "n": r[split]["n"],
                   **{k: r[split][k] for k in keys}}
                  for bench in benchmarks for split in SPLITS[bench] for row, r in results[bench].items()],
-                title=f"accuracy (%) by benchmark and split ({args.n_train} train)")
+                title="accuracy (%) by benchmark and split (training rows: "
+                      + ", ".join(f"{b} {sizes[b]['train']:,}" for b in benchmarks) + ")")
     print_table([{"benchmark": bench, "method": row, "fit_s": r.get("fit_s"),
                   **{f"{s} img/s": r[s]["images_per_s"] for s in ("test", "test_unseen")}}
                  for bench in benchmarks for row, r in results[bench].items()],
