@@ -95,7 +95,6 @@ def test_more_steps_continue_from_the_checkpoint(run, synth_dir, tmp_path):
     assert json.loads((longer / "run.json").read_text())["step"] == 220
 
 
-
 def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
     """train.val_samples (or predict.* / hybrid.*) may change on a complete run without retraining; the
     choices made on validation must then be made again, not kept from the old setting."""
@@ -114,6 +113,7 @@ def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
     after = json.loads((again / "selection.json").read_text())
     assert after["val_rows"] == 40 and after["settings"] != before["settings"]
     assert after["step"] == before["step"] and (again / "model.safetensors").read_bytes() == weights  # not retrained
+
 
 def test_held_out_share_without_val(synth_dir, tmp_path):
     out = tmp_path / "r"
@@ -225,7 +225,6 @@ def test_predict_is_seeded(run, synth_dir, tmp_path):
     assert np.array_equal(read_predictions(a).pred_lat, read_predictions(b).pred_lat)
 
 
-
 def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
     """K = 1: the mean and "support" answers are the one sample's mode, decoded as shdd.decode does with the
     configured smoothing, and that sample is all of the support (confidence 1)."""
@@ -244,6 +243,7 @@ def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
     np.testing.assert_array_equal(out.support_lat, out.mean_lat)
     np.testing.assert_array_equal(out.support_lon, out.mean_lon)
     assert (out.mean_conf == 1).all() and (out.support_conf == 1).all()
+
 
 def test_predict_unlabelled_data(run, synth_dir, tmp_path):
     t = pq.read_table(synth_dir / "val.parquet").drop(["lat", "lon"])

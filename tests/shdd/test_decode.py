@@ -46,7 +46,6 @@ def test_sum_of_two_far_places_decodes_to_one_of_them():
     assert haversine_km(lat, lon, torch.tensor(b[0]), torch.tensor(b[1])).item() < 10.0
 
 
-
 def _sharp_and_broad(L=32):
     """One delta at Paris (weight 1) and six of weight 0.3 on a 400 km ring around a point in Australia:
     the single peak is the higher one, the ring holds more mass."""
@@ -103,6 +102,7 @@ def test_smoothed_decode_keeps_a_single_place_exact(L):
     la2, _, _ = shdd.decode(shdd.encode(lat[:6], lon[:6], L).reshape(2, 3, -1), smoothing=3.0)
     assert la2.shape == (2, 3)
     assert shdd.decode(torch.zeros(0, (L + 1) ** 2, dtype=torch.float64), smoothing=3.0)[0].shape == (0,)
+
 
 def test_noise_degrades_gracefully():
     L = 32
