@@ -166,7 +166,11 @@ class CSUNet(nn.Module):
         self.emb_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
 
     def standardise(self, emb: torch.Tensor) -> torch.Tensor:
-        return (emb.float() - self.emb_mean) / self.emb_std
+        """(emb - mean) / std, plus N(0, embedding_noise^2) in training mode (NetworkConfig.embedding_noise)."""
+        e = (emb.float() - self.emb_mean) / self.emb_std
+        if self.training and self.config.embedding_noise > 0:
+            e = e + self.config.embedding_noise * torch.randn_like(e)
+        return e
 
     def condition(
         self, t: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None = None

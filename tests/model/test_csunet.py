@@ -60,6 +60,20 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(x, net(z, t, e))
 
 
+def test_embedding_noise_is_gaussian_in_standard_deviations_and_only_in_training():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(widths=[8], cond_dim=8, time_dim=4, head_width=8, head_depth=1, embedding_noise=0.5)
+    net = CSUNet(dim=4, embed_dim=6, config=cfg, alphas_cumprod=ABAR)
+    net.set_embedding_stats(torch.full((6,), 2.0), torch.full((6,), 4.0))
+    e = torch.full((20_000, 6), 6.0)  # standardised: (6 - 2) / 4 = 1 in every feature
+    net.eval()
+    assert torch.equal(net.standardise(e), torch.ones(20_000, 6))
+    net.train()
+    noise = net.standardise(e) - 1.0
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 0.5) < 0.01  # 120,000 draws
+    assert not torch.equal(net.standardise(e), net.standardise(e))  # drawn afresh per call
+
+
 def test_unwrap():
     net = _net()
     assert unwrap(torch.nn.DataParallel(net)) is net

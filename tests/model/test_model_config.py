@@ -42,6 +42,8 @@ def test_overrides_typecheck_and_apply(tmp_path):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ValueError, match=r"^--set train\.steps: expected KEY=VALUE"):
         load_config(None, ["train.steps"])
+    with pytest.raises(ValueError, match=r"^--set network\.embedding_noise: must be a number >= 0; got -1$"):
+        load_config(None, ["network.embedding_noise=-1"])
 
 
 def test_save_roundtrip(tmp_path):
