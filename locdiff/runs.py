@@ -55,7 +55,7 @@ CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 
 # config keys that may change between a run and its resumption (they do not change the weights)
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
-                     "train.device", "predict.", "hybrid.")
+                     "train.device", "train.loader_threads", "train.peak_tflops", "predict.", "hybrid.")
 
 
 def stable_hash(obj: Any) -> str:

@@ -107,6 +107,9 @@ class TrainConfig:
     device: str = setting("auto", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)  # "auto" -> cuda when available
     val_samples: int = setting(512, ge=1)  # validation images used to choose the aggregation and LocDiff-H weight
     val_share: float = setting(0.02, ge=0, lt=1)  # without a validation set: this share of training is held out
+    # CPU threads reading and decoding the training windows per worker: raise it when a GPU waits for data
+    loader_threads: int = setting(1, ge=1, le=64)
+    peak_tflops: float = setting(0.0, ge=0)  # the device's peak for the MFU; 0: looked up by the GPU's name
 
     def validate(self) -> None:
         """The objective's loss terms must carry a positive weight (otherwise nothing is trained)."""

@@ -17,7 +17,7 @@ from torch import nn
 from locdiff import shdd
 from locdiff.engine import Settings, Task
 from locdiff.model.config import Config
-from locdiff.model.csunet import CSUNet
+from locdiff.model.csunet import CSUNet, csunet_flops
 from locdiff.model.schedule import NoiseSchedule
 
 
@@ -27,33 +27,40 @@ def build_model(config: Config, embed_dim: int) -> CSUNet:
     return CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
 
 
-def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192) -> torch.Tensor:
-    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked."""
+def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192, checked: bool = False) -> torch.Tensor:
+    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked (`checked`:
+    the coordinates were validated on the host, see `shdd.encode`)."""
     lat_t = torch.as_tensor(lat if isinstance(lat, torch.Tensor) else np.asarray(lat, dtype=np.float64))
     lon_t = torch.as_tensor(lon if isinstance(lon, torch.Tensor) else np.asarray(lon, dtype=np.float64))
-    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree) * shdd.SCALE
-             for i in range(0, lat_t.shape[0], chunk)]
+    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree, checked=checked)
+             * shdd.SCALE for i in range(0, lat_t.shape[0], chunk)]
     return torch.cat(parts) if parts else torch.zeros(0, shdd.num_coefficients(degree), device=lat_t.device)
 
 
-def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config
+def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config, weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective on z-space codes (B, D): "kl", "mse" or "kl+mse"; returns the loss and its parts
     (detached 0-d tensors: nothing is read back from the device here).
 
     KL is SHDD-KL on raw codes (z / SCALE); MSE is per coefficient in z-space (unit-variance targets).
+    `weight` (B,) 0/1: the mean over the rows where it is 1 (a mask without a boolean index, which would
+    read the mask back from the device).
     """
     obj, tc = config.train.objective, config.train
     terms = obj.split("+")
     parts: dict[str, torch.Tensor] = {}
     loss = pred.new_zeros(())
+
+    def mean(rows: torch.Tensor) -> torch.Tensor:
+        return rows.mean() if weight is None else (rows * weight).sum() / weight.sum().clamp_min(1)
+
     if "kl" in terms:
-        kl = shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
-                          grid_size=config.shdd.kl_grid_size)
+        kl = mean(shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
+                               grid_size=config.shdd.kl_grid_size, reduction="none"))
         loss = loss + tc.kl_weight * kl
         parts["kl"] = kl.detach()
     if "mse" in terms:
-        mse = shdd.mse_loss(pred, z0)
+        mse = mean(shdd.mse_loss(pred, z0, reduction="none"))
         loss = loss + tc.mse_weight * mse
         parts["mse"] = mse.detach()
     if not parts:
@@ -86,7 +93,8 @@ class LocDiffTask(Task):
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.use_stored and "shdd" in batch:
             return batch["shdd"].float() * shdd.SCALE
-        return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree)
+        return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree,
+                              checked=bool(batch.get("coordinates_checked")))
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -110,12 +118,23 @@ class LocDiffTask(Task):
         x0 = self.schedule.predict_x0(out.float(), zt, t, d.prediction)
         loss, parts = diffusion_loss(x0, z0, self.config)
         if w > 0:
-            keep = ~drop if drop is not None else slice(None)  # mu of a dropped condition is the null vector
-            prior, _ = diffusion_loss(mu.float()[keep], z0[keep], self.config)
+            keep = (~drop).float() if drop is not None else None  # mu of a dropped condition is the null vector
+            prior, _ = diffusion_loss(mu.float(), z0, self.config, keep)
             loss = loss + w * prior
             parts["prior"] = prior.detach()
         return loss, parts
 
+
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """Training FLOPs of one sample: the CS-UNet's matrix products (forward, and twice that backward)
+        plus SHDD-KL's grid products (prediction: forward and backward; target: forward)."""
+        flops = 3 * csunet_flops(model)
+        if "kl" in self.config.train.objective.split("+"):
+            d = shdd.num_coefficients(self.config.shdd.degree)
+            g = self.config.shdd.kl_grid_size or 8 * (self.config.shdd.degree + 1) ** 2
+            heads = 2 if self.config.train.prior_weight > 0 and self.config.network.head_width > 0 else 1
+            flops += heads * 3 * 2 * d * g  # (B, D) x (D, G): prediction forward + backward, target forward
+        return float(flops)
 
     @torch.no_grad()
     def validation_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
@@ -144,4 +163,5 @@ def engine_settings(config: Config) -> Settings:
     return Settings(steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
                     warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                     ema_decay=tc.ema_decay, checkpoint_every=tc.checkpoint_every, log_every=tc.log_every,
-                    seed=tc.seed, amp=tc.amp, device=tc.device)
+                    seed=tc.seed, amp=tc.amp, device=tc.device, loader_threads=tc.loader_threads,
+                    peak_tflops=tc.peak_tflops)
