@@ -92,9 +92,22 @@ class Settings:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" (CUDA when present, else the CPU) or a device name; a CUDA device this machine does not have
+    is a UserError naming what exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"train.device={name}: not a device name ({str(err).splitlines()[0]}); use auto, cpu, "
+                        "cuda or cuda:N") from None
+    if device.type == "cuda":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0 or (device.index or 0) >= have:
+            exists = f"its CUDA devices are cuda:0..cuda:{have - 1}" if have else "it has no CUDA GPU"
+            raise UserError(f"train.device={name}: this machine has no such device ({exists}); use "
+                            "train.device=auto or one that exists")
+    return device
 
 
 def to_batch(rows: Rows, device: torch.device) -> dict[str, Any]:
@@ -178,6 +191,9 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5),
     "L40S": (362.0, 91.6), "L4": (121.0, 30.3), "A10G": (70.0, 31.2), "A10": (125.0, 31.2),
 }
+
+
+THROUGHPUT_METRICS = ("samples_per_s", "peak_gpu_memory_gib", "mfu")  # in run.json, MLflow, the CLI's last line
 
 
 def peak_flops(device: torch.device, bf16: bool, override_tflops: float = 0.0) -> float | None:

@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "hub id), recorded in the run; a features folder's manifest says it itself")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="train on Ray Train with N workers (a local Ray, or the cluster at RAY_ADDRESS)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray worker")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="GPUs per Ray worker; without --workers, 1 trains this process on the local GPU "
+                   "(refused when there is none)")
     p.add_argument("--storage", metavar="DIR_OR_S3",
                    help="Ray Train checkpoints (default: RUN/ray); s3://bucket/prefix on a cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from locdiff.model.config import load_config
     from locdiff.resources import model_config_path
-    from locdiff.training import train_run
+    from locdiff.training import check_devices, throughput_line, train_run
 
     overrides = list(args.overrides)
     if args.method:
@@ -79,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.config}: method must be one of {', '.join(TRAIN_METHODS)}; got {cfg.method!r}")
     if args.workers < 0 or args.gpus_per_worker < 0:
         raise ValueError("--workers and --gpus-per-worker must be >= 0")
+    check_devices(cfg, args.workers, args.gpus_per_worker)  # before anything is written
     ray_settings = None
     if args.workers:
         from locdiff.distributed import RayTrainSettings
@@ -92,6 +95,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{verb} {cfg.method} into {args.out}")
     for k, v in (outcome.record.get("metrics") or {}).items():
         print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    line = throughput_line(outcome.record.get("metrics") or {})
+    if line:
+        print(line)
     return 0
 
 
