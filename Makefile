@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench lint demo stop clean lock
+.PHONY: setup test test-fast bench gpu-check lint demo stop clean lock
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# The GPU path on one GPU in under 5 minutes (benchmarks/gpu_check.py); without a GPU, a dry run of its CPU parts.
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check
 
 lint: setup
 	$(BIN)/ruff check locdiff flows tests benchmarks

@@ -94,3 +94,21 @@ def test_prior_head_is_the_gaussian_posterior_mean_at_init():
     torch.testing.assert_close(last, torch.arange(25.0).expand(2, 25), atol=1e-3, rtol=0)
     plain = _net(head=0)
     assert plain.head is None and plain(z, torch.zeros(2, dtype=torch.long), e).shape == (2, 25)
+
+
+def test_noisy_code_and_z0_sum_stay_float32_under_bf16_autocast():
+    """Under bfloat16 autocast (README "Numerics") the hidden blocks run in bf16, but the noisy code, the first
+    sine layer and z0 = a_t z_t + (1 - a_t^2) mu + U-Net stay float32: with the U-Net's and the head's outputs
+    zeroed, z0 is exactly a_t z_t computed in float32."""
+    net = _net().eval()
+    torch.nn.init.zeros_(net.out_proj.weight)
+    abar = NoiseSchedule(1000).alphas_cumprod.sqrt().float()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(16, net.dim, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    emb = torch.randn(16, net.embed_dim, generator=g)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        x0 = net(z, t, emb)
+        first = torch.sin(net.omega_0 * net.in_proj(z))  # what the network would compute without the guard
+    assert x0.dtype == torch.float32 and first.dtype == torch.bfloat16
+    assert torch.equal(x0, abar[t][:, None] * z)
