@@ -93,7 +93,7 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     """
     from locdiff.methods import get_method, prepare_data
 
-    check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)) if workers else 0.0)
+    check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)))
     resolved = config_to_dict(config)
     run = RunFolder(out)
     run.check_compatible(resolved)
