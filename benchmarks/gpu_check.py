@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import machine, print_table, save
 from locdiff.data.stream import read_table
-from locdiff.distributed import RayTrainSettings
+from locdiff.distributed import RayTrainSettings, ensure_ray, stop_local_ray
 from locdiff.methods import get_method
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import load_config
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = _weights_diff(root / "tiny-fp32-cpu", root / "tiny-fp32-cpu-resumed")
         check("CPU resume is bit-exact", diff == 0.0, f"max weight difference {diff:.3g}")
         check("CPU resume: the same accuracy", resumed["_acc"] == cpu["_acc"], json.dumps(resumed["_acc"]))
+        if gpu:
+            ensure_ray()  # one local Ray for the four Ray runs (each would start and stop its own)
         for name in ("tiny", "base"):
             for amp in (True, False):
                 precision = "bf16" if amp else "fp32"
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(abs(again["_acc"][k] - first["_acc"][k]) for k in first["_acc"])
             check("GPU resume (bf16)", worst <= ACCURACY_TOLERANCE,
                   f"max weight difference {diff:.3g}; accuracy within {worst:.2f} points of the uninterrupted run")
+            stop_local_ray()
         else:
             check("GPU runs (one process and Ray 1 worker x 1 GPU, tiny and base, bf16 and fp32)", None,
                   "no CUDA GPU on this machine: to be measured on one")
