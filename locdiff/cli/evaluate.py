@@ -1,5 +1,5 @@
 """`locdiff evaluate` (the metrics table of a predictions file), `locdiff synth` (synthetic benchmark) and
-`locdiff realbench` (the realistic benchmark)."""
+`locdiff realbench` (the realistic benchmark) and `locdiff cuebench` (the cue benchmark)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--noise", type=float, default=None, metavar="X",
                    help="norm of the embedding noise (default 1.65; higher is harder)")
     r.set_defaults(func=_realbench)
+
+    c = subparsers.add_parser(
+        "cuebench", help="write the cue benchmark (country, region, city, landmark and no-geography cues)",
+        description="Write a geolocation benchmark whose embeddings carry discrete cues of different "
+                    "strengths: country (confusable with its land neighbours), region, city, famous "
+                    "landmarks, a coarse biome, and photos with no geography at all, plus noise (no "
+                    "download). Writes DIR/{train,val,val_unseen,test,test_unseen}.parquet, "
+                    "DIR/labels/<split>.parquet (what each row shows) and DIR/cuebench.json; the same seed "
+                    "gives identical files.")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    c.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
+    c.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
+    c.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
+                   help="val_unseen rows, held-out regions (default 1000)")
+    c.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
+    c.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
+                   help="test_unseen rows, held-out regions (default 2000)")
+    c.add_argument("--dim", type=int, default=256, metavar="D", help="embedding dimension (default 256)")
+    c.add_argument("--noise", type=float, default=None, metavar="X",
+                   help="norm of the embedding noise (default 1.0; higher is harder)")
+    c.set_defaults(func=_cuebench)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -110,4 +132,17 @@ def _realbench(args: argparse.Namespace) -> int:
     for split, path in paths.items():
         print(f"{split}: {path}")
     print(f"config: {paths['train'].parent / 'realbench.json'}")
+    return 0
+
+
+def _cuebench(args: argparse.Namespace) -> int:
+    from locdiff.cuebench import CueBenchConfig, write_benchmark
+
+    noise = {} if args.noise is None else {"noise": args.noise}
+    cfg = CueBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
+                         n_test=args.n_test, n_test_unseen=args.n_test_unseen, dim=args.dim, **noise)
+    paths = write_benchmark(args.out, cfg)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    print(f"config: {paths['train'].parent / 'cuebench.json'}")
     return 0
