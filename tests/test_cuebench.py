@@ -213,3 +213,19 @@ def test_bench_model_loads_cuebench_with_its_landmark_split(tmp_path):
     assert list(data["test_landmark"].ids) == list(data["test"].ids[rows])
     gallery = bench_model._gallery(args, data)
     assert len(gallery) == 400 and gallery.dim == data["train"].dim
+
+
+def test_biome_is_smooth_in_latitude_and_the_same_in_both_hemispheres():
+    """Far from any city (open Pacific) only the biome shows: mirrored latitudes look the same, a degree apart
+    nearly the same, and 40 degrees apart unlike."""
+    world = CueWorld(CueBenchConfig(seed=0, dim=64, noise=0.0))
+    lat = np.array([-30.0, -10.0, -9.0, 10.0, 30.0, -50.0])
+    lon = np.full(6, -135.0)
+    _, d_city = world.nearest_city(lat, lon)
+    assert d_city.min() > world.cfg.land_km
+    e, shows = world.embed(lat, lon, np.ones(6, np.int64), np.full(6, -1), np.random.default_rng(0))
+    assert (shows["country_shown"] == "").all() and not shows["region_shown"].any()
+    cos = e @ e.T
+    np.testing.assert_allclose(cos[1, 3], 1.0, atol=1e-5)  # 10 S and 10 N
+    np.testing.assert_allclose(cos[0, 4], 1.0, atol=1e-5)  # 30 S and 30 N
+    assert cos[1, 2] > 0.95 and cos[4, 5] < 0.5, cos
