@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "val_unseen", "test", "test_unseen")
 KINDS = ("landmark", "place", "nogeo")
 LANDMARK_RADIUS_KM = 0.3  # a landmark photo is within this of its landmark
+MAX_SPLIT_FLOATS = 1 << 28  # rows x dim of one split (1 GiB of float32; a split is built in memory)
 
 
 @dataclass
@@ -114,6 +115,10 @@ class CueBenchConfig:
             raise UserError("cuebench: place_mix needs four non-negative shares with a positive sum")
         if len(self.strength) != 2 or self.strength[0] > self.strength[1]:
             raise UserError("cuebench: strength needs (low, high) with low <= high")
+        for split, n in self.sizes().items():
+            if n * self.dim > MAX_SPLIT_FLOATS:
+                raise UserError(f"cuebench: {split}: {n:,} rows x {self.dim} dimensions is over the "
+                                f"{MAX_SPLIT_FLOATS:,} values one split may hold; make fewer rows or a smaller dim")
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val, "val_unseen": self.n_val_unseen, "test": self.n_test,

@@ -229,3 +229,10 @@ def test_biome_is_smooth_in_latitude_and_the_same_in_both_hemispheres():
     np.testing.assert_allclose(cos[1, 3], 1.0, atol=1e-5)  # 10 S and 10 N
     np.testing.assert_allclose(cos[0, 4], 1.0, atol=1e-5)  # 30 S and 30 N
     assert cos[1, 2] > 0.95 and cos[4, 5] < 0.5, cos
+
+
+def test_oversized_split_is_one_line(tmp_path, capsys):
+    assert main(["cuebench", "--out", str(tmp_path), "--n-train", "2000000", "--dim", "4096"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train: 2,000,000 rows x 4096 dimensions is over" in err[0]
+    assert not any(tmp_path.iterdir())
