@@ -171,7 +171,7 @@ class CueWorld:
         self.codes = sorted(set(div.country_code) | set(div.continent))
         code_index = {code: i for i, code in enumerate(self.codes)}
         self.city_country = np.array([code_index[k] for k in div.country_code], np.int64)
-        self.regions_names, self.city_region = np.unique(div.admin1.astype(str), return_inverse=True)
+        self.region_names, self.city_region = np.unique(div.admin1.astype(str), return_inverse=True)
         self.continents = sorted({div.continent.get(k, "") for k in self.codes})
         self.country_continent = np.array([self.continents.index(div.continent.get(k, "")) for k in self.codes])
         self.neighbours = [np.array(sorted(code_index[n] for n in div.neighbours.get(k, ()) if n in code_index),
@@ -182,7 +182,7 @@ class CueWorld:
         shared = _normalise(np.stack([own[i] + own[nb].sum(0) for i, nb in enumerate(self.neighbours)]))
         s = cfg.neighbour_share
         self.country_vec = _normalise(math.sqrt(1 - s) * own + math.sqrt(s) * shared).astype(np.float32)
-        self.region_vec = _unit_vectors(rng, len(self.regions_names), d)
+        self.region_vec = _unit_vectors(rng, len(self.region_names), d)
         self.city_vec = _unit_vectors(rng, len(c.lat), d)
         self.continent_vec = _unit_vectors(rng, len(self.continents), d)
         self.biome_vec = _unit_vectors(rng, int(math.ceil(90 / cfg.biome_band_deg)) + 1, d)
@@ -275,7 +275,7 @@ class CueWorld:
     def describe(self) -> dict[str, Any]:
         """What the JSON records about the world (besides the config)."""
         div = divisions()
-        return {"countries": len(set(div.country_code)), "first_level_divisions": len(self.regions_names),
+        return {"countries": len(set(div.country_code)), "first_level_divisions": len(self.region_names),
                 "cities": len(self.city_lat), "continents": [c for c in self.continents if c],
                 "regions": self.places.regions(), "landmarks": len(self.lm_lat)}
 
