@@ -55,7 +55,7 @@ CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 
 # config keys that may change between a run and its resumption (they do not change the weights)
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
-                     "train.device", "predict.", "hybrid.")
+                     "train.device", "predict.", "hybrid.", "limits.")
 
 
 def stable_hash(obj: Any) -> str:
@@ -64,7 +64,9 @@ def stable_hash(obj: Any) -> str:
 
 
 def completion_key(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:
-    """The identity of a training: hash of the resolved config and the data identities."""
+    """The identity of a training: hash of the resolved config and the data identities. The `limits`
+    section (memory budgets) is left out: it never changes what is trained."""
+    config = {k: v for k, v in config.items() if k != "limits"}
     return stable_hash({"config": config, "data": data})
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
 from locdiff.schema import check_ranges, setting
-from locdiff.tables import EmbeddingTable
+from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ SPLITS = ("train", "val", "test", "test_unseen")
 
 @dataclass
 class SynthConfig:
-    n_train: int = setting(50_000, ge=1)
-    n_val: int = setting(0, ge=0)  # 0: no val split is written
-    n_test: int = setting(5_000, ge=1)
-    n_unseen: int = setting(2_000, ge=1)
-    dim: int = setting(128, ge=8)
-    seed: int = 0
+    n_train: int = setting(50_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_val: int = setting(0, ge=0, le=MAX_GENERATED_ROWS)  # 0: no val split is written
+    n_test: int = setting(5_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_unseen: int = setting(2_000, ge=1, le=MAX_GENERATED_ROWS)
+    dim: int = setting(128, ge=8, le=4096)
+    seed: int = setting(0, ge=0, le=2**63 - 1)
     n_regions: int = 6  # held-out disks for test_unseen
     region_radius_km: tuple[float, float] = (500.0, 900.0)
     region_separation_km: float = 2_500.0  # minimum distance between two held-out disk centres

@@ -56,9 +56,9 @@ def photo_files(paths: list[str]) -> list[str]:
 
 def _locate(args: argparse.Namespace) -> int:
     from locdiff.errors import UserError
+    from locdiff.inference.geolocator import check_top_k
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1; got {args.top_k}")
+    check_top_k(args.top_k, "--top-k")
     if args.out and not args.out.endswith((".csv", ".parquet")):
         raise UserError(f"--out {args.out}: give a .csv or .parquet file")
     if args.map and not args.map.lower().endswith(".png"):

@@ -112,14 +112,19 @@ def _predict(args: argparse.Namespace) -> int:
     if args.method and trained != "locdiff":
         raise ValueError(f"{run.path} is a run of method {trained!r}; --method {args.method} needs a LocDiff "
                          "run (train one with `locdiff train --method locdiff`)")
-    for flag in ("samples", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1; got {value}")
+    if trained == "locdiff":  # the flags' bounds, before the data is read or the model built
+        from locdiff.model.config import check_predict_options, config_from_dict
+
+        check_predict_options(config_from_dict(cfg, source=str(run.file("config.yaml"))), samples=args.samples,
+                              steps=args.steps, seed=args.seed, flags=True)
     from locdiff.runs import check_data_encoder
 
     check_data_encoder(run, args.data)
     table = read_table(args.data)
+    if len(table) == 0:
+        from locdiff.errors import UserError
+
+        raise UserError(f"{args.data}: no rows; nothing to predict")
     method = get_method(trained).load(run.path, cfg)
     if trained == "locdiff":
         name = args.method or "locdiff"
