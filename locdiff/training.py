@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from locdiff.model.config import Config, config_to_dict
-from locdiff.runs import RunFolder, completion_key, encoder_record
+from locdiff.runs import RunFolder, absolute_location, completion_key, encoder_record
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     """
     from locdiff.methods import get_method, prepare_data
 
+    train, val = absolute_location(train), absolute_location(val)  # recorded: found again from anywhere
     resolved = config_to_dict(config)
     run = RunFolder(out)
     run.check_compatible(resolved)

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.runs import resolve_reference
+
 log = logging.getLogger(__name__)
 
 _BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its buffer in messages
@@ -147,12 +149,13 @@ class Geolocator:
                             "embeddings table without --encoder); locate photos with a run trained on "
                             "features of `locdiff data embed` or with `locdiff train --encoder NAME`, or pass "
                             "embeddings (Geolocator.locate_embeddings)")
-        model = str(rec["model"])
+        # a hub id, a local path recorded at training, or a folder inside the model: never a URL
+        model = resolve_reference(self.run.path, rec["model"], f"{self.source}: run.json encoder.model", hub_id=True)
         if model.startswith(("/", ".")) and not Path(model).exists():
             raise UserError(f"{self.source}: the run's image encoder {model} (a local folder) does not exist "
                             "here; copy it there or locate with embeddings")
         fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-        data = {k: v for k, v in rec.items() if k in fields and v is not None}
+        data = {k: v for k, v in rec.items() if k in fields and v is not None} | {"model": model}
         data.setdefault("name", Path(model).name)
         if self.device is not None:
             data["device"] = self.device

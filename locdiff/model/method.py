@@ -30,7 +30,7 @@ from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder, stable_hash
+from locdiff.runs import SELECTION, RunFolder, resolve_reference, stable_hash
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
@@ -195,9 +195,8 @@ class LocDiffMethod(GeoMethod):
         self.model = model.to(resolve_device(self.config.train.device)).eval()
         self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
         ref = meta.get("gallery")
-        uri = ref.get("uri") if isinstance(ref, dict) else None
-        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
-            ref = {**ref, "uri": str(run.file(uri))}  # a packaged model's gallery: relative to its folder
+        if isinstance(ref, dict) and ref.get("uri") is not None:  # inside the folder, local, or s3:// only
+            ref = {**ref, "uri": resolve_reference(run.path, ref["uri"], f"{run.file('model.json')}: gallery.uri")}
         self.gallery_ref = ref
         self._run = run
         return self
