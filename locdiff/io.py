@@ -13,6 +13,7 @@ Bad input raises ValueError naming the file, the column and the first bad row.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from locdiff.data import storage
+from locdiff.errors import reraise_for
 from locdiff.tables import EmbeddingTable
 
 PathLike = str | os.PathLike
@@ -210,7 +213,8 @@ def embedding_table_to_arrow(table: EmbeddingTable) -> pa.Table:
 
 
 def _write_atomic(path: PathLike, write) -> None:
-    """Write to a temporary sibling and rename, so an interrupted write never leaves a half file."""
+    """Write to a temporary sibling and rename, so an interrupted write never leaves a half file (a full
+    disk is a DiskFullError naming `path`)."""
     fs, p = _filesystem(path)
     if fs is not None:
         write(p, fs)
@@ -220,11 +224,37 @@ def _write_atomic(path: PathLike, write) -> None:
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
-        write(tmp, None)
-        os.replace(tmp, p)
+        with reraise_for(path, what="table", writing=True):
+            write(tmp, None)
+            os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_file_atomic(path: PathLike, data: bytes | str) -> None:
+    """Write a whole output file (JSON, an image) so that `path` either holds all of it or is left as it
+    was; a full disk is a DiskFullError naming `path`, and no partial or temporary file stays."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    with reraise_for(path, what="output", writing=True):
+        storage.write_bytes_atomic(str(path), data.encode() if isinstance(data, str) else data)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with NaN and infinities (in dicts, lists and tuples) as None: JSON null, not bare NaN."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """Valid JSON for `obj` (non-finite numbers as null; anything else non-finite is refused)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kw)
 
 
 def write_embeddings(path: PathLike, table: EmbeddingTable) -> None:

@@ -29,7 +29,6 @@ same seed gives byte-identical tables. See README "The realistic benchmark" for 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ import numpy as np
 
 from locdiff.errors import UserError
 from locdiff.geo import destination, haversine_km, unit_to_latlon
+from locdiff.io import json_text, write_file_atomic
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
@@ -395,7 +395,7 @@ def write_benchmark(out_dir: str | Path, cfg: RealBenchConfig) -> dict[str, Path
             "testsets": "locdiff/testsets/locations.npz (see its README: Im2GPS3k and YFCC26k locations)",
             "yfcc26k_subsample_seed": YFCC26K_SUBSAMPLE_SEED, "regions": world.regions(),
             "splits": {s: {"file": p.name, "rows": rows[s]} for s, p in paths.items()}}
-    (out / "realbench.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_file_atomic(out / "realbench.json", json_text(meta, indent=2) + "\n")
     log.info("realbench: %d splits in %.1f s", len(paths), time.perf_counter() - t0)
     return paths
 

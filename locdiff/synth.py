@@ -22,7 +22,6 @@ the same seed gives byte-identical tables.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
+from locdiff.io import json_text, write_file_atomic
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
@@ -244,7 +244,7 @@ def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
         log.info("synth: wrote %s (%d rows, dim %d)", paths[split], n, cfg.dim)
     meta = {"config": asdict(cfg), "regions": world.regions(),
             "splits": {s: str(p) for s, p in paths.items()}}
-    (out / "synth.json").write_text(json.dumps(meta, indent=2))
+    write_file_atomic(out / "synth.json", json_text(meta, indent=2))
     return paths
 
 

@@ -31,11 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_locate)
 
 
-def photo_files(paths: list[str]) -> list[str]:
-    """Files as given, and the image files under each folder (sorted; symlinks that lead out of the
-    folder are left out). A path that does not exist is kept: it is reported as unreadable."""
+SKIPPED_KINDS = {"symlink_outside": "symlinks leading out of the folder", "symlinked_folder": "symlinked folders "
+                 "(not followed)", "special": "entries that are not regular files", "not_an_image": "files that "
+                 "are not JPEG/PNG/WebP"}
+
+
+def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list[str]:
+    """Files as given, and the image files under each folder (sorted). Under a folder, symlinks that lead
+    out of it, symlinked folders, entries that are not regular files (FIFOs, sockets, devices) and files
+    that are not JPEG/PNG/WebP are left out and counted in `skipped` (by SKIPPED_KINDS). A path that does
+    not exist is kept: it is reported as unreadable."""
     from locdiff.data.sources.base import IMAGE_EXTENSIONS
 
+    counts = skipped if skipped is not None else {}
     out: list[str] = []
     for given in paths:
         path = Path(given)
@@ -46,10 +54,18 @@ def photo_files(paths: list[str]) -> list[str]:
         found = []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
             dirnames.sort()
+            for name in dirnames:
+                if (Path(dirpath) / name).is_symlink():
+                    counts["symlinked_folder"] = counts.get("symlinked_folder", 0) + 1
             for name in filenames:
                 f = Path(dirpath) / name
-                if name.lower().endswith(IMAGE_EXTENSIONS) and f.resolve().is_relative_to(root):
+                kind = ("symlink_outside" if f.is_symlink() and not f.resolve().is_relative_to(root)
+                        else "special" if not f.is_file()
+                        else "not_an_image" if not name.lower().endswith(IMAGE_EXTENSIONS) else None)
+                if kind is None:
                     found.append(str(f))
+                else:
+                    counts[kind] = counts.get(kind, 0) + 1
         out.extend(sorted(found))
     return out
 
@@ -63,7 +79,11 @@ def _locate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: give a .csv or .parquet file")
     if args.map and not args.map.lower().endswith(".png"):
         raise UserError(f"--map {args.map}: give a .png file")
-    files = photo_files(args.photos)
+    skipped: dict[str, int] = {}
+    files = photo_files(args.photos, skipped)
+    if skipped:
+        print("locdiff locate: left out of the folders: " + ", ".join(
+            f"{n} {SKIPPED_KINDS[k]}" for k, n in sorted(skipped.items())), file=sys.stderr)
     if not files:
         raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}")
     from locdiff.inference.geolocator import Geolocator, format_locations, write_locations

@@ -70,6 +70,7 @@ def _plot(args: argparse.Namespace) -> int:
     import torch
 
     from locdiff import shdd
+    from locdiff.plots import _background, save_figure
 
     code = shdd.encode(torch.tensor(args.lat, dtype=torch.float64), torch.tensor(args.lon, dtype=torch.float64),
                        args.degree)
@@ -81,8 +82,6 @@ def _plot(args: argparse.Namespace) -> int:
     im = ax.imshow(f, origin="lower", extent=(-180, 180, -90, 90), cmap="RdBu_r",
                    vmin=-abs(f).max(), vmax=abs(f).max())
     try:
-        from locdiff.plots import _background
-
         _background(ax)
     except Exception:  # the background is decoration only
         pass
@@ -90,6 +89,6 @@ def _plot(args: argparse.Namespace) -> int:
     ax.set(xlabel="longitude", ylabel="latitude", xlim=(-180, 180), ylim=(-90, 90),
            title=f"SHDD kernel at ({args.lat}, {args.lon}), degree {args.degree}")
     fig.colorbar(im, ax=ax, shrink=0.8, label="f(y)")
-    fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
     return 0

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
 from locdiff.data import storage
+from locdiff.data.features import read_feature_shard
 from locdiff.data.shards import group_samples, json_member, parse_tar_bytes
 from locdiff.data.validation import ChecksumError, sha256_bytes
 
@@ -54,11 +55,15 @@ def read_shard(url: str, entry: dict[str, Any], *, verify: bool = True) -> list[
                                 "(damaged or rewritten shard); re-run the stage that wrote it")
     buf = memoryview(data)
     out = []
+    arrays = False
     for key, parts in group_samples(parse_tar_bytes(buf, what=url)):
         if "json" not in parts:
             raise ValueError(f"{url}: sample {key} has no json member; the shard is corrupt")
         o, n = parts["json"]
         out.append((key, json_member(buf[o: o + n], url=url, key=key)))
+        arrays = arrays or any(ext.endswith("npy") for ext in parts)
+    if arrays:  # a features shard: parsed as training parses it (an object-dtype .npy is refused as there)
+        read_feature_shard(data, what=url)
     if len(out) != entry["count"]:
         raise ValueError(f"{url}: {len(out)} samples, the manifest says {entry['count']}")
     return out

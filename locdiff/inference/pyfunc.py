@@ -39,6 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from locdiff.io import finite_or_none
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = "locdiff-model"
@@ -289,16 +291,7 @@ def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) 
 
 def json_safe(df: Any) -> Any:
     """The output table with NaN and infinities as None (JSON null: bare NaN is not JSON), lists included."""
-    import math
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return df.astype(object).map(clean)
+    return df.astype(object).map(finite_or_none)
 
 
 def request_error(err: BaseException) -> Exception:
