@@ -47,7 +47,7 @@ class SynthConfig:
     n_unseen: int = setting(2_000, ge=1, le=MAX_GENERATED_ROWS)
     dim: int = setting(128, ge=8, le=4096)
     seed: int = setting(0, ge=0, le=2**63 - 1)
-    n_regions: int = 6  # held-out disks for test_unseen
+    n_regions: int = setting(6, ge=1, le=1000)  # held-out disks for test_unseen
     region_radius_km: tuple[float, float] = (500.0, 900.0)
     region_separation_km: float = 2_500.0  # minimum distance between two held-out disk centres
     margin_km: float = 150.0  # no train/val/test point within radius + margin of a held-out centre

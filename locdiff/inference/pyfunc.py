@@ -291,7 +291,10 @@ def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) 
 
 def json_safe(df: Any) -> Any:
     """The output table with NaN and infinities as None (JSON null: bare NaN is not JSON), lists included."""
-    return df.astype(object).map(finite_or_none)
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series([finite_or_none(v) for v in df[c]], index=df.index, dtype=object)
+                         for c in df.columns}, index=df.index)
 
 
 def request_error(err: BaseException) -> Exception:

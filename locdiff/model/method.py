@@ -190,7 +190,7 @@ class LocDiffMethod(GeoMethod):
         self = cls.from_config(config)
         tensors, meta = run.load_model()
         # sizes and shapes are checked on the meta device before the model is allocated
-        model = build_model(self.config, meta["embed_dim"], weights=tensors, source=str(run.file("model.json")))
+        model = build_model(self.config, meta["embed_dim"], weights=tensors, source=str(run.path))
         model.load_state_dict(tensors)
         self.model = model.to(resolve_device(self.config.train.device)).eval()
         self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
