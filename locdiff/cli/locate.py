@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from locdiff.cli import number_in
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -25,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="plain LocDiff (default) or LocDiff-H (retrieval)")
     p.add_argument("--out", metavar="PREDICTIONS", help="also write the table: .csv or .parquet")
     p.add_argument("--map", metavar="MAP.png", help="also draw the located photos on a world map")
-    p.add_argument("--batch-size", type=int, metavar="N", help="photos per encoder batch (default: the encoder's)")
+    p.add_argument("--batch-size", type=number_in(1, 4096), metavar="N",
+                   help="photos per encoder batch (default: the encoder's)")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: a GPU when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_locate)

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from locdiff.cli import number_in
+
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
@@ -37,9 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", metavar="NAME",
                    help="the image encoder that made the table's embeddings (configs/encoders/NAME.yaml or a "
                    "hub id), recorded in the run; a features folder's manifest says it itself")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
+    p.add_argument("--workers", type=number_in(0, 1024), default=0, metavar="N",
                    help="train on Ray Train with N workers (a local Ray, or the cluster at RAY_ADDRESS)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray worker")
+    p.add_argument("--gpus-per-worker", type=number_in(0, 64, float), default=0.0, metavar="G",
+                   help="GPUs per Ray worker")
     p.add_argument("--storage", metavar="DIR_OR_S3",
                    help="Ray Train checkpoints (default: RUN/ray); s3://bucket/prefix on a cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -5,28 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 
+from locdiff.cli import MAX_DEGREE, number_in
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shdd", help="SHDD location codes: encode, round-trip check, kernel plot")
     s = p.add_subparsers(dest="shdd_command", required=True, metavar="SUBCOMMAND")
 
     e = s.add_parser("encode", help="print the SHDD code of a point")
-    e.add_argument("--lat", type=float, required=True)
-    e.add_argument("--lon", type=float, required=True)
-    e.add_argument("--degree", type=int, required=True)
+    e.add_argument("--lat", type=number_in(-90, 90, float), required=True)
+    e.add_argument("--lon", type=number_in(-180, 180, float), required=True)
+    e.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     e.set_defaults(func=_encode)
 
     r = s.add_parser("roundtrip", help="decode(encode(x)) error and throughput on random points")
-    r.add_argument("--degree", type=int, required=True)
-    r.add_argument("--n", type=int, default=10_000)
+    r.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
+    r.add_argument("--n", type=number_in(1, 10_000_000), default=10_000)
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=number_in(0, 2**63 - 1), default=0)
     r.set_defaults(func=_roundtrip)
 
     pl = s.add_parser("plot", help="the kernel f(y) of a point's code on a world map (PNG)")
-    pl.add_argument("--lat", type=float, required=True)
-    pl.add_argument("--lon", type=float, required=True)
-    pl.add_argument("--degree", type=int, required=True)
+    pl.add_argument("--lat", type=number_in(-90, 90, float), required=True)
+    pl.add_argument("--lon", type=number_in(-180, 180, float), required=True)
+    pl.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     pl.add_argument("--out", required=True)
     pl.set_defaults(func=_plot)
 
