@@ -221,6 +221,10 @@ def _write_atomic(path: PathLike, write) -> None:
         return
     if os.path.isdir(p):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if _special(p):  # /dev/stdout, a FIFO: written in place, never replaced by a regular file
+        with reraise_for(path, what="table", writing=True):
+            write(p, None)
+        return
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
@@ -237,8 +241,19 @@ def write_file_atomic(path: PathLike, data: bytes | str) -> None:
     was; a full disk is a DiskFullError naming `path`, and no partial or temporary file stays."""
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    data = data.encode() if isinstance(data, str) else data
     with reraise_for(path, what="output", writing=True):
-        storage.write_bytes_atomic(str(path), data.encode() if isinstance(data, str) else data)
+        if _special(path):  # /dev/stdout, a FIFO: written in place, never replaced by a regular file
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            storage.write_bytes_atomic(str(path), data)
+
+
+def _special(path: PathLike) -> bool:
+    """Whether a local path exists and is not a regular file (a device, a FIFO, a socket)."""
+    p = os.fspath(path)
+    return "://" not in str(p) and os.path.exists(p) and not os.path.isfile(p)
 
 
 def finite_or_none(obj: Any) -> Any:

@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="shdd_command", required=True, metavar="SUBCOMMAND")
 
     e = s.add_parser("encode", help="print the SHDD code of a point")
-    e.add_argument("--lat", type=number_in(-90, 90, float), required=True)
-    e.add_argument("--lon", type=number_in(-180, 180, float), required=True)
+    e.add_argument("--lat", type=float, required=True)
+    e.add_argument("--lon", type=float, required=True)
     e.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     e.set_defaults(func=_encode)
 
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_roundtrip)
 
     pl = s.add_parser("plot", help="the kernel f(y) of a point's code on a world map (PNG)")
-    pl.add_argument("--lat", type=number_in(-90, 90, float), required=True)
-    pl.add_argument("--lon", type=number_in(-180, 180, float), required=True)
+    pl.add_argument("--lat", type=float, required=True)
+    pl.add_argument("--lon", type=float, required=True)
     pl.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     pl.add_argument("--out", required=True)
     pl.set_defaults(func=_plot)

@@ -124,7 +124,8 @@ def run_config_out_of_range_resume(w, tmp):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["batch_size"] = -4
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: train.batch_size: must be an integer >= 1"]
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: train.batch_size: must be an integer in "
+                                                "[1, 16777216]"]
 
 
 def truncated_gallery(w, tmp):
@@ -162,7 +163,7 @@ def predict_64d_data_with_128d_run(w, tmp):
 
 def resume_with_steps_minus_5(w, tmp):
     run = w.copy_run(tmp / "run")
-    return w.train_argv(run, "train.steps=-5"), ["--set train.steps: must be an integer >= 1; got -5"]
+    return w.train_argv(run, "train.steps=-5"), ["--set train.steps: must be an integer in [1, 1000000000]; got -5"]
 
 
 # -- configs: refused before anything is written ------------------------------------------------------------
@@ -178,13 +179,13 @@ def _config(tmp: Path, section: str, key: str, value) -> Path:
 def config_steps_minus_5(w, tmp):
     path = _config(tmp, "train", "steps", -5)
     argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
-    return argv, [f"{path}: train.steps: must be an integer >= 1; got -5"]
+    return argv, [f"{path}: train.steps: must be an integer in [1, 1000000000]; got -5"]
 
 
 def config_batch_size_minus_4(w, tmp):
     path = _config(tmp, "train", "batch_size", -4)
     argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
-    return argv, [f"{path}: train.batch_size: must be an integer >= 1; got -4"]
+    return argv, [f"{path}: train.batch_size: must be an integer in [1, 16777216]; got -4"]
 
 
 def config_not_yaml(w, tmp):

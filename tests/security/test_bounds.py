@@ -316,3 +316,23 @@ def test_the_served_model_refuses_hostile_requests_in_one_line(world):
     out = model.predict(pd.DataFrame({"embedding": row + [[0.5] * 12]}), {"top_k": 3})
     text = json.dumps(out.to_dict(orient="records"), allow_nan=False)  # valid JSON: null, not NaN
     assert json.loads(text)[1]["lat"] is None and "has dimension 12" in json.loads(text)[1]["error"]
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["shdd", "roundtrip", "--degree", "8", "--n", str(10**9)], "argument --n: must be an integer in [1, 10000000]"),
+    (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "1000", "--out", "k.png"],
+     "argument --degree: must be an integer in [1, 512]"),
+    (["shdd", "encode", "--lat", "1", "--lon", "2", "--degree", "100000"],
+     "argument --degree: must be an integer in [1, 512]"),
+    (["train", "--config", "tiny", "--train", "t", "--out", "r", "--workers", "100000"],
+     "argument --workers: must be an integer in [0, 1024]"),
+    (["locate", "--run", "r", "x.jpg", "--batch-size", "0"], "argument --batch-size: must be an integer in [1, 4096]"),
+    (["data", "ingest", "x", "--root", "r", "--limit", "nan"], "argument --limit: must be an integer in"),
+])
+def test_numeric_flags_are_bounded_by_the_parser(tmp_path, capsys, monkeypatch, argv, problem):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and problem in err, err
+    assert list(tmp_path.iterdir()) == []
