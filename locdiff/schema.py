@@ -446,7 +446,11 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = UniqueKeyLoader(text)  # what yaml.safe_load does, with duplicate keys refused
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or one_line(str(err), 200)

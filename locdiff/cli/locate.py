@@ -84,11 +84,11 @@ def _locate(args: argparse.Namespace) -> int:
         raise UserError(f"--map {args.map}: give a .png file")
     skipped: dict[str, int] = {}
     files = photo_files(args.photos, skipped)
-    if skipped:
-        print("locdiff locate: left out of the folders: " + ", ".join(
-            f"{n} {SKIPPED_KINDS[k]}" for k, n in sorted(skipped.items())), file=sys.stderr)
+    left_out = "left out of the folders: " + ", ".join(f"{n} {SKIPPED_KINDS[k]}"
+                                                        for k, n in sorted(skipped.items()))
     if not files:
-        raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}")
+        raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
+                        + (f" ({left_out})" if skipped else ""))
     from locdiff.inference.geolocator import Geolocator, format_locations, write_locations
 
     g = Geolocator.load(args.run, device=args.device)
@@ -98,6 +98,8 @@ def _locate(args: argparse.Namespace) -> int:
     for r in results:
         if not r.ok:
             print(f"locdiff locate: skipped {r.id}: {r.error}", file=sys.stderr)
+    if skipped:
+        print(f"locdiff locate: {left_out}", file=sys.stderr)
     print(format_locations(results, modes=args.top_k))
     print(f"\n{len(located)} of {len(results)} photos located with {args.run} ({args.method}); confidence: "
           f"calibrated probability of lying within {g.radius_km:g} km")

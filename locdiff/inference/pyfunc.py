@@ -19,10 +19,12 @@ The encoder is a reference (a hub id with its revision, or a local folder), load
 served. `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
 `image` (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder),
 optionally `id`, and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or
-located (an undecodable image, an embedding of another dimension) gets its `error` and NaN coordinates
-instead of failing the request. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
-request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it,
-so send images and embeddings in separate requests.)
+located (an undecodable image, an embedding of another dimension) gets its `error` and null (None)
+coordinates instead of failing the request: no NaN, so the answer is valid JSON. Params: `top_k` (5, at
+most 100), `method` ("locdiff" or "locdiff-h"). A request over the model's `limits` (rows, photos) or with
+a bad param is refused with a one-line HTTP 400 (`LocDiffModel.predict`). (In a JSON request every row of a
+binary column must hold bytes: MLflow decodes the column before the model sees it, so send images and
+embeddings in separate requests.)
 
 mlflow is imported inside functions: the library stays importable without it.
 """

@@ -136,6 +136,10 @@ def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(s
         answer = json.loads(body["error"])
         assert "stack_trace" not in answer and "\n" not in answer["message"], (name, answer)
         assert "Traceback" not in answer["message"] and len(answer["message"]) < 400, (name, answer)
+    # a param of the wrong type is refused by MLflow's own param schema before the model runs: a 400 without
+    # a stack trace too, but its message is MLflow's (it quotes the request)
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": "x"}})
+    assert 400 <= status < 500 and "stack_trace" not in json.loads(body["error"]), body
     status, body = post(server, {"dataframe_split": {"columns": ["id", "image"], "data": [["big", big]]}})
     assert status == 200, body
     row = body["predictions"][0]
