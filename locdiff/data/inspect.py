@@ -17,6 +17,7 @@ from locdiff.data import storage
 from locdiff.data.features import read_feature_shard
 from locdiff.data.shards import group_samples, json_member, parse_tar_bytes
 from locdiff.data.validation import ChecksumError, sha256_bytes
+from locdiff.io import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def inspect(folder: str, *, samples: int = 3, map_png: str | None = None, verify
         raise FileNotFoundError(f"{folder}: no completed stage (no images/manifest.json nor "
                                 "features/*/manifest.json)")
     target = map_png or storage.join(folder, "locations.png")
-    storage.write_bytes_atomic(target, _map_png(np.array(lat), np.array(lon), folder))
+    write_file_atomic(target, _map_png(np.array(lat), np.array(lon), folder))  # a full disk names the file
     report["map"] = target
     report["located"] = len(lat)
     report["unlabelled"] = unlabelled
