@@ -336,8 +336,6 @@ def _one_line_class() -> type:
     return OneLine
 
 
-
-
 def _present(v: Any) -> bool:
     if v is None:
         return False
