@@ -23,6 +23,10 @@ BAD_RUN_VALUES = [
     ("train.steps", -5, "must be an integer in [1, 1000000000]; got -5"),
     ("train.steps", 0, "must be an integer in [1, 1000000000]; got 0"),
     ("train.steps", 2.5, "must be an integer in [1, 1000000000]; got 2.5"),
+    ("train.steps", 10**20, "must be an integer in [1, 1000000000]; got 100000000000000000000"),  # issue 21: upper
+    ("train.batch_size", 10**8, "must be an integer in [1, 16777216]; got 100000000"),
+    ("predict.samples", 5000, "must be an integer in [1, 1024]; got 5000"),
+    ("limits.max_parameters", 0, "must be an integer in [1, 100000000000]; got 0"),
     ("train.batch_size", -4, "must be an integer in [1, 16777216]; got -4"),
     ("train.lr", 0, "must be a number in (0, 10]; got 0"),
     ("train.lr", -0.001, "must be a number in (0, 10]; got -0.001"),
