@@ -213,8 +213,7 @@ def embedding_table_to_arrow(table: EmbeddingTable) -> pa.Table:
 
 
 def _write_atomic(path: PathLike, write) -> None:
-    """Write to a temporary sibling and rename, so an interrupted write never leaves a half file (a full
-    disk is a DiskFullError naming `path`)."""
+    """Write to a temporary sibling and rename, so an interrupted write never leaves a half file."""
     fs, p = _filesystem(path)
     if fs is not None:
         write(p, fs)
@@ -228,9 +227,8 @@ def _write_atomic(path: PathLike, write) -> None:
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
-        with reraise_for(path, what="table", writing=True):
-            write(tmp, None)
-            os.replace(tmp, p)
+        write(tmp, None)
+        os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -343,6 +341,11 @@ def write_predictions(path: PathLike, ids: Any, lat: Any, lon: Any, pred_lat: An
         cols[name] = arr
         order.append(name)
     at = pa.table({c: cols[c] for c in order})
+    with reraise_for(path, what="table", writing=True):  # a full disk: one line naming the predictions file
+        _write_predictions(path, kind, at)
+
+
+def _write_predictions(path: PathLike, kind: str, at: pa.Table) -> None:
     if kind == "parquet":
         _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
     else:
