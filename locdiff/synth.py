@@ -22,7 +22,6 @@ the same seed gives byte-identical tables.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -31,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
+from locdiff.io import json_text, write_file_atomic
 from locdiff.schema import check_ranges, setting
-from locdiff.tables import EmbeddingTable
+from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,13 @@ SPLITS = ("train", "val", "test", "test_unseen")
 
 @dataclass
 class SynthConfig:
-    n_train: int = setting(50_000, ge=1)
-    n_val: int = setting(0, ge=0)  # 0: no val split is written
-    n_test: int = setting(5_000, ge=1)
-    n_unseen: int = setting(2_000, ge=1)
-    dim: int = setting(128, ge=8)
-    seed: int = 0
-    n_regions: int = 6  # held-out disks for test_unseen
+    n_train: int = setting(50_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_val: int = setting(0, ge=0, le=MAX_GENERATED_ROWS)  # 0: no val split is written
+    n_test: int = setting(5_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_unseen: int = setting(2_000, ge=1, le=MAX_GENERATED_ROWS)
+    dim: int = setting(128, ge=8, le=4096)
+    seed: int = setting(0, ge=0, le=2**63 - 1)
+    n_regions: int = setting(6, ge=1, le=1000)  # held-out disks for test_unseen
     region_radius_km: tuple[float, float] = (500.0, 900.0)
     region_separation_km: float = 2_500.0  # minimum distance between two held-out disk centres
     margin_km: float = 150.0  # no train/val/test point within radius + margin of a held-out centre
@@ -244,7 +244,7 @@ def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
         log.info("synth: wrote %s (%d rows, dim %d)", paths[split], n, cfg.dim)
     meta = {"config": asdict(cfg), "regions": world.regions(),
             "splits": {s: str(p) for s, p in paths.items()}}
-    (out / "synth.json").write_text(json.dumps(meta, indent=2))
+    write_file_atomic(out / "synth.json", json_text(meta, indent=2))
     return paths
 
 

@@ -23,7 +23,7 @@ from locdiff.distributed import check_gpu_request, local_gpus
 from locdiff.engine import resolve_device
 from locdiff.errors import UserError
 from locdiff.model.config import Config, config_to_dict
-from locdiff.runs import RunFolder, completion_key, encoder_record
+from locdiff.runs import RunFolder, absolute_location, completion_key, encoder_record
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     from locdiff.methods import get_method, prepare_data
 
     check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)))
+    train, val = absolute_location(train), absolute_location(val)  # recorded: found again from anywhere
     resolved = config_to_dict(config)
     run = RunFolder(out)
     run.check_compatible(resolved)

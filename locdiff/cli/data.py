@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from locdiff.cli import MAX_DEGREE, number_in
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="data sets to WebDataset shards, embeddings and SHDD targets")
@@ -14,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--root", required=True, help="local folder or s3://bucket/prefix")
     q.add_argument("--source", default=None, metavar="PATH_OR_URL",
                    help="folder, archive, CSV, http(s) or s3:// URL to read instead of the published URLs")
-    q.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N metadata rows")
+    q.add_argument("--limit", type=number_in(1, 10**12), default=None, metavar="N",
+                   help="only the first N metadata rows")
     q.add_argument("--unlabelled", action="store_true",
                    help="coordinates optional: keep records without lat/lon (null); a folder without a "
                         "CSV is read for every JPEG/PNG/WebP under it (config: coordinates: optional)")
@@ -32,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--root", required=True)
     q.add_argument("--encoder", required=True,
                    help="encoder config (configs/encoders/), local model folder or hub id")
-    q.add_argument("--degree", type=int, default=None, metavar="L",
+    q.add_argument("--degree", type=number_in(1, MAX_DEGREE), default=None, metavar="L",
                    help="also store SHDD targets of degree L")
     q.add_argument("--runner", choices=("auto", "local", "ray"), default="auto",
                    help="local: this process (a few shards at a time on threads); ray: Ray Data "

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from locdiff.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,10 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from locdiff.io import read_predictions
+    from locdiff.io import json_text, read_predictions, write_file_atomic
     from locdiff.metrics import distances_km, format_table, metrics_from_distances
 
     pred = read_predictions(args.predictions)
+    if len(pred.ids) == 0:
+        raise UserError(f"{args.predictions}: no rows; nothing to evaluate")
     if not pred.labelled:
         raise ValueError(f"{args.predictions}: no truth columns 'lat' and 'lon'; cannot evaluate")
     d = distances_km(pred.pred_lat, pred.pred_lon, pred.lat, pred.lon)
@@ -95,11 +98,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_table(rows, title=str(args.predictions)))
     if args.json:
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"predictions": str(args.predictions), "metrics": rows[name]}
         if len(rows) > 1:
             payload["by_method"] = {k: v for k, v in rows.items() if k != name}
-        out.write_text(json.dumps(payload, indent=2))
+        write_file_atomic(out, json_text(payload, indent=2))  # whole or not at all; NaN as null
         print(f"wrote {out}")
     if args.plots:
         from locdiff.plots import error_cdf, world_map

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from locdiff.cli import number_in
+
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
@@ -37,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", metavar="NAME",
                    help="the image encoder that made the table's embeddings (configs/encoders/NAME.yaml or a "
                    "hub id), recorded in the run; a features folder's manifest says it itself")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
+    p.add_argument("--workers", type=number_in(0, 1024), default=0, metavar="N",
                    help="train on Ray Train with N workers (a local Ray, or the cluster at RAY_ADDRESS)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+    p.add_argument("--gpus-per-worker", type=number_in(0, 64, float), default=0.0, metavar="G",
                    help="GPUs per Ray worker; without --workers, 1 trains this process on the local GPU "
                    "(refused when there is none)")
     p.add_argument("--storage", metavar="DIR_OR_S3",
@@ -118,14 +120,19 @@ def _predict(args: argparse.Namespace) -> int:
     if args.method and trained != "locdiff":
         raise ValueError(f"{run.path} is a run of method {trained!r}; --method {args.method} needs a LocDiff "
                          "run (train one with `locdiff train --method locdiff`)")
-    for flag in ("samples", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1; got {value}")
+    if trained == "locdiff":  # the flags' bounds, before the data is read or the model built
+        from locdiff.model.config import check_predict_options, config_from_dict
+
+        check_predict_options(config_from_dict(cfg, source=str(run.file("config.yaml"))), samples=args.samples,
+                              steps=args.steps, seed=args.seed, flags=True)
     from locdiff.runs import check_data_encoder
 
     check_data_encoder(run, args.data)
     table = read_table(args.data)
+    if len(table) == 0:
+        from locdiff.errors import UserError
+
+        raise UserError(f"{args.data}: no rows; nothing to predict")
     method = get_method(trained).load(run.path, cfg)
     if trained == "locdiff":
         name = args.method or "locdiff"

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from locdiff.tables import EmbeddingTable
+from locdiff.errors import UserError
+from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +466,9 @@ def open_source(data: str | EmbeddingTable | DataSource, *, labelled: bool | Non
             src = ParquetSource(path, labelled=labelled)
     if labelled and not src.labelled:
         raise ValueError(f"{src.location}: training needs lat and lon")
+    if src.dim > MAX_EMBED_DIM:
+        raise UserError(f"{src.location}: embeddings of dimension {src.dim:,}, above the limit of {MAX_EMBED_DIM:,}; "
+                        "embed the images with a supported encoder")
     return src
 
 

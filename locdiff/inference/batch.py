@@ -25,6 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from locdiff.data.config import MAX_SHARD_SIZE
+from locdiff.errors import UserError
+from locdiff.inference.geolocator import check_top_k
+
 log = logging.getLogger(__name__)
 
 NAME = "photos"  # the data set name under OUT
@@ -57,8 +61,6 @@ class LocateJob:
 
 def default_out(photos: str) -> str:
     """PHOTOS-located beside the input (a folder, archive, CSV or s3:// prefix)."""
-    from locdiff.errors import UserError
-
     if photos.startswith(("http://", "https://")):
         raise UserError(f"{photos}: an http(s) input has no folder beside it; give `out` (a folder or s3:// "
                         "prefix) for the results")
@@ -77,16 +79,13 @@ def default_out(photos: str) -> str:
 def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, method: str = "locdiff",
          shard_size: int = 1000, allow_private_addresses: bool = False) -> LocateJob:
     """Check the parameters (nothing is read or written) and name the output folder."""
-    from locdiff.errors import UserError
-
     if not photos:
         raise UserError("photos: give a folder, URL list (CSV) or s3:// prefix of photos")
-    if top_k < 1:
-        raise UserError(f"top_k must be >= 1; got {top_k}")
+    check_top_k(top_k)
     if method not in ("locdiff", "locdiff-h"):
         raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {method!r}")
-    if shard_size < 1:
-        raise UserError(f"shard_size must be >= 1; got {shard_size}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise UserError(f"shard_size must be an integer in [1, {MAX_SHARD_SIZE}]; got {shard_size!r}")
     return LocateJob(photos=photos, model=model, out=(out or default_out(photos)).rstrip("/"), top_k=top_k,
                      method=method, shard_size=shard_size, allow_private_addresses=allow_private_addresses)
 

@@ -37,11 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.runs import resolve_reference
+
 log = logging.getLogger(__name__)
 
 _BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its buffer in messages
 MIN_SEPARATION_KM = 100.0  # modes closer than this are one mode
 DEFAULT_TOP_K = 5
+MAX_TOP_K = 100  # modes per photo (each costs a refinement; modes below 0.1 % of the mass are dropped anyway)
 ImageInput = Any  # a path (str or PathLike), image bytes, or a PIL image
 
 
@@ -146,12 +149,13 @@ class Geolocator:
                             "embeddings table without --encoder); locate photos with a run trained on "
                             "features of `locdiff data embed` or with `locdiff train --encoder NAME`, or pass "
                             "embeddings (Geolocator.locate_embeddings)")
-        model = str(rec["model"])
+        # a hub id, a local path recorded at training, or a folder inside the model: never a URL
+        model = resolve_reference(self.run.path, rec["model"], f"{self.source}: run.json encoder.model", hub_id=True)
         if model.startswith(("/", ".")) and not Path(model).exists():
             raise UserError(f"{self.source}: the run's image encoder {model} (a local folder) does not exist "
                             "here; copy it there or locate with embeddings")
         fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-        data = {k: v for k, v in rec.items() if k in fields and v is not None}
+        data = {k: v for k, v in rec.items() if k in fields and v is not None} | {"model": model}
         data.setdefault("name", Path(model).name)
         if self.device is not None:
             data["device"] = self.device
@@ -211,6 +215,7 @@ class Geolocator:
 
         if errors not in ("report", "raise"):
             raise ValueError(f"errors must be 'report' or 'raise'; got {errors!r}")
+        check_top_k(top_k)
         if isinstance(images, str | bytes | os.PathLike) or _is_pil(images):
             images = [images]
         ids, emb, failed = self.embed(images, batch_size=batch_size, progress=progress)
@@ -237,8 +242,7 @@ class Geolocator:
         from locdiff.shdd.modes import density_modes
         from locdiff.tables import EmbeddingTable
 
-        if top_k < 1:
-            raise UserError(f"top_k must be >= 1; got {top_k}")
+        check_top_k(top_k)
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim == 1:
             emb = emb[None]
@@ -273,6 +277,15 @@ class Geolocator:
                                 place=p.label if p else "", place_km=p.distance_km if p else float("nan"),
                                 modes=ms, method=method))
         return out
+
+
+def check_top_k(top_k: Any, name: str = "top_k") -> int:
+    """`top_k` when it is an integer in [1, MAX_TOP_K]; a UserError naming `name` (e.g. "--top-k") otherwise."""
+    from locdiff.errors import UserError
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
+        raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")
+    return int(top_k)
 
 
 def _is_pil(x: Any) -> bool:

@@ -19,10 +19,12 @@ The encoder is a reference (a hub id with its revision, or a local folder), load
 served. `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
 `image` (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder),
 optionally `id`, and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or
-located (an undecodable image, an embedding of another dimension) gets its `error` and NaN coordinates
-instead of failing the request. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
-request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it,
-so send images and embeddings in separate requests.)
+located (an undecodable image, an embedding of another dimension) gets its `error` and null (None)
+coordinates instead of failing the request: no NaN, so the answer is valid JSON. Params: `top_k` (5, at
+most 100), `method` ("locdiff" or "locdiff-h"). A request over the model's `limits` (rows, photos) or with
+a bad param is refused with a one-line HTTP 400 (`LocDiffModel.predict`). (In a JSON request every row of a
+binary column must hold bytes: MLflow decodes the column before the model sees it, so send images and
+embeddings in separate requests.)
 
 mlflow is imported inside functions: the library stays importable without it.
 """
@@ -31,12 +33,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from locdiff.io import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +207,20 @@ class LocDiffModel:
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """One output row per input row (see the module docstring); a row that cannot be read or located
-        gets its `error` and NaN coordinates."""
+        gets its `error` and null coordinates. A request out of bounds (top_k, method, more rows than
+        limits.max_request_rows, more photos than limits.max_request_images) or one that fails as a whole is
+        refused before any work with an MlflowException of one line and no stack trace: HTTP 400 for the
+        request's fault, 500 for anything else."""
+        import pandas as pd
+
+        try:
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            check_request(df, params, self.geolocator.method.config.limits)
+            return json_safe(self._predict(df, params))
+        except Exception as err:  # noqa: BLE001 - the served model's boundary: one line, no traceback
+            raise request_error(err) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import numpy as np
         import pandas as pd
 
@@ -246,6 +264,76 @@ class LocDiffModel:
             else:
                 rows.append(_row(ids[i], r, method, g.radius_km, r.error))
         return pd.DataFrame(rows, columns=list(SIGNATURE_OUTPUTS))
+
+
+def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) -> None:
+    """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
+    limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
+    from locdiff.errors import UserError
+    from locdiff.inference.geolocator import check_top_k
+
+    params = params or {}
+    unknown = sorted(set(params) - {"top_k", "method"})
+    if unknown:
+        raise UserError(f"unknown params {', '.join(map(repr, unknown))}; valid params: top_k, method")
+    check_top_k(params.get("top_k", 5))
+    if params.get("method", "locdiff") not in ("locdiff", "locdiff-h"):
+        raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {str(params.get('method'))[:40]!r}")
+    n = len(model_input)
+    if n > limits.max_request_rows:
+        raise UserError(f"{n} rows in one request, above the limit of {limits.max_request_rows} (the model's "
+                        "limits.max_request_rows); send them in several requests")
+    columns = getattr(model_input, "columns", ())
+    if "image" in columns:
+        photos = sum(_present(v) for v in model_input["image"])
+        if photos > limits.max_request_images:
+            raise UserError(f"{photos} photos in one request, above the limit of {limits.max_request_images} (the "
+                            "model's limits.max_request_images); send them in several requests")
+
+
+def json_safe(df: Any) -> Any:
+    """The output table with NaN and infinities as None (JSON null: bare NaN is not JSON), lists included."""
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series([finite_or_none(v) for v in df[c]], index=df.index, dtype=object)
+                         for c in df.columns}, index=df.index)
+
+
+def request_error(err: BaseException) -> Exception:
+    """`err` as the scoring server's error answer: an MlflowException with one line (locdiff.errors.describe)
+    and no stack trace; 400 (INVALID_PARAMETER_VALUE) for what the request can fix, 500 otherwise."""
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+    from locdiff.errors import UserError, describe
+
+    bad_request = isinstance(err, UserError | ValueError | TypeError)
+    text = describe(err, debug_hint="see the server log")
+    if not bad_request:
+        log.error("request failed", exc_info=err)
+    return _one_line_class()(text, INVALID_PARAMETER_VALUE if bad_request else INTERNAL_ERROR)
+
+
+@functools.cache
+def _one_line_class() -> type:
+    from mlflow.exceptions import MlflowException
+
+    class OneLine(MlflowException):
+        """An MlflowException whose message stays one line: the scoring server prefixes the whole input to a
+        model's error message (`Failed to predict data '...'`), which this class ignores."""
+
+        def __init__(self, message: str, error_code: int) -> None:
+            self._line = message
+            super().__init__(message, error_code=error_code)
+
+        @property
+        def message(self) -> str:  # type: ignore[override]
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:
+            pass
+
+    return OneLine
 
 
 def _present(v: Any) -> bool:

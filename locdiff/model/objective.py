@@ -16,15 +16,58 @@ from torch import nn
 
 from locdiff import shdd
 from locdiff.engine import Settings, Task
+from locdiff.errors import ConfigError, CorruptFileError, UserError
 from locdiff.model.config import Config
 from locdiff.model.csunet import CSUNet, csunet_flops
 from locdiff.model.schedule import NoiseSchedule
+from locdiff.tables import MAX_EMBED_DIM
 
 
-def build_model(config: Config, embed_dim: int) -> CSUNet:
-    """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim."""
+def build_model(config: Config, embed_dim: int, *, weights: Any = None, source: str = "the config") -> CSUNet:
+    """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim.
+
+    Before anything is allocated (`model_shapes`): embed_dim must be at most MAX_EMBED_DIM, the parameters
+    at most `limits.max_parameters`, and `weights` (a state dict about to be loaded, when given) must have
+    exactly the model's tensor names and shapes; a UserError naming `source` otherwise."""
+    shapes = model_shapes(config, embed_dim, source=source)
+    if weights is not None:
+        check_weights(shapes, weights, source)
     abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
     return CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
+
+
+def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the CS-UNet `build_model` makes, built on the meta device (no memory), after
+    the size checks of `build_model`."""
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int | np.integer) \
+            or not 1 <= embed_dim <= MAX_EMBED_DIM:
+        raise UserError(f"{source}: embedding dimension {embed_dim!r} is outside [1, {MAX_EMBED_DIM}]; "
+                        "embed the images with a supported encoder")
+    embed_dim = int(embed_dim)
+    with torch.device("meta"):
+        abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
+        model = CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
+    count = sum(p.numel() for p in model.parameters())
+    budget = config.limits.max_parameters
+    if count > budget:
+        raise ConfigError(source, "limits.max_parameters",
+                          f"the denoiser would have {count:,} parameters (widths {config.network.widths}, degree "
+                          f"{config.shdd.degree}, {embed_dim}-d embeddings), above the budget of {budget:,}; "
+                          "choose a smaller network or raise limits.max_parameters on a larger machine")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights(shapes: dict[str, tuple[int, ...]], weights: Any, source: str) -> None:
+    """CorruptFileError naming `source` unless `weights` has exactly these tensor names and shapes."""
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got == shapes:
+        return
+    missing, extra = sorted(set(shapes) - set(got)), sorted(set(got) - set(shapes))
+    wrong = [k for k in shapes if k in got and got[k] != shapes[k]]
+    detail = (f"tensor {wrong[0]} is {list(got[wrong[0]])}, the config makes {list(shapes[wrong[0]])}" if wrong
+              else f"missing tensors {missing[:3]}" if missing else f"unexpected tensors {extra[:3]}")
+    raise CorruptFileError(source, f"{source}: the model weights do not fit its config ({detail}); the run "
+                           "folder is damaged: train again into a new --out")
 
 
 def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192, checked: bool = False) -> torch.Tensor:

@@ -105,7 +105,8 @@ def locdiff_predict(
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     outs: dict[str, list] = {key: [] for key in ("ml", "mo", "mv", "sl", "so", "sc", "mc", "code")}
-    bs = max(1, pc.batch_size)
+    # images x samples per chunk bounded, and the (n, K, K) support vote to 4 M pairs
+    bs = max(1, min(pc.batch_size, config.limits.max_codes_per_chunk // k, (1 << 22) // (k * k)))
     for i in tqdm(range(0, emb.shape[0], bs), disable=not progress, desc="predict"):
         z = sample_codes(
             model, emb[i : i + bs], config, samples=k, steps=s, generator=g, guidance_scale=guidance_scale

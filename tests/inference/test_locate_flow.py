@@ -53,7 +53,7 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
 def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
     from flows.locate import locate_photos
 
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 100\]"):
         locate_photos(photos=str(tmp_path), top_k=0)
     with pytest.raises(ValueError, match="http\\(s\\) input has no folder beside it"):
         locate_photos(photos="https://example.org/urls.csv")

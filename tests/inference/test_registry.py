@@ -62,7 +62,7 @@ def test_pyfunc_predict_in_process(trained, photos):
     jpg = open(sorted(photos["test"].glob("*.jpg"))[0], "rb").read()
     out = model.predict(pd.DataFrame({"id": ["a", "b"], "image": [jpg, b"not an image"]}))
     assert out["id"].tolist() == ["a", "b"] and np.isfinite(out["lat"][0]) and out["error"][0] == ""
-    assert np.isnan(out["lat"][1]) and "undecodable" in out["error"][1]
+    assert out["lat"][1] is None and "undecodable" in out["error"][1]  # null in JSON (issue 20 item 4)
 
 
 def test_versions_carry_metrics_and_the_champion_moves_only_when_beaten(trained, store):

@@ -20,6 +20,7 @@ import pytest
 from locdiff import Geolocator
 
 pytestmark = pytest.mark.server
+_SERVER: dict[str, int] = {}  # the server's process group (its session), for its peak memory
 
 
 def _free_port() -> int:
@@ -42,6 +43,7 @@ def server(trained, store, tmp_path_factory):
                                  "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "--workers", "1"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=str(log.parent))
+    _SERVER["pgid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
@@ -99,3 +101,55 @@ def test_post_a_jpeg_and_an_embedding(server, trained, photos):
 
     status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": [[[0.5] * 12]]}})
     assert status == 200 and "has dimension 12; " in body["predictions"][0]["error"]
+
+
+def _peak_rss_kb(pgid: int) -> int:
+    """The largest VmHWM (peak resident memory) among the processes of the server's session."""
+    peak = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if os.getpgid(int(status.parent.name)) != pgid:
+                continue
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except (OSError, ValueError):
+            continue
+        peak = max(peak, int(fields.get("VmHWM", "0 kB").split()[0]))
+    return peak
+
+
+def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(server, trained, record_property):
+    """Issue 21 item 2: each request below is a 4xx JSON answer with one message and no stack trace (or, for
+    rows that cannot be read, a row error with null coordinates); a normal request is answered afterwards."""
+    g = Geolocator.load(trained["run_dir"])
+    emb = [[list(np.random.default_rng(5).normal(size=g.embedding_dim))]]
+    big = base64.b64encode(b"\xff\xd8\xff" + b"\0" * 55_000_000).decode()  # a 55 MB "JPEG"
+    hostile = {
+        "top_k 10^9": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 1_000_000_000}},
+        "top_k 0": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 0}},
+        "method": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"method": "evil"}},
+        "10,000 rows": {"dataframe_split": {"columns": ["embedding"], "data": emb * 10_000}},
+        "no columns": {"dataframe_split": {"columns": ["x"], "data": [[1]]}},
+    }
+    for name, payload in hostile.items():
+        status, body = post(server, payload)
+        assert 400 <= status < 500, (name, status, body)
+        answer = json.loads(body["error"])
+        assert "stack_trace" not in answer and "\n" not in answer["message"], (name, answer)
+        assert "Traceback" not in answer["message"] and len(answer["message"]) < 400, (name, answer)
+    # a param of the wrong type is refused by MLflow's own param schema before the model runs: a 400 without
+    # a stack trace too, but its message is MLflow's (it quotes the request)
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": "x"}})
+    assert 400 <= status < 500 and "stack_trace" not in json.loads(body["error"]), body
+    status, body = post(server, {"dataframe_split": {"columns": ["id", "image"], "data": [["big", big]]}})
+    assert status == 200, body
+    row = body["predictions"][0]
+    assert row["error"].startswith("too_big") and row["lat"] is None and row["place_km"] is None  # null, not NaN
+
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 3}})
+    assert status == 200 and body["predictions"][0]["error"] == "", body
+    ref = g.locate_embeddings(np.asarray(emb[0][0]), top_k=3)[0]
+    assert body["predictions"][0]["lat"] == pytest.approx(ref.lat, abs=1e-9)
+    peak = _peak_rss_kb(_SERVER["pgid"])
+    record_property("server_peak_rss_kb", peak)
+    print(f"mlflow models serve: peak RSS {peak / 1024:.0f} MiB over the hostile requests")
+    assert 0 < peak < 3 * 1024 * 1024  # kB: the 23 GB of a 10^9 top_k never comes near

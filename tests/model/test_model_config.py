@@ -36,13 +36,13 @@ def test_overrides_typecheck_and_apply(tmp_path):
     )
     assert (cfg.train.steps, cfg.network.widths, cfg.shdd.kl_tau, cfg.method) == (7, [8, 4], 0.5, "knn")
     assert cfg.baselines == {"knn": {"k": 3}}
-    with pytest.raises(ValueError, match=r"^--set train\.steps: must be an integer >= 1; got 'abc'$"):
+    with pytest.raises(ValueError, match=r"^--set train\.steps: must be an integer in \[1, 1000000000\]; got 'abc'$"):
         load_config(None, ["train.steps=abc"])
     with pytest.raises(ValueError, match=r"^--set train\.nope: unknown key; valid keys here: objective"):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ValueError, match=r"^--set train\.steps: expected KEY=VALUE"):
         load_config(None, ["train.steps"])
-    with pytest.raises(ValueError, match=r"^--set network\.embedding_noise: must be a number >= 0; got -1$"):
+    with pytest.raises(ValueError, match=r"^--set network\.embedding_noise: must be a number in \[0, 1000\]; got -1$"):
         load_config(None, ["network.embedding_noise=-1"])
 
 
