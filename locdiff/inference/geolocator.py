@@ -105,7 +105,7 @@ class Geolocator:
         if device is not None:
             cfg = {**cfg, "train": {**cfg.get("train", {}), "device": device}}
         self.method = LocDiffMethod.load(self.run.path, cfg)
-        self.encoder_record = self.run.encoder()
+        self.encoder_record = packaged_encoder(self.run.encoder(), self.run.path)
         self.device = device
         self._encoder: Any = None
         self._keep = _keep  # a downloaded model's temporary folder lives as long as the Geolocator
@@ -273,6 +273,16 @@ class Geolocator:
                                 place=p.label if p else "", place_km=p.distance_km if p else float("nan"),
                                 modes=ms, method=method))
         return out
+
+
+def packaged_encoder(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The encoder record with a packaged encoder (a registered model's `encoder` folder, revision
+    sha256:DIGEST; locdiff.inference.pyfunc) named by its absolute location in `folder`; others as they are."""
+    model = str(record.get("model") or "")
+    if not str(record.get("revision") or "").startswith("sha256:") or not model or Path(model).is_absolute() \
+            or ".." in Path(model).parts or not (folder / model).is_dir():
+        return record
+    return {**record, "model": str((folder / model).resolve())}
 
 
 def _is_pil(x: Any) -> bool:
