@@ -71,7 +71,10 @@ def _ingest(args: argparse.Namespace) -> int:
         return 2
     skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
     unlabelled = f" ({m['unlabelled']} without coordinates)" if m.get("unlabelled") else ""
-    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards{unlabelled}; skipped: {skipped}")
+    exif = m.get("exif") or {}
+    tags = (f"; GPS tags: {exif['labelled']} labelled by their tag, {exif['disagree']} over 1 km from the "
+            f"metadata (the metadata's kept), {exif['malformed']} unusable") if any(exif.values()) else ""
+    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards{unlabelled}; skipped: {skipped}{tags}")
     return 0
 
 
