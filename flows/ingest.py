@@ -11,7 +11,8 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="ingest {dataset.name}")
 def ingest_dataset(dataset: DataSet, root: str) -> int:
     """Run the data layer's ingest; retried on transient failures (network, S3)."""
     manifest = pipeline.ingest(pipeline.DataSpec.parse(dataset), root)

@@ -25,13 +25,13 @@ from locdiff import pipeline
 from locdiff.synth import ensure_benchmark
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, task_run_name="promote")
 def promote(run_dir: str, tests: list[str], tracking_uri: str | None) -> dict | None:
     """Move the registry's `champion` alias to this run's model when it beats the champion."""
     return pipeline.promote(run_dir, tests, tracking_uri=tracking_uri)
 
 
-@task(cache_policy=NONE)
+@task(cache_policy=NONE, task_run_name="synth {folder}")
 def write_synth(folder: str) -> bool:
     """The synthetic benchmark (`locdiff synth --out FOLDER`, default sizes) unless it is complete there."""
     return ensure_benchmark(folder)

@@ -11,7 +11,8 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="train {config}")
 def train_run(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None,
               overrides: list[str], workers: int, gpus_per_worker: float, tracking_uri: str | None,
               val: DataSet | None = None) -> dict:
