@@ -156,15 +156,19 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
             if state != last_state:
                 out(f"flow run {run.name}: {state}")
                 last_state = state
-            ids = [flow_run_id] + [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))]
+            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            flow_names = {r.id: r.name for r in subflows}  # "ingest photos-train", "train tiny", ...
+            ids = [flow_run_id] + [r.id for r in subflows]
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
                                     sort=LogSort.TIMESTAMP_ASC, limit=200, offset=max(0, len(seen) - 50))
             for entry in logs:
                 if entry.id not in seen:
                     seen.add(entry.id)
                     lines = (entry.message or "").splitlines() or [""]
-                    who = f"{task_name(client, entry.task_run_id)}: " if entry.task_run_id else "flow run: "
+                    who = (task_name(client, entry.task_run_id) if entry.task_run_id
+                           else flow_names.get(entry.flow_run_id, "flow run"))
+                    who = f"{who}: "
                     out(f"  {who}{lines[0]}")  # whole lines: a long one wraps in the terminal, never cut
                     for more in lines[1:]:
                         echo(f"{'':9}    {more}")
@@ -265,7 +269,7 @@ def summary(env: dict[str, str], run_id: str, flow_run_id: str) -> str:
     version = mine[-1].version if mine else champ.version
     scores = {k.rsplit("/", 1)[0]: float(v) for k, v in (mine[-1] if mine else champ).tags.items()
               if k.endswith("/geoscore")}
-    score = "; ".join(f"{s:.0f} on {name}" for name, s in sorted(scores.items())) or "not recorded"
+    score = "; ".join(f"{s:,.0f} on {name}" for name, s in sorted(scores.items())) or "not recorded"
     alias = (f"it holds the alias `{CHAMPION}`" if str(champ.version) == str(version) else
              f"the alias `{CHAMPION}` stays on version {champ.version}, whose mean GeoScore is not beaten")
     text = (f"The model is registered in MLflow as `{REGISTERED_MODEL}` version {version}; {alias}. "

@@ -21,7 +21,7 @@ def embed_dataset(dataset: DataSet, root: str, degree: int | None, runner: str =
     return int(manifest.get("count", 0))
 
 
-@flow(name="embed")
+@flow(name="embed", flow_run_name="embed {dataset.name}")
 def embed(dataset: DataSet, root: str, degree: int | None = None,
           runner: Literal["auto", "local", "ray"] = "auto") -> str:
     """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete.

@@ -19,7 +19,7 @@ def evaluate_dataset(run_dir: str, dataset: DataSet, root: str, tracking_uri: st
     return pipeline.evaluate(run_dir, pipeline.DataSpec.parse(dataset), root, tracking_uri=tracking_uri)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="evaluate")
 def evaluate(run_dir: str, datasets: list[DataSet], root: str, tracking_uri: str | None = None) -> dict:
     """Evaluate run_dir on each data set (skipping finished ones); publish the accuracy table."""
     with one_line():

@@ -19,7 +19,7 @@ def ingest_dataset(dataset: DataSet, root: str) -> int:
     return int(manifest.get("count", 0))
 
 
-@flow(name="ingest")
+@flow(name="ingest", flow_run_name="ingest {dataset.name}")
 def ingest(dataset: DataSet, root: str) -> str:
     """Ingest one data set into ROOT/NAME unless that stage is complete."""
     with one_line():
