@@ -220,18 +220,19 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
 
 
 def write_demo_photos(data: Path, n_train: int, n_test: int, n_new: int = 6) -> dict[str, Path]:
-    """Photos (train, test: with metadata.csv; new: without, plus an unreadable file) and the tiny CLIP."""
+    """Photos (train, test: with metadata.csv; new: without, each with its GPS tag, plus an unreadable
+    file) and the tiny CLIP."""
     from locdiff.synth_photos import tiny_clip, write_photos
 
     paths = {"train": data / "train", "test": data / "test", "new": data / "new", "clip": data / "tiny-clip"}
     stamp = data / "photos.json"
-    want = {"n_train": n_train, "n_test": n_test, "n_new": n_new}
+    want = {"n_train": n_train, "n_test": n_test, "n_new": n_new, "gps": True}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return paths
     print(f"== writing {n_train} + {n_test} geotagged photos and a tiny CLIP to {data}", flush=True)
     write_photos(paths["train"], n_train, seed=1)
     write_photos(paths["test"], n_test, seed=2)
-    write_photos(paths["new"], n_new, seed=3, prefix="new", metadata=False)
+    write_photos(paths["new"], n_new, seed=3, prefix="new", metadata=False, gps=True)  # tagged, as a phone's
     (paths["new"] / "unreadable.jpg").write_bytes(b"this is not a JPEG")
     tiny_clip(paths["clip"])
     stamp.write_text(json.dumps(want))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff.data.exif import with_gps
+
 TINY_CLIP_DIM = 16
 
 
@@ -53,17 +55,19 @@ def sample_places(n: int, seed: int = 0, jitter_km: float = 30.0) -> tuple[np.nd
     return np.round(lat, 6), np.round(lon, 6)
 
 
-def write_photos(out: str | Path, n: int, *, seed: int = 0, prefix: str = "photo", metadata: bool = True
-                 ) -> Path:
+def write_photos(out: str | Path, n: int, *, seed: int = 0, prefix: str = "photo", metadata: bool = True,
+                 gps: bool = False) -> Path:
     """Write n photos OUT/PREFIX-00000.jpg ... and OUT/metadata.csv (id, lat, lon; left out with
-    metadata=False: unlabelled photos); returns OUT."""
+    metadata=False: unlabelled photos); gps=True writes each photo's place into its EXIF GPS tag, as a
+    phone does. Returns OUT."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lat, lon = sample_places(n, seed)
     rows = []
     for i in range(n):
         rid = f"{prefix}-{i:05d}"
-        (out / f"{rid}.jpg").write_bytes(photo(float(lat[i]), float(lon[i]), seed * 1_000_003 + i))
+        data = photo(float(lat[i]), float(lon[i]), seed * 1_000_003 + i)
+        (out / f"{rid}.jpg").write_bytes(with_gps(data, float(lat[i]), float(lon[i])) if gps else data)
         rows.append({"id": rid, "lat": repr(float(lat[i])), "lon": repr(float(lon[i]))})
     if metadata:
         with open(out / "metadata.csv", "w", newline="") as f:

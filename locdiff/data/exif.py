@@ -118,3 +118,12 @@ def gps_exif(lat: float, lon: float) -> Image.Exif:
     exif[GPS_IFD] = {LAT_REF: "N" if lat >= 0 else "S", LAT: dms(lat), LON_REF: "E" if lon >= 0 else "W",
                      LON: dms(lon)}
     return exif
+
+
+def with_gps(jpeg: bytes, lat: float, lon: float) -> bytes:
+    """The same JPEG bytes with an EXIF segment carrying (lat, lon) as a GPS tag (the pixels are not
+    re-encoded): for writing tagged photos (the demo's, tests)."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    segment = gps_exif(lat, lon).tobytes()  # starts with b"Exif\0\0"
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]

@@ -145,3 +145,23 @@ def test_the_csv_wins_and_disagreements_are_counted(tmp_path):
     rows = {r["id"]: r for r in read_back(tmp_path / "root")}
     assert (rows["p0.jpg"]["lat"], rows["p1.jpg"]["lat"], rows["p3.jpg"]["lat"]) == (near[0], far[0], 10.0)
     assert rows["p1.jpg"]["exif"] == pytest.approx({"lat": PLACES[1][0], "lon": PLACES[1][1]}, abs=1e-6)
+
+
+def test_six_tagged_demo_photos_ingest_with_their_places(tmp_path):
+    """The demo's new photos (write_photos(gps=True): the tag inserted, pixels untouched) ingest without a
+    CSV, all six at the places the generator drew (its metadata.csv, written for the same seed)."""
+    import csv
+
+    from locdiff.synth_photos import write_photos
+
+    tagged = write_photos(tmp_path / "tagged", 6, seed=3, prefix="new", metadata=False, gps=True)
+    ref = write_photos(tmp_path / "ref", 6, seed=3, prefix="new")
+    with open(ref / "metadata.csv") as f:
+        places = {f"{r['id']}.jpg": (float(r["lat"]), float(r["lon"])) for r in csv.DictReader(f)}
+    for name in places:  # the same pixels: only the EXIF segment was added
+        a, b = Image.open(tagged / name), Image.open(ref / name)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    m = ingest("folder", str(tmp_path / "root"), source=str(tagged), config=cfg(), progress=False)
+    assert m["count"] == 6 and m["exif"]["labelled"] == 6 and m["skipped"] == {}
+    for row in read_back(tmp_path / "root"):
+        assert (row["lat"], row["lon"]) == pytest.approx(places[row["id"]], abs=1e-6)
