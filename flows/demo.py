@@ -168,7 +168,12 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
                     lines = (entry.message or "").splitlines() or [""]
                     who = (task_name(client, entry.task_run_id) if entry.task_run_id
                            else flow_names.get(entry.flow_run_id, "flow run"))
-                    who = f"{who}: "
+                    if lines[0].startswith(f"{who}: "):  # the message names its stage itself
+                        who = ""
+                    elif not entry.task_run_id and lines[0].startswith("Finished in state"):
+                        who = f"{who} (flow): "  # the stage's flow, after its task of the same name
+                    else:
+                        who = f"{who}: "
                     out(f"  {who}{lines[0]}")  # whole lines: a long one wraps in the terminal, never cut
                     for more in lines[1:]:
                         echo(f"{'':9}    {more}")
@@ -181,8 +186,9 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
                 last_progress = progress
             elif run.state and not run.state.is_final() and time.monotonic() - last_line > 20:
                 try:
+                    wrappers = {r.parent_task_run_id for r in subflows}  # the task run standing for a subflow
                     running = [r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(
-                        id=FlowRunFilterId(any_=ids))) if r.state and r.state.is_running()]
+                        id=FlowRunFilterId(any_=ids))) if r.state and r.state.is_running() and r.id not in wrappers]
                 except Exception:  # noqa: BLE001 - best effort, as above
                     running = []
                 out(f"  still working: {', '.join(running) or state} ({time.monotonic() - last_line:.0f} s since "

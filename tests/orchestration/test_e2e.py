@@ -46,6 +46,7 @@ def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
         for task in ("ingest e2e-train", "embed e2e-test", "train tiny", "evaluate e2e-test", "promote"):
             assert f"  {task}: Finished in state Completed()" in text, text  # each finished task named
         assert all(" Finished in state" not in line or ": Finished in state" in line for line in lines)
+        assert "  ingest e2e-train: 600 samples" in text and "ingest e2e-train (flow): Finished" in text
         assert "train tiny: train: starting a local Ray for 2 workers" in text, text  # not silent meanwhile
 
         run_id, results = demo.results_from_mlflow(env, "tiny-e2e-train")
