@@ -10,6 +10,7 @@ behind and the finished ones stay.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -131,8 +132,26 @@ _LIMIT_SETTINGS = ("coordinates", "allow_private_addresses", "max_image_bytes", 
                    "exif_coordinates")
 
 
+TEST_PARTS = ("train", "test")
+
+
+def in_test_part(record_id: str, share: float) -> bool:
+    """Whether a record belongs to the test part of a `test_share` split: a stable hash of its id (the
+    same photo falls on the same side on every run and every machine)."""
+    return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big") < share * 2**64
+
+
+def _split_plan(plan: Any, share: float, part: str) -> Any:
+    """The plan with only the records of one part (the train part keeps the rows skipped while planning)."""
+    keep = [r for r in plan.records if in_test_part(r.id, share) == (part == "test")]
+    records = [dataclasses.replace(r, index=i) for i, r in enumerate(keep)]
+    skips = plan.skips if part == "train" else SkipLog()
+    return dataclasses.replace(plan, records=records, rows=len(records) + skips.total, skips=skips)
+
+
 def ingest(name: str, root: str, *, source: str | None = None, limit: int | None = None,
-           config: DatasetConfig | None = None, progress: bool = True) -> dict[str, Any]:
+           config: DatasetConfig | None = None, progress: bool = True,
+           test_share: float | None = None, part: str = "train") -> dict[str, Any]:
     """Ingest data set NAME into ROOT/NAME/images; returns the manifest.
 
     Reads only what the source names: file references stay inside the source, image URLs are
@@ -145,6 +164,8 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         source: a folder, archive, CSV, http(s) URL or s3:// URL to read instead of the published URLs.
         limit: only the first N rows of the metadata.
         config: a DatasetConfig to use instead of configs/datasets/NAME.yaml.
+        test_share, part: keep only one part of a split of the records by a stable hash of their id:
+            `part` "test" keeps about `test_share` of them, "train" the others (`ingest_split` writes both).
 
     Raises:
         SourceError: the source as a whole is unusable (no CSV, no coordinate columns, ...).
@@ -161,11 +182,17 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         with storage.disk_full_is_an_error(features if not storage.is_remote(features)
                                            else storage.local_tmp_dir(features)):
             return ingest_embeddings(cfg, name, root, source=source, limit=limit)
+    if test_share is not None and not (0 < test_share < 1 and part in TEST_PARTS):
+        raise ValueError(f"--test-share must be between 0 and 1 (got {test_share}) and the part one of "
+                         f"{', '.join(TEST_PARTS)}")
     out = stage_dir(root, name, "images")
     src = make_source(cfg, source)
     plan = src.plan(limit)
     settings = {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "verify": cfg.verify,
                 "shard_size": cfg.shard_size, "limit": limit}
+    if test_share is not None:
+        plan = _split_plan(plan, test_share, part)
+        settings["split"] = {"test_share": test_share, "part": part}
     defaults = DatasetConfig(name=cfg.name, source=cfg.source)
     settings.update({k: getattr(cfg, k) for k in _LIMIT_SETTINGS if getattr(cfg, k) != getattr(defaults, k)})
     key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
@@ -222,6 +249,16 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         path = mf.write_manifest(out, manifest)
     log.info("%s: %d samples in %d shards, skipped %s", path, count, len(shards), dict(skips.counts) or 0)
     return manifest
+
+
+def ingest_split(name: str, root: str, test_share: float, *, source: str | None = None, limit: int | None = None,
+                 config: DatasetConfig | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """A collection as training data and a test set in one go: ROOT/NAME (about 1 - test_share of the
+    records) and ROOT/NAME-test (the others), split by a stable hash of each record's id; returns
+    {"train": manifest, "test": manifest}."""
+    return {part: ingest(name if part == "train" else f"{name}-test", root, source=source, limit=limit,
+                         config=config, progress=progress, test_share=test_share, part=part)
+            for part in TEST_PARTS}
 
 
 def _remove_stale_shards(out: str, n: int) -> None:

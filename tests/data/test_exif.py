@@ -6,6 +6,7 @@ malformed tag is counted and reported on one line, never a traceback. The photos
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,36 @@ def test_six_tagged_demo_photos_ingest_with_their_places(tmp_path):
     assert m["count"] == 6 and m["exif"]["labelled"] == 6 and m["skipped"] == {}
     for row in read_back(tmp_path / "root"):
         assert (row["lat"], row["lon"]) == pytest.approx(places[row["id"]], abs=1e-6)
+
+
+def test_one_command_makes_training_data_and_a_test_set(tmp_path, capsys):
+    """`data ingest folder --test-share P` on a folder of tagged photos: ROOT/folder and ROOT/folder-test,
+    disjoint, together every photo, the test part chosen by a hash of the id (recomputed here)."""
+    import hashlib
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        (src / f"p{i:02d}.jpg").write_bytes(tagged(i, gps_exif(float(rng.uniform(-60, 60)),
+                                                               float(rng.uniform(-170, 170)))))
+    root = tmp_path / "root"
+    argv = ["data", "ingest", "folder", "--root", str(root), "--source", str(src), "--test-share", "0.25"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ids = {}
+    for name in ("folder", "folder-test"):
+        d = stage_dir(str(root), name, "images")
+        ids[name] = [s["json"]["id"] for s in ShardDataset([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]],
+                                                             rank=0, world_size=1)]
+        assert f"{name}: {len(ids[name])} images" in out
+    expected = {f"p{i:02d}.jpg" for i in range(20)
+                if int.from_bytes(hashlib.sha256(f"p{i:02d}.jpg".encode()).digest()[:8], "big") < 0.25 * 2**64}
+    assert set(ids["folder-test"]) == expected and 0 < len(expected) < 20
+    assert set(ids["folder"]) == {f"p{i:02d}.jpg" for i in range(20)} - expected
+    manifests = [stage_dir(str(root), name, "images") + "/manifest.json" for name in ids]
+    before = [Path(m).stat().st_mtime_ns for m in manifests]
+    assert main(argv) == 0  # a second run finds both parts complete and rewrites nothing
+    assert [Path(m).stat().st_mtime_ns for m in manifests] == before
+    with pytest.raises(ValueError, match="--test-share must be between 0 and 1"):
+        ingest("folder", str(root), source=str(src), config=cfg(), test_share=1.5)
