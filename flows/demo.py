@@ -166,11 +166,12 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
                 if entry.id not in seen:
                     seen.add(entry.id)
                     lines = (entry.message or "").splitlines() or [""]
+                    subflow = not entry.task_run_id and entry.flow_run_id in flow_names
                     who = (task_name(client, entry.task_run_id) if entry.task_run_id
-                           else flow_names.get(entry.flow_run_id, "flow run"))
+                           else flow_names.get(entry.flow_run_id, DEPLOYMENT.split("/")[0]))
                     if lines[0].startswith(f"{who}: "):  # the message names its stage itself
                         who = ""
-                    elif not entry.task_run_id and lines[0].startswith("Finished in state"):
+                    elif subflow and lines[0].startswith("Finished in state"):
                         who = f"{who} (flow): "  # the stage's flow, after its task of the same name
                     else:
                         who = f"{who}: "

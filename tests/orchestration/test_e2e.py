@@ -43,7 +43,8 @@ def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
         worker_log = (state / "logs" / "prefect-worker.log").read_text()[-4000:]
         assert final == "Completed", "\n".join(lines[-40:]) + worker_log
         text = "\n".join(lines)
-        for task in ("ingest e2e-train", "embed e2e-test", "train tiny", "evaluate e2e-test", "promote"):
+        for task in ("ingest e2e-train", "train tiny", "evaluate e2e-test", "promote", "embed e2e-test (flow)",
+                     "train-locdiff"):
             assert f"  {task}: Finished in state Completed()" in text, text  # each finished task named
         assert all(" Finished in state" not in line or ": Finished in state" in line for line in lines)
         assert "  ingest e2e-train: 600 samples" in text and "ingest e2e-train (flow): Finished" in text
