@@ -227,8 +227,12 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
             if sys.platform == "linux" and os.path.exists("/sys/class/net/lo"):
                 # torch.distributed's gloo (the CPU DDP backend) then connects ranks over loopback too
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            t0 = time.monotonic()
+            log.info("starting a local Ray (%d CPUs, 127.0.0.1 only); its processes take a minute or so to "
+                     "start on a small machine", num_cpus or os.cpu_count())
             with _loopback_only():
                 ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            log.info("local Ray ready in %.0f s", time.monotonic() - t0)
             _LOCAL_STARTED.update(gcs=ray.get_runtime_context().gcs_address, env=_worker_env())
             node_ip = ray.util.get_node_ip_address()
             if node_ip not in ("127.0.0.1", "::1"):

@@ -421,7 +421,9 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
     if run_encoder.get("dim") is not None and int(run_encoder["dim"]) != int(dim):
         problems.append(f"dimension {dim} != {run_encoder['dim']}")
     both = lambda key: run_encoder.get(key) is not None and data_enc.get(key) is not None  # noqa: E731
-    if both("model") and str(run_encoder["model"]) != str(data_enc["model"]):
+    same_content = both("revision") and str(run_encoder["revision"]).startswith("sha256:") \
+        and run_encoder["revision"] == data_enc["revision"]  # a packaged encoder: its files, wherever they lie
+    if both("model") and not same_content and str(run_encoder["model"]) != str(data_enc["model"]):
         problems.append(f"model {data_enc['model']} != {run_encoder['model']}")
     elif not both("model") and both("name") and run_encoder["name"] != data_enc["name"]:
         problems.append(f"encoder {data_enc['name']} != {run_encoder['name']}")

@@ -22,6 +22,7 @@ the same seed gives byte-identical tables.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -248,4 +249,22 @@ def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["SynthConfig", "SynthWorld", "make_split", "make_benchmark", "write_benchmark"]
+def ensure_benchmark(out_dir: str | Path, cfg: SynthConfig | None = None) -> bool:
+    """Write the benchmark to DIR (`write_benchmark`, default sizes unless `cfg`) unless DIR/synth.json,
+    written last, and the splits it lists are there; True when it was written."""
+    out = Path(out_dir)
+    meta = out / "synth.json"
+    if meta.is_file():
+        try:
+            splits = json.loads(meta.read_text()).get("splits") or {}
+        except ValueError:
+            splits = {}
+        if splits and all(Path(p).is_file() or (out / Path(p).name).is_file() for p in splits.values()):
+            log.info("synth: %s is complete; nothing to write", out)
+            return False
+    log.info("synth: writing the synthetic benchmark to %s (no download)", out)
+    write_benchmark(out, cfg or SynthConfig())
+    return True
+
+
+__all__ = ["SynthConfig", "SynthWorld", "ensure_benchmark", "make_split", "make_benchmark", "write_benchmark"]

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train LocDiff or a baseline. Writes checkpoint, resolved config "
         "(config.yaml) and metrics.jsonl into RUN_DIR; run again to resume.",
     )
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/model/base.yaml")
+    p.add_argument("--config", required=True, help="model config: a shipped name (tiny, base, paper) or a YAML path")
     p.add_argument(
         "--train", required=True, help="training embeddings table (Parquet) or feature-shard folder"
     )

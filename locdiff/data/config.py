@@ -83,6 +83,10 @@ class DatasetConfig:
     # "optional": records without coordinates are kept (lat/lon null; folder and URL-list sources; a
     # folder without a CSV is read for every JPEG/PNG/WebP under it); "required": they are skipped
     coordinates: Literal["required", "optional"] = "required"
+    # read each photo's EXIF GPS tag: the label of a photo the metadata gives no coordinates for (a folder
+    # without a CSV is then read for every photo under it); where both exist the metadata wins and
+    # disagreements over 1 km are counted (manifest `exif`)
+    exif_coordinates: bool = False
     allow_private_addresses: bool = False  # fetch from private/loopback/link-local hosts (own mirror)
     # bytes read for one image; larger: skipped (too_big)
     max_image_bytes: int = setting(MAX_IMAGE_BYTES, ge=1, le=1 << 32)

@@ -9,6 +9,10 @@
     OUT/predictions.parquet, OUT/map.png   the whole table (README "Formats", predictions of unlabelled
                                            data, plus place names and the top-k modes) and a world map
 
+A photo that carries an EXIF GPS tag keeps it through the ingest (locdiff.data.exif): the table then has
+exif_lat, exif_lon and exif_km (the tag's distance from the answer); a CSV given with the photos wins over
+the tags, as in the ingest.
+
 Every stage resumes: ingest and embed skip their finished shards (their manifests), and a feature
 shard whose table exists for the same model and settings (MODELKEY: a hash of the model's weights,
 choices and the top-k/method settings) is not predicted again. The run is logged to MLflow as an
@@ -134,7 +138,7 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
 
     from locdiff.data import storage
     from locdiff.data.stream import open_source
-    from locdiff.inference.geolocator import write_locations
+    from locdiff.inference.geolocator import with_gps_tags, write_locations
     from locdiff.runs import check_encoder
 
     check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
@@ -158,6 +162,11 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
         emb = np.concatenate([r.emb for r in rows]) if rows else np.zeros((0, src.dim), np.float32)
         located = geolocator.locate_embeddings(emb, top_k=job.top_k, method=job.method, ids=ids,
                                                encoder=manifest.get("encoder")) if ids else []
+        lat = np.concatenate([r.lat if r.lat is not None else np.full(len(r), np.nan) for r in rows]) \
+            if rows else np.zeros(0)
+        lon = np.concatenate([r.lon if r.lon is not None else np.full(len(r), np.nan) for r in rows]) \
+            if rows else np.zeros(0)
+        located = with_gps_tags(located, lat, lon)
         tmp = os.path.join(storage.local_tmp_dir(job.out), f"{entry['shard']}.{os.getpid()}.parquet")
         write_locations(tmp, located, job.top_k)
         storage.put_file_atomic(tmp, table)

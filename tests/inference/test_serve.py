@@ -1,11 +1,12 @@
-"""The registered model behind a real `mlflow models serve` on 127.0.0.1: a JPEG and an embedding posted
-over HTTP come back located, exactly as the Python API locates them."""
+"""The registered model behind a real `mlflow models serve` (started by `make serve`) on 127.0.0.1: a JPEG
+and an embedding posted over HTTP come back located, exactly as the Python API locates them."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,18 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="module")
 def server(trained, store, tmp_path_factory):
+    """`make serve` as the README writes it, with nothing activated: the venv's bin is not on PATH."""
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    venv = Path(bin_dir).resolve()
+    path = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and Path(p).resolve() != venv)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "OMP_NUM_THREADS": "1", "MLFLOW_MODELS_WORKERS": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    found = shutil.which("uvicorn", path=path)
+    assert found is None or Path(found).resolve().parent != venv  # not the venv's: nothing activated
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/locdiff@champion",
-                                 "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "--workers", "1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(log.parent))
+        proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "serve", f"SERVE_PORT={port}",
+                                 f"BIN={bin_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(log.parent))
     _SERVER["pgid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240

@@ -60,3 +60,19 @@ def test_min_train_timestep_range_is_checked():
     with pytest.raises(ValueError, match=r"^x\.yaml: diffusion\.min_train_timestep: must be < diffusion\.timesteps "
                                          r"\(100\); got 100$"):
         config_from_dict({"diffusion": {"timesteps": 100, "min_train_timestep": 100}}, source="x.yaml")
+
+
+def test_configs_by_name_or_by_the_readme_path_anywhere(tmp_path, monkeypatch):
+    """`--config tiny` and `--config configs/model/tiny.yaml` both work outside a checkout (from a wheel, from
+    another folder); any other YAML path is taken as it is."""
+    from locdiff.resources import config_path, configs_dir
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    shipped = configs_dir() / "model" / "tiny.yaml"
+    assert config_path("model", "tiny") == shipped == config_path("model", "configs/model/tiny.yaml")
+    with pytest.raises(FileNotFoundError, match="configs/model/nope.yaml: no such config file"):
+        config_path("model", "configs/model/nope.yaml")
+    mine = tmp_path / "configs" / "model" / "tiny.yaml"  # a file of that name here wins
+    mine.parent.mkdir(parents=True)
+    mine.write_text("method: knn\n")
+    assert config_path("model", "configs/model/tiny.yaml") == Path("configs/model/tiny.yaml")
