@@ -36,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "train-locdiff/train-locdiff"
+FINAL_LOG_GRACE_S = 15.0  # how long `follow` waits for a finished run's last log lines
 
 
 class ServiceUnavailable(RuntimeError):
@@ -131,7 +132,7 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     t0, seen, last_state, last_progress = time.monotonic(), set(), None, None
-    last_line = t0
+    last_line, final_at, flow_finished = t0, None, False
     names: dict = {}  # task run id -> its name ("ingest photos-train", "train tiny", ...)
 
     def out(line: str) -> None:
@@ -176,6 +177,8 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
                     else:
                         who = f"{who}: "
                     out(f"  {who}{lines[0]}")  # whole lines: a long one wraps in the terminal, never cut
+                    flow_finished |= (entry.flow_run_id == flow_run_id and not entry.task_run_id
+                                      and lines[0].startswith("Finished in state"))
                     for more in lines[1:]:
                         echo(f"{'':9}    {more}")
             try:
@@ -195,7 +198,13 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
                 out(f"  still working: {', '.join(running) or state} ({time.monotonic() - last_line:.0f} s since "
                     "the last line)")
             if run.state and run.state.is_final():
-                return state
+                # the run's own last lines reach the API after its state (the worker sends logs in batches):
+                # read them until its "Finished in state" line is in, for at most FINAL_LOG_GRACE_S
+                final_at = final_at or time.monotonic()
+                if flow_finished or time.monotonic() - final_at > FINAL_LOG_GRACE_S:
+                    return state
+                time.sleep(1)
+                continue
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout_s:.0f} s")
             time.sleep(3)
