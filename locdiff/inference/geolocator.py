@@ -20,8 +20,8 @@ Photos go through `locdiff.data.images.load_rgb` (pixel limit, EXIF orientation,
 `max_side`), the same preprocessing as the ingest and embed stages, then through the run's image encoder
 (run.json `encoder`; GPU when present). An unreadable photo does not stop the others: its result carries
 `error` (or, with errors="raise", the first one raises). Embeddings of another encoder than the run's are
-refused (`locdiff.runs.check_encoder`). Sampling is seeded: the same inputs in the same order give the same
-results.
+refused (`locdiff.runs.check_encoder`). Sampling is seeded per photo (locdiff.model.predict.row_seeds): a
+photo's answer depends on the photo and the seed only, not on the other inputs or their order.
 """
 
 from __future__ import annotations
