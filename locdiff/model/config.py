@@ -61,15 +61,14 @@ class NetworkConfig:
     # The prior head: a residual MLP (width, depth, dropout) from the image embedding to the code's
     # conditional mean mu(e). The denoiser's output is a_t z_t + (1 - a_t^2) mu(e) + U-Net(z_t, t, e): the
     # Gaussian-optimal z0 estimate plus a learned residual (the multi-modal part). 0 disables it (the plain
-    # CS-UNet). Measured on the realistic benchmark's val split (one step, L = 32): the plain CS-UNet
-    # reached 35.5 % within 200 km, a residual MLP of this size alone 58.7 %.
+    # CS-UNet of the paper; the measured difference: docs/results.md).
     head_width: int = setting(512, ge=0)
     head_depth: int = setting(3, ge=0)
     head_dropout: float = setting(0.1, ge=0, lt=1)
     # Training-time Gaussian noise on the standardised image embedding (in its standard deviations), drawn
     # afresh for the conditioning MLP and the prior head; none at evaluation. A regulariser for the
     # condition: without it the validation SHDD-KL stops falling after ~1,500 steps while the training
-    # one keeps falling. 0 = none (base.yaml sets it; the figures are there).
+    # one keeps falling. 0 = none (base.yaml sets it; the figures: docs/results.md).
     embedding_noise: float = setting(0.0, ge=0)
 
 
