@@ -65,6 +65,10 @@ class NetworkConfig:
     head_width: int = setting(512, ge=0)
     head_depth: int = setting(3, ge=0)
     head_dropout: float = setting(0.1, ge=0, lt=1)
+    # M > 1: the head gives M component codes c_i(e), weights and variances s_i^2, and the skeleton is the
+    # exact posterior mean of z0 ~ sum_i w_i N(c_i, s_i^2 I) instead of one N(mu, I) (a multimodal
+    # denoiser before the U-Net adds anything); 1 is the single Gaussian (runs trained before load as they were)
+    head_components: int = setting(1, ge=1, le=64)
     # Training-time Gaussian noise on the standardised image embedding (in its standard deviations), drawn
     # afresh for the conditioning MLP and the prior head; none at evaluation. A regulariser for the
     # condition: without it the validation SHDD-KL stops falling after ~1,500 steps while the training
@@ -162,6 +166,9 @@ class Config:
                           f"must be < diffusion.timesteps ({t}); got {self.diffusion.min_train_timestep}")
         if self.predict.steps > t:
             raise Invalid("predict.steps", f"must be <= diffusion.timesteps ({t}); got {self.predict.steps}")
+        if self.network.head_components > 1 and self.network.head_width == 0:
+            raise Invalid("network.head_components", "needs the prior head (network.head_width > 0); got "
+                          f"{self.network.head_components} components with head_width 0")
         if self.network.head_width > 0 and self.diffusion.prediction != "sample":
             raise Invalid("network.head_width", "the prior head needs diffusion.prediction: sample (it adds to the "
                           "z0 estimate); set network.head_width: 0 for epsilon-prediction")
