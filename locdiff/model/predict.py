@@ -165,8 +165,10 @@ def locdiff_predict(
             lat, lon = mlat[:, None], mlon[:, None]
         else:
             # Each sample only votes (support radius of hundreds of km): the grid maximum plus one Newton
-            # step is plenty and ~15x cheaper than a full decode; the answers are decoded fully below.
-            lat, lon, _ = shdd.decode(codes, candidates=1, iterations=1, smoothing=pc.decode_smoothing)  # (n, K)
+            # step is plenty and ~15x cheaper than a full decode; the answers are decoded fully below. In float64
+            # too, so that no vote crosses the support radius with the batch's composition.
+            lat, lon, _ = shdd.decode(codes.double(), candidates=1, iterations=1,
+                                      smoothing=pc.decode_smoothing)  # (n, K)
         sup = _support(lat, lon, pc.support_radius_km)  # (n, K)
         dens = shdd.density(mean.double(), lat.double(), lon.double())  # (n, K), tie-break
         score = sup.double() + 0.5 * torch.sigmoid(dens / dens.abs().amax(1, keepdim=True).clamp_min(1e-12))
