@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench lint demo stop clean lock
+.PHONY: setup test test-fast bench gpu-check lint demo serve stop clean lock
 
 setup: $(STAMP)
 
@@ -47,11 +47,24 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run
 
+# The GPU path on one GPU in under 5 minutes (benchmarks/gpu_check.py); without a GPU, a dry run of its CPU parts.
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check
+
 lint: setup
 	$(BIN)/ruff check locdiff flows tests benchmarks
 
 demo: setup
 	$(BIN)/python -m flows.demo
+
+# Serve the registry's champion (`mlflow models serve`) on 127.0.0.1:$(SERVE_PORT), nothing to activate: the
+# venv's bin goes first on PATH (MLflow starts uvicorn by name). The registry: MLFLOW_TRACKING_URI, else the
+# stack `make demo` left running (MLFLOW_PORT, 5000). POST /invocations (README "Where was this photo taken?").
+SERVE_PORT ?= 5001
+serve:
+	@test -x $(BIN)/mlflow || { echo "no $(BIN): run make setup (or make demo) first" >&2; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
+	  $(BIN)/mlflow models serve -m models:/locdiff@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 stop:
 	@if [ -x infra/stop.sh ]; then infra/stop.sh; fi

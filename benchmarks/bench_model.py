@@ -1,10 +1,14 @@
-"""LocDiff against the baselines on the synthetic and the realistic benchmark, on this machine's CPU (`make bench`).
+"""LocDiff against the baselines on the synthetic, the realistic and the cue benchmark, on this machine's CPU
+(`make bench`).
 
-The benchmarks (`--benchmarks synth,realbench`, both by default) run one after the other with the same
-methods and sizes: `synth` (locdiff/synth.py, made in memory) and `realbench` (locdiff/realbench.py, GeoCLIP
-location-encoder embeddings, written into the work folder with the same seed). For each, one run prints
-and saves (benchmarks/results/model.json, results and throughput by benchmark):
-1. accuracy on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`) of LocDiff, LocDiff-H
+The benchmarks (`--benchmarks synth,realbench` by default; `cuebench` on request) run one after the other
+with the same methods and sizes: `synth` (locdiff/synth.py, made in memory), `realbench`
+(locdiff/realbench.py, GeoCLIP location-encoder embeddings) and `cuebench` (locdiff/cuebench.py, country,
+region, city, landmark, biome and no-geography cues), the last two written into the work folder with the
+same seed. For each, one run prints and saves (benchmarks/results/model.json, results and throughput by
+benchmark):
+1. accuracy on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`; cuebench also
+   `test_landmark`, the landmark photos of `test`) of LocDiff, LocDiff-H
    and every baseline (knn top-1, knn top-16, geocell, regress, flow), LocDiff trained with each other
    objective (KL alone, MSE alone), and the same LocDiff network sampled in one step (one sample, one
    DDIM step: z0 predicted from pure noise at t = T, no iterative denoising), and the same network
@@ -17,6 +21,7 @@ and saves (benchmarks/results/model.json, results and throughput by benchmark):
     python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes)
     python -m benchmarks.bench_model --skip-locdiff  # baselines only
     python -m benchmarks.bench_model --benchmarks realbench  # one benchmark only
+    python -m benchmarks.bench_model --benchmarks synth,realbench,cuebench  # all three
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from typing import Any
 import torch
 
 from benchmarks.common import print_table, save
+from locdiff import cuebench
 from locdiff.metrics import format_table, geo_metrics
 from locdiff.synth import SynthConfig, SynthWorld, make_benchmark, make_split
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger("bench_model")
 ROOT = Path(__file__).resolve().parent.parent
-SPLITS = {"synth": ("test", "test_unseen"), "realbench": ("test", "test_unseen", "im2gps3k", "yfcc26k")}
+SPLITS = {"synth": ("test", "test_unseen"), "realbench": ("test", "test_unseen", "im2gps3k", "yfcc26k"),
+          "cuebench": ("test", "test_unseen", "test_landmark")}
+DEFAULT_BENCHMARKS = "synth,realbench"
 BASELINES = {  # row name -> (method, options overriding the config's baselines.<method>)
     "knn": ("knn", {"k": 1}),
     "knn top-16": ("knn", {"k": 16, "aggregation": "mode"}),
@@ -180,6 +188,8 @@ def _gallery(args, data: Benchmark) -> EmbeddingTable:
         from locdiff import realbench
 
         return realbench.make_split(realbench.RealBenchWorld(_realbench_config(args)), "train", args.gallery)
+    if data.name == "cuebench":
+        return cuebench.make_split(cuebench.CueWorld(_cuebench_config(args)), "train", args.gallery).table
     world = SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
     return make_split(world, "train", args.gallery)
 
@@ -191,11 +201,26 @@ def _realbench_config(args):
                            n_test=args.n_test, n_test_unseen=args.n_unseen, n_yfcc=args.n_yfcc)
 
 
+def _cuebench_config(args) -> cuebench.CueBenchConfig:
+    return cuebench.CueBenchConfig(seed=args.seed, n_train=args.n_train_cuebench, n_val=args.n_val, n_val_unseen=0,
+                                   n_test=args.n_test, n_test_unseen=args.n_unseen)
+
+
 def load_benchmark(name: str, args, work: Path) -> Benchmark:
-    """One benchmark: synth made in memory, realbench written to WORK/realbench and read back."""
+    """One benchmark: synth made in memory, realbench and cuebench written to WORK/<name> and read back
+    (cuebench's `test_landmark`: the rows of `test` that its labels call landmark photos)."""
     if name == "synth":
         return Benchmark(name, make_benchmark(SynthConfig(**_synth_kwargs(args))))
     from locdiff.io import read_embeddings
+
+    if name == "cuebench":
+        paths = cuebench.write_benchmark(work / "cuebench", _cuebench_config(args))
+        tables = {split: read_embeddings(path) for split, path in paths.items()}
+        kind = cuebench.read_labels(work / "cuebench" / "labels" / "test.parquet")["kind"]
+        t, rows = tables["test"], kind == "landmark"
+        tables["test_landmark"] = EmbeddingTable(t.ids[rows], t.lat[rows], t.lon[rows], t.embedding[rows],
+                                                 f"{t.source} (landmark photos)")
+        return Benchmark(name, tables)
     from locdiff.realbench import write_benchmark
 
     paths = write_benchmark(work / "realbench", _realbench_config(args))
@@ -209,17 +234,18 @@ def _synth_kwargs(args) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--benchmarks", default=",".join(SPLITS), metavar="NAMES",
-                    help="comma-separated, run in this order (default synth,realbench)")
+    ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES",
+                    help=f"comma-separated, run in this order, from {','.join(SPLITS)} (default {DEFAULT_BENCHMARKS})")
     ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--n-train", type=int, default=50_000, help="synth training rows")
     ap.add_argument("--n-train-realbench", type=int, default=60_000, help="realbench training rows (as in issue 9)")
+    ap.add_argument("--n-train-cuebench", type=int, default=60_000, help="cuebench training rows")
     ap.add_argument("--n-val", type=int, default=1_000)
     ap.add_argument("--n-test", type=int, default=2_000)
     ap.add_argument("--n-unseen", type=int, default=1_000)
     ap.add_argument("--n-yfcc", type=int, default=4_000, help="realbench yfcc26k rows (0: all 25,600)")
-    ap.add_argument("--dim", type=int, default=128, help="synth embedding dimension (realbench: 512)")
+    ap.add_argument("--dim", type=int, default=128, help="synth embedding dimension (realbench: 512, cuebench: 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", type=int, default=100_000, help="knn gallery size for the throughput")
     ap.add_argument("--n-throughput", type=int, default=256, help="test images timed per setting")
@@ -235,7 +261,7 @@ def main() -> None:
         ap.error(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SPLITS)}")
     if args.quick:
         args.n_train, args.n_val, args.n_test, args.n_unseen, args.n_yfcc = 4_000, 300, 300, 200, 300
-        args.n_train_realbench = 4_000
+        args.n_train_realbench = args.n_train_cuebench = 4_000
         args.gallery, args.n_throughput = 10_000, 64
         if args.config.endswith("base.yaml"):
             args.config = str(ROOT / "configs/model/tiny.yaml")

@@ -10,9 +10,11 @@
 4. triggers `prefect deployment run 'train-locdiff/train-locdiff'` on the photos: ingest, embed with the
    tiny CLIP, train (Ray Train), evaluate, register the pyfunc model `locdiff` (alias `champion`);
 5. follows the flow run (states and log lines) until it ends;
-6. prints the accuracy table (from MLflow) and the URLs of the Prefect and MLflow UIs;
+6. prints the accuracy table (from MLflow);
 7. locates a few new photos (and an unreadable file) with
-   `locdiff locate --run models:/locdiff@champion` and prints that table.
+   `locdiff locate --run models:/locdiff@champion` and prints that table;
+8. ends with a paragraph naming the registered model version, its alias, its GeoScore and the pages of
+   the MLflow and Prefect UIs to open.
 The encoder is random, so the accuracy says nothing about LocDiff: the path is the point.
 
 The stack keeps running for browsing the UIs; `make stop` (infra/stop.sh) stops it (`--stop` here does it
@@ -120,6 +122,7 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
+        FlowRunFilterId,
         FlowRunFilterParentFlowRunId,
         LogFilter,
         LogFilterFlowRunId,
@@ -128,6 +131,22 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     t0, seen, last_state, last_progress = time.monotonic(), set(), None, None
+    last_line = t0
+    names: dict = {}  # task run id -> its name ("ingest photos-train", "train tiny", ...)
+
+    def out(line: str) -> None:
+        nonlocal last_line
+        echo(f"[{time.monotonic() - t0:6.0f}s] {line}")
+        last_line = time.monotonic()
+
+    def task_name(client, task_run_id) -> str:
+        if task_run_id not in names:
+            try:
+                names[task_run_id] = client.read_task_run(task_run_id).name
+            except Exception:  # noqa: BLE001 - a name is a nicety; the line is printed anyway
+                names[task_run_id] = "task"
+        return names[task_run_id]
+
     # explicitly this stack's API: inside another settings context (a test harness, a profile) the
     # environment variable alone would not win
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
@@ -135,24 +154,46 @@ def follow(flow_run_id: str, env: dict[str, str], *, timeout_s: float = 1800, ec
             run = client.read_flow_run(flow_run_id)
             state = run.state.name if run.state else "?"
             if state != last_state:
-                echo(f"[{time.monotonic() - t0:6.0f}s] flow run {run.name}: {state}")
+                out(f"flow run {run.name}: {state}")
                 last_state = state
-            ids = [flow_run_id] + [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))]
+            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            flow_names = {r.id: r.name for r in subflows}  # "ingest photos-train", "train tiny", ...
+            ids = [flow_run_id] + [r.id for r in subflows]
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
                                     sort=LogSort.TIMESTAMP_ASC, limit=200, offset=max(0, len(seen) - 50))
             for entry in logs:
                 if entry.id not in seen:
                     seen.add(entry.id)
-                    first = entry.message.splitlines()[0] if entry.message else ""
-                    echo(f"[{time.monotonic() - t0:6.0f}s]   {first[:160]}")
+                    lines = (entry.message or "").splitlines() or [""]
+                    subflow = not entry.task_run_id and entry.flow_run_id in flow_names
+                    who = (task_name(client, entry.task_run_id) if entry.task_run_id
+                           else flow_names.get(entry.flow_run_id, DEPLOYMENT.split("/")[0]))
+                    if lines[0].startswith(f"{who}: "):  # the message names its stage itself
+                        who = ""
+                    elif subflow and lines[0].startswith("Finished in state"):
+                        who = f"{who} (flow): "  # the stage's flow, after its task of the same name
+                    else:
+                        who = f"{who}: "
+                    out(f"  {who}{lines[0]}")  # whole lines: a long one wraps in the terminal, never cut
+                    for more in lines[1:]:
+                        echo(f"{'':9}    {more}")
             try:
                 progress = training_progress(env)
             except Exception:  # noqa: BLE001 - progress is best effort; the flow's state decides
                 progress = None
             if progress and progress != last_progress:
-                echo(f"[{time.monotonic() - t0:6.0f}s]   {progress}")
+                out(f"  {progress}")
                 last_progress = progress
+            elif run.state and not run.state.is_final() and time.monotonic() - last_line > 20:
+                try:
+                    wrappers = {r.parent_task_run_id for r in subflows}  # the task run standing for a subflow
+                    running = [r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=ids))) if r.state and r.state.is_running() and r.id not in wrappers]
+                except Exception:  # noqa: BLE001 - best effort, as above
+                    running = []
+                out(f"  still working: {', '.join(running) or state} ({time.monotonic() - last_line:.0f} s since "
+                    "the last line)")
             if run.state and run.state.is_final():
                 return state
             if time.monotonic() - t0 > timeout_s:
@@ -186,18 +227,19 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
 
 
 def write_demo_photos(data: Path, n_train: int, n_test: int, n_new: int = 6) -> dict[str, Path]:
-    """Photos (train, test: with metadata.csv; new: without, plus an unreadable file) and the tiny CLIP."""
+    """Photos (train, test: with metadata.csv; new: without, each with its GPS tag, plus an unreadable
+    file) and the tiny CLIP."""
     from locdiff.synth_photos import tiny_clip, write_photos
 
     paths = {"train": data / "train", "test": data / "test", "new": data / "new", "clip": data / "tiny-clip"}
     stamp = data / "photos.json"
-    want = {"n_train": n_train, "n_test": n_test, "n_new": n_new}
+    want = {"n_train": n_train, "n_test": n_test, "n_new": n_new, "gps": True}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return paths
     print(f"== writing {n_train} + {n_test} geotagged photos and a tiny CLIP to {data}", flush=True)
     write_photos(paths["train"], n_train, seed=1)
     write_photos(paths["test"], n_test, seed=2)
-    write_photos(paths["new"], n_new, seed=3, prefix="new", metadata=False)
+    write_photos(paths["new"], n_new, seed=3, prefix="new", metadata=False, gps=True)  # tagged, as a phone's
     (paths["new"] / "unreadable.jpg").write_bytes(b"this is not a JPEG")
     tiny_clip(paths["clip"])
     stamp.write_text(json.dumps(want))
@@ -215,6 +257,41 @@ def locate_new_photos(env: dict[str, str], folder: Path) -> str:
     skipped = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("locdiff locate: skipped"))
     return f"$ locdiff locate --run models:/locdiff@champion {shown} --top-k 3\n" + proc.stdout + \
         (f"\n{skipped}" if skipped else "")
+
+
+def summary(env: dict[str, str], run_id: str, flow_run_id: str) -> str:
+    """The last paragraph: the registered model version, the `champion` alias, its GeoScore and where to
+    click in the two UIs."""
+    import textwrap
+
+    from mlflow.tracking import MlflowClient
+
+    from locdiff.tracking import CHAMPION, REGISTERED_MODEL
+
+    url, ui = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"].removesuffix("/api")
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_run(run_id).info.experiment_id
+    mine = sorted((v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")),
+                  key=lambda v: int(v.version))
+    champ = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    version = mine[-1].version if mine else champ.version
+    scores = {k.rsplit("/", 1)[0]: float(v) for k, v in (mine[-1] if mine else champ).tags.items()
+              if k.endswith("/geoscore")}
+    score = "; ".join(f"{s:,.0f} on {name}" for name, s in sorted(scores.items())) or "not recorded"
+    alias = (f"it holds the alias `{CHAMPION}`" if str(champ.version) == str(version) else
+             f"the alias `{CHAMPION}` stays on version {champ.version}, whose mean GeoScore is not beaten")
+    text = (f"The model is registered in MLflow as `{REGISTERED_MODEL}` version {version}; {alias}. "
+            f"`models:/{REGISTERED_MODEL}@{CHAMPION}` is what `locdiff locate`, `make serve` and the "
+            f"locate-photos flow use. GeoScore: {score} (GeoGuessr's points per photo, 5000 x exp(-error / "
+            "1492.7 km): 5000 at the spot, 0 far away, averaged over the test photos; a new version takes "
+            f"the alias only when its mean GeoScore over the test sets beats the champion's). The encoder "
+            "is random here, so the numbers say nothing about LocDiff.")
+    return "\n".join([textwrap.fill(text, 110), "Where to click:",
+                      f"  the model version, its GeoScore tags and alias: {url}/#/models/{REGISTERED_MODEL}/"
+                      f"versions/{version}",
+                      f"  the training run (metrics, world map, error CDF, reliability plot): "
+                      f"{url}/#/experiments/{exp}/runs/{run_id}",
+                      f"  the pipeline's tasks and their logs (Prefect): {ui}/runs/flow-run/{flow_run_id}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,12 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(from MLflow)"))
         print("== locating new photos with the registered champion model", flush=True)
         print(locate_new_photos(env, paths["new"]) + "\n")
-        ui = env["PREFECT_API_URL"].removesuffix("/api")
-        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run_id}")
-        mlflow_url = env["MLFLOW_TRACKING_URI"]
-        exp = __import__("mlflow").tracking.MlflowClient(mlflow_url).get_run(run_id).info.experiment_id
-        print(f"MLflow UI:  {mlflow_url}/#/experiments/{exp}/runs/{run_id}")
-        print(f"demo finished in {time.monotonic() - t0:.0f} s; `make stop` stops the stack")
+        print(summary(env, run_id, flow_run_id))
+        print(f"\ndemo finished in {time.monotonic() - t0:.0f} s; `make stop` stops the stack")
         return 0
     finally:
         if args.stop:

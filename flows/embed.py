@@ -13,14 +13,15 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=1, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=1, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="embed {dataset.name}")
 def embed_dataset(dataset: DataSet, root: str, degree: int | None, runner: str = "auto") -> int:
     """Run the data layer's embed stage; it resumes finished shards on a retry."""
     manifest = pipeline.embed(pipeline.DataSpec.parse(dataset), root, degree, runner=runner)
     return int(manifest.get("count", 0))
 
 
-@flow(name="embed")
+@flow(name="embed", flow_run_name="embed {dataset.name}")
 def embed(dataset: DataSet, root: str, degree: int | None = None,
           runner: Literal["auto", "local", "ray"] = "auto") -> str:
     """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete.

@@ -12,13 +12,14 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="evaluate {dataset.name}")
 def evaluate_dataset(run_dir: str, dataset: DataSet, root: str, tracking_uri: str | None) -> dict:
     """Predict, score, plot and log one test set."""
     return pipeline.evaluate(run_dir, pipeline.DataSpec.parse(dataset), root, tracking_uri=tracking_uri)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="evaluate")
 def evaluate(run_dir: str, datasets: list[DataSet], root: str, tracking_uri: str | None = None) -> dict:
     """Evaluate run_dir on each data set (skipping finished ones); publish the accuracy table."""
     with one_line():

@@ -11,14 +11,15 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="ingest {dataset.name}")
 def ingest_dataset(dataset: DataSet, root: str) -> int:
     """Run the data layer's ingest; retried on transient failures (network, S3)."""
     manifest = pipeline.ingest(pipeline.DataSpec.parse(dataset), root)
     return int(manifest.get("count", 0))
 
 
-@flow(name="ingest")
+@flow(name="ingest", flow_run_name="ingest {dataset.name}")
 def ingest(dataset: DataSet, root: str) -> str:
     """Ingest one data set into ROOT/NAME unless that stage is complete."""
     with one_line():

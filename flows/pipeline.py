@@ -22,12 +22,19 @@ from flows.ingest import ingest
 from flows.params import DataSet
 from flows.train import train
 from locdiff import pipeline
+from locdiff.synth import ensure_benchmark
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, task_run_name="promote")
 def promote(run_dir: str, tests: list[str], tracking_uri: str | None) -> dict | None:
     """Move the registry's `champion` alias to this run's model when it beats the champion."""
     return pipeline.promote(run_dir, tests, tracking_uri=tracking_uri)
+
+
+@task(cache_policy=NONE, task_run_name="synth {folder}")
+def write_synth(folder: str) -> bool:
+    """The synthetic benchmark (`locdiff synth --out FOLDER`, default sizes) unless it is complete there."""
+    return ensure_benchmark(folder)
 
 
 @flow(name="train-locdiff")
@@ -35,16 +42,21 @@ def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base
                   workers: int = 2, gpus_per_worker: float = 0.0, degree: int | None = None,
                   resume: bool = True, overrides: list[str] | None = None,
                   tracking_uri: str | None = None, val: DataSet | None = None,
-                  embed_runner: Literal["auto", "local", "ray"] = "auto") -> dict:
+                  embed_runner: Literal["auto", "local", "ray"] = "auto", synth: str | None = None) -> dict:
     """Ingest and embed every data set, train `config` (on Ray with `workers` > 0), evaluate on the test
     sets. Without `val`, a share of the training rows is held out for validation (train.val_share).
-    `embed_runner` chooses the embed stage's runner (auto, local, or Ray Data).
+    `embed_runner` chooses the embed stage's runner (auto, local, or Ray Data). `synth`: a folder where the
+    synthetic benchmark is written first when it is not there and a data set reads from it (the
+    deployment's demo data, data/synth).
     The run folder is named by the config, the data and their completion key: the same parameters a
     second time skip every finished stage; a changed override trains a new run."""
     with one_line():
         pipeline.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
         stages = {}
-        for ds in [train_data, *([val] if val else []), *tests]:
+        datasets = [train_data, *([val] if val else []), *tests]
+        if synth and any((ds.path or "").startswith(synth.rstrip("/") + "/") for ds in datasets):
+            stages["synth"] = "done" if write_synth(synth) else "skipped"  # only when a data set reads it
+        for ds in datasets:
             stages[f"ingest:{ds.name}"] = ingest(ds, root)
             stages[f"embed:{ds.name}"] = embed(ds, root, degree, embed_runner)
         val_spec = pipeline.DataSpec.parse(val) if val else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -11,7 +13,8 @@ from flows.retry import transient
 from locdiff import pipeline
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient,
+      task_run_name="train {config}")
 def train_run(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None,
               overrides: list[str], workers: int, gpus_per_worker: float, tracking_uri: str | None,
               val: DataSet | None = None) -> dict:
@@ -21,7 +24,7 @@ def train_run(config: str, dataset: DataSet, root: str, run_dir: str, degree: in
                           tracking_uri=tracking_uri, val_spec=pipeline.DataSpec.parse(val) if val else None)
 
 
-@flow(name="train")
+@flow(name="train", flow_run_name="train {config}")
 def train(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None = None,
           overrides: list[str] | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
           tracking_uri: str | None = None, val: DataSet | None = None) -> dict:
@@ -32,6 +35,9 @@ def train(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | 
             get_run_logger().info("train: %s is complete (MLflow run %s), skipped", run_dir,
                                   record["mlflow_run_id"])
             return {**record, "skipped": True}
+        if workers > 0 and not os.environ.get("RAY_ADDRESS"):
+            get_run_logger().info("train: starting a local Ray for %d workers (a minute or so on a small "
+                                  "machine), then %s", workers, config)
         record = train_run(config, dataset, root, run_dir, degree, list(overrides or []), workers,
                            gpus_per_worker, tracking_uri, val)
         get_run_logger().info("train: %d steps, MLflow run %s", record["step"], record["mlflow_run_id"])

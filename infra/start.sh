@@ -4,7 +4,7 @@
 # source live under one state folder (default .state/ at the repo root).
 #
 #   infra/start.sh            # start (idempotent: what is already running is left alone)
-#   source .state/env         # PREFECT_API_URL, MLFLOW_TRACKING_URI, PREFECT_HOME for your shell
+#   source .state/env         # PREFECT_API_URL, MLFLOW_TRACKING_URI, PREFECT_HOME and the venv on PATH
 #   infra/stop.sh             # stop everything started here
 #
 # Settings (environment): LOCDIFF_STATE (state folder), PREFECT_PORT (4200), MLFLOW_PORT (5000),
@@ -92,5 +92,6 @@ export PREFECT_API_URL="$PREFECT_API_URL"
 export MLFLOW_TRACKING_URI="$MLFLOW_TRACKING_URI"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true
 export RAY_AUTH_MODE=token
+export PATH="$BIN:\$PATH"  # prefect, mlflow, locdiff of this checkout's venv: nothing to activate
 ENV
 echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT   MLflow UI: $MLFLOW_TRACKING_URI   (source $STATE/env)"

@@ -35,6 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.data.storage import filesystem
+from locdiff.errors import CorruptFileError, UserError
+from locdiff.runs import check_checkpoint, load_state
+
 log = logging.getLogger(__name__)
 
 FAULT_MARKER = "fault-injected"
@@ -58,6 +62,9 @@ class RayTrainSettings:
     storage_root: str = "runs/ray"  # local folder or s3://bucket/prefix; checkpoints go under it
     run_name: str | None = None  # None: a new unique run; the same name resumes that run (`resume`)
     max_failures: int = 2  # worker-group restarts after a worker dies
+    # restarts of Ray Train's controller (e.g. a worker group that cannot be placed); Ray's default is
+    # unlimited, which turns a request the cluster cannot meet into an endless retry
+    controller_failure_limit: int = 2
     tracking_uri: str | None = None  # MLflow; with mlflow_run_id, loss and lr are logged per step
     mlflow_run_id: str | None = None
     # For the fault-tolerance test: the last rank kills itself (SIGKILL) on reaching this global step,
@@ -82,6 +89,101 @@ class RayTrainResult:
 
 class RayUnavailable(RuntimeError):
     """Ray could not be started or reached."""
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of a run's checkpoints
+MAX_SNAPSHOT_BYTES = 16 << 20
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpu_request(num_workers: int, gpus_per_worker: float, available: float | None = None,
+                      where: str = "this machine") -> None:
+    """Refuse, before any work, a GPU request that cannot run (a UserError saying what was asked and what
+    exists): more GPUs than `available` (default: this machine's CUDA devices, for a local Ray), or a
+    fractional share of a GPU with several workers (two DDP ranks on one GPU, which NCCL refuses)."""
+    if num_workers < 1 or gpus_per_worker < 0:
+        raise UserError(f"--workers must be >= 1 and --gpus-per-worker >= 0; got {num_workers} and "
+                        f"{gpus_per_worker:g}")
+    if gpus_per_worker == 0:
+        return
+    if num_workers > 1 and gpus_per_worker != int(gpus_per_worker):
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g} with {num_workers} workers would put two "
+                        "ranks on one GPU, which NCCL refuses; give each worker whole GPUs (1) or use one worker")
+    need = num_workers * gpus_per_worker
+    have = local_gpus() if available is None else available
+    if have < need:
+        raise UserError(f"--workers {num_workers} --gpus-per-worker {gpus_per_worker:g} asks for {need:g} GPU(s), "
+                        f"but {where} has {have:g}; use fewer workers or GPUs, or leave out --gpus-per-worker "
+                        "to train on the CPUs")
+
+
+def _cluster_gpus(ray: Any) -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def check_ray_checkpoint(storage_root: str, run_name: str) -> None:
+    """Before the workers start: the checkpoint Ray Train would resume `run_name` from (the latest in its
+    index) must be a readable, complete locdiff checkpoint; a damaged one is one CorruptFileError naming
+    the file (a worker would fail on it, be restarted max_failures times and bury the cause in logs)."""
+    fs, inner = filesystem(storage_root)
+    shown_root = f"{storage_root.rstrip('/')}/{run_name}" if "://" in storage_root else f"{inner}/{run_name}"
+    index, shown_index = f"{inner}/{run_name}/{RAY_SNAPSHOT}", f"{shown_root}/{RAY_SNAPSHOT}"
+    hint = f"delete {shown_root} to train from scratch"
+    if not fs.exists(index):
+        return
+    with fs.open(index, "rb") as f:
+        raw = f.read(MAX_SNAPSHOT_BYTES + 1)
+    try:
+        if len(raw) > MAX_SNAPSHOT_BYTES:
+            raise ValueError(f"larger than {MAX_SNAPSHOT_BYTES} bytes")
+        latest = json.loads(raw).get("latest_checkpoint_result")
+        name = None if latest is None else latest["checkpoint_dir_name"]
+        if name is not None and (not isinstance(name, str) or not name.replace("_", "").replace("-", "")
+                                 .replace(".", "").isalnum() or name.startswith(".")):
+            raise ValueError(f"checkpoint_dir_name {name!r}")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(shown_index, f"{shown_index}: not a Ray Train checkpoint index ({err}); "
+                               f"{hint}") from None
+    if name is None:
+        return
+    shown = f"{shown_root}/{name}/checkpoint.pt"
+    if "://" not in storage_root:
+        check_checkpoint(load_state(f"{inner}/{run_name}/{name}/checkpoint.pt", mmap=True, hint=hint), shown)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt") as tmp:
+        local = Path(tmp) / "checkpoint.pt"
+        try:
+            fs.get(f"{inner}/{run_name}/{name}/checkpoint.pt", str(local))
+        except FileNotFoundError:
+            raise CorruptFileError(shown, f"{shown}: missing; {hint}") from None
+        try:
+            check_checkpoint(load_state(local, hint=hint), shown)
+        except UserError as err:
+            raise CorruptFileError(shown, str(err).replace(str(local), shown)) from None
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError a worker raised, found inside Ray Train's error (WorkerGroupError's worker_failures,
+    RayTaskError causes, exception chains); None when there is none."""
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
 
 
 def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -125,8 +227,12 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
             if sys.platform == "linux" and os.path.exists("/sys/class/net/lo"):
                 # torch.distributed's gloo (the CPU DDP backend) then connects ranks over loopback too
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            t0 = time.monotonic()
+            log.info("starting a local Ray (%d CPUs, 127.0.0.1 only); its processes take a minute or so to "
+                     "start on a small machine", num_cpus or os.cpu_count())
             with _loopback_only():
                 ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            log.info("local Ray ready in %.0f s", time.monotonic() - t0)
             _LOCAL_STARTED.update(gcs=ray.get_runtime_context().gcs_address, env=_worker_env())
             node_ip = ray.util.get_node_ip_address()
             if node_ip not in ("127.0.0.1", "::1"):
@@ -443,8 +549,12 @@ def train_on_ray(config: Any, train: str, run_dir: str | Path, settings: RayTrai
     if not isinstance(train, str | os.PathLike):
         raise ValueError("Ray training reads its data from a path or URL (a features folder or an embeddings "
                          "table), not from an in-memory table")
+    cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if not cluster:  # a local Ray has this machine's GPUs: refused before anything starts
+        check_gpu_request(settings.num_workers, settings.gpus_per_worker)
     storage_path, storage_fs = _storage(settings.storage_root)
     run_name = settings.run_name or f"locdiff-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    check_ray_checkpoint(settings.storage_root, run_name)
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -459,6 +569,9 @@ def train_on_ray(config: Any, train: str, run_dir: str | Path, settings: RayTrai
     ensure_ray(num_cpus=max(2, int(np.ceil(settings.num_workers * settings.cpus_per_worker))),
                **settings.ray_init)
     try:
+        if cluster or not started_here:  # the GPUs the running Ray has (a cluster's, or one started earlier)
+            check_gpu_request(settings.num_workers, settings.gpus_per_worker, available=_cluster_gpus(ray),
+                              where=f"the Ray cluster{' at ' + os.environ['RAY_ADDRESS'] if cluster else ''}")
         return _fit(config, {"train": _absolute(train), "val": _absolute(val) if val else None,
                              "val_share": val_share}, run_dir, settings, storage_path, storage_fs, run_name,
                     use_gpu, resources)
@@ -499,13 +612,17 @@ def _fit(config: Any, data: dict[str, Any], run_dir: Path, settings: RayTrainSet
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             failure_config=FailureConfig(max_failures=settings.max_failures,
+                                                          controller_failure_limit=settings.controller_failure_limit),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     log.info("Ray Train: %d worker(s), %s per worker, run %s under %s", settings.num_workers, resources,
              run_name, settings.storage_root)
     result = trainer.fit()
     if result.error is not None:
+        cause = _user_error_in(result.error)  # e.g. a damaged checkpoint: its one line, not Ray's wrapping
+        if cause is not None:
+            raise UserError(f"Ray training failed: {cause}") from None
         raise RuntimeError(f"Ray training failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"Ray training of run {run_name} ended without a checkpoint")

@@ -30,6 +30,7 @@ from torch import nn
 
 from locdiff.data.stream import BatchStream, DataSource, Rows
 from locdiff.errors import UserError
+from locdiff.geo import check_coordinates
 from locdiff.runs import CHECKPOINT, RunFolder, check_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class Task(ABC):
         at every checkpoint (the learning curve); names without the "val_" prefix."""
         return {}
 
+    def flops_per_sample(self, model: nn.Module) -> float | None:
+        """Optional: floating-point operations of one training sample (forward and backward), for the MFU."""
+        return None
+
 
 @dataclass
 class Settings:
@@ -78,27 +83,50 @@ class Settings:
     validate_every: int = 0  # 0: validate at checkpoints and at the end
     seed: int = 0
     amp: bool = True  # bfloat16 autocast, CUDA only
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0: PEAK_TFLOPS by the device's name
     device: str = "auto"
     window_rows: int = 16_384  # shuffle buffer of the stream
+    prefetch_windows: int = 2  # windows read ahead of the one training (memory: prefetch + threads + 1)
+    loader_threads: int = 1  # CPU threads reading and decoding windows per worker (raise it for a GPU)
     stats_rows: int = 65_536  # rows sampled for the embedding standardisation
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" (CUDA when present, else the CPU) or a device name; a CUDA device this machine does not have
+    is a UserError naming what exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"train.device={name}: not a device name ({str(err).splitlines()[0]}); use auto, cpu, "
+                        "cuda or cuda:N") from None
+    if device.type == "cuda":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0 or (device.index or 0) >= have:
+            exists = f"its CUDA devices are cuda:0..cuda:{have - 1}" if have else "it has no CUDA GPU"
+            raise UserError(f"train.device={name}: this machine has no such device ({exists}); use "
+                            "train.device=auto or one that exists")
+    return device
 
 
 def to_batch(rows: Rows, device: torch.device) -> dict[str, Any]:
     """A chunk of rows as tensors on the device: embedding (B, d) float32, lat/lon (B,) float64, and the
-    stored SHDD codes (B, D) when the source has them. `ids` stays a NumPy array."""
-    b: dict[str, Any] = {"embedding": torch.from_numpy(np.ascontiguousarray(rows.emb)).to(device, non_blocking=True),
-                         "ids": rows.ids}
+    stored SHDD codes (B, D) when the source has them. `ids` stays a NumPy array. On CUDA the host copies
+    are pinned, so the transfers are asynchronous (the step's kernels queue behind them, no host wait)."""
+    pin = device.type == "cuda"
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+    b: dict[str, Any] = {"embedding": put(np.ascontiguousarray(rows.emb)), "ids": rows.ids}
     if rows.lat is not None:
-        b["lat"] = torch.from_numpy(np.ascontiguousarray(rows.lat, np.float64)).to(device)
-        b["lon"] = torch.from_numpy(np.ascontiguousarray(rows.lon, np.float64)).to(device)
+        lat, lon = np.ascontiguousarray(rows.lat, np.float64), np.ascontiguousarray(rows.lon, np.float64)
+        check_coordinates(lat, lon, name=f"{len(lat)} training rows")  # here on the host, not on the device
+        b["lat"], b["lon"], b["coordinates_checked"] = put(lat), put(lon), True
     if rows.shdd is not None:
-        b["shdd"] = torch.from_numpy(np.ascontiguousarray(rows.shdd)).to(device, non_blocking=True)
+        b["shdd"] = put(np.ascontiguousarray(rows.shdd))
     return b
 
 
@@ -153,6 +181,78 @@ def lr_factor(settings: Settings) -> Callable[[int], float]:
         return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+# -- throughput ------------------------------------------------------------------------------------------------
+
+# Dense peak TFLOP/s per GPU (bfloat16 tensor cores, float32 without TF32) from the vendors' data sheets,
+# matched against torch.cuda.get_device_name; Settings.peak_tflops overrides it (an unlisted GPU).
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6), "L4": (121.0, 30.3), "A10G": (70.0, 31.2), "A10": (125.0, 31.2),
+}
+
+
+THROUGHPUT_METRICS = ("samples_per_s", "peak_gpu_memory_gib", "mfu")  # in run.json, MLflow, the CLI's last line
+
+
+def peak_flops(device: torch.device, bf16: bool, override_tflops: float = 0.0) -> float | None:
+    """The device's peak FLOP/s for the MFU (None on a CPU or an unlisted GPU without an override)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, single) in PEAK_TFLOPS.items():  # the more specific names come first
+        if key in name:
+            return (half if bf16 else single) * 1e12
+    log.info("no peak FLOP/s known for %s: MFU not reported (set train.peak_tflops)", name)
+    return None
+
+
+class Throughput:
+    """Training samples/s over the training steps only (validation and checkpoints paused out), the peak
+    GPU memory and the MFU. It synchronises the device only where it pauses or reports (checkpoints)."""
+
+    def __init__(self, device: torch.device, batch_size: int, world: int, *, flops: float | None,
+                 peak_flops: float | None, start_step: int) -> None:
+        self.device, self.batch_size, self.world = device, batch_size, world
+        self.flops, self.peak = flops, peak_flops
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.restart(start_step)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def restart(self, step: int) -> None:
+        self.t0, self.from_step, self.paused, self.paused_at = self._now(), step, 0.0, None
+
+    def pause(self) -> None:
+        self.paused_at = self._now()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.paused += time.perf_counter() - self.paused_at
+            self.paused_at = None
+
+    def elapsed(self) -> float:
+        """Training seconds since the (re)start, without the pauses."""
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return now - self.t0 - self.paused
+
+    def report(self, step: int) -> dict[str, float]:
+        """{samples_per_s (global), peak_gpu_memory_gib (CUDA), mfu (when the FLOPs and peak are known)}."""
+        seconds = self.elapsed()
+        rate = (step - self.from_step) * self.batch_size / seconds if step > self.from_step and seconds > 0 else 0.0
+        out = {"samples_per_s": rate}
+        if self.device.type == "cuda":
+            out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.flops and self.peak:
+            out["mfu"] = rate * self.flops / (self.peak * self.world)
+        return out
 
 
 # -- where checkpoints and logs go ------------------------------------------------------------------------------
@@ -239,11 +339,53 @@ class _Autocast(nn.Module):
         return out.float() if isinstance(out, torch.Tensor) else out
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's random state as CPU tensors (a checkpoint never holds a device tensor): the global
+    CPU stream, the training generator and, on CUDA, the device's default generator (dropout, randn_like)."""
+    state = {"torch": torch.get_rng_state().cpu(), "generator": generator.get_state().cpu()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
     return state
+
+
+def _fits(saved: Any, current: torch.Tensor) -> bool:
+    return isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.shape == current.shape
+
+
+def _restore_rng(rng: Mapping[str, Any], generator: torch.Generator, device: torch.device, *, seed: int,
+                 step: int, where: Any) -> None:
+    """Set the random state saved by `_rng_state`, per device. A state that does not fit this device (a
+    CUDA generator's 16 bytes on a CPU, or the other way round: a run trained on a GPU resumed on a CPU) is
+    skipped with a logged note, and that stream is reseeded from the seed and the step instead (the
+    resumption is then deterministic, though not the stream the other device would have drawn)."""
+    skipped = []
+    saved = rng.get("torch")
+    if _fits(saved, torch.get_rng_state()):
+        torch.set_rng_state(saved)
+    else:
+        skipped.append(f"the CPU stream ({_size(saved)})")
+        torch.manual_seed(seed + 7919 * step)
+    saved = rng.get("generator")
+    if _fits(saved, generator.get_state()):
+        generator.set_state(saved)
+    else:
+        skipped.append(f"the {device.type} training generator ({_size(saved)})")
+        generator.manual_seed(seed + 1 + 104729 * step)
+    if device.type == "cuda":
+        saved = rng.get("cuda")
+        if _fits(saved, torch.cuda.get_rng_state(device)):
+            torch.cuda.set_rng_state(saved, device)
+        else:
+            skipped.append(f"the CUDA stream ({_size(saved)})")
+            torch.cuda.manual_seed(seed + 7919 * step)
+    if skipped:
+        log.info("%s: the saved random state of %s does not fit this %s device; reseeded from the seed "
+                 "and step %d instead (the resumption is deterministic, not bit-exact with the other "
+                 "device)", where, ", ".join(skipped), device.type, step)
+
+
+def _size(saved: Any) -> str:
+    return f"{saved.numel()} bytes" if isinstance(saved, torch.Tensor) else "absent"
 
 
 def _check_resume(state: Mapping[str, Any], task: Task, source: DataSource, where: Any) -> None:
@@ -273,10 +415,11 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
         raise ValueError(f"train.steps and train.batch_size must be >= 1; got {s.steps} and {s.batch_size}")
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     device = dist.device if dist and dist.device is not None else resolve_device(s.device)
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     generator = torch.Generator(device=device).manual_seed(s.seed + 1 + rank)
     per_rank = max(1, s.batch_size // world)
-    stream = BatchStream(source, per_rank, rank=rank, world_size=world, seed=s.seed, window_rows=s.window_rows)
+    stream = BatchStream(source, per_rank, rank=rank, world_size=world, seed=s.seed, window_rows=s.window_rows,
+                         prefetch=s.prefetch_windows, workers=s.loader_threads)
 
     stats = source.embedding_stats(s.stats_rows, seed=s.seed)
     model = task.build(source.dim, stats).to(device)
@@ -288,7 +431,9 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
 
     step = restored = 0
     last: dict[str, float] = {}
-    state = store.load(device)
+    if rank:  # each rank its own stream for dropout and the embedding noise (rank 0's is the seed's)
+        torch.manual_seed(s.seed + 1_000_003 * rank)
+    state = store.load(torch.device("cpu"))  # device-independent: the tensors are copied to the device below
     if state is not None:
         where = getattr(store, "where", None) or "the checkpoint"
         _check_resume(state, task, source, where)
@@ -304,10 +449,17 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
             lr_sched.load_state_dict(state["lr_scheduler"])
             step = restored = int(state["step"])
             last = {k: float(v) for k, v in dict(state.get("metrics") or {}).items()}
-            torch.set_rng_state(state["rng"]["torch"])
-            gens = state.get("rank_generators") or [state["rng"]["generator"]]
-            if len(gens) == world:
-                generator.set_state(gens[rank])
+            ranks = state.get("rank_rng")
+            if not isinstance(ranks, list) or len(ranks) != world:  # a checkpoint of another world size
+                ranks = [state["rng"]] * world
+            rng = dict(ranks[rank])
+            if rank and not isinstance(state.get("rank_rng"), list):
+                rng.pop("torch", None)  # rank 0's global stream is not this rank's
+                rng.pop("cuda", None)
+            gens = state.get("rank_generators")
+            if isinstance(gens, list) and len(gens) == world:
+                rng["generator"] = gens[rank]
+            _restore_rng(rng, generator, device, seed=s.seed + 1_000_003 * rank, step=step, where=where)
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise UserError(f"{where}: a damaged training state ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}); delete it to train from scratch"
@@ -319,19 +471,23 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
         val_batch = to_batch(Rows.concat(list(_take(val, val_rows)), val.dim), device)
 
     def checkpoint_state() -> dict[str, Any]:
-        gens = dist.gather(generator.get_state()) if dist else [generator.get_state()]
+        rng = _rng_state(generator, device)
+        ranks = dist.gather(rng) if dist else [rng]  # CPU tensors: gathered as objects over any backend
         return {"task": task.describe(), "model": unwrap(model).state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_sched.state_dict(), "step": step, "rng": _rng_state(generator),
-                "rank_generators": gens, "position": stream.position(step), "embed_dim": source.dim,
+                "lr_scheduler": lr_sched.state_dict(), "step": step, "rng": rng, "rank_rng": ranks,
+                "rank_generators": [r["generator"] for r in ranks], "position": stream.position(step),
+                "embed_dim": source.dim,
                 "metrics": {k: float(v) for k, v in last.items()},
                 "stats": {"mean": torch.from_numpy(stats[0]), "std": torch.from_numpy(stats[1])}}
 
     end = s.steps if max_steps_this_run is None else min(s.steps, step + max_steps_this_run)
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    t0, timed_from = time.perf_counter(), step
-    forward = _Autocast(model, device, s.amp and device.type == "cuda")
+    amp = s.amp and device.type == "cuda"
+    forward = _Autocast(model, device, amp)
+    meter = Throughput(device, s.batch_size, world, flops=task.flops_per_sample(unwrap(model)),
+                       peak_flops=peak_flops(device, amp, s.peak_tflops), start_step=step)
     bar = tqdm(total=s.steps, initial=step, disable=not progress or rank != 0, desc=f"train {task.name}",
                dynamic_ncols=True)
     batches = stream.batches(step)
@@ -357,7 +513,7 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
             if on_step is not None:
                 on_step(step, rows)
             if step == restored + 3:  # throughput after the first steps (allocations, DDP set-up)
-                t0, timed_from = time.perf_counter(), step
+                meter.restart(step)
             if step % max(1, s.log_every) == 0 or step == s.steps:
                 values = torch.stack(list(sums.values())).cpu().tolist()  # the one transfer per log step
                 last = {k: v / count for k, v in zip(sums, values, strict=True)}
@@ -368,29 +524,28 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 if rank == 0:
                     store.log([{"step": step, **last, "lr": lr_sched.get_last_lr()[0],
-                                "elapsed_s": round(time.perf_counter() - t0, 3)}])
+                                "elapsed_s": round(meter.elapsed(), 3)}])
             validate = s.validate_every and step % s.validate_every == 0
             if step % max(1, s.checkpoint_every) == 0 or step == end or validate:
+                meter.pause()  # validation and checkpoints do not count as training time
                 if val_batch is not None and (validate or not s.validate_every):
-                    v = validation_loss(task, ema.module if ema else unwrap(model), val_batch, seed=s.seed)
+                    v = validation_loss(task, _Autocast(ema.module if ema else unwrap(model), device, amp),
+                                        val_batch, seed=s.seed)
                     last.update(v)
                     if rank == 0:
                         store.log([{"step": step, **v}])
                 if step % max(1, s.checkpoint_every) == 0 or step == end:
-                    elapsed = time.perf_counter() - t0
-                    rate = (step - timed_from) * s.batch_size / elapsed if step > timed_from else 0.0
-                    store.save(checkpoint_state(), {"step": step, **last, "restored_from_step": restored,
-                                                    "samples_per_s": rate})
+                    last.update(meter.report(step))
+                    store.save(checkpoint_state(), {"step": step, **last, "restored_from_step": restored})
+                meter.resume()
     finally:
         bar.close()
         batches.close()
-    elapsed = time.perf_counter() - t0
     result_model = (ema.module if ema is not None else unwrap(model)).eval()
     if state is not None and step == restored and val_batch is not None:  # nothing left to train
-        last.update(validation_loss(task, result_model, val_batch, seed=s.seed))
+        last.update(validation_loss(task, _Autocast(result_model, device, amp), val_batch, seed=s.seed))
     return Result(model=result_model, step=step, metrics=last, restored_from_step=restored,
-                  samples_per_s=(step - timed_from) * s.batch_size / elapsed if step > timed_from else 0.0,
-                  stats=stats)
+                  samples_per_s=float(last.get("samples_per_s", 0.0)), stats=stats)
 
 
 def _take(source: DataSource, n: int):
@@ -413,7 +568,7 @@ def validation_loss(task: Task, model: nn.Module, batch: dict[str, Any], *, seed
     totals: dict[str, float] = {}
     n = len(batch["embedding"])
     for i in range(0, n, chunk):
-        part = {k: (v[i:i + chunk]) for k, v in batch.items()}
+        part = {k: (v[i:i + chunk] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
         loss, parts = task.loss(model, part, g)
         m = len(part["embedding"])
         for k, v in {"loss": loss, **parts}.items():

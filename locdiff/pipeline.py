@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from locdiff.engine import THROUGHPUT_METRICS
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,6 +273,11 @@ def train(config_name: str, train_spec: DataSpec, root: str, run_dir: str | Path
                             progress=False)
         if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
             _log_history(run_id, run.path, uri)
+        # the training throughput (samples/s over training steps, peak GPU memory, MFU), Ray or not
+        speed = {k: v for k, v in (outcome.record.get("metrics") or {}).items() if k in THROUGHPUT_METRICS}
+        if speed and not outcome.skipped:
+            tracking.log_step_metrics(run_id, [{"step": int(outcome.record.get("step", 0)), **speed}],
+                                      tracking_uri=uri)
         tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
         # LocDiff runs become the registered pyfunc model (locdiff.inference.pyfunc); baselines are logged
         # as their run folder files only

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.io import write_file_atomic
 from locdiff.metrics import THRESHOLDS_KM
 
 
@@ -29,6 +30,17 @@ def _background(ax: Any) -> None:
     c = cities()
     lat, lon = c.lat, c.lon
     ax.scatter(lon, lat, s=0.6, c="0.8", linewidths=0, rasterized=True, zorder=0)
+
+
+def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:
+    """Render `fig` as PNG in memory, then write it atomically (`locdiff.io.write_file_atomic`): a full
+    disk is one line naming the file and leaves no partial image."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **{"bbox_inches": "tight", **savefig})
+    write_file_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def world_map(path: str | Path, pred_lat: Any, pred_lon: Any, lat: Any | None = None, lon: Any | None = None,
@@ -63,7 +75,7 @@ def world_map(path: str | Path, pred_lat: Any, pred_lon: Any, lat: Any | None = 
         ax.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -89,7 +101,7 @@ def error_cdf(path: str | Path, errors_km: dict[str, Any], *, title: str = "") -
         ax.set_title(title, pad=14)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -116,7 +128,7 @@ def reliability_plot(path: str | Path, reliability: dict[str, Any], *, title: st
     axc.set_ylabel("images")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -141,6 +153,6 @@ def locations_map(path: str | Path, lat: Any, lon: Any, labels: Any = None, *, t
         ax.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -29,7 +29,6 @@ same seed gives byte-identical tables. See README "The realistic benchmark" for 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -42,8 +41,9 @@ import numpy as np
 
 from locdiff.errors import UserError
 from locdiff.geo import destination, haversine_km, unit_to_latlon
+from locdiff.io import json_text, write_file_atomic
 from locdiff.schema import check_ranges, setting
-from locdiff.tables import EmbeddingTable
+from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ GEOCLIP_INSTALL = "pip install --no-deps geoclip==1.3.0 geopy geographiclib"
 
 @dataclass
 class RealBenchConfig:
-    seed: int = 0
-    n_train: int = setting(60_000, ge=1)
-    n_val: int = setting(2_000, ge=0)
-    n_val_unseen: int = setting(1_000, ge=0)
-    n_test: int = setting(3_000, ge=0)
-    n_test_unseen: int = setting(2_000, ge=0)
-    n_yfcc: int = setting(4_000, ge=0)  # rows of the yfcc26k split: a fixed subsample of its 25,600; 0 = all
+    seed: int = setting(0, ge=0, le=2**63 - 1)
+    n_train: int = setting(60_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_val: int = setting(2_000, ge=0, le=MAX_GENERATED_ROWS)
+    n_val_unseen: int = setting(1_000, ge=0, le=MAX_GENERATED_ROWS)
+    n_test: int = setting(3_000, ge=0, le=MAX_GENERATED_ROWS)
+    n_test_unseen: int = setting(2_000, ge=0, le=MAX_GENERATED_ROWS)
+    n_yfcc: int = setting(4_000, ge=0, le=25_600)  # rows of the yfcc26k split: a fixed subsample of its 25,600; 0 = all
     population_exponent: float = 0.5  # city weight = population ** this (sub-linear)
     # shares of photos at a landmark, local, regional, land-ish, anywhere (see the module docstring)
     location_mix: tuple[float, float, float, float, float] = (0.30, 0.35, 0.25, 0.08, 0.02)
@@ -71,7 +71,7 @@ class RealBenchConfig:
     local_km: float = 3.0  # median distance of a "local" photo from its city centre (log-normal)
     regional_km: float = 25.0  # median distance of a "regional" photo (log-normal)
     landish_km: float = 150.0  # land-ish scatter: uniform in area within this of a uniformly drawn city
-    n_regions: int = setting(45, ge=2)  # held-out disks; a third for val_unseen, the rest for test_unseen
+    n_regions: int = setting(45, ge=2, le=1000)  # held-out disks; a third for val_unseen, the rest for test_unseen
     region_radius_km: float = 40.0
     region_margin_km: float = 25.0  # no train/val/test point within radius + margin of a held-out centre
     region_separation_km: float = 300.0  # minimum distance between two held-out centres
@@ -81,7 +81,7 @@ class RealBenchConfig:
     lookalike_min_km: float = 1_500.0  # and it is at least this far away
     # norm of the Gaussian noise added to the unit embedding (before renormalising); with the defaults
     # top-1 kNN on `test` gets about 3 / 33 / 61 / 70 / 80 % within 1 / 25 / 200 / 750 / 2500 km
-    noise: float = setting(1.65, ge=0)
+    noise: float = setting(1.65, ge=0, le=1e3)
 
     def __post_init__(self) -> None:
         check_ranges(self, "realbench")
@@ -395,7 +395,7 @@ def write_benchmark(out_dir: str | Path, cfg: RealBenchConfig) -> dict[str, Path
             "testsets": "locdiff/testsets/locations.npz (see its README: Im2GPS3k and YFCC26k locations)",
             "yfcc26k_subsample_seed": YFCC26K_SUBSAMPLE_SEED, "regions": world.regions(),
             "splits": {s: {"file": p.name, "rows": rows[s]} for s, p in paths.items()}}
-    (out / "realbench.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_file_atomic(out / "realbench.json", json_text(meta, indent=2) + "\n")
     log.info("realbench: %d splits in %.1f s", len(paths), time.perf_counter() - t0)
     return paths
 

@@ -7,6 +7,7 @@ environment variable LOCDIFF_CONFIGS names another folder of the same layout ins
 
     config_path("model", "tiny")          # .../configs/model/tiny.yaml
     config_path("model", "my/run.yaml")   # a YAML path is taken as it is
+    config_path("model", "configs/model/tiny.yaml")   # the shipped tiny.yaml where no such file is (a wheel)
     known_configs("datasets")             # ["embeddings", "folder", ...]
 """
 
@@ -45,6 +46,8 @@ def find_config(kind: str, name: str | os.PathLike) -> Path | None:
     """configs/KIND/NAME.yaml for a bare name, NAME itself for a YAML path; None when it is not a file."""
     _check_kind(kind)
     path = Path(name) if is_yaml_path(name) else configs_dir() / kind / f"{name}.yaml"
+    if not path.is_file() and is_yaml_path(name) and Path(name).parts[-3:-1] == ("configs", kind):
+        path = configs_dir() / kind / Path(name).name  # `configs/model/tiny.yaml` outside a checkout: the shipped one
     return path if path.is_file() else None
 
 

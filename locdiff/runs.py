@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -55,7 +56,8 @@ CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 
 # config keys that may change between a run and its resumption (they do not change the weights)
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
-                     "train.device", "predict.", "hybrid.")
+                     "train.device", "train.loader_threads", "train.peak_tflops", "predict.", "hybrid.",
+                     "limits.")
 
 
 def stable_hash(obj: Any) -> str:
@@ -64,7 +66,9 @@ def stable_hash(obj: Any) -> str:
 
 
 def completion_key(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:
-    """The identity of a training: hash of the resolved config and the data identities."""
+    """The identity of a training: hash of the resolved config and the data identities. The `limits`
+    section (memory budgets) is left out: it never changes what is trained."""
+    config = {k: v for k, v in config.items() if k != "limits"}
     return stable_hash({"config": config, "data": data})
 
 
@@ -375,6 +379,9 @@ def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = Non
                    "normalize": cfg.normalize}
         except (ValueError, FileNotFoundError, OSError):
             pass  # a free-form name: recorded as given
+    model = enc.get("model")
+    if isinstance(model, str) and "://" not in model and not os.path.isabs(model) and os.path.isdir(model):
+        enc["model"] = os.path.abspath(model)  # a local encoder folder given relative to where training ran
     if manifest is not None and "embedding" in manifest:
         dim = dim or int(manifest["embedding"]["dim"])
     if dim is not None:
@@ -414,7 +421,9 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
     if run_encoder.get("dim") is not None and int(run_encoder["dim"]) != int(dim):
         problems.append(f"dimension {dim} != {run_encoder['dim']}")
     both = lambda key: run_encoder.get(key) is not None and data_enc.get(key) is not None  # noqa: E731
-    if both("model") and str(run_encoder["model"]) != str(data_enc["model"]):
+    same_content = both("revision") and str(run_encoder["revision"]).startswith("sha256:") \
+        and run_encoder["revision"] == data_enc["revision"]  # a packaged encoder: its files, wherever they lie
+    if both("model") and not same_content and str(run_encoder["model"]) != str(data_enc["model"]):
         problems.append(f"model {data_enc['model']} != {run_encoder['model']}")
     elif not both("model") and both("name") and run_encoder["name"] != data_enc["name"]:
         problems.append(f"encoder {data_enc['name']} != {run_encoder['name']}")
@@ -430,6 +439,45 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
         raise UserError(f"{data}: embeddings from {describe_encoder(data_enc)} do not fit {run}, trained on "
                         f"{describe_encoder(run_encoder)} embeddings ({'; '.join(problems)}); embed the data "
                         "with the run's encoder, or use a run trained on this encoder")
+
+
+# what a run or model folder may name: s3:// (the project's object storage, reached only through its
+# configured endpoint and credentials) besides paths; any other scheme (http, ftp, memory, file, ...) is refused
+RUN_REFERENCE_SCHEMES = ("s3",)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def resolve_reference(folder: str | os.PathLike, value: Any, what: str, *, hub_id: bool = False) -> str:
+    """Where a reference read from a run's or model's files (model.json `gallery.uri`, run.json `encoder.model`)
+    may lead: a path relative to `folder` that stays inside it (returned absolute), a local absolute path
+    recorded at training time, an s3:// location, or, with hub_id=True, a Hugging Face hub id (`org/name`).
+    Anything else (http://, ftp://, memory://, file://, a path leading out of the folder) is a UserError
+    naming `what`: nothing is fetched or opened for it."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        raise CorruptFileError(what, f"{what}: not a location ({str(value)[:80]!r}); {DAMAGED}")
+    scheme = value.split("://", 1)[0].lower() if "://" in value else None
+    if scheme is not None or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+        if scheme in RUN_REFERENCE_SCHEMES:
+            return value
+        raise UserError(f"{what}: {value[:200]!r} is not accepted from a run folder (only paths inside it, local "
+                        "paths and s3:// locations; nothing is fetched from it)")
+    if os.path.isabs(value):
+        return value
+    if hub_id and not value.startswith(".") and _HUB_ID.fullmatch(value) and ".." not in value:
+        return value
+    root = Path(folder).resolve()
+    target = (root / value).resolve()
+    if not target.is_relative_to(root):
+        raise UserError(f"{what}: {value[:200]!r} leads out of {folder}; a run's references stay inside it")
+    return str(target)
+
+
+def absolute_location(data: Any) -> Any:
+    """A local path as an absolute one (a run records where its data is: `--train data/x.parquet` must
+    still be found from another folder); URLs, tables and other objects unchanged."""
+    if isinstance(data, str | os.PathLike) and "://" not in str(data):
+        return os.path.abspath(os.fspath(data))
+    return data
 
 
 def check_data_encoder(run: RunFolder, data: str) -> None:

@@ -73,6 +73,7 @@ class Spec:
     le: float | None = None
     lt: float | None = None
     min_len: int | None = None  # lists: at least this many items
+    max_len: int | None = None  # lists: at most this many items
     pattern: str | None = None  # strings: must match in full (re.fullmatch)
     expect: str | None = None  # strings: what a matching value looks like, for the message
     check: Callable[[Any], Any] | None = None  # after the type check: returns the value or raises Invalid
@@ -81,15 +82,15 @@ class Spec:
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
             min_len: int | None = None, pattern: str | None = None, expect: str | None = None,
-            check: Callable[[Any], Any] | None = None) -> Any:
+            check: Callable[[Any], Any] | None = None, max_len: int | None = None) -> Any:
     """A dataclass field with its rule: `steps: int = setting(2000, ge=1)`.
 
-    ge/gt/le/lt bound a number (or every item of a list of numbers); min_len bounds a list's length;
-    pattern (with `expect`, its description) constrains a string; check validates what the type allows
-    (it gets the typed value and returns it, or raises Invalid with a key relative to the field).
+    ge/gt/le/lt bound a number (or every item of a list of numbers); min_len and max_len bound a list's
+    length; pattern (with `expect`, its description) constrains a string; check validates what the type
+    allows (it gets the typed value and returns it, or raises Invalid with a key relative to the field).
     A subclass that only changes a default (`epochs: int = 40`) keeps the base class's rule.
     """
-    spec = Spec(ge, gt, le, lt, min_len, pattern, expect, check)
+    spec = Spec(ge, gt, le, lt, min_len, max_len, pattern, expect, check)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"locdiff": spec})
 
 
@@ -173,7 +174,8 @@ def expected(tp: Any, spec: Spec | None = None) -> str:
         what = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(item, "values")
         size = "a non-empty list" if spec is not None and spec.min_len == 1 else (
             f"a list of at least {spec.min_len} items" if spec is not None and spec.min_len else "a list")
-        return f"{size} of {what}{rng}"
+        most = f" (at most {spec.max_len} items)" if spec is not None and spec.max_len else ""
+        return f"{size} of {what}{rng}{most}"
     if origin is dict or tp is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -223,10 +225,11 @@ def coerce(value: Any, tp: Any, spec: Spec | None = None) -> Any:
     if origin is list:
         if not isinstance(value, list | tuple):
             raise Invalid("", f"must be {expected(tp, spec)}; got {show(value)}")
-        if spec is not None and spec.min_len and len(value) < spec.min_len:
+        if spec is not None and ((spec.min_len and len(value) < spec.min_len)
+                                 or (spec.max_len is not None and len(value) > spec.max_len)):
             raise Invalid("", f"must be {expected(tp, spec)}; got {show(value)}")
         (item,) = typing.get_args(tp) or (Any,)
-        item_spec = dataclasses.replace(spec, min_len=None, check=None) if spec is not None else None
+        item_spec = dataclasses.replace(spec, min_len=None, max_len=None, check=None) if spec is not None else None
         out = []
         for i, v in enumerate(value):
             try:
@@ -373,16 +376,21 @@ def check_key_path(cls: type, key: str) -> None:
             raise ConfigError("--set", key, f"{'.'.join(parts[: i + 1])} is a value, not a section")
 
 
-def apply_overrides(cls: type, data: dict[str, Any], overrides: Iterable[str] | None) -> dict[str, Any]:
-    """`data` (not modified) with `KEY=VALUE` strings applied; key paths are checked against `cls`."""
+def apply_overrides(cls: type, data: dict[str, Any], overrides: Iterable[str] | None, *,
+                    source: str = "") -> dict[str, Any]:
+    """`data` (not modified) with `KEY=VALUE` strings applied; key paths are checked against `cls`. A
+    section of `data` (from the file `source`) that an override enters must be a mapping there already:
+    `train: [1, 2]` is refused, not replaced."""
     data = dict(data)
     for item in overrides or []:
         key, value = parse_override(item)
         check_key_path(cls, key)
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                raise ConfigError(source, ".".join(parts[: i + 1]), f"must be a mapping; got {show(child)}")
             node[part] = child = dict(child) if isinstance(child, dict) else {}
             node = child
         node[parts[-1]] = value
@@ -393,7 +401,7 @@ def load(cls: type[T], data: dict[str, Any] | None, *, source: str,
          overrides: Iterable[str] | None = None) -> T:
     """`build` after `apply_overrides`; an error in a value that an override set names the override."""
     overrides = list(overrides or [])
-    merged = apply_overrides(cls, data or {}, overrides)
+    merged = apply_overrides(cls, data or {}, overrides, source=source)
     try:
         return build(cls, merged, source=source)
     except ConfigError as err:
@@ -401,6 +409,25 @@ def load(cls: type[T], data: dict[str, Any] | None, *, source: str,
         if any(err.key == k or err.key.startswith((k + ".", k + "[")) for k in keys):
             raise ConfigError("--set", err.key, err.problem) from None
         raise
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"the key {show(key)} is given twice",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
@@ -419,7 +446,11 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
     try:
-        data = yaml.safe_load(text)
+        loader = UniqueKeyLoader(text)  # what yaml.safe_load does, with duplicate keys refused
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or one_line(str(err), 200)
@@ -447,7 +478,7 @@ def dump_yaml(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 
 __all__ = [
-    "DEVICE_EXPECT", "DEVICE_PATTERN", "Invalid", "Spec", "apply_overrides", "build", "build_at",
+    "DEVICE_EXPECT", "DEVICE_PATTERN", "Invalid", "Spec", "UniqueKeyLoader", "apply_overrides", "build", "build_at",
     "check_key_path", "coerce", "dump_yaml", "expected", "join_key", "load", "parse_override", "range_text",
     "read_yaml", "setting", "show", "spec_of",
 ]

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
+from locdiff.io import json_text, write_file_atomic
 from locdiff.schema import check_ranges, setting
-from locdiff.tables import EmbeddingTable
+from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ SPLITS = ("train", "val", "test", "test_unseen")
 
 @dataclass
 class SynthConfig:
-    n_train: int = setting(50_000, ge=1)
-    n_val: int = setting(0, ge=0)  # 0: no val split is written
-    n_test: int = setting(5_000, ge=1)
-    n_unseen: int = setting(2_000, ge=1)
-    dim: int = setting(128, ge=8)
-    seed: int = 0
-    n_regions: int = 6  # held-out disks for test_unseen
+    n_train: int = setting(50_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_val: int = setting(0, ge=0, le=MAX_GENERATED_ROWS)  # 0: no val split is written
+    n_test: int = setting(5_000, ge=1, le=MAX_GENERATED_ROWS)
+    n_unseen: int = setting(2_000, ge=1, le=MAX_GENERATED_ROWS)
+    dim: int = setting(128, ge=8, le=4096)
+    seed: int = setting(0, ge=0, le=2**63 - 1)
+    n_regions: int = setting(6, ge=1, le=1000)  # held-out disks for test_unseen
     region_radius_km: tuple[float, float] = (500.0, 900.0)
     region_separation_km: float = 2_500.0  # minimum distance between two held-out disk centres
     margin_km: float = 150.0  # no train/val/test point within radius + margin of a held-out centre
@@ -244,8 +245,26 @@ def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
         log.info("synth: wrote %s (%d rows, dim %d)", paths[split], n, cfg.dim)
     meta = {"config": asdict(cfg), "regions": world.regions(),
             "splits": {s: str(p) for s, p in paths.items()}}
-    (out / "synth.json").write_text(json.dumps(meta, indent=2))
+    write_file_atomic(out / "synth.json", json_text(meta, indent=2))
     return paths
 
 
-__all__ = ["SynthConfig", "SynthWorld", "make_split", "make_benchmark", "write_benchmark"]
+def ensure_benchmark(out_dir: str | Path, cfg: SynthConfig | None = None) -> bool:
+    """Write the benchmark to DIR (`write_benchmark`, default sizes unless `cfg`) unless DIR/synth.json,
+    written last, and the splits it lists are there; True when it was written."""
+    out = Path(out_dir)
+    meta = out / "synth.json"
+    if meta.is_file():
+        try:
+            splits = json.loads(meta.read_text()).get("splits") or {}
+        except ValueError:
+            splits = {}
+        if splits and all(Path(p).is_file() or (out / Path(p).name).is_file() for p in splits.values()):
+            log.info("synth: %s is complete; nothing to write", out)
+            return False
+    log.info("synth: writing the synthetic benchmark to %s (no download)", out)
+    write_benchmark(out, cfg or SynthConfig())
+    return True
+
+
+__all__ = ["SynthConfig", "SynthWorld", "ensure_benchmark", "make_split", "make_benchmark", "write_benchmark"]

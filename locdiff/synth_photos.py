@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff.data.exif import with_gps
+
 TINY_CLIP_DIM = 16
 
 
@@ -53,17 +55,19 @@ def sample_places(n: int, seed: int = 0, jitter_km: float = 30.0) -> tuple[np.nd
     return np.round(lat, 6), np.round(lon, 6)
 
 
-def write_photos(out: str | Path, n: int, *, seed: int = 0, prefix: str = "photo", metadata: bool = True
-                 ) -> Path:
+def write_photos(out: str | Path, n: int, *, seed: int = 0, prefix: str = "photo", metadata: bool = True,
+                 gps: bool = False) -> Path:
     """Write n photos OUT/PREFIX-00000.jpg ... and OUT/metadata.csv (id, lat, lon; left out with
-    metadata=False: unlabelled photos); returns OUT."""
+    metadata=False: unlabelled photos); gps=True writes each photo's place into its EXIF GPS tag, as a
+    phone does. Returns OUT."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lat, lon = sample_places(n, seed)
     rows = []
     for i in range(n):
         rid = f"{prefix}-{i:05d}"
-        (out / f"{rid}.jpg").write_bytes(photo(float(lat[i]), float(lon[i]), seed * 1_000_003 + i))
+        data = photo(float(lat[i]), float(lon[i]), seed * 1_000_003 + i)
+        (out / f"{rid}.jpg").write_bytes(with_gps(data, float(lat[i]), float(lon[i])) if gps else data)
         rows.append({"id": rid, "lat": repr(float(lat[i])), "lon": repr(float(lon[i]))})
     if metadata:
         with open(out / "metadata.csv", "w", newline="") as f:
@@ -77,17 +81,27 @@ def tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
     """Save a randomly initialised tiny CLIP (model and image processor) to path; returns path. Skipped
     when path already holds one."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    try:  # transformers >= 5: the PIL backend by name (CLIPImageProcessor warns that it falls back to it)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
         return path
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one tiny file: no "Writing model shards" bar
     try:
         config = CLIPConfig(
+            # bos/eos ids inside the tiny vocabulary (the defaults, 49406/49407, are CLIP's: a warning each)
             text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
+                         "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16,
+                         "bos_token_id": 97, "eos_token_id": 98, "pad_token_id": 1},
             vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
             projection_dim=TINY_CLIP_DIM,
@@ -95,5 +109,7 @@ def tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
         CLIPModel(config).save_pretrained(path)
     finally:
         torch.random.set_rng_state(state)
+        if bars:
+            hf_logging.enable_progress_bar()
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MAX_EMBED_DIM = 65_536  # the widest embedding a table may hold (CLIP's are 512-1280); wider is refused unread
+MAX_GENERATED_ROWS = 10_000_000  # rows per split of a generated benchmark (`locdiff synth`, `locdiff realbench`)
+
+
 
 @dataclass
 class EmbeddingTable:

@@ -214,7 +214,7 @@ PROMOTION_METRIC = "geoscore"
 def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None,
               registered_name: str = REGISTERED_MODEL) -> dict[str, Any]:
     """Log a LocDiff run folder as the pyfunc model of locdiff.inference.pyfunc (weights as safetensors,
-    config as YAML/JSON, the project's code as its code path, a signature; nothing pickled) and register
+    config as YAML/JSON, its image encoder, a signature; no code, nothing pickled) and register
     it as `registered_name`; the first version becomes `champion`. Returns {"model_uri", "version"}."""
     from locdiff import runs
     from locdiff.inference import pyfunc
@@ -225,7 +225,7 @@ def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = No
     with tempfile.TemporaryDirectory(prefix="locdiff-stage-") as tmp, _in_run(mlflow, run_id):
         data = pyfunc.stage(run_dir, tmp)
         info = mlflow.pyfunc.log_model(name="model", loader_module=pyfunc.LOADER_MODULE, data_path=str(data),
-                                       code_paths=[pyfunc.code_path()], signature=pyfunc.signature(),
+                                       signature=pyfunc.signature(),
                                        pip_requirements=pyfunc.requirements(),
                                        registered_model_name=registered_name)
     version = str(info.registered_model_version) if info.registered_model_version is not None else None

@@ -14,12 +14,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from locdiff.distributed import check_gpu_request, local_gpus
+from locdiff.engine import resolve_device
+from locdiff.errors import UserError
 from locdiff.model.config import Config, config_to_dict
-from locdiff.runs import RunFolder, completion_key, encoder_record
+from locdiff.runs import RunFolder, absolute_location, completion_key, encoder_record
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,45 @@ class TrainOutcome:
     record: dict[str, Any]
     skipped: bool  # a complete run with the same key was found
     ray: Any = None  # the RayTrainResult when trained on Ray
+
+
+def check_devices(config: Config, workers: int = 0, gpus_per_worker: float = 0.0) -> None:
+    """Before any work (nothing is written when it refuses): the devices a training asks for exist.
+
+    With `workers`, the GPUs of the Ray workers (`distributed.check_gpu_request`; a cluster's are checked
+    once connected). Without, `gpus_per_worker` > 0 means this process on this machine's GPU: refused when
+    there is none, more than one is asked for, or train.device says cpu. train.device itself (used in this
+    process: the training, or the final step after Ray) must name a device that exists.
+    """
+    if workers > 0:
+        if not os.environ.get("RAY_ADDRESS"):
+            check_gpu_request(workers, gpus_per_worker)
+    elif gpus_per_worker > 0:
+        have = local_gpus()
+        if gpus_per_worker > 1:
+            raise UserError(f"--gpus-per-worker {gpus_per_worker:g} without --workers: one process trains on "
+                            "one GPU; use --workers N --gpus-per-worker 1 for several")
+        if have == 0:
+            raise UserError(f"--gpus-per-worker {gpus_per_worker:g} without --workers trains in this process on "
+                            "its GPU, but this machine has no CUDA GPU (0 visible); leave out --gpus-per-worker "
+                            "to train on the CPU, or add --workers N for a Ray cluster's GPUs (RAY_ADDRESS)")
+        if config.train.device == "cpu":
+            raise UserError(f"--gpus-per-worker {gpus_per_worker:g} asks for the GPU, but train.device is cpu; "
+                            "set train.device=auto or cuda, or leave out --gpus-per-worker")
+    resolve_device(config.train.device)
+
+
+def throughput_line(metrics: dict[str, Any]) -> str:
+    """The training throughput of a run's metrics as one line ("" when it has none): samples/s over the
+    training steps, the peak GPU memory and the MFU where measured."""
+    if not metrics.get("samples_per_s"):
+        return ""
+    parts = [f"throughput: {metrics['samples_per_s']:.1f} samples/s"]
+    if "peak_gpu_memory_gib" in metrics:
+        parts.append(f"peak GPU memory {metrics['peak_gpu_memory_gib']:.2f} GiB")
+    if "mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    return ", ".join(parts)
 
 
 def _method_config(config: Config) -> Any:
@@ -50,6 +93,8 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     """
     from locdiff.methods import get_method, prepare_data
 
+    check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)))
+    train, val = absolute_location(train), absolute_location(val)  # recorded: found again from anywhere
     resolved = config_to_dict(config)
     run = RunFolder(out)
     run.check_compatible(resolved)

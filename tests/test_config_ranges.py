@@ -20,78 +20,82 @@ TINY = ROOT / "configs" / "model" / "tiny.yaml"
 
 # (key path, bad value, the expected problem after "FILE: KEY: ")
 BAD_RUN_VALUES = [
-    ("train.steps", -5, "must be an integer >= 1; got -5"),
-    ("train.steps", 0, "must be an integer >= 1; got 0"),
-    ("train.steps", 2.5, "must be an integer >= 1; got 2.5"),
-    ("train.batch_size", -4, "must be an integer >= 1; got -4"),
-    ("train.lr", 0, "must be a number > 0; got 0"),
-    ("train.lr", -0.001, "must be a number > 0; got -0.001"),
-    ("train.lr", float("nan"), "must be a finite number > 0; got nan"),
+    ("train.steps", -5, "must be an integer in [1, 1000000000]; got -5"),
+    ("train.steps", 0, "must be an integer in [1, 1000000000]; got 0"),
+    ("train.steps", 2.5, "must be an integer in [1, 1000000000]; got 2.5"),
+    ("train.steps", 10**20, "must be an integer in [1, 1000000000]; got 100000000000000000000"),  # issue 21: upper
+    ("train.batch_size", 10**8, "must be an integer in [1, 16777216]; got 100000000"),
+    ("predict.samples", 5000, "must be an integer in [1, 1024]; got 5000"),
+    ("limits.max_parameters", 0, "must be an integer in [1, 100000000000]; got 0"),
+    ("train.batch_size", -4, "must be an integer in [1, 16777216]; got -4"),
+    ("train.lr", 0, "must be a number in (0, 10]; got 0"),
+    ("train.lr", -0.001, "must be a number in (0, 10]; got -0.001"),
+    ("train.lr", float("nan"), "must be a finite number in (0, 10]; got nan"),
     ("train.min_lr_ratio", 1.5, "must be a number in [0, 1]; got 1.5"),
     ("train.min_lr_ratio", -0.1, "must be a number in [0, 1]; got -0.1"),
-    ("train.warmup_steps", -1, "must be an integer >= 0; got -1"),
-    ("train.weight_decay", -0.01, "must be a number >= 0; got -0.01"),
-    ("train.grad_clip", -1, "must be a number >= 0; got -1"),
+    ("train.warmup_steps", -1, "must be an integer in [0, 1000000000]; got -1"),
+    ("train.weight_decay", -0.01, "must be a number in [0, 1000]; got -0.01"),
+    ("train.grad_clip", -1, "must be a number in [0, 1e+06]; got -1"),
     ("train.ema_decay", 1, "must be a number in [0, 1); got 1"),
     ("train.ema_decay", -0.5, "must be a number in [0, 1); got -0.5"),
-    ("train.checkpoint_every", 0, "must be an integer >= 1; got 0"),
-    ("train.log_every", 0, "must be an integer >= 1; got 0"),
-    ("train.kl_weight", -1, "must be a number >= 0; got -1"),
-    ("train.mse_weight", -1, "must be a number >= 0; got -1"),
-    ("train.seed", -1, "must be an integer >= 0; got -1"),
-    ("train.val_samples", 0, "must be an integer >= 1; got 0"),
+    ("train.checkpoint_every", 0, "must be an integer in [1, 1000000000]; got 0"),
+    ("train.log_every", 0, "must be an integer in [1, 1000000000]; got 0"),
+    ("train.kl_weight", -1, "must be a number in [0, 1e+06]; got -1"),
+    ("train.mse_weight", -1, "must be a number in [0, 1e+06]; got -1"),
+    ("train.seed", -1, "must be an integer in [0, 9223372036854775807]; got -1"),
+    ("train.val_samples", 0, "must be an integer in [1, 100000000]; got 0"),
     ("train.device", "gpu", "must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
     ("shdd.degree", 0, "must be an integer in [1, 512]; got 0"),
     ("shdd.degree", 513, "must be an integer in [1, 512]; got 513"),
-    ("shdd.kl_tau", 0, "must be a number > 0 or null; got 0"),
-    ("shdd.kl_tau", -1.5, "must be a number > 0 or null; got -1.5"),
-    ("shdd.kl_grid_size", 0, "must be an integer >= 1 or null; got 0"),
+    ("shdd.kl_tau", 0, "must be a number in (0, 1e+06] or null; got 0"),
+    ("shdd.kl_tau", -1.5, "must be a number in (0, 1e+06] or null; got -1.5"),
+    ("shdd.kl_grid_size", 0, "must be an integer in [1, 4194304] or null; got 0"),
     ("network.widths", [64, 0], None),  # the item is named: network.widths[1]
-    ("network.widths", [], "must be a non-empty list of integers >= 1; got []"),
-    ("network.blocks_per_level", 0, "must be an integer >= 1; got 0"),
-    ("network.omega_0", 0, "must be a number > 0; got 0"),
-    ("network.omega_hidden", -1, "must be a number > 0; got -1"),
+    ("network.widths", [], "must be a non-empty list of integers in [1, 65536] (at most 16 items); got []"),
+    ("network.blocks_per_level", 0, "must be an integer in [1, 64]; got 0"),
+    ("network.omega_0", 0, "must be a number in (0, 10000]; got 0"),
+    ("network.omega_hidden", -1, "must be a number in (0, 10000]; got -1"),
     ("network.dropout", 1.0, "must be a number in [0, 1); got 1.0"),
     ("network.dropout", -0.1, "must be a number in [0, 1); got -0.1"),
-    ("network.cond_dim", 0, "must be an integer >= 1; got 0"),
-    ("network.time_dim", 0, "must be an integer >= 1; got 0"),
-    ("diffusion.timesteps", 0, "must be an integer >= 1; got 0"),
+    ("network.cond_dim", 0, "must be an integer in [1, 65536]; got 0"),
+    ("network.time_dim", 0, "must be an integer in [1, 65536]; got 0"),
+    ("diffusion.timesteps", 0, "must be an integer in [1, 100000]; got 0"),
     ("diffusion.cond_drop_prob", 1, "must be a number in [0, 1); got 1"),
     ("diffusion.cond_drop_prob", -0.1, "must be a number in [0, 1); got -0.1"),
-    ("diffusion.guidance_scale", -1, "must be a number >= 0; got -1"),
-    ("diffusion.min_train_timestep", -1, "must be an integer >= 0; got -1"),
+    ("diffusion.guidance_scale", -1, "must be a number in [0, 1000]; got -1"),
+    ("diffusion.min_train_timestep", -1, "must be an integer in [0, 100000]; got -1"),
     ("diffusion.min_train_timestep", 1000, "must be < diffusion.timesteps (1000); got 1000"),
-    ("predict.samples", 0, "must be an integer >= 1; got 0"),
-    ("predict.steps", 0, "must be an integer >= 1; got 0"),
+    ("predict.samples", 0, "must be an integer in [1, 1024]; got 0"),
+    ("predict.steps", 0, "must be an integer in [1, 100000]; got 0"),
     ("predict.steps", 1001, "must be <= diffusion.timesteps (1000); got 1001"),
-    ("predict.support_radius_km", 0, "must be a number > 0; got 0"),
-    ("predict.batch_size", 0, "must be an integer >= 1; got 0"),
-    ("predict.decode_candidates", 0, "must be an integer >= 1; got 0"),
-    ("hybrid.top_k", 0, "must be an integer >= 1; got 0"),
-    ("hybrid.radius_km", -10, "must be a number > 0; got -10"),
+    ("predict.support_radius_km", 0, "must be a number in (0, 20038]; got 0"),
+    ("predict.batch_size", 0, "must be an integer in [1, 16777216]; got 0"),
+    ("predict.decode_candidates", 0, "must be an integer in [1, 64]; got 0"),
+    ("hybrid.top_k", 0, "must be an integer in [1, 1024]; got 0"),
+    ("hybrid.radius_km", -10, "must be a number in (0, 20038]; got -10"),
     ("hybrid.weight", 1.5, "must be a number in [0, 1]; got 1.5"),
     ("hybrid.weight", -0.1, "must be a number in [0, 1]; got -0.1"),
-    ("baselines.knn.k", 0, "must be an integer >= 1; got 0"),
-    ("baselines.knn.radius_km", 0, "must be a number > 0; got 0"),
-    ("baselines.knn.temperature", 0, "must be a number > 0; got 0"),
-    ("gallery.nprobe", 0, "must be an integer >= 1; got 0"),
-    ("baselines.geocell.epochs", 0, "must be an integer >= 1; got 0"),
-    ("baselines.geocell.max_cell_size", 0, "must be an integer >= 1; got 0"),
-    ("baselines.geocell.label_smoothing_km", -1, "must be a number >= 0; got -1"),
-    ("baselines.geocell.medoid_sample", 0, "must be an integer >= 1; got 0"),
-    ("baselines.regress.lr", 0, "must be a number > 0; got 0"),
-    ("baselines.regress.batch_size", 0, "must be an integer >= 1; got 0"),
-    ("baselines.regress.hidden", 0, "must be an integer >= 1; got 0"),
-    ("baselines.regress.depth", -1, "must be an integer >= 0; got -1"),
+    ("baselines.knn.k", 0, "must be an integer in [1, 1024]; got 0"),
+    ("baselines.knn.radius_km", 0, "must be a number in (0, 20038]; got 0"),
+    ("baselines.knn.temperature", 0, "must be a number in (0, 1000]; got 0"),
+    ("gallery.nprobe", 0, "must be an integer in [1, 16777216]; got 0"),
+    ("baselines.geocell.epochs", 0, "must be an integer in [1, 100000]; got 0"),
+    ("baselines.geocell.max_cell_size", 0, "must be an integer in [1, 100000000]; got 0"),
+    ("baselines.geocell.label_smoothing_km", -1, "must be a number in [0, 20038]; got -1"),
+    ("baselines.geocell.medoid_sample", 0, "must be an integer in [1, 100000]; got 0"),
+    ("baselines.regress.lr", 0, "must be a number in (0, 10]; got 0"),
+    ("baselines.regress.batch_size", 0, "must be an integer in [1, 1048576]; got 0"),
+    ("baselines.regress.hidden", 0, "must be an integer in [1, 65536]; got 0"),
+    ("baselines.regress.depth", -1, "must be an integer in [0, 64]; got -1"),
     ("baselines.regress.dropout", 1, "must be a number in [0, 1); got 1"),
-    ("baselines.regress.weight_decay", -1, "must be a number >= 0; got -1"),
-    ("baselines.regress.warmup_steps", -1, "must be an integer >= 0; got -1"),
-    ("baselines.flow.epochs", 0, "must be an integer >= 1; got 0"),  # FlowOptions only changes the default
-    ("baselines.flow.steps", 0, "must be an integer >= 1; got 0"),
-    ("baselines.flow.samples", 0, "must be an integer >= 1; got 0"),
-    ("baselines.flow.time_dim", 1, "must be an integer >= 2; got 1"),
-    ("baselines.flow.mode_radius_km", 0, "must be a number > 0; got 0"),
-    ("baselines.flow.predict_batch", 0, "must be an integer >= 1; got 0"),
+    ("baselines.regress.weight_decay", -1, "must be a number in [0, 1000]; got -1"),
+    ("baselines.regress.warmup_steps", -1, "must be an integer in [0, 1000000000]; got -1"),
+    ("baselines.flow.epochs", 0, "must be an integer in [1, 100000]; got 0"),  # FlowOptions only changes the default
+    ("baselines.flow.steps", 0, "must be an integer in [1, 100000]; got 0"),
+    ("baselines.flow.samples", 0, "must be an integer in [1, 1024]; got 0"),
+    ("baselines.flow.time_dim", 1, "must be an integer in [2, 65536]; got 1"),
+    ("baselines.flow.mode_radius_km", 0, "must be a number in (0, 20038]; got 0"),
+    ("baselines.flow.predict_batch", 0, "must be an integer in [1, 1048576]; got 0"),
 ]
 
 
@@ -122,7 +126,7 @@ def test_train_refuses_a_value_out_of_range(tmp_path, capsys, key, value, proble
     assert rc == 2
     assert len(err.strip().splitlines()) == 1, err
     if problem is None:
-        assert f"locdiff train: error: {cfg}: {key}[1]: must be an integer >= 1; got 0" == err.strip()
+        assert f"locdiff train: error: {cfg}: {key}[1]: must be an integer in [1, 65536]; got 0" == err.strip()
     else:
         assert err.strip() == f"locdiff train: error: {cfg}: {key}: {problem}"
     assert not out.exists()  # validation finished before anything was written
@@ -177,17 +181,17 @@ def test_defaults_and_shipped_configs_are_valid():
 
 
 BAD_DATASET_VALUES = [
-    ("shard_size", 0, "must be an integer >= 1; got 0"),
-    ("max_side", 15, "must be an integer >= 16; got 15"),
+    ("shard_size", 0, "must be an integer in [1, 100000]; got 0"),
+    ("max_side", 15, "must be an integer in [16, 16384]; got 15"),
     ("jpeg_quality", 0, "must be an integer in [1, 100]; got 0"),
     ("jpeg_quality", 101, "must be an integer in [1, 100]; got 101"),
-    ("workers", 0, "must be an integer >= 1; got 0"),
-    ("retries", -1, "must be an integer >= 0; got -1"),
-    ("backoff", -0.5, "must be a number >= 0; got -0.5"),
-    ("timeout", 0, "must be a number > 0; got 0"),
-    ("img2dataset_threshold", -1, "must be an integer >= 0; got -1"),
+    ("workers", 0, "must be an integer in [1, 1024]; got 0"),
+    ("retries", -1, "must be an integer in [0, 100]; got -1"),
+    ("backoff", -0.5, "must be a number in [0, 3600]; got -0.5"),
+    ("timeout", 0, "must be a number in (0, 3600]; got 0"),
+    ("img2dataset_threshold", -1, "must be an integer in [0, 1000000000000]; got -1"),
     ("verify", "full", "must be one of 'header', 'decode'; got 'full'"),
-    ("shard_size", "10", "must be an integer >= 1; got '10'"),
+    ("shard_size", "10", "must be an integer in [1, 100000]; got '10'"),
     ("metadata", {"sha256": "abc"}, None),
     ("metadata", {"size": 3}, None),
 ]
@@ -208,7 +212,7 @@ def test_dataset_config_ranges(tmp_path, key, value, problem):
 
 
 def test_dataset_config_overrides_are_checked_and_required_keys_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"folder\.yaml: shard_size: must be an integer >= 1; got 0$"):
+    with pytest.raises(ConfigError, match=r"folder\.yaml: shard_size: must be an integer in \[1, 100000\]; got 0$"):
         load_dataset_config("folder", shard_size=0)
     path = tmp_path / "d.yaml"
     path.write_text("name: d\n")
@@ -219,7 +223,7 @@ def test_dataset_config_overrides_are_checked_and_required_keys_named(tmp_path):
 def test_encoder_config_ranges(tmp_path):
     path = tmp_path / "e.yaml"
     path.write_text("name: e\nbatch_size: 0\n")
-    with pytest.raises(ConfigError, match=r"e\.yaml: batch_size: must be an integer >= 1; got 0$"):
+    with pytest.raises(ConfigError, match=r"e\.yaml: batch_size: must be an integer in \[1, 4096\]; got 0$"):
         load_encoder_config(str(path))
     path.write_text("name: e\ndevice: cuda:x\n")
     with pytest.raises(ConfigError, match=r"e\.yaml: device: must be auto, cpu, cuda, cuda:N or mps or null"):

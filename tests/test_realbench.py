@@ -148,4 +148,4 @@ def test_missing_geoclip_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_bad_size_is_one_line(tmp_path, capsys):
     assert main(["realbench", "--out", str(tmp_path), "--n-train", "0"]) == 2
-    assert "realbench: n_train: must be >= 1; got 0" in capsys.readouterr().err
+    assert "realbench: n_train: must be in [1, 10000000]; got 0" in capsys.readouterr().err

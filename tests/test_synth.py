@@ -97,3 +97,21 @@ def test_cli_writes_three_parquet_splits(tmp_path, capsys):
 def test_bad_config():
     with pytest.raises(ValueError, match="n_train"):
         SynthConfig(n_train=0)
+
+
+def test_ensure_benchmark_writes_once_and_completes_a_partial_folder(tmp_path):
+    """What the train-locdiff deployment runs first (its `synth` parameter): the benchmark is written when
+    absent, left alone when complete, and written again when a split is missing."""
+    from locdiff.synth import SynthConfig, ensure_benchmark, write_benchmark
+
+    cfg = SynthConfig(n_train=200, n_test=30, n_unseen=10, dim=16)
+    out = tmp_path / "synth"
+    assert ensure_benchmark(out, cfg) is True
+    ref = tmp_path / "ref"
+    write_benchmark(ref, cfg)
+    for split in ("train", "test", "test_unseen"):
+        assert (out / f"{split}.parquet").read_bytes() == (ref / f"{split}.parquet").read_bytes()
+    stamp = (out / "train.parquet").stat().st_mtime_ns
+    assert ensure_benchmark(out, cfg) is False and (out / "train.parquet").stat().st_mtime_ns == stamp
+    (out / "test.parquet").unlink()
+    assert ensure_benchmark(out, cfg) is True and (out / "test.parquet").is_file()

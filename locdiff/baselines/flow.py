@@ -30,13 +30,13 @@ from locdiff.tables import EmbeddingTable
 @dataclass
 class FlowOptions(MLPOptions):
     epochs: int = 40  # keeps MLPOptions' rule (>= 1)
-    time_dim: int = setting(32, ge=2)  # sinusoidal features of t
-    steps: int = setting(16, ge=1)  # ODE steps at sampling
+    time_dim: int = setting(32, ge=2, le=65_536)  # sinusoidal features of t
+    steps: int = setting(16, ge=1, le=100_000)  # ODE steps at sampling
     solver: Literal["heun", "euler"] = "heun"
-    samples: int = setting(16, ge=1)  # noise draws per image
+    samples: int = setting(16, ge=1, le=1024)  # noise draws per image
     aggregation: Literal["mode", "mean"] = "mode"
-    mode_radius_km: float = setting(300.0, gt=0)
-    predict_batch: int = setting(1024, ge=1)  # images per sampling batch
+    mode_radius_km: float = setting(300.0, gt=0, le=20_038)
+    predict_batch: int = setting(1024, ge=1, le=1 << 20)  # images per sampling batch
     target: Literal["x1", "velocity"] = "x1"  # x1: the net predicts the clean point, v = (x1_hat - x_t)/(1-t)
 
 

@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GeocellOptions(MLPOptions):
-    max_cell_size: int = setting(200, ge=1)  # a cell with more training points is split in two
-    label_smoothing_km: float = setting(75.0, ge=0)  # haversine smoothing temperature (PIGEON); 0 = one-hot
+    max_cell_size: int = setting(200, ge=1, le=100_000_000)  # a cell with more training points is split in two
+    label_smoothing_km: float = setting(75.0, ge=0, le=20_038)  # haversine smoothing temperature (PIGEON); 0 = one-hot
     refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = setting(256, ge=1)  # points per cell used to find its medoid
-    max_cell_points: int = setting(1_000_000, ge=1)  # locations the cells are built from (a seeded sample above this)
-    refine_top_k: int = setting(64, ge=1)  # retrieved neighbours searched for one inside the predicted cell
+    medoid_sample: int = setting(256, ge=1, le=100_000)  # points per cell used to find its medoid
+    # locations the cells are built from (a seeded sample above this)
+    max_cell_points: int = setting(1_000_000, ge=1, le=100_000_000)
+    refine_top_k: int = setting(64, ge=1, le=1024)  # retrieved neighbours searched for one inside the predicted cell
 
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:

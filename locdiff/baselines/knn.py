@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KNNOptions:
-    k: int = setting(1, ge=1)  # neighbours retrieved; 1 = top-1 retrieval
+    k: int = setting(1, ge=1, le=1024)  # neighbours retrieved; 1 = top-1 retrieval
     aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
-    radius_km: float = setting(100.0, gt=0)  # support radius of the "mode" aggregation
-    temperature: float = setting(0.05, gt=0)  # neighbour weight exp((sim - best) / temperature)
+    radius_km: float = setting(100.0, gt=0, le=20_038)  # support radius of the "mode" aggregation
+    temperature: float = setting(0.05, gt=0, le=1e3)  # neighbour weight exp((sim - best) / temperature)
 
 
 def aggregate_neighbours(sims: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, how: str, radius_km: float,

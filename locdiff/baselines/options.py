@@ -34,15 +34,15 @@ OPTIONS: dict[str, str] = {
 class MLPOptions:
     """Network and training options shared by the trained baselines."""
 
-    hidden: int = setting(256, ge=1)
-    depth: int = setting(2, ge=0)  # residual blocks
+    hidden: int = setting(256, ge=1, le=65_536)
+    depth: int = setting(2, ge=0, le=64)  # residual blocks
     dropout: float = setting(0.1, ge=0, lt=1)
-    epochs: int = setting(20, ge=1)
-    batch_size: int = setting(256, ge=1)
-    lr: float = setting(1e-3, gt=0)
-    weight_decay: float = setting(1e-4, ge=0)
-    warmup_steps: int = setting(100, ge=0)
-    seed: int = setting(0, ge=0)
+    epochs: int = setting(20, ge=1, le=100_000)
+    batch_size: int = setting(256, ge=1, le=1 << 20)
+    lr: float = setting(1e-3, gt=0, le=10)
+    weight_decay: float = setting(1e-4, ge=0, le=1e3)
+    warmup_steps: int = setting(100, ge=0, le=1_000_000_000)
+    seed: int = setting(0, ge=0, le=2**63 - 1)
     device: str = setting("auto", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)  # "auto" -> cuda when available
 
 

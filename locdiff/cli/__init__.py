@@ -16,6 +16,7 @@ import sys
 import traceback
 import typing
 
+MAX_DEGREE = 512  # the SHDD degree a flag may ask for (the bound of the config's shdd.degree)
 # Modules under locdiff.cli that add subcommands; a module that is not there yet is skipped.
 _GROUPS = ("locate", "shdd", "model", "evaluate", "data")
 
@@ -25,6 +26,26 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number_in(lo: float, hi: float, kind: type = int) -> typing.Callable[[str], float]:
+    """An argparse `type=` for a bounded number: `--n` outside [lo, hi] is the usual one-line usage error
+    (`locdiff shdd roundtrip: error: argument --n: must be an integer in [1, 10000000]; got 10**9`), before
+    any work. Every numeric flag has one (issue 21)."""
+    what = "an integer" if kind is int else "a number"
+    span = f"[{int(lo)}, {int(hi)}]" if kind is int else f"[{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} in {span}; got {text[:40]!r}") from None
+        if not lo <= value <= hi:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"must be {what} in {span}; got {text[:40]}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def _global_flags(parser: argparse.ArgumentParser, *, default: object) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from locdiff.cli import MAX_DEGREE, number_in
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="data sets to WebDataset shards, embeddings and SHDD targets")
@@ -14,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--root", required=True, help="local folder or s3://bucket/prefix")
     q.add_argument("--source", default=None, metavar="PATH_OR_URL",
                    help="folder, archive, CSV, http(s) or s3:// URL to read instead of the published URLs")
-    q.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N metadata rows")
+    q.add_argument("--limit", type=number_in(1, 10**12), default=None, metavar="N",
+                   help="only the first N metadata rows")
     q.add_argument("--unlabelled", action="store_true",
                    help="coordinates optional: keep records without lat/lon (null); a folder without a "
                         "CSV is read for every JPEG/PNG/WebP under it (config: coordinates: optional)")
@@ -25,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="bytes read per image (default 50000000); larger ones are skipped as too_big")
     q.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="pixels per image (default 64000000); larger ones are skipped undecoded as too_large")
+    q.add_argument("--test-share", type=float, default=None, metavar="P",
+                   help="also a test set: about P of the records (by a stable hash of their id) go to "
+                        "ROOT/NAME-test, the others to ROOT/NAME (e.g. 0.1 for your own photos)")
     q.set_defaults(func=_ingest)
 
     q = sub.add_parser("embed", help="image embeddings (and SHDD targets) into ROOT/NAME/features/ENCODER")
@@ -32,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--root", required=True)
     q.add_argument("--encoder", required=True,
                    help="encoder config (configs/encoders/), local model folder or hub id")
-    q.add_argument("--degree", type=int, default=None, metavar="L",
+    q.add_argument("--degree", type=number_in(1, MAX_DEGREE), default=None, metavar="L",
                    help="also store SHDD targets of degree L")
     q.add_argument("--runner", choices=("auto", "local", "ray"), default="auto",
                    help="local: this process (a few shards at a time on threads); ray: Ray Data "
@@ -59,19 +65,28 @@ def _ingest(args: argparse.Namespace) -> int:
     import sys
 
     from locdiff.data.config import load_dataset_config
-    from locdiff.data.ingest import ingest
+    from locdiff.data.ingest import ingest, ingest_split
 
     cfg = load_dataset_config(args.name, coordinates="optional" if args.unlabelled else None,
                               allow_private_addresses=True if args.allow_private_addresses else None,
                               max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
     try:
-        m = ingest(args.name, args.root, source=args.source, limit=args.limit, config=cfg)
+        if args.test_share is None:
+            made = {args.name: ingest(args.name, args.root, source=args.source, limit=args.limit, config=cfg)}
+        else:
+            parts = ingest_split(args.name, args.root, args.test_share, source=args.source, limit=args.limit,
+                                 config=cfg)
+            made = {args.name: parts["train"], f"{args.name}-test": parts["test"]}
     except ImportError as err:  # an optional extra (img2dataset) that is not installed
         print(f"locdiff data ingest: error: {err}", file=sys.stderr)
         return 2
-    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
-    unlabelled = f" ({m['unlabelled']} without coordinates)" if m.get("unlabelled") else ""
-    print(f"{args.name}: {m['count']} images in {len(m['shards'])} shards{unlabelled}; skipped: {skipped}")
+    for name, m in made.items():
+        skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
+        unlabelled = f" ({m['unlabelled']} without coordinates)" if m.get("unlabelled") else ""
+        exif = m.get("exif") or {}
+        tags = (f"; GPS tags: {exif['labelled']} labelled by their tag, {exif['disagree']} over 1 km from the "
+                f"metadata (the metadata's kept), {exif['malformed']} unusable") if any(exif.values()) else ""
+        print(f"{name}: {m['count']} images in {len(m['shards'])} shards{unlabelled}; skipped: {skipped}{tags}")
     return 0
 
 

@@ -1,11 +1,12 @@
 """`locdiff evaluate` (the metrics table of a predictions file), `locdiff synth` (synthetic benchmark) and
-`locdiff realbench` (the realistic benchmark)."""
+`locdiff realbench` (the realistic benchmark) and `locdiff cuebench` (the cue benchmark)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from locdiff.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,12 +56,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="norm of the embedding noise (default 1.65; higher is harder)")
     r.set_defaults(func=_realbench)
 
+    c = subparsers.add_parser(
+        "cuebench", help="write the cue benchmark (country, region, city, landmark and no-geography cues)",
+        description="Write a geolocation benchmark whose embeddings carry discrete cues of different "
+                    "strengths: country (confusable with its land neighbours), region, city, famous "
+                    "landmarks, a coarse biome, and photos with no geography at all, plus noise (no "
+                    "download). Writes DIR/{train,val,val_unseen,test,test_unseen}.parquet, "
+                    "DIR/labels/<split>.parquet (what each row shows) and DIR/cuebench.json; the same seed "
+                    "gives identical files.")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    c.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
+    c.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
+    c.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
+                   help="val_unseen rows, held-out regions (default 1000)")
+    c.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
+    c.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
+                   help="test_unseen rows, held-out regions (default 2000)")
+    c.add_argument("--dim", type=int, default=256, metavar="D", help="embedding dimension (default 256)")
+    c.add_argument("--noise", type=float, default=None, metavar="X",
+                   help="norm of the embedding noise (default 1.0; higher is harder)")
+    c.set_defaults(func=_cuebench)
+
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from locdiff.io import read_predictions
+    from locdiff.io import json_text, read_predictions, write_file_atomic
     from locdiff.metrics import distances_km, format_table, metrics_from_distances
 
     pred = read_predictions(args.predictions)
+    if len(pred.ids) == 0:
+        raise UserError(f"{args.predictions}: no rows; nothing to evaluate")
     if not pred.labelled:
         raise ValueError(f"{args.predictions}: no truth columns 'lat' and 'lon'; cannot evaluate")
     d = distances_km(pred.pred_lat, pred.pred_lon, pred.lat, pred.lon)
@@ -73,11 +98,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_table(rows, title=str(args.predictions)))
     if args.json:
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"predictions": str(args.predictions), "metrics": rows[name]}
         if len(rows) > 1:
             payload["by_method"] = {k: v for k, v in rows.items() if k != name}
-        out.write_text(json.dumps(payload, indent=2))
+        write_file_atomic(out, json_text(payload, indent=2))  # whole or not at all; NaN as null
         print(f"wrote {out}")
     if args.plots:
         from locdiff.plots import error_cdf, world_map
@@ -110,4 +134,17 @@ def _realbench(args: argparse.Namespace) -> int:
     for split, path in paths.items():
         print(f"{split}: {path}")
     print(f"config: {paths['train'].parent / 'realbench.json'}")
+    return 0
+
+
+def _cuebench(args: argparse.Namespace) -> int:
+    from locdiff.cuebench import CueBenchConfig, write_benchmark
+
+    noise = {} if args.noise is None else {"noise": args.noise}
+    cfg = CueBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
+                         n_test=args.n_test, n_test_unseen=args.n_test_unseen, dim=args.dim, **noise)
+    paths = write_benchmark(args.out, cfg)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    print(f"config: {paths['train'].parent / 'cuebench.json'}")
     return 0

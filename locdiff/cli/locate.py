@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from locdiff.cli import number_in
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -25,17 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="plain LocDiff (default) or LocDiff-H (retrieval)")
     p.add_argument("--out", metavar="PREDICTIONS", help="also write the table: .csv or .parquet")
     p.add_argument("--map", metavar="MAP.png", help="also draw the located photos on a world map")
-    p.add_argument("--batch-size", type=int, metavar="N", help="photos per encoder batch (default: the encoder's)")
+    p.add_argument("--batch-size", type=number_in(1, 4096), metavar="N",
+                   help="photos per encoder batch (default: the encoder's)")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: a GPU when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_locate)
 
 
-def photo_files(paths: list[str]) -> list[str]:
-    """Files as given, and the image files under each folder (sorted; symlinks that lead out of the
-    folder are left out). A path that does not exist is kept: it is reported as unreadable."""
+SKIPPED_KINDS = {"symlink_outside": "symlinks leading out of the folder", "symlinked_folder": "symlinked folders "
+                 "(not followed)", "special": "entries that are not regular files", "not_an_image": "files that "
+                 "are not JPEG/PNG/WebP"}
+
+
+def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list[str]:
+    """Files as given, and the image files under each folder (sorted). Under a folder, symlinks that lead
+    out of it, symlinked folders, entries that are not regular files (FIFOs, sockets, devices) and files
+    that are not JPEG/PNG/WebP are left out and counted in `skipped` (by SKIPPED_KINDS). A path that does
+    not exist is kept: it is reported as unreadable."""
     from locdiff.data.sources.base import IMAGE_EXTENSIONS
 
+    counts = skipped if skipped is not None else {}
     out: list[str] = []
     for given in paths:
         path = Path(given)
@@ -46,26 +57,38 @@ def photo_files(paths: list[str]) -> list[str]:
         found = []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
             dirnames.sort()
+            for name in dirnames:
+                if (Path(dirpath) / name).is_symlink():
+                    counts["symlinked_folder"] = counts.get("symlinked_folder", 0) + 1
             for name in filenames:
                 f = Path(dirpath) / name
-                if name.lower().endswith(IMAGE_EXTENSIONS) and f.resolve().is_relative_to(root):
+                kind = ("symlink_outside" if f.is_symlink() and not f.resolve().is_relative_to(root)
+                        else "special" if not f.is_file()
+                        else "not_an_image" if not name.lower().endswith(IMAGE_EXTENSIONS) else None)
+                if kind is None:
                     found.append(str(f))
+                else:
+                    counts[kind] = counts.get(kind, 0) + 1
         out.extend(sorted(found))
     return out
 
 
 def _locate(args: argparse.Namespace) -> int:
     from locdiff.errors import UserError
+    from locdiff.inference.geolocator import check_top_k
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1; got {args.top_k}")
+    check_top_k(args.top_k, "--top-k")
     if args.out and not args.out.endswith((".csv", ".parquet")):
         raise UserError(f"--out {args.out}: give a .csv or .parquet file")
     if args.map and not args.map.lower().endswith(".png"):
         raise UserError(f"--map {args.map}: give a .png file")
-    files = photo_files(args.photos)
+    skipped: dict[str, int] = {}
+    files = photo_files(args.photos, skipped)
+    left_out = "left out of the folders: " + ", ".join(f"{n} {SKIPPED_KINDS[k]}"
+                                                        for k, n in sorted(skipped.items()))
     if not files:
-        raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}")
+        raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
+                        + (f" ({left_out})" if skipped else ""))
     from locdiff.inference.geolocator import Geolocator, format_locations, write_locations
 
     g = Geolocator.load(args.run, device=args.device)
@@ -75,6 +98,8 @@ def _locate(args: argparse.Namespace) -> int:
     for r in results:
         if not r.ok:
             print(f"locdiff locate: skipped {r.id}: {r.error}", file=sys.stderr)
+    if skipped:
+        print(f"locdiff locate: {left_out}", file=sys.stderr)
     print(format_locations(results, modes=args.top_k))
     print(f"\n{len(located)} of {len(results)} photos located with {args.run} ({args.method}); confidence: "
           f"calibrated probability of lying within {g.radius_km:g} km")

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from locdiff.cli import number_in
+
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train LocDiff or a baseline. Writes checkpoint, resolved config "
         "(config.yaml) and metrics.jsonl into RUN_DIR; run again to resume.",
     )
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/model/base.yaml")
+    p.add_argument("--config", required=True, help="model config: a shipped name (tiny, base, paper) or a YAML path")
     p.add_argument(
         "--train", required=True, help="training embeddings table (Parquet) or feature-shard folder"
     )
@@ -37,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", metavar="NAME",
                    help="the image encoder that made the table's embeddings (configs/encoders/NAME.yaml or a "
                    "hub id), recorded in the run; a features folder's manifest says it itself")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
+    p.add_argument("--workers", type=number_in(0, 1024), default=0, metavar="N",
                    help="train on Ray Train with N workers (a local Ray, or the cluster at RAY_ADDRESS)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray worker")
+    p.add_argument("--gpus-per-worker", type=number_in(0, 64, float), default=0.0, metavar="G",
+                   help="GPUs per Ray worker; without --workers, 1 trains this process on the local GPU "
+                   "(refused when there is none)")
     p.add_argument("--storage", metavar="DIR_OR_S3",
                    help="Ray Train checkpoints (default: RUN/ray); s3://bucket/prefix on a cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from locdiff.model.config import load_config
     from locdiff.resources import model_config_path
-    from locdiff.training import train_run
+    from locdiff.training import check_devices, throughput_line, train_run
 
     overrides = list(args.overrides)
     if args.method:
@@ -79,6 +83,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.config}: method must be one of {', '.join(TRAIN_METHODS)}; got {cfg.method!r}")
     if args.workers < 0 or args.gpus_per_worker < 0:
         raise ValueError("--workers and --gpus-per-worker must be >= 0")
+    check_devices(cfg, args.workers, args.gpus_per_worker)  # before anything is written
     ray_settings = None
     if args.workers:
         from locdiff.distributed import RayTrainSettings
@@ -92,6 +97,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{verb} {cfg.method} into {args.out}")
     for k, v in (outcome.record.get("metrics") or {}).items():
         print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    line = throughput_line(outcome.record.get("metrics") or {})
+    if line:
+        print(line)
     return 0
 
 
@@ -112,14 +120,19 @@ def _predict(args: argparse.Namespace) -> int:
     if args.method and trained != "locdiff":
         raise ValueError(f"{run.path} is a run of method {trained!r}; --method {args.method} needs a LocDiff "
                          "run (train one with `locdiff train --method locdiff`)")
-    for flag in ("samples", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1; got {value}")
+    if trained == "locdiff":  # the flags' bounds, before the data is read or the model built
+        from locdiff.model.config import check_predict_options, config_from_dict
+
+        check_predict_options(config_from_dict(cfg, source=str(run.file("config.yaml"))), samples=args.samples,
+                              steps=args.steps, seed=args.seed, flags=True)
     from locdiff.runs import check_data_encoder
 
     check_data_encoder(run, args.data)
     table = read_table(args.data)
+    if len(table) == 0:
+        from locdiff.errors import UserError
+
+        raise UserError(f"{args.data}: no rows; nothing to predict")
     method = get_method(trained).load(run.path, cfg)
     if trained == "locdiff":
         name = args.method or "locdiff"

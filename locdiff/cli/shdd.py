@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from locdiff.cli import MAX_DEGREE, number_in
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shdd", help="SHDD location codes: encode, round-trip check, kernel plot")
@@ -13,20 +15,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = s.add_parser("encode", help="print the SHDD code of a point")
     e.add_argument("--lat", type=float, required=True)
     e.add_argument("--lon", type=float, required=True)
-    e.add_argument("--degree", type=int, required=True)
+    e.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     e.set_defaults(func=_encode)
 
     r = s.add_parser("roundtrip", help="decode(encode(x)) error and throughput on random points")
-    r.add_argument("--degree", type=int, required=True)
-    r.add_argument("--n", type=int, default=10_000)
+    r.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
+    r.add_argument("--n", type=number_in(1, 10_000_000), default=10_000)
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=number_in(0, 2**63 - 1), default=0)
     r.set_defaults(func=_roundtrip)
 
     pl = s.add_parser("plot", help="the kernel f(y) of a point's code on a world map (PNG)")
     pl.add_argument("--lat", type=float, required=True)
     pl.add_argument("--lon", type=float, required=True)
-    pl.add_argument("--degree", type=int, required=True)
+    pl.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
     pl.add_argument("--out", required=True)
     pl.set_defaults(func=_plot)
 
@@ -70,6 +72,7 @@ def _plot(args: argparse.Namespace) -> int:
     import torch
 
     from locdiff import shdd
+    from locdiff.plots import _background, save_figure
 
     code = shdd.encode(torch.tensor(args.lat, dtype=torch.float64), torch.tensor(args.lon, dtype=torch.float64),
                        args.degree)
@@ -81,8 +84,6 @@ def _plot(args: argparse.Namespace) -> int:
     im = ax.imshow(f, origin="lower", extent=(-180, 180, -90, 90), cmap="RdBu_r",
                    vmin=-abs(f).max(), vmax=abs(f).max())
     try:
-        from locdiff.plots import _background
-
         _background(ax)
     except Exception:  # the background is decoration only
         pass
@@ -90,6 +91,6 @@ def _plot(args: argparse.Namespace) -> int:
     ax.set(xlabel="longitude", ylabel="latitude", xlim=(-180, 180), ylim=(-90, 90),
            title=f"SHDD kernel at ({args.lat}, {args.lon}), degree {args.degree}")
     fig.colorbar(im, ax=ax, shrink=0.8, label="f(y)")
-    fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
     return 0

@@ -21,6 +21,7 @@ MAX_IMAGE_BYTES = 50_000_000  # bytes read for one image file
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_METADATA_BYTES = 4_000_000_000  # a whole file read into memory: metadata CSV, URL list, table
 MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download cache
+MAX_SHARD_SIZE = 100_000  # samples per shard (a shard is written from memory)
 
 
 def configs_dir() -> Path:
@@ -60,16 +61,19 @@ class DatasetConfig:
     sha256_column: str | None = None  # per-record image checksum, when the source publishes one
     keep_columns: list[str] | None = None  # other CSV columns kept in KEY.json (None: all of them)
     image_prefix: str = ""  # folder inside the image location/archive that holds the files
-    shard_size: int = setting(1000, ge=1)  # samples per shard (the last one may be short, skipped records shrink them)
-    max_side: int = setting(512, ge=16)  # longest image side; larger images are resized, JPEGs within it kept as-is
+    # samples per shard (the last one may be short, skipped records shrink them)
+    shard_size: int = setting(1000, ge=1, le=MAX_SHARD_SIZE)
+    # longest image side; larger images are resized, JPEGs within it kept as-is
+    max_side: int = setting(512, ge=16, le=16_384)
     jpeg_quality: int = setting(90, ge=1, le=100)
     verify: Literal["header", "decode"] = "header"  # "decode" fully decodes every image (slower)
-    workers: int = setting(16, ge=1)  # parallel fetches for remote per-image sources
-    retries: int = setting(3, ge=0)  # extra attempts for an unreachable URL (exponential backoff)
-    backoff: float = setting(0.5, ge=0)  # seconds before the first retry
-    timeout: float = setting(30.0, gt=0)  # seconds per request
+    workers: int = setting(16, ge=1, le=1024)  # parallel fetches for remote per-image sources
+    retries: int = setting(3, ge=0, le=100)  # extra attempts for an unreachable URL (exponential backoff)
+    backoff: float = setting(0.5, ge=0, le=3600)  # seconds before the first retry
+    timeout: float = setting(30.0, gt=0, le=3600)  # seconds per request (connect, each read)
     downloader: Literal["auto", "builtin", "img2dataset"] = "builtin"
-    img2dataset_threshold: int = setting(100_000, ge=0)  # "auto": img2dataset above this many URLs when installed
+    # "auto": img2dataset above this many URLs when installed
+    img2dataset_threshold: int = setting(100_000, ge=0, le=10**12)
     hf_repo: str | None = None  # Hugging Face data set id (osv5m)
     hf_revision: str = "main"
     hf_images: list[str] = field(default_factory=list)  # image zips in the HF repo, in order
@@ -79,12 +83,18 @@ class DatasetConfig:
     # "optional": records without coordinates are kept (lat/lon null; folder and URL-list sources; a
     # folder without a CSV is read for every JPEG/PNG/WebP under it); "required": they are skipped
     coordinates: Literal["required", "optional"] = "required"
+    # read each photo's EXIF GPS tag: the label of a photo the metadata gives no coordinates for (a folder
+    # without a CSV is then read for every photo under it); where both exist the metadata wins and
+    # disagreements over 1 km are counted (manifest `exif`)
+    exif_coordinates: bool = False
     allow_private_addresses: bool = False  # fetch from private/loopback/link-local hosts (own mirror)
-    max_image_bytes: int = setting(MAX_IMAGE_BYTES, ge=1)  # bytes read for one image; larger: skipped (too_big)
+    # bytes read for one image; larger: skipped (too_big)
+    max_image_bytes: int = setting(MAX_IMAGE_BYTES, ge=1, le=1 << 32)
     # width x height; larger: skipped undecoded (too_large)
-    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, ge=1)
-    max_metadata_bytes: int = setting(MAX_METADATA_BYTES, ge=1)  # a metadata CSV, URL list or embeddings table
-    max_archive_bytes: int = setting(MAX_ARCHIVE_BYTES, ge=1)  # an image archive downloaded to the cache
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, ge=1, le=1 << 32)
+    # a metadata CSV, URL list or embeddings table
+    max_metadata_bytes: int = setting(MAX_METADATA_BYTES, ge=1, le=1 << 40)
+    max_archive_bytes: int = setting(MAX_ARCHIVE_BYTES, ge=1, le=1 << 50)  # an image archive downloaded to the cache
 
 
 @dataclass
@@ -93,13 +103,13 @@ class EncoderConfig:
     type: Literal["clip"] = "clip"
     model: str = "openai/clip-vit-large-patch14"  # hub id or local folder (from_pretrained)
     revision: str | None = None  # pinned hub revision (commit); None for local folders
-    batch_size: int = setting(64, ge=1)
+    batch_size: int = setting(64, ge=1, le=4096)
     storage_dtype: Literal["float16", "float32"] = "float16"  # dtype of KEY.emb.npy
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # autocast; auto: fp16 on GPU
     normalize: bool = True  # L2-normalise embeddings (CLIP convention)
     # None: cuda when available, else cpu
     device: str | None = setting(None, pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
-    ray_batch_size: int = setting(256, ge=1)
+    ray_batch_size: int = setting(256, ge=1, le=65_536)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

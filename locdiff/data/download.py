@@ -61,15 +61,30 @@ def check_record_url(url: str) -> str:
     return url
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known NAT64 prefix: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible ::a.b.c.d (:: and ::1 included)
+MIN_TRANSFER_RATE = 64 * 1024  # bytes/s: a whole transfer must finish within 2 timeouts + its size at this rate
+
+
+def transfer_deadline(timeout: float, size: int) -> float:
+    """Seconds a whole transfer of `size` bytes may take (a server that drips bytes is cut off there)."""
+    return 2 * timeout + size / MIN_TRANSFER_RATE
+
+
 def is_public_address(ip: str) -> bool:
-    """Whether an IP address is public (global unicast); IPv4 inside IPv6 (mapped, 6to4, Teredo) is
-    judged by its IPv4 address."""
+    """Whether an IP address is public (global unicast); IPv4 inside IPv6 (mapped, compatible, NAT64, 6to4,
+    Teredo) is judged by its IPv4 address."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return False
     if isinstance(addr, ipaddress.IPv6Address):
-        inner = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if addr in _NAT64_LOCAL:
+            return False  # a site's own NAT64 prefix: its IPv4 side is not known
+        embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        inner = (addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+                 or (embedded if addr in _NAT64 or addr in _IPV4_COMPATIBLE else None))
         if inner is not None:
             addr = inner
     return bool(addr.is_global) and not addr.is_multicast
@@ -202,6 +217,7 @@ class _Retry(Exception):
 
 def _http_transfer(url: str, write: Callable[[bytes], object], *, max_bytes: int, timeout: float,
                    allow_private: bool) -> None:
+    start = time.monotonic()
     resp, conn, final = _open(url, "GET", timeout, allow_private)
     try:
         if resp.status in PERMANENT_HTTP:
@@ -213,8 +229,16 @@ def _http_transfer(url: str, write: Callable[[bytes], object], *, max_bytes: int
         if expected is not None and expected > max_bytes:
             raise RecordError("too_big", f"{url}: {expected:,} bytes, above the limit of {max_bytes:,}")
         total = 0
+        limit = transfer_deadline(timeout, expected if expected is not None else max_bytes)
         while True:
-            chunk = resp.read(min(1 << 16, max_bytes + 1 - total))
+            left = start + limit - time.monotonic()
+            if left <= 0:
+                raise RecordError("unreachable", f"{url}: {total:,} bytes in {limit:.0f} s, too slow (a whole "
+                                                 f"transfer may take 2 x timeout + its size at "
+                                                 f"{MIN_TRANSFER_RATE // 1024} kB/s)")
+            if conn.sock is not None:
+                conn.sock.settimeout(min(timeout, left))
+            chunk = resp.read1(min(1 << 16, max_bytes + 1 - total))  # one receive: the deadline is checked often
             if not chunk:
                 break
             total += len(chunk)

@@ -247,7 +247,9 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     out = stage_dir(root, name, "features", enc_cfg.name)
     encoder_desc = {"name": enc_cfg.name, "type": enc_cfg.type, "model": enc_cfg.model,
                     "revision": enc_cfg.revision, "normalize": enc_cfg.normalize}
-    key = hashlib.sha256(json.dumps([images["shards"], encoder_desc, degree, enc_cfg.storage_dtype,
+    identity = encoder_desc if not str(enc_cfg.revision or "").startswith("sha256:") \
+        else {**encoder_desc, "model": None}  # a packaged encoder: its digest, wherever its folder lies
+    key = hashlib.sha256(json.dumps([images["shards"], identity, degree, enc_cfg.storage_dtype,
                                      mf.software_versions()], sort_keys=True).encode()).hexdigest()[:16]
     old = mf.read_manifest(out)
     if old is not None and old.get("settings_key") == key:

@@ -61,7 +61,7 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
         image: JPEG/PNG/WebP/... bytes, a local path (or file:// URL), or a PIL image.
         max_side: longest side of the result; None keeps the size (after orientation).
         max_pixels: pixel limit (width x height of the file); None for no limit.
-        max_bytes: byte limit when reading a path.
+        max_bytes: byte limit of a file or of the bytes given.
 
     Raises:
         RecordError: missing_file, too_big (file above max_bytes), too_large (above max_pixels),
@@ -86,6 +86,8 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
                 raise RecordError("missing_file", f"{path}: {err.strerror or err}") from None
         else:
             data = bytes(image)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise RecordError("too_big", f"{len(data):,} bytes, above the limit of {max_bytes:,} bytes")
         im = open_header(data, max_pixels=max_pixels)
     try:
         swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that turn it by 90 degrees

@@ -10,6 +10,7 @@ behind and the finished ones stay.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -24,10 +26,11 @@ from tqdm.auto import tqdm
 from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.config import DatasetConfig, load_dataset_config
+from locdiff.data.exif import DISAGREE_KM, distance_km, gps_or_none
 from locdiff.data.images import StoredImage, prepare_image
 from locdiff.data.shards import json_bytes, sample_key, shard_name, stage_dir, write_tar
 from locdiff.data.sources import Record, Source, make_source
-from locdiff.data.validation import RecordError, SkipLog, check_checksum
+from locdiff.data.validation import RecordError, SkipLog, SourceError, check_checksum
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,16 @@ def _settings_key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load(src: Source, cfg: DatasetConfig, rec: Record) -> StoredImage | RecordError:
-    """Fetch, checksum and validate one record's image; a RecordError is returned, not raised."""
+@dataclass
+class Loaded:
+    image: StoredImage
+    gps: tuple[float, float] | None = None  # the photo's EXIF GPS tag (exif_coordinates)
+    gps_problem: str | None = None  # why a present tag was unusable
+
+
+def _load(src: Source, cfg: DatasetConfig, rec: Record) -> Loaded | RecordError:
+    """Fetch, checksum and validate one record's image (and read its GPS tag when the config says so);
+    a RecordError is returned, not raised."""
     try:
         data = src.fetch(rec)
         if rec.sha256:
@@ -50,8 +61,9 @@ def _load(src: Source, cfg: DatasetConfig, rec: Record) -> StoredImage | RecordE
                 log.error("%s: %s", rec.id, err)
                 raise RecordError("checksum_mismatch", str(err)) from None
         try:
-            return prepare_image(data, max_side=cfg.max_side, quality=cfg.jpeg_quality, verify=cfg.verify,
-                                 max_pixels=cfg.max_image_pixels)
+            image = prepare_image(data, max_side=cfg.max_side, quality=cfg.jpeg_quality, verify=cfg.verify,
+                                  max_pixels=cfg.max_image_pixels)
+            return Loaded(image, *gps_or_none(data)) if cfg.exif_coordinates else Loaded(image)
         except (RecordError, MemoryError):
             raise
         except Exception as err:  # a crafted file can trip an image plugin in other ways: one record
@@ -67,8 +79,9 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
     skips = SkipLog()
     samples = []
     unlabelled = 0
+    exif = {"labelled": 0, "disagree": 0, "malformed": 0}
 
-    def load(r: Record) -> StoredImage | RecordError:
+    def load(r: Record) -> Loaded | RecordError:
         return _load(src, cfg, r)
 
     results = pool.map(load, records) if pool else map(load, records)
@@ -79,17 +92,32 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
         if isinstance(res, RecordError):
             skips.add(rec.id, res.reason, res.detail)
             continue
-        unlabelled += rec.lat is None
-        meta = {"id": rec.id, "lat": rec.lat, "lon": rec.lon, "width": res.width, "height": res.height,
+        lat, lon = rec.lat, rec.lon
+        if res.gps_problem:
+            exif["malformed"] += 1
+            log.warning("%s: GPS tag ignored (%s)", rec.id, res.gps_problem)
+        if res.gps is not None and lat is None:
+            (lat, lon), exif["labelled"] = res.gps, exif["labelled"] + 1
+        elif res.gps is not None and distance_km(res.gps, lat, lon) > DISAGREE_KM:
+            exif["disagree"] += 1  # the metadata's coordinates win
+            log.info("%s: the metadata's coordinates are %.1f km from the photo's GPS tag; the metadata's kept",
+                     rec.id, distance_km(res.gps, lat, lon))
+        if lat is None and cfg.coordinates == "required":
+            skips.add(rec.id, "no_coordinates", "no coordinates in the metadata and no GPS tag in the photo")
+            continue
+        unlabelled += lat is None
+        meta = {"id": rec.id, "lat": lat, "lon": lon, "width": res.image.width, "height": res.image.height,
                 "dataset": cfg.name, "source": rec.meta, "ref": rec.ref}
-        samples.append((sample_key(rec.index), {"jpg": res.data, "json": json_bytes(meta)}))
+        if res.gps is not None:
+            meta["exif"] = {"lat": res.gps[0], "lon": res.gps[1]}
+        samples.append((sample_key(rec.index), {"jpg": res.image.data, "json": json_bytes(meta)}))
     tmp = os.path.join(storage.local_tmp_dir(out),
                        f"{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         count, digest = write_tar(tmp, samples)
         info = {"shard": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp),
                 "settings_key": settings_key, "first_key": samples[0][0] if samples else None,
-                "unlabelled": unlabelled, **skips.to_json()}
+                "unlabelled": unlabelled, "exif": exif, **skips.to_json()}
         mf.write_progress(out, name, info)  # before the shard appears: a visible shard is a finished one
         storage.put_file_atomic(tmp, storage.join(out, name))
     finally:
@@ -100,11 +128,30 @@ def _write_shard(src: Source, cfg: DatasetConfig, out: str, index: int, records:
 
 # settings that were added later: in the settings key only when not at their default, so stages
 # written before them stay complete
-_LIMIT_SETTINGS = ("coordinates", "allow_private_addresses", "max_image_bytes", "max_image_pixels")
+_LIMIT_SETTINGS = ("coordinates", "allow_private_addresses", "max_image_bytes", "max_image_pixels",
+                   "exif_coordinates")
+
+
+TEST_PARTS = ("train", "test")
+
+
+def in_test_part(record_id: str, share: float) -> bool:
+    """Whether a record belongs to the test part of a `test_share` split: a stable hash of its id (the
+    same photo falls on the same side on every run and every machine)."""
+    return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big") < share * 2**64
+
+
+def _split_plan(plan: Any, share: float, part: str) -> Any:
+    """The plan with only the records of one part (the train part keeps the rows skipped while planning)."""
+    keep = [r for r in plan.records if in_test_part(r.id, share) == (part == "test")]
+    records = [dataclasses.replace(r, index=i) for i, r in enumerate(keep)]
+    skips = plan.skips if part == "train" else SkipLog()
+    return dataclasses.replace(plan, records=records, rows=len(records) + skips.total, skips=skips)
 
 
 def ingest(name: str, root: str, *, source: str | None = None, limit: int | None = None,
-           config: DatasetConfig | None = None, progress: bool = True) -> dict[str, Any]:
+           config: DatasetConfig | None = None, progress: bool = True,
+           test_share: float | None = None, part: str = "train") -> dict[str, Any]:
     """Ingest data set NAME into ROOT/NAME/images; returns the manifest.
 
     Reads only what the source names: file references stay inside the source, image URLs are
@@ -117,6 +164,8 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         source: a folder, archive, CSV, http(s) URL or s3:// URL to read instead of the published URLs.
         limit: only the first N rows of the metadata.
         config: a DatasetConfig to use instead of configs/datasets/NAME.yaml.
+        test_share, part: keep only one part of a split of the records by a stable hash of their id:
+            `part` "test" keeps about `test_share` of them, "train" the others (`ingest_split` writes both).
 
     Raises:
         SourceError: the source as a whole is unusable (no CSV, no coordinate columns, ...).
@@ -133,11 +182,17 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         with storage.disk_full_is_an_error(features if not storage.is_remote(features)
                                            else storage.local_tmp_dir(features)):
             return ingest_embeddings(cfg, name, root, source=source, limit=limit)
+    if test_share is not None and not (0 < test_share < 1 and part in TEST_PARTS):
+        raise ValueError(f"--test-share must be between 0 and 1 (got {test_share}) and the part one of "
+                         f"{', '.join(TEST_PARTS)}")
     out = stage_dir(root, name, "images")
     src = make_source(cfg, source)
     plan = src.plan(limit)
     settings = {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "verify": cfg.verify,
                 "shard_size": cfg.shard_size, "limit": limit}
+    if test_share is not None:
+        plan = _split_plan(plan, test_share, part)
+        settings["split"] = {"test_share": test_share, "part": part}
     defaults = DatasetConfig(name=cfg.name, source=cfg.source)
     settings.update({k: getattr(cfg, k) for k in _LIMIT_SETTINGS if getattr(cfg, k) != getattr(defaults, k)})
     key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
@@ -175,6 +230,9 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
             src.close()
         _remove_stale_shards(out, len(chunks))
         count = sum(s["count"] for s in shards)
+        if count == 0 and skips.counts.get("no_coordinates"):
+            raise SourceError(f"{source}: no metadata CSV (no .csv file) and none of the {plan.rows} photos "
+                              "carries a GPS tag: give a CSV of id, lat, lon beside them, or --unlabelled")
         manifest = {
             "stage": "images", "dataset": name, "source_name": cfg.source, "split": cfg.split,
             "license": cfg.license, "citation": cfg.citation.strip(),
@@ -182,6 +240,8 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
             "software": mf.software_versions(), "rows": plan.rows, "count": count,
             "coordinates": cfg.coordinates,
             "unlabelled": sum(int(s.get("unlabelled", 0)) for s in shards),
+            **({"exif": {k: sum(int((s.get("exif") or {}).get(k, 0)) for s in shards)
+                         for k in ("labelled", "disagree", "malformed")}} if cfg.exif_coordinates else {}),
             "shards": [{k: s[k] for k in ("shard", "count", "sha256", "bytes")} for s in shards],
             **skips.to_json(),
         }
@@ -189,6 +249,16 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         path = mf.write_manifest(out, manifest)
     log.info("%s: %d samples in %d shards, skipped %s", path, count, len(shards), dict(skips.counts) or 0)
     return manifest
+
+
+def ingest_split(name: str, root: str, test_share: float, *, source: str | None = None, limit: int | None = None,
+                 config: DatasetConfig | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """A collection as training data and a test set in one go: ROOT/NAME (about 1 - test_share of the
+    records) and ROOT/NAME-test (the others), split by a stable hash of each record's id; returns
+    {"train": manifest, "test": manifest}."""
+    return {part: ingest(name if part == "train" else f"{name}-test", root, source=source, limit=limit,
+                         config=config, progress=progress, test_share=test_share, part=part)
+            for part in TEST_PARTS}
 
 
 def _remove_stale_shards(out: str, n: int) -> None:

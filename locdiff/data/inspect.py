@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
 from locdiff.data import storage
+from locdiff.data.features import read_feature_shard
 from locdiff.data.shards import group_samples, json_member, parse_tar_bytes
 from locdiff.data.validation import ChecksumError, sha256_bytes
+from locdiff.io import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,15 @@ def read_shard(url: str, entry: dict[str, Any], *, verify: bool = True) -> list[
                                 "(damaged or rewritten shard); re-run the stage that wrote it")
     buf = memoryview(data)
     out = []
+    arrays = False
     for key, parts in group_samples(parse_tar_bytes(buf, what=url)):
         if "json" not in parts:
             raise ValueError(f"{url}: sample {key} has no json member; the shard is corrupt")
         o, n = parts["json"]
         out.append((key, json_member(buf[o: o + n], url=url, key=key)))
+        arrays = arrays or any(ext.endswith("npy") for ext in parts)
+    if arrays:  # a features shard: parsed as training parses it (an object-dtype .npy is refused as there)
+        read_feature_shard(data, what=url)
     if len(out) != entry["count"]:
         raise ValueError(f"{url}: {len(out)} samples, the manifest says {entry['count']}")
     return out
@@ -122,7 +128,7 @@ def inspect(folder: str, *, samples: int = 3, map_png: str | None = None, verify
         raise FileNotFoundError(f"{folder}: no completed stage (no images/manifest.json nor "
                                 "features/*/manifest.json)")
     target = map_png or storage.join(folder, "locations.png")
-    storage.write_bytes_atomic(target, _map_png(np.array(lat), np.array(lon), folder))
+    write_file_atomic(target, _map_png(np.array(lat), np.array(lon), folder))  # a full disk names the file
     report["map"] = target
     report["located"] = len(lat)
     report["unlabelled"] = unlabelled

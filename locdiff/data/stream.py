@@ -27,13 +27,16 @@ import math
 import queue
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from locdiff.tables import EmbeddingTable
+from locdiff.errors import UserError
+from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +466,9 @@ def open_source(data: str | EmbeddingTable | DataSource, *, labelled: bool | Non
             src = ParquetSource(path, labelled=labelled)
     if labelled and not src.labelled:
         raise ValueError(f"{src.location}: training needs lat and lon")
+    if src.dim > MAX_EMBED_DIM:
+        raise UserError(f"{src.location}: embeddings of dimension {src.dim:,}, above the limit of {MAX_EMBED_DIM:,}; "
+                        "embed the images with a supported encoder")
     return src
 
 
@@ -497,6 +503,7 @@ class BatchStream:
     seed: int = 0
     window_rows: int = 16_384  # rows shuffled together (the shuffle buffer)
     prefetch: int = 2  # windows read ahead by a background thread
+    workers: int = 1  # threads reading windows (in order; memory: prefetch + workers windows ahead)
     _plans: dict[int, EpochPlan] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -601,6 +608,9 @@ class BatchStream:
             for w in range(first, len(windows)):
                 yield self._load_window(epoch, w, windows[w])
             return
+        if self.workers > 1:
+            yield from self._pooled(epoch, windows, first)
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -632,3 +642,19 @@ class BatchStream:
                 yield item
         finally:
             stop.set()
+
+    def _pooled(self, epoch: int, windows: list[list[Piece]], first: int) -> Iterator[Rows]:
+        """`_prefetched` with `workers` threads: windows load in parallel and are yielded in order."""
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"stream-r{self.rank}-e{epoch}")
+        pending: deque[Future] = deque()
+        nxt = first
+        try:
+            while True:
+                while nxt < len(windows) and len(pending) < self.prefetch + self.workers:
+                    pending.append(pool.submit(self._load_window, epoch, nxt, windows[nxt]))
+                    nxt += 1
+                if not pending:
+                    return
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -37,6 +37,7 @@ REASONS = (
     "refused_address",  # a host that resolves to a private, loopback, link-local... address (or redirects to one)
     "too_big",  # more bytes than the per-file limit (max_image_bytes): reading stopped at the limit
     "too_large",  # more pixels than the limit (max_image_pixels): never decoded (decompression bombs)
+    "no_coordinates",  # a photo listed without a metadata file that carries no (usable) GPS tag either
 )
 EXAMPLES_PER_REASON = 20  # ids kept per reason in the manifest (all are logged)
 

@@ -3,10 +3,13 @@ EncoderConfig by `make_encoder` / `make_preprocessor`."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from locdiff.data.config import EncoderConfig
 from locdiff.embed.base import ImageEncoder, Preprocessor
 
-__all__ = ["ImageEncoder", "Preprocessor", "make_encoder", "make_preprocessor"]
+__all__ = ["ImageEncoder", "Preprocessor", "encoder_digest", "make_encoder", "make_preprocessor"]
 
 ENCODER_TYPES = ("clip",)
 
@@ -31,3 +34,16 @@ def make_preprocessor(cfg: EncoderConfig) -> Preprocessor:
     from locdiff.embed.clip import ClipPreprocessor
 
     return ClipPreprocessor(cfg)
+
+
+def encoder_digest(folder: str | Path) -> str:
+    """sha256 of a local encoder folder's model files (each name and its bytes; *.json and *.safetensors,
+    in name order): the identity of a packaged encoder, wherever its folder lies."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -9,6 +9,10 @@
     OUT/predictions.parquet, OUT/map.png   the whole table (README "Formats", predictions of unlabelled
                                            data, plus place names and the top-k modes) and a world map
 
+A photo that carries an EXIF GPS tag keeps it through the ingest (locdiff.data.exif): the table then has
+exif_lat, exif_lon and exif_km (the tag's distance from the answer); a CSV given with the photos wins over
+the tags, as in the ingest.
+
 Every stage resumes: ingest and embed skip their finished shards (their manifests), and a feature
 shard whose table exists for the same model and settings (MODELKEY: a hash of the model's weights,
 choices and the top-k/method settings) is not predicted again. The run is logged to MLflow as an
@@ -24,6 +28,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from locdiff.data.config import MAX_SHARD_SIZE
+from locdiff.errors import UserError
+from locdiff.inference.geolocator import check_top_k
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +65,6 @@ class LocateJob:
 
 def default_out(photos: str) -> str:
     """PHOTOS-located beside the input (a folder, archive, CSV or s3:// prefix)."""
-    from locdiff.errors import UserError
-
     if photos.startswith(("http://", "https://")):
         raise UserError(f"{photos}: an http(s) input has no folder beside it; give `out` (a folder or s3:// "
                         "prefix) for the results")
@@ -77,16 +83,13 @@ def default_out(photos: str) -> str:
 def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, method: str = "locdiff",
          shard_size: int = 1000, allow_private_addresses: bool = False) -> LocateJob:
     """Check the parameters (nothing is read or written) and name the output folder."""
-    from locdiff.errors import UserError
-
     if not photos:
         raise UserError("photos: give a folder, URL list (CSV) or s3:// prefix of photos")
-    if top_k < 1:
-        raise UserError(f"top_k must be >= 1; got {top_k}")
+    check_top_k(top_k)
     if method not in ("locdiff", "locdiff-h"):
         raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {method!r}")
-    if shard_size < 1:
-        raise UserError(f"shard_size must be >= 1; got {shard_size}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise UserError(f"shard_size must be an integer in [1, {MAX_SHARD_SIZE}]; got {shard_size!r}")
     return LocateJob(photos=photos, model=model, out=(out or default_out(photos)).rstrip("/"), top_k=top_k,
                      method=method, shard_size=shard_size, allow_private_addresses=allow_private_addresses)
 
@@ -135,7 +138,7 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
 
     from locdiff.data import storage
     from locdiff.data.stream import open_source
-    from locdiff.inference.geolocator import write_locations
+    from locdiff.inference.geolocator import with_gps_tags, write_locations
     from locdiff.runs import check_encoder
 
     check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
@@ -159,6 +162,11 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
         emb = np.concatenate([r.emb for r in rows]) if rows else np.zeros((0, src.dim), np.float32)
         located = geolocator.locate_embeddings(emb, top_k=job.top_k, method=job.method, ids=ids,
                                                encoder=manifest.get("encoder")) if ids else []
+        lat = np.concatenate([r.lat if r.lat is not None else np.full(len(r), np.nan) for r in rows]) \
+            if rows else np.zeros(0)
+        lon = np.concatenate([r.lon if r.lon is not None else np.full(len(r), np.nan) for r in rows]) \
+            if rows else np.zeros(0)
+        located = with_gps_tags(located, lat, lon)
         tmp = os.path.join(storage.local_tmp_dir(job.out), f"{entry['shard']}.{os.getpid()}.parquet")
         write_locations(tmp, located, job.top_k)
         storage.put_file_atomic(tmp, table)

@@ -14,14 +14,18 @@ Per image:
 - `modes`: up to `top_k` distinct local maxima of the predicted density (at least 100 km apart), heaviest
   first, each with its probability (the density's mass in its basin; they sum to at most 1)
   (locdiff.shdd.modes);
-- `place` names from the offline gazetteer (locdiff.gazetteer).
+- `place` names from the offline gazetteer (locdiff.gazetteer);
+- `exif_lat`, `exif_lon`, `exif_km`: the photo's own EXIF GPS tag, when it carries one, and its distance
+  from the answer (None otherwise; a malformed tag is logged on one line and left out).
 
 Photos go through `locdiff.data.images.load_rgb` (pixel limit, EXIF orientation, RGB, the ingest's
 `max_side`), the same preprocessing as the ingest and embed stages, then through the run's image encoder
-(run.json `encoder`; GPU when present). An unreadable photo does not stop the others: its result carries
-`error` (or, with errors="raise", the first one raises). Embeddings of another encoder than the run's are
-refused (`locdiff.runs.check_encoder`). Sampling is seeded per photo (locdiff.model.predict.row_seeds): a
-photo's answer depends on the photo and the seed only, not on the other inputs or their order.
+(run.json `encoder`; GPU when present). Photos are read, decoded and preprocessed on a pool of threads while
+the previous batch is being embedded (`DECODE_THREADS`; two batches ahead at most). An unreadable photo does
+not stop the others: its result carries `error` (or, with errors="raise", the first one raises). Embeddings of
+another encoder than the run's are refused (`locdiff.runs.check_encoder`). Sampling is seeded per photo
+(locdiff.model.predict.row_seeds): a photo's answer depends on the photo and the seed only, not on the other
+inputs or their order.
 """
 
 from __future__ import annotations
@@ -37,11 +41,18 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.data.exif import distance_km, gps_or_none
+from locdiff.data.images import load_rgb
+from locdiff.data.validation import RecordError
+from locdiff.runs import resolve_reference
+
 log = logging.getLogger(__name__)
 
 _BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its buffer in messages
 MIN_SEPARATION_KM = 100.0  # modes closer than this are one mode
 DEFAULT_TOP_K = 5
+MAX_TOP_K = 100  # modes per photo (each costs a refinement; modes below 0.1 % of the mass are dropped anyway)
+DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # photos read, decoded and preprocessed at once
 ImageInput = Any  # a path (str or PathLike), image bytes, or a PIL image
 
 
@@ -69,6 +80,9 @@ class Location:
     modes: tuple[Mode, ...]  # heaviest first
     method: str  # "locdiff" or "locdiff-h"
     error: str | None = None
+    exif_lat: float | None = None  # the photo's own GPS tag, when it carries one (locdiff.data.exif)
+    exif_lon: float | None = None
+    exif_km: float | None = None  # distance from the tag to (lat, lon)
 
     @property
     def ok(self) -> bool:
@@ -105,7 +119,7 @@ class Geolocator:
         if device is not None:
             cfg = {**cfg, "train": {**cfg.get("train", {}), "device": device}}
         self.method = LocDiffMethod.load(self.run.path, cfg)
-        self.encoder_record = self.run.encoder()
+        self.encoder_record = packaged_encoder(self.run.encoder(), self.run.path)
         self.device = device
         self._encoder: Any = None
         self._keep = _keep  # a downloaded model's temporary folder lives as long as the Geolocator
@@ -146,12 +160,13 @@ class Geolocator:
                             "embeddings table without --encoder); locate photos with a run trained on "
                             "features of `locdiff data embed` or with `locdiff train --encoder NAME`, or pass "
                             "embeddings (Geolocator.locate_embeddings)")
-        model = str(rec["model"])
+        # a hub id, a local path recorded at training, or a folder inside the model: never a URL
+        model = resolve_reference(self.run.path, rec["model"], f"{self.source}: run.json encoder.model", hub_id=True)
         if model.startswith(("/", ".")) and not Path(model).exists():
             raise UserError(f"{self.source}: the run's image encoder {model} (a local folder) does not exist "
                             "here; copy it there or locate with embeddings")
         fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-        data = {k: v for k, v in rec.items() if k in fields and v is not None}
+        data = {k: v for k, v in rec.items() if k in fields and v is not None} | {"model": model}
         data.setdefault("name", Path(model).name)
         if self.device is not None:
             data["device"] = self.device
@@ -173,34 +188,59 @@ class Geolocator:
     def embed(self, images: Iterable[ImageInput], *, batch_size: int | None = None, progress: bool = False
               ) -> tuple[list[str], np.ndarray, dict[int, str]]:
         """(ids, embeddings of the readable images (M, d), {input index: error}) in input order."""
+        ids, emb, errors, _ = self._embed(list(images), batch_size=batch_size, progress=progress)
+        return ids, emb, errors
+
+    def _embed(self, items: list[ImageInput], *, batch_size: int | None, progress: bool
+               ) -> tuple[list[str], np.ndarray, dict[int, str], dict[int, tuple[float, float]]]:
+        """`embed`, plus {input index: (lat, lon) of its GPS tag}. Batch b + 1 and b + 2 are read, decoded
+        and preprocessed on DECODE_THREADS threads while batch b is embedded."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
-        from locdiff.data.images import load_rgb
-        from locdiff.data.validation import RecordError
-
-        items = list(images)
         ids = [_name(x, i) for i, x in enumerate(items)]
         encoder = self.encoder() if items else None
         bs = batch_size or (self.encoder_config().batch_size if items else 1)
         side = _max_side()
         errors: dict[int, str] = {}
+        gps: dict[int, tuple[float, float]] = {}
         parts: list[np.ndarray] = []
+
+        def prepare(i: int) -> tuple[np.ndarray | None, str | None, tuple[float, float] | None]:
+            try:
+                x = encoder.preprocess([load_rgb(items[i], max_side=side)])
+            except RecordError as err:
+                return None, f"{err.reason}: {_BYTESIO.sub('', err.detail)}", None
+            tag, problem = gps_or_none(items[i])  # once load_rgb has checked it: a regular file within limits
+            if problem:
+                log.warning("%s: GPS tag ignored (%s)", ids[i], problem)
+            return x, None, tag
+
+        batches = [range(s, min(s + bs, len(items))) for s in range(0, len(items), bs)]
         bar = tqdm(total=len(items), disable=not progress, desc="locate", unit="photo")
-        for start in range(0, len(items), bs):
-            batch = []
-            for i in range(start, min(start + bs, len(items))):
-                try:
-                    batch.append(load_rgb(items[i], max_side=side))
-                except RecordError as err:
-                    errors[i] = f"{err.reason}: {_BYTESIO.sub('', err.detail)}"
-                    log.warning("%s: cannot read the photo (%s); skipped", ids[i], errors[i])
-            if batch:
-                parts.append(np.asarray(encoder.encode(batch), np.float32))
-            bar.update(min(bs, len(items) - start))
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="locate-decode") as pool:
+            pending = [[pool.submit(prepare, i) for i in b] for b in batches[:2]]
+            for k, batch in enumerate(batches):
+                done = [f.result() for f in pending.pop(0)]
+                if k + 2 < len(batches):
+                    pending.append([pool.submit(prepare, i) for i in batches[k + 2]])
+                inputs = []
+                for i, (x, err, tag) in zip(batch, done, strict=True):
+                    if tag is not None:
+                        gps[i] = tag
+                    if err is not None:
+                        errors[i] = err
+                        log.warning("%s: cannot read the photo (%s); skipped", ids[i], err)
+                    else:
+                        inputs.append(x)
+                if inputs:
+                    parts.append(np.asarray(encoder.embed(np.concatenate(inputs)), np.float32))
+                bar.update(len(batch))
         bar.close()
         dim = self.embedding_dim
         emb = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-        return ids, emb, errors
+        return ids, emb, errors, gps
 
     def locate(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = DEFAULT_TOP_K,
                method: str = "locdiff", batch_size: int | None = None, progress: bool = False,
@@ -211,9 +251,10 @@ class Geolocator:
 
         if errors not in ("report", "raise"):
             raise ValueError(f"errors must be 'report' or 'raise'; got {errors!r}")
+        check_top_k(top_k)
         if isinstance(images, str | bytes | os.PathLike) or _is_pil(images):
             images = [images]
-        ids, emb, failed = self.embed(images, batch_size=batch_size, progress=progress)
+        ids, emb, failed, gps = self._embed(list(images), batch_size=batch_size, progress=progress)
         if failed and errors == "raise":
             i = min(failed)
             raise UserError(f"{ids[i]}: cannot read the photo ({failed[i]})")
@@ -224,7 +265,11 @@ class Geolocator:
         it = iter(located)
         for i, name in enumerate(ids):
             out.append(_failed(name, failed[i], method, self.radius_km) if i in failed else next(it))
-        return out
+        nan = np.full(len(out), np.nan)
+        lat, lon = nan.copy(), nan.copy()
+        for i, (la, lo) in gps.items():
+            lat[i], lon[i] = la, lo
+        return with_gps_tags(out, lat, lon)
 
     def locate_embeddings(self, embeddings: Any, *, top_k: int = DEFAULT_TOP_K, method: str = "locdiff",
                           ids: Sequence[str] | None = None, encoder: dict[str, Any] | None = None,
@@ -237,8 +282,7 @@ class Geolocator:
         from locdiff.shdd.modes import density_modes
         from locdiff.tables import EmbeddingTable
 
-        if top_k < 1:
-            raise UserError(f"top_k must be >= 1; got {top_k}")
+        check_top_k(top_k)
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim == 1:
             emb = emb[None]
@@ -275,6 +319,34 @@ class Geolocator:
         return out
 
 
+def check_top_k(top_k: Any, name: str = "top_k") -> int:
+    """`top_k` when it is an integer in [1, MAX_TOP_K]; a UserError naming `name` (e.g. "--top-k") otherwise."""
+    from locdiff.errors import UserError
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
+        raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")
+    return int(top_k)
+def with_gps_tags(locations: Sequence[Location], lat: np.ndarray, lon: np.ndarray) -> list[Location]:
+    """The locations with each photo's own GPS tag (lat, lon; NaN: none) and its distance from the answer."""
+    out = []
+    for r, la, lo in zip(locations, lat, lon, strict=True):
+        if np.isfinite(la) and np.isfinite(lo):
+            km = distance_km((float(la), float(lo)), r.lat, r.lon)
+            r = dataclasses.replace(r, exif_lat=float(la), exif_lon=float(lo), exif_km=km if np.isfinite(km) else None)
+        out.append(r)
+    return out
+
+
+def packaged_encoder(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The encoder record with a packaged encoder (a registered model's `encoder` folder, revision
+    sha256:DIGEST; locdiff.inference.pyfunc) named by its absolute location in `folder`; others as they are."""
+    model = str(record.get("model") or "")
+    if not str(record.get("revision") or "").startswith("sha256:") or not model or Path(model).is_absolute() \
+            or ".." in Path(model).parts or not (folder / model).is_dir():
+        return record
+    return {**record, "model": str((folder / model).resolve())}
+
+
 def _is_pil(x: Any) -> bool:
     try:
         from PIL import Image
@@ -299,10 +371,15 @@ def _failed(name: str, error: str, method: str, radius: float) -> Location:
 
 def locations_columns(locations: Sequence[Location], top_k: int) -> dict[str, list[Any]]:
     """The extra columns of a predictions table of located photos: place, place_km, confidence_radius_km,
-    error, and mode{i}_lat/lon/probability/place for i = 1..top_k (empty slots NaN / "")."""
+    error, exif_lat/exif_lon/exif_km when a photo carries a GPS tag, and mode{i}_lat/lon/probability/place
+    for i = 1..top_k (empty slots NaN / "")."""
     cols: dict[str, list[Any]] = {"place": [r.place for r in locations], "place_km": [r.place_km for r in locations],
                                   "confidence_radius_km": [r.radius_km for r in locations],
                                   "error": [r.error or "" for r in locations]}
+    if any(r.exif_lat is not None for r in locations):  # the photos' own GPS tags (NaN where none)
+        nan = float("nan")
+        for key in ("exif_lat", "exif_lon", "exif_km"):
+            cols[key] = [nan if getattr(r, key) is None else getattr(r, key) for r in locations]
     for j in range(top_k):
         m = [r.modes[j] if j < len(r.modes) else None for r in locations]
         cols[f"mode{j + 1}_lat"] = [x.lat if x else float("nan") for x in m]
@@ -329,15 +406,19 @@ def format_locations(locations: Sequence[Location], *, modes: int = 3) -> str:
     if not locations:
         return "(no photos)"
     radius = next((r.radius_km for r in locations), 0.0)
-    head = ["file", "lat", "lon", "place", f"confidence ({radius:g} km)", "top-k modes (probability)"]
+    tags = any(r.exif_lat is not None for r in locations)
+    head = ["file", "lat", "lon", "place", f"confidence ({radius:g} km)",
+            *(["photo's GPS tag (km from answer)"] if tags else []), "top-k modes (probability)"]
     rows = []
     for r in locations:
+        tag = ([] if not tags else ["-"] if r.exif_lat is None else
+               [f"{r.exif_lat:.4f},{r.exif_lon:.4f}" + (f" ({r.exif_km:,.0f} km)" if r.exif_km is not None else "")])
         if not r.ok:
-            rows.append([r.id, "-", "-", f"(not located: {r.error.split(':', 1)[0]})", "-", ""])
+            rows.append([r.id, "-", "-", f"(not located: {r.error.split(':', 1)[0]})", "-", *tag, ""])
             continue
         place = f"{r.place} ({r.place_km:,.0f} km)" if r.place else ""
         alts = "; ".join(f"{m.place or f'{m.lat:.2f},{m.lon:.2f}'} {m.probability:.2f}" for m in r.modes[:modes])
-        rows.append([r.id, f"{r.lat:.4f}", f"{r.lon:.4f}", place, f"{r.confidence:.2f}", alts])
+        rows.append([r.id, f"{r.lat:.4f}", f"{r.lon:.4f}", place, f"{r.confidence:.2f}", *tag, alts])
     widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)]
     widths[-1] = len(head[-1])  # the last column is not padded
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731

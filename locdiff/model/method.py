@@ -25,12 +25,12 @@ from locdiff.engine import resolve_device
 from locdiff.geo import haversine_km
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
-from locdiff.model.config import Config, config_from_dict, config_to_dict
+from locdiff.model.config import Config, check_predict_options, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder, stable_hash
+from locdiff.runs import SELECTION, RunFolder, resolve_reference, stable_hash
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
@@ -189,18 +189,14 @@ class LocDiffMethod(GeoMethod):
         run = RunFolder(run_dir)
         self = cls.from_config(config)
         tensors, meta = run.load_model()
-        model = build_model(self.config, int(meta["embed_dim"]))
-        try:
-            model.load_state_dict(tensors)
-        except RuntimeError as err:
-            raise ValueError(f"{run.path}: the model weights do not fit its config.yaml "
-                             f"({str(err).splitlines()[0]}); the run folder is damaged") from None
+        # sizes and shapes are checked on the meta device before the model is allocated
+        model = build_model(self.config, meta["embed_dim"], weights=tensors, source=str(run.path))
+        model.load_state_dict(tensors)
         self.model = model.to(resolve_device(self.config.train.device)).eval()
         self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
         ref = meta.get("gallery")
-        uri = ref.get("uri") if isinstance(ref, dict) else None
-        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
-            ref = {**ref, "uri": str(run.file(uri))}  # a packaged model's gallery: relative to its folder
+        if isinstance(ref, dict) and ref.get("uri") is not None:  # inside the folder, local, or s3:// only
+            ref = {**ref, "uri": resolve_reference(run.path, ref["uri"], f"{run.file('model.json')}: gallery.uri")}
         self.gallery_ref = ref
         self._run = run
         return self
@@ -226,6 +222,7 @@ class LocDiffMethod(GeoMethod):
             raise ValueError(f"method must be one of {', '.join(PREDICT_METHODS)}; got {method!r}")
         if self.model is None:
             raise ValueError("the method is not trained; fit or load it first")
+        check_predict_options(self.config, samples=samples, steps=steps, seed=seed)
         if table.dim != self.model.embed_dim:
             raise ValueError(f"{table.source or 'table'}: column 'embedding' has dimension {table.dim}; the "
                              f"model was trained on dimension {self.model.embed_dim}")
@@ -244,6 +241,6 @@ def load_denoiser(run_dir: str | Path, device: str | torch.device = "cpu") -> CS
     run = RunFolder(run_dir)
     tensors, meta = run.load_model(device)
     cfg = config_from_dict(meta["config"], source=str(run.file("model.json")))
-    model = build_model(cfg, int(meta["embed_dim"]))
+    model = build_model(cfg, meta["embed_dim"], weights=tensors, source=str(run.file("model.json")))
     model.load_state_dict(tensors)
     return model.eval()

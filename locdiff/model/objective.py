@@ -16,44 +16,94 @@ from torch import nn
 
 from locdiff import shdd
 from locdiff.engine import Settings, Task
+from locdiff.errors import ConfigError, CorruptFileError, UserError
 from locdiff.model.config import Config
-from locdiff.model.csunet import CSUNet
+from locdiff.model.csunet import CSUNet, csunet_flops
 from locdiff.model.schedule import NoiseSchedule
+from locdiff.tables import MAX_EMBED_DIM
 
 
-def build_model(config: Config, embed_dim: int) -> CSUNet:
-    """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim."""
+def build_model(config: Config, embed_dim: int, *, weights: Any = None, source: str = "the config") -> CSUNet:
+    """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim.
+
+    Before anything is allocated (`model_shapes`): embed_dim must be at most MAX_EMBED_DIM, the parameters
+    at most `limits.max_parameters`, and `weights` (a state dict about to be loaded, when given) must have
+    exactly the model's tensor names and shapes; a UserError naming `source` otherwise."""
+    shapes = model_shapes(config, embed_dim, source=source)
+    if weights is not None:
+        check_weights(shapes, weights, source)
     abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
     return CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
 
 
-def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192) -> torch.Tensor:
-    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked."""
+def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the CS-UNet `build_model` makes, built on the meta device (no memory), after
+    the size checks of `build_model`."""
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int | np.integer) \
+            or not 1 <= embed_dim <= MAX_EMBED_DIM:
+        raise UserError(f"{source}: embedding dimension {embed_dim!r} is outside [1, {MAX_EMBED_DIM}]; "
+                        "embed the images with a supported encoder")
+    embed_dim = int(embed_dim)
+    with torch.device("meta"):
+        abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
+        model = CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
+    count = sum(p.numel() for p in model.parameters())
+    budget = config.limits.max_parameters
+    if count > budget:
+        raise ConfigError(source, "limits.max_parameters",
+                          f"the denoiser would have {count:,} parameters (widths {config.network.widths}, degree "
+                          f"{config.shdd.degree}, {embed_dim}-d embeddings), above the budget of {budget:,}; "
+                          "choose a smaller network or raise limits.max_parameters on a larger machine")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights(shapes: dict[str, tuple[int, ...]], weights: Any, source: str) -> None:
+    """CorruptFileError naming `source` unless `weights` has exactly these tensor names and shapes."""
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got == shapes:
+        return
+    missing, extra = sorted(set(shapes) - set(got)), sorted(set(got) - set(shapes))
+    wrong = [k for k in shapes if k in got and got[k] != shapes[k]]
+    detail = (f"tensor {wrong[0]} is {list(got[wrong[0]])}, the config makes {list(shapes[wrong[0]])}" if wrong
+              else f"missing tensors {missing[:3]}" if missing else f"unexpected tensors {extra[:3]}")
+    raise CorruptFileError(source, f"{source}: the model weights do not fit its config ({detail}); the run "
+                           "folder is damaged: train again into a new --out")
+
+
+def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192, checked: bool = False) -> torch.Tensor:
+    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked (`checked`:
+    the coordinates were validated on the host, see `shdd.encode`)."""
     lat_t = torch.as_tensor(lat if isinstance(lat, torch.Tensor) else np.asarray(lat, dtype=np.float64))
     lon_t = torch.as_tensor(lon if isinstance(lon, torch.Tensor) else np.asarray(lon, dtype=np.float64))
-    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree) * shdd.SCALE
-             for i in range(0, lat_t.shape[0], chunk)]
+    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree, checked=checked)
+             * shdd.SCALE for i in range(0, lat_t.shape[0], chunk)]
     return torch.cat(parts) if parts else torch.zeros(0, shdd.num_coefficients(degree), device=lat_t.device)
 
 
-def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config
+def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config, weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective on z-space codes (B, D): "kl", "mse" or "kl+mse"; returns the loss and its parts
     (detached 0-d tensors: nothing is read back from the device here).
 
     KL is SHDD-KL on raw codes (z / SCALE); MSE is per coefficient in z-space (unit-variance targets).
+    `weight` (B,) 0/1: the mean over the rows where it is 1 (a mask without a boolean index, which would
+    read the mask back from the device).
     """
     obj, tc = config.train.objective, config.train
     terms = obj.split("+")
     parts: dict[str, torch.Tensor] = {}
     loss = pred.new_zeros(())
+
+    def mean(rows: torch.Tensor) -> torch.Tensor:
+        return rows.mean() if weight is None else (rows * weight).sum() / weight.sum().clamp_min(1)
+
     if "kl" in terms:
-        kl = shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
-                          grid_size=config.shdd.kl_grid_size)
+        kl = mean(shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
+                               grid_size=config.shdd.kl_grid_size, reduction="none"))
         loss = loss + tc.kl_weight * kl
         parts["kl"] = kl.detach()
     if "mse" in terms:
-        mse = shdd.mse_loss(pred, z0)
+        mse = mean(shdd.mse_loss(pred, z0, reduction="none"))
         loss = loss + tc.mse_weight * mse
         parts["mse"] = mse.detach()
     if not parts:
@@ -87,7 +137,8 @@ class LocDiffTask(Task):
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.use_stored and "shdd" in batch:
             return batch["shdd"].float() * shdd.SCALE
-        return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree)
+        return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree,
+                              checked=bool(batch.get("coordinates_checked")))
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -111,12 +162,23 @@ class LocDiffTask(Task):
         x0 = self.schedule.predict_x0(out.float(), zt, t, d.prediction)
         loss, parts = diffusion_loss(x0, z0, self.config)
         if w > 0:
-            keep = ~drop if drop is not None else slice(None)  # mu of a dropped condition is the null vector
-            prior, _ = diffusion_loss(mu.float()[keep], z0[keep], self.config)
+            keep = (~drop).float() if drop is not None else None  # mu of a dropped condition is the null vector
+            prior, _ = diffusion_loss(mu.float(), z0, self.config, keep)
             loss = loss + w * prior
             parts["prior"] = prior.detach()
         return loss, parts
 
+
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """Training FLOPs of one sample: the CS-UNet's matrix products (forward, and twice that backward)
+        plus SHDD-KL's grid products (prediction: forward and backward; target: forward)."""
+        flops = 3 * csunet_flops(model)
+        if "kl" in self.config.train.objective.split("+"):
+            d = shdd.num_coefficients(self.config.shdd.degree)
+            g = self.config.shdd.kl_grid_size or 8 * (self.config.shdd.degree + 1) ** 2
+            heads = 2 if self.config.train.prior_weight > 0 and self.config.network.head_width > 0 else 1
+            flops += heads * 3 * 2 * d * g  # (B, D) x (D, G): prediction forward + backward, target forward
+        return float(flops)
 
     @torch.no_grad()
     def validation_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
@@ -145,4 +207,5 @@ def engine_settings(config: Config) -> Settings:
     return Settings(steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
                     warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                     ema_decay=tc.ema_decay, checkpoint_every=tc.checkpoint_every, log_every=tc.log_every,
-                    seed=tc.seed, amp=tc.amp, device=tc.device)
+                    seed=tc.seed, amp=tc.amp, device=tc.device, loader_threads=tc.loader_threads,
+                    peak_tflops=tc.peak_tflops)

@@ -148,7 +148,8 @@ def locdiff_predict(
     emb = torch.as_tensor(np.array(emb, dtype=np.float32))  # a writable copy
     mean_e, std_e = (model.emb_mean.double().cpu().numpy(), model.emb_std.double().cpu().numpy())
     outs: dict[str, list] = {key: [] for key in ("ml", "mo", "mv", "sl", "so", "sc", "mc", "code")}
-    bs = max(1, pc.batch_size)
+    # images x samples per chunk bounded, and the (n, K, K) support vote to 4 M pairs
+    bs = max(1, min(pc.batch_size, config.limits.max_codes_per_chunk // k, (1 << 22) // (k * k)))
     for i in tqdm(range(0, emb.shape[0], bs), disable=not progress, desc="predict"):
         part = emb[i : i + bs]
         z = sample_codes(model, part, config, samples=k, steps=s, guidance_scale=guidance_scale,

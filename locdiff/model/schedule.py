@@ -32,6 +32,14 @@ class NoiseSchedule:
         )
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._device_copies: dict[str, torch.Tensor] = {}
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod on `device`, copied there once (a copy per step would wait for the device)."""
+        cached = self._device_copies.get(str(device))
+        if cached is None:
+            cached = self._device_copies[str(device)] = self.alphas_cumprod.to(device)
+        return cached
 
     def coefficients(
         self, t: torch.Tensor, *, dtype: torch.dtype = torch.float32
@@ -39,11 +47,13 @@ class NoiseSchedule:
         """(sqrt(abar_t), sqrt(1 - abar_t)) for integer timesteps t (any shape), on t's device."""
         if t.dtype.is_floating_point:
             raise ValueError("timesteps must be integers in [0, T)")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.timesteps):
+        # checked where it costs no device round trip (on CUDA, the index below asserts on the device
+        # instead: the range check would stall the training loop on a host sync every step)
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.timesteps):
             raise ValueError(
                 f"timesteps must lie in [0, {self.timesteps}); got range [{int(t.min())}, {int(t.max())}]"
             )
-        ab = self.alphas_cumprod.to(t.device)[t]
+        ab = self._on(t.device)[t]
         return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
 
     def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

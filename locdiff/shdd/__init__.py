@@ -37,14 +37,17 @@ def _check_degree(degree: Any) -> int:
     return int(degree)
 
 
-def encode(lat: Any, lon: Any, degree: int) -> torch.Tensor:
+def encode(lat: Any, lon: Any, degree: int, *, checked: bool = False) -> torch.Tensor:
     """SHDD code of points given in degrees: (...) -> (..., (degree+1)**2). Differentiable.
 
-    float64 inputs (and Python/NumPy floats) give float64; float32 gives float32.
+    float64 inputs (and Python/NumPy floats) give float64; float32 gives float32. `checked=True`: the
+    caller has validated the coordinates on the host (the training loop does, before the copy to the
+    device), so a device tensor is not read back here (that would be a host sync per step).
     """
     degree = _check_degree(degree)
     lat_t, lon_t = _as_float_tensor(lat, "lat"), _as_float_tensor(lon, "lon")
-    check_coordinates(lat_t, lon_t)
+    if not checked:
+        check_coordinates(lat_t, lon_t)
     return spherical_harmonics(lat_t, lon_t, degree)
 
 

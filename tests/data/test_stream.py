@@ -115,3 +115,16 @@ def test_too_few_rows_for_the_workers_is_a_clear_error():
     src = TableSource(_table(n=3))
     with pytest.raises(ValueError, match="too few for 4 workers"):
         BatchStream(src, 2, rank=0, world_size=4).plan(0)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "shards"])
+def test_several_loader_threads_give_the_same_batches(sources, kind):
+    """train.loader_threads: windows read by a pool of threads arrive in order, the same batches as one
+    thread reading ahead, from the start and from a resumed step."""
+    src = sources[kind]
+    for start in (0, 7):
+        one = BatchStream(src, 40, seed=3, window_rows=90).batches(start)
+        pool = BatchStream(src, 40, seed=3, window_rows=90, workers=3).batches(start)
+        for _ in range(60):  # more than two epochs
+            assert list(next(one).ids) == list(next(pool).ids)
+        pool.close()

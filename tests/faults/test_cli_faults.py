@@ -124,7 +124,8 @@ def run_config_out_of_range_resume(w, tmp):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["batch_size"] = -4
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: train.batch_size: must be an integer >= 1"]
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'config.yaml'}: train.batch_size: must be an integer in "
+                                                "[1, 16777216]"]
 
 
 def truncated_gallery(w, tmp):
@@ -162,7 +163,7 @@ def predict_64d_data_with_128d_run(w, tmp):
 
 def resume_with_steps_minus_5(w, tmp):
     run = w.copy_run(tmp / "run")
-    return w.train_argv(run, "train.steps=-5"), ["--set train.steps: must be an integer >= 1; got -5"]
+    return w.train_argv(run, "train.steps=-5"), ["--set train.steps: must be an integer in [1, 1000000000]; got -5"]
 
 
 # -- configs: refused before anything is written ------------------------------------------------------------
@@ -178,13 +179,13 @@ def _config(tmp: Path, section: str, key: str, value) -> Path:
 def config_steps_minus_5(w, tmp):
     path = _config(tmp, "train", "steps", -5)
     argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
-    return argv, [f"{path}: train.steps: must be an integer >= 1; got -5"]
+    return argv, [f"{path}: train.steps: must be an integer in [1, 1000000000]; got -5"]
 
 
 def config_batch_size_minus_4(w, tmp):
     path = _config(tmp, "train", "batch_size", -4)
     argv = ["train", "--config", str(path), "--train", str(w.train), "--out", str(tmp / "run")]
-    return argv, [f"{path}: train.batch_size: must be an integer >= 1; got -4"]
+    return argv, [f"{path}: train.batch_size: must be an integer in [1, 16777216]; got -4"]
 
 
 def config_not_yaml(w, tmp):
@@ -439,3 +440,36 @@ def test_a_fault_in_a_separate_process(world, tmp_path, case):
     assert all(c in lines[0] for c in culprits), lines[0]
     assert changes(before, snapshot(tmp_path, world.base)) == {"changed": [], "removed": [], "added": []}
 
+
+
+def test_locate_counts_what_it_leaves_out_of_a_folder(tmp_path, capsys):
+    """Issue 21 item 4: symlinks out of the folder, symlinked folders, FIFOs and other files are counted, not
+    dropped silently (a FIFO named like a photo would block a reader: it is never opened)."""
+    import os
+
+    from locdiff.cli.locate import photo_files
+
+    folder, outside = tmp_path / "photos", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"\xff\xd8\xff")
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    (folder / "sub" / "b.PNG").write_bytes(b"\x89PNG")
+    (folder / "notes.txt").write_text("x")
+    (folder / "out.jpg").symlink_to(outside / "secret.jpg")
+    (folder / "in.jpg").symlink_to(folder / "a.jpg")  # inside the folder: kept
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(folder / "pipe.jpg")
+    skipped: dict[str, int] = {}
+    files = photo_files([str(folder)], skipped)
+    assert [Path(f).name for f in files] == ["a.jpg", "in.jpg", "b.PNG"]
+    assert skipped == {"symlink_outside": 1, "symlinked_folder": 1, "special": 1, "not_an_image": 1}
+    (folder / "a.jpg").unlink()
+    (folder / "in.jpg").unlink()
+    (folder / "sub" / "b.PNG").unlink()
+    rc = main(["locate", "--run", str(tmp_path / "no-run"), str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"locdiff locate: error: no image files (JPEG/PNG/WebP) in {folder} (left out of the folders: "
+                      "1 files that are not JPEG/PNG/WebP, 1 entries that are not regular files, 1 symlinks leading "
+                      "out of the folder, 1 symlinked folders (not followed))")

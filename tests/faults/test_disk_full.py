@@ -138,3 +138,48 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_finished(world: World, tmp_p
     # export: no partial Parquet file
     assert errors["export"].startswith(f"locdiff data export: error: {out}: no space left on device"), errors
     assert list((tmp_path / "after-export").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_outputs_on_a_full_disk_name_the_file_and_leave_nothing(world: World, tmp_path):
+    """Issue 21 item 4: `evaluate --json`, `evaluate --plots`, `shdd plot --out` (the same writer as `locate
+    --map`) and `predict --out` on a full disk: exit code 2, one line naming the file, and no 0-byte,
+    partial or temporary file (each tmpfs is filled up before the command)."""
+    why = _can_mount(tmp_path)
+    if why:
+        pytest.skip(why)
+    preds = tmp_path / "preds.parquet"
+    assert main(["predict", "--run", str(world.run), "--data", str(world.test), "--out", str(preds),
+                 "--no-progress"]) == 0
+    names = ("json", "plots", "shdd", "table")
+    mounts = {name: tmp_path / f"tmpfs-{name}" for name in names}
+    for m in mounts.values():
+        m.mkdir()
+    outs = {"json": mounts["json"] / "metrics.json", "plots": mounts["plots"] / "map.png",
+            "shdd": mounts["shdd"] / "kernel.png", "table": mounts["table"] / "p.parquet"}
+    jobs = [
+        ("json", ["evaluate", "--predictions", str(preds), "--json", str(outs["json"])]),
+        ("plots", ["evaluate", "--predictions", str(preds), "--plots", str(mounts["plots"])]),
+        ("shdd", ["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "8", "--out", str(outs["shdd"])]),
+        ("table", ["predict", "--run", str(world.run), "--data", str(world.test), "--out", str(outs["table"]),
+                   "--no-progress"]),
+    ]
+    jobs = [(n, argv, str(mounts[n]), str(tmp_path / f"after-{n}")) for n, argv in jobs]
+    fill = "; ".join(f"mount -t tmpfs -o size=64k tmpfs {m} || exit 99; "
+                     f"dd if=/dev/zero of={m}/filler bs=4096 2>/dev/null; true" for m in mounts.values())
+    script = f"{fill}; exec {sys.executable} -c \"$DRIVER\" '{json.dumps(jobs)}' {tmp_path}"
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DRIVER": DRIVER,
+           "MPLBACKEND": "Agg"}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rcs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rcs == {n: 2 for n in names}, rcs
+    for name in names:
+        text = (tmp_path / f"{name}.err").read_text()
+        assert "Traceback" not in text and "unexpected" not in text, text
+        lines = [ln for ln in text.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and text.endswith(lines[0] + "\n"), text
+        assert f"error: disk full while writing {outs[name]}: free space or choose another --out" in lines[0], text
+        left = sorted(p.name for p in (tmp_path / f"after-{name}").rglob("*") if p.is_file())
+        assert left == ["filler"], (name, left)  # the output is absent: not 0 bytes, not half, no temporary

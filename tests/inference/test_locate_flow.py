@@ -4,10 +4,15 @@ inference run; a second run skips every finished shard."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import pandas as pd
 import pytest
+from PIL import Image
+
+from locdiff.data.exif import gps_exif
+from locdiff.geo import haversine_km
 
 
 def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
@@ -22,6 +27,10 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     for p in sorted(photos["test"].glob("*.jpg"))[:7]:
         shutil.copy(p, folder / p.name)
     (folder / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    tagged = sorted(folder.glob("photo-*.jpg"))[0]  # one photo carries its own GPS tag
+    buf = io.BytesIO()
+    Image.open(tagged).save(buf, format="JPEG", quality=95, exif=gps_exif(48.8584, 2.2945))
+    tagged.write_bytes(buf.getvalue())
     out = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3)
     located = tmp_path / "new-located"
     assert out["table"] == str(located / "predictions.parquet") and out["map"] == str(located / "map.png")
@@ -29,6 +38,10 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     assert len(df) == 7 and sorted(df["id"]) == sorted(p.name for p in folder.glob("photo-*.jpg"))
     assert {"lat", "lon"}.isdisjoint(df.columns)  # unlabelled: no truth columns
     assert {"pred_lat", "pred_lon", "confidence", "place", "mode3_probability"} <= set(df.columns)
+    row = df[df["id"] == tagged.name].iloc[0]
+    assert (row["exif_lat"], row["exif_lon"]) == pytest.approx((48.8584, 2.2945), abs=1e-6)
+    assert row["exif_km"] == pytest.approx(float(haversine_km(48.8584, 2.2945, row["pred_lat"], row["pred_lon"])))
+    assert df[df["id"] != tagged.name]["exif_lat"].isna().all()
     assert (located / "map.png").read_bytes()[:4] == b"\x89PNG"
     assert out["stages"]["ingest"]["skipped"] == {"undecodable": 1}
     assert out["stages"]["predict"] == {**out["stages"]["predict"], "shards": 3, "predicted": 3, "skipped": 0}
@@ -53,7 +66,7 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
 def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
     from flows.locate import locate_photos
 
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 100\]"):
         locate_photos(photos=str(tmp_path), top_k=0)
     with pytest.raises(ValueError, match="http\\(s\\) input has no folder beside it"):
         locate_photos(photos="https://example.org/urls.csv")

@@ -3,6 +3,8 @@ version tags and the `champion` alias (on a real SQLite MLflow store)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,14 +22,22 @@ def model_dir(trained, tmp_path_factory):
 
 
 def test_the_model_is_a_pyfunc_of_tensors_and_text(model_dir):
-    from pathlib import Path
-
     root = Path(model_dir)
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))]
     data = "data/locdiff-model"
     assert {f"{data}/model.safetensors", f"{data}/model.json", f"{data}/config.yaml", f"{data}/selection.json",
-            f"{data}/run.json", f"{data}/gallery/gallery.json", "code/locdiff/inference/pyfunc.py"} <= set(files)
+            f"{data}/run.json", f"{data}/gallery/gallery.json", f"{data}/encoder/model.safetensors",
+            f"{data}/encoder/config.json", f"{data}/encoder/preprocessor_config.json"} <= set(files)
+    assert not [f for f in files if f.endswith(".py") or f.startswith("code/")]  # no code in the model
+    assert "code_paths" not in (root / "MLmodel").read_text()
+    from locdiff import __version__
+
+    assert f"locdiff=={__version__}" in (root / "requirements.txt").read_text().split()
+    # no absolute local path in what locdiff wrote (MLmodel's artifact_path is MLflow's own record of the store)
+    for f in files:
+        if f != "MLmodel" and not f.endswith((".safetensors", ".faiss", ".npy")):
+            assert "/tmp" not in (root / f).read_text() and str(root) not in (root / f).read_text(), f
     assert any(f.startswith(f"{data}/gallery/data-") and f.endswith("/index.faiss") for f in files)
     mlmodel = yaml.safe_load((root / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
@@ -62,7 +72,7 @@ def test_pyfunc_predict_in_process(trained, photos):
     jpg = open(sorted(photos["test"].glob("*.jpg"))[0], "rb").read()
     out = model.predict(pd.DataFrame({"id": ["a", "b"], "image": [jpg, b"not an image"]}))
     assert out["id"].tolist() == ["a", "b"] and np.isfinite(out["lat"][0]) and out["error"][0] == ""
-    assert np.isnan(out["lat"][1]) and "undecodable" in out["error"][1]
+    assert out["lat"][1] is None and "undecodable" in out["error"][1]  # null in JSON (issue 20 item 4)
 
 
 def test_versions_carry_metrics_and_the_champion_moves_only_when_beaten(trained, store):
@@ -84,3 +94,51 @@ def test_versions_carry_metrics_and_the_champion_moves_only_when_beaten(trained,
     assert moved["moved"] and str(client.get_model_version_by_alias("locdiff", "champion").version) == better
     tracking.promote("1", ["photos-test"])  # the champion's equal score does not move it back
     assert str(client.get_model_version_by_alias("locdiff", "champion").version) == better
+
+
+def test_the_model_carries_its_encoder(trained, photos, tiny_clip, tmp_path):
+    """The registered model's files, copied elsewhere, locate the same after the encoder folder the run was
+    trained with has moved away."""
+    import shutil
+
+    import mlflow
+
+    files = sorted(str(p) for p in photos["test"].glob("*.jpg"))[:5]
+    ref = Geolocator.load("models:/locdiff@champion").locate(files, top_k=3)
+    copy = tmp_path / "elsewhere" / "model"
+    mlflow.artifacts.download_artifacts(artifact_uri="models:/locdiff@champion", dst_path=str(copy))
+    moved = tmp_path / "moved-encoder"
+    shutil.move(str(tiny_clip), moved)
+    try:
+        g = Geolocator.load(copy)
+        assert g.locate(files, top_k=3) == ref and all(r.ok for r in ref)
+        assert g.encoder_config().model == str((copy / "data/locdiff-model/encoder").resolve())
+        model = mlflow.pyfunc.load_model(str(copy))
+        out = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}), params={"top_k": 3})
+        assert list(out["lat"]) == [r.lat for r in ref] and (out["error"] == "").all()
+    finally:
+        shutil.move(str(moved), tiny_clip)
+
+
+def test_nothing_in_the_model_runs_on_load(trained, tmp_path):
+    """Python files written into a model (where MLflow would look for a model's code, and beside its data)
+    are never imported: the model loads through the installed locdiff package."""
+    import mlflow
+
+    copy = tmp_path / "model"
+    mlflow.artifacts.download_artifacts(artifact_uri="models:/locdiff@champion", dst_path=str(copy))
+    marker = tmp_path / "ran"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for rel in ("code/locdiff/__init__.py", "code/locdiff/inference/pyfunc.py", "data/locdiff-model/__init__.py",
+                "data/locdiff-model/locdiff/__init__.py", "data/locdiff-model/encoder/modeling_clip.py"):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_text(payload)
+    emb = np.random.default_rng(4).normal(size=(2, 16))
+    out = mlflow.pyfunc.load_model(str(copy)).predict(pd.DataFrame({"embedding": list(emb)}))
+    g = Geolocator.load(copy)
+    assert list(out["lat"]) == [r.lat for r in g.locate_embeddings(emb)]
+    g.encoder()
+    assert not marker.exists()
+    import locdiff
+
+    assert not str(Path(locdiff.__file__).resolve()).startswith(str(copy.resolve()))

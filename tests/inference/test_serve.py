@@ -1,11 +1,12 @@
-"""The registered model behind a real `mlflow models serve` on 127.0.0.1: a JPEG and an embedding posted
-over HTTP come back located, exactly as the Python API locates them."""
+"""The registered model behind a real `mlflow models serve` (started by `make serve`) on 127.0.0.1: a JPEG
+and an embedding posted over HTTP come back located, exactly as the Python API locates them."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from locdiff import Geolocator
 
 pytestmark = pytest.mark.server
+_SERVER: dict[str, int] = {}  # the server's process group (its session), for its peak memory
 
 
 def _free_port() -> int:
@@ -30,18 +32,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="module")
 def server(trained, store, tmp_path_factory):
+    """`make serve` as the README writes it, with nothing activated: the venv's bin is not on PATH."""
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    venv = Path(bin_dir).resolve()
+    path = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and Path(p).resolve() != venv)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "OMP_NUM_THREADS": "1", "MLFLOW_MODELS_WORKERS": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    found = shutil.which("uvicorn", path=path)
+    assert found is None or Path(found).resolve().parent != venv  # not the venv's: nothing activated
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/locdiff@champion",
-                                 "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "--workers", "1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(log.parent))
+        proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "serve", f"SERVE_PORT={port}",
+                                 f"BIN={bin_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(log.parent))
+    _SERVER["pgid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
@@ -99,3 +110,55 @@ def test_post_a_jpeg_and_an_embedding(server, trained, photos):
 
     status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": [[[0.5] * 12]]}})
     assert status == 200 and "has dimension 12; " in body["predictions"][0]["error"]
+
+
+def _peak_rss_kb(pgid: int) -> int:
+    """The largest VmHWM (peak resident memory) among the processes of the server's session."""
+    peak = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if os.getpgid(int(status.parent.name)) != pgid:
+                continue
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except (OSError, ValueError):
+            continue
+        peak = max(peak, int(fields.get("VmHWM", "0 kB").split()[0]))
+    return peak
+
+
+def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(server, trained, record_property):
+    """Issue 21 item 2: each request below is a 4xx JSON answer with one message and no stack trace (or, for
+    rows that cannot be read, a row error with null coordinates); a normal request is answered afterwards."""
+    g = Geolocator.load(trained["run_dir"])
+    emb = [[list(np.random.default_rng(5).normal(size=g.embedding_dim))]]
+    big = base64.b64encode(b"\xff\xd8\xff" + b"\0" * 55_000_000).decode()  # a 55 MB "JPEG"
+    hostile = {
+        "top_k 10^9": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 1_000_000_000}},
+        "top_k 0": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 0}},
+        "method": {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"method": "evil"}},
+        "10,000 rows": {"dataframe_split": {"columns": ["embedding"], "data": emb * 10_000}},
+        "no columns": {"dataframe_split": {"columns": ["x"], "data": [[1]]}},
+    }
+    for name, payload in hostile.items():
+        status, body = post(server, payload)
+        assert 400 <= status < 500, (name, status, body)
+        answer = json.loads(body["error"])
+        assert "stack_trace" not in answer and "\n" not in answer["message"], (name, answer)
+        assert "Traceback" not in answer["message"] and len(answer["message"]) < 400, (name, answer)
+    # a param of the wrong type is refused by MLflow's own param schema before the model runs: a 400 without
+    # a stack trace too, but its message is MLflow's (it quotes the request)
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": "x"}})
+    assert 400 <= status < 500 and "stack_trace" not in json.loads(body["error"]), body
+    status, body = post(server, {"dataframe_split": {"columns": ["id", "image"], "data": [["big", big]]}})
+    assert status == 200, body
+    row = body["predictions"][0]
+    assert row["error"].startswith("too_big") and row["lat"] is None and row["place_km"] is None  # null, not NaN
+
+    status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": 3}})
+    assert status == 200 and body["predictions"][0]["error"] == "", body
+    ref = g.locate_embeddings(np.asarray(emb[0][0]), top_k=3)[0]
+    assert body["predictions"][0]["lat"] == pytest.approx(ref.lat, abs=1e-9)
+    peak = _peak_rss_kb(_SERVER["pgid"])
+    record_property("server_peak_rss_kb", peak)
+    print(f"mlflow models serve: peak RSS {peak / 1024:.0f} MiB over the hostile requests")
+    assert 0 < peak < 3 * 1024 * 1024  # kB: the 23 GB of a 10^9 top_k never comes near

@@ -122,3 +122,21 @@ def test_mixture_skeleton_is_the_posterior_mean_of_its_mixture():
     torch.testing.assert_close(mixture_posterior_mean(z, a, codes, logw, logvar).double(), ref, rtol=1e-4, atol=1e-4)
     one = mixture_posterior_mean(z, a, codes[:, :1], torch.zeros(b, 1), torch.zeros(b, 1))
     torch.testing.assert_close(one, a * z + (1 - a * a) * codes[:, 0])
+
+
+def test_noisy_code_and_z0_sum_stay_float32_under_bf16_autocast():
+    """Under bfloat16 autocast (README "Numerics") the hidden blocks run in bf16, but the noisy code, the first
+    sine layer and z0 = a_t z_t + (1 - a_t^2) mu + U-Net stay float32: with the U-Net's and the head's outputs
+    zeroed, z0 is exactly a_t z_t computed in float32."""
+    net = _net().eval()
+    torch.nn.init.zeros_(net.out_proj.weight)
+    abar = NoiseSchedule(1000).alphas_cumprod.sqrt().float()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(16, net.dim, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    emb = torch.randn(16, net.embed_dim, generator=g)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        x0 = net(z, t, emb)
+        first = torch.sin(net.omega_0 * net.in_proj(z))  # what the network would compute without the guard
+    assert x0.dtype == torch.float32 and first.dtype == torch.bfloat16
+    assert torch.equal(x0, abar[t][:, None] * z)

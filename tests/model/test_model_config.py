@@ -56,13 +56,13 @@ def test_overrides_typecheck_and_apply(tmp_path):
     )
     assert (cfg.train.steps, cfg.network.widths, cfg.shdd.kl_tau, cfg.method) == (7, [8, 4], 0.5, "knn")
     assert cfg.baselines == {"knn": {"k": 3}}
-    with pytest.raises(ValueError, match=r"^--set train\.steps: must be an integer >= 1; got 'abc'$"):
+    with pytest.raises(ValueError, match=r"^--set train\.steps: must be an integer in \[1, 1000000000\]; got 'abc'$"):
         load_config(None, ["train.steps=abc"])
     with pytest.raises(ValueError, match=r"^--set train\.nope: unknown key; valid keys here: objective"):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ValueError, match=r"^--set train\.steps: expected KEY=VALUE"):
         load_config(None, ["train.steps"])
-    with pytest.raises(ValueError, match=r"^--set network\.embedding_noise: must be a number >= 0; got -1$"):
+    with pytest.raises(ValueError, match=r"^--set network\.embedding_noise: must be a number in \[0, 1000\]; got -1$"):
         load_config(None, ["network.embedding_noise=-1"])
 
 
@@ -80,3 +80,19 @@ def test_min_train_timestep_range_is_checked():
     with pytest.raises(ValueError, match=r"^x\.yaml: diffusion\.min_train_timestep: must be < diffusion\.timesteps "
                                          r"\(100\); got 100$"):
         config_from_dict({"diffusion": {"timesteps": 100, "min_train_timestep": 100}}, source="x.yaml")
+
+
+def test_configs_by_name_or_by_the_readme_path_anywhere(tmp_path, monkeypatch):
+    """`--config tiny` and `--config configs/model/tiny.yaml` both work outside a checkout (from a wheel, from
+    another folder); any other YAML path is taken as it is."""
+    from locdiff.resources import config_path, configs_dir
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    shipped = configs_dir() / "model" / "tiny.yaml"
+    assert config_path("model", "tiny") == shipped == config_path("model", "configs/model/tiny.yaml")
+    with pytest.raises(FileNotFoundError, match="configs/model/nope.yaml: no such config file"):
+        config_path("model", "configs/model/nope.yaml")
+    mine = tmp_path / "configs" / "model" / "tiny.yaml"  # a file of that name here wins
+    mine.parent.mkdir(parents=True)
+    mine.write_text("method: knn\n")
+    assert config_path("model", "configs/model/tiny.yaml") == Path("configs/model/tiny.yaml")

@@ -42,6 +42,13 @@ def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
         final = demo.follow(flow_run_id, env, timeout_s=420, echo=lines.append)
         worker_log = (state / "logs" / "prefect-worker.log").read_text()[-4000:]
         assert final == "Completed", "\n".join(lines[-40:]) + worker_log
+        text = "\n".join(lines)
+        for task in ("ingest e2e-train", "train tiny", "evaluate e2e-test", "promote", "embed e2e-test (flow)",
+                     "train-locdiff"):
+            assert f"  {task}: Finished in state Completed()" in text, text  # each finished task named
+        assert all(" Finished in state" not in line or ": Finished in state" in line for line in lines)
+        assert "  ingest e2e-train: 600 samples" in text and "ingest e2e-train (flow): Finished" in text
+        assert "train tiny: train: starting a local Ray for 2 workers" in text, text  # not silent meanwhile
 
         run_id, results = demo.results_from_mlflow(env, "tiny-e2e-train")
         assert set(results) == {"e2e-test"}
@@ -55,6 +62,11 @@ def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
         assert any(n.endswith("error_cdf.png") for n in names)
         # artifacts are served through the server into the state folder
         assert any((state / "mlflow" / "artifacts").rglob("worldmap.png"))
+        last = " ".join(demo.summary(env, run_id, flow_run_id).split())  # the demo's last paragraph, unwrapped
+        geoscore = float(client.get_model_version("locdiff", "1").tags["e2e-test/geoscore"])
+        assert "`locdiff` version 1; it holds the alias `champion`" in last
+        assert f"GeoScore: {geoscore:,.0f} on e2e-test" in last
+        assert f"{env['MLFLOW_TRACKING_URI']}/#/models/locdiff/versions/1" in last and flow_run_id in last
     finally:
         subprocess.run([str(REPO / "infra" / "stop.sh")], cwd=REPO, env=env, timeout=120)
     assert not any(_alive(pid) for pid in pids.values())

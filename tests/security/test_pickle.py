@@ -187,7 +187,8 @@ def test_a_shard_member_of_object_dtype_is_refused(world, tmp_path, capsys):
     _replace_member(shard, first, npy.getvalue())
     for argv in (world.train_argv(tmp_path / "run", data=stage),
                  ["data", "export", "emb", "--root", str(tmp_path / "root"), "--encoder", "precomputed",
-                  "--out", str(tmp_path / "out.parquet")]):
+                  "--out", str(tmp_path / "out.parquet")],
+                 ["data", "inspect", str(tmp_path / "root" / "emb")]):  # issue 21: the same check as training
         err = _assert_refused(argv, shard, marker, capsys, [tmp_path])
         assert "pickled Python objects" in err
 

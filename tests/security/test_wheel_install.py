@@ -65,12 +65,13 @@ def test_wheel_install_trains_and_predicts_with_packaged_configs(tmp_path):
                   "import locdiff, locdiff.resources as r; from locdiff.data.config import "
                   "load_dataset_config as d, load_encoder_config as e; from locdiff.pipeline import "
                   "model_config_path as m; print(locdiff.__file__); print(r.configs_dir()); "
-                  "print(d('im2gps3k').name, e('clip-vit-l14').name, m('base').name)"], cwd=work, env=env)
+                  "print(d('im2gps3k').name, e('clip-vit-l14').name, m('base').name, "
+                  "m('configs/model/tiny.yaml').name)"], cwd=work, env=env)
     assert where.returncode == 0, where.stderr[-3000:]
     module, configs, names = where.stdout.splitlines()[-3:]
     assert Path(module).resolve().is_relative_to(target.resolve())  # not the checkout
     assert Path(configs).resolve() == (target / "locdiff" / "configs").resolve()
-    assert names.split() == ["im2gps3k", "clip-vit-l14", "base.yaml"]
+    assert names.split() == ["im2gps3k", "clip-vit-l14", "base.yaml", "tiny.yaml"]  # the README's path form too
 
     synth = _run([*locdiff, "synth", "--out", "synth", "--n-train", "1500", "--n-test", "60", "--n-unseen",
                   "20", "--dim", "32"], cwd=work, env=env)

@@ -306,7 +306,7 @@ class TabularSource(Source):
     def _photo_listing(self) -> Location | None:
         """The location to list photos from when coordinates are optional and --source names a folder,
         archive or s3:// prefix without any CSV (None otherwise)."""
-        if self.cfg.coordinates != "optional" or self.source is None \
+        if (self.cfg.coordinates != "optional" and not self.cfg.exif_coordinates) or self.source is None \
                 or self.source.split("?", 1)[0].lower().endswith(".csv"):
             return None
         loc = self._source_loc = open_location(self.source, **self._location_kw())
@@ -326,7 +326,8 @@ class TabularSource(Source):
             for digest in listing.checksums().values():
                 self.provenance["images"]["sha256"] = digest
             records, rows, skips = listing_records(photos, limit)
-            log.info("%s: no CSV; %d photos without coordinates", listing.url, len(records))
+            log.info("%s: no CSV; %d photos%s", listing.url, len(records),
+                     ", each labelled by its GPS tag" if self.cfg.exif_coordinates else " without coordinates")
             return Plan(records, rows, skips, dict(self.provenance))
         data, url, loc = self._metadata()
         df = read_csv_bytes(data, url)

@@ -1,0 +1,338 @@
+"""Unbounded sizes (issue 21 items 1, 2 and 4): every numeric parameter has an upper bound checked before any
+work, at every entry point (CLI flags, config files and --set, the Python API, the served model, flow
+parameters), and what a run folder carries (embed_dim, widths, degree) is checked against the same bounds
+and the weights' shapes before anything is allocated. Each refusal is exit code 2 and one line without
+"unexpected"; the acceptance commands run in a child process whose peak memory is measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from locdiff import schema
+from locdiff.cli import main
+from locdiff.errors import ConfigError, UserError
+from tests.faults.helpers import REPO, TINY, World, build_world, changes, snapshot
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def _predict(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["predict", "--run", str(run), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
+def _one_line(capsys, rc: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "unexpected" not in err and "Traceback" not in err, err
+    return err
+
+
+# -- the acceptance commands, in a child process (its peak memory is the measure) ------------------------------
+
+DRIVER = r"""
+import json, resource, sys
+import numpy as np
+from locdiff.cli import main
+from locdiff.errors import describe
+from locdiff import Geolocator
+results = {}
+for name, argv in json.loads(sys.argv[1]):
+    if argv[0] == "top_k":
+        try:
+            Geolocator.load(argv[1]).locate_embeddings(np.zeros((1, 128), np.float32), top_k=10**9)
+            rc = 0
+        except Exception as exc:
+            print(f"top_k: error: {describe(exc)}", file=sys.stderr)
+            rc = 2
+    else:
+        rc = main(argv)
+    results[name] = rc
+    print("@@", name, file=sys.stderr, flush=True)
+print(json.dumps({"rc": results, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+@pytest.mark.slow
+def test_the_acceptance_commands_exit_2_in_one_line_with_bounded_memory(world, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(world.test).slice(0, 0), empty)
+    out = tmp_path / "p.csv"
+    jobs = [
+        ("samples", _predict(world.run, world.test, out, "--samples", str(10**8))),
+        ("steps", _predict(world.run, world.test, out, "--steps", str(10**8))),
+        ("train.steps", world.train_argv(tmp_path / "r1", f"train.steps={10**20}")),
+        ("train.batch_size", world.train_argv(tmp_path / "r2", f"train.batch_size={10**8}")),
+        ("widths", world.train_argv(tmp_path / "r3", "network.widths=[999999999]")),
+        ("top_k", ["top_k", str(world.run)]),
+        ("empty", _predict(world.run, empty, out)),
+    ]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                          "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rc"] == {name: 2 for name, _ in jobs}
+    blocks = proc.stderr.split("@@")
+    for (name, _), block in zip(jobs, blocks, strict=False):
+        lines = [ln for ln in block.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and "unexpected" not in lines[0] and "Traceback" not in block, (name, block)
+    expected = {"samples": "--samples: must be an integer in [1, 1024]; got 100000000",
+                "steps": "--steps: must be an integer in [1, 100000]; got 100000000",
+                "train.steps": "--set train.steps: must be an integer in [1, 1000000000]",
+                "train.batch_size": "--set train.batch_size: must be an integer in [1, 16777216]",
+                "widths": "--set network.widths[0]: must be an integer in [1, 65536]; got 999999999",
+                "top_k": "top_k must be an integer in [1, 100]; got 1000000000",
+                "empty": f"{empty}: no rows; nothing to predict"}
+    for (name, _), block in zip(jobs, blocks, strict=False):
+        assert expected[name] in block, (name, block)
+    assert not out.exists() and not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))
+    assert result["peak_kb"] < 1_500_000, result  # the whole sequence: imports, one run loaded, nothing more
+
+
+# -- config files, --set and the Python API -------------------------------------------------------------------
+
+def _all_config_classes() -> list[type]:
+    from locdiff.baselines.flow import FlowOptions
+    from locdiff.baselines.geocell import GeocellOptions
+    from locdiff.baselines.knn import KNNOptions
+    from locdiff.baselines.options import MLPOptions
+    from locdiff.data.config import DatasetConfig, EncoderConfig
+    from locdiff.model.config import Config
+
+    seen: list[type] = []
+
+    def walk(cls: type) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            for arg in (tp, *typing.get_args(tp)):
+                if dataclasses.is_dataclass(arg):
+                    walk(arg)
+
+    for cls in (Config, DatasetConfig, EncoderConfig, MLPOptions, FlowOptions, GeocellOptions, KNNOptions):
+        walk(cls)
+    return seen
+
+
+def test_every_numeric_setting_has_an_upper_bound():
+    """Issue 21 item 1: no int or float field of any config class is unbounded above (`le` or `lt`)."""
+    unbounded = []
+    for cls in _all_config_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            kinds = {tp, *typing.get_args(tp)}
+            kinds |= {inner for k in list(kinds) for inner in typing.get_args(k)}
+            if not kinds & {int, float} or typing.get_origin(tp) is typing.Literal:
+                continue
+            spec = schema.spec_of(cls, f.name)
+            if spec is None or (spec.le is None and spec.lt is None):
+                unbounded.append(f"{cls.__name__}.{f.name}")
+    assert unbounded == [], unbounded
+    # the benchmark generators: the fields their CLI flags set (the rest are constants of the generator)
+    from locdiff.realbench import RealBenchConfig
+    from locdiff.synth import SynthConfig
+
+    flags = {SynthConfig: ("n_train", "n_val", "n_test", "n_unseen", "dim", "seed"),
+             RealBenchConfig: ("seed", "n_train", "n_val", "n_val_unseen", "n_test", "n_test_unseen", "n_yfcc",
+                               "noise")}
+    assert all(schema.spec_of(cls, name).le is not None for cls, names in flags.items() for name in names)
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("train.steps=99999999999999999999", "--set train.steps: must be an integer in [1, 1000000000]"),
+    ("train.batch_size=100000", "--set train.batch_size: must be <= limits.max_batch_size (65536; raise it"),
+    ("network.widths=[60000, 60000]", "limits.max_parameters: the denoiser would have"),
+    ("network.widths=[64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64]", "(at most 16 items)"),
+    ("predict.samples=5000", "--set predict.samples: must be an integer in [1, 1024]"),
+    ("shdd.degree=100000", "--set shdd.degree: must be an integer in [1, 512]"),
+    ("hybrid.top_k=1000000000", "--set hybrid.top_k: must be an integer in [1, 1024]"),
+])
+def test_a_size_out_of_bounds_is_refused_before_anything_is_written(world, tmp_path, capsys, override, problem):
+    out = tmp_path / "run"
+    err = _one_line(capsys, main(world.train_argv(out, override)))
+    assert problem in err and not out.exists()
+
+
+def test_a_bound_a_large_machine_needs_is_a_setting(world, tmp_path):
+    """limits.max_batch_size (a GPU may take more than the CPU default) is raised with --set, and `limits`
+    is not part of a run's identity: the same run trained again is complete."""
+    out = tmp_path / "run"
+    argv = world.train_argv(out, "predict.batch_size=70000", "limits.max_batch_size=100000")
+    assert main(argv) == 0
+    assert main(world.train_argv(out, "predict.batch_size=70000", "limits.max_batch_size=200000")) == 0
+    assert json.loads((out / "run.json").read_text())["complete"]
+
+
+def test_config_file_types_are_checked_before_set_and_duplicate_keys_refused(tmp_path, capsys):
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("train: [1, 2]\n")
+    err = _one_line(capsys, main(["train", "--config", str(listed), "--set", "train.steps=2", "--train",
+                                  str(tmp_path / "t.parquet"), "--out", str(tmp_path / "run")]))
+    assert err.endswith(f"{listed}: train: must be a mapping; got [1, 2]")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(TINY.read_text() + "\ntrain:\n  steps: 5\n")
+    err = _one_line(capsys, main(["train", "--config", str(twice), "--train", str(tmp_path / "t.parquet"),
+                                  "--out", str(tmp_path / "run")]))
+    assert f"{twice}: not valid YAML (the key 'train' is given twice at line" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(yaml.YAMLError, match="given twice"):
+        schema.UniqueKeyLoader("a: 1\nb: {c: 1, c: 2}\n").get_single_data()
+
+
+def test_the_python_api_checks_the_same_bounds(world):
+    from locdiff import Geolocator
+    from locdiff.model.method import LocDiffMethod
+    from locdiff.runs import RunFolder
+
+    g = Geolocator.load(world.run)
+    emb = np.zeros((2, 128), np.float32)
+    for top_k in (0, 101, 10**9, True, 2.5):
+        with pytest.raises(UserError, match=r"top_k must be an integer in \[1, 100\]"):
+            g.locate_embeddings(emb, top_k=top_k)
+    assert len(g.locate_embeddings(emb, top_k=100)[0].modes) >= 1
+    m = LocDiffMethod.load(world.run, RunFolder(world.run).read_config())
+    from locdiff.io import read_embeddings
+
+    table = read_embeddings(world.test)
+    with pytest.raises(ConfigError, match=r"^samples: must be an integer in \[1, 1024\]; got 100000000$"):
+        m.predict(table, samples=10**8)
+    with pytest.raises(ConfigError, match=r"^steps: must be <= diffusion.timesteps of the run \(1000\); got 5000$"):
+        m.predict(table, steps=5000)
+
+
+def test_flow_parameters_are_bounded():
+    from locdiff.inference.batch import plan
+
+    with pytest.raises(UserError, match=r"top_k must be an integer in \[1, 100\]; got 1000000000"):
+        plan("photos", "models:/x@y", top_k=10**9)
+    with pytest.raises(UserError, match=r"shard_size must be an integer in \[1, 100000\]; got 1000000000"):
+        plan("photos", "models:/x@y", shard_size=10**9)
+
+
+# -- what a run folder carries ---------------------------------------------------------------------------------
+
+def _peak_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+@pytest.mark.parametrize("edit,problem", [
+    ("embed_dim", "embedding dimension 2000000 is outside [1, 65536]"),
+    ("widths", "limits.max_parameters: the denoiser would have"),
+    ("small_widths", "the model weights do not fit its config (tensor"),
+    ("degree", "the model weights do not fit its config (tensor"),
+])
+def test_run_values_are_checked_against_bounds_and_weights_before_allocation(world, tmp_path, capsys, edit,
+                                                                                  problem):
+    """model.json `embed_dim: 2000000` once cost 5.3 GB, config.yaml `widths: [60000, 60000]` 14 GB: now
+    refused on the meta device (no memory) and named."""
+    run = world.copy_run(tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    if edit == "embed_dim":
+        meta["embed_dim"] = 2_000_000
+    elif edit in ("widths", "small_widths"):
+        cfg["network"]["widths"] = [60000, 60000] if edit == "widths" else [48]
+    else:
+        cfg["shdd"]["degree"] = cfg["shdd"]["degree"] // 2
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = snapshot(tmp_path)
+    peak = _peak_kb()
+    err = _one_line(capsys, main(_predict(run, world.test, tmp_path / "p.csv")))
+    assert _peak_kb() - peak < 300_000  # kB: nothing of the gigabytes was allocated
+    assert f"error: {run}: " in err and problem in err, err
+    assert changes(before, snapshot(tmp_path)) == {"changed": [], "removed": [], "added": []}
+
+
+def test_a_table_of_huge_embeddings_is_refused_unread(tmp_path, capsys):
+    """A one-row table with a 2,000,000-wide embedding once met the host's OOM killer in `locdiff train`."""
+    table = tmp_path / "wide.parquet"
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2_000_000, np.float32)), 2_000_000)
+    pq.write_table(pa.table({"id": ["a"], "lat": [1.0], "lon": [2.0], "embedding": emb}), table)
+    err = _one_line(capsys, main(["train", "--config", str(TINY), "--train", str(table), "--out",
+                                  str(tmp_path / "run"), "--no-progress"]))
+    assert f"{table}: embeddings of dimension 2,000,000, above the limit of 65,536" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_predicting_or_evaluating_an_empty_table_exits_2(world, tmp_path, capsys):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(world.test).slice(0, 0), empty)
+    err = _one_line(capsys, main(_predict(world.run, empty, tmp_path / "p.csv")))
+    assert err == f"locdiff predict: error: {empty}: no rows; nothing to predict"
+    preds = tmp_path / "preds.parquet"  # typed columns, no rows: once metrics of NaN written as bare NaN
+    pq.write_table(pa.table({"id": pa.array([], pa.string()),
+                             **{c: pa.array([], pa.float64()) for c in ("lat", "lon", "pred_lat", "pred_lon")}}),
+                   preds)
+    err = _one_line(capsys, main(["evaluate", "--predictions", str(preds), "--json", str(tmp_path / "m.json")]))
+    assert err == f"locdiff evaluate: error: {preds}: no rows; nothing to evaluate"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet", "preds.parquet"]
+
+
+# -- the served model, in process (the real `mlflow models serve` is in tests/inference/test_serve.py) --------
+
+def test_the_served_model_refuses_hostile_requests_in_one_line(world):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from locdiff import Geolocator
+    from locdiff.inference.pyfunc import LocDiffModel
+
+    model = LocDiffModel(Geolocator.load(world.run))
+    row = [list(np.random.default_rng(0).normal(size=128))]
+    cases = {
+        "top_k": (pd.DataFrame({"embedding": row}), {"top_k": 10**9}),
+        "method": (pd.DataFrame({"embedding": row}), {"method": "x" * 10_000}),
+        "param": (pd.DataFrame({"embedding": row}), {"evil": 1}),
+        "rows": (pd.DataFrame({"embedding": row * 1025}), None),
+        "photos": (pd.DataFrame({"image": [b"x"] * 65}), None),
+    }
+    for name, (df, params) in cases.items():
+        with pytest.raises(MlflowException) as err:
+            model.predict(df, params)
+        assert err.value.get_http_status_code() == 400, name
+        assert "\n" not in err.value.message and len(err.value.message) < 300, (name, err.value.message)
+        err.value.message = "Failed to predict data 'whatever'.\nError: ..."  # what the scoring server does
+        body = json.loads(err.value.serialize_as_json())
+        assert "stack_trace" not in body and "\n" not in body["message"], body
+    out = model.predict(pd.DataFrame({"embedding": row + [[0.5] * 12]}), {"top_k": 3})
+    text = json.dumps(out.to_dict(orient="records"), allow_nan=False)  # valid JSON: null, not NaN
+    assert json.loads(text)[1]["lat"] is None and "has dimension 12" in json.loads(text)[1]["error"]
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["shdd", "roundtrip", "--degree", "8", "--n", str(10**9)], "argument --n: must be an integer in [1, 10000000]"),
+    (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "1000", "--out", "k.png"],
+     "argument --degree: must be an integer in [1, 512]"),
+    (["shdd", "encode", "--lat", "1", "--lon", "2", "--degree", "100000"],
+     "argument --degree: must be an integer in [1, 512]"),
+    (["train", "--config", "tiny", "--train", "t", "--out", "r", "--workers", "100000"],
+     "argument --workers: must be an integer in [0, 1024]"),
+    (["locate", "--run", "r", "x.jpg", "--batch-size", "0"], "argument --batch-size: must be an integer in [1, 4096]"),
+    (["data", "ingest", "x", "--root", "r", "--limit", "nan"], "argument --limit: must be an integer in"),
+])
+def test_numeric_flags_are_bounded_by_the_parser(tmp_path, capsys, monkeypatch, argv, problem):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and problem in err, err
+    assert list(tmp_path.iterdir()) == []
