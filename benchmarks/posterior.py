@@ -24,14 +24,17 @@ bench_model.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from locdiff import shdd
+from locdiff import cuebench, realbench, shdd, synth
 from locdiff.calibration import cross_fitted, expected_calibration_error
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km
 from locdiff.metrics import geo_metrics
@@ -48,7 +51,7 @@ SAMPLED = (16, 20)  # the sampled setting (K samples, S DDIM steps) the probe an
 RETRIEVED = 64  # gallery neighbours searched for retrieval's two best distinct places
 ACCURACY_KEYS = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km")
 
-__all__ = ["PROBE_MIN_KM", "NAME_RADIUS_KM", "UNIFORM_SHARE", "SAMPLED", "Draws", "draw", "names_both",
+__all__ = ["probe_maker", "PROBE_MIN_KM", "NAME_RADIUS_KM", "UNIFORM_SHARE", "SAMPLED", "Draws", "draw", "names_both",
            "names_one", "sample_clusters", "retrieval_two_places", "probe_scores", "top2_answers", "run_probe",
            "calibration", "confidence_radius", "run_calibration"]
 
@@ -160,6 +163,22 @@ def draw(model: torch.nn.Module, emb: np.ndarray, config: Config, *, samples: in
 # The probe's table
 
 
+def probe_maker(folder: str | Path) -> Callable[[int, int], TwoPlaceProbe] | None:
+    """The two-place probes of the benchmark written into a folder, as `make(n, seed)`: the world is
+    rebuilt from the folder's cuebench.json, realbench.json or synth.json (its recorded config); None when
+    the folder has none of them."""
+    folder = Path(folder)
+    for name, build in (("cuebench", lambda c: (cuebench.CueWorld(cuebench.CueBenchConfig(**c)), cuebench)),
+                        ("realbench", lambda c: (realbench.RealBenchWorld(realbench.RealBenchConfig(**c)), realbench)),
+                        ("synth", lambda c: (synth.SynthWorld(synth.SynthConfig(**c)), synth))):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            config = json.loads(path.read_text())["config"]
+            world, module = build({k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+            return lambda n, seed: module.two_place_probe(world, n, seed)
+    return None
+
+
 def probe_scores(answers: dict[str, tuple[np.ndarray, np.ndarray]], a_lat: Any, a_lon: Any, b_lat: Any,
                  b_lon: Any, radius_km: float = NAME_RADIUS_KM) -> list[dict[str, Any]]:
     """One row per method (name -> its top-2 answers' lat, lon (N, 2)): % of probes whose top-2 answers name
@@ -219,6 +238,8 @@ def calibration(answer_lat: Any, answer_lon: Any, truth_lat: Any, truth_lon: Any
     """ECE and NLL (module docstring) of the mean code's confidence and, given the samples the answer came
     from, of the samples' confidence, for answers (N,) of images whose truth is (truth_lat, truth_lon)."""
     r = confidence_radius(radius_km, degree_from_dim(code.shape[1]))
+    answer_lat, answer_lon, truth_lat, truth_lon = (np.array(v, np.float64) for v in (answer_lat, answer_lon,
+                                                                                     truth_lat, truth_lon))
     hit = (np.asarray(haversine_km(answer_lat, answer_lon, truth_lat, truth_lon)) <= r).astype(np.float64)
     out = {"mean code": {"radius_km": r, **_scores(mass_within(code, answer_lat, answer_lon, r),
                                                    mass_within(code, truth_lat, truth_lon, r), hit, r, uniform_share)}}
@@ -249,8 +270,9 @@ def run_calibration(model: torch.nn.Module, config: Config, emb: np.ndarray, lat
                     seed: int = 0) -> list[dict[str, Any]]:
     """For labelled images: per setting (one-step; K x S samples) and answer (the decoded mode of the mean
     code, as predict's "mean"; for the samples also the centre of their largest cluster within the support
-    radius), the accuracy without any gallery and the calibration of each confidence (`calibration`) at
-    the config's `predict.confidence_radius_km`."""
+    radius), the accuracy at 1 and 25 km without any gallery (of the mean code's mode only: a cluster's
+    centre is decoded as a vote) and the calibration of each confidence (`calibration`) at the config's
+    `predict.confidence_radius_km`."""
     pc = config.predict
     k, s = SAMPLED
     rows = []
@@ -266,6 +288,7 @@ def run_calibration(model: torch.nn.Module, config: Config, emb: np.ndarray, lat
             cal = calibration(a_lat, a_lon, lat, lon, code=d.mean_code, radius_km=pc.confidence_radius_km,
                               samples=d if kk > 1 else None)
             for conf, c in cal.items():
-                rows.append({"setting": label, "answer": answer, "confidence": conf,
-                             **{key: acc[key] for key in ACCURACY_KEYS[:2]}, **c})
+                # a cluster's centre is a sample decoded as a vote (to a few km): no 1 / 25-km figures
+                fine = {key: acc[key] if answer == "mode of the mean code" else None for key in ACCURACY_KEYS[:2]}
+                rows.append({"setting": label, "answer": answer, "confidence": conf, **fine, **c})
     return rows
