@@ -15,6 +15,7 @@ from benchmarks.posterior import (
     calibration,
     names_both,
     names_one,
+    probe_maker,
     probe_scores,
     retrieval_two_places,
     sample_clusters,
@@ -161,3 +162,13 @@ def test_realbench_two_place_probe():
 
     world = realbench.RealBenchWorld(realbench.RealBenchConfig(n_train=10))
     _check_probe(lambda seed, km: realbench.two_place_probe(world, 100, seed, km))
+
+
+def test_probe_maker_rebuilds_the_world_of_a_written_benchmark(tmp_path):
+    cfg = synth.SynthConfig(n_train=50, n_test=10, n_unseen=10, dim=16, seed=3)
+    synth.write_benchmark(tmp_path / "synth", cfg)
+    make = probe_maker(tmp_path / "synth")
+    want = synth.two_place_probe(synth.SynthWorld(cfg), 50, 1)
+    got = make(50, 1)
+    assert np.array_equal(got.embedding, want.embedding) and np.array_equal(got.b_lat, want.b_lat)
+    assert probe_maker(tmp_path) is None  # no benchmark JSON there
