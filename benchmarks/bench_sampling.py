@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--probe-n", type=int, default=500, help="two-place probe photos (0: no probe)")
     ap.add_argument("--radius", type=float, default=posterior.NAME_RADIUS_KM,
                     help="a top-2 answer names a place within this many km (default %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling and probe seed")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of the probe photos")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -66,7 +66,7 @@ def main() -> None:
     rows, errors, agreement = [], {}, None
     for k, s in SWEEP:
         t0 = time.perf_counter()
-        out = locdiff_predict(method.model, emb, method.config, samples=k, steps=s, seed=0)
+        out = locdiff_predict(method.model, emb, method.config, samples=k, steps=s, seed=args.seed)
         secs = time.perf_counter() - t0
         for agg in ("mean", "support") if k > 1 else ("mean",):
             p_lat, p_lon, _ = out.choose(agg)
