@@ -15,7 +15,13 @@ benchmark):
    trained as a one-step regressor (every training input is pure noise at t = T, so it learns z0 from
    the embedding alone; `diffusion.min_train_timestep`);
 2. inference throughput (images/s, embeddings given) of LocDiff at K = 16, S = 50 and cheaper settings and
-   of knn over a 100,000-entry gallery, with the accuracy of each on the same test images.
+   of knn over a 100,000-entry gallery, with the accuracy of each on the same test images;
+3. what sampling adds (issue 19, item 4; benchmarks/posterior.py): the row "sampled (K=16, S=20)" next to
+   "one-step (K=1, S=1)"; a table of accuracy at 1 and 25 km of LocDiff alone (no gallery) against
+   LocDiff-H and retrieval; the two-place probe (`--n-probe` photos made to look like two places at least
+   3,000 km apart: the share whose top-2 answers name both places within `--radius` km, for the mean
+   code's modes, the samples' clusters and retrieval's two best distinct places); and on `test`, the
+   calibration (ECE, NLL of the truth) of the samples' confidence against the mean code's.
 
     python -m benchmarks.bench_model                 # the full run (base config, 50,000 training images)
     python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes)
@@ -35,8 +41,10 @@ from typing import Any
 
 import torch
 
+from benchmarks import posterior
 from benchmarks.common import print_table, save
-from locdiff import cuebench
+from locdiff import cuebench, realbench, synth
+from locdiff.gallery import Gallery
 from locdiff.metrics import format_table, geo_metrics
 from locdiff.synth import SynthConfig, SynthWorld, make_benchmark, make_split
 from locdiff.tables import EmbeddingTable
@@ -106,8 +114,10 @@ def run_locdiff(args, data, work: Path, results: dict[str, Any], report) -> Any:
     base_cfg = load_config(args.config, args.set)
     chosen = base_cfg.train.objective
     method, fit_s = _fit_locdiff(base_cfg, data, work / "locdiff")
+    k, s = posterior.SAMPLED
     for row, opts in (("LocDiff", {"method": "locdiff"}), ("LocDiff-H", {"method": "locdiff-h"}),
-                      ("one-step (K=1, S=1)", {"method": "locdiff", "samples": 1, "steps": 1})):
+                      ("one-step (K=1, S=1)", {"method": "locdiff", "samples": 1, "steps": 1}),
+                      (f"sampled (K={k}, S={s})", {"method": "locdiff", "samples": k, "steps": s})):
         log.info("evaluate %s", row)
         results[row] = {"fit_s": fit_s if row == "LocDiff" else None, "objective": chosen,
                         **_evaluate(method, data, **opts)}
@@ -183,15 +193,39 @@ def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, An
     return rows
 
 
-def _gallery(args, data: Benchmark) -> EmbeddingTable:
-    if data.name == "realbench":
-        from locdiff import realbench
+def _world(name: str, args) -> Any:
+    """The world of a benchmark (its geography and embedding rules) with the run's settings."""
+    if name == "realbench":
+        return realbench.RealBenchWorld(_realbench_config(args))
+    if name == "cuebench":
+        return cuebench.CueWorld(_cuebench_config(args))
+    return SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
 
-        return realbench.make_split(realbench.RealBenchWorld(_realbench_config(args)), "train", args.gallery)
+
+def _gallery(args, data: Benchmark) -> EmbeddingTable:
+    world = _world(data.name, args)
+    if data.name == "realbench":
+        return realbench.make_split(world, "train", args.gallery)
     if data.name == "cuebench":
-        return cuebench.make_split(cuebench.CueWorld(_cuebench_config(args)), "train", args.gallery).table
-    world = SynthWorld(SynthConfig(**{**_synth_kwargs(args), "n_train": args.gallery}))
+        return cuebench.make_split(world, "train", args.gallery).table
     return make_split(world, "train", args.gallery)
+
+
+def what_sampling_adds(args, data: Benchmark, locdiff: Any) -> dict[str, Any]:
+    """The two-place probe over the run's gallery (the training rows) and the calibration on `test`
+    (benchmarks/posterior.py)."""
+    gallery = locdiff.gallery or Gallery.load(locdiff.gallery_ref, nprobe=locdiff.config.gallery.nprobe)
+    module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[data.name]
+    probe = module.two_place_probe(_world(data.name, args), args.n_probe, args.seed)
+    rows = posterior.run_probe(locdiff.model, locdiff.config, probe, gallery, radius_km=args.radius, seed=args.seed)
+    print_table(rows, title=f"{data.name}: two-place probe ({args.n_probe} photos of two places >= "
+                            f"{posterior.PROBE_MIN_KM:,.0f} km apart): top-2 answers naming both places "
+                            f"within {args.radius:g} km")
+    test = data["test"]
+    cal = posterior.run_calibration(locdiff.model, locdiff.config, test.embedding, test.lat, test.lon, seed=args.seed)
+    print_table(cal, title=f"{data.name} / test: calibration of the samples' and the mean code's confidence")
+    return {"two_place_probe": rows, "calibration_test": cal, "radius_km": args.radius,
+            "probe_min_km": posterior.PROBE_MIN_KM}
 
 
 def _realbench_config(args):
@@ -249,6 +283,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", type=int, default=100_000, help="knn gallery size for the throughput")
     ap.add_argument("--n-throughput", type=int, default=256, help="test images timed per setting")
+    ap.add_argument("--n-probe", type=int, default=500, help="two-place probe photos per benchmark (0: none)")
+    ap.add_argument("--radius", type=float, default=posterior.NAME_RADIUS_KM,
+                    help="two-place probe: a top-2 answer names a place within this many km (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (tiny config, small data)")
     ap.add_argument("--skip-locdiff", action="store_true")
     ap.add_argument("--ablations", action="store_true",
@@ -262,7 +299,7 @@ def main() -> None:
     if args.quick:
         args.n_train, args.n_val, args.n_test, args.n_unseen, args.n_yfcc = 4_000, 300, 300, 200, 300
         args.n_train_realbench = args.n_train_cuebench = 4_000
-        args.gallery, args.n_throughput = 10_000, 64
+        args.gallery, args.n_throughput, args.n_probe = 10_000, 64, min(args.n_probe, 200)
         if args.config.endswith("base.yaml"):
             args.config = str(ROOT / "configs/model/tiny.yaml")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -270,11 +307,12 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {b: {} for b in benchmarks}  # benchmark -> row -> split -> metrics
     errors: dict[str, str] = {}
     speed: dict[str, list[dict[str, Any]]] = {b: [] for b in benchmarks}
+    sampling: dict[str, dict[str, Any]] = {}  # benchmark -> what sampling adds (probe, calibration)
     sizes: dict[str, dict[str, int]] = {}
 
     def payload() -> dict[str, Any]:
         return {"args": vars(args), "synth": _synth_kwargs(args), "benchmarks": benchmarks, "sizes": sizes,
-                "results": results, "throughput": speed, "errors": errors}
+                "results": results, "throughput": speed, "sampling": sampling, "errors": errors}
 
     def checkpoint(stage: str) -> None:
         """Save what is measured so far (an interrupted run still leaves its numbers)."""
@@ -308,6 +346,13 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001 - report it and still measure the rest
                     log.exception("LocDiff failed on %s", bench)
                     errors[f"{bench}/locdiff"] = f"{type(err).__name__}: {err}"
+            if locdiff is not None and args.n_probe > 0:
+                try:
+                    sampling[bench] = what_sampling_adds(args, data, locdiff)
+                except Exception as err:  # noqa: BLE001
+                    log.exception("the two-place probe or the calibration failed on %s", bench)
+                    errors[f"{bench}/sampling"] = f"{type(err).__name__}: {err}"
+                checkpoint(f"{bench}: two-place probe and calibration")
             speed[bench].extend(throughput(args, data, locdiff, work, config))
             checkpoint(f"{bench}: throughput")
             if locdiff is not None and args.ablations:
@@ -322,6 +367,19 @@ def main() -> None:
                  for bench in benchmarks for split in SPLITS[bench] for row, r in results[bench].items()],
                 title="accuracy (%) by benchmark and split (training rows: "
                       + ", ".join(f"{b} {sizes[b]['train']:,}" for b in benchmarks) + ")")
+    no_gallery = ("LocDiff", "one-step (K=1, S=1)", "sampled (K={}, S={})".format(*posterior.SAMPLED), "LocDiff-H",
+                  "knn", "knn top-16")
+    print_table([{"benchmark": bench, "split": split, "method": row,
+                  "gallery": "yes" if row.startswith(("LocDiff-H", "knn")) else "no",
+                  **{k: results[bench][row][split][k] for k in ("acc_1km", "acc_25km")}}
+                 for bench in benchmarks for split in SPLITS[bench] for row in no_gallery if row in results[bench]],
+                title="accuracy (%) at 1 and 25 km: LocDiff alone (no gallery) against LocDiff-H and retrieval")
+    for key, title in (("two_place_probe", f"two-place probe: top-2 answers naming both places within "
+                                           f"{args.radius:g} km"),
+                       ("calibration_test", "test: calibration of the samples' and the mean code's confidence (ECE, "
+                                            "NLL of the truth in nats)")):
+        print_table([{"benchmark": bench, **r} for bench in benchmarks for r in sampling.get(bench, {}).get(key, [])],
+                    title=title)
     print_table([{"benchmark": bench, "method": row, "fit_s": r.get("fit_s"),
                   **{f"{s} img/s": r[s]["images_per_s"] for s in ("test", "test_unseen")}}
                  for bench in benchmarks for row, r in results[bench].items()],

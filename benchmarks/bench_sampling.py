@@ -7,6 +7,15 @@ distinct modes, an ambiguous image) and compares one sample with 16 in each grou
 figure (benchmarks/results/sampling_<name>.png). Where several samples help, it is on the low-agreement
 groups; if no group gains, one step is as good and the cheap setting should be the default.
 
+What sampling is for (issue 19, item 4; benchmarks/posterior.py says how each figure is made):
+- the two-place probe: `--probe-n` photos of the benchmark the table belongs to (its folder's
+  cuebench.json, realbench.json or synth.json; `--benchmark-dir`), each made to look like two places at
+  least 3,000 km apart; the share whose top-2 answers name both places (each within `--radius` km) for the
+  one-step mean code's modes, the modes of the mean of the K sampled codes, the K samples' two largest
+  clusters, and retrieval's two best distinct places over the run's gallery;
+- calibration: ECE and the NLL of the truth of the samples' confidence against the mean code's;
+- accuracy at 1 and 25 km of LocDiff alone (no gallery), next to top-1 retrieval over the run's gallery.
+
     python -m benchmarks.bench_sampling --run RUN --data VAL.parquet [--name realbench] [--n 1000]
 """
 
@@ -19,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import posterior
 from benchmarks.common import RESULTS, print_table, save
+from locdiff.gallery import Gallery
 from locdiff.io import read_embeddings
 from locdiff.metrics import distances_km, geo_metrics
 from locdiff.model.method import LocDiffMethod
@@ -36,6 +47,12 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a labelled embeddings table (a validation split)")
     ap.add_argument("--name", default="val", help="label of the results (sampling_<name>.json/.png)")
     ap.add_argument("--n", type=int, default=1000, help="rows used")
+    ap.add_argument("--benchmark-dir", help="the benchmark folder the table was written into, for the "
+                                            "two-place probe (default: the folder of --data)")
+    ap.add_argument("--probe-n", type=int, default=500, help="two-place probe photos (0: no probe)")
+    ap.add_argument("--radius", type=float, default=posterior.NAME_RADIUS_KM,
+                    help="a top-2 answer names a place within this many km (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of the probe photos")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -49,7 +66,7 @@ def main() -> None:
     rows, errors, agreement = [], {}, None
     for k, s in SWEEP:
         t0 = time.perf_counter()
-        out = locdiff_predict(method.model, emb, method.config, samples=k, steps=s, seed=0)
+        out = locdiff_predict(method.model, emb, method.config, samples=k, steps=s, seed=args.seed)
         secs = time.perf_counter() - t0
         for agg in ("mean", "support") if k > 1 else ("mean",):
             p_lat, p_lon, _ = out.choose(agg)
@@ -75,6 +92,7 @@ def main() -> None:
             entry[f"K={key[0]} S={key[1]} {key[2]} @200km"] = hit
         by_q.append(entry)
     print_table(by_q, title=f"{args.name}: accuracy within 200 km by how much 16 samples agree")
+    extra = what_sampling_adds(args, method, emb, lat, lon, rows)
 
     import matplotlib
 
@@ -97,7 +115,39 @@ def main() -> None:
     png = RESULTS / f"sampling_{args.name}.png"
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
-    save(f"sampling_{args.name}", {"run": args.run, "data": args.data, "n": n, "sweep": rows, "by_agreement": by_q})
+    save(f"sampling_{args.name}", {"run": args.run, "data": args.data, "n": n, "sweep": rows, "by_agreement": by_q,
+                                   **extra})
+
+
+def what_sampling_adds(args: argparse.Namespace, method: LocDiffMethod, emb: np.ndarray, lat: np.ndarray,
+                       lon: np.ndarray, sweep: list[dict]) -> dict:
+    """The two-place probe, the calibration and the accuracy without the gallery (module docstring)."""
+    gallery = Gallery.load(method.gallery_ref, nprobe=method.config.gallery.nprobe) if method.gallery_ref else None
+    out: dict = {"radius_km": args.radius, "probe_min_km": posterior.PROBE_MIN_KM}
+    no_gallery = [{"method": f"LocDiff K={r['K']} S={r['S']} {r['aggregation']}", **{c: r[c] for c in KEYS}}
+                  for r in sweep]
+    if gallery is not None:
+        _, idx = gallery.search(emb, 1)
+        m = geo_metrics(gallery.lat[idx[:, 0]], gallery.lon[idx[:, 0]], lat, lon)
+        no_gallery.append({"method": "retrieval top-1 (the run's gallery)", **{c: m[c] for c in KEYS}})
+    print_table(no_gallery, title=f"{args.name}: LocDiff alone (no gallery) at 1 and 25 km, and retrieval")
+    out["without_gallery"] = no_gallery
+    cal = posterior.run_calibration(method.model, method.config, emb, lat, lon, seed=args.seed)
+    print_table(cal, title=f"{args.name}: calibration of the samples' and the mean code's confidence "
+                           f"(ECE, NLL of the truth in nats; {len(lat)} images)")
+    out["calibration"] = cal
+    make = posterior.probe_maker(args.benchmark_dir or Path(args.data).parent) if args.probe_n > 0 else None
+    if make is None or gallery is None:
+        logging.warning("no two-place probe: %s", "--probe-n 0" if args.probe_n <= 0 else
+                        "the run has no gallery" if gallery is None else "no benchmark JSON next to --data")
+        return out
+    probe = make(args.probe_n, args.seed)
+    table = posterior.run_probe(method.model, method.config, probe, gallery, radius_km=args.radius, seed=args.seed)
+    print_table(table, title=f"{args.name}: two-place probe ({args.probe_n} photos of two places >= "
+                             f"{posterior.PROBE_MIN_KM:,.0f} km apart): top-2 answers naming both places "
+                             f"within {args.radius:g} km")
+    out["two_place_probe"] = table
+    return out
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from locdiff.errors import UserError
 from locdiff.gazetteer import cities, divisions
 from locdiff.geo import EARTH_RADIUS_KM, destination, latlon_to_unit
 from locdiff.io import _write_atomic, write_embeddings
-from locdiff.realbench import RealBenchConfig, RealBenchWorld
+from locdiff.realbench import PROBE_MIN_KM, RealBenchConfig, RealBenchWorld, TwoPlaceProbe, mix_two_places, probe_rng
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import EmbeddingTable
 
@@ -229,9 +229,11 @@ class CueWorld:
         return lat, lon, kind, landmark
 
     def embed(self, lat: np.ndarray, lon: np.ndarray, kind: np.ndarray, landmark: np.ndarray,
-              rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(N, dim) unit float32 embeddings and what each shows (see the module docstring)."""
+              rng: np.random.Generator, noise_norm: float | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(N, dim) unit float32 embeddings and what each shows (see the module docstring); `noise_norm`
+        replaces the config's `noise` (0: the unit cue signal alone; the draws are the same)."""
         cfg = self.cfg
+        noise_norm = cfg.noise if noise_norm is None else noise_norm
         n = len(lat)
         city, d_city = self.nearest_city(lat, lon)
         country = self.city_country[city]
@@ -266,7 +268,7 @@ class CueWorld:
         e += cfg.landmark_weight * (landmark >= 0)[:, None] * self.landmark_vec[np.maximum(landmark, 0)]
         e *= strength[:, None].astype(np.float32)
         e[~geo] = self.scene_vec[scene[~geo]]
-        e = _normalise(e) + noise * np.float32(cfg.noise / math.sqrt(cfg.dim))
+        e = _normalise(e) + noise * np.float32(noise_norm / math.sqrt(cfg.dim))
         e = _normalise(e).astype(np.float32)
         codes = np.array(self.codes + [""], dtype=object)
         return e, {"country": codes[country], "country_shown": codes[shown], "region_shown": region,
@@ -301,6 +303,18 @@ def make_split(world: CueWorld, split: str, n: int | None = None) -> CueSplit:
     ids = np.array([f"{split}-{i:07d}" for i in range(n)], dtype=object)
     table = EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=f"cuebench:{split}")
     return CueSplit(table=table, kind=np.array(KINDS, dtype=object)[kind], landmark=landmark, **shows)
+
+
+def two_place_probe(world: CueWorld, n: int, seed: int = 0, min_km: float = PROBE_MIN_KM) -> TwoPlaceProbe:
+    """n probe photos, each the equal-weight mix of the cue signals (no noise) of two place photos at least
+    min_km apart (drawn like photos, outside the held-out regions), plus the world's noise. A function of
+    the world's seed and `seed` (realbench.two_place_probe's rule on this world's cues)."""
+    rng = probe_rng(world.cfg.seed, seed)
+    a_lat, a_lon, b_lat, b_lon = world.places.place_pairs(n, rng, min_km)
+    place, no_landmark = np.full(2 * n, KINDS.index("place")), np.full(2 * n, -1)
+    e, _ = world.embed(np.concatenate([a_lat, b_lat]), np.concatenate([a_lon, b_lon]), place, no_landmark, rng,
+                       noise_norm=0.0)
+    return TwoPlaceProbe(mix_two_places(e[:n], e[n:], rng, world.cfg.noise), a_lat, a_lon, b_lat, b_lon)
 
 
 def read_labels(path: str | Path) -> dict[str, np.ndarray]:
@@ -344,4 +358,4 @@ def make_benchmark(cfg: CueBenchConfig) -> dict[str, CueSplit]:
 
 
 __all__ = ["CueBenchConfig", "CueWorld", "CueSplit", "make_split", "make_benchmark", "write_benchmark",
-           "read_labels", "SPLITS", "KINDS"]
+           "read_labels", "two_place_probe", "SPLITS", "KINDS"]

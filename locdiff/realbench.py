@@ -53,6 +53,8 @@ YFCC26K_SUBSAMPLE_SEED = 26_000  # the YFCC26k subsample does not depend on the 
 ENCODE_THREADS = 2  # fixed, so that the float32 encoder gives the same bits on every run of a machine
 ENCODE_BATCH = 4096
 GEOCLIP_INSTALL = "pip install --no-deps geoclip==1.3.0 geopy geographiclib"
+PROBE_MIN_KM = 3_000.0  # the two places of a two-place probe are at least this far apart
+PROBE_STREAM = 999  # the probes' seed stream, SeedSequence([seed, PROBE_STREAM, probe seed]), is no split's
 
 
 @dataclass
@@ -317,6 +319,20 @@ class RealBenchWorld:
                 break
         return self.lat[out], self.lon[out]
 
+    def place_pairs(self, n: int, rng: np.random.Generator, min_km: float = PROBE_MIN_KM,
+                    tries: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """n pairs of photo locations (as `sample_locations`, outside the held-out regions) at least min_km
+        apart: (a_lat, a_lon, b_lat, b_lon); the second place is drawn again until it is far enough."""
+        a_lat, a_lon = self.sample_locations(n, rng)
+        b_lat, b_lon = self.sample_locations(n, rng)
+        for _ in range(tries):
+            close = np.flatnonzero(haversine_km(a_lat, a_lon, b_lat, b_lon) < min_km)
+            if not len(close):
+                return a_lat, a_lon, b_lat, b_lon
+            b_lat[close], b_lon[close] = self.sample_locations(len(close), rng)
+        raise UserError(f"realbench: could not draw two places {min_km:g} km apart in {tries} tries; "
+                        "lower the distance")
+
     def regions(self) -> list[dict[str, Any]]:
         return [{"lat": float(a), "lon": float(o), "radius_km": self.cfg.region_radius_km,
                  "split": "val_unseen" if g == 1 else "test_unseen"}
@@ -372,6 +388,50 @@ def make_split(world: RealBenchWorld, split: str, n: int | None = None,
     return EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=f"realbench:{split}")
 
 
+@dataclass
+class TwoPlaceProbe:
+    """Probe "photos" that look like two far-apart places at once, one row per pair of places (degrees)."""
+
+    embedding: np.ndarray  # (N, dim) float32, unit norm
+    a_lat: np.ndarray
+    a_lon: np.ndarray
+    b_lat: np.ndarray
+    b_lon: np.ndarray
+
+    def table(self, source: str = "two-place probe") -> EmbeddingTable:
+        """The probes as an EmbeddingTable whose location is the first place (ids `probe-0000000`, ...)."""
+        ids = np.array([f"probe-{i:07d}" for i in range(len(self.a_lat))], dtype=object)
+        return EmbeddingTable(ids=ids, lat=self.a_lat, lon=self.a_lon, embedding=self.embedding, source=source)
+
+
+def probe_rng(world_seed: int, seed: int) -> np.random.Generator:
+    """The random stream of the two-place probes of a benchmark seed (apart from every split's)."""
+    return np.random.default_rng(np.random.SeedSequence([world_seed, PROBE_STREAM, seed]))
+
+
+def mix_two_places(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """normalise(normalise(normalise(a) + normalise(b)) + noise / sqrt(dim) * N(0, I)) by rows, float32: an
+    equal-weight mix of two places' signals plus Gaussian noise of norm about `noise` (the world's noise,
+    added to a unit signal as every realbench and cuebench split does)."""
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    eps = rng.standard_normal(a.shape, dtype=np.float32) * np.float32(noise / math.sqrt(a.shape[1]))
+    return unit(unit(unit(a) + unit(b)) + eps).astype(np.float32)
+
+
+def two_place_probe(world: RealBenchWorld, n: int, seed: int = 0, min_km: float = PROBE_MIN_KM,
+                    encoder: GeoClipLocationEncoder | None = None) -> TwoPlaceProbe:
+    """n probe photos, each the equal-weight mix of the location-encoder embeddings of two places at least
+    min_km apart (drawn like photos, outside the held-out regions), plus the world's noise. A function of
+    the world's seed and `seed`."""
+    encoder = encoder or location_encoder()
+    rng = probe_rng(world.cfg.seed, seed)
+    a_lat, a_lon, b_lat, b_lon = world.place_pairs(n, rng, min_km)
+    e = encoder(np.concatenate([a_lat, b_lat]), np.concatenate([a_lon, b_lon]))
+    return TwoPlaceProbe(mix_two_places(e[:n], e[n:], rng, world.cfg.noise), a_lat, a_lon, b_lat, b_lon)
+
+
 def write_benchmark(out_dir: str | Path, cfg: RealBenchConfig) -> dict[str, Path]:
     """Write DIR/<split>.parquet for every split of non-zero size and DIR/realbench.json (the config, the
     encoder and its weights' sha256, the held-out regions, the split files and sizes). Returns split -> path."""
@@ -407,4 +467,5 @@ def make_benchmark(cfg: RealBenchConfig) -> dict[str, EmbeddingTable]:
 
 
 __all__ = ["RealBenchConfig", "RealBenchWorld", "GeoClipLocationEncoder", "location_encoder", "make_split",
-           "make_benchmark", "write_benchmark", "testset_locations", "pack_testset_locations", "SPLITS"]
+           "make_benchmark", "write_benchmark", "testset_locations", "pack_testset_locations", "SPLITS",
+           "TwoPlaceProbe", "two_place_probe", "PROBE_MIN_KM"]

@@ -32,6 +32,7 @@ import numpy as np
 
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
 from locdiff.io import json_text, write_file_atomic
+from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
@@ -171,8 +172,10 @@ class SynthWorld:
         return tuple(cat)
 
     def embed(self, lat: np.ndarray, lon: np.ndarray, city: np.ndarray, landmark: np.ndarray,
-              kind: np.ndarray, rng: np.random.Generator, chunk: int = 20_000) -> np.ndarray:
-        """Embeddings (N, dim) float32, unit norm; see the module docstring for the components."""
+              kind: np.ndarray, rng: np.random.Generator, chunk: int = 20_000,
+              noise_norm: float | None = None) -> np.ndarray:
+        """Embeddings (N, dim) float32, unit norm; see the module docstring for the components.
+        `noise_norm` replaces the config's `noise` (0: the signal alone; the draws are the same)."""
         cfg = self.cfg
         n = len(lat)
         out = np.empty((n, cfg.dim), np.float32)
@@ -180,7 +183,8 @@ class SynthWorld:
         ambiguous = rng.random(n) < cfg.ambiguous_frac
         fine = rng.uniform(0.0, 1.0, n) ** 2  # many images show little fine-scale detail
         ident = rng.uniform(0.3, 1.0, n)
-        noise = rng.normal(0.0, cfg.noise / math.sqrt(cfg.dim), (n, cfg.dim)).astype(np.float32)
+        sd = (cfg.noise if noise_norm is None else noise_norm) / math.sqrt(cfg.dim)
+        noise = rng.normal(0.0, sd, (n, cfg.dim)).astype(np.float32)
         n_coarse = max(1, len(cfg.scales_km) // 2)
         for s in range(0, n, chunk):
             sl = slice(s, min(n, s + chunk))
@@ -217,6 +221,25 @@ def make_split(world: SynthWorld, split: str, n: int) -> EmbeddingTable:
     emb = world.embed(lat, lon, city, lm, kind, rng)
     ids = np.array([f"{split}-{i:07d}" for i in range(n)], dtype=object)
     return EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=f"synth:{split}")
+
+
+def two_place_probe(world: SynthWorld, n: int, seed: int = 0, min_km: float = PROBE_MIN_KM) -> TwoPlaceProbe:
+    """n probe photos, each the equal-weight mix of the (noise-free, unit) embeddings of two city photos at
+    least min_km apart (drawn like photos, outside the held-out regions), plus noise of the world's norm
+    (realbench.two_place_probe's rule on this world). A function of the world's seed and `seed`."""
+    rng = probe_rng(world.cfg.seed, seed)
+    a_lat, a_lon, a_city, _, _ = world.sample_locations(n, rng, unseen=False)
+    b_lat, b_lon, b_city, _, _ = world.sample_locations(n, rng, unseen=False)
+    for _ in range(100):
+        close = np.flatnonzero(haversine_km(a_lat, a_lon, b_lat, b_lon) < min_km)
+        if not len(close):
+            break
+        b_lat[close], b_lon[close], b_city[close], _, _ = world.sample_locations(len(close), rng, unseen=False)
+    else:
+        raise ValueError(f"synth: could not draw two places {min_km:g} km apart; lower the distance")
+    lat, lon, city = (np.concatenate(v) for v in ((a_lat, b_lat), (a_lon, b_lon), (a_city, b_city)))
+    e = world.embed(lat, lon, city, np.full(2 * n, -1), np.ones(2 * n, np.int64), rng, noise_norm=0.0)
+    return TwoPlaceProbe(mix_two_places(e[:n], e[n:], rng, world.cfg.noise), a_lat, a_lon, b_lat, b_lon)
 
 
 def make_benchmark(cfg: SynthConfig) -> dict[str, EmbeddingTable]:
@@ -267,4 +290,5 @@ def ensure_benchmark(out_dir: str | Path, cfg: SynthConfig | None = None) -> boo
     return True
 
 
-__all__ = ["SynthConfig", "SynthWorld", "ensure_benchmark", "make_split", "make_benchmark", "write_benchmark"]
+__all__ = ["SynthConfig", "SynthWorld", "ensure_benchmark", "make_split", "make_benchmark", "two_place_probe",
+           "write_benchmark"]

@@ -23,8 +23,9 @@ Photos go through `locdiff.data.images.load_rgb` (pixel limit, EXIF orientation,
 (run.json `encoder`; GPU when present). Photos are read, decoded and preprocessed on a pool of threads while
 the previous batch is being embedded (`DECODE_THREADS`; two batches ahead at most). An unreadable photo does
 not stop the others: its result carries `error` (or, with errors="raise", the first one raises). Embeddings of
-another encoder than the run's are refused (`locdiff.runs.check_encoder`). Sampling is seeded: the same inputs
-in the same order give the same results.
+another encoder than the run's are refused (`locdiff.runs.check_encoder`). Sampling is seeded per photo
+(locdiff.model.predict.row_seeds): a photo's answer depends on the photo and the seed only, not on the other
+inputs or their order.
 """
 
 from __future__ import annotations

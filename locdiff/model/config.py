@@ -81,15 +81,18 @@ class NetworkConfig:
     # The prior head: a residual MLP (width, depth, dropout) from the image embedding to the code's
     # conditional mean mu(e). The denoiser's output is a_t z_t + (1 - a_t^2) mu(e) + U-Net(z_t, t, e): the
     # Gaussian-optimal z0 estimate plus a learned residual (the multi-modal part). 0 disables it (the plain
-    # CS-UNet). Measured on the realistic benchmark's val split (one step, L = 32): the plain CS-UNet
-    # reached 35.5 % within 200 km, a residual MLP of this size alone 58.7 %.
+    # CS-UNet of the paper; the measured difference: docs/results.md).
     head_width: int = setting(512, ge=0, le=MAX_WIDTH)
     head_depth: int = setting(3, ge=0, le=MAX_DEPTH)
     head_dropout: float = setting(0.1, ge=0, lt=1)
+    # M > 1: the head gives M component codes c_i(e), weights and variances s_i^2, and the skeleton is the
+    # exact posterior mean of z0 ~ sum_i w_i N(c_i, s_i^2 I) instead of one N(mu, I) (a multimodal
+    # denoiser before the U-Net adds anything); 1 is the single Gaussian (runs trained before load as they were)
+    head_components: int = setting(1, ge=1, le=64)
     # Training-time Gaussian noise on the standardised image embedding (in its standard deviations), drawn
     # afresh for the conditioning MLP and the prior head; none at evaluation. A regulariser for the
     # condition: without it the validation SHDD-KL stops falling after ~1,500 steps while the training
-    # one keeps falling. 0 = none (base.yaml sets it; the figures are there).
+    # one keeps falling. 0 = none (base.yaml sets it; the figures: docs/results.md).
     embedding_noise: float = setting(0.0, ge=0, le=1e3)
 
 
@@ -204,6 +207,9 @@ class Config:
                           f"must be < diffusion.timesteps ({t}); got {self.diffusion.min_train_timestep}")
         if self.predict.steps > t:
             raise Invalid("predict.steps", f"must be <= diffusion.timesteps ({t}); got {self.predict.steps}")
+        if self.network.head_components > 1 and self.network.head_width == 0:
+            raise Invalid("network.head_components", "needs the prior head (network.head_width > 0); got "
+                          f"{self.network.head_components} components with head_width 0")
         for section in ("train", "predict"):
             size = getattr(self, section).batch_size
             if size > self.limits.max_batch_size:

@@ -74,26 +74,72 @@ class SineFiLMBlock(nn.Module):
 class PriorHead(nn.Module):
     """mu(e): standardised embedding -> Linear -> depth x residual [LN, Linear, GELU, Dropout, Linear] -> LN ->
     Linear -> (B, D), the code's conditional mean. The last layer starts at zero (mu = 0: the prior mean of
-    the codes), `null` is mu without a condition (classifier-free guidance)."""
+    the codes), `null` is mu without a condition (classifier-free guidance).
 
-    def __init__(self, embed_dim: int, dim: int, width: int, depth: int, dropout: float) -> None:
+    With components M > 1 the last layer gives M codes (started at small random values: identical ones
+    would never separate) and `mix` their logits and log-variances (started at equal weights, variance 1);
+    `mixture` returns them, `forward` their mean."""
+
+    def __init__(self, embed_dim: int, dim: int, width: int, depth: int, dropout: float,
+                 components: int = 1) -> None:
         super().__init__()
+        self.components = components
         self.inp = nn.Linear(embed_dim, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout),
                           nn.Linear(width, width))
             for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, dim)
-        nn.init.zeros_(self.out.weight)
+        self.out = nn.Linear(width, dim * components)
         nn.init.zeros_(self.out.bias)
+        if components == 1:
+            nn.init.zeros_(self.out.weight)
+        else:
+            nn.init.normal_(self.out.weight, std=0.5 / math.sqrt(width))
+            self.mix = nn.Linear(width, 2 * components)  # logits, log-variances
+            nn.init.zeros_(self.mix.weight)
+            nn.init.zeros_(self.mix.bias)
         self.null = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, e: torch.Tensor) -> torch.Tensor:
         h = self.inp(e)
         for block in self.blocks:
             h = h + block(h)
-        return self.out(self.norm(h))
+        return self.norm(h)
+
+    def mixture(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (B, M, D), log-weights (B, M), log-variances (B, M)) of the M components."""
+        h = self._hidden(e)
+        codes = self.out(h).reshape(h.shape[0], self.components, -1)
+        if self.components == 1:
+            zero = codes.new_zeros(h.shape[0], 1)
+            return codes, zero, zero
+        logits, logvar = self.mix(h).chunk(2, dim=-1)
+        return codes, torch.log_softmax(logits.float(), -1), logvar.float().clamp(-12.0, 4.0)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        if self.components == 1:
+            return self.out(self._hidden(e))
+        codes, logw, _ = self.mixture(e)
+        return (logw.exp()[..., None] * codes.float()).sum(1)
+
+
+def mixture_posterior_mean(z: torch.Tensor, a: torch.Tensor, codes: torch.Tensor, logw: torch.Tensor,
+                           logvar: torch.Tensor) -> torch.Tensor:
+    """E[z0 | z_t] for z0 ~ sum_i w_i N(c_i, s_i^2 I) and z_t = a z0 + sqrt(1 - a^2) eps, in float32.
+
+    Args:
+        z: (B, D) z_t. a: (B, 1) sqrt(abar_t). codes: (B, M, D). logw, logvar: (B, M).
+    With M = 1 and s^2 = 1 it is a z + (1 - a^2) c, the single-Gaussian skeleton."""
+    z, a, codes = z.float(), a.float(), codes.float()
+    s2 = logvar.exp()  # (B, M)
+    v = a * a * s2 + (1 - a * a)  # (B, M) variance of z_t around a c_i, per coordinate
+    diff = z[:, None] - a[:, :, None] * codes  # (B, M, D)
+    d = codes.shape[-1]
+    logr = logw - 0.5 * diff.pow(2).sum(-1) / v - 0.5 * d * torch.log(v)
+    r = torch.softmax(logr, dim=1)  # (B, M) responsibilities
+    means = codes + (a * s2 / v)[..., None] * diff
+    return (r[..., None] * means).sum(1)
 
 
 class CSUNet(nn.Module):
@@ -125,7 +171,8 @@ class CSUNet(nn.Module):
         if config.head_width > 0:
             if alphas_cumprod is None:
                 raise ValueError("the prior head needs the noise schedule (alphas_cumprod)")
-            self.head = PriorHead(embed_dim, dim, config.head_width, config.head_depth, config.head_dropout)
+            self.head = PriorHead(embed_dim, dim, config.head_width, config.head_depth, config.head_dropout,
+                                  config.head_components)
             self.register_buffer("sqrt_abar", alphas_cumprod.sqrt().float())
         self.null_cond = nn.Parameter(torch.zeros(c))  # replaces the image branch when it is dropped
         self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
@@ -213,14 +260,32 @@ class CSUNet(nn.Module):
         out = self.out_proj(self.out_norm(h)).float()
         if self.head is None:
             return (out, out.new_zeros(out.shape)) if return_prior else out
+        a = self.sqrt_abar[t].float()[:, None]  # (B, 1)
+        if self.head.components > 1:
+            return self._mixture_x0(z, a, emb, drop_cond, out, return_prior)
         # the Gaussian-optimal z0 estimate for a unit-variance prior around mu(e), plus the U-Net's residual;
         # in float32: a bf16 z would round the noisy code the estimate is built on
         mu = self.head(self.standardise(emb)).float()  # (B, D)
         if drop_cond is not None:
             mu = torch.where(drop_cond[:, None], self.head.null.float().expand_as(mu), mu)
-        a = self.sqrt_abar[t].float()[:, None]  # (B, 1)
         x0 = a * z.float() + (1 - a * a) * mu + out
         return (x0, mu) if return_prior else x0
+
+    def _mixture_x0(self, z: torch.Tensor, a: torch.Tensor, emb: torch.Tensor, drop_cond: torch.Tensor | None,
+                    out: torch.Tensor, return_prior: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """network.head_components > 1: the posterior mean of the head's mixture plus the U-Net's residual (in
+        float32, like the single Gaussian's); a dropped condition is one unit-variance component at the null code."""
+        codes, logw, logvar = self.head.mixture(self.standardise(emb))
+        codes, logw, logvar = codes.float(), logw.float(), logvar.float()
+        if drop_cond is not None:
+            keep = ~drop_cond[:, None]
+            codes = torch.where(keep[..., None], codes, self.head.null.float())
+            logw = torch.where(keep, logw, torch.full_like(logw, -math.log(logw.shape[1])))
+            logvar = torch.where(keep, logvar, torch.zeros_like(logvar))
+        x0 = mixture_posterior_mean(z.float(), a, codes, logw, logvar) + out
+        if not return_prior:
+            return x0
+        return x0, (logw.exp()[..., None] * codes).sum(1)
 
 
 def csunet_flops(model: nn.Module) -> int:

@@ -126,7 +126,8 @@ class LocDiffTask(Task):
         n = self.config.network
         return {"task": self.name, "degree": self.config.shdd.degree, "widths": list(n.widths),
                 "blocks_per_level": n.blocks_per_level, "cond_dim": n.cond_dim, "time_dim": n.time_dim,
-                "head": [n.head_width, n.head_depth]}
+                # the mixture's components only when there are several: checkpoints of one still resume
+                "head": [n.head_width, n.head_depth] + ([n.head_components] if n.head_components > 1 else [])}
 
     def build(self, embed_dim: int, stats: tuple[np.ndarray, np.ndarray]) -> nn.Module:
         model = build_model(self.config, embed_dim)

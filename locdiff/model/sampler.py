@@ -27,6 +27,7 @@ def sample(
     *,
     dim: int,
     eta: float = 0.0,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one sample per row of cond.
 
@@ -39,6 +40,8 @@ def sample(
         guidance_scale: w; output = uncond + w (cond - uncond). 1 disables guidance (one network call
             per step); anything else costs two.
         dim: D, the dimension of the samples.
+        noise: (B, D) the initial z_T; None draws it from `generator`. Given per row (locdiff.model.predict
+            derives it from each row's content), a row's sample does not depend on the other rows.
     Returns:
         (B, D) final samples z_0.
     """
@@ -47,8 +50,13 @@ def sample(
     b = cond.shape[0]
     device = cond.device
     scheduler.set_timesteps(num_steps)
-    gdev = generator.device if generator is not None else device
-    z = torch.randn(b, dim, generator=generator, device=gdev, dtype=torch.float32).to(device)
+    if noise is not None:
+        if tuple(noise.shape) != (b, dim):
+            raise ValueError(f"noise must have shape ({b}, {dim}); got {tuple(noise.shape)}")
+        z = noise.to(device, torch.float32)
+    else:
+        gdev = generator.device if generator is not None else device
+        z = torch.randn(b, dim, generator=generator, device=gdev, dtype=torch.float32).to(device)
     use_cfg = guidance_scale != 1.0
     if use_cfg:
         cond2 = torch.cat([cond, cond], dim=0)

@@ -180,3 +180,29 @@ def test_a_run_without_an_encoder_record_says_so(tmp_path):
     assert len(g.locate_embeddings(table.embedding[:3])) == 3  # embeddings work
     with pytest.raises(UserError, match="does not record its image encoder"):
         g.locate([b"whatever"])
+
+
+def test_the_same_photo_three_times_gets_one_answer(trained, photos, tmp_path, capsys):
+    """One `locdiff locate` call with one photo under three names (between others): one answer, the one the
+    photo gets alone through the Python API (its noise comes from the seed and its own embedding)."""
+    jpgs = sorted(photos["test"].glob("*.jpg"))[:4]
+    folder = tmp_path / "same"
+    folder.mkdir()
+    for i, p in enumerate(jpgs):
+        shutil.copy(p, folder / f"{i}-{p.name}")
+    for name in ("a-copy.jpg", "z-copy.jpg"):
+        shutil.copy(jpgs[1], folder / name)
+    out = tmp_path / "same.csv"
+    assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    df = pd.read_csv(out).set_index("id")
+    same = df.loc[[str(folder / n) for n in ("a-copy.jpg", f"1-{jpgs[1].name}", "z-copy.jpg")]]
+    alone = Geolocator.load(trained["run_dir"]).locate(str(jpgs[1]))[0]
+    # the copies share an encoder batch: the same embedding, the same answer
+    np.testing.assert_allclose(same["pred_lat"], same["pred_lat"].iloc[0], atol=1e-6)
+    np.testing.assert_allclose(same["pred_lon"], same["pred_lon"].iloc[0], atol=1e-6)
+    # alone, the encoder rounds the embedding differently (float32, ~1e-8): the noise stays (its seed reads
+    # signs of projections, not bytes), so the answer moves by metres through the network, not by the ~30 km
+    # that new noise gives this photo
+    assert (haversine_km(same["pred_lat"], same["pred_lon"], alone.lat, alone.lon) < 0.05).all()
+    assert same["place"].nunique() == 1 and same["place"].iloc[0] == alone.place

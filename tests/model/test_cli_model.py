@@ -226,8 +226,8 @@ def test_predict_is_seeded(run, synth_dir, tmp_path):
 
 
 def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
-    """K = 1: the mean and "support" answers are the one sample's mode, decoded as shdd.decode does with the
-    configured smoothing, and that sample is all of the support (confidence 1)."""
+    """K = 1: the mean and "support" answers are the one sample's mode, decoded (in float64) as shdd.decode
+    does with the configured smoothing, and that sample is all of the support (confidence 1)."""
     from locdiff import shdd
     from locdiff.model.method import LocDiffMethod
     from locdiff.model.predict import locdiff_predict
@@ -237,7 +237,7 @@ def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
     m = LocDiffMethod.load(run, meta["config"])
     emb = synth_tables["test"].embedding[:64]
     out = locdiff_predict(m.model, emb, m.config, samples=1, steps=1, seed=0)
-    lat, lon, val = shdd.decode(out.mean_code, candidates=m.config.predict.decode_candidates,
+    lat, lon, val = shdd.decode(out.mean_code.double(), candidates=m.config.predict.decode_candidates,
                                 smoothing=m.config.predict.decode_smoothing)
     np.testing.assert_array_equal(out.mean_lat, lat.double().numpy())
     np.testing.assert_array_equal(out.support_lat, out.mean_lat)
@@ -375,3 +375,58 @@ def test_predict_wrong_embedding_dimension(run, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "dimension 5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_photo_one_answer(run, synth_tables, tmp_path):
+    """A row's answer depends on the row alone (its noise comes from the seed and its embedding): the same
+    embedding three times in one table, the table reversed, batches of one, and two worker processes of
+    `locdiff predict` on the two halves all give the same answers (K = 4 samples, so the noise matters)."""
+    import os
+    import subprocess
+    import sys
+
+    from locdiff.io import write_embeddings
+    from locdiff.model.method import LocDiffMethod
+    from locdiff.runs import RunFolder
+    from locdiff.tables import EmbeddingTable
+
+    src = synth_tables["test"]
+    emb = src.embedding[:48].copy()
+    emb[[5, 30]] = emb[17]  # one photo three times
+    ids = np.asarray([f"r{i}" for i in range(len(emb))], dtype=object)
+    table = EmbeddingTable(ids=ids, lat=None, lon=None, embedding=emb, source="rows")
+    _, meta = RunFolder(run).load_model()
+    m = LocDiffMethod.load(run, meta["config"])
+    assert m.config.predict.samples > 1
+    for name in ("locdiff", "locdiff-h"):
+        ref = m.predict(table, method=name)
+        np.testing.assert_allclose(ref.lat[[5, 30]], ref.lat[[17, 17]], atol=1e-6)
+        np.testing.assert_allclose(ref.lon[[5, 30]], ref.lon[[17, 17]], atol=1e-6)
+        back = m.predict(EmbeddingTable(ids=ids[::-1], lat=None, lon=None, embedding=emb[::-1].copy()), method=name)
+        np.testing.assert_array_equal(back.density_code[::-1], ref.density_code)
+        np.testing.assert_allclose(back.lat[::-1], ref.lat, atol=1e-6)
+        np.testing.assert_allclose(back.lon[::-1], ref.lon, atol=1e-6)
+        np.testing.assert_allclose(back.confidence[::-1], ref.confidence, atol=1e-6)
+    single = LocDiffMethod.load(run, {**meta["config"], "predict": {**meta["config"]["predict"], "batch_size": 1}})
+    one = single.predict(table)
+    ref = m.predict(table)
+    np.testing.assert_array_equal(one.density_code, ref.density_code)
+    np.testing.assert_allclose(one.lat, ref.lat, atol=1e-6)
+    np.testing.assert_allclose(one.lon, ref.lon, atol=1e-6)
+    # two workers: `locdiff predict` in two processes at once, one half each
+    procs = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for half, rows in enumerate((slice(0, 20), slice(20, None))):
+        write_embeddings(tmp_path / f"h{half}.parquet",
+                         EmbeddingTable(ids=ids[rows], lat=src.lat[:48][rows], lon=src.lon[:48][rows],
+                                        embedding=emb[rows]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "locdiff", "predict", "--run", str(run), "--data",
+                                       str(tmp_path / f"h{half}.parquet"), "--out", str(tmp_path / f"p{half}.parquet"),
+                                       "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    parts = [read_predictions(tmp_path / f"p{half}.parquet") for half in (0, 1)]
+    np.testing.assert_allclose(np.concatenate([p.pred_lat for p in parts]), ref.lat, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([p.pred_lon for p in parts]), ref.lon, atol=1e-6)

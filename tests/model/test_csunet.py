@@ -96,6 +96,34 @@ def test_prior_head_is_the_gaussian_posterior_mean_at_init():
     assert plain.head is None and plain(z, torch.zeros(2, dtype=torch.long), e).shape == (2, 25)
 
 
+def test_mixture_skeleton_is_the_posterior_mean_of_its_mixture():
+    """mixture_posterior_mean against Bayes' rule written out with torch.distributions (float64), and with one
+    unit-variance component it is the single-Gaussian skeleton a z + (1 - a^2) c."""
+    from locdiff.model.csunet import mixture_posterior_mean
+
+    g = torch.Generator().manual_seed(0)
+    b, m, d = 5, 3, 7
+    z, codes = torch.randn(b, d, generator=g), 2 * torch.randn(b, m, d, generator=g)
+    a = torch.rand(b, 1, generator=g) * 0.9 + 0.05
+    logw = torch.log_softmax(torch.randn(b, m, generator=g), -1)
+    logvar = torch.randn(b, m, generator=g) - 1
+    z64, c64, a64, s2 = z.double(), codes.double(), a.double(), logvar.double().exp()
+    ref = torch.zeros(b, d, dtype=torch.float64)
+    for i in range(b):
+        logp = []
+        for j in range(m):
+            var = a64[i, 0] ** 2 * s2[i, j] + 1 - a64[i, 0] ** 2
+            dist = torch.distributions.Normal(a64[i, 0] * c64[i, j], var.sqrt())
+            logp.append(logw[i, j].double() + dist.log_prob(z64[i]).sum())
+        r = torch.softmax(torch.stack(logp), 0)
+        for j in range(m):  # E[z0 | z_t, component j]: the Gaussian conditional of z0 ~ N(c, s2)
+            var = a64[i, 0] ** 2 * s2[i, j] + 1 - a64[i, 0] ** 2
+            ref[i] += r[j] * (c64[i, j] + a64[i, 0] * s2[i, j] / var * (z64[i] - a64[i, 0] * c64[i, j]))
+    torch.testing.assert_close(mixture_posterior_mean(z, a, codes, logw, logvar).double(), ref, rtol=1e-4, atol=1e-4)
+    one = mixture_posterior_mean(z, a, codes[:, :1], torch.zeros(b, 1), torch.zeros(b, 1))
+    torch.testing.assert_close(one, a * z + (1 - a * a) * codes[:, 0])
+
+
 def test_noisy_code_and_z0_sum_stay_float32_under_bf16_autocast():
     """Under bfloat16 autocast (README "Numerics") the hidden blocks run in bf16, but the noisy code, the first
     sine layer and z0 = a_t z_t + (1 - a_t^2) mu + U-Net stay float32: with the U-Net's and the head's outputs
