@@ -1,9 +1,10 @@
 """References stay inside (issue 21 item 3): what a run's or model's files name (model.json `gallery.uri`,
-run.json `encoder.model`) resolves only inside that folder, to a local path recorded at training time or to
-the project's s3:// storage; a URL written there is never fetched (a real HTTP server on 127.0.0.1 counts the
-requests it receives: zero). A relative `--train` is recorded as an absolute location, so LocDiff-H works from
-another folder. The address check judges NAT64 and IPv4-compatible/mapped addresses by their IPv4 address,
-and a download that drips bytes is cut at its overall deadline."""
+run.json `encoder.model`) resolves only inside that folder or to a local path recorded at training time; a URL
+of any scheme written there is never fetched (a real HTTP server and a real S3 endpoint, moto, on 127.0.0.1 count
+the requests they receive: zero), and a run trained on s3:// data keeps its gallery inside the run folder. A
+relative `--train` is recorded as an absolute location, so LocDiff-H works from another folder. The address
+check judges NAT64 and IPv4-compatible/mapped addresses by their IPv4 address, and a download that drips
+bytes is cut at its overall deadline."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def test_the_same_references_inside_the_run_and_local_paths_still_work(world, tm
     assert main(_predict_h(run, world.test, tmp_path / "inside.csv")) == 0
     m = LocDiffMethod.load(run, RunFolder(run).read_config())
     assert m.gallery_ref["uri"] == str((run / "gallery").resolve())
-    assert resolve_reference(run, "s3://bucket/gallery", "x") == "s3://bucket/gallery"
+    for url in ("s3://bucket/gallery", "S3://bucket/gallery", "s3a://bucket/gallery", "gs://bucket/gallery"):
+        with pytest.raises(UserError, match=r"^x: .* is not accepted from a run folder"):
+            resolve_reference(run, url, "x")
     assert resolve_reference(run, "openai/clip-vit-large-patch14", "x", hub_id=True) == "openai/clip-vit-large-patch14"
     assert resolve_reference(run, "/abs/tiny-clip", "x", hub_id=True) == "/abs/tiny-clip"
 
@@ -203,3 +206,94 @@ def test_private_addresses_are_refused_before_connecting():
         s.settimeout(0.2)
         with pytest.raises(TimeoutError):
             s.accept()  # nothing connected
+
+
+@pytest.fixture
+def recording_s3(tmp_path, monkeypatch):
+    """A moto S3 server of the test's own on 127.0.0.1 that records every request it receives (moto's
+    recorder, into a file under tmp_path); yields (endpoint, count of recorded requests)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, make_bucket
+
+    port, rec = free_port(), tmp_path / "moto-requests.jsonl"
+    env = {**os.environ, "MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(rec)}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "moto_server did not start"
+                time.sleep(0.1)
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        make_bucket(endpoint, "galleries")
+        yield endpoint, lambda: len(rec.read_text().splitlines()) if rec.exists() else 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.s3
+def test_an_s3_reference_in_a_run_file_is_never_fetched(world, tmp_path, capsys, recording_s3):
+    """A complete, valid gallery on a live S3 endpoint, named by s3:// in model.json (and an s3:// encoder in
+    run.json): the run is refused with one line naming the file and key, and the endpoint receives nothing."""
+    import s3fs
+
+    from locdiff import Geolocator
+    from locdiff.gallery import Gallery
+
+    endpoint, recorded = recording_s3
+    run = world.copy_run(tmp_path / "run")
+    gallery = world.copy_gallery(run, tmp_path / "gallery")
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).put(str(gallery), "galleries/g", recursive=True)
+    url = "s3://galleries/g"
+    assert len(Gallery.load(url)) > 0 and recorded() > 0  # the witness works: a direct load is seen
+    meta = json.loads((run / "model.json").read_text())
+    meta["gallery"]["uri"] = url
+    (run / "model.json").write_text(json.dumps(meta))
+    record = json.loads((run / "run.json").read_text())
+    record["encoder"] = {**(record.get("encoder") or {}), "name": "x", "model": "s3://galleries/encoder"}
+    (run / "run.json").write_text(json.dumps(record))
+    before, files = recorded(), snapshot(tmp_path / "run")
+    capsys.readouterr()
+    rc = main(_predict_h(run, world.test, tmp_path / "p.csv"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "unexpected" not in err, err
+    assert f"{run / 'model.json'}: gallery.uri: 's3://galleries/g' is not accepted" in err, err
+    assert changes(files, snapshot(tmp_path / "run")) == {"changed": [], "removed": [], "added": []}
+    assert not (tmp_path / "p.csv").exists()
+    meta["gallery"]["uri"] = str(gallery)  # the gallery local again: the encoder reference is judged next
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"run\.json encoder\.model: 's3://galleries/encoder' is not accepted"):
+        Geolocator.load(run).encoder_config()
+    assert recorded() == before  # not one request: no HEAD, no GET, no listing
+
+
+@pytest.mark.s3
+def test_a_run_trained_on_s3_data_keeps_its_gallery_inside(world, tmp_path, recording_s3, monkeypatch):
+    """Training on an s3:// table builds (or reuses) the gallery beside it in S3 and keeps a copy in the run
+    folder; model.json names that copy relatively, so the moved run predicts with LocDiff-H without S3."""
+    import s3fs
+
+    endpoint, _ = recording_s3
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).put(str(world.train),
+                                                                            "galleries/data/train.parquet")
+    run = tmp_path / "run"
+    assert main(world.train_argv(run, data="s3://galleries/data/train.parquet")) == 0
+    uri = json.loads((run / "model.json").read_text())["gallery"]["uri"]
+    assert uri == "gallery" and (run / "gallery" / "gallery.json").is_file(), uri
+    shared = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).find("galleries/data/train.gallery")
+    assert any(f.endswith("/gallery.json") for f in shared), shared  # the shared one beside the table is built
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # no S3 from here on: a request would fail
+    assert main(_predict_h(moved, world.test, tmp_path / "p.csv")) == 0
+    assert (tmp_path / "p.csv").is_file()
