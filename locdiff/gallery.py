@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fsspec.asyn
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -759,7 +760,12 @@ class _fetched:
             _verify_size(self.url, size, self.entry)
             tmp_dir = storage.local_tmp_dir(self.url)
             self.tmp = os.path.join(tmp_dir, f"gallery-{uuid.uuid4().hex[:12]}.tmp")
-            fs.get_file(p, self.tmp)
+            if isinstance(fs, fsspec.asyn.AsyncFileSystem):  # s3: ranged reads under the overall deadline
+                with open(self.tmp, "wb") as f:
+                    for block in storage.read_blocks(fs, p, self.url):
+                        f.write(block)
+            else:
+                fs.get_file(p, self.tmp)
             local = self.tmp
         else:
             local = self.url.split("://", 1)[1] if self.url.startswith("file://") else self.url

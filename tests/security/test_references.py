@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from locdiff.cli import main
+from locdiff.data import storage
 from locdiff.data.download import fetch, is_public_address
 from locdiff.data.validation import RecordError
 from locdiff.errors import UserError
@@ -234,9 +235,13 @@ def recording_s3(tmp_path, monkeypatch):
         for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(k, v)
+        monkeypatch.setattr(storage, "_S3_ENDPOINT", endpoint)  # over any endpoint an earlier test chose
         make_bucket(endpoint, "galleries")
         yield endpoint, lambda: len(rec.read_text().splitlines()) if rec.exists() else 0
     finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # no filesystem made here outlives this server
         proc.terminate()
         proc.wait(10)
 
@@ -294,6 +299,80 @@ def test_a_run_trained_on_s3_data_keeps_its_gallery_inside(world, tmp_path, reco
     assert any(f.endswith("/gallery.json") for f in shared), shared  # the shared one beside the table is built
     moved = tmp_path / "moved"
     shutil.move(run, moved)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # no S3 from here on: a request would fail
+    monkeypatch.setattr(storage, "_S3_ENDPOINT", "http://127.0.0.1:9")  # no S3 from here on: a request would fail
     assert main(_predict_h(moved, world.test, tmp_path / "p.csv")) == 0
     assert (tmp_path / "p.csv").is_file()
+
+
+class _SlowS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint for one 40-byte object that answers HEAD at once and sends the body at 5 bytes/s: no
+    single read waits long, only the whole transfer is slow (records what it sent)."""
+
+    body = bytes(range(40))
+    sent: list[int] = []  # noqa: RUF012 - shared by the handler instances of one server
+    delay = 0.2  # seconds between two bytes
+    protocol_version = "HTTP/1.1"
+
+    def _headers(self, status: int, length: int, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in {"Content-Length": str(length), "ETag": '"0123456789abcdef0123456789abcdef"',
+                     "Last-Modified": "Sun, 06 Dec 2026 00:00:00 GMT", "Content-Type": "binary/octet-stream",
+                     **(extra or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._headers(200, len(self.body))
+
+    def do_GET(self) -> None:  # noqa: N802
+        lo, hi = 0, len(self.body) - 1
+        if (rng := self.headers.get("Range", "")).startswith("bytes="):
+            a, b = rng[6:].split("-")
+            lo, hi = int(a), min(int(b or hi), hi)
+        self._headers(206, hi - lo + 1, {"Content-Range": f"bytes {lo}-{hi}/{len(self.body)}"})
+        try:
+            for i in range(lo, hi + 1):
+                self.wfile.write(self.body[i:i + 1])
+                self.wfile.flush()
+                type(self).sent.append(i)
+                time.sleep(self.delay)
+        except OSError:
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_an_s3_read_that_drips_is_cut_at_its_deadline(monkeypatch, tmp_path):
+    """The same deadline for s3:// reads (shards, images, archives, galleries): with LOCDIFF_S3_TIMEOUT=0.5
+    a 40-byte object sent at 5 bytes/s (8 s in all) is cut at 2 x 0.5 s + its size at 64 kB/s, for a read
+    (fetch), a download into the cache (download_file) and a gallery file (Gallery.load)."""
+    from locdiff.data.download import download_file
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "LOCDIFF_S3_TIMEOUT": "0.5",
+                 "LOCDIFF_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowS3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setattr(storage, "_S3_ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
+    monkeypatch.setattr(storage, "_S3_TIMEOUT", None)  # LOCDIFF_S3_TIMEOUT decides
+    try:
+        _SlowS3.sent = []
+        with pytest.raises(RecordError) as err:
+            fetch("s3://bucket/slow.jpg", timeout=0.5, retries=0)
+        assert err.value.reason == "unreachable" and "too slow" in str(err.value.detail), err.value
+        assert 0 < len(_SlowS3.sent) < 40
+        _SlowS3.sent = []
+        with pytest.raises(ValueError, match=r"cannot download s3://bucket/slow\.tar: .*too slow"):
+            download_file("s3://bucket/slow.tar", retries=0)
+        assert 0 < len(_SlowS3.sent) < 40 and not list((tmp_path / "cache").rglob("slow.tar*"))
+        monkeypatch.setattr(_SlowS3, "delay", 0.0)  # the witness: the same object, sent at once, is read whole
+        assert storage.read_bytes("s3://bucket/slow.jpg") == _SlowS3.body
+        monkeypatch.setenv("LOCDIFF_S3_TIMEOUT", "-1")
+        with pytest.raises(UserError, match="LOCDIFF_S3_TIMEOUT: must be a number of seconds"):
+            storage.read_bytes("s3://bucket/slow.jpg")
+    finally:
+        srv.shutdown()
+        srv.server_close()
