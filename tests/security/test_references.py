@@ -376,3 +376,22 @@ def test_an_s3_read_that_drips_is_cut_at_its_deadline(monkeypatch, tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_model_is_not_packaged_with_a_url_for_its_gallery(world, tmp_path):
+    """Packaging (register / the served model's folder) refuses a run whose model.json names its gallery by
+    URL, naming the file and key; a gallery inside the run is copied and named relatively."""
+    from locdiff.inference.pyfunc import stage
+
+    run = world.copy_run(tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    uri = meta["gallery"]["uri"]
+    meta["gallery"]["uri"] = "s3://bucket/g"
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"model\.json: gallery\.uri: 's3://bucket/g' is not accepted"):
+        stage(run, tmp_path / "model")
+    meta["gallery"]["uri"] = uri
+    (run / "model.json").write_text(json.dumps(meta))
+    out = stage(run, tmp_path / "model2")
+    assert json.loads((out / "model.json").read_text())["gallery"]["uri"] == "gallery"
+    assert (out / "gallery" / "gallery.json").is_file()
