@@ -659,6 +659,10 @@ def gallery_for_run(data: Any, run_dir: str | os.PathLike, config: GalleryConfig
     if storage.is_remote(ref["uri"]):
         log.info("the gallery at %s is remote; the run keeps a copy in %s", ref["uri"], inside)
         ref = g.save(inside)
+        keep = {posixpath.dirname(f["path"]) for f in g.info["files"].values()}
+        for name in os.listdir(inside):  # the copies of earlier finalizes of this run (a resume)
+            if name.startswith("data-") and name not in keep:
+                shutil.rmtree(os.path.join(inside, name), ignore_errors=True)
     uri = os.path.abspath(ref["uri"])
     if os.path.commonpath([uri, root]) == root:
         uri = os.path.relpath(uri, root)

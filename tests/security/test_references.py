@@ -295,6 +295,8 @@ def test_a_run_trained_on_s3_data_keeps_its_gallery_inside(world, tmp_path, reco
     assert main(world.train_argv(run, data="s3://galleries/data/train.parquet")) == 0
     uri = json.loads((run / "model.json").read_text())["gallery"]["uri"]
     assert uri == "gallery" and (run / "gallery" / "gallery.json").is_file(), uri
+    assert main(world.train_argv(run, "train.steps=6", data="s3://galleries/data/train.parquet")) == 0  # a resume
+    assert len(list((run / "gallery").glob("data-*"))) == 1  # the earlier copy is not left behind
     shared = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).find("galleries/data/train.gallery")
     assert any(f.endswith("/gallery.json") for f in shared), shared  # the shared one beside the table is built
     moved = tmp_path / "moved"
