@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fsspec.asyn
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -645,6 +646,29 @@ def gallery_for(data: Any, config: GalleryConfig | None = None, *, location: str
     return get_or_build(source.identity(), loc, chunks, count=source.count, config=config, progress=progress)
 
 
+def gallery_for_run(data: Any, run_dir: str | os.PathLike, config: GalleryConfig | None = None, *,
+                    progress: bool = False) -> tuple[Gallery, dict[str, str]]:
+    """`gallery_for` for a run that records the gallery in its model.json: the gallery is built or reused at
+    `gallery_location` (the run folder's gallery/ when that is not writable), and a gallery on remote storage
+    (s3://) is also saved into the run folder's gallery/, because a run's references stay on local disk
+    (`locdiff.runs.resolve_reference` refuses every URL scheme). The reference's uri is relative to the run
+    folder when the gallery lies inside it (the run can be moved), else an absolute local path."""
+    root = os.path.abspath(os.fspath(run_dir))
+    inside = os.path.join(root, "gallery")
+    g, ref = gallery_for(data, config, fallback=inside, progress=progress)
+    if storage.is_remote(ref["uri"]):
+        log.info("the gallery at %s is remote; the run keeps a copy in %s", ref["uri"], inside)
+        ref = g.save(inside)
+        keep = {posixpath.dirname(f["path"]) for f in g.info["files"].values()}
+        for name in os.listdir(inside):  # the copies of earlier finalizes of this run (a resume)
+            if name.startswith("data-") and name not in keep:
+                shutil.rmtree(os.path.join(inside, name), ignore_errors=True)
+    uri = os.path.abspath(ref["uri"])
+    if os.path.commonpath([uri, root]) == root:
+        uri = os.path.relpath(uri, root)
+    return g, {**ref, "uri": uri}
+
+
 # ---------------------------------------------------------------------- file helpers
 def _dumps(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
@@ -740,7 +764,12 @@ class _fetched:
             _verify_size(self.url, size, self.entry)
             tmp_dir = storage.local_tmp_dir(self.url)
             self.tmp = os.path.join(tmp_dir, f"gallery-{uuid.uuid4().hex[:12]}.tmp")
-            fs.get_file(p, self.tmp)
+            if isinstance(fs, fsspec.asyn.AsyncFileSystem):  # s3: ranged reads under the overall deadline
+                with open(self.tmp, "wb") as f:
+                    for block in storage.read_blocks(fs, p, self.url):
+                        f.write(block)
+            else:
+                fs.get_file(p, self.tmp)
             local = self.tmp
         else:
             local = self.url.split("://", 1)[1] if self.url.startswith("file://") else self.url
@@ -780,5 +809,5 @@ def _load_npy(location: str, entry: dict[str, Any], shape: tuple[int, ...], kind
     return arr
 
 
-__all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "array_chunks", "gallery_for", "gallery_location",
-           "get_or_build"]
+__all__ = ["Chunk", "ChunkSource", "Gallery", "GalleryConfig", "array_chunks", "gallery_for", "gallery_for_run",
+           "gallery_location", "get_or_build"]

@@ -39,10 +39,7 @@ def _filesystem(path: PathLike):
     """(fsspec filesystem or None, path string): fsspec for URLs such as s3://, None for local paths."""
     if not _is_remote(path):
         return None, str(path)
-    import fsspec  # local import: only remote paths need it
-
-    fs, p = fsspec.core.url_to_fs(str(path))
-    return fs, p
+    return storage.filesystem(str(path))  # s3: the configured endpoint and per-request timeouts
 
 
 def _first_bad(mask: np.ndarray) -> int:

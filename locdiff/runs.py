@@ -274,6 +274,15 @@ class RunFolder:
         if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) or type(dim) is not int or dim < 1:
             raise CorruptFileError(self.file(MODEL), f"{self.file(MODEL)}: not a locdiff model description (it "
                                    f"needs 'method' and a positive integer 'embed_dim'); {DAMAGED}")
+        ref = meta.get("gallery")
+        if ref is not None:  # inside the folder or a local path recorded at training: never a URL
+            where = f"{self.file(MODEL)}: gallery.uri"
+            uri = ref.get("uri") if isinstance(ref, dict) else ref
+            if isinstance(ref, dict) and not isinstance(ref.get("sha256", ""), str):
+                raise CorruptFileError(self.file(MODEL), f"{self.file(MODEL)}: gallery.sha256 is not a string; "
+                                       f"{DAMAGED}")
+            uri = resolve_reference(self.path, uri, where)
+            meta = {**meta, "gallery": {**ref, "uri": uri} if isinstance(ref, dict) else uri}
         return tensors, meta
 
     # -- small JSON files ----------------------------------------------------------------------------------
@@ -441,26 +450,21 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
                         "with the run's encoder, or use a run trained on this encoder")
 
 
-# what a run or model folder may name: s3:// (the project's object storage, reached only through its
-# configured endpoint and credentials) besides paths; any other scheme (http, ftp, memory, file, ...) is refused
-RUN_REFERENCE_SCHEMES = ("s3",)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 def resolve_reference(folder: str | os.PathLike, value: Any, what: str, *, hub_id: bool = False) -> str:
     """Where a reference read from a run's or model's files (model.json `gallery.uri`, run.json `encoder.model`)
     may lead: a path relative to `folder` that stays inside it (returned absolute), a local absolute path
-    recorded at training time, an s3:// location, or, with hub_id=True, a Hugging Face hub id (`org/name`).
-    Anything else (http://, ftp://, memory://, file://, a path leading out of the folder) is a UserError
-    naming `what`: nothing is fetched or opened for it."""
+    recorded at training time, or, with hub_id=True, a Hugging Face hub id (`org/name`). Any URL scheme
+    (s3://, http://, ftp://, memory://, file://, ...) and any path leading out of the folder is a UserError
+    naming `what` (the file and key): nothing is fetched or opened for it. A run trained on remote data keeps
+    its gallery inside the run folder (`locdiff.gallery.gallery_for_run`)."""
     if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
         raise CorruptFileError(what, f"{what}: not a location ({str(value)[:80]!r}); {DAMAGED}")
-    scheme = value.split("://", 1)[0].lower() if "://" in value else None
-    if scheme is not None or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
-        if scheme in RUN_REFERENCE_SCHEMES:
-            return value
-        raise UserError(f"{what}: {value[:200]!r} is not accepted from a run folder (only paths inside it, local "
-                        "paths and s3:// locations; nothing is fetched from it)")
+    if "://" in value or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+        raise UserError(f"{what}: {value[:200]!r} is not accepted from a run folder (only paths inside it and "
+                        "local paths recorded at training; nothing is fetched from it); train the run again")
     if os.path.isabs(value):
         return value
     if hub_id and not value.startswith(".") and _HUB_ID.fullmatch(value) and ".." not in value:

@@ -397,10 +397,71 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Iterable[str] | 
     return data
 
 
+def _types_at(tp: Any, value: Any, spec: Spec | None = None) -> None:
+    """Raise Invalid (key relative to `value`) when `value` is not of annotation `tp`: types, list items and a
+    section's keys only; number ranges, patterns, `check` and cross-field rules (`validate`) are left to `build`."""
+    origin = typing.get_origin(tp)
+    if tp is Any or (value is None and origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)):
+        return
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise Invalid("", f"must be a mapping; got {show(value)}")
+        names, hints = field_names(tp), _hints(tp)
+        for key, item in value.items():
+            if key not in names:
+                raise _unknown(key, names)
+            try:
+                _types_at(hints[key], item, spec_of(tp, key))
+            except Invalid as err:
+                raise err.under(key) from None
+        return
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        failures = []
+        for arg in options:
+            try:
+                _types_at(arg, value, spec)
+                return
+            except Invalid as err:
+                failures.append(err)
+        if len(options) == 1 and failures[0].key:
+            raise failures[0]
+        raise Invalid("", f"must be {expected(tp, spec)}; got {show(value)}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise Invalid("", f"must be {expected(tp, spec)}; got {show(value)}")
+        (item,) = typing.get_args(tp) or (Any,)
+        for i, v in enumerate(value):
+            try:
+                _types_at(item, v, spec)
+            except Invalid as err:
+                raise err.under(f"[{i}]") from None
+        return
+    try:
+        coerce(value, tp)  # a scalar, Literal or free mapping: its type, without the field's rule
+    except Invalid:
+        hint = _yaml_float_hint(value) if tp is float else ""
+        raise Invalid("", f"must be {expected(tp, spec)}; got {show(value)}{hint}") from None
+
+
+def check_types(cls: type, data: Any, *, source: str) -> None:
+    """The types of a mapping read from `source` (a config file) against `cls`, before any override is
+    applied: ConfigError "SOURCE: KEY: must be ...; got ..." for the first value of the wrong type or unknown
+    key, even one that a `--set` would replace. Ranges and cross-field rules are checked by `build`."""
+    try:
+        _types_at(cls, {} if data is None else data)
+    except Invalid as err:
+        raise ConfigError(source, err.key, err.problem) from None
+
+
 def load(cls: type[T], data: dict[str, Any] | None, *, source: str,
          overrides: Iterable[str] | None = None) -> T:
-    """`build` after `apply_overrides`; an error in a value that an override set names the override."""
+    """`build` after `apply_overrides`; an error in a value that an override set names the override. With
+    overrides, the file's own values are type-checked first (`check_types`): an override does not hide a
+    wrongly typed value in the file."""
     overrides = list(overrides or [])
+    if overrides:
+        check_types(cls, data, source=source)
     merged = apply_overrides(cls, data or {}, overrides, source=source)
     try:
         return build(cls, merged, source=source)
@@ -479,6 +540,6 @@ def dump_yaml(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "DEVICE_EXPECT", "DEVICE_PATTERN", "Invalid", "Spec", "UniqueKeyLoader", "apply_overrides", "build", "build_at",
-    "check_key_path", "coerce", "dump_yaml", "expected", "join_key", "load", "parse_override", "range_text",
-    "read_yaml", "setting", "show", "spec_of",
+    "check_key_path", "check_types", "coerce", "dump_yaml", "expected", "join_key", "load", "parse_override",
+    "range_text", "read_yaml", "setting", "show", "spec_of",
 ]

@@ -130,9 +130,9 @@ class GeocellMethod(TrainedBaseline):
 
     def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True):
         if self.options.refine == "retrieval":
-            from locdiff.gallery import gallery_for
+            from locdiff.gallery import gallery_for_run
 
-            self.gallery, self.gallery_ref = gallery_for(source, fallback=str(run.file("gallery")), progress=progress)
+            self.gallery, self.gallery_ref = gallery_for_run(source, run.path, progress=progress)
         metrics = super().finalize(result, source, val, run, progress=progress)
         metrics["cells"] = len(self.cell_lat)
         return metrics

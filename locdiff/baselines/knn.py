@@ -80,12 +80,11 @@ class KNNMethod(GeoMethod):
 
     def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True
                  ) -> dict[str, float]:
-        from locdiff.gallery import gallery_for
+        from locdiff.gallery import gallery_for_run
 
         if not source.labelled:
             raise ValueError(f"{source.location}: knn needs a labelled training table (columns lat, lon)")
-        self.gallery, self.gallery_ref = gallery_for(source, self.gallery_config, fallback=str(run.file("gallery")),
-                                                     progress=progress)
+        self.gallery, self.gallery_ref = gallery_for_run(source, run.path, self.gallery_config, progress=progress)
         self.run_dir = run.path
         self.save(run.path)
         out: dict[str, float] = {"gallery_size": float(len(self.gallery))}

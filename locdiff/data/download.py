@@ -18,6 +18,7 @@ The same functions serve real URLs and the tests' local HTTP and S3 servers.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.client
@@ -29,6 +30,8 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
+
+import fsspec.asyn
 
 from locdiff.data import storage
 from locdiff.data.config import MAX_ARCHIVE_BYTES, MAX_METADATA_BYTES
@@ -64,12 +67,7 @@ def check_record_url(url: str) -> str:
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known NAT64 prefix: the IPv4 address is the last 32 bits
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible ::a.b.c.d (:: and ::1 included)
-MIN_TRANSFER_RATE = 64 * 1024  # bytes/s: a whole transfer must finish within 2 timeouts + its size at this rate
-
-
-def transfer_deadline(timeout: float, size: int) -> float:
-    """Seconds a whole transfer of `size` bytes may take (a server that drips bytes is cut off there)."""
-    return 2 * timeout + size / MIN_TRANSFER_RATE
+MIN_TRANSFER_RATE, transfer_deadline = storage.MIN_TRANSFER_RATE, storage.transfer_deadline  # s3 reads share them
 
 
 def is_public_address(ip: str) -> bool:
@@ -288,7 +286,10 @@ def _transfer(url: str, write: Callable[[bytes], object], reset: Callable[[], ob
             last = str(err)
         except _Unreachable as err:
             last = str(err)
-        except (TimeoutError, OSError, http.client.HTTPException):
+        except TimeoutError as err:  # an s3 read past its overall deadline says so; a socket timeout does not
+            last = err.strerror.removeprefix(f"{url}: ") if err.errno == errno.ETIMEDOUT and err.strerror \
+                else "cannot connect or no answer"
+        except (OSError, http.client.HTTPException):
             last = "cannot connect or no answer"  # the cause is not told (no port scanning)
         if attempt < retries:
             delay = backoff * 2**attempt
@@ -392,6 +393,10 @@ def _copy_remote(url: str, out, max_bytes: int) -> None:  # noqa: ANN001 (a bina
     """Stream an s3:// (or other fsspec) object into `out`, refusing one above `max_bytes`."""
     fs, p = storage.filesystem(url)
     try:
+        if isinstance(fs, fsspec.asyn.AsyncFileSystem):  # s3: ranged reads under the overall deadline
+            for block in storage.read_blocks(fs, p, url, max_bytes):
+                out.write(block)
+            return
         with fs.open(p, "rb") as f:
             size = getattr(f, "size", None)
             if size is not None and size > max_bytes:
@@ -402,5 +407,9 @@ def _copy_remote(url: str, out, max_bytes: int) -> None:  # noqa: ANN001 (a bina
                 if total > max_bytes:
                     raise RecordError("too_big", f"{url}: more than the limit of {max_bytes:,} bytes")
                 out.write(block)
+    except storage.TooBigError as err:
+        raise RecordError("too_big", str(err)) from None
     except FileNotFoundError:
         raise RecordError("missing_file", f"{url}: not found") from None
+    except TimeoutError as err:  # the overall deadline (a full local disk stays an OSError for the caller)
+        raise RecordError("unreachable", f"{url}: {err.strerror or err}") from None

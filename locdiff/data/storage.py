@@ -16,17 +16,30 @@ import logging
 import os
 import posixpath
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
+import fsspec.asyn
+import fsspec.exceptions
 
 from locdiff.errors import UserError
 
 log = logging.getLogger(__name__)
 
 _S3_ENDPOINT: str | None = None
+_S3_TIMEOUT: float | None = None
+DEFAULT_S3_TIMEOUT = 30.0  # seconds: connecting, and waiting for the next bytes of an answer
+MAX_S3_TIMEOUT = 3600.0
+MIN_TRANSFER_RATE = 64 * 1024  # bytes/s: a whole transfer must finish within 2 timeouts + its size at this rate
+BLOCK = 8 << 20  # bytes of one ranged read of a remote object: the deadline is checked between blocks
+
+
+def transfer_deadline(timeout: float, size: int) -> float:
+    """Seconds a whole transfer of `size` bytes may take (a server that drips bytes is cut off there)."""
+    return 2 * timeout + size / MIN_TRANSFER_RATE
 
 
 class TooBigError(ValueError):
@@ -71,6 +84,31 @@ def s3_endpoint() -> str | None:
     return _S3_ENDPOINT or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def set_s3_timeout(seconds: float | None) -> None:
+    """Seconds an s3:// request may wait to connect or for the next bytes of an answer (None: the environment
+    variable LOCDIFF_S3_TIMEOUT, else 30). A whole read of N bytes may take `transfer_deadline(timeout, N)`."""
+    global _S3_TIMEOUT
+    if seconds is not None and not 0 < float(seconds) <= MAX_S3_TIMEOUT:
+        raise UserError(f"S3 timeout: must be in (0, {MAX_S3_TIMEOUT:g}] seconds; got {seconds}")
+    _S3_TIMEOUT = None if seconds is None else float(seconds)
+
+
+def s3_timeout() -> float:
+    """The s3:// timeout in seconds (`set_s3_timeout`, LOCDIFF_S3_TIMEOUT, else 30)."""
+    if _S3_TIMEOUT is not None:
+        return _S3_TIMEOUT
+    raw = os.environ.get("LOCDIFF_S3_TIMEOUT")
+    if not raw:
+        return DEFAULT_S3_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_S3_TIMEOUT:
+        raise UserError(f"LOCDIFF_S3_TIMEOUT: must be a number of seconds in (0, {MAX_S3_TIMEOUT:g}]; got {raw!r}")
+    return value
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
@@ -80,9 +118,12 @@ def filesystem(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]
     path = str(path)
     protocol = path.split("://", 1)[0] if is_remote(path) else "file"
     if protocol in ("s3", "s3a"):
-        endpoint = s3_endpoint()
-        # no listings cache: shards written a moment ago (by this or another process) must be seen
+        endpoint, timeout = s3_endpoint(), s3_timeout()
+        # no listings cache: shards written a moment ago (by this or another process) must be seen; every request
+        # bounded (connect, each read); whole reads are bounded by `read_bytes`' deadline
         fs = fsspec.filesystem("s3", use_listings_cache=False,
+                               config_kwargs={"connect_timeout": timeout, "read_timeout": timeout,
+                                              "retries": {"max_attempts": 3}},
                                **({"endpoint_url": endpoint} if endpoint else {}))
         return fs, path.split("://", 1)[1].rstrip("/")
     if protocol == "file":
@@ -143,18 +184,59 @@ def read_bytes(path: str, *, max_bytes: int | None = None) -> bytes:
         return read_local(local, max_bytes=max_bytes)
     fs, p = filesystem(path)
     try:
-        if max_bytes is None:
-            return fs.cat_file(p)
-        with fs.open(p, "rb") as f:
-            size = getattr(f, "size", None)
-            if size is not None and size > max_bytes:
-                raise _too_big(path, max_bytes)
-            data = f.read(max_bytes + 1)
+        if not isinstance(fs, fsspec.asyn.AsyncFileSystem):
+            if max_bytes is None:
+                return fs.cat_file(p)
+            with fs.open(p, "rb") as f:
+                size = getattr(f, "size", None)
+                if size is not None and size > max_bytes:
+                    raise _too_big(path, max_bytes)
+                data = f.read(max_bytes + 1)
+        else:
+            data = b"".join(read_blocks(fs, p, path, max_bytes))
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"{path}: no such file") from None
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         raise _too_big(path, max_bytes)
     return data
+
+
+def read_blocks(fs: fsspec.AbstractFileSystem, p: str, path: str, max_bytes: int | None = None) -> Iterator[bytes]:
+    """The bytes of a remote object (an async fsspec filesystem: s3) in ranged reads of BLOCK bytes, under an
+    overall deadline of `transfer_deadline(s3_timeout(), size)` seconds from the start: each request is
+    cancelled at what is left of it (TimeoutError naming `path`). TooBigError above `max_bytes`."""
+    timeout = s3_timeout()
+    start = time.monotonic()
+    deadline = 2 * timeout  # the size first; then the whole transfer's
+
+    def expired() -> TimeoutError:
+        return TimeoutError(errno.ETIMEDOUT, f"{path}: not read within {deadline:.1f} s (a whole transfer may take "
+                            f"2 x {timeout:g} s + its size at {MIN_TRANSFER_RATE // 1024} kB/s; too slow)")
+
+    def left() -> float:
+        remaining = deadline - (time.monotonic() - start)
+        if remaining <= 0:
+            raise expired()
+        return remaining
+
+    try:
+        size = int(fs.size(p, timeout=left()))
+    except fsspec.exceptions.FSTimeoutError:
+        raise expired() from None
+    if max_bytes is not None and size > max_bytes:
+        raise _too_big(path, max_bytes)
+    deadline = transfer_deadline(timeout, size)
+    at = 0
+    while at < size:
+        end = min(at + BLOCK, size)
+        try:
+            block = fs.cat_file(p, start=at, end=end, timeout=left())
+        except fsspec.exceptions.FSTimeoutError:
+            raise expired() from None
+        if not block:
+            raise TimeoutError(errno.EIO, f"{path}: the object ended at {at:,} of {size:,} bytes")
+        at += len(block)
+        yield block
 
 
 def open_file(path: str, mode: str = "rb") -> IO[bytes]:

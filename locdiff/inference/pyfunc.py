@@ -91,12 +91,13 @@ def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
     out.write_json(runs.RECORD, record)
     meta = run.read_json(runs.MODEL)
     ref = meta.get("gallery") or {}
-    uri = ref.get("uri")
-    if isinstance(uri, str) and "://" not in uri:
-        src = Path(uri) if os.path.isabs(uri) else run.file(uri)
-        if _copy_gallery(src, out.path / "gallery"):
-            meta["gallery"] = {**ref, "uri": "gallery"}  # relative to the model's run folder
-            out.write_json(runs.MODEL, meta)
+    uri = ref.get("uri") if isinstance(ref, dict) else ref
+    if uri is not None:  # a URL (an old run trained on s3:// data) is refused here, as the served model would
+        src = Path(runs.resolve_reference(run.path, uri, f"{run.file(runs.MODEL)}: gallery.uri"))
+        copied = _copy_gallery(src, out.path / "gallery")
+        # relative to the model's run folder; a gallery too large to copy stays where it is stored
+        meta["gallery"] = {**(ref if isinstance(ref, dict) else {}), "uri": "gallery" if copied else str(src)}
+        out.write_json(runs.MODEL, meta)
     return out.path
 
 

@@ -30,7 +30,7 @@ from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder, resolve_reference, stable_hash
+from locdiff.runs import SELECTION, RunFolder, stable_hash
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
@@ -68,12 +68,11 @@ class LocDiffMethod(GeoMethod):
 
     def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
                  ) -> dict[str, float]:
-        from locdiff.gallery import gallery_for
+        from locdiff.gallery import gallery_for_run
 
         self.model = result.model
         self._run = run
-        self.gallery, self.gallery_ref = gallery_for(source, self.config.gallery, fallback=str(run.file("gallery")),
-                                                     progress=progress)
+        self.gallery, self.gallery_ref = gallery_for_run(source, run.path, self.config.gallery, progress=progress)
         metrics = dict(result.metrics)
         old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
         # what the choices depend on besides the weights and the validation rows: a resumable change of these
@@ -194,10 +193,7 @@ class LocDiffMethod(GeoMethod):
         model.load_state_dict(tensors)
         self.model = model.to(resolve_device(self.config.train.device)).eval()
         self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
-        ref = meta.get("gallery")
-        if isinstance(ref, dict) and ref.get("uri") is not None:  # inside the folder, local, or s3:// only
-            ref = {**ref, "uri": resolve_reference(run.path, ref["uri"], f"{run.file('model.json')}: gallery.uri")}
-        self.gallery_ref = ref
+        self.gallery_ref = meta.get("gallery")  # resolved by load_model: inside the folder or local, never a URL
         self._run = run
         return self
 

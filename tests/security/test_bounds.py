@@ -23,6 +23,7 @@ import yaml
 from locdiff import schema
 from locdiff.cli import main
 from locdiff.errors import ConfigError, UserError
+from locdiff.model.config import load_config
 from tests.faults.helpers import REPO, TINY, World, build_world, changes, snapshot
 
 
@@ -187,6 +188,21 @@ def test_config_file_types_are_checked_before_set_and_duplicate_keys_refused(tmp
     err = _one_line(capsys, main(["train", "--config", str(listed), "--set", "train.steps=2", "--train",
                                   str(tmp_path / "t.parquet"), "--out", str(tmp_path / "run")]))
     assert err.endswith(f"{listed}: train: must be a mapping; got [1, 2]")
+    # a value of the wrong type that the override would replace, deeper ones, and a key the file misspells
+    for body, key, problem in [('train: {steps: "many"}\n', "train.steps", "must be an integer in [1, "),
+                               ("network: {widths: [64, x]}\n", "network.widths[1]", "must be an integer in [1, "),
+                               ("train: {steps: 1.5}\n", "train.steps", "got 1.5"),
+                               ("train: {stpes: 2}\n", "train.stpes", "unknown key (did you mean 'steps'?)")]:
+        typed = tmp_path / "typed.yaml"
+        typed.write_text(body)
+        err = _one_line(capsys, main(["train", "--config", str(typed), "--set", "train.steps=2", "--set",
+                                      "network.widths=[8]", "--train", str(tmp_path / "t.parquet"), "--out",
+                                      str(tmp_path / "run")]))
+        assert f"{typed}: {key}: " in err and problem in err and "--set" not in err, err
+    # ranges stay a matter of the merged config: an override may replace an out-of-range value of the file
+    ranged = tmp_path / "ranged.yaml"
+    ranged.write_text("train: {steps: 0}\n")
+    assert load_config(ranged, ["train.steps=2"]).train.steps == 2
     twice = tmp_path / "twice.yaml"
     twice.write_text(TINY.read_text() + "\ntrain:\n  steps: 5\n")
     err = _one_line(capsys, main(["train", "--config", str(twice), "--train", str(tmp_path / "t.parquet"),
