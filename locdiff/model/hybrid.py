@@ -22,6 +22,7 @@ import torch
 
 from locdiff import shdd
 from locdiff.geo import haversine_km
+from locdiff.metrics import THRESHOLDS_KM, distances_km
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
     plain retrieval (weight 0, radius inf) by more than `z` standard errors of the paired per-image
     difference (thresholds met, 0..5): chance gains on a few hundred rows do not move LocDiff-H away
     from retrieval. Returns weight, radius and the scores (sum of accuracies in %) of both."""
-    from locdiff.metrics import THRESHOLDS_KM, distances_km
-
     thresholds = np.asarray(THRESHOLDS_KM)
 
     def hits(w: float, r: float) -> np.ndarray:
@@ -102,3 +101,108 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
     return {"weight": best["weight"], "radius_km": best["radius_km"],
             "score": 100.0 * (base.mean() + best["gain"]) if n else 0.0,
             "retrieval_score": 100.0 * base.mean() if n else 0.0}
+
+
+# -- the product of experts (issue 19 item 5) -------------------------------------------------------------
+# score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) * K(x) + pi)
+# K: a kernel density over the retrieved neighbours (Gaussian in great-circle distance, bandwidth h, each
+# neighbour weighted by a softmax of its similarity on the row's own similarity scale), peak 1;
+# pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope): the novelty floor, near 1 when the best
+# match is far, so the gallery's factor is flat and LocDiff's answer stands; `floor` is the share of photos
+# taken where no neighbour is, so a neighbour outside LocDiff's density cannot outvote LocDiff's answer. Candidates: LocDiff's answer and the neighbours.
+DENSITY_FLOOR = 0.05  # side lobes and ringing below 5 % of the answer's density all count the same
+POE_BANDWIDTHS_KM = (5.0, 25.0, 100.0, 400.0)
+POE_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+POE_THRESHOLD_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of s_top on validation
+POE_SLOPES = (0.02, 0.1)  # as a share of the spread (90th - 10th percentile) of s_top on validation
+# without validation rows: every neighbour trusted (no novelty floor), a city-sized kernel
+POE_FLOORS = (0.0, 0.001, 0.01, 0.1, 0.3)
+POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01}
+POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
+
+
+@dataclass
+class PoECandidates:
+    """Per image: candidate 0 is LocDiff's answer, 1..k the neighbours (N, k + 1), and what the score needs."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    log_density: np.ndarray  # log clip(f_c(candidate) / f_c(answer), DENSITY_FLOOR, 1)
+    nb_weight: np.ndarray  # (N, k) neighbour weights, rows sum to 1
+    s_top: np.ndarray  # (N,) best cosine similarity
+
+
+def poe_candidates(gallery: Any, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
+                   answer_lon: np.ndarray, top_k: int) -> PoECandidates:
+    sim, idx = gallery.search(query, top_k)
+    sim = sim.astype(np.float64)
+    lat = np.concatenate([np.asarray(answer_lat, np.float64)[:, None], gallery.lat[idx]], 1)
+    lon = np.concatenate([np.asarray(answer_lon, np.float64)[:, None], gallery.lon[idx]], 1)
+    f = shdd.density(mean_code.double(), torch.from_numpy(lat), torch.from_numpy(lon)).numpy()
+    rel = f / np.maximum(np.abs(f[:, :1]), 1e-12)
+    scale = np.maximum(sim.std(1, keepdims=True), 1e-3)
+    logit = (sim - sim[:, :1]) / scale
+    w = np.exp(logit - logit.max(1, keepdims=True))
+    return PoECandidates(lat=lat, lon=lon, log_density=np.log(np.clip(rel, DENSITY_FLOOR, 1.0)),
+                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0])
+
+
+def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
+    """K(candidate) in [0, 1], (N, k + 1): the similarity-weighted Gaussian kernel density of the neighbours."""
+    out = np.empty(c.lat.shape)
+    nb = slice(1, None)
+    for s in range(0, len(out), POE_ROW_CHUNK):
+        r = slice(s, s + POE_ROW_CHUNK)
+        d = np.asarray(haversine_km(c.lat[r][:, :, None], c.lon[r][:, :, None], c.lat[r][:, None, nb],
+                                    c.lon[r][:, None, nb]))
+        out[r] = (np.exp(-0.5 * (d / bandwidth_km) ** 2) * c.nb_weight[r][:, None, :]).sum(2)
+    return out
+
+
+def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
+               floor: float, kernel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above)."""
+    k = poe_kernel(c, bandwidth_km) if kernel is None else kernel
+    gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - c.s_top) / max(slope, 1e-9), -60, 60)))[:, None]
+    novelty = floor + (1.0 - floor) * gate
+    score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
+    best = score.argmax(1)
+    rows = np.arange(len(best))
+    return c.lat[rows, best], c.lon[rows, best], best > 0
+
+
+def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None
+               ) -> dict[str, float]:
+    """The product-of-experts parameters that place the validation images best (sum of the accuracies at all
+    thresholds, %; with `groups`, e.g. val and val_unseen, the mean over the groups of each group's score, so
+    held-out regions weigh as much as the iid rows however many each has). The grid starts with the gallery
+    switched off (threshold +inf: LocDiff's answer), which a setting must beat strictly. Returns the
+    parameters, their score and LocDiff's."""
+    thresholds = np.asarray(THRESHOLDS_KM)
+    gid = np.zeros(len(lat), np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sizes = np.bincount(gid).astype(np.float64)
+
+    def score(plat: np.ndarray, plon: np.ndarray) -> float:
+        hits = (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1)
+        return 100.0 * float((np.bincount(gid, weights=hits) / sizes).mean())
+
+    n = len(lat)
+    locdiff_score = score(c.lat[:, 0], c.lon[:, 0]) if n else 0.0
+    best = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
+            "floor": 1.0, "score": locdiff_score}
+    if not n:
+        return {**best, "locdiff_score": locdiff_score}
+    q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
+    spread = max(float(q90 - q10), 1e-6)
+    for h in POE_BANDWIDTHS_KM:
+        kern = poe_kernel(c, h)
+        for t in np.quantile(c.s_top, POE_THRESHOLD_QUANTILES):
+            for sl in POE_SLOPES:
+                for a in POE_STRENGTHS:
+                    for fl in POE_FLOORS:
+                        prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
+                               "floor": fl}
+                        s = score(*poe_select(c, **prm, kernel=kern)[:2])
+                        if s > best["score"] + 1e-9:
+                            best = {**prm, "score": s}
+    return {**best, "locdiff_score": locdiff_score}

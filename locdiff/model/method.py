@@ -27,7 +27,15 @@ from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, check_predict_options, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
-from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
+from locdiff.model.hybrid import (
+    POE_DEFAULT,
+    choose_blend,
+    choose_poe,
+    hybrid_candidates,
+    hybrid_select,
+    poe_candidates,
+    poe_select,
+)
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
 from locdiff.runs import SELECTION, RunFolder, resolve_reference, stable_hash
@@ -85,6 +93,7 @@ class LocDiffMethod(GeoMethod):
             self.selection = old  # already chosen for these weights (a re-run after completion)
         else:
             self.selection = {"step": result.step, "aggregation": "mean",
+                              "hybrid_mode": self.config.hybrid.mode, "hybrid_poe": dict(POE_DEFAULT),
                               "hybrid_weight": self.config.hybrid.weight,
                               "hybrid_radius_km": self.config.hybrid.radius_km,
                               "val": val.identity() if val is not None else None, "settings": settings}
@@ -115,8 +124,13 @@ class LocDiffMethod(GeoMethod):
             cand = hybrid_candidates(self.gallery, val.embedding, out.mean_code, mlat, mlon, out.mean_value,
                                      hc.top_k)
             blend = choose_blend(cand, mlat, mlon, *truth)
+            alat, alon, _ = out.choose(agg)
+            poe = choose_poe(poe_candidates(self.gallery, val.embedding, out.mean_code, alat, alon, hc.top_k),
+                             *truth)
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
-                                   "val_hybrid_score": blend["score"],
+                                   "hybrid_poe": {k: poe[k] for k in POE_DEFAULT},
+                                   "val_hybrid_score": blend["score"], "val_poe_score": poe["score"],
+                                   "val_locdiff_score": poe["locdiff_score"],
                                    "val_retrieval_score": blend["retrieval_score"]})
         self._calibrate(out, val)
         log.info("validation choices: %s", {k: v for k, v in self.selection.items() if k != "calibration"})
@@ -165,13 +179,29 @@ class LocDiffMethod(GeoMethod):
         """The answer of each image for "locdiff" (the chosen aggregation) or "locdiff-h" (the gallery
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
-        if method == "locdiff-h":
+        if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
+            cand = poe_candidates(self._get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
+            lat, lon, _ = poe_select(cand, **self._poe_parameters())
+        elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
             cand = hybrid_candidates(self._get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
             lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
                                         radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
         return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+
+    def _poe_parameters(self) -> dict[str, float]:
+        """The product-of-experts parameters chosen on validation (selection.json), checked."""
+        got = self.selection.get("hybrid_poe") or POE_DEFAULT
+        try:
+            prm = {k: float(got[k]) for k in POE_DEFAULT}
+            if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and 0 <= prm["strength"] < float("inf")
+                    and 0 <= prm["floor"] <= 1):
+                raise ValueError("bandwidth_km and slope must be > 0, strength finite and >= 0, floor in [0, 1]")
+        except (ValueError, KeyError, TypeError) as err:
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
+        return prm
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
