@@ -115,6 +115,26 @@ def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
     assert after["step"] == before["step"] and (again / "model.safetensors").read_bytes() == weights  # not retrained
 
 
+def test_val_unseen_joins_the_choice_of_locdiff_h(run, synth_dir, tmp_path):
+    """--val-unseen on a complete run: recorded in the run's data, LocDiff-H's parameters chosen again on both
+    validation tables, the weights not retrained."""
+    import shutil
+
+    again = tmp_path / "unseen"
+    shutil.copytree(run, again)
+    weights = (again / "model.safetensors").read_bytes()
+    rc = main(["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+               str(synth_dir / "val.parquet"), "--val-unseen", str(synth_dir / "test_unseen.parquet"), "--out",
+               str(again), "--no-progress", *_sets()])
+    assert rc == 0
+    sel = json.loads((again / "selection.json").read_text())
+    assert sel["val_unseen"]["kind"] == "table" and sel["val_unseen_rows"] == 128  # train.val_samples
+    assert sel["hybrid_mode"] == "poe" and set(sel["hybrid_poe"]) == {"bandwidth_km", "strength", "threshold",
+                                                                     "slope", "floor"}
+    assert json.loads((again / "run.json").read_text())["data"]["val_unseen"]["kind"] == "table"
+    assert (again / "model.safetensors").read_bytes() == weights
+
+
 def test_held_out_share_without_val(synth_dir, tmp_path):
     out = tmp_path / "r"
     rc = main(["train", "--config", str(TINY), "--method", "knn", "--train", str(synth_dir / "train.parquet"),
