@@ -1,14 +1,21 @@
-"""LocDiff-H (LOCDIFF.md 7): LocDiff's density re-ranks retrieved gallery locations for fine scales.
+"""LocDiff-H (LOCDIFF.md 7): LocDiff's density and the retrieval gallery combined for fine scales.
 
-For an image with LocDiff mean code c and mode m: retrieve the top-k gallery entries by cosine
-similarity of the embeddings; a candidate qualifies when it lies within `radius_km` of m; its score is
-    weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity.
-The best qualifying candidate is the answer; with none, the LocDiff mode is.
+Two modes (`hybrid.mode`):
 
-It holds the retrieval gallery, so it can never need to be worse than retrieval: weight 0 with an
-unbounded radius (`radius_km` = inf) is exactly top-1 retrieval, and the weight and radius are chosen on
-validation rows (`SELECTION_GRID`), so where the diffusion density is unreliable the choice falls back
-to the neighbours.
+- "poe" (the default): a product of experts over the candidates {LocDiff's answer} + the top-k retrieved
+  gallery locations,
+      score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
+  with K the similarity-weighted kernel density of the neighbours (bandwidth h) and pi the novelty floor:
+  pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
+  gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
+  h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
+  together when a run has both, each weighing half) and must beat the better of the two by 2 standard
+  errors.
+- "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
+  `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
+      weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
+  the best qualifying candidate is the answer, with none the LocDiff mode. Weight 0 with an unbounded
+  radius is exactly top-1 retrieval; weight and radius are chosen on validation rows (`SELECTION_GRID`).
 """
 
 from __future__ import annotations

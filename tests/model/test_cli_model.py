@@ -450,3 +450,21 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
     parts = [read_predictions(tmp_path / f"p{half}.parquet") for half in (0, 1)]
     np.testing.assert_allclose(np.concatenate([p.pred_lat for p in parts]), ref.lat, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([p.pred_lon for p in parts]), ref.lon, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", [{"hybrid_poe": {"bandwidth_km": -1}}, {"hybrid_poe": "x"},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": "nan",
+                                                    "slope": 1, "floor": 2}}])
+def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, capsys, damage):
+    """selection.json is untrusted: LocDiff-H with damaged parameters is refused in one line (exit 2)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    sel = json.loads((bad / "selection.json").read_text())
+    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", **damage}))
+    rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
+               str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "hybrid_poe is damaged" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.parquet").exists()
