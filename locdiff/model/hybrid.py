@@ -5,7 +5,8 @@ Two modes (`hybrid.mode`):
 - "poe" (the default): a product of experts over the candidates {LocDiff's answer} + the top-k retrieved
   gallery locations,
       score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
-  with K the similarity-weighted kernel density of the neighbours (bandwidth h) and pi the novelty floor:
+  with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and
+  pi the novelty floor:
   pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
   gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
   h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
@@ -125,7 +126,12 @@ POE_THRESHOLD_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 
 POE_SLOPES = (0.02, 0.1)  # as a share of the spread (90th - 10th percentile) of s_top on validation
 # without validation rows: every neighbour trusted (no novelty floor), a city-sized kernel
 POE_FLOORS = (0.0, 0.001, 0.01, 0.1, 0.3)
-POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01}
+# the kernel's street-level core: K = (1 - core) * Gaussian(h) + core * Gaussian(CORE_KM), so the most similar
+# of several nearby neighbours keeps its own exact place instead of the cluster's centre
+CORE_KM = 1.0
+POE_CORES = (0.0, 0.2, 0.5)
+POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
+               "core": 0.2}
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -174,13 +180,14 @@ def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
 
 
 def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
-               floor: float, kernel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               floor: float, core: float, kernel: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above);
     strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
     rows = np.arange(len(c.lat))
     if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
         return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
-    k = poe_kernel(c, bandwidth_km) if kernel is None else kernel
+    k = (1 - core) * poe_kernel(c, bandwidth_km) + core * poe_kernel(c, CORE_KM) if kernel is None else kernel
     gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - c.s_top) / max(slope, 1e-9), -60, 60)))[:, None]
     novelty = floor + (1.0 - floor) * gate
     score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
@@ -209,7 +216,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1).astype(np.float64)
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
-               "floor": 1.0}
+               "floor": 1.0, "core": 0.0}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
         return {**locdiff, "score": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
@@ -219,14 +226,15 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     best_gain = 0.0
     q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
     spread = max(float(q90 - q10), 1e-6)
-    for h in POE_BANDWIDTHS_KM:
-        kern = poe_kernel(c, h)
+    sharp = poe_kernel(c, CORE_KM)
+    for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
+        kern = (1 - core) * poe_kernel(c, h) + core * sharp
         for t in np.quantile(c.s_top, POE_THRESHOLD_QUANTILES):
             for sl in POE_SLOPES:
                 for a in POE_STRENGTHS:
                     for fl in POE_FLOORS:
                         prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
-                               "floor": fl}
+                               "floor": fl, "core": core}
                         d = hits(prm, kern) - base
                         gain = float(weight @ d)
                         dev = d - (np.bincount(gid, weights=d) / sizes)[gid]

@@ -214,11 +214,12 @@ class LocDiffMethod(GeoMethod):
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
         got = self.selection.get("hybrid_poe") or POE_DEFAULT
         try:
-            prm = {k: float(got[k]) for k in POE_DEFAULT}
-            if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0 and 0 <= prm["floor"] <= 1
-                    and not np.isnan(prm["threshold"])):
-                raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor in [0, 1], threshold a "
-                                 "number")
+            prm = {k: float(got[k]) for k in POE_DEFAULT if k != "core"}
+            prm["core"] = float(got.get("core", 0.0))  # chosen before the kernel had a core: none
+            if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0
+                    and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])):
+                raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor and core in [0, 1], "
+                                 "threshold a number")
         except (ValueError, KeyError, TypeError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
