@@ -35,6 +35,7 @@ def test_untrained_diffusion_falls_back_to_retrieval(tmp_path, synth_tables):
     assert hybrid["acc_25km"] > plain["acc_25km"] + 5  # the untrained density alone is far worse
 
 
+@pytest.mark.slow
 def test_untrained_diffusion_product_of_experts_keeps_the_gallery(tmp_path, synth_tables):
     """With a noise density the product of experts answers from the gallery's factor: at least top-1 retrieval at
     every threshold (within a point) and far better than the untrained LocDiff at 25 km."""
