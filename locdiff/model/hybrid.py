@@ -6,7 +6,7 @@ Two modes (`hybrid.mode`):
   gallery locations,
       score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
   with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and
-  pi the novelty floor:
+  pi the novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`):
   pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
   gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
   h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
@@ -130,8 +130,11 @@ POE_FLOORS = (0.0, 0.001, 0.01, 0.1, 0.3)
 # of several nearby neighbours keeps its own exact place instead of the cluster's centre
 CORE_KM = 1.0
 POE_CORES = (0.0, 0.2, 0.5)
+# after the product has chosen a neighbour: the most similar neighbour within snap_km of it names the spot
+# (the product finds the place, the best match within it the street); chosen on validation after the grid
+POE_SNAPS_KM = (0.0, 5.0, 25.0, 100.0)
 POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
-               "core": 0.2}
+               "core": 0.2, "snap_km": 0.0}
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -180,10 +183,11 @@ def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
 
 
 def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
-               floor: float, core: float, kernel: np.ndarray | None = None
+               floor: float, core: float, snap_km: float = 0.0, kernel: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above);
-    strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
+    """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above), a
+    chosen neighbour replaced by the most similar neighbour within `snap_km` of it; strength 0 is LocDiff's
+    answer, strength inf top-1 retrieval."""
     rows = np.arange(len(c.lat))
     if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
         return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
@@ -192,6 +196,11 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
     novelty = floor + (1.0 - floor) * gate
     score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
     best = score.argmax(1)
+    if snap_km > 0:
+        d = np.asarray(haversine_km(c.lat[:, 1:], c.lon[:, 1:], c.lat[rows, best][:, None],
+                                    c.lon[rows, best][:, None]))
+        near = np.where(d <= snap_km, c.nb_weight, -1.0).argmax(1) + 1  # weights fall with the similarity rank
+        best = np.where(best > 0, near, 0)
     return c.lat[rows, best], c.lon[rows, best], best > 0
 
 
@@ -216,7 +225,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1).astype(np.float64)
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
-               "floor": 1.0, "core": 0.0}
+               "floor": 1.0, "core": 0.0, "snap_km": 0.0}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
         return {**locdiff, "score": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
@@ -234,12 +243,17 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
                 for a in POE_STRENGTHS:
                     for fl in POE_FLOORS:
                         prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
-                               "floor": fl, "core": core}
+                               "floor": fl, "core": core, "snap_km": 0.0}
                         d = hits(prm, kern) - base
                         gain = float(weight @ d)
                         dev = d - (np.bincount(gid, weights=d) / sizes)[gid]
                         se = float(np.sqrt(np.sum((weight * dev) ** 2) * n / max(n - 1, 1)))
                         if gain > best_gain and gain > z * se:
                             best, best_gain = prm, gain
+    if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same score
+        for snap in POE_SNAPS_KM[1:]:
+            gain = float(weight @ (hits({**best, "snap_km": snap}) - base))
+            if gain > best_gain:
+                best, best_gain = {**best, "snap_km": snap}, gain
     return {**best, "score": 100.0 * float(weight @ base) + 100.0 * best_gain, "locdiff_score": s_loc,
             "retrieval_score": s_ret}

@@ -25,7 +25,7 @@ from locdiff.engine import resolve_device
 from locdiff.geo import haversine_km
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
-from locdiff.model.config import Config, check_predict_options, config_from_dict, config_to_dict
+from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import (
     POE_DEFAULT,
@@ -214,12 +214,13 @@ class LocDiffMethod(GeoMethod):
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
         got = self.selection.get("hybrid_poe") or POE_DEFAULT
         try:
-            prm = {k: float(got[k]) for k in POE_DEFAULT if k != "core"}
-            prm["core"] = float(got.get("core", 0.0))  # chosen before the kernel had a core: none
+            prm = {k: float(got[k]) for k in POE_DEFAULT if k not in ("core", "snap_km")}
+            prm.update({k: float(got.get(k, 0.0)) for k in ("core", "snap_km")})  # chosen before these: none
             if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0
-                    and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])):
+                    and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])
+                    and 0 <= prm["snap_km"] <= HALF_EARTH_KM):
                 raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor and core in [0, 1], "
-                                 "threshold a number")
+                                 "threshold a number, snap_km in [0, half the Earth]")
         except (ValueError, KeyError, TypeError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
