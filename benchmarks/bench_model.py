@@ -155,7 +155,8 @@ def _fit_locdiff(cfg, data, run_dir: Path):
 
     method = LocDiffMethod(cfg)
     t0 = time.perf_counter()
-    method.fit(data["train"], data.get("val"), run_dir, progress=True)
+    # LocDiff-H's parameters are chosen on val and val_unseen together (locdiff.model.hybrid)
+    method.fit(data["train"], data.get("val"), run_dir, progress=True, val_unseen=data.get("val_unseen"))
     return method, time.perf_counter() - t0
 
 
@@ -231,13 +232,14 @@ def what_sampling_adds(args, data: Benchmark, locdiff: Any) -> dict[str, Any]:
 def _realbench_config(args):
     from locdiff.realbench import RealBenchConfig
 
-    return RealBenchConfig(seed=args.seed, n_train=args.n_train_realbench, n_val=args.n_val, n_val_unseen=0,
-                           n_test=args.n_test, n_test_unseen=args.n_unseen, n_yfcc=args.n_yfcc)
+    return RealBenchConfig(seed=args.seed, n_train=args.n_train_realbench, n_val=args.n_val,
+                           n_val_unseen=args.n_val // 2, n_test=args.n_test, n_test_unseen=args.n_unseen,
+                           n_yfcc=args.n_yfcc)
 
 
 def _cuebench_config(args) -> cuebench.CueBenchConfig:
-    return cuebench.CueBenchConfig(seed=args.seed, n_train=args.n_train_cuebench, n_val=args.n_val, n_val_unseen=0,
-                                   n_test=args.n_test, n_test_unseen=args.n_unseen)
+    return cuebench.CueBenchConfig(seed=args.seed, n_train=args.n_train_cuebench, n_val=args.n_val,
+                                   n_val_unseen=args.n_val // 2, n_test=args.n_test, n_test_unseen=args.n_unseen)
 
 
 def load_benchmark(name: str, args, work: Path) -> Benchmark:
@@ -263,7 +265,7 @@ def load_benchmark(name: str, args, work: Path) -> Benchmark:
 
 def _synth_kwargs(args) -> dict[str, Any]:
     return {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "n_unseen": args.n_unseen,
-            "seed": args.seed, "dim": args.dim}
+            "n_val_unseen": args.n_val // 2, "seed": args.seed, "dim": args.dim}
 
 
 def main() -> None:

@@ -89,13 +89,20 @@ class GeoMethod(ABC):
         """After training (result: the engine's Result, None without a task): choices on validation,
         galleries; then save. Returns final metrics."""
 
+    val_unseen: Any = None  # validation rows of regions absent from the training data (set by `fit`)
+
     def fit(self, train: Any, val: Any, run_dir: str | Path, *, progress: bool = True, val_share: float = 0.0,
-            max_steps_this_run: int | None = None) -> dict[str, float]:
-        """Train into run_dir (resuming from its checkpoint) and finalize; returns final metrics."""
+            max_steps_this_run: int | None = None, val_unseen: Any = None) -> dict[str, float]:
+        """Train into run_dir (resuming from its checkpoint) and finalize; returns final metrics.
+        `val_unseen` (optional): validation rows from regions absent from `train`; methods that choose
+        settings on validation may use them (LocDiff-H does)."""
         from locdiff import engine
         from locdiff.runs import RunFolder
 
         source, vsrc = prepare_data(train, val, val_share=val_share, seed=0)
+        self.val_unseen = None
+        if val_unseen is not None:
+            self.val_unseen = prepare_data(source, val_unseen)[1]
         run = RunFolder(run_dir)
         run.create()
         task = self.task(source)

@@ -38,7 +38,7 @@ from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "test_unseen")
+SPLITS = ("train", "val", "test", "test_unseen", "val_unseen")  # appended: the others keep their seeds
 
 
 @dataclass
@@ -47,6 +47,8 @@ class SynthConfig:
     n_val: int = setting(0, ge=0, le=MAX_GENERATED_ROWS)  # 0: no val split is written
     n_test: int = setting(5_000, ge=1, le=MAX_GENERATED_ROWS)
     n_unseen: int = setting(2_000, ge=1, le=MAX_GENERATED_ROWS)
+    # val_unseen rows: the held-out disks of test_unseen (other draws), to choose LocDiff-H's parameters
+    n_val_unseen: int = setting(0, ge=0, le=MAX_GENERATED_ROWS)
     dim: int = setting(128, ge=8, le=4096)
     seed: int = setting(0, ge=0, le=2**63 - 1)
     n_regions: int = setting(6, ge=1, le=1000)  # held-out disks for test_unseen
@@ -217,7 +219,7 @@ def make_split(world: SynthWorld, split: str, n: int) -> EmbeddingTable:
     if split not in SPLITS:
         raise ValueError(f"synth: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(np.random.SeedSequence([world.cfg.seed, 1 + SPLITS.index(split)]))
-    lat, lon, city, lm, kind = world.sample_locations(n, rng, unseen=split == "test_unseen")
+    lat, lon, city, lm, kind = world.sample_locations(n, rng, unseen=split in ("val_unseen", "test_unseen"))
     emb = world.embed(lat, lon, city, lm, kind, rng)
     ids = np.array([f"{split}-{i:07d}" for i in range(n)], dtype=object)
     return EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=f"synth:{split}")
@@ -245,7 +247,8 @@ def two_place_probe(world: SynthWorld, n: int, seed: int = 0, min_km: float = PR
 def make_benchmark(cfg: SynthConfig) -> dict[str, EmbeddingTable]:
     """All splits in memory: train, (val,) test, test_unseen."""
     world = SynthWorld(cfg)
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_unseen": cfg.n_unseen}
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_unseen": cfg.n_unseen,
+             "val_unseen": cfg.n_val_unseen}
     return {s: make_split(world, s, n) for s, n in sizes.items() if n > 0}
 
 
@@ -257,7 +260,8 @@ def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SynthWorld(cfg)
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_unseen": cfg.n_unseen}
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_unseen": cfg.n_unseen,
+             "val_unseen": cfg.n_val_unseen}
     paths = {}
     for split, n in sizes.items():
         if n <= 0:

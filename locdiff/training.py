@@ -79,13 +79,14 @@ def _method_config(config: Config) -> Any:
     return config if config.method == "locdiff" else config_to_dict(config)
 
 
-def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, encoder: str | None = None,
-              workers: int = 0, ray_settings: Any = None, progress: bool = True,
+def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, val_unseen: Any = None,
+              encoder: str | None = None, workers: int = 0, ray_settings: Any = None, progress: bool = True,
               max_steps_this_run: int | None = None, before_training: Any = None) -> TrainOutcome:
     """Train `config.method` on `train` into the run folder `out` (see the module docstring).
 
     Args:
         train, val: paths/URLs of features folders or embeddings tables, or EmbeddingTables.
+        val_unseen: the same, validation rows from regions absent from `train` (LocDiff-H's choice).
         encoder: the encoder that made a table's embeddings (a features folder's manifest says it itself).
         workers: > 0 trains on Ray Train with this many workers (`ray_settings`: a RayTrainSettings).
         before_training: called with the run folder once the run is known to need training (the
@@ -100,6 +101,9 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
     run.check_compatible(resolved)
     source, vsrc = prepare_data(train, val, val_share=config.train.val_share, seed=config.train.seed)
     data = {"train": source.identity(), "val": vsrc.identity() if vsrc is not None else None}
+    if val_unseen is not None:  # only then: the completion keys of runs without it stay as they were
+        val_unseen = absolute_location(val_unseen)
+        data["val_unseen"] = prepare_data(source, val_unseen)[1].identity()
     key = completion_key(resolved, data)
     if run.is_complete(key):
         log.info("%s: complete for this config and data; nothing to train", run.path)
@@ -132,7 +136,8 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, e
                                               val_share=config.train.val_share if val is None else 0.0)
                 else:
                     raise ValueError("--workers needs the training data as a path or URL")
-        metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run)
+        metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run,
+                             val_unseen=val_unseen)
         state = run.load_checkpoint()
         step = int(state["step"]) if state is not None else 0
         steps = method.settings(source).steps if method.trains else 0

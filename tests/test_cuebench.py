@@ -206,7 +206,7 @@ def test_bench_model_loads_cuebench_with_its_landmark_split(tmp_path):
     data = bench_model.load_benchmark("cuebench", args, tmp_path)
     assert data.splits == ("test", "test_unseen", "test_landmark")
     assert {k: len(v) for k, v in data.items() if k != "test_landmark"} == {"train": 300, "val": 20, "test": 200,
-                                                                            "test_unseen": 30}
+                                                                            "test_unseen": 30, "val_unseen": 10}
     lab = read_labels(tmp_path / "cuebench" / "labels" / "test.parquet")
     rows = lab["kind"] == "landmark"
     assert 0 < len(data["test_landmark"]) == rows.sum()

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--n-test", type=int, default=5_000, metavar="N", help="test rows (default 5000)")
     s.add_argument("--n-unseen", type=int, default=2_000, metavar="N", help="test_unseen rows (default 2000)")
     s.add_argument("--n-val", type=int, default=0, metavar="N", help="validation rows (default 0: none)")
+    s.add_argument("--n-val-unseen", type=int, default=0, metavar="N",
+                   help="val_unseen rows, the held-out regions of test_unseen (default 0: none)")
     s.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     s.set_defaults(func=_synth)
@@ -117,7 +119,7 @@ def _synth(args: argparse.Namespace) -> int:
     from locdiff.synth import SynthConfig, write_benchmark
 
     cfg = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, n_unseen=args.n_unseen,
-                      dim=args.dim, seed=args.seed)
+                      n_val_unseen=args.n_val_unseen, dim=args.dim, seed=args.seed)
     paths = write_benchmark(args.out, cfg)
     for split, path in paths.items():
         print(f"{split}: {path}")

@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--val", help="validation table or features folder (chooses the aggregation and LocDiff-H "
                    "settings); default: a held-out share of --train (train.val_share)")
+    p.add_argument("--val-unseen", help="validation rows from regions absent from --train (a benchmark's "
+                   "val_unseen): LocDiff-H's parameters are chosen on --val and these, each weighing half")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--method", choices=TRAIN_METHODS, help="method to train (default: the config's `method`)")
     p.add_argument(
@@ -91,8 +93,9 @@ def _train(args: argparse.Namespace) -> int:
         ray_settings = RayTrainSettings(num_workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                                         storage_root=args.storage or str(Path(args.out).resolve() / "ray"),
                                         run_name=Path(args.out).resolve().name)
-    outcome = train_run(cfg, args.train, args.out, val=args.val, encoder=args.encoder, workers=args.workers,
-                        ray_settings=ray_settings, progress=not args.no_progress)
+    outcome = train_run(cfg, args.train, args.out, val=args.val, val_unseen=args.val_unseen,
+                        encoder=args.encoder, workers=args.workers, ray_settings=ray_settings,
+                        progress=not args.no_progress)
     verb = "already trained (same config and data)" if outcome.skipped else "trained"
     print(f"{verb} {cfg.method} into {args.out}")
     for k, v in (outcome.record.get("metrics") or {}).items():

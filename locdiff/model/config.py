@@ -163,12 +163,15 @@ class PredictConfig:
 
 @dataclass
 class HybridConfig:
+    # poe: LocDiff's clipped density times a kernel density of the neighbours with a novelty floor
+    # (locdiff.model.hybrid); blend: the weighted sum within a radius (runs trained before have no mode)
+    mode: Literal["poe", "blend"] = "poe"
     top_k: int = setting(32, ge=1, le=MAX_TOP_K)  # gallery candidates per image
-    # candidates farther than this from the LocDiff mode do not qualify
+    # blend: candidates farther than this from the LocDiff mode do not qualify
     radius_km: float = setting(1000.0, gt=0, le=HALF_EARTH_KM)
-    # score = weight * f_c(candidate)/f_c(mode) + (1 - weight) * cosine similarity
+    # blend: score = weight * f_c(candidate)/f_c(mode) + (1 - weight) * cosine similarity
     weight: float = setting(0.5, ge=0, le=1)
-    tune_on_val: bool = True  # choose weight and radius on validation during training
+    tune_on_val: bool = True  # choose the mode's parameters on validation during training
 
 
 @dataclass

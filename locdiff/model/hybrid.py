@@ -1,14 +1,22 @@
-"""LocDiff-H (LOCDIFF.md 7): LocDiff's density re-ranks retrieved gallery locations for fine scales.
+"""LocDiff-H (LOCDIFF.md 7): LocDiff's density and the retrieval gallery combined for fine scales.
 
-For an image with LocDiff mean code c and mode m: retrieve the top-k gallery entries by cosine
-similarity of the embeddings; a candidate qualifies when it lies within `radius_km` of m; its score is
-    weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity.
-The best qualifying candidate is the answer; with none, the LocDiff mode is.
+Two modes (`hybrid.mode`):
 
-It holds the retrieval gallery, so it can never need to be worse than retrieval: weight 0 with an
-unbounded radius (`radius_km` = inf) is exactly top-1 retrieval, and the weight and radius are chosen on
-validation rows (`SELECTION_GRID`), so where the diffusion density is unreliable the choice falls back
-to the neighbours.
+- "poe" (the default): a product of experts over the candidates {LocDiff's answer} + the top-k retrieved
+  gallery locations,
+      score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
+  with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and
+  pi the novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`):
+  pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
+  gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
+  h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
+  together when a run has both, each weighing half) and must beat the better of the two by 2 standard
+  errors.
+- "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
+  `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
+      weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
+  the best qualifying candidate is the answer, with none the LocDiff mode. Weight 0 with an unbounded
+  radius is exactly top-1 retrieval; weight and radius are chosen on validation rows (`SELECTION_GRID`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 
 from locdiff import shdd
 from locdiff.geo import haversine_km
+from locdiff.metrics import THRESHOLDS_KM, distances_km
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +89,6 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
     plain retrieval (weight 0, radius inf) by more than `z` standard errors of the paired per-image
     difference (thresholds met, 0..5): chance gains on a few hundred rows do not move LocDiff-H away
     from retrieval. Returns weight, radius and the scores (sum of accuracies in %) of both."""
-    from locdiff.metrics import THRESHOLDS_KM, distances_km
-
     thresholds = np.asarray(THRESHOLDS_KM)
 
     def hits(w: float, r: float) -> np.ndarray:
@@ -102,3 +109,151 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
     return {"weight": best["weight"], "radius_km": best["radius_km"],
             "score": 100.0 * (base.mean() + best["gain"]) if n else 0.0,
             "retrieval_score": 100.0 * base.mean() if n else 0.0}
+
+
+# -- the product of experts (issue 19 item 5) -------------------------------------------------------------
+# score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) * K(x) + pi)
+# K: a kernel density over the retrieved neighbours (Gaussian in great-circle distance, bandwidth h, each
+# neighbour weighted by a softmax of its similarity on the row's own similarity scale), peak 1;
+# pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope): the novelty floor, near 1 when the best
+# match is far, so the gallery's factor is flat and LocDiff's answer stands; `floor` is the share of photos
+# taken where no neighbour is, so a neighbour outside LocDiff's density cannot outvote LocDiff's answer.
+# Candidates: LocDiff's answer and the neighbours.
+DENSITY_FLOOR = 0.05  # side lobes and ringing below 5 % of the answer's density all count the same
+POE_BANDWIDTHS_KM = (5.0, 25.0, 100.0, 400.0)
+POE_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+POE_THRESHOLD_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of s_top on validation
+POE_SLOPES = (0.02, 0.1)  # as a share of the spread (90th - 10th percentile) of s_top on validation
+# without validation rows: every neighbour trusted (no novelty floor), a city-sized kernel
+POE_FLOORS = (0.0, 0.001, 0.01, 0.1, 0.3)
+# the kernel's street-level core: K = (1 - core) * Gaussian(h) + core * Gaussian(CORE_KM), so the most similar
+# of several nearby neighbours keeps its own exact place instead of the cluster's centre
+CORE_KM = 1.0
+POE_CORES = (0.0, 0.2, 0.5)
+# after the product has chosen a neighbour: the most similar neighbour within snap_km of it names the spot
+# (the product finds the place, the best match within it the street); chosen on validation after the grid
+POE_SNAPS_KM = (0.0, 5.0, 25.0, 100.0)
+POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
+               "core": 0.2, "snap_km": 0.0}
+POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
+
+
+@dataclass
+class PoECandidates:
+    """Per image: candidate 0 is LocDiff's answer, 1..k the neighbours (N, k + 1), and what the score needs."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    log_density: np.ndarray  # log clip(f_c(candidate) / f_c(answer), DENSITY_FLOOR, 1)
+    nb_weight: np.ndarray  # (N, k) neighbour weights, rows sum to 1
+    s_top: np.ndarray  # (N,) best cosine similarity
+
+
+def poe_candidates(gallery: Any, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
+                   answer_lon: np.ndarray, top_k: int) -> PoECandidates:
+    sim, idx = gallery.search(query, top_k)
+    sim = sim.astype(np.float64)
+    lat = np.concatenate([np.asarray(answer_lat, np.float64)[:, None], gallery.lat[idx]], 1)
+    lon = np.concatenate([np.asarray(answer_lon, np.float64)[:, None], gallery.lon[idx]], 1)
+    f = shdd.density(mean_code.double(), torch.from_numpy(lat), torch.from_numpy(lon)).numpy()
+    rel = f / np.maximum(np.abs(f[:, :1]), 1e-12)
+    scale = np.maximum(sim.std(1, keepdims=True), 1e-3)
+    logit = (sim - sim[:, :1]) / scale
+    w = np.exp(logit - logit.max(1, keepdims=True))
+    return PoECandidates(lat=lat, lon=lon, log_density=np.log(np.clip(rel, DENSITY_FLOOR, 1.0)),
+                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0])
+
+
+def concat_candidates(parts: list[PoECandidates]) -> PoECandidates:
+    """The rows of several candidate sets (the same top_k) as one."""
+    return PoECandidates(*(np.concatenate([getattr(p, f) for p in parts])
+                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top")))
+
+
+def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
+    """K(candidate) in [0, 1], (N, k + 1): the similarity-weighted Gaussian kernel density of the neighbours."""
+    out = np.empty(c.lat.shape)
+    nb = slice(1, None)
+    for s in range(0, len(out), POE_ROW_CHUNK):
+        r = slice(s, s + POE_ROW_CHUNK)
+        d = np.asarray(haversine_km(c.lat[r][:, :, None], c.lon[r][:, :, None], c.lat[r][:, None, nb],
+                                    c.lon[r][:, None, nb]))
+        out[r] = (np.exp(-0.5 * (d / bandwidth_km) ** 2) * c.nb_weight[r][:, None, :]).sum(2)
+    return out
+
+
+def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
+               floor: float, core: float, snap_km: float = 0.0, kernel: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above), a
+    chosen neighbour replaced by the most similar neighbour within `snap_km` of it; strength 0 is LocDiff's
+    answer, strength inf top-1 retrieval."""
+    rows = np.arange(len(c.lat))
+    if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
+        return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
+    k = (1 - core) * poe_kernel(c, bandwidth_km) + core * poe_kernel(c, CORE_KM) if kernel is None else kernel
+    gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - c.s_top) / max(slope, 1e-9), -60, 60)))[:, None]
+    novelty = floor + (1.0 - floor) * gate
+    score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
+    best = score.argmax(1)
+    if snap_km > 0:
+        d = np.asarray(haversine_km(c.lat[:, 1:], c.lon[:, 1:], c.lat[rows, best][:, None],
+                                    c.lon[rows, best][:, None]))
+        near = np.where(d <= snap_km, c.nb_weight, -1.0).argmax(1) + 1  # weights fall with the similarity rank
+        best = np.where(best > 0, near, 0)
+    return c.lat[rows, best], c.lon[rows, best], best > 0
+
+
+def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None, *,
+               z: float = 2.0) -> dict[str, float]:
+    """The product-of-experts parameters that place the validation images best. The score is the sum of the
+    accuracies at all thresholds (%); with `groups` (e.g. val and val_unseen) the mean over the groups of each
+    group's score, so held-out regions weigh as much as the iid rows however many each has.
+
+    The references are LocDiff's answer (strength 0) and top-1 retrieval (strength inf), whichever scores
+    higher (LocDiff on a tie). A grid setting replaces it only when it gains more than `z` standard errors of
+    the paired per-image difference, as `choose_blend` does: chance gains on a few hundred rows do not move
+    LocDiff-H. Returns the parameters, their score, LocDiff's and retrieval's."""
+    thresholds = np.asarray(THRESHOLDS_KM)
+    n = len(lat)
+    gid = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sizes = np.bincount(gid).astype(np.float64) if n else np.ones(1)
+    weight = 1.0 / (len(sizes) * sizes[gid])  # per image: the groups' scores averaged
+
+    def hits(prm: dict[str, float], kern: np.ndarray | None = None) -> np.ndarray:
+        plat, plon, _ = poe_select(c, **prm, kernel=kern)
+        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1).astype(np.float64)
+
+    locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
+               "floor": 1.0, "core": 0.0, "snap_km": 0.0}
+    retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
+    if not n:
+        return {**locdiff, "score": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
+    h_loc, h_ret = hits(locdiff), hits(retrieval)
+    s_loc, s_ret = 100.0 * float(weight @ h_loc), 100.0 * float(weight @ h_ret)
+    best, base = (locdiff, h_loc) if s_loc >= s_ret else (retrieval, h_ret)
+    best_gain = 0.0
+    q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
+    spread = max(float(q90 - q10), 1e-6)
+    sharp = poe_kernel(c, CORE_KM)
+    for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
+        kern = (1 - core) * poe_kernel(c, h) + core * sharp
+        for t in np.quantile(c.s_top, POE_THRESHOLD_QUANTILES):
+            for sl in POE_SLOPES:
+                for a in POE_STRENGTHS:
+                    for fl in POE_FLOORS:
+                        prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
+                               "floor": fl, "core": core, "snap_km": 0.0}
+                        d = hits(prm, kern) - base
+                        gain = float(weight @ d)
+                        dev = d - (np.bincount(gid, weights=d) / sizes)[gid]
+                        se = float(np.sqrt(np.sum((weight * dev) ** 2) * n / max(n - 1, 1)))
+                        if gain > best_gain and gain > z * se:
+                            best, best_gain = prm, gain
+    if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same score
+        for snap in POE_SNAPS_KM[1:]:
+            gain = float(weight @ (hits({**best, "snap_km": snap}) - base))
+            if gain > best_gain:
+                best, best_gain = {**best, "snap_km": snap}, gain
+    return {**best, "score": 100.0 * float(weight @ base) + 100.0 * best_gain, "locdiff_score": s_loc,
+            "retrieval_score": s_ret}

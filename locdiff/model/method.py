@@ -25,9 +25,18 @@ from locdiff.engine import resolve_device
 from locdiff.geo import haversine_km
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
-from locdiff.model.config import Config, check_predict_options, config_from_dict, config_to_dict
+from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
-from locdiff.model.hybrid import choose_blend, hybrid_candidates, hybrid_select
+from locdiff.model.hybrid import (
+    POE_DEFAULT,
+    choose_blend,
+    choose_poe,
+    concat_candidates,
+    hybrid_candidates,
+    hybrid_select,
+    poe_candidates,
+    poe_select,
+)
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
 from locdiff.runs import SELECTION, RunFolder, stable_hash
@@ -79,21 +88,31 @@ class LocDiffMethod(GeoMethod):
         # (train.val_samples, predict.*, hybrid.*) chooses again
         settings = stable_hash({"val_samples": self.config.train.val_samples,
                                 **{k: v for k, v in config_to_dict(self.config).items() if k in ("predict", "hybrid")}})
+        unseen = self.val_unseen if val is not None and val.count else None
+        unseen_id = unseen.identity() if unseen is not None else None
         if (old.get("step") == result.step and old.get("val") == (val.identity() if val is not None else None)
+                and old.get("val_unseen") == unseen_id
                 and old.get("settings") == settings and (val is None or "calibration" in old)):
             self.selection = old  # already chosen for these weights (a re-run after completion)
         else:
             self.selection = {"step": result.step, "aggregation": "mean",
+                              "hybrid_mode": self.config.hybrid.mode, "hybrid_poe": dict(POE_DEFAULT),
                               "hybrid_weight": self.config.hybrid.weight,
                               "hybrid_radius_km": self.config.hybrid.radius_km,
-                              "val": val.identity() if val is not None else None, "settings": settings}
+                              "val": val.identity() if val is not None else None, "val_unseen": unseen_id,
+                              "settings": settings}
             if val is not None and val.count:
-                self._select_on_validation(val.read_all(limit=self.config.train.val_samples), progress=progress)
+                limit = self.config.train.val_samples
+                self._select_on_validation(val.read_all(limit=limit), progress=progress,
+                                           unseen=unseen.read_all(limit=limit) if unseen is not None else None)
         metrics.update({k: v for k, v in self.selection.items() if isinstance(v, float) and k.startswith("val_")})
         self.save(run.path)
         return metrics
 
-    def _select_on_validation(self, val: EmbeddingTable, *, progress: bool) -> None:
+    def _select_on_validation(self, val: EmbeddingTable, *, progress: bool,
+                              unseen: EmbeddingTable | None = None) -> None:
+        """The aggregation, LocDiff-H's parameters (the product of experts on `val` and `unseen` together,
+        each weighing half) and the confidence maps, chosen on validation rows."""
         self.selection["val_rows"] = int(len(val.lat))
         out = locdiff_predict(self.model, val.embedding, self.config, seed=self.config.train.seed,
                               progress=progress)
@@ -114,8 +133,23 @@ class LocDiffMethod(GeoMethod):
             cand = hybrid_candidates(self.gallery, val.embedding, out.mean_code, mlat, mlon, out.mean_value,
                                      hc.top_k)
             blend = choose_blend(cand, mlat, mlon, *truth)
+            alat, alon, _ = out.choose(agg)
+            parts = [poe_candidates(self.gallery, val.embedding, out.mean_code, alat, alon, hc.top_k)]
+            plat, plon, groups = [val.lat], [val.lon], [np.zeros(len(val.lat))]
+            if unseen is not None and len(unseen.lat):
+                out_u = locdiff_predict(self.model, unseen.embedding, self.config, seed=self.config.train.seed,
+                                        progress=progress)
+                ulat, ulon, _ = out_u.choose(agg)
+                parts.append(poe_candidates(self.gallery, unseen.embedding, out_u.mean_code, ulat, ulon, hc.top_k))
+                plat, plon, groups = [*plat, unseen.lat], [*plon, unseen.lon], [*groups, np.ones(len(unseen.lat))]
+                self.selection["val_unseen_rows"] = int(len(unseen.lat))
+            poe = choose_poe(concat_candidates(parts), np.concatenate(plat), np.concatenate(plon),
+                             np.concatenate(groups))
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
-                                   "val_hybrid_score": blend["score"],
+                                   "hybrid_poe": {k: poe[k] for k in POE_DEFAULT},
+                                   "val_hybrid_score": blend["score"], "val_poe_score": poe["score"],
+                                   "val_locdiff_score": poe["locdiff_score"],
+                                   "val_poe_retrieval_score": poe["retrieval_score"],
                                    "val_retrieval_score": blend["retrieval_score"]})
         self._calibrate(out, val)
         log.info("validation choices: %s", {k: v for k, v in self.selection.items() if k != "calibration"})
@@ -164,13 +198,32 @@ class LocDiffMethod(GeoMethod):
         """The answer of each image for "locdiff" (the chosen aggregation) or "locdiff-h" (the gallery
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
-        if method == "locdiff-h":
+        if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
+            cand = poe_candidates(self._get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
+            lat, lon, _ = poe_select(cand, **self._poe_parameters())
+        elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
             cand = hybrid_candidates(self._get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
             lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
                                         radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
         return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+
+    def _poe_parameters(self) -> dict[str, float]:
+        """The product-of-experts parameters chosen on validation (selection.json), checked."""
+        got = self.selection.get("hybrid_poe") or POE_DEFAULT
+        try:
+            prm = {k: float(got[k]) for k in POE_DEFAULT if k not in ("core", "snap_km")}
+            prm.update({k: float(got.get(k, 0.0)) for k in ("core", "snap_km")})  # chosen before these: none
+            if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0
+                    and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])
+                    and 0 <= prm["snap_km"] <= HALF_EARTH_KM):
+                raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor and core in [0, 1], "
+                                 "threshold a number, snap_km in [0, half the Earth]")
+        except (ValueError, KeyError, TypeError) as err:
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
+        return prm
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:

@@ -115,6 +115,27 @@ def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
     assert after["step"] == before["step"] and (again / "model.safetensors").read_bytes() == weights  # not retrained
 
 
+def test_val_unseen_joins_the_choice_of_locdiff_h(run, synth_dir, tmp_path):
+    """--val-unseen on a complete run: recorded in the run's data, LocDiff-H's parameters chosen again on both
+    validation tables, the weights not retrained."""
+    import shutil
+
+    again = tmp_path / "unseen"
+    shutil.copytree(run, again)
+    weights = (again / "model.safetensors").read_bytes()
+    rc = main(["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+               str(synth_dir / "val.parquet"), "--val-unseen", str(synth_dir / "test_unseen.parquet"), "--out",
+               str(again), "--no-progress", *_sets()])
+    assert rc == 0
+    sel = json.loads((again / "selection.json").read_text())
+    assert sel["val_unseen"]["kind"] == "table" and sel["val_unseen_rows"] == 128  # train.val_samples
+    assert sel["hybrid_mode"] == "poe" and set(sel["hybrid_poe"]) == {"bandwidth_km", "strength", "threshold",
+                                                                     "slope", "floor", "core",
+                                                                     "snap_km"}
+    assert json.loads((again / "run.json").read_text())["data"]["val_unseen"]["kind"] == "table"
+    assert (again / "model.safetensors").read_bytes() == weights
+
+
 def test_held_out_share_without_val(synth_dir, tmp_path):
     out = tmp_path / "r"
     rc = main(["train", "--config", str(TINY), "--method", "knn", "--train", str(synth_dir / "train.parquet"),
@@ -430,3 +451,21 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
     parts = [read_predictions(tmp_path / f"p{half}.parquet") for half in (0, 1)]
     np.testing.assert_allclose(np.concatenate([p.pred_lat for p in parts]), ref.lat, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([p.pred_lon for p in parts]), ref.lon, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", [{"hybrid_poe": {"bandwidth_km": -1}}, {"hybrid_poe": "x"},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": "nan",
+                                                    "slope": 1, "floor": 2}}])
+def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, capsys, damage):
+    """selection.json is untrusted: LocDiff-H with damaged parameters is refused in one line (exit 2)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    sel = json.loads((bad / "selection.json").read_text())
+    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", **damage}))
+    rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
+               str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "hybrid_poe is damaged" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.parquet").exists()

@@ -1,6 +1,6 @@
 """LocDiff-H holds the retrieval gallery: with an untrained diffusion model it falls back to retrieval; with a
-trained one it keeps the gallery's answers where the gallery knows the place and (issue 19 item 5, not yet)
-LocDiff's where the gallery has never been."""
+trained one (its product of experts chosen on val and val_unseen) it keeps the gallery's answers where the
+gallery knows the place and LocDiff's where the gallery has never been."""
 
 import numpy as np
 import pytest
@@ -12,11 +12,13 @@ from .conftest import TEST_OVERRIDES, TINY
 
 
 def test_untrained_diffusion_falls_back_to_retrieval(tmp_path, synth_tables):
+    """The blend (hybrid.mode=blend, runs trained before the product of experts)."""
     from locdiff.baselines.knn import KNNMethod
     from locdiff.model.method import LocDiffMethod
 
     # one training step: the density is noise, so validation must choose plain retrieval
-    cfg = load_config(TINY, [*TEST_OVERRIDES, "train.steps=1", "train.warmup_steps=1", "train.val_samples=300"])
+    cfg = load_config(TINY, [*TEST_OVERRIDES, "train.steps=1", "train.warmup_steps=1", "train.val_samples=300",
+                             "hybrid.mode=blend"])
     method = LocDiffMethod(cfg)
     method.fit(synth_tables["train"], synth_tables["val"], tmp_path / "ld", progress=False)
     assert method.selection["hybrid_weight"] == 0.0 and method.selection["hybrid_radius_km"] == float("inf")
@@ -33,18 +35,50 @@ def test_untrained_diffusion_falls_back_to_retrieval(tmp_path, synth_tables):
     assert hybrid["acc_25km"] > plain["acc_25km"] + 5  # the untrained density alone is far worse
 
 
+@pytest.mark.slow
+def test_untrained_diffusion_product_of_experts_keeps_the_gallery(tmp_path, synth_tables):
+    """With a noise density the product of experts answers from the gallery's factor: at least top-1 retrieval at
+    every threshold (within a point) and far better than the untrained LocDiff at 25 km."""
+    from locdiff.baselines.knn import KNNMethod
+    from locdiff.model.method import LocDiffMethod
+
+    cfg = load_config(TINY, [*TEST_OVERRIDES, "train.steps=1", "train.warmup_steps=1", "train.val_samples=300",
+                             "hybrid.mode=poe"])
+    method = LocDiffMethod(cfg)
+    method.fit(synth_tables["train"], synth_tables["val"], tmp_path / "ld", progress=False)
+    assert method.selection["hybrid_mode"] == "poe" and method.selection["hybrid_poe"]["strength"] > 0
+    knn = KNNMethod.from_config({"method": "knn"})
+    knn.fit(synth_tables["train"], None, tmp_path / "knn", progress=False)
+    test = synth_tables["test"]
+    h, r, p = (_acc(method.predict(test, method="locdiff-h"), test), _acc(knn.predict(test), test),
+               _acc(method.predict(test, method="locdiff"), test))
+    for k in ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km"):
+        assert h[k] >= r[k] - 1.0, (k, h[k], r[k])
+    assert h["acc_25km"] > p["acc_25km"] + 5
+
+
 @pytest.fixture(scope="module")
 def trained_h(tmp_path_factory, synth_tables):
-    """A LocDiff run (test config, 200 steps) and top-1 retrieval over the same training rows."""
+    """A LocDiff run (test config, 200 steps; LocDiff-H chosen on val and val_unseen) and top-1 retrieval over
+    the same training rows."""
     from locdiff.baselines.knn import KNNMethod
     from locdiff.model.method import LocDiffMethod
 
     root = tmp_path_factory.mktemp("hybrid")
     method = LocDiffMethod(load_config(TINY, [*TEST_OVERRIDES, "train.val_samples=300"]))
-    method.fit(synth_tables["train"], synth_tables["val"], root / "ld", progress=False)
+    method.fit(synth_tables["train"], synth_tables["val"], root / "ld", progress=False,
+               val_unseen=_val_unseen())
     knn = KNNMethod.from_config({"method": "knn"})
     knn.fit(synth_tables["train"], None, root / "knn", progress=False)
     return method, knn
+
+
+def _val_unseen():
+    """300 val_unseen rows of the conftest's synthetic world (its held-out disks, draws other than test_unseen)."""
+    from locdiff.synth import SynthConfig, SynthWorld, make_split
+
+    return make_split(SynthWorld(SynthConfig(n_train=4000, n_val=300, n_test=400, n_unseen=200, dim=32, seed=3)),
+                      "val_unseen", 300)
 
 
 def _acc(pred, table):
@@ -66,9 +100,6 @@ def test_hybrid_keeps_the_gallery_where_it_knows_the_place(trained_h, synth_tabl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 19 item 5: the blend is chosen on iid validation rows and moves "
-                   "answers to gallery points in regions the gallery has never seen (measured here: 23.0 "
-                   "against LocDiff's 33.5 % within 750 km on test_unseen)")
 def test_hybrid_keeps_locdiff_where_the_gallery_has_never_been(trained_h, synth_tables):
     """On held-out regions (no training row nearby), LocDiff-H is at least LocDiff at 750 and 2,500 km
     (within a point): the gallery's neighbours are all elsewhere, so LocDiff's answer must stand."""
