@@ -14,8 +14,9 @@ its confidence and its throughput. It trains its own small runs.
    CLIP ViT-L/14 the encoder dominates; its cost is measured by bench_data.
 3. A folder (issue 20): `locate` on 1,000 JPEGs of 1600x1200 through a random CLIP ViT-B/32 tower (built
    from its config, no download) against the embedding step alone (the encoder on ready pixel batches)
-   and against decoding each batch before embedding it; locate decodes on threads ahead of the encoder,
-   so it should reach at least 0.8x of the embedding step alone where the cores are not all busy.
+   and against decoding each batch before embedding it; locate decodes on threads, ahead of the encoder
+   when it leaves cores free (a GPU), else between batches on all cores, so it should reach at least 0.8x
+   of the embedding step alone where the cores are not all busy (the JSON records the load average).
 
     python -m benchmarks.bench_locate [--quick] [--folder-only [--photos 1000] [--encoder vit-b32|vit-s32]]
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -219,12 +221,16 @@ def folder_throughput(n: int, encoder: str, out: Path) -> dict[str, Any]:
 
     seq = _rate(sequential, n, repeat=1)
     loc = _rate(lambda: g.locate(files, top_k=5), n, repeat=1)
+    free = enc.cpu_threads() < (os.cpu_count() or 1)  # locate decodes ahead only beside an encoder leaving cores free
+    mode = "ahead of the encoder" if free else "between batches"
     rows = [{"encoder": encoder, "step": "embedding alone (ready pixels)", "photos_per_s": embed_only, "ratio": 1.0},
             {"encoder": encoder, "step": "decode then embed, batch after batch", "photos_per_s": seq,
              "ratio": seq / embed_only},
-            {"encoder": encoder, "step": f"locate (decode on {geo_mod.DECODE_THREADS} threads ahead)",
+            {"encoder": encoder, "step": f"locate (decode on {geo_mod.DECODE_THREADS} threads, {mode})",
              "photos_per_s": loc, "ratio": loc / embed_only}]
     return {"rows": rows, "n_photos": n, "photo_size": [1600, 1200], "decode_threads": geo_mod.DECODE_THREADS,
+            "decode": mode, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
             "encoder": {"name": encoder, **ENCODERS[encoder]}}
 
 
