@@ -90,14 +90,18 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
                 raise RecordError("too_big", f"{len(data):,} bytes, above the limit of {max_bytes:,} bytes")
         im = open_header(data, max_pixels=max_pixels)
     try:
-        swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that turn it by 90 degrees
+        orientation = im.getexif().get(0x0112, 1)
+        swapped = orientation in (5, 6, 7, 8)  # orientations that turn it by 90 degrees
         w, h = (im.height, im.width) if swapped else im.size  # the size after orientation
         if max_side is not None and im.format == "JPEG" and max(w, h) > max_side:
             scale = max_side / max(w, h)
             # decode at the smallest 1/2, 1/4 or 1/8 scale that is still at least the target size
             im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
         im.load()
-        im = ImageOps.exif_transpose(im)
+        # an upright file's image is used as decoded (exif_transpose would copy it: 10 % of a photo's
+        # preparation); the caller's own PIL image is still never returned itself
+        if orientation != 1 or im is image:
+            im = ImageOps.exif_transpose(im)
         if im.mode != "RGB":
             im = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -40,6 +41,10 @@ class ImageEncoder(ABC):
         """What the features manifest records about the encoder."""
         return {"name": self.cfg.name, "type": self.cfg.type, "model": self.cfg.model,
                 "revision": self.cfg.revision, "normalize": self.cfg.normalize}
+
+    def cpu_threads(self) -> int:
+        """How many CPU cores `embed` keeps busy: 0 on an accelerator; here, all of them."""
+        return os.cpu_count() or 1
 
     @abstractmethod
     def embed(self, inputs: np.ndarray) -> np.ndarray:

@@ -183,6 +183,11 @@ class ClipEncoder(ImageEncoder):
         log.info("CLIP encoder %s (rev %s) on %s, %s, dim %d", cfg.model, cfg.revision, self.device,
                  precision, self.dim)
 
+    def cpu_threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads() if self.device.type == "cpu" else 0
+
     def embed(self, inputs: np.ndarray) -> np.ndarray:
         import torch
 

@@ -4,6 +4,7 @@ a folder with an unreadable file, typed results, the one preprocessing, top-k mo
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import numpy as np
@@ -87,6 +88,25 @@ def test_api_types_inputs_and_order(trained, folder):
     # locate == locate_embeddings of the same embeddings (same order, same seed)
     ids, emb, _ = g.embed(files[1:])
     assert g.locate(files[1:]) == g.locate_embeddings(emb, ids=ids)
+
+
+def test_decoding_beside_or_between_batches_gives_the_same_embeddings(trained, folder):
+    """An encoder leaving cores free (one torch thread) gets photos decoded ahead, one using every core
+    gets them decoded between its batches: the same ids, embeddings and errors, in input order."""
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))  # broken.jpg among them
+    g = Geolocator.load(trained["run_dir"])
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, max(2, os.cpu_count() or 1)):
+            torch.set_num_threads(threads)
+            results.append(g.embed(files, batch_size=2))
+    finally:
+        torch.set_num_threads(before)
+    (ids, emb, failed), (ids2, emb2, failed2) = results
+    assert ids == ids2 == files and failed == failed2 and list(failed) == [files.index(str(folder / "broken.jpg"))]
+    assert emb.shape == (len(files) - 1, g.embedding_dim)
+    np.testing.assert_allclose(emb, emb2, atol=1e-6)
 
 
 def test_embeddings_match_an_independent_clip(trained, folder, tiny_clip):

@@ -1,6 +1,6 @@
 """The `locate-photos` flow through a real Prefect API (prefect_test_harness): a folder of unlabelled photos
 (one unreadable) and the champion model in; a predictions table and a map beside the folder, an MLflow
-inference run; a second run skips every finished shard."""
+inference run; a second run with the same `models:/` URI (downloaded again) embeds and predicts nothing."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     buf = io.BytesIO()
     Image.open(tagged).save(buf, format="JPEG", quality=95, exif=gps_exif(48.8584, 2.2945))
     tagged.write_bytes(buf.getvalue())
-    out = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3)
+    first = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3,
+                          return_state=True)
+    out = first.result()
     located = tmp_path / "new-located"
     assert out["table"] == str(located / "predictions.parquet") and out["map"] == str(located / "map.png")
     df = pd.read_parquet(out["table"])
@@ -54,13 +56,19 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"predictions.parquet", "map.png"}
     assert not any(k.endswith("acc_1km") for k in run.data.metrics)  # no evaluation
 
-    again = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3)
+    features = sorted(p for p in (located / "photos" / "features").rglob("*") if p.is_file())
+    written = {p: p.stat().st_mtime_ns for p in features}
+    second = locate_photos(photos=str(folder), model="models:/locdiff@champion", shard_size=3, top_k=3,
+                           return_state=True)
+    again = second.result()
+    assert {p: p.stat().st_mtime_ns for p in features if p.exists()} == written  # nothing embedded again
     assert again["stages"]["predict"]["predicted"] == 0 and again["stages"]["predict"]["skipped"] == 3
     assert pd.read_parquet(again["table"]).equals(df)
 
-    with get_client(sync_client=True) as c:  # both runs are recorded by the Prefect API, completed
-        states = [r.state.name for r in c.read_flow_runs()]
-    assert states.count("Completed") == 2, states
+    with get_client(sync_client=True) as c:  # both runs (this test's own) are recorded by the Prefect API
+        runs = [c.read_flow_run(s.state_details.flow_run_id) for s in (first, second)]
+    assert [r.state.name for r in runs] == ["Completed", "Completed"] and runs[0].id != runs[1].id
+    assert [r.parameters["photos"] for r in runs] == [str(folder)] * 2
 
 
 def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
