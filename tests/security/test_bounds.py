@@ -102,7 +102,9 @@ def test_the_acceptance_commands_exit_2_in_one_line_with_bounded_memory(world, t
     for (name, _), block in zip(jobs, blocks, strict=False):
         assert expected[name] in block, (name, block)
     assert not out.exists() and not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))
-    assert result["peak_kb"] < 1_500_000, result  # the whole sequence: imports, one run loaded, nothing more
+    # the whole sequence (imports of torch, pyarrow and the CLI, one run loaded) peaks at about 1.5 GB; each
+    # hostile value used to ask for 5 GB to 10 TB, so 3 GB tells bounded from unbounded with room for imports
+    assert result["peak_kb"] < 3_000_000, result
 
 
 # -- config files, --set and the Python API -------------------------------------------------------------------
