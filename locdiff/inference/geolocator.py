@@ -46,6 +46,7 @@ import numpy as np
 from locdiff.data.exif import distance_km, gps_or_none
 from locdiff.data.images import load_rgb
 from locdiff.data.validation import RecordError
+from locdiff.errors import UserError
 from locdiff.runs import resolve_reference
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,6 @@ class Geolocator:
     def __init__(self, folder: str | os.PathLike, *, source: str | None = None, device: str | None = None,
                  _keep: Any = None) -> None:
         """Load from a run folder (or a packaged model's data folder, the same layout); prefer `load`."""
-        from locdiff.errors import UserError
         from locdiff.model.method import LocDiffMethod
         from locdiff.runs import RunFolder
 
@@ -154,7 +154,6 @@ class Geolocator:
         """The EncoderConfig of the run's image encoder (from run.json `encoder`)."""
         from locdiff import schema
         from locdiff.data.config import EncoderConfig
-        from locdiff.errors import UserError
 
         rec = self.encoder_record
         if not rec.get("model"):
@@ -178,7 +177,6 @@ class Geolocator:
         """The run's image encoder, built once (`locdiff.embed.make_encoder`)."""
         if self._encoder is None:
             from locdiff.embed import make_encoder
-            from locdiff.errors import UserError
 
             self._encoder = make_encoder(self.encoder_config())
             if int(self._encoder.dim) != self.embedding_dim:
@@ -253,7 +251,6 @@ class Geolocator:
                errors: str = "report", seed: int = 0) -> list[Location]:
         """Locate photos: paths, image bytes or PIL images (one or a list). Returns one Location per input,
         in order; an unreadable one has `error` set (errors="raise": a UserError naming it instead)."""
-        from locdiff.errors import UserError
 
         if errors not in ("report", "raise"):
             raise ValueError(f"errors must be 'report' or 'raise'; got {errors!r}")
@@ -282,7 +279,6 @@ class Geolocator:
                           seed: int = 0, progress: bool = False) -> list[Location]:
         """Locate precomputed embeddings (N, d) (or one (d,)) of the run's encoder. `encoder`: the record of
         the encoder that made them, when known (a features manifest's `encoder`): checked against the run's."""
-        from locdiff.errors import UserError
         from locdiff.gazetteer import nearest_places
         from locdiff.runs import check_encoder
         from locdiff.shdd.modes import density_modes
@@ -327,7 +323,6 @@ class Geolocator:
 
 def check_top_k(top_k: Any, name: str = "top_k") -> int:
     """`top_k` when it is an integer in [1, MAX_TOP_K]; a UserError naming `name` (e.g. "--top-k") otherwise."""
-    from locdiff.errors import UserError
 
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
         raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")

@@ -51,7 +51,7 @@ from typing import Any
 
 from locdiff import __version__
 from locdiff.embed import encoder_digest
-from locdiff.errors import UserError
+from locdiff.errors import UserError, describe
 from locdiff.io import finite_or_none
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy what predicting needs from a LocDiff run folder into dst/locdiff-model (see the module
     docstring); returns that folder (the `data_path` of the MLflow model)."""
     from locdiff import runs
-    from locdiff.errors import UserError
 
     run = runs.RunFolder(run_dir)
     if not run.has_model():
@@ -189,7 +188,6 @@ def _model_folder(model_dir: Path, what: str) -> Path:
     """The data folder of a saved MLflow model (checks that it is a LocDiff model)."""
     import yaml
 
-    from locdiff.errors import UserError
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
     flavor = (mlmodel.get("flavors") or {}).get("python_function") or {}
@@ -204,7 +202,6 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Path, A
     """(local run folder, an object that keeps a download alive or None) for a run folder, a saved MLflow
     model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
     through MLflow."""
-    from locdiff.errors import UserError
 
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
@@ -267,7 +264,6 @@ class LocDiffModel:
         import numpy as np
         import pandas as pd
 
-        from locdiff.errors import UserError
 
         params = params or {}
         top_k = int(params.get("top_k", 5))
@@ -312,7 +308,6 @@ class LocDiffModel:
 def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) -> None:
     """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
     limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
-    from locdiff.errors import UserError
     from locdiff.inference.geolocator import check_top_k
 
     params = params or {}
@@ -347,7 +342,6 @@ def request_error(err: BaseException) -> Exception:
     and no stack trace; 400 (INVALID_PARAMETER_VALUE) for what the request can fix, 500 otherwise."""
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-    from locdiff.errors import UserError, describe
 
     bad_request = isinstance(err, UserError | ValueError | TypeError)
     text = describe(err, debug_hint="see the server log")
