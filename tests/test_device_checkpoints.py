@@ -8,12 +8,11 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 from locdiff import engine
 from locdiff.data.stream import TableSource
 from locdiff.runs import RunFolder
-from tests.test_engine import SETTINGS, Toy, _table
+from tests.test_engine import SETTINGS, Toy, _ddp_worker, _table
 
 
 def _cuda_state(seed: int) -> torch.Tensor:
@@ -63,33 +62,13 @@ def test_checkpoint_of_a_gpu_worker_resumes_on_cpu(tmp_path, caplog):
         assert torch.equal(v, finals[1][k]), k
 
 
-def _ddp_resume_worker(rank: int, world: int, port: int, out: str, steps_this_run: int | None) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        d = engine.Distributed(rank, world, wrap=lambda m: nn.parallel.DistributedDataParallel(m))
-        s = engine.Settings(**{**SETTINGS, "steps": 20})
-        res = engine.train(Toy(), TableSource(_table(), piece_rows=100), s,
-                           store=engine.RunStore(RunFolder(f"{out}/rank{rank}")), dist=d, progress=False,
-                           max_steps_this_run=steps_this_run)
-        torch.save({"weights": res.model.state_dict(), "restored": res.restored_from_step, "step": res.step},
-                   f"{out}/final{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow  # two spawned DDP processes, twice
 def test_two_worker_gpu_checkpoint_resumes_on_cpu(tmp_path):
     import torch.multiprocessing as mp
 
     from tests.orchestration.conftest import free_port
 
-    mp.spawn(_ddp_resume_worker, args=(2, free_port(), str(tmp_path), 10), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), 10), nprocs=2, join=True)
     first = RunFolder(tmp_path / "rank0").load_checkpoint()
     assert first["step"] == 10 and len(first["rank_rng"]) == 2
     a, b = first["rank_rng"]
@@ -97,7 +76,7 @@ def test_two_worker_gpu_checkpoint_resumes_on_cpu(tmp_path):
     assert not torch.equal(a["torch"], b["torch"])  # dropout and noise too
     for r in range(2):
         _as_if_written_on_gpu(RunFolder(tmp_path / f"rank{r}"))
-    mp.spawn(_ddp_resume_worker, args=(2, free_port(), str(tmp_path), None), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), None), nprocs=2, join=True)
     w0, w1 = (torch.load(tmp_path / f"final{r}.pt", weights_only=True) for r in range(2))
     assert w0["step"] == w1["step"] == 20 and w0["restored"] == w1["restored"] == 10
     for k in w0["weights"]:

@@ -76,7 +76,9 @@ def test_checkpoint_of_other_data_or_task_is_a_clear_error(tmp_path):
         engine.train(Other(), TableSource(_table()), s, store=store, progress=False)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, steps_this_run: int | None = None) -> None:
+    """One DDP rank of a 20-step run (`steps_this_run`: stop early, as an interruption); it saves its final
+    weights, the step it restored from and the step it reached to OUT/final{rank}.pt."""
     import os
 
     import torch.distributed as dist
@@ -88,8 +90,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         d = engine.Distributed(rank, world, wrap=lambda m: nn.parallel.DistributedDataParallel(m))
         s = engine.Settings(**{**SETTINGS, "steps": 20})
         res = engine.train(Toy(), TableSource(_table(), piece_rows=100), s,
-                           store=engine.RunStore(RunFolder(f"{out}/rank{rank}")), dist=d, progress=False)
-        torch.save(res.model.state_dict(), f"{out}/final{rank}.pt")
+                           store=engine.RunStore(RunFolder(f"{out}/rank{rank}")), dist=d, progress=False,
+                           max_steps_this_run=steps_this_run)
+        torch.save({"weights": res.model.state_dict(), "restored": res.restored_from_step, "step": res.step},
+                   f"{out}/final{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -101,8 +105,7 @@ def test_two_ddp_processes_end_with_identical_weights(tmp_path):
     from tests.orchestration.conftest import free_port
 
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    w0 = torch.load(tmp_path / "final0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "final1.pt", weights_only=True)
+    w0, w1 = (torch.load(tmp_path / f"final{r}.pt", weights_only=True)["weights"] for r in range(2))
     assert w0.keys() == w1.keys()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k

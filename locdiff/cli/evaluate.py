@@ -42,15 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "noise, at photo-collection-like locations and at the real Im2GPS3k / YFCC26k test "
                     "locations. Writes DIR/{train,val,val_unseen,test,test_unseen,im2gps3k,yfcc26k}.parquet "
                     "and DIR/realbench.json; the same seed gives identical files.")
-    r.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    r.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
-    r.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
-    r.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
-    r.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
-                   help="val_unseen rows, held-out regions (default 1000)")
-    r.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
-    r.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
-                   help="test_unseen rows, held-out regions (default 2000)")
+    _world_args(r)
     r.add_argument("--n-yfcc", type=int, default=4_000, metavar="N",
                    help="yfcc26k rows: a fixed subsample of the 25,600 locations, the same for every seed "
                         "(default 4000; 0: all)")
@@ -66,19 +58,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "download). Writes DIR/{train,val,val_unseen,test,test_unseen}.parquet, "
                     "DIR/labels/<split>.parquet (what each row shows) and DIR/cuebench.json; the same seed "
                     "gives identical files.")
-    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
-    c.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
-    c.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
-    c.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
-                   help="val_unseen rows, held-out regions (default 1000)")
-    c.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
-    c.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
-                   help="test_unseen rows, held-out regions (default 2000)")
+    _world_args(c)
     c.add_argument("--dim", type=int, default=256, metavar="D", help="embedding dimension (default 256)")
     c.add_argument("--noise", type=float, default=None, metavar="X",
                    help="norm of the embedding noise (default 1.0; higher is harder)")
     c.set_defaults(func=_cuebench)
+
+
+def _world_args(p: argparse.ArgumentParser) -> None:
+    """The output folder, seed and split sizes shared by `realbench` and `cuebench`."""
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    p.add_argument("--n-train", type=int, default=60_000, metavar="N", help="training rows (default 60000)")
+    p.add_argument("--n-val", type=int, default=2_000, metavar="N", help="val rows, iid (default 2000)")
+    p.add_argument("--n-val-unseen", type=int, default=1_000, metavar="N",
+                   help="val_unseen rows, held-out regions (default 1000)")
+    p.add_argument("--n-test", type=int, default=3_000, metavar="N", help="test rows, iid (default 3000)")
+    p.add_argument("--n-test-unseen", type=int, default=2_000, metavar="N",
+                   help="test_unseen rows, held-out regions (default 2000)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
