@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from locdiff.errors import UserError
 
@@ -126,24 +127,22 @@ def _synth(args: argparse.Namespace) -> int:
 def _realbench(args: argparse.Namespace) -> int:
     from locdiff.realbench import RealBenchConfig, write_benchmark
 
-    noise = {} if args.noise is None else {"noise": args.noise}
-    cfg = RealBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
-                          n_test=args.n_test, n_test_unseen=args.n_test_unseen, n_yfcc=args.n_yfcc, **noise)
-    paths = write_benchmark(args.out, cfg)
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    print(f"config: {paths['train'].parent / 'realbench.json'}")
-    return 0
+    return _write_world("realbench", RealBenchConfig, write_benchmark, args, n_yfcc=args.n_yfcc)
 
 
 def _cuebench(args: argparse.Namespace) -> int:
     from locdiff.cuebench import CueBenchConfig, write_benchmark
 
+    return _write_world("cuebench", CueBenchConfig, write_benchmark, args, dim=args.dim)
+
+
+def _write_world(name: str, config_cls: Any, write_benchmark: Any, args: argparse.Namespace, **extra: Any) -> int:
+    """Write a benchmark world with the split sizes of `_world_args` (and `extra`), then list its files."""
     noise = {} if args.noise is None else {"noise": args.noise}
-    cfg = CueBenchConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
-                         n_test=args.n_test, n_test_unseen=args.n_test_unseen, dim=args.dim, **noise)
+    cfg = config_cls(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
+                     n_test=args.n_test, n_test_unseen=args.n_test_unseen, **extra, **noise)
     paths = write_benchmark(args.out, cfg)
     for split, path in paths.items():
         print(f"{split}: {path}")
-    print(f"config: {paths['train'].parent / 'cuebench.json'}")
+    print(f"config: {paths['train'].parent / f'{name}.json'}")
     return 0
