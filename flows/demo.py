@@ -34,6 +34,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from locdiff.tracking import CHAMPION, DEFAULT_EXPERIMENT, METRIC_NAMES, REGISTERED_MODEL
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "train-locdiff/train-locdiff"
 FINAL_LOG_GRACE_S = 15.0  # how long `follow` waits for a finished run's last log lines
@@ -100,7 +102,6 @@ def training_progress(env: dict[str, str]) -> str | None:
     """'step S/N, loss L' of the newest running training run in MLflow (logged at every checkpoint)."""
     from mlflow.tracking import MlflowClient
 
-    from locdiff.tracking import DEFAULT_EXPERIMENT
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
@@ -214,7 +215,6 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
     """(run id, {dataset: metrics}) of the newest training run, read through MLflow's API."""
     from mlflow.tracking import MlflowClient
 
-    from locdiff.tracking import DEFAULT_EXPERIMENT, METRIC_NAMES
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
@@ -275,7 +275,6 @@ def summary(env: dict[str, str], run_id: str, flow_run_id: str) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from locdiff.tracking import CHAMPION, REGISTERED_MODEL
 
     url, ui = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"].removesuffix("/api")
     client = MlflowClient(tracking_uri=url)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from locdiff.cli import number_in
+from locdiff.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def _predict(args: argparse.Namespace) -> int:
     check_data_encoder(run, args.data)
     table = read_table(args.data)
     if len(table) == 0:
-        from locdiff.errors import UserError
 
         raise UserError(f"{args.data}: no rows; nothing to predict")
     method = get_method(trained).load(run.path, cfg)
