@@ -31,7 +31,7 @@ from typing import Any
 
 from locdiff.data.config import MAX_SHARD_SIZE
 from locdiff.errors import UserError
-from locdiff.inference.geolocator import check_top_k
+from locdiff.inference.geolocator import check_top_k, with_gps_tags, write_locations
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,6 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
 
     from locdiff.data import storage
     from locdiff.data.stream import open_source
-    from locdiff.inference.geolocator import with_gps_tags, write_locations
     from locdiff.runs import check_encoder
 
     check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),

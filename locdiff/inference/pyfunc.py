@@ -52,6 +52,7 @@ from typing import Any
 from locdiff import __version__
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe
+from locdiff.inference.geolocator import check_top_k
 from locdiff.io import finite_or_none
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,6 @@ class LocDiffModel:
 def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) -> None:
     """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
     limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
-    from locdiff.inference.geolocator import check_top_k
 
     params = params or {}
     unknown = sorted(set(params) - {"top_k", "method"})
