@@ -7,7 +7,7 @@ with the same methods and sizes: `synth` (locdiff/synth.py, made in memory), `re
 region, city, landmark, biome and no-geography cues), the last two written into the work folder with the
 same seed. For each, one run prints and saves (benchmarks/results/model.json, results and throughput by
 benchmark):
-1. accuracy on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`; cuebench also
+1. accuracy on `val` and `val_unseen` (where defaults are chosen) and on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`; cuebench also
    `test_landmark`, the landmark photos of `test`) of LocDiff, LocDiff-H
    and every baseline (knn top-1, knn top-16, geocell, regress, flow), LocDiff trained with each other
    objective (KL alone, MSE alone), and the same LocDiff network sampled in one step (one sample, one
@@ -51,8 +51,9 @@ from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger("bench_model")
 ROOT = Path(__file__).resolve().parent.parent
-SPLITS = {"synth": ("test", "test_unseen"), "realbench": ("test", "test_unseen", "im2gps3k", "yfcc26k"),
-          "cuebench": ("test", "test_unseen", "test_landmark")}
+SPLITS = {"synth": ("val", "val_unseen", "test", "test_unseen"),
+          "realbench": ("val", "val_unseen", "test", "test_unseen", "im2gps3k", "yfcc26k"),
+          "cuebench": ("val", "val_unseen", "test", "test_unseen", "test_landmark")}
 DEFAULT_BENCHMARKS = "synth,realbench,cuebench"
 BASELINES = {  # row name -> (method, options overriding the config's baselines.<method>)
     "knn": ("knn", {"k": 1}),
