@@ -7,8 +7,8 @@ with the same methods and sizes: `synth` (locdiff/synth.py, made in memory), `re
 region, city, landmark, biome and no-geography cues), the last two written into the work folder with the
 same seed. For each, one run prints and saves (benchmarks/results/model.json, results and throughput by
 benchmark):
-1. accuracy on `val` and `val_unseen` (where defaults are chosen) and on `test` and `test_unseen` (realbench also `im2gps3k` and `yfcc26k`; cuebench also
-   `test_landmark`, the landmark photos of `test`) of LocDiff, LocDiff-H
+1. accuracy on `val` and `val_unseen` (where defaults are chosen) and on `test` and `test_unseen` (realbench
+   also `im2gps3k` and `yfcc26k`; cuebench also `test_landmark`, the landmark photos of `test`) of LocDiff, LocDiff-H
    and every baseline (knn top-1, knn top-16, geocell, regress, flow), LocDiff trained with each other
    objective (KL alone, MSE alone), and the same LocDiff network sampled in one step (one sample, one
    DDIM step: z0 predicted from pure noise at t = T, no iterative denoising), and the same network
@@ -28,11 +28,13 @@ benchmark):
     python -m benchmarks.bench_model --skip-locdiff  # baselines only
     python -m benchmarks.bench_model --benchmarks realbench  # one benchmark only
     python -m benchmarks.bench_model --benchmarks synth,realbench  # the two smooth worlds
+    python -m benchmarks.bench_model --report        # the README's Markdown tables from results/model.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -42,7 +44,7 @@ from typing import Any
 import torch
 
 from benchmarks import posterior
-from benchmarks.common import print_table, save
+from benchmarks.common import RESULTS, print_table, save
 from locdiff import cuebench, realbench, synth
 from locdiff.gallery import Gallery
 from locdiff.metrics import format_table, geo_metrics
@@ -269,6 +271,65 @@ def _synth_kwargs(args) -> dict[str, Any]:
             "n_val_unseen": args.n_val // 2, "seed": args.seed, "dim": args.dim}
 
 
+ACC_KEYS = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km")
+REPORT_ROWS = {  # README row name -> the row of results/model.json
+    "retrieval (knn top-1)": "knn", "retrieval (knn top-16, mode)": "knn top-16",
+    "cell classifier (geocell)": "geocell",
+    "regression (regress)": "regress", "flow (flow)": "flow", "LocDiff (one-step, K=1 S=1)": "one-step (K=1, S=1)",
+    "LocDiff (sampled, K={} S={})".format(*posterior.SAMPLED): "sampled (K={}, S={})".format(*posterior.SAMPLED),
+    "LocDiff-H": "LocDiff-H"}
+
+
+def markdown_report(payload: dict[str, Any]) -> str:
+    """The README's results tables from a saved results/model.json: per benchmark, accuracy (%) at 1 / 25 /
+    200 / 750 / 2,500 km of every method on every split, then the two-place probe."""
+    out = []
+    for bench in payload["benchmarks"]:
+        res = payload["results"].get(bench, {})
+        splits = [s for s in SPLITS[bench] if any(s in r for r in res.values())]
+        if not splits:
+            continue
+        sizes = payload.get("sizes", {}).get(bench, {})
+        out.append(f"**{bench}** ({sizes.get('train', 0):,} training rows; "
+                   + ", ".join(f"{s} {sizes.get(s, 0):,}" for s in splits) + ")\n")
+        out.append("| method | " + " | ".join(splits) + " |")
+        out.append("|---" * (len(splits) + 1) + "|")
+        for label, row in REPORT_ROWS.items():
+            if row in res:
+                cells = [" / ".join(f"{res[row][s][k]:.1f}" for k in ACC_KEYS) if s in res[row] else "" for s in splits]
+                out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    probe = [(bench, r) for bench in payload["benchmarks"]
+             for r in payload.get("sampling", {}).get(bench, {}).get("two_place_probe", [])]
+    if probe:
+        radius = payload["args"].get("radius", posterior.NAME_RADIUS_KM)
+        out.append(f"**Two-place probe** (photos of two places at least {posterior.PROBE_MIN_KM:,.0f} km apart: "
+                   f"% whose top-2 answers name both places within {radius:g} km / name at least one)\n")
+        out.append("| benchmark | method | names both | names one | probes |")
+        out.append("|---|---|---|---|---|")
+        for bench, r in probe:
+            out.append(f"| {bench} | {r['method']} | {r['names_both_%']:.1f} | {r['names_one_%']:.1f} | "
+                       f"{r['probes']} |")
+        out.append("")
+    cal = [(bench, r) for bench in payload["benchmarks"]
+           for r in payload.get("sampling", {}).get(bench, {}).get("calibration_test", [])]
+    if cal:
+        out.append("**Calibration on test** (confidence = the answer's probability of lying within the radius: "
+                   "ECE before / after isotonic calibration, NLL of the truth in nats)\n")
+        out.append("| benchmark | setting | answer | confidence | radius km | hit rate | ECE raw | ECE calibrated "
+                   "| NLL |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for bench, r in cal:
+            out.append(f"| {bench} | {r['setting']} | {r['answer']} | {r['confidence']} | {r['radius_km']:.0f} | "
+                       f"{r['hit_rate']:.3f} | {r['ece_raw']:.3f} | {r['ece_calibrated']:.3f} | {r['nll_truth']:.2f} |")
+        out.append("")
+    m = payload.get("machine", {})
+    out.append(f"Machine: {m.get('cpus')} CPUs, torch {m.get('torch')} with {m.get('torch_threads')} threads, "
+               f"cuda {m.get('cuda')}; run of {m.get('date')}"
+               + ("" if payload.get("complete") else f" (incomplete: last stage {payload.get('last_stage')})") + ".")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES",
@@ -293,8 +354,16 @@ def main() -> None:
     ap.add_argument("--skip-locdiff", action="store_true")
     ap.add_argument("--ablations", action="store_true",
                     help="also train the one-step regressor and the other objectives (3 more trainings each)")
+    ap.add_argument("--report", action="store_true",
+                    help="print the README's Markdown tables from benchmarks/results/model.json and exit")
     ap.add_argument("--work", help="keep run directories (and the realbench tables) here (default: a temporary folder)")
     args = ap.parse_args()
+    if args.report:
+        path = RESULTS / "model.json"
+        if not path.is_file():
+            ap.error(f"--report: {path} does not exist; run the benchmark first")
+        print(markdown_report(json.loads(path.read_text())))
+        return
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = sorted(set(benchmarks) - set(SPLITS))
     if unknown or not benchmarks:
