@@ -41,7 +41,6 @@ from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.predict import sample_codes
 from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe
-from locdiff.shdd.basis import degree_from_dim
 from locdiff.shdd.grid import equiangular_grid
 from locdiff.shdd.modes import density_modes, mass_within
 
@@ -148,7 +147,7 @@ def draw(model: torch.nn.Module, emb: np.ndarray, config: Config, *, samples: in
     means, lats, lons = [], [], []
     for i in range(0, len(emb_t), bs):
         z = sample_codes(model, emb_t[i:i + bs], config, samples=samples, steps=steps, generator=g)
-        codes = (z.float() / shdd.SCALE).cpu()
+        codes = shdd.SHDD(config.shdd.degree).from_z(z.float()).cpu()
         la, lo, _ = shdd.decode(codes, candidates=1, iterations=1, smoothing=pc.decode_smoothing)
         means.append(codes.mean(1))
         lats.append(la.double().numpy())
@@ -237,7 +236,7 @@ def calibration(answer_lat: Any, answer_lon: Any, truth_lat: Any, truth_lon: Any
                 ) -> dict[str, dict[str, float]]:
     """ECE and NLL (module docstring) of the mean code's confidence and, given the samples the answer came
     from, of the samples' confidence, for answers (N,) of images whose truth is (truth_lat, truth_lon)."""
-    r = confidence_radius(radius_km, degree_from_dim(code.shape[1]))
+    r = confidence_radius(radius_km, shdd.SHDD.from_dim(code.shape[1]).degree)
     answer_lat, answer_lon, truth_lat, truth_lon = (np.array(v, np.float64) for v in (answer_lat, answer_lon,
                                                                                      truth_lat, truth_lon))
     hit = (np.asarray(haversine_km(answer_lat, answer_lon, truth_lat, truth_lon)) <= r).astype(np.float64)
