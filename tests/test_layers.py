@@ -35,7 +35,7 @@ LAZY_EXPORT = ("locdiff", "locdiff.inference.geolocator")  # (module, target) of
 LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (0, "base", ("locdiff", "locdiff.errors", "locdiff.schema", "locdiff.resources", "locdiff.geo",
                  "locdiff.tables", "locdiff.metrics", "locdiff.calibration", "locdiff.gazetteer",
-                 "locdiff.plots")),
+                 "locdiff.plots", "locdiff.tracking_store")),
     (1, "codec", ("locdiff.shdd", "locdiff.shdd.*", "locdiff.io")),
     (2, "data", ("locdiff.data", "locdiff.data.*", "locdiff.embed", "locdiff.embed.base", "locdiff.embed.clip")),
     # the packages locdiff.model and locdiff.baselines hold no code: they run before their config modules
