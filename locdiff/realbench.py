@@ -86,8 +86,8 @@ class RealBenchConfig:
     lookalike_weight: tuple[float, float] = (0.2, 0.7)  # blend weight w of the look-alike, uniform
     lookalike_band_deg: float = 3.0  # the look-alike's absolute latitude is within this of the photo's
     lookalike_min_km: float = 1_500.0  # and it is at least this far away
-    # norm of the Gaussian noise added to the unit embedding (before renormalising); with the defaults
-    # top-1 kNN on `test` gets about 3 / 33 / 61 / 70 / 80 % within 1 / 25 / 200 / 750 / 2500 km
+    # norm of the Gaussian noise added to the unit embedding (before renormalising); what top-1 kNN gets
+    # with the defaults: docs/results.md
     noise: float = setting(1.65, ge=0, le=1e3)
 
     def __post_init__(self) -> None:
