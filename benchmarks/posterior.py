@@ -34,15 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from locdiff import cuebench, realbench, shdd, synth
+from locdiff import shdd
 from locdiff.calibration import cross_fitted, expected_calibration_error
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.predict import sample_codes
-from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe
 from locdiff.shdd.grid import equiangular_grid
 from locdiff.shdd.modes import density_modes, mass_within
+from locdiff.worlds import cuebench, realbench, synth
+from locdiff.worlds.realbench import PROBE_MIN_KM, TwoPlaceProbe
 
 NAME_RADIUS_KM = 750.0  # a top-2 answer names a place when it lies within this of it
 UNIFORM_SHARE = 0.01  # share of the uniform distribution mixed into the NLL's predicted probability

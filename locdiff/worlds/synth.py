@@ -33,9 +33,9 @@ import numpy as np
 from locdiff.gazetteer import cities
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
 from locdiff.io import json_text, write_embeddings, write_file_atomic
-from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
+from locdiff.worlds.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "val_unseen", "test", "test_unseen", "im2gps3k", "yfcc26k")
-TESTSETS = Path(__file__).resolve().parent / "testsets" / "locations.npz"
+TESTSETS = Path(__file__).resolve().parents[1] / "testsets" / "locations.npz"
 YFCC26K_SUBSAMPLE_SEED = 26_000  # the YFCC26k subsample does not depend on the benchmark's seed
 ENCODE_THREADS = 2  # fixed, so that the float32 encoder gives the same bits on every run of a machine
 ENCODE_BATCH = 4096
