@@ -51,8 +51,12 @@ bench: setup
 gpu-check: setup
 	$(BIN)/python -m benchmarks.gpu_check
 
+# ruff, and the import-layer contract (tests/test_layers.py, docs/architecture.md): no cycles, imports at the
+# top of modules (lazy only for heavy optional libraries), each module on its layer, no module over 600 lines.
+# `make test` runs the contract too (it is an ordinary test).
 lint: setup
 	$(BIN)/ruff check locdiff flows tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 demo: setup
 	$(BIN)/python -m flows.demo

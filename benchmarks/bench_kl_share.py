@@ -34,7 +34,7 @@ from locdiff.model.config import Config, load_config
 from locdiff.model.method import LocDiffMethod
 from locdiff.model.objective import LocDiffTask, build_model, diffusion_loss
 from locdiff.shdd.loss import default_tau
-from locdiff.synth import SynthConfig, make_benchmark
+from locdiff.worlds.synth import SynthConfig, make_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -68,8 +68,8 @@ def calibration(quick: bool, out: Path) -> dict[str, Any]:
     from locdiff.plots import reliability_plot
     from locdiff.resources import model_config_path
     from locdiff.runs import RunFolder
-    from locdiff.synth import SynthConfig, make_benchmark
     from locdiff.training import train_run
+    from locdiff.worlds.synth import SynthConfig, make_benchmark
 
     n_train, n_val, n_test = (4000, 400, 500) if quick else (20_000, 1000, 2000)
     data = make_benchmark(SynthConfig(n_train=n_train, n_val=n_val, n_test=n_test, n_unseen=n_test // 2, seed=0))
@@ -104,8 +104,8 @@ def _rate(fn, n: int, repeat: int = 2) -> float:
 
 def throughput(quick: bool, out: Path, synth_method: Any, synth_data: dict[str, Any]) -> dict[str, Any]:
     from locdiff import Geolocator, pipeline
-    from locdiff.synth_photos import tiny_clip, write_photos
     from locdiff.tables import EmbeddingTable
+    from locdiff.worlds.synth_photos import tiny_clip, write_photos
 
     rows = []
     # (a) the synthetic-benchmark run (tiny config, L = 16, 128-d embeddings): embeddings given
@@ -178,7 +178,7 @@ def write_camera_photos(out: Path, n: int, size: tuple[int, int] = (1600, 1200))
 
     from PIL import Image
 
-    from locdiff.synth_photos import photo, sample_places
+    from locdiff.worlds.synth_photos import photo, sample_places
 
     out.mkdir(parents=True, exist_ok=True)
     lat, lon = sample_places(n, 3)
@@ -199,8 +199,8 @@ def folder_throughput(n: int, encoder: str, out: Path) -> dict[str, Any]:
     from locdiff.inference import geolocator as geo_mod
     from locdiff.model.config import load_config
     from locdiff.resources import model_config_path
-    from locdiff.synth import SynthConfig, make_benchmark
     from locdiff.training import train_run
+    from locdiff.worlds.synth import SynthConfig, make_benchmark
 
     clip = random_clip(out / f"clip-{encoder}", encoder)
     dim = ENCODERS[encoder]["projection_dim"]

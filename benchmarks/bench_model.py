@@ -2,8 +2,8 @@
 (`make bench`).
 
 The benchmarks (`--benchmarks synth,realbench,cuebench` by default: every world) run one after the other
-with the same methods and sizes: `synth` (locdiff/synth.py, made in memory), `realbench`
-(locdiff/realbench.py, GeoCLIP location-encoder embeddings) and `cuebench` (locdiff/cuebench.py, country,
+with the same methods and sizes: `synth` (locdiff/worlds/synth.py, made in memory), `realbench`
+(locdiff/worlds/realbench.py, GeoCLIP location-encoder embeddings) and `cuebench` (locdiff/worlds/cuebench.py, country,
 region, city, landmark, biome and no-geography cues), the last two written into the work folder with the
 same seed. For each, one run prints and saves (benchmarks/results/model.json, results and throughput by
 benchmark):
@@ -45,11 +45,11 @@ import torch
 
 from benchmarks import posterior
 from benchmarks.common import RESULTS, print_table, save
-from locdiff import cuebench, realbench, synth
 from locdiff.gallery import Gallery
 from locdiff.metrics import format_table, geo_metrics
-from locdiff.synth import SynthConfig, SynthWorld, make_benchmark, make_split
 from locdiff.tables import EmbeddingTable
+from locdiff.worlds import cuebench, realbench, synth
+from locdiff.worlds.synth import SynthConfig, SynthWorld, make_benchmark, make_split
 
 log = logging.getLogger("bench_model")
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def what_sampling_adds(args, data: Benchmark, locdiff: Any) -> dict[str, Any]:
 
 
 def _realbench_config(args):
-    from locdiff.realbench import RealBenchConfig
+    from locdiff.worlds.realbench import RealBenchConfig
 
     return RealBenchConfig(seed=args.seed, n_train=args.n_train_realbench, n_val=args.n_val,
                            n_val_unseen=args.n_val // 2, n_test=args.n_test, n_test_unseen=args.n_unseen,
@@ -260,7 +260,7 @@ def load_benchmark(name: str, args, work: Path) -> Benchmark:
         tables["test_landmark"] = EmbeddingTable(t.ids[rows], t.lat[rows], t.lon[rows], t.embedding[rows],
                                                  f"{t.source} (landmark photos)")
         return Benchmark(name, tables)
-    from locdiff.realbench import write_benchmark
+    from locdiff.worlds.realbench import write_benchmark
 
     paths = write_benchmark(work / "realbench", _realbench_config(args))
     return Benchmark(name, {split: read_embeddings(path) for split, path in paths.items()})

@@ -54,7 +54,7 @@ def engine_throughput(config, source, steps: int, run_dir: Path) -> float:
 def _make_features(n: int, root: str, name: str) -> str:
     """Synthetic rows (128-d) ingested into feature shards; run in a child process so that the memory of
     making 2M rows is not counted as the training's (the driver's allocator keeps freed pages)."""
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     data = write_benchmark(Path(root) / "synth", SynthConfig(n_train=n, n_test=10, n_unseen=10, dim=128))
     folder = _ingest(data["train"], Path(root), name)
@@ -121,7 +121,7 @@ def main() -> None:
     from locdiff.data.stream import TableSource, open_source
     from locdiff.distributed import RayTrainSettings, ensure_ray, train_on_ray
     from locdiff.pipeline import resolve_config
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train"))
     results: dict[str, object] = {}

@@ -36,8 +36,8 @@ from locdiff.metrics import geo_metrics
 from locdiff.model.config import load_config
 from locdiff.resources import model_config_path
 from locdiff.runs import RunFolder
-from locdiff.synth import SynthConfig, write_benchmark
 from locdiff.training import train_run
+from locdiff.worlds.synth import SynthConfig, write_benchmark
 
 ACCURACY_TOLERANCE = 2.0  # points, every threshold: a GPU run against the same run on the CPU
 SKIPPED = "SKIPPED (no CUDA GPU)"

@@ -34,16 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from locdiff import cuebench, realbench, shdd, synth
+from locdiff import shdd
 from locdiff.calibration import cross_fitted, expected_calibration_error
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.predict import sample_codes
-from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe
-from locdiff.shdd.basis import degree_from_dim
 from locdiff.shdd.grid import equiangular_grid
 from locdiff.shdd.modes import density_modes, mass_within
+from locdiff.worlds import cuebench, realbench, synth
+from locdiff.worlds.realbench import PROBE_MIN_KM, TwoPlaceProbe
 
 NAME_RADIUS_KM = 750.0  # a top-2 answer names a place when it lies within this of it
 UNIFORM_SHARE = 0.01  # share of the uniform distribution mixed into the NLL's predicted probability
@@ -148,7 +148,7 @@ def draw(model: torch.nn.Module, emb: np.ndarray, config: Config, *, samples: in
     means, lats, lons = [], [], []
     for i in range(0, len(emb_t), bs):
         z = sample_codes(model, emb_t[i:i + bs], config, samples=samples, steps=steps, generator=g)
-        codes = (z.float() / shdd.SCALE).cpu()
+        codes = shdd.SHDD(config.shdd.degree).from_z(z.float()).cpu()
         la, lo, _ = shdd.decode(codes, candidates=1, iterations=1, smoothing=pc.decode_smoothing)
         means.append(codes.mean(1))
         lats.append(la.double().numpy())
@@ -237,7 +237,7 @@ def calibration(answer_lat: Any, answer_lon: Any, truth_lat: Any, truth_lon: Any
                 ) -> dict[str, dict[str, float]]:
     """ECE and NLL (module docstring) of the mean code's confidence and, given the samples the answer came
     from, of the samples' confidence, for answers (N,) of images whose truth is (truth_lat, truth_lon)."""
-    r = confidence_radius(radius_km, degree_from_dim(code.shape[1]))
+    r = confidence_radius(radius_km, shdd.SHDD.from_dim(code.shape[1]).degree)
     answer_lat, answer_lon, truth_lat, truth_lon = (np.array(v, np.float64) for v in (answer_lat, answer_lon,
                                                                                      truth_lat, truth_lon))
     hit = (np.asarray(haversine_km(answer_lat, answer_lon, truth_lat, truth_lon)) <= r).astype(np.float64)

@@ -2,7 +2,7 @@
 
     python -m flows.demo [--n-train 3000] [--config tiny] [--stop]
 
-1. writes synthetic geotagged photos (locdiff.synth_photos: JPEGs whose look varies with the place, at
+1. writes synthetic geotagged photos (locdiff.worlds.synth_photos: JPEGs whose look varies with the place, at
    cities of the offline gazetteer) and a tiny randomly initialised CLIP built from a config (no download)
    to data/demo-photos unless they are there;
 2. starts the local stack (infra/start.sh: Prefect server + process worker, MLflow server);
@@ -238,7 +238,7 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
 def write_demo_photos(data: Path, n_train: int, n_test: int, n_new: int = 6) -> dict[str, Path]:
     """Photos (train, test: with metadata.csv; new: without, each with its GPS tag, plus an unreadable
     file) and the tiny CLIP."""
-    from locdiff.synth_photos import tiny_clip, write_photos
+    from locdiff.worlds.synth_photos import tiny_clip, write_photos
 
     paths = {"train": data / "train", "test": data / "test", "new": data / "new", "clip": data / "tiny-clip"}
     stamp = data / "photos.json"

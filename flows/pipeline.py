@@ -22,7 +22,7 @@ from flows.ingest import ingest
 from flows.params import DataSet
 from flows.train import train
 from locdiff import pipeline
-from locdiff.synth import ensure_benchmark
+from locdiff.worlds.synth import ensure_benchmark
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE, task_run_name="promote")

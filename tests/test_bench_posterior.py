@@ -20,9 +20,10 @@ from benchmarks.posterior import (
     retrieval_two_places,
     sample_clusters,
 )
-from locdiff import cuebench, shdd, synth
+from locdiff import shdd
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km
 from locdiff.shdd.modes import density_modes, mass_within
+from locdiff.worlds import cuebench, synth
 
 A, B = (0.0, 0.0), (0.0, 60.0)  # 6,672 km apart on the equator; 1 degree of longitude there is 111.2 km
 NAN = math.nan
@@ -158,7 +159,7 @@ def test_cuebench_two_place_probe_mixes_both_places_cues():
 @pytest.mark.slow
 def test_realbench_two_place_probe():
     pytest.importorskip("geoclip")
-    from locdiff import realbench
+    from locdiff.worlds import realbench
 
     world = realbench.RealBenchWorld(realbench.RealBenchConfig(n_train=10))
     _check_probe(lambda seed, km: realbench.two_place_probe(world, 100, seed, km))

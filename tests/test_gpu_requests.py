@@ -21,7 +21,7 @@ NO_GPU = not torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     out = tmp_path_factory.mktemp("synth")
     return write_benchmark(out, SynthConfig(n_train=200, n_test=20, n_unseen=20, dim=16, seed=0))["train"]

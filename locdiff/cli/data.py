@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from locdiff.cli import MAX_DEGREE, number_in
+from locdiff.cli.args import MAX_DEGREE, number_in
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -114,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     cfg = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, n_unseen=args.n_unseen,
                       n_val_unseen=args.n_val_unseen, dim=args.dim, seed=args.seed)
@@ -125,13 +125,13 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _realbench(args: argparse.Namespace) -> int:
-    from locdiff.realbench import RealBenchConfig, write_benchmark
+    from locdiff.worlds.realbench import RealBenchConfig, write_benchmark
 
     return _write_world("realbench", RealBenchConfig, write_benchmark, args, n_yfcc=args.n_yfcc)
 
 
 def _cuebench(args: argparse.Namespace) -> int:
-    from locdiff.cuebench import CueBenchConfig, write_benchmark
+    from locdiff.worlds.cuebench import CueBenchConfig, write_benchmark
 
     return _write_world("cuebench", CueBenchConfig, write_benchmark, args, dim=args.dim)
 

@@ -7,7 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from locdiff.cli import number_in
+from locdiff.cli.args import number_in
+from locdiff.data.sources.base import IMAGE_EXTENSIONS
+from locdiff.errors import UserError
+from locdiff.inference.geolocator import Geolocator, check_top_k, format_locations, write_locations
+from locdiff.plots import locations_map
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +48,6 @@ def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list
     out of it, symlinked folders, entries that are not regular files (FIFOs, sockets, devices) and files
     that are not JPEG/PNG/WebP are left out and counted in `skipped` (by SKIPPED_KINDS). A path that does
     not exist is kept: it is reported as unreadable."""
-    from locdiff.data.sources.base import IMAGE_EXTENSIONS
-
     counts = skipped if skipped is not None else {}
     out: list[str] = []
     for given in paths:
@@ -74,9 +76,6 @@ def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list
 
 
 def _locate(args: argparse.Namespace) -> int:
-    from locdiff.errors import UserError
-    from locdiff.inference.geolocator import check_top_k
-
     check_top_k(args.top_k, "--top-k")
     if args.out and not args.out.endswith((".csv", ".parquet")):
         raise UserError(f"--out {args.out}: give a .csv or .parquet file")
@@ -89,8 +88,6 @@ def _locate(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
                         + (f" ({left_out})" if skipped else ""))
-    from locdiff.inference.geolocator import Geolocator, format_locations, write_locations
-
     g = Geolocator.load(args.run, device=args.device)
     results = g.locate(files, top_k=args.top_k, method=args.method, batch_size=args.batch_size,
                        progress=not args.no_progress)
@@ -107,8 +104,6 @@ def _locate(args: argparse.Namespace) -> int:
         write_locations(args.out, results, args.top_k)
         print(f"wrote {args.out}")
     if args.map and located:
-        from locdiff.plots import locations_map
-
         locations_map(args.map, [r.lat for r in located], [r.lon for r in located],
                       [Path(r.id).name for r in located], title=f"located with {args.run}")
         print(f"wrote {args.map}")

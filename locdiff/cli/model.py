@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from locdiff.cli import number_in
+from locdiff.cli.args import number_in
 from locdiff.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
-from locdiff.cli import MAX_DEGREE, number_in
+import torch
+
+from locdiff.cli.args import MAX_DEGREE, number_in
+from locdiff.geo import haversine_km, random_points
+from locdiff.plots import _background, _pyplot, save_figure
+from locdiff.shdd import SHDD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,28 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from locdiff import shdd
-
-    code = shdd.encode(args.lat, args.lon, args.degree)
+    code = SHDD(args.degree).encode(args.lat, args.lon)
     print(json.dumps({"lat": args.lat, "lon": args.lon, "degree": args.degree, "dim": code.numel(),
                       "code": [round(float(v), 8) for v in code]}))
     return 0
 
 
 def _roundtrip(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from locdiff import shdd
-    from locdiff.geo import haversine_km, random_points
-
+    codec = SHDD(args.degree)
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
     lat, lon = random_points(args.n, seed=args.seed, dtype=dtype)
     t0 = time.perf_counter()
-    code = shdd.encode(lat, lon, args.degree)
+    code = codec.encode(lat, lon)
     t1 = time.perf_counter()
-    la, lo, _ = shdd.decode(code)
+    la, lo, _ = codec.decode(code)
     t2 = time.perf_counter()
     d = haversine_km(lat.double(), lon.double(), la.double(), lo.double())
     print(f"degree {args.degree} ({code.shape[-1]} coefficients), {args.n} random points, {args.dtype}")
@@ -65,21 +63,13 @@ def _roundtrip(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from locdiff import shdd
-    from locdiff.plots import _background, save_figure
-
-    code = shdd.encode(torch.tensor(args.lat, dtype=torch.float64), torch.tensor(args.lon, dtype=torch.float64),
-                       args.degree)
+    plt = _pyplot()
+    codec = SHDD(args.degree)
+    code = codec.encode(torch.tensor(args.lat, dtype=torch.float64), torch.tensor(args.lon, dtype=torch.float64))
     lat = torch.linspace(-90, 90, 361, dtype=torch.float64)
     lon = torch.linspace(-180, 180, 721, dtype=torch.float64)
     la, lo = torch.meshgrid(lat, lon, indexing="ij")
-    f = shdd.density(code, la, lo).numpy()
+    f = codec.density(code, la, lo).numpy()
     fig, ax = plt.subplots(figsize=(10, 5.2))
     im = ax.imshow(f, origin="lower", extent=(-180, 180, -90, 90), cmap="RdBu_r",
                    vmin=-abs(f).max(), vmax=abs(f).max())

@@ -1,6 +1,6 @@
 """LocDiff's training objective as an engine task: the CS-UNet and the x0-prediction diffusion loss.
 
-One step (LOCDIFF.md 5): z0 = SHDD code of the true location * SCALE (read from the feature shards when
+One step (LOCDIFF.md 5): z0 = SHDD code of the true location * scale (read from the feature shards when
 they store codes of the config's degree, else encoded on the device); t ~ U[min_train_timestep, T);
 z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; the network predicts z0 (or eps, converted to z0 by the
 schedule); the loss is SHDD-KL, MSE in z-space, or both (`train.objective`).
@@ -71,13 +71,14 @@ def check_weights(shapes: dict[str, tuple[int, ...]], weights: Any, source: str)
 
 
 def encode_targets(lat: Any, lon: Any, degree: int, *, chunk: int = 8192, checked: bool = False) -> torch.Tensor:
-    """z_0 = shdd.encode(lat, lon) * SCALE as float32, (N, D), on the device of lat; chunked (`checked`:
+    """z_0 = SHDD(degree).to_z(encode(lat, lon)) as float32, (N, D), on the device of lat; chunked (`checked`:
     the coordinates were validated on the host, see `shdd.encode`)."""
     lat_t = torch.as_tensor(lat if isinstance(lat, torch.Tensor) else np.asarray(lat, dtype=np.float64))
     lon_t = torch.as_tensor(lon if isinstance(lon, torch.Tensor) else np.asarray(lon, dtype=np.float64))
-    parts = [shdd.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), degree, checked=checked)
-             * shdd.SCALE for i in range(0, lat_t.shape[0], chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, shdd.num_coefficients(degree), device=lat_t.device)
+    code = shdd.SHDD(degree)
+    parts = [code.to_z(code.encode(lat_t[i:i + chunk].float(), lon_t[i:i + chunk].float(), checked=checked))
+             for i in range(0, lat_t.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, code.dimension, device=lat_t.device)
 
 
 def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config, weight: torch.Tensor | None = None
@@ -85,7 +86,7 @@ def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config, weight:
     """The objective on z-space codes (B, D): "kl", "mse" or "kl+mse"; returns the loss and its parts
     (detached 0-d tensors: nothing is read back from the device here).
 
-    KL is SHDD-KL on raw codes (z / SCALE); MSE is per coefficient in z-space (unit-variance targets).
+    KL is SHDD-KL on raw codes (`SHDD.from_z`); MSE is per coefficient in z-space (unit-variance targets).
     `weight` (B,) 0/1: the mean over the rows where it is 1 (a mask without a boolean index, which would
     read the mask back from the device).
     """
@@ -98,7 +99,8 @@ def diffusion_loss(pred: torch.Tensor, z0: torch.Tensor, config: Config, weight:
         return rows.mean() if weight is None else (rows * weight).sum() / weight.sum().clamp_min(1)
 
     if "kl" in terms:
-        kl = mean(shdd.kl_loss(pred / shdd.SCALE, z0 / shdd.SCALE, tau=config.shdd.kl_tau,
+        code = shdd.SHDD(config.shdd.degree)
+        kl = mean(shdd.kl_loss(code.from_z(pred), code.from_z(z0), tau=config.shdd.kl_tau,
                                grid_size=config.shdd.kl_grid_size, reduction="none"))
         loss = loss + tc.kl_weight * kl
         parts["kl"] = kl.detach()
@@ -136,7 +138,7 @@ class LocDiffTask(Task):
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.use_stored and "shdd" in batch:
-            return batch["shdd"].float() * shdd.SCALE
+            return shdd.SHDD(self.config.shdd.degree).to_z(batch["shdd"].float())
         return encode_targets(batch["lat"], batch["lon"], self.config.shdd.degree,
                               checked=bool(batch.get("coordinates_checked")))
 
@@ -194,7 +196,7 @@ class LocDiffTask(Task):
         z = torch.randn(len(emb), shdd.num_coefficients(self.config.shdd.degree), generator=g, device=emb.device)
         t = torch.full((len(emb),), self.schedule.timesteps - 1, dtype=torch.long, device=emb.device)
         x0 = self.schedule.predict_x0(model(z, t, emb, None).float(), z, t, self.config.diffusion.prediction)
-        lat, lon, _ = shdd.decode((x0 / shdd.SCALE).cpu(), candidates=1, iterations=2,
+        lat, lon, _ = shdd.decode(shdd.SHDD(self.config.shdd.degree).from_z(x0).cpu(), candidates=1, iterations=2,
                                   smoothing=self.config.predict.decode_smoothing)
         m = geo_metrics(lat.double().numpy(), lon.double().numpy(), batch["lat"][:1024].cpu().numpy(),
                         batch["lon"][:1024].cpu().numpy())

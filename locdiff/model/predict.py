@@ -155,7 +155,7 @@ def locdiff_predict(
         z = sample_codes(model, part, config, samples=k, steps=s, guidance_scale=guidance_scale,
                          noise=row_noise(row_seeds(part.numpy(), seed, mean_e, std_e), k, model.dim)
                          ).float()  # (n, K, D)
-        codes = (z / shdd.SCALE).cpu()
+        codes = shdd.SHDD(config.shdd.degree).from_z(z).cpu()
         n = codes.shape[0]
         mean = codes.mean(1)  # (n, D)
         # the answers are decoded in float64: a float32 decode moves by up to ~100 m with the batch's

@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch
 
-from locdiff.shdd.basis import degree_from_dim, spherical_harmonics
+from locdiff.shdd.basis import spherical_harmonics
+from locdiff.shdd.codec import SHDD
 from locdiff.shdd.grid import fibonacci_lattice
 
 Reduction = Literal["mean", "sum", "none"]
@@ -47,7 +48,7 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> int:
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape; got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
-    return degree_from_dim(pred.shape[-1], name="pred")
+    return SHDD.from_dim(pred.shape[-1], name="pred").degree
 
 
 def kl_loss(pred: torch.Tensor, target: torch.Tensor, *, tau: float | None = None,

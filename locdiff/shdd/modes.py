@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit, unit_to_latlon
-from locdiff.shdd.basis import degree_from_dim
+from locdiff.shdd.codec import SHDD
 from locdiff.shdd.decode import gaussian_taper, grid_values, refine
 from locdiff.shdd.grid import equiangular_grid
 
@@ -85,7 +85,7 @@ def _taper(degree: int) -> torch.Tensor:
 
 def _density_grid(coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, n) f of the tapered code (no l = 0 term) on the grid, node latitudes and longitudes (n,)."""
-    degree = degree_from_dim(coeffs.shape[1])
+    degree = SHDD.from_dim(coeffs.shape[1]).degree
     values, glat, glon = grid_values(coeffs.to(torch.float64) * _taper(degree))
     b, n_lat, n_lon = values.shape
     lat = glat[:, None].expand(n_lat, n_lon).reshape(-1)
@@ -131,7 +131,7 @@ def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_sepa
     coeffs = torch.as_tensor(coeffs)
     if coeffs.dim() != 2:
         raise ValueError(f"coeffs must be (N, D); got shape {tuple(coeffs.shape)}")
-    degree = degree_from_dim(coeffs.shape[1])
+    degree = SHDD.from_dim(coeffs.shape[1]).degree
     n_lat, n_lon = equiangular_grid(degree)
     weights = _cell_weights(degree)
     out_lat, out_lon, out_p = [], [], []
@@ -205,7 +205,7 @@ def mass_within(coeffs: torch.Tensor | np.ndarray, lat: np.ndarray, lon: np.ndar
     """(N,) share of each code's density within radius_km of its point (lat[i], lon[i]); radii below
     the decoder grid's spacing (pi R / (2L + 2)) are raised to it."""
     coeffs = torch.as_tensor(coeffs)
-    degree = degree_from_dim(coeffs.shape[1])
+    degree = SHDD.from_dim(coeffs.shape[1]).degree
     n_lat, _ = equiangular_grid(degree)
     radius = max(float(radius_km), math.pi * EARTH_RADIUS_KM / n_lat)
     weights = _cell_weights(degree)

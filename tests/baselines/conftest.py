@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from locdiff.metrics import geo_metrics
-from locdiff.synth import SynthConfig, make_benchmark
+from locdiff.worlds.synth import SynthConfig, make_benchmark
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ def test_six_tagged_demo_photos_ingest_with_their_places(tmp_path):
     CSV, all six at the places the generator drew (its metadata.csv, written for the same seed)."""
     import csv
 
-    from locdiff.synth_photos import write_photos
+    from locdiff.worlds.synth_photos import write_photos
 
     tagged = write_photos(tmp_path / "tagged", 6, seed=3, prefix="new", metadata=False, gps=True)
     ref = write_photos(tmp_path / "ref", 6, seed=3, prefix="new")

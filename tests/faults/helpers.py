@@ -76,7 +76,7 @@ def reseal_gallery(run: Path, gallery: Path, key: str) -> None:
 def build_world(base: Path) -> World:
     from locdiff.data.config import load_dataset_config
     from locdiff.data.ingest import ingest
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     d128 = write_benchmark(base / "d128", SynthConfig(n_train=300, n_test=60, n_unseen=10, dim=128, seed=0))
     d64 = write_benchmark(base / "d64", SynthConfig(n_train=100, n_test=10, n_unseen=10, dim=64, seed=1))

@@ -1,5 +1,5 @@
 """Shared fixtures of the locate tests: synthetic geotagged photos, a tiny randomly initialised CLIP built
-from a config (locdiff.synth_photos, no download), and a LocDiff run trained on their embeddings through
+from a config (locdiff.worlds.synth_photos, no download), and a LocDiff run trained on their embeddings through
 the real stages (ingest -> embed -> train -> evaluate), registered in an MLflow SQLite store. Seconds on
 2 cores."""
 
@@ -35,7 +35,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    from locdiff.synth_photos import tiny_clip
+    from locdiff.worlds.synth_photos import tiny_clip
 
     return tiny_clip(tmp_path_factory.mktemp("encoders") / "tiny-clip")
 
@@ -43,7 +43,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_clip(tmp_path_factory) -> Path:
     """Another encoder of the same dimension (other weights, other folder)."""
-    from locdiff.synth_photos import tiny_clip
+    from locdiff.worlds.synth_photos import tiny_clip
 
     return tiny_clip(tmp_path_factory.mktemp("encoders2") / "other-clip", seed=1)
 
@@ -51,7 +51,7 @@ def other_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, Path]:
     """Geotagged photos: train (360, with metadata.csv) and test (40), folder-source layout."""
-    from locdiff.synth_photos import write_photos
+    from locdiff.worlds.synth_photos import write_photos
 
     root = tmp_path_factory.mktemp("photos")
     return {"train": write_photos(root / "train", 360, seed=1), "test": write_photos(root / "test", 40, seed=2)}

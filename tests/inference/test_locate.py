@@ -189,8 +189,8 @@ def test_encoder_mismatch_is_a_clear_error(trained, photos, other_clip, tmp_path
 def test_a_run_without_an_encoder_record_says_so(tmp_path):
     from locdiff.model.config import load_config
     from locdiff.resources import model_config_path
-    from locdiff.synth import SynthConfig, make_benchmark
     from locdiff.training import train_run
+    from locdiff.worlds.synth import SynthConfig, make_benchmark
     from tests.inference.conftest import OVERRIDES
 
     table = make_benchmark(SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))["train"]

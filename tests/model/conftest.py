@@ -35,7 +35,7 @@ TEST_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def synth_tables():
-    from locdiff.synth import SynthConfig, make_benchmark
+    from locdiff.worlds.synth import SynthConfig, make_benchmark
 
     return make_benchmark(SynthConfig(n_train=4000, n_val=300, n_test=400, n_unseen=200, dim=32, seed=3))
 

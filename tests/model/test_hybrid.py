@@ -75,7 +75,7 @@ def trained_h(tmp_path_factory, synth_tables):
 
 def _val_unseen():
     """300 val_unseen rows of the conftest's synthetic world (its held-out disks, draws other than test_unseen)."""
-    from locdiff.synth import SynthConfig, SynthWorld, make_split
+    from locdiff.worlds.synth import SynthConfig, SynthWorld, make_split
 
     return make_split(SynthWorld(SynthConfig(n_train=4000, n_val=300, n_test=400, n_unseen=200, dim=32, seed=3)),
                       "val_unseen", 300)

@@ -24,7 +24,7 @@ from tests.conftest import free_port  # noqa: E402,F401 - the shared helper, re-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """The synthetic benchmark at a tiny size: train/test/test_unseen Parquet embeddings tables."""
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     out = tmp_path_factory.mktemp("synth")
     return write_benchmark(out, SynthConfig(n_train=600, n_test=60, n_unseen=40, dim=32, seed=0))

@@ -150,8 +150,8 @@ def test_every_numeric_setting_has_an_upper_bound():
                 unbounded.append(f"{cls.__name__}.{f.name}")
     assert unbounded == [], unbounded
     # the benchmark generators: the fields their CLI flags set (the rest are constants of the generator)
-    from locdiff.realbench import RealBenchConfig
-    from locdiff.synth import SynthConfig
+    from locdiff.worlds.realbench import RealBenchConfig
+    from locdiff.worlds.synth import SynthConfig
 
     flags = {SynthConfig: ("n_train", "n_val", "n_test", "n_unseen", "dim", "seed"),
              RealBenchConfig: ("seed", "n_train", "n_val", "n_val_unseen", "n_test", "n_test_unseen", "n_yfcc",

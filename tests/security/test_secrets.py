@@ -47,7 +47,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Run the job once; yield its report and every file it left, by where it came from."""
-    from locdiff.synth import SynthConfig, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     work = tmp_path_factory.mktemp("secrets")
     data = write_benchmark(work / "synth", SynthConfig(n_train=256, n_test=8, n_unseen=8, dim=16, seed=0))

@@ -24,7 +24,7 @@ GeoNames country code, admin1 code, continent and land neighbours); beyond `land
 the biome is shown (open sea, wilderness). The geographic part is scaled by a per-photo strength
 (uniform in `strength`), normalised, and Gaussian noise of norm `noise` is added before renormalising.
 
-Locations and held-out regions are those of realbench (locdiff.realbench.RealBenchWorld with the same
+Locations and held-out regions are those of realbench (locdiff.worlds.realbench.RealBenchWorld with the same
 seed and settings): population-weighted cities, local / regional / land-ish / anywhere photos, 45 held-out
 disks of 40 km (the first third `val_unseen`, the rest `test_unseen`, no train/val/test point within
 radius + margin). Landmark photos are within 300 m of one of `n_landmarks` famous landmarks (drawn from
@@ -56,9 +56,16 @@ from locdiff.errors import UserError
 from locdiff.gazetteer import cities, divisions
 from locdiff.geo import EARTH_RADIUS_KM, destination, latlon_to_unit
 from locdiff.io import _write_atomic, write_embeddings
-from locdiff.realbench import PROBE_MIN_KM, RealBenchConfig, RealBenchWorld, TwoPlaceProbe, mix_two_places, probe_rng
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import EmbeddingTable
+from locdiff.worlds.realbench import (
+    PROBE_MIN_KM,
+    RealBenchConfig,
+    RealBenchWorld,
+    TwoPlaceProbe,
+    mix_two_places,
+    probe_rng,
+)
 
 log = logging.getLogger(__name__)
 

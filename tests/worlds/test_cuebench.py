@@ -12,9 +12,9 @@ import pytest
 
 from benchmarks import bench_model
 from locdiff.cli import main
-from locdiff.cuebench import CueBenchConfig, CueWorld, make_split, read_labels
 from locdiff.geo import haversine_km
 from locdiff.io import read_embeddings
+from locdiff.worlds.cuebench import CueBenchConfig, CueWorld, make_split, read_labels
 
 SIZES = {"train": 4000, "val": 200, "val_unseen": 200, "test": 800, "test_unseen": 300}
 ARGS = ["--n-train", "4000", "--n-val", "200", "--n-val-unseen", "200", "--n-test", "800", "--n-test-unseen", "300",

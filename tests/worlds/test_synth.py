@@ -10,7 +10,7 @@ from locdiff.cli import main
 from locdiff.geo import haversine_km
 from locdiff.io import read_embeddings
 from locdiff.metrics import geo_metrics
-from locdiff.synth import SynthConfig, SynthWorld, make_benchmark
+from locdiff.worlds.synth import SynthConfig, SynthWorld, make_benchmark
 
 CFG = SynthConfig(n_train=4000, n_test=600, n_unseen=400, dim=64, seed=3)
 
@@ -102,7 +102,7 @@ def test_bad_config():
 def test_ensure_benchmark_writes_once_and_completes_a_partial_folder(tmp_path):
     """What the train-locdiff deployment runs first (its `synth` parameter): the benchmark is written when
     absent, left alone when complete, and written again when a split is missing."""
-    from locdiff.synth import SynthConfig, ensure_benchmark, write_benchmark
+    from locdiff.worlds.synth import SynthConfig, ensure_benchmark, write_benchmark
 
     cfg = SynthConfig(n_train=200, n_test=30, n_unseen=10, dim=16)
     out = tmp_path / "synth"

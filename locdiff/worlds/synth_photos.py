@@ -16,16 +16,18 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from locdiff.data.exif import with_gps
+from locdiff.gazetteer import cities
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 
 TINY_CLIP_DIM = 16
 
 
 def photo(lat: float, lon: float, seed: int, size: tuple[int, int] = (64, 48), quality: int = 90) -> bytes:
     """JPEG bytes of a picture whose colours and stripes are smooth functions of (lat, lon), with noise."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) / max(w, h)
@@ -43,9 +45,6 @@ def photo(lat: float, lon: float, seed: int, size: tuple[int, int] = (64, 48), q
 
 def sample_places(n: int, seed: int = 0, jitter_km: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
     """n (lat, lon) near the gazetteer's cities, drawn by population, jittered by about jitter_km."""
-    from locdiff.gazetteer import cities
-    from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
-
     c = cities()
     rng = np.random.default_rng(seed)
     p = c.population / c.population.sum()
@@ -80,14 +79,14 @@ def write_photos(out: str | Path, n: int, *, seed: int = 0, prefix: str = "photo
 def tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
     """Save a randomly initialised tiny CLIP (model and image processor) to path; returns path. Skipped
     when path already holds one."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.utils import logging as hf_logging
+    import transformers  # heavy: only here
 
+    hf_logging = transformers.utils.logging
+    CLIPConfig, CLIPModel = transformers.CLIPConfig, transformers.CLIPModel
     try:  # transformers >= 5: the PIL backend by name (CLIPImageProcessor warns that it falls back to it)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
+        CLIPImageProcessor = transformers.CLIPImageProcessorPil
+    except (AttributeError, ImportError):
+        CLIPImageProcessor = transformers.CLIPImageProcessor
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():

@@ -15,7 +15,7 @@ pytest.importorskip("geoclip")
 from locdiff.cli import main  # noqa: E402
 from locdiff.geo import haversine_km  # noqa: E402
 from locdiff.io import read_embeddings  # noqa: E402
-from locdiff.realbench import (  # noqa: E402
+from locdiff.worlds.realbench import (  # noqa: E402
     YFCC26K_SUBSAMPLE_SEED,
     GeoClipLocationEncoder,
     RealBenchConfig,
@@ -23,7 +23,7 @@ from locdiff.realbench import (  # noqa: E402
     location_encoder,
     make_split,
 )
-from locdiff.realbench import testset_locations as packaged  # noqa: E402 (not collected as a test)
+from locdiff.worlds.realbench import testset_locations as packaged  # noqa: E402 (not collected as a test)
 
 SIZES = {"train": 500, "val": 60, "val_unseen": 40, "test": 150, "test_unseen": 80, "im2gps3k": 2997,
          "yfcc26k": 200}
