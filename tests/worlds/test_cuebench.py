@@ -204,7 +204,7 @@ def test_bad_setting_is_one_line(tmp_path, capsys):
 def test_bench_model_loads_cuebench_with_its_landmark_split(tmp_path):
     args = argparse.Namespace(seed=0, n_train_cuebench=300, n_val=20, n_test=200, n_unseen=30, gallery=400)
     data = bench_model.load_benchmark("cuebench", args, tmp_path)
-    assert data.splits == ("test", "test_unseen", "test_landmark")
+    assert data.splits == ("val", "val_unseen", "test", "test_unseen", "test_landmark")
     assert {k: len(v) for k, v in data.items() if k != "test_landmark"} == {"train": 300, "val": 20, "test": 200,
                                                                             "test_unseen": 30, "val_unseen": 10}
     lab = read_labels(tmp_path / "cuebench" / "labels" / "test.parquet")
