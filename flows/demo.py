@@ -34,7 +34,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from locdiff.evaluation import accuracy_markdown
 from locdiff.tracking import CHAMPION, DEFAULT_EXPERIMENT, METRIC_NAMES, REGISTERED_MODEL
+from locdiff.worlds.synth_photos import tiny_clip, write_photos
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "train-locdiff/train-locdiff"
@@ -101,7 +103,6 @@ def trigger(env: dict[str, str], params: dict[str, object]) -> str:
 def training_progress(env: dict[str, str]) -> str | None:
     """'step S/N, loss L' of the newest running training run in MLflow (logged at every checkpoint)."""
     from mlflow.tracking import MlflowClient
-
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
@@ -215,7 +216,6 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
     """(run id, {dataset: metrics}) of the newest training run, read through MLflow's API."""
     from mlflow.tracking import MlflowClient
 
-
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     if exp is None:
@@ -238,8 +238,6 @@ def results_from_mlflow(env: dict[str, str], run_name_prefix: str = "") -> tuple
 def write_demo_photos(data: Path, n_train: int, n_test: int, n_new: int = 6) -> dict[str, Path]:
     """Photos (train, test: with metadata.csv; new: without, each with its GPS tag, plus an unreadable
     file) and the tiny CLIP."""
-    from locdiff.worlds.synth_photos import tiny_clip, write_photos
-
     paths = {"train": data / "train", "test": data / "test", "new": data / "new", "clip": data / "tiny-clip"}
     stamp = data / "photos.json"
     want = {"n_train": n_train, "n_test": n_test, "n_new": n_new, "gps": True}
@@ -274,7 +272,6 @@ def summary(env: dict[str, str], run_id: str, flow_run_id: str) -> str:
     import textwrap
 
     from mlflow.tracking import MlflowClient
-
 
     url, ui = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"].removesuffix("/api")
     client = MlflowClient(tracking_uri=url)
@@ -340,8 +337,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{env['LOCDIFF_STATE']}/logs/prefect-worker.log", file=sys.stderr)
             return 1
         run_id, results = results_from_mlflow(env, f"{Path(args.config).stem}-photos-train")
-        from locdiff.pipeline import accuracy_markdown
-
         print("\n" + accuracy_markdown(results, title="LocDiff on synthetic photos through a random tiny CLIP "
                                                       "(from MLflow)"))
         print("== locating new photos with the registered champion model", flush=True)

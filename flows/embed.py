@@ -10,14 +10,14 @@ from prefect.cache_policies import NONE
 from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
-from locdiff import pipeline
+from locdiff.orchestration import stages
 
 
 @task(retries=1, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient,
       task_run_name="embed {dataset.name}")
 def embed_dataset(dataset: DataSet, root: str, degree: int | None, runner: str = "auto") -> int:
     """Run the data layer's embed stage; it resumes finished shards on a retry."""
-    manifest = pipeline.embed(pipeline.DataSpec.parse(dataset), root, degree, runner=runner)
+    manifest = stages.embed(dataset, root, degree, runner=runner)
     return int(manifest.get("count", 0))
 
 
@@ -30,7 +30,7 @@ def embed(dataset: DataSet, root: str, degree: int | None = None,
     over shards, GPU actors when there are GPUs) or "auto" (Ray for large jobs on a cluster, several GPUs
     or more than 4 CPUs; see locdiff.data.featurize.choose_runner)."""
     with one_line():
-        if pipeline.stage_complete("embed", pipeline.DataSpec.parse(dataset), root):
+        if stages.stage_complete("embed", dataset, root):
             get_run_logger().info("embed %s: manifest exists, skipped", dataset.name)
             return "skipped"
         count = embed_dataset(dataset, root, degree, runner)

@@ -8,14 +8,14 @@ from prefect.cache_policies import NONE
 from flows.errors import one_line
 from flows.params import DataSet
 from flows.retry import transient
-from locdiff import pipeline
+from locdiff.orchestration import stages
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient,
       task_run_name="ingest {dataset.name}")
 def ingest_dataset(dataset: DataSet, root: str) -> int:
     """Run the data layer's ingest; retried on transient failures (network, S3)."""
-    manifest = pipeline.ingest(pipeline.DataSpec.parse(dataset), root)
+    manifest = stages.ingest(dataset, root)
     return int(manifest.get("count", 0))
 
 
@@ -23,7 +23,7 @@ def ingest_dataset(dataset: DataSet, root: str) -> int:
 def ingest(dataset: DataSet, root: str) -> str:
     """Ingest one data set into ROOT/NAME unless that stage is complete."""
     with one_line():
-        if pipeline.stage_complete("ingest", pipeline.DataSpec.parse(dataset), root):
+        if stages.stage_complete("ingest", dataset, root):
             get_run_logger().info("ingest %s: manifest exists, skipped", dataset.name)
             return "skipped"
         count = ingest_dataset(dataset, root)

@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from flows.errors import one_line
 from flows.retry import transient
 from locdiff.inference import batch
+from locdiff.inference.geolocator import Geolocator
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
@@ -30,8 +31,6 @@ def ingest_photos(job: batch.LocateJob) -> batch.LocateJob:
 @task(retries=1, retry_delay_seconds=10, cache_policy=NONE, retry_condition_fn=transient)
 def embed_and_predict(job: batch.LocateJob, tracking_uri: str | None) -> batch.LocateJob:
     """Embed with the model's encoder, predict every shard without a table yet, write the table and map."""
-    from locdiff.inference.geolocator import Geolocator
-
     g = Geolocator.load(job.model, tracking_uri=tracking_uri)
     features, manifest = batch.embed(job, g)
     tables = batch.predict(job, g, features, manifest)

@@ -1,14 +1,14 @@
 """The one training loop, used by `locdiff train`, by every Ray Train worker and by the trained baselines.
 
-The method supplies a `Task`: the network (`build`) and its loss on a batch (`loss`). The engine owns the
-rest: the batch stream (bounded memory, split by rank, resumable at the exact row), the optimizer
-(AdamW), the LR schedule (linear warm-up, cosine decay), gradient clipping, bfloat16 autocast on CUDA,
-the EMA of the weights, validation, logging and checkpoints. Losses stay on the device between log steps
-(one transfer per log step, not per step).
+The method supplies a `Task`: the network (`build`) and its loss on a batch (`loss`). The engine owns the rest:
+the batch stream (bounded memory, split by rank, resumable at the exact row), the optimizer (AdamW), the LR
+schedule (linear warm-up, cosine decay), gradient clipping, bfloat16 autocast on CUDA, the EMA of the weights,
+validation, logging and checkpoints. Losses stay on the device between log steps (one transfer per log step).
 
-Where checkpoints and logs go is a `CheckpointStore`: the run folder for a single process
-(`RunStore`), Ray Train's storage for its workers (`locdiff.distributed`). Both hold the same state, so a
-run trained on Ray is resumed or finished by a single process and the other way round.
+Where checkpoints and logs go is a `CheckpointStore`: the run folder for a single process (`RunStore`), Ray
+Train's storage for its workers (`locdiff.orchestration.ray_worker.RayStore`). Both hold the same state, so a
+run trained on Ray is resumed or finished by a single process and the other way round. A watcher of the
+training (an experiment tracker) is a `Callback`: the engine knows nothing of it.
 
     result = train(task, source, settings, store=RunStore(run), val=val_rows)
 """
@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +292,15 @@ class RunStore(CheckpointStore):
         self.run.append_metrics(rows)
 
 
+class Callback:
+    """Hooks on rank 0, no-ops unless overridden: `on_log` gets the metrics rows the store logs, `on_checkpoint`
+    a checkpoint about to be stored (it may add entries), `on_resume` the one resumed from (with them)."""
+
+    def on_resume(self, state: Mapping[str, Any]) -> None: ...
+    def on_log(self, rows: list[dict[str, Any]]) -> None: ...
+    def on_checkpoint(self, state: dict[str, Any]) -> None: ...
+
+
 # -- the loop ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -398,7 +407,7 @@ def _check_resume(state: Mapping[str, Any], task: Task, source: DataSource, wher
 def train(task: Task, source: DataSource, settings: Settings, *, store: CheckpointStore,
           val: DataSource | None = None, val_rows: int = 4096, dist: Distributed | None = None,
           progress: bool = True, max_steps_this_run: int | None = None,
-          on_step: Callable[[int, Rows], None] | None = None) -> Result:
+          on_step: Callable[[int, Rows], None] | None = None, callbacks: Sequence[Callback] = ()) -> Result:
     """Train `task` on `source` for settings.steps steps (resuming from the store's checkpoint).
 
     Args:
@@ -407,6 +416,7 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
         max_steps_this_run: stop after this many steps (with a checkpoint), as an interruption would.
         on_step: called after every step with the global step and the batch's rows (fault injection and
             the exactly-once test use it).
+        callbacks: rank 0's watchers of the logged rows and the checkpoints (an experiment tracker).
     """
     from tqdm.auto import tqdm
 
@@ -431,6 +441,12 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
 
     step = restored = 0
     last: dict[str, float] = {}
+    callbacks = list(callbacks) if rank == 0 else []
+
+    def log_rows(rows: list[dict[str, Any]]) -> None:  # rank 0: the store's log and the callbacks
+        for log_to in (store.log, *(cb.on_log for cb in callbacks)):
+            log_to(rows)
+
     if rank:  # each rank its own stream for dropout and the embedding noise (rank 0's is the seed's)
         torch.manual_seed(s.seed + 1_000_003 * rank)
     state = store.load(torch.device("cpu"))  # device-independent: the tensors are copied to the device below
@@ -464,6 +480,8 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
             raise UserError(f"{where}: a damaged training state ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}); delete it to train from scratch"
                             ) from None
+        for cb in callbacks:
+            cb.on_resume(state)
         log.info("resuming at step %d (%s)", step, stream.position(step))
 
     val_batch = None
@@ -523,7 +541,7 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
                                              "learning rate (train.lr) or check the inputs")
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 if rank == 0:
-                    store.log([{"step": step, **last, "lr": lr_sched.get_last_lr()[0],
+                    log_rows([{"step": step, **last, "lr": lr_sched.get_last_lr()[0],
                                 "elapsed_s": round(meter.elapsed(), 3)}])
             validate = s.validate_every and step % s.validate_every == 0
             if step % max(1, s.checkpoint_every) == 0 or step == end or validate:
@@ -533,10 +551,13 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
                                         val_batch, seed=s.seed)
                     last.update(v)
                     if rank == 0:
-                        store.log([{"step": step, **v}])
+                        log_rows([{"step": step, **v}])
                 if step % max(1, s.checkpoint_every) == 0 or step == end:
                     last.update(meter.report(step))
-                    store.save(checkpoint_state(), {"step": step, **last, "restored_from_step": restored})
+                    saved = checkpoint_state()
+                    for cb in callbacks:
+                        cb.on_checkpoint(saved)
+                    store.save(saved, {"step": step, **last, "restored_from_step": restored})
                 meter.resume()
     finally:
         bar.close()

@@ -12,8 +12,8 @@ alias `champion` names the version to serve: the first registered version, then 
 GeoScore over the test sets of its pipeline beats the champion's on the same sets (`promote`).
 
 The tracking URI comes from the argument (the config), else `MLFLOW_TRACKING_URI`, else a local SQLite
-store `sqlite:///mlflow.db`. mlflow is imported inside functions (the library stays importable without
-starting it).
+store `sqlite:///mlflow.db` (`locdiff.tracking_store`, which the inference side shares). mlflow is imported
+inside functions (the library stays importable without starting it).
 """
 
 from __future__ import annotations
@@ -21,66 +21,41 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
-import urllib.error
-import urllib.request
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from locdiff import runs
+from locdiff.inference import pyfunc
+from locdiff.methods import get_method
+from locdiff.model.config import read_run_config
+from locdiff.tracking_store import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_TRACKING_URI,
+    TrackingUnavailable,
+    absolute_uri,
+    check_tracking_uri,
+    experiment_id,
+    resolve_tracking_uri,
+)
+from locdiff.tracking_store import mlflow_for as _mlflow
+
+__all__ = ["CHAMPION", "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "METRIC_NAMES", "PROMOTION_METRIC",
+           "REGISTERED_MODEL", "THRESHOLDS_KM", "TrackingUnavailable", "absolute_uri", "check_tracking_uri",
+           "evaluation_metrics", "experiment_id", "find_run", "flatten_config", "load_logged_model",
+           "log_checkpoint", "log_evaluation", "log_model", "log_step_metrics", "promote", "read_run",
+           "resolve_tracking_uri", "tag_model_version", "training_run"]
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "locdiff"
 REGISTERED_MODEL = "locdiff"
 # The evaluation metric names, each logged as f"{dataset}/{name}" (the issue fixes these spellings).
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 METRIC_NAMES = tuple(f"acc_{t}km" for t in THRESHOLDS_KM) + ("median_km", "geoscore")
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI: `uri` (from the config) if given, else MLFLOW_TRACKING_URI, else local SQLite."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def absolute_uri(uri: str) -> str:
-    """A `sqlite:///relative.db` URI made absolute (for processes with another working directory)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
-    return uri
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingUnavailable with what to start when an http(s) tracking server does not answer.
-
-    A `sqlite:///PATH` store is checked for a writable folder instead.
-    """
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status == 200:
-                    return
-                problem = f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as err:
-            problem = str(getattr(err, "reason", err))
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is not reachable ({problem}). Start the local stack with "
-            "`infra/start.sh` (or `make demo`), or point MLFLOW_TRACKING_URI at a running server; "
-            f"unset it to use the local store {DEFAULT_TRACKING_URI}."
-        )
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingUnavailable(
-                f"MLflow store {uri}: folder {folder} does not exist or is not writable; create it or "
-                "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH or a running server."
-            )
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -95,15 +70,6 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
         else:
             flat[name] = str(value)
     return flat
-
-
-def _mlflow(tracking_uri: str | None):
-    import mlflow
-
-    uri = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow
 
 
 @contextlib.contextmanager
@@ -124,28 +90,10 @@ def training_run(config: Mapping[str, Any], *, tracking_uri: str | None = None,
         if run_id is None:
             mlflow.log_params(flatten_config(config))
             with tempfile.TemporaryDirectory() as tmp:
-                import yaml
-
                 path = Path(tmp) / "config.yaml"
                 path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
                 mlflow.log_artifact(str(path))
         yield run.info.run_id
-
-
-def experiment_id(mlflow: Any, name: str, uri: str) -> str:
-    """The id of experiment `name`, creating it; a SQLite store keeps its artifacts next to the database
-    (MLflow's default would be ./mlruns in whatever the working directory is)."""
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    kwargs = {}
-    if uri.startswith("sqlite:///"):
-        folder = Path(absolute_uri(uri).removeprefix("sqlite:///")).parent / "mlartifacts"
-        kwargs["artifact_location"] = folder.as_uri()
-    try:
-        return mlflow.create_experiment(name, **kwargs)
-    except Exception:  # noqa: BLE001 - created meanwhile by another process: use it
-        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def _set_experiment(mlflow: Any, name: str, uri: str) -> None:
@@ -179,8 +127,6 @@ def log_step_metrics(run_id: str, rows: Sequence[Mapping[str, float]], *,
     """Log per-step rows like {"step": 10, "loss": 0.3, "lr": 1e-3} to the run in batches."""
     if not rows:
         return
-    import time
-
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -198,8 +144,6 @@ def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None
     `checkpoint/`; data such as the retrieval gallery is referenced by the run, not copied."""
     from mlflow.tracking import MlflowClient
 
-    from locdiff import runs
-
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     for name in (runs.CONFIG, runs.CHECKPOINT, runs.METRICS, runs.WEIGHTS, runs.MODEL, runs.SELECTION):
         path = Path(run_dir) / name
@@ -216,9 +160,6 @@ def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = No
     """Log a LocDiff run folder as the pyfunc model of locdiff.inference.pyfunc (weights as safetensors,
     config as YAML/JSON, its image encoder, a signature; no code, nothing pickled) and register
     it as `registered_name`; the first version becomes `champion`. Returns {"model_uri", "version"}."""
-    from locdiff import runs
-    from locdiff.inference import pyfunc
-
     if not runs.RunFolder(run_dir).has_model():
         raise FileNotFoundError(f"{run_dir}: no trained model to log ({runs.WEIGHTS}, {runs.MODEL})")
     mlflow = _mlflow(tracking_uri)
@@ -293,16 +234,12 @@ def load_logged_model(model_uri: str, *, tracking_uri: str | None = None, dst: s
     (`locdiff.Geolocator.load(model_uri)` gives the whole predictor, encoder and place names included.)"""
     import mlflow
 
-    from locdiff.inference.pyfunc import resolve_model
-    from locdiff.methods import get_method
-    from locdiff.model.config import read_run_config
-
     if dst is not None:
         mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
         local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))
-        folder, keep = resolve_model(local)
+        folder, keep = pyfunc.resolve_model(local)
     else:
-        folder, keep = resolve_model(model_uri, tracking_uri=tracking_uri)
+        folder, keep = pyfunc.resolve_model(model_uri, tracking_uri=tracking_uri)
     cfg = read_run_config(folder)
     method = get_method(cfg.get("method", "locdiff")).load(Path(folder), cfg)
     method._download = keep  # a temporary download lives as long as the method

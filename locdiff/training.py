@@ -1,5 +1,6 @@
 """Train one method into one run folder: the path `locdiff train` and the pipeline share.
 
+The run is one `RunSpec` (locdiff.orchestration.spec), built at the boundary:
 1. the config is validated and the folder checked for a compatible earlier run: its config, and its
    checkpoint (readable, complete, trained on embeddings of the data's dimension); nothing is written
    before these pass, and a fresh run that fails before its first checkpoint leaves no file behind;
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from locdiff.distributed import check_gpu_request, local_gpus
 from locdiff.engine import resolve_device
 from locdiff.errors import UserError
+from locdiff.methods import get_method
 from locdiff.model.config import Config, config_to_dict
-from locdiff.runs import RunFolder, absolute_location, completion_key, encoder_record
+from locdiff.orchestration.ray_session import check_gpu_request, local_gpus
+from locdiff.orchestration.ray_train import RayTrainResult, RayTrainSettings, train_on_ray
+from locdiff.orchestration.spec import RunSpec
+from locdiff.runs import RunFolder, encoder_record
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +38,13 @@ class TrainOutcome:
     run: RunFolder
     record: dict[str, Any]
     skipped: bool  # a complete run with the same key was found
-    ray: Any = None  # the RayTrainResult when trained on Ray
+    ray: RayTrainResult | None = None  # when trained on Ray
 
 
 def check_devices(config: Config, workers: int = 0, gpus_per_worker: float = 0.0) -> None:
     """Before any work (nothing is written when it refuses): the devices a training asks for exist.
 
-    With `workers`, the GPUs of the Ray workers (`distributed.check_gpu_request`; a cluster's are checked
+    With `workers`, the GPUs of the Ray workers (`ray_session.check_gpu_request`; a cluster's are checked
     once connected). Without, `gpus_per_worker` > 0 means this process on this machine's GPU: refused when
     there is none, more than one is asked for, or train.device says cpu. train.device itself (used in this
     process: the training, or the final step after Ray) must name a device that exists.
@@ -80,37 +85,46 @@ def _method_config(config: Config) -> Any:
 
 
 def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, val_unseen: Any = None,
-              encoder: str | None = None, workers: int = 0, ray_settings: Any = None, progress: bool = True,
-              max_steps_this_run: int | None = None, before_training: Any = None) -> TrainOutcome:
-    """Train `config.method` on `train` into the run folder `out` (see the module docstring).
+              encoder: str | None = None, workers: int = 0, ray_settings: RayTrainSettings | None = None,
+              progress: bool = True, max_steps_this_run: int | None = None,
+              before_training: Callable[[RunFolder], None] | None = None) -> TrainOutcome:
+    """Train `config.method` on `train` into the run folder `out` (see the module docstring): `run` of
+    the `RunSpec` these arguments describe.
 
     Args:
         train, val: paths/URLs of features folders or embeddings tables, or EmbeddingTables.
         val_unseen: the same, validation rows from regions absent from `train` (LocDiff-H's choice).
         encoder: the encoder that made a table's embeddings (a features folder's manifest says it itself).
+        workers, ray_settings, progress, max_steps_this_run, before_training: as for `run`.
+    """
+    spec = RunSpec.build(config, train, out, val=val, val_unseen=val_unseen, encoder=encoder)
+    return run(spec, workers=workers, ray_settings=ray_settings, progress=progress,
+               max_steps_this_run=max_steps_this_run, before_training=before_training)
+
+
+def run(spec: RunSpec, *, workers: int = 0, ray_settings: RayTrainSettings | None = None, progress: bool = True,
+        max_steps_this_run: int | None = None,
+        before_training: Callable[[RunFolder], None] | None = None) -> TrainOutcome:
+    """Train the run `spec` describes into its run folder (see the module docstring).
+
+    Args:
         workers: > 0 trains on Ray Train with this many workers (`ray_settings`: a RayTrainSettings).
+        max_steps_this_run: stop after this many steps (with a checkpoint), as an interruption would.
         before_training: called with the run folder once the run is known to need training (the
             pipeline opens its MLflow run there).
     """
-    from locdiff.methods import get_method, prepare_data
-
+    config, source, vsrc = spec.config, spec.source, spec.val_source
+    if spec.run_dir is None or source is None:
+        raise ValueError("a RunSpec needs its run folder and opened data (RunSpec.build(...).at(RUN_DIR))")
     check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)))
-    train, val = absolute_location(train), absolute_location(val)  # recorded: found again from anywhere
-    resolved = config_to_dict(config)
-    run = RunFolder(out)
-    run.check_compatible(resolved)
-    source, vsrc = prepare_data(train, val, val_share=config.train.val_share, seed=config.train.seed)
-    data = {"train": source.identity(), "val": vsrc.identity() if vsrc is not None else None}
-    if val_unseen is not None:  # only then: the completion keys of runs without it stay as they were
-        val_unseen = absolute_location(val_unseen)
-        data["val_unseen"] = prepare_data(source, val_unseen)[1].identity()
-    key = completion_key(resolved, data)
-    if run.is_complete(key):
+    run = RunFolder(spec.run_dir)
+    run.check_compatible(spec.resolved)
+    if run.is_complete(spec.key):
         log.info("%s: complete for this config and data; nothing to train", run.path)
         return TrainOutcome(run, run.record(), skipped=True)
-    enc = encoder_record(source.manifest, name=encoder, dim=source.dim)
-    if source.manifest is not None and encoder and enc.get("name") != encoder:
-        raise ValueError(f"--encoder {encoder}: {source.location} was embedded with {enc.get('name')!r} "
+    enc = encoder_record(source.manifest, name=spec.encoder, dim=source.dim)
+    if source.manifest is not None and spec.encoder and enc.get("name") != spec.encoder:
+        raise ValueError(f"--encoder {spec.encoder}: {source.location} was embedded with {enc.get('name')!r} "
                          "(its manifest says so); leave out --encoder for a features folder")
     method = get_method(config.method).from_config(_method_config(config))
     if method.trains:  # a damaged checkpoint, or one of other data, is refused before anything is written
@@ -122,26 +136,25 @@ def train_run(config: Config, train: Any, out: str | Path, *, val: Any = None, v
             before_training(run)
         ray_result = None
         if workers > 0 and method.trains:
-            from locdiff.distributed import RayTrainSettings, train_on_ray
-
             settings = ray_settings or RayTrainSettings()
             settings.num_workers = workers
             state = run.load_checkpoint()
             if state is not None and int(state["step"]) >= method.settings(source).steps:
                 log.info("%s: checkpoint at the final step %d; Ray training skipped", run.path, state["step"])
+            elif isinstance(spec.train, str | Path):
+                val = spec.val
+                ray_result = train_on_ray(config, str(spec.train), run.path, settings,
+                                          val=str(val) if isinstance(val, str | Path) else None,
+                                          val_share=config.train.val_share if val is None else 0.0)
             else:
-                if isinstance(train, str | Path):
-                    ray_result = train_on_ray(config, str(train), run.path, settings,
-                                              val=str(val) if isinstance(val, str | Path) else None,
-                                              val_share=config.train.val_share if val is None else 0.0)
-                else:
-                    raise ValueError("--workers needs the training data as a path or URL")
+                raise ValueError("--workers needs the training data as a path or URL")
         metrics = method.fit(source, vsrc, run.path, progress=progress, max_steps_this_run=max_steps_this_run,
-                             val_unseen=val_unseen)
+                             val_unseen=spec.val_unseen)
         state = run.load_checkpoint()
         step = int(state["step"]) if state is not None else 0
         steps = method.settings(source).steps if method.trains else 0
-        record = {"key": key, "complete": step >= steps, "method": config.method, "step": step, "data": data,
+        record = {"key": spec.key, "complete": step >= steps, "method": config.method, "step": step,
+                  "data": dict(spec.data),
                   "data_location": {"train": getattr(source, "location", None),
                                     "val": getattr(vsrc, "location", None)},
                   "encoder": enc, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}

@@ -112,3 +112,37 @@ def test_two_ddp_processes_end_with_identical_weights(tmp_path):
     # and training moved them (not two copies of the initial weights)
     init = Toy().build(8, None).state_dict()
     assert not all(torch.equal(init[k], w0[k]) for k in init)
+
+
+class Recorder(engine.Callback):
+    """Records what the engine hands its callbacks and keeps an entry of its own in each checkpoint."""
+
+    def __init__(self):
+        self.rows, self.checkpoints, self.resumed = [], [], []
+
+    def on_log(self, rows):
+        self.rows.extend(rows)
+
+    def on_checkpoint(self, state):
+        self.checkpoints.append(int(state["step"]))
+        state["recorder_rows"] = len(self.rows)
+
+    def on_resume(self, state):
+        self.resumed.append((int(state["step"]), state.get("recorder_rows")))
+
+
+def test_callbacks_see_the_log_and_every_checkpoint_and_get_their_entries_back(tmp_path):
+    """The engine hands its callbacks exactly the rows the store logs and every checkpoint; what a callback
+    adds to a checkpoint is stored with it and handed back on resume."""
+    src = TableSource(_table(), piece_rows=100)
+    s = engine.Settings(**{**SETTINGS, "steps": 30})
+    run = RunFolder(tmp_path)
+    first = Recorder()
+    engine.train(Toy(), src, s, store=engine.RunStore(run), progress=False, max_steps_this_run=20,
+                 callbacks=[first])
+    assert first.rows == run.read_metrics() and first.checkpoints == [10, 20] and first.resumed == []
+    assert run.load_checkpoint()["recorder_rows"] == len(first.rows)
+    second = Recorder()
+    engine.train(Toy(), src, s, store=engine.RunStore(run), progress=False, callbacks=[second])
+    assert second.resumed == [(20, len(first.rows))] and second.checkpoints == [30]
+    assert first.rows + second.rows == run.read_metrics()

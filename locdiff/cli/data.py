@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from locdiff.cli.args import MAX_DEGREE, number_in
+from locdiff.data.config import encoder_folder_name, load_dataset_config
+from locdiff.data.features import export_features
+from locdiff.data.featurize import embed
+from locdiff.data.ingest import ingest, ingest_split
+from locdiff.data.inspect import format_report, inspect
+from locdiff.orchestration.ray_session import RayUnavailable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,11 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    import sys
-
-    from locdiff.data.config import load_dataset_config
-    from locdiff.data.ingest import ingest, ingest_split
-
     cfg = load_dataset_config(args.name, coordinates="optional" if args.unlabelled else None,
                               allow_private_addresses=True if args.allow_private_addresses else None,
                               max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
@@ -91,11 +93,6 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    import sys
-
-    from locdiff.data.featurize import embed
-    from locdiff.distributed import RayUnavailable
-
     try:
         m = embed(args.name, args.root, args.encoder, degree=args.degree, runner=args.runner)
     except RayUnavailable as err:
@@ -108,18 +105,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import sys
-
-    from locdiff.data.inspect import format_report, inspect
-
     print(format_report(inspect(args.folder, verify=not args.no_verify, progress=sys.stderr.isatty())))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from locdiff.data.config import encoder_folder_name
-    from locdiff.data.features import export_features
-
     table = export_features(args.root, args.name, encoder_folder_name(args.encoder), args.out)
     print(f"wrote {len(table)} rows ({table.dim}-d) to {args.out}")
     return 0

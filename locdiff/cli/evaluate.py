@@ -8,6 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from locdiff.errors import UserError
+from locdiff.evaluation import draw_plots, metrics_by_method
+from locdiff.io import json_text, read_predictions, write_file_atomic
+from locdiff.metrics import format_table
+from locdiff.worlds.cuebench import CueBenchConfig
+from locdiff.worlds.cuebench import write_benchmark as write_cuebench
+from locdiff.worlds.realbench import RealBenchConfig
+from locdiff.worlds.realbench import write_benchmark as write_realbench
+from locdiff.worlds.synth import SynthConfig
+from locdiff.worlds.synth import write_benchmark as write_synth
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,21 +89,12 @@ def _world_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from locdiff.io import json_text, read_predictions, write_file_atomic
-    from locdiff.metrics import distances_km, format_table, metrics_from_distances
-
     pred = read_predictions(args.predictions)
     if len(pred.ids) == 0:
         raise UserError(f"{args.predictions}: no rows; nothing to evaluate")
     if not pred.labelled:
         raise ValueError(f"{args.predictions}: no truth columns 'lat' and 'lon'; cannot evaluate")
-    d = distances_km(pred.pred_lat, pred.pred_lon, pred.lat, pred.lon)
-    rows = {}
-    if pred.method is not None and len(set(pred.method)) > 1:
-        for name in sorted(set(pred.method)):
-            rows[name] = metrics_from_distances(d[pred.method == name])
-    name = str(pred.method[0]) if pred.method is not None and len(set(pred.method)) == 1 else "all"
-    rows[name] = metrics_from_distances(d)
+    name, rows, _ = metrics_by_method(pred)
     print(format_table(rows, title=str(args.predictions)))
     if args.json:
         out = Path(args.json)
@@ -104,36 +104,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_file_atomic(out, json_text(payload, indent=2))  # whole or not at all; NaN as null
         print(f"wrote {out}")
     if args.plots:
-        from locdiff.plots import error_cdf, world_map
-
-        m = world_map(Path(args.plots) / "map.png", pred.pred_lat, pred.pred_lon, pred.lat, pred.lon,
-                      title=str(args.predictions))
-        c = error_cdf(Path(args.plots) / "error_cdf.png", {name: d})
-        print(f"wrote {m} and {c}")
+        drawn = draw_plots(Path(args.plots), pred.pred_lat, pred.pred_lon, pred.lat, pred.lon, label=name,
+                           title=str(args.predictions), cdf_title="", world_map="map.png")
+        print(f"wrote {drawn['worldmap']} and {drawn['error_cdf']}")
     return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from locdiff.worlds.synth import SynthConfig, write_benchmark
-
     cfg = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, n_unseen=args.n_unseen,
                       n_val_unseen=args.n_val_unseen, dim=args.dim, seed=args.seed)
-    paths = write_benchmark(args.out, cfg)
+    paths = write_synth(args.out, cfg)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
 
 
 def _realbench(args: argparse.Namespace) -> int:
-    from locdiff.worlds.realbench import RealBenchConfig, write_benchmark
-
-    return _write_world("realbench", RealBenchConfig, write_benchmark, args, n_yfcc=args.n_yfcc)
+    return _write_world("realbench", RealBenchConfig, write_realbench, args, n_yfcc=args.n_yfcc)
 
 
 def _cuebench(args: argparse.Namespace) -> int:
-    from locdiff.worlds.cuebench import CueBenchConfig, write_benchmark
-
-    return _write_world("cuebench", CueBenchConfig, write_benchmark, args, dim=args.dim)
+    return _write_world("cuebench", CueBenchConfig, write_cuebench, args, dim=args.dim)
 
 
 def _write_world(name: str, config_cls: Any, write_benchmark: Any, args: argparse.Namespace, **extra: Any) -> int:

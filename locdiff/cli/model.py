@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 from pathlib import Path
 
 from locdiff.cli.args import number_in
+from locdiff.data.stream import read_table
 from locdiff.errors import UserError
+from locdiff.io import write_predictions
+from locdiff.methods import get_method
+from locdiff.model.config import check_predict_options, config_from_dict, load_config
+from locdiff.orchestration.ray_train import RayTrainSettings
+from locdiff.orchestration.spec import RunSpec
+from locdiff.resources import model_config_path
+from locdiff.runs import RunFolder, check_data_encoder
+from locdiff.training import check_devices, run, throughput_line
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from locdiff.model.config import load_config
-    from locdiff.resources import model_config_path
-    from locdiff.training import check_devices, throughput_line, train_run
-
     overrides = list(args.overrides)
     if args.method:
         overrides.append(f"method={args.method}")
@@ -89,14 +96,13 @@ def _train(args: argparse.Namespace) -> int:
     check_devices(cfg, args.workers, args.gpus_per_worker)  # before anything is written
     ray_settings = None
     if args.workers:
-        from locdiff.distributed import RayTrainSettings
-
         ray_settings = RayTrainSettings(num_workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                                         storage_root=args.storage or str(Path(args.out).resolve() / "ray"),
                                         run_name=Path(args.out).resolve().name)
-    outcome = train_run(cfg, args.train, args.out, val=args.val, val_unseen=args.val_unseen,
-                        encoder=args.encoder, workers=args.workers, ray_settings=ray_settings,
-                        progress=not args.no_progress)
+    # the run, described once: config, data identities, completion key, run folder
+    spec = RunSpec.build(cfg, args.train, args.out, val=args.val, val_unseen=args.val_unseen, encoder=args.encoder,
+                         config_name=args.config)
+    outcome = run(spec, workers=args.workers, ray_settings=ray_settings, progress=not args.no_progress)
     verb = "already trained (same config and data)" if outcome.skipped else "trained"
     print(f"{verb} {cfg.method} into {args.out}")
     for k, v in (outcome.record.get("metrics") or {}).items():
@@ -108,35 +114,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from locdiff.data.stream import read_table
-    from locdiff.io import write_predictions
-    from locdiff.methods import get_method
-    from locdiff.runs import RunFolder
-
     if Path(args.out).is_dir():  # before any work: the predictions file cannot be written there
-        import errno
-        import os
-
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), args.out)
-    run = RunFolder(args.run)
-    cfg = run.read_config()
+    folder = RunFolder(args.run)
+    cfg = folder.read_config()
     trained = cfg.get("method", "locdiff")
     if args.method and trained != "locdiff":
-        raise ValueError(f"{run.path} is a run of method {trained!r}; --method {args.method} needs a LocDiff "
+        raise ValueError(f"{folder.path} is a run of method {trained!r}; --method {args.method} needs a LocDiff "
                          "run (train one with `locdiff train --method locdiff`)")
     if trained == "locdiff":  # the flags' bounds, before the data is read or the model built
-        from locdiff.model.config import check_predict_options, config_from_dict
-
-        check_predict_options(config_from_dict(cfg, source=str(run.file("config.yaml"))), samples=args.samples,
+        check_predict_options(config_from_dict(cfg, source=str(folder.file("config.yaml"))), samples=args.samples,
                               steps=args.steps, seed=args.seed, flags=True)
-    from locdiff.runs import check_data_encoder
-
-    check_data_encoder(run, args.data)
+    check_data_encoder(folder, args.data)
     table = read_table(args.data)
     if len(table) == 0:
-
         raise UserError(f"{args.data}: no rows; nothing to predict")
-    method = get_method(trained).load(run.path, cfg)
+    method = get_method(trained).load(folder.path, cfg)
     if trained == "locdiff":
         name = args.method or "locdiff"
         pred = method.predict(table, method=name, samples=args.samples, steps=args.steps, seed=args.seed,

@@ -36,6 +36,10 @@ from locdiff.data.shards import (
     write_tar,
 )
 from locdiff.data.validation import ChecksumError, RecordError, ShardError, SkipLog, sha256_bytes
+from locdiff.embed import make_encoder
+from locdiff.embed.ray_runner import embed_with_ray
+from locdiff.orchestration.ray_session import RayUnavailable
+from locdiff.shdd import encode
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -55,8 +59,6 @@ LOCAL_THREADS = 4  # shards embedded at a time by the local runner (at most; one
 def shdd_targets(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
     """(N,) degrees -> (N, (degree+1)**2) float32 SHDD codes (computed in float64)."""
     import torch
-
-    from locdiff.shdd import encode
 
     return encode(torch.as_tensor(lat, dtype=torch.float64), torch.as_tensor(lon, dtype=torch.float64),
                   degree).to(torch.float32).numpy()
@@ -269,9 +271,6 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         chosen = choose_runner(runner, todo) if todo else "local"
         log.info("%s: %d of %d shards to embed (%s runner)", out, len(todo), len(jobs), chosen)
         if todo and chosen == "ray":
-            from locdiff.distributed import RayUnavailable
-            from locdiff.embed.ray_runner import embed_with_ray
-
             try:
                 for info in embed_with_ray(todo, enc_cfg, read_chunks=read_shard_chunks,
                                            write_shard=write_feature_shard, num_actors=num_actors,
@@ -284,8 +283,6 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
                 chosen = "local"
                 todo = [j for j in jobs if done[j["shard"]] is None]
         if todo and chosen == "local":
-            from locdiff.embed import make_encoder
-
             model = make_encoder(enc_cfg)
             for info in embed_shards_local(todo, model, progress=progress, desc=f"embed {name}"):
                 done[info["shard"]] = info
@@ -298,8 +295,6 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
             raise ValueError(f"{out}: shards of different embedding dimensions {sorted(dims)}")
         dim = dims.pop() if dims else None
         if dim is None:
-            from locdiff.embed import make_encoder
-
             dim = make_encoder(enc_cfg).dim
         manifest = {
             "stage": "features", "dataset": name, "encoder": encoder_desc,

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from locdiff.data.config import EncoderConfig
+from locdiff.embed import make_encoder, make_preprocessor
+from locdiff.orchestration.ray_session import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ _PREPROCESSORS: dict[str, Any] = {}  # per worker process: the preprocessor of e
 
 def _preprocessor(cfg_json: str) -> Any:
     if cfg_json not in _PREPROCESSORS:
-        from locdiff.embed import make_preprocessor
-
         _PREPROCESSORS[cfg_json] = make_preprocessor(EncoderConfig(**json.loads(cfg_json)))
     return _PREPROCESSORS[cfg_json]
 
@@ -62,8 +62,6 @@ class _Embedder:
     """A Ray Data actor: loads the encoder once, then embeds one chunk per row."""
 
     def __init__(self, cfg_json: str) -> None:
-        from locdiff.embed import make_encoder
-
         self.encoder = make_encoder(EncoderConfig(**json.loads(cfg_json)))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +86,7 @@ def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, read_chunk
                    progress: bool = True, desc: str = "embed") -> Iterator[dict[str, Any]]:
     """Embed every shard job on Ray Data; yields each shard's progress record as it is written.
 
-    Uses the cluster at RAY_ADDRESS, else a local Ray (`locdiff.distributed.ensure_ray`).
+    Uses the cluster at RAY_ADDRESS, else a local Ray (`locdiff.orchestration.ray_session.ensure_ray`).
 
     Args:
         jobs: shard jobs (JSON-able dicts with a "shard" name), as `read_chunks` and `write_shard` take.
@@ -105,8 +103,6 @@ def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, read_chunk
     """
     import ray
     from tqdm.auto import tqdm
-
-    from locdiff.distributed import ensure_ray
 
     ensure_ray()
     resources = ray.cluster_resources()

@@ -9,6 +9,7 @@ import torch
 
 from locdiff.distributed import FAULT_MARKER, RayTrainSettings, train_on_ray
 from locdiff.model.config import config_from_dict
+from locdiff.orchestration.ray_session import FAULT_KILL_ENV, TRACE_ENV
 
 SMALL = {"shdd": {"degree": 6}, "network": {"widths": [32, 16], "cond_dim": 32, "time_dim": 16},
          "train": {"steps": 24, "batch_size": 64, "checkpoint_every": 8, "log_every": 4, "warmup_steps": 4,
@@ -25,7 +26,8 @@ def s3_root(moto_s3):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_killed_worker_resumes_from_checkpoint(where, ray_local, tiny_data, tmp_path, mlflow_uri, request):
+def test_killed_worker_resumes_from_checkpoint(where, ray_local, tiny_data, tmp_path, mlflow_uri, request,
+                                               monkeypatch):
     """One worker SIGKILLs itself at step 13 (mid-epoch, after the step-8 checkpoint, first attempt only):
     Ray restarts the group, training resumes at step 8 from the checkpoint in the storage root (a local
     folder, or S3 through a moto server) at the exact stream position and completes; every training row
@@ -39,9 +41,12 @@ def test_killed_worker_resumes_from_checkpoint(where, ray_local, tiny_data, tmp_
     storage = tmp_path / "store" if where == "local" else request.getfixturevalue("s3_root")
     trace = tmp_path / "trace"
     trace.mkdir()
+    # the fault injection reaches the workers from the driver's environment, not through a signature
+    monkeypatch.setenv(FAULT_KILL_ENV, "13")
+    monkeypatch.setenv(TRACE_ENV, str(trace))
     with tracking.training_run({"x": 1}) as run_id:
         settings = RayTrainSettings(num_workers=2, storage_root=str(storage), max_failures=2,
-                                    mlflow_run_id=run_id, fault_kill_at_step=13, trace_dir=str(trace))
+                                    mlflow_run_id=run_id)
         result = train_on_ray(config, str(tiny_data["train"]), tmp_path / "run", settings)
 
     assert (tmp_path / "run" / ".ray" / FAULT_MARKER).exists()  # the worker really was killed
@@ -53,6 +58,7 @@ def test_killed_worker_resumes_from_checkpoint(where, ray_local, tiny_data, tmp_
     assert len(ckpts) == 2  # CheckpointConfig(num_to_keep=2) under the storage root
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 24 and set(state) >= {"model", "ema", "optimizer", "lr_scheduler", "rng", "position"}
+    assert not set(state) & {"mlflow_flushed", "mlflow_pending"}  # the tracker's entries stay in Ray's storage
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(4, 25, 4))
 

@@ -1,0 +1,51 @@
+"""The pipeline's stages as library calls (no Prefect, no Ray): a data set's `val_unseen` table reaches
+LocDiff-H's fit, the run planned once is the run trained, and MLflow records the data sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from locdiff import tracking
+from locdiff.orchestration import stages
+from locdiff.orchestration.spec import DataSet
+from locdiff.runs import SELECTION
+from tests.orchestration.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow  # trains a tiny LocDiff and logs it to a SQLite MLflow store
+
+
+def test_val_unseen_reaches_the_fit_and_the_plan_is_the_run(tmp_path, mlflow_uri):
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
+
+    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=400, n_test=20, n_unseen=20, n_val=40,
+                                                           n_val_unseen=30, dim=16, seed=0))
+    root = str(tmp_path / "root")
+    ds = {split: DataSet(name=f"t-{split}", source="embeddings", path=str(data[split]))
+          for split in ("train", "val", "val_unseen")}
+    for spec in ds.values():
+        stages.ingest(spec, root)
+    overrides = [*TINY_OVERRIDES, "train.steps=8", "train.checkpoint_every=4"]
+    config = stages.preflight("tiny", root, degree=4, overrides=overrides, tracking_uri=mlflow_uri)
+    plan = stages.plan("tiny", ds["train"], root, val_spec=ds["val"], val_unseen_spec=ds["val_unseen"],
+                       config=config)
+    assert plan.run_dir == Path(root).resolve() / "runs" / f"tiny-t-train-L4-{plan.key[:10]}"
+    assert set(plan.data) == {"train", "val", "val_unseen"}
+    without = stages.plan("tiny", ds["train"], root, val_spec=ds["val"], config=config)
+    assert without.key != plan.key  # val_unseen is part of the run's identity, and only when given
+
+    record = stages.train("tiny", ds["train"], root, str(plan.run_dir), degree=4, overrides=overrides,
+                          num_workers=0, tracking_uri=mlflow_uri, val_spec=ds["val"],
+                          val_unseen_spec=ds["val_unseen"])
+    assert record["key"] == plan.key and record["complete"] and record["step"] == 8
+    selection = json.loads((plan.run_dir / SELECTION).read_text())
+    assert selection["val_unseen"] == plan.data["val_unseen"]  # LocDiff-H's choice saw the val_unseen rows
+    run = tracking.read_run(record["mlflow_run_id"], tracking_uri=mlflow_uri)
+    assert run["params"]["pipeline.val_unseen"] == "t-val_unseen" and run["params"]["pipeline.val"] == "t-val"
+    assert run["params"]["shdd.degree"] == "4"
+    again = stages.train("tiny", ds["train"], root, str(plan.run_dir), degree=4, overrides=overrides,
+                         num_workers=0, tracking_uri=mlflow_uri, val_spec=ds["val"],
+                         val_unseen_spec=ds["val_unseen"])
+    assert again["mlflow_run_id"] == record["mlflow_run_id"] and again["key"] == record["key"]
