@@ -9,14 +9,22 @@ environment variable LOCDIFF_CONFIGS names another folder of the same layout ins
     config_path("model", "my/run.yaml")   # a YAML path is taken as it is
     config_path("model", "configs/model/tiny.yaml")   # the shipped tiny.yaml where no such file is (a wheel)
     known_configs("datasets")             # ["embeddings", "folder", ...]
+
+The MLflow tracking store is found here too (`resolve_tracking_uri`, `check_tracking_uri`): the argument,
+else MLFLOW_TRACKING_URI, else a local SQLite store; both the tracking wing and a served model use them.
 """
 
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from locdiff.errors import TrackingUnavailable, UserError
+
 KINDS = ("model", "datasets", "encoders")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _WHAT = {"model": "model config", "datasets": "data set", "encoders": "encoder config"}
 
 
@@ -57,8 +65,6 @@ def config_path(kind: str, name: str | os.PathLike) -> Path:
     if path is not None:
         return path
     if is_yaml_path(name):  # a path the user gave: say what is wrong with it
-        from locdiff.errors import UserError
-
         if Path(name).is_dir():
             raise UserError(f"{name}: is a directory; give a YAML file")
         raise FileNotFoundError(f"{name}: no such config file; check the path")
@@ -75,3 +81,36 @@ def model_config_path(name: str | os.PathLike) -> Path:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown config kind {kind!r}; one of {', '.join(KINDS)}")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI: `uri` (from the config) if given, else MLFLOW_TRACKING_URI, else local SQLite."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable with what to start when an http(s) tracking server does not answer.
+
+    A `sqlite:///PATH` store is checked for a writable folder instead.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return
+                problem = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as err:
+            problem = str(getattr(err, "reason", err))
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is not reachable ({problem}). Start the local stack with "
+            "`infra/start.sh` (or `make demo`), or point MLFLOW_TRACKING_URI at a running server; "
+            f"unset it to use the local store {DEFAULT_TRACKING_URI}."
+        )
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(
+                f"MLflow store {uri}: folder {folder} does not exist or is not writable; create it or "
+                "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH or a running server."
+            )

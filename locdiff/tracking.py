@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from locdiff.errors import TrackingUnavailable as TrackingUnavailable  # re-exported: moved below inference
+from locdiff.resources import DEFAULT_TRACKING_URI as DEFAULT_TRACKING_URI
+from locdiff.resources import check_tracking_uri, resolve_tracking_uri
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "locdiff"
 REGISTERED_MODEL = "locdiff"
 # The evaluation metric names, each logged as f"{dataset}/{name}" (the issue fixes these spellings).
@@ -39,48 +39,11 @@ THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 METRIC_NAMES = tuple(f"acc_{t}km" for t in THRESHOLDS_KM) + ("median_km", "geoscore")
 
 
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI: `uri` (from the config) if given, else MLFLOW_TRACKING_URI, else local SQLite."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
 def absolute_uri(uri: str) -> str:
     """A `sqlite:///relative.db` URI made absolute (for processes with another working directory)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
     return uri
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingUnavailable with what to start when an http(s) tracking server does not answer.
-
-    A `sqlite:///PATH` store is checked for a writable folder instead.
-    """
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status == 200:
-                    return
-                problem = f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as err:
-            problem = str(getattr(err, "reason", err))
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is not reachable ({problem}). Start the local stack with "
-            "`infra/start.sh` (or `make demo`), or point MLFLOW_TRACKING_URI at a running server; "
-            f"unset it to use the local store {DEFAULT_TRACKING_URI}."
-        )
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingUnavailable(
-                f"MLflow store {uri}: folder {folder} does not exist or is not writable; create it or "
-                "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH or a running server."
-            )
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
