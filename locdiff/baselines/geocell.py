@@ -25,8 +25,12 @@ import torch
 
 from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
 from locdiff.baselines.options import MLPOptions
+from locdiff.data.datasource import DataSource
+from locdiff.engine import Result
+from locdiff.gallery import Gallery, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
 from locdiff.methods import Prediction
+from locdiff.runs import RunFolder
 from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
@@ -95,7 +99,7 @@ class GeocellMethod(TrainedBaseline):
         self.cell_lat: np.ndarray | None = None  # (C,) medoid coordinates
         self.cell_lon: np.ndarray | None = None
         self._cells_unit: torch.Tensor | None = None
-        self.gallery: Any = None
+        self.gallery: Gallery | None = None
         self.gallery_ref: dict[str, Any] | None = None
         self.run_dir = None
 
@@ -128,10 +132,9 @@ class GeocellMethod(TrainedBaseline):
         target = torch.softmax(-(d - d.min(1, keepdim=True).values) / tau, dim=1)
         return -(target * torch.log_softmax(logits, 1)).sum(1).mean(), {}
 
-    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True):
+    def finalize(self, result: Result | None, source: DataSource, val: DataSource | None, run: RunFolder, *,
+                 progress: bool = True) -> dict[str, float]:
         if self.options.refine == "retrieval":
-            from locdiff.gallery import gallery_for_run
-
             self.gallery, self.gallery_ref = gallery_for_run(source, run.path, progress=progress)
         metrics = super().finalize(result, source, val, run, progress=progress)
         metrics["cells"] = len(self.cell_lat)
@@ -161,8 +164,6 @@ class GeocellMethod(TrainedBaseline):
             if self.gallery is None:
                 if not self.gallery_ref:
                     raise ValueError("geocell: refine=retrieval needs a model trained with refine: retrieval")
-                from locdiff.gallery import Gallery
-
                 self.gallery = Gallery.load(self.gallery_ref)
             sims, idx = self.gallery.search(table.embedding, self.options.refine_top_k)  # (N, k)
             glat, glon = self.gallery.lat[idx], self.gallery.lon[idx]

@@ -21,8 +21,11 @@ import torch
 from torch import nn
 
 from locdiff.baselines.options import MLPOptions, parse_options
-from locdiff.engine import Settings, Task, resolve_device
+from locdiff.data.datasource import DataSource
+from locdiff.engine import Result, Settings, Task, resolve_device
 from locdiff.methods import GeoMethod
+from locdiff.metrics import geo_metrics
+from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,8 @@ class TrainedBaseline(GeoMethod):
         self.embed_dim: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> TrainedBaseline:
+    def from_config(cls, config: Config | dict[str, Any]) -> TrainedBaseline:
         if not isinstance(config, dict):
-            from locdiff.model.config import config_to_dict
-
             config = config_to_dict(config)
         return cls(parse_options(cls.options_cls, config, cls.name))
 
@@ -129,14 +130,12 @@ class TrainedBaseline(GeoMethod):
                         checkpoint_every=per_epoch, log_every=min(per_epoch, 50), seed=o.seed, amp=False,
                         device=o.device)
 
-    def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
-                 ) -> dict[str, float]:
+    def finalize(self, result: Result | None, source: DataSource, val: DataSource | None, run: RunFolder, *,
+                 progress: bool = True) -> dict[str, float]:
         self.net = result.model.to(self.device).eval()
         self.save(run.path)
         metrics = dict(result.metrics)
         if val is not None and val.count:
-            from locdiff.metrics import geo_metrics
-
             table = val.read_all(limit=4096)
             p = self.predict(table)
             metrics.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})

@@ -17,6 +17,7 @@ from torch import nn
 from locdiff import shdd
 from locdiff.engine import Settings, Task
 from locdiff.errors import ConfigError, CorruptFileError, UserError
+from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.csunet import CSUNet, csunet_flops
 from locdiff.model.schedule import NoiseSchedule
@@ -187,8 +188,6 @@ class LocDiffTask(Task):
         rows: the learning curve at every checkpoint, cheap enough to log."""
         if "lat" not in batch:
             return {}
-        from locdiff.metrics import geo_metrics
-
         emb = batch["embedding"][:1024]
         g = torch.Generator(device=emb.device).manual_seed(0)
         z = torch.randn(len(emb), shdd.num_coefficients(self.config.shdd.degree), generator=g, device=emb.device)
