@@ -275,7 +275,7 @@ class Gallery:
 
 
 def gallery_location(source: DataSource, fallback: str | None = None) -> str:
-    """Canonical gallery location of a training source (locdiff.data.stream): FEATURES/gallery for a
+    """Canonical gallery location of a training source (locdiff.data.datasource): FEATURES/gallery for a
     features folder, T.gallery beside a Parquet table T.parquet (or a folder T of them), `fallback` (the
     run folder's gallery/) for an in-memory table. A held-out view gets its own subfolder: the gallery
     holds training rows only, never the validation rows chosen on."""
@@ -351,7 +351,7 @@ def _writable(location: str) -> bool:
 def gallery_for(data: str | EmbeddingTable | DataSource, config: GalleryConfig | None = None, *,
                 location: str | None = None, fallback: str | None = None,
                 progress: bool = False) -> tuple[Gallery, dict[str, str]]:
-    """The gallery of a training data set (anything `locdiff.data.stream.open_source` opens, a held-out
+    """The gallery of a training data set (anything `locdiff.data.datasource.open_source` opens, a held-out
     view included), built once and reused while its content and build settings are the same. Stored
     at `gallery_location` (or `fallback`, e.g. the run folder, when that place is not writable)."""
     source = open_source(data, labelled=True)

@@ -201,7 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # the retrieval index (locdiff.gallery)
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # the retrieval index (locdiff.gallery_build)
     baselines: dict[str, Any] = setting(default_factory=dict, check=check_baselines)  # baseline name -> its options
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # memory budgets (not part of a run's identity)
 
