@@ -103,7 +103,7 @@ class GeocellMethod(TrainedBaseline):
         self.gallery_ref: dict[str, Any] | None = None
         self.run_dir = None
 
-    def prepare(self, source: Any) -> None:
+    def prepare(self, source: DataSource) -> None:
         o = self.options
         lat, lon = source.locations(max_rows=o.max_cell_points, seed=o.seed)
         labels = build_cells(lat, lon, o.max_cell_size)

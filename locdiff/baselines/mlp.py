@@ -27,6 +27,7 @@ from locdiff.methods import GeoMethod
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
+from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class TrainedBaseline(GeoMethod):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on a batch (see locdiff.engine.to_batch)."""
 
-    def prepare(self, source: Any) -> None:
+    def prepare(self, source: DataSource) -> None:
         """Work before training that needs the data (e.g. geocells)."""
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -115,14 +116,14 @@ class TrainedBaseline(GeoMethod):
         """Restore what extra_tensors saved."""
 
     # -- training ----------------------------------------------------------------------------------------
-    def task(self, source: Any) -> Task:
+    def task(self, source: DataSource) -> Task:
         if not source.labelled:
             raise ValueError(f"{source.location}: {self.name} needs a labelled training table (columns lat, lon)")
         self.embed_dim = source.dim
         self.prepare(source)
         return _BaselineTask(self)
 
-    def settings(self, source: Any) -> Settings:
+    def settings(self, source: DataSource) -> Settings:
         o = self.options
         per_epoch = max(1, math.ceil(source.count / o.batch_size))
         return Settings(steps=o.epochs * per_epoch, batch_size=o.batch_size, lr=o.lr, min_lr_ratio=0.05,
@@ -151,7 +152,7 @@ class TrainedBaseline(GeoMethod):
                                                 "options": asdict(self.options), **self.extra_meta()})
 
     @classmethod
-    def load(cls, run_dir: Path, config: Any) -> TrainedBaseline:
+    def load(cls, run_dir: Path, config: Config | dict[str, Any]) -> TrainedBaseline:
         tensors, meta = RunFolder(run_dir).load_model()
         if meta.get("method") != cls.name:
             raise ValueError(f"{run_dir}: a {meta.get('method')!r} model, not {cls.name!r}")
@@ -169,7 +170,7 @@ class TrainedBaseline(GeoMethod):
         m.net.eval()
         return m
 
-    def check_dim(self, table: Any) -> None:
+    def check_dim(self, table: EmbeddingTable) -> None:
         if self.net is None:
             raise ValueError(f"{self.name}: predict before fit/load")
         if table.dim != self.embed_dim:

@@ -8,6 +8,7 @@ schedule); the loss is SHDD-KL, MSE in z-space, or both (`train.objective`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,8 @@ from locdiff.model.schedule import NoiseSchedule
 from locdiff.tables import MAX_EMBED_DIM
 
 
-def build_model(config: Config, embed_dim: int, *, weights: Any = None, source: str = "the config") -> CSUNet:
+def build_model(config: Config, embed_dim: int, *, weights: Mapping[str, torch.Tensor] | None = None,
+                source: str = "the config") -> CSUNet:
     """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim.
 
     Before anything is allocated (`model_shapes`): embed_dim must be at most MAX_EMBED_DIM, the parameters
@@ -58,7 +60,7 @@ def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_weights(shapes: dict[str, tuple[int, ...]], weights: Any, source: str) -> None:
+def check_weights(shapes: dict[str, tuple[int, ...]], weights: Mapping[str, torch.Tensor], source: str) -> None:
     """CorruptFileError naming `source` unless `weights` has exactly these tensor names and shapes."""
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got == shapes:
