@@ -17,35 +17,22 @@ cell's. Confidence: the top cell's probability.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
-from locdiff.baselines.options import MLPOptions
+from locdiff.baselines.options import GeocellOptions
 from locdiff.data.datasource import DataSource
 from locdiff.engine import Result
 from locdiff.gallery import Gallery, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
 from locdiff.methods import Prediction
 from locdiff.runs import RunFolder
-from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class GeocellOptions(MLPOptions):
-    max_cell_size: int = setting(200, ge=1, le=100_000_000)  # a cell with more training points is split in two
-    label_smoothing_km: float = setting(75.0, ge=0, le=20_038)  # haversine smoothing temperature (PIGEON); 0 = one-hot
-    refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = setting(256, ge=1, le=100_000)  # points per cell used to find its medoid
-    # locations the cells are built from (a seeded sample above this)
-    max_cell_points: int = setting(1_000_000, ge=1, le=100_000_000)
-    refine_top_k: int = setting(64, ge=1, le=1024)  # retrieved neighbours searched for one inside the predicted cell
-
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:
     """Adaptive cells: (N,) int64 cell label per point, cells numbered in a deterministic order.

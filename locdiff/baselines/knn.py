@@ -9,14 +9,13 @@ normalised weighted mean of their unit vectors ("mean"). Search is the training 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from locdiff import engine, schema
-from locdiff.baselines.options import parse_options
+from locdiff.baselines.options import KNNOptions, parse_options
 from locdiff.data.datasource import DataSource
 from locdiff.gallery import Gallery, GalleryConfig, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
@@ -24,18 +23,9 @@ from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
-from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KNNOptions:
-    k: int = setting(1, ge=1, le=1024)  # neighbours retrieved; 1 = top-1 retrieval
-    aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
-    radius_km: float = setting(100.0, gt=0, le=20_038)  # support radius of the "mode" aggregation
-    temperature: float = setting(0.05, gt=0, le=1e3)  # neighbour weight exp((sim - best) / temperature)
 
 
 def aggregate_neighbours(sims: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, how: str, radius_km: float,
