@@ -51,7 +51,6 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None
 
     turi = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(turi)
-
     mlflow.set_tracking_uri(turi)
     keep = tempfile.TemporaryDirectory(prefix="locdiff-model-")
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
