@@ -273,7 +273,6 @@ class Gallery:
                    ids_loader=lambda: _load_npy(location, files["ids"], (meta["count"],), "U"))
 
 
-
 def gallery_location(source: DataSource, fallback: str | None = None) -> str:
     """Canonical gallery location of a training source (locdiff.data.datasource): FEATURES/gallery for a
     features folder, T.gallery beside a Parquet table T.parquet (or a folder T of them), `fallback` (the

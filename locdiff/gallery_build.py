@@ -80,7 +80,6 @@ class GalleryConfig:
                 "train_rows": min(count, nlist * self.train_per_list)}
 
 
-
 @dataclass
 class _Meta:
     """Per-entry arrays collected while building."""

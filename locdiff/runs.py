@@ -435,7 +435,7 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
-def resolve_reference(folder: str | os.PathLike, value: Any, what: str, *, hub_id: bool = False) -> str:
+def resolve_reference(folder: str | os.PathLike, value: object, what: str, *, hub_id: bool = False) -> str:
     """Where a reference read from a run's or model's files (model.json `gallery.uri`, run.json `encoder.model`)
     may lead: a path relative to `folder` that stays inside it (returned absolute), a local absolute path
     recorded at training time, or, with hub_id=True, a Hugging Face hub id (`org/name`). Any URL scheme

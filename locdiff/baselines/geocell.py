@@ -34,6 +34,7 @@ from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
+
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:
     """Adaptive cells: (N,) int64 cell label per point, cells numbered in a deterministic order.
 

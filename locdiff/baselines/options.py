@@ -19,7 +19,6 @@ from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, Invalid, setting
 T = TypeVar("T")
 
 
-
 @dataclass
 class MLPOptions:
     """Network and training options shared by the trained baselines."""

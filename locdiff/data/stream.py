@@ -46,6 +46,7 @@ __all__ = ["PIECE_ROWS", "BatchStream", "DataSource", "EpochPlan", "Holdout", "P
 
 # -- the batch stream ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class EpochPlan:
     pieces: list[list[Piece]]  # per rank, in reading order

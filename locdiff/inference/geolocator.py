@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -116,7 +118,7 @@ class Geolocator:
     """A trained LocDiff predictor with its image encoder (see the module docstring)."""
 
     def __init__(self, folder: str | os.PathLike, *, source: str | None = None, device: str | None = None,
-                 _keep: Any = None) -> None:
+                 _keep: tempfile.TemporaryDirectory[str] | None = None) -> None:
         """Load from a run folder (or a packaged model's data folder, the same layout); prefer `load`."""
         self.run = RunFolder(folder)
         self.source = source or str(folder)
@@ -270,7 +272,7 @@ class Geolocator:
             lat[i], lon[i] = la, lo
         return with_gps_tags(out, lat, lon)
 
-    def locate_embeddings(self, embeddings: Any, *, top_k: int = DEFAULT_TOP_K, method: str = "locdiff",
+    def locate_embeddings(self, embeddings: ArrayLike, *, top_k: int = DEFAULT_TOP_K, method: str = "locdiff",
                           ids: Sequence[str] | None = None, encoder: dict[str, Any] | None = None,
                           seed: int = 0, progress: bool = False) -> list[Location]:
         """Locate precomputed embeddings (N, d) (or one (d,)) of the run's encoder. `encoder`: the record of
@@ -312,12 +314,13 @@ class Geolocator:
         return out
 
 
-def check_top_k(top_k: Any, name: str = "top_k") -> int:
+def check_top_k(top_k: object, name: str = "top_k") -> int:
     """`top_k` when it is an integer in [1, MAX_TOP_K]; a UserError naming `name` (e.g. "--top-k") otherwise."""
-
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
         raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")
     return int(top_k)
+
+
 def with_gps_tags(locations: Sequence[Location], lat: np.ndarray, lon: np.ndarray) -> list[Location]:
     """The locations with each photo's own GPS tag (lat, lon; NaN: none) and its distance from the answer."""
     out = []
@@ -339,11 +342,11 @@ def packaged_encoder(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**record, "model": str((folder / model).resolve())}
 
 
-def _is_pil(x: Any) -> bool:
+def _is_pil(x: object) -> bool:
     return isinstance(x, Image.Image)
 
 
-def _name(x: Any, i: int) -> str:
+def _name(x: ImageInput, i: int) -> str:
     if isinstance(x, str | os.PathLike):
         return os.fspath(x)
     return f"image[{i}]"

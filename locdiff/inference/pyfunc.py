@@ -57,7 +57,7 @@ from locdiff import __version__, runs
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe
 from locdiff.gallery import GALLERY_JSON
-from locdiff.inference.geolocator import Geolocator, check_top_k
+from locdiff.inference.geolocator import Geolocator, Location, check_top_k
 from locdiff.inference.model_uri import LOADER_MODULE as LOADER_MODULE  # re-exported: MLflow's loader module
 from locdiff.inference.model_uri import resolve_model as resolve_model  # re-exported for the tracking wing
 from locdiff.io import finite_or_none
@@ -308,7 +308,7 @@ def _one_line_class() -> type:
     return OneLine
 
 
-def _present(v: Any) -> bool:
+def _present(v: object) -> bool:
     if v is None:
         return False
     if isinstance(v, float):
@@ -318,7 +318,7 @@ def _present(v: Any) -> bool:
     return True
 
 
-def _image_bytes(v: Any) -> bytes:
+def _image_bytes(v: object) -> bytes:
     """Bytes as given (MLflow decodes the base64 of a binary column); a str is taken as base64."""
     if isinstance(v, bytes | bytearray | memoryview):
         return bytes(v)
@@ -328,7 +328,7 @@ def _image_bytes(v: Any) -> bytes:
         return b""
 
 
-def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dict[str, Any]:
+def _row(rid: str, r: Location | None, method: str, radius: float, error: str | None) -> dict[str, Any]:
     nan = float("nan")
     ok = r is not None and r.ok
     return {"id": rid, "lat": r.lat if ok else nan, "lon": r.lon if ok else nan,

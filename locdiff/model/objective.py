@@ -171,7 +171,6 @@ class LocDiffTask(Task):
             parts["prior"] = prior.detach()
         return loss, parts
 
-
     def flops_per_sample(self, model: nn.Module) -> float:
         """Training FLOPs of one sample: the CS-UNet's matrix products (forward, and twice that backward)
         plus SHDD-KL's grid products (prediction: forward and backward; target: forward)."""
