@@ -3,8 +3,8 @@
 - ingest: `locdiff.data.ingest` of a local folder of JPEGs already within the size limit (stored as-is
   after validation) into shards + manifest, against copying the same files one by one
   (shutil.copyfile) in the same run. Also shown: the resize/re-encode path and full-decode validation.
-- reading: `load_features` (whole shards, sha256-checked, parsed in memory) and streaming decoded
-  samples through `ShardDataset` (its in-memory reader, and webdataset's own tar reader),
+- reading: `load_features` (whole shards, sha256-checked, parsed in memory) and streaming the rows
+  through `open_source(...).iter_rows()` (the training reader, piece by piece),
   against `np.load` of one .npy holding the same (N, d) float16 array
   (converted to float32 with the same function as load_features) and iterating its rows.
 
@@ -117,8 +117,8 @@ def write_feature_shards(folder: Path, emb: np.ndarray, lat: np.ndarray, lon: np
 
 
 def bench_reading(tmp: Path) -> list[dict]:
-    from locdiff.data import ShardDataset, load_features
-    from locdiff.data.features import to_float32
+    from locdiff.data.datasource import open_source
+    from locdiff.data.features import load_features, to_float32
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(N_FEATURES, DIM)).astype(np.float16)
@@ -127,7 +127,6 @@ def bench_reading(tmp: Path) -> list[dict]:
     write_feature_shards(folder, emb, lat, lon)
     npy = tmp / "emb.npy"
     np.save(npy, emb)
-    urls = [str(p) for p in sorted(folder.glob("shard-*.tar"))]
 
     def ref_bulk() -> None:
         to_float32(np.load(npy))  # the same float16 -> float32 conversion as load_features
@@ -142,11 +141,7 @@ def bench_reading(tmp: Path) -> list[dict]:
             np.asarray(arr[i], dtype=np.float32)
 
     def ours_stream() -> None:
-        n = sum(1 for _ in ShardDataset(urls, rank=0, world_size=1))
-        assert n == N_FEATURES
-
-    def wds_stream() -> None:
-        n = sum(1 for _ in ShardDataset(urls, rank=0, world_size=1, reader="webdataset"))
+        n = sum(len(rows) for rows in open_source(str(folder)).iter_rows())
         assert n == N_FEATURES
 
     got = load_features(str(folder))
@@ -158,7 +153,6 @@ def bench_reading(tmp: Path) -> list[dict]:
     for _ in range(3):  # interleaved, best of 3: the machine is shared
         for name, fn in fns.items():
             t[name] = min(t[name], timeit(fn, repeat=1, warmup=0))
-    t["wds_stream"] = timeit(wds_stream, repeat=1, warmup=0)
     mb = emb.nbytes / 1e6
     return [
         {"task": "one .npy, np.load (reference)", "samples": N_FEATURES, "seconds": t["ref_bulk"],
@@ -168,12 +162,9 @@ def bench_reading(tmp: Path) -> list[dict]:
          "vs npy": t["ref_bulk"] / t["ours_bulk"]},
         {"task": "one .npy, row by row (reference)", "samples": N_FEATURES, "seconds": t["ref_stream"],
          "samples/s": N_FEATURES / t["ref_stream"], "MB/s": mb / t["ref_stream"], "vs npy": 1.0},
-        {"task": "feature shards, ShardDataset stream", "samples": N_FEATURES, "seconds": t["ours_stream"],
+        {"task": "feature shards, open_source stream", "samples": N_FEATURES, "seconds": t["ours_stream"],
          "samples/s": N_FEATURES / t["ours_stream"], "MB/s": mb / t["ours_stream"],
          "vs npy": t["ref_stream"] / t["ours_stream"]},
-        {"task": "  same, reader=webdataset (tarfile)", "samples": N_FEATURES, "seconds": t["wds_stream"],
-         "samples/s": N_FEATURES / t["wds_stream"], "MB/s": mb / t["wds_stream"],
-         "vs npy": t["ref_stream"] / t["wds_stream"]},
     ]
 
 

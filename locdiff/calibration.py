@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 @dataclass
@@ -26,7 +27,7 @@ class IsotonicCalibrator:
     n: int = 0  # fitted rows
 
     @classmethod
-    def fit(cls, score: Any, hit: Any) -> IsotonicCalibrator:
+    def fit(cls, score: ArrayLike, hit: ArrayLike) -> IsotonicCalibrator:
         """Fit on scores (N,) and outcomes (N,) in {0, 1} (or frequencies in [0, 1])."""
         s = np.asarray(score, np.float64).reshape(-1)
         h = np.asarray(hit, np.float64).reshape(-1)
@@ -60,7 +61,7 @@ class IsotonicCalibrator:
         x_knots = np.column_stack([lo, hi]).reshape(-1)
         return cls(x=x_knots, y=np.repeat(y, 2), n=int(s.size))
 
-    def __call__(self, score: Any) -> np.ndarray:
+    def __call__(self, score: ArrayLike) -> np.ndarray:
         s = np.asarray(score, np.float64)
         if self.x.size == 0:
             return np.clip(s, 0.0, 1.0)
@@ -80,7 +81,7 @@ class IsotonicCalibrator:
         return cls(x=x, y=y, n=int(data.get("n", 0)))
 
 
-def reliability(confidence: Any, hit: Any, bins: int = 10) -> dict[str, Any]:
+def reliability(confidence: ArrayLike, hit: ArrayLike, bins: int = 10) -> dict[str, Any]:
     """Equal-width confidence bins: per bin the count, mean confidence and accuracy; and the ECE.
 
     Returns {"bins": [{"lo", "hi", "count", "confidence", "accuracy"}...], "ece": float, "n": int}
@@ -106,12 +107,12 @@ def reliability(confidence: Any, hit: Any, bins: int = 10) -> dict[str, Any]:
     return {"bins": out, "ece": float(ece) if p.size else float("nan"), "n": int(p.size)}
 
 
-def expected_calibration_error(confidence: Any, hit: Any, bins: int = 10) -> float:
+def expected_calibration_error(confidence: ArrayLike, hit: ArrayLike, bins: int = 10) -> float:
     """ECE over `bins` equal-width bins (see `reliability`)."""
     return reliability(confidence, hit, bins)["ece"]
 
 
-def cross_fitted(score: Any, hit: Any, folds: int = 2) -> np.ndarray:
+def cross_fitted(score: ArrayLike, hit: ArrayLike, folds: int = 2) -> np.ndarray:
     """Calibrated confidences where each row's calibrator was fitted on the other folds (rows dealt to
     folds by index): an honest in-sample estimate of how well the calibration generalises."""
     s = np.asarray(score, np.float64).reshape(-1)

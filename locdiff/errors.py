@@ -63,6 +63,10 @@ class ConfigError(UserError):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached (its message says what to start)."""
+
+
 class CorruptFileError(UserError):
     """A file that cannot be read as what it should be (corrupt, truncated, wrong format)."""
 
@@ -165,7 +169,7 @@ def describe(exc: BaseException, *, debug_hint: str = DEBUG_HINT) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, UserError) or type(exc).__name__.endswith("Unavailable"):
-        # ...Unavailable: a service that cannot be reached (tracking.TrackingUnavailable,
+        # ...Unavailable: a service that cannot be reached (TrackingUnavailable,
         # distributed.RayUnavailable); their messages say what to start. New ones should subclass UserError.
         return one_line(str(exc))
     if isinstance(exc, OSError) and not _from_module(exc, "pyarrow"):

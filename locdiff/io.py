@@ -35,7 +35,7 @@ def _is_remote(path: PathLike) -> bool:
     return "://" in str(path)
 
 
-def _filesystem(path: PathLike):
+def filesystem_of(path: PathLike):
     """(fsspec filesystem or None, path string): fsspec for URLs such as s3://, None for local paths."""
     if not _is_remote(path):
         return None, str(path)
@@ -63,7 +63,7 @@ def _bad(path: PathLike, column: str, row: int, what: str) -> RowError:
 
 
 def _read_parquet(path: PathLike) -> pa.Table:
-    fs, p = _filesystem(path)
+    fs, p = filesystem_of(path)
     if fs is None:
         if not os.path.exists(p):
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -211,7 +211,7 @@ def embedding_table_to_arrow(table: EmbeddingTable) -> pa.Table:
 
 def _write_atomic(path: PathLike, write) -> None:
     """Write to a temporary sibling and rename, so an interrupted write never leaves a half file."""
-    fs, p = _filesystem(path)
+    fs, p = filesystem_of(path)
     if fs is not None:
         write(p, fs)
         return
@@ -365,7 +365,7 @@ def read_predictions(path: PathLike) -> PredictionTable:
     else:
         import pyarrow.csv as pcsv
 
-        fs, p = _filesystem(path)
+        fs, p = filesystem_of(path)
         if fs is None and not os.path.exists(p):
             raise FileNotFoundError(f"{path}: no such file")
         if fs is None and os.path.isdir(p):

@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from locdiff import engine
+from locdiff.data.datasource import DataSource, open_source
+from locdiff.model.config import METHODS, Config
+from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
 
-# name -> "module:Class"; modules are imported on first use.
-METHODS: dict[str, str] = {
-    "locdiff": "locdiff.model.method:LocDiffMethod",
-    "knn": "locdiff.baselines.knn:KNNMethod",
-    "geocell": "locdiff.baselines.geocell:GeocellMethod",
-    "regress": "locdiff.baselines.regress:RegressMethod",
-    "flow": "locdiff.baselines.flow:FlowMethod",
-}
+__all__ = ["METHODS", "GeoMethod", "Prediction", "get_method", "prepare_data"]
+
+Data = str | EmbeddingTable | DataSource  # what `fit` reads: a path or URL, a table, or an open source
 
 
 @dataclass
@@ -48,11 +48,10 @@ class Prediction:
     density_code: np.ndarray | None = None
 
 
-def prepare_data(train: Any, val: Any = None, *, val_share: float = 0.0, seed: int = 0):
+def prepare_data(train: Data, val: Data | None = None, *, val_share: float = 0.0,
+                 seed: int = 0) -> tuple[DataSource, DataSource | None]:
     """(training source, validation source or None): `val` when given, else a held-out share of `train`
     (a deterministic hash of the row index; nothing is copied)."""
-    from locdiff.data.stream import open_source
-
     source = open_source(train, labelled=True)
     if val is not None:
         vsrc = open_source(val, labelled=True)
@@ -73,32 +72,31 @@ class GeoMethod(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: Any) -> GeoMethod:
+    def from_config(cls, config: Config | Mapping[str, Any]) -> GeoMethod:
         """Build an untrained method from the resolved run config."""
 
-    def task(self, source: Any) -> Any:
+    def task(self, source: DataSource) -> engine.Task | None:
         """The engine task (network and loss) to train on `source`; None: nothing to train."""
         return None
 
-    def settings(self, source: Any) -> Any:
+    def settings(self, source: DataSource) -> engine.Settings:
         """The engine settings (steps, batch, LR, ...) for `source`."""
         raise ValueError(f"{self.name} has nothing to train")
 
     @abstractmethod
-    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True) -> dict[str, float]:
+    def finalize(self, result: engine.Result | None, source: DataSource, val: DataSource | None, run: RunFolder, *,
+                 progress: bool = True) -> dict[str, float]:
         """After training (result: the engine's Result, None without a task): choices on validation,
         galleries; then save. Returns final metrics."""
 
-    val_unseen: Any = None  # validation rows of regions absent from the training data (set by `fit`)
+    val_unseen: DataSource | None = None  # validation rows of regions absent from the training data (set by `fit`)
 
-    def fit(self, train: Any, val: Any, run_dir: str | Path, *, progress: bool = True, val_share: float = 0.0,
-            max_steps_this_run: int | None = None, val_unseen: Any = None) -> dict[str, float]:
+    def fit(self, train: Data, val: Data | None, run_dir: str | Path, *, progress: bool = True,
+            val_share: float = 0.0, max_steps_this_run: int | None = None,
+            val_unseen: Data | None = None) -> dict[str, float]:
         """Train into run_dir (resuming from its checkpoint) and finalize; returns final metrics.
         `val_unseen` (optional): validation rows from regions absent from `train`; methods that choose
         settings on validation may use them (LocDiff-H does)."""
-        from locdiff import engine
-        from locdiff.runs import RunFolder
-
         source, vsrc = prepare_data(train, val, val_share=val_share, seed=0)
         self.val_unseen = None
         if val_unseen is not None:
@@ -120,7 +118,7 @@ class GeoMethod(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, run_dir: Path, config: Any) -> GeoMethod:
+    def load(cls, run_dir: Path, config: Config | Mapping[str, Any]) -> GeoMethod:
         """Load a trained method from run_dir."""
 
     @abstractmethod

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from locdiff.geo import check_coordinates, haversine_km
 
@@ -27,7 +28,7 @@ def _km_key(km: float) -> str:
     return f"{km:g}km"
 
 
-def distances_km(pred_lat: Any, pred_lon: Any, lat: Any, lon: Any) -> np.ndarray:
+def distances_km(pred_lat: ArrayLike, pred_lon: ArrayLike, lat: ArrayLike, lon: ArrayLike) -> np.ndarray:
     """Great-circle error in km (float64, shape (N,)) after validating both sets of coordinates."""
     arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (pred_lat, pred_lon, lat, lon)]
     n = {a.shape[0] for a in arrays}
@@ -39,13 +40,13 @@ def distances_km(pred_lat: Any, pred_lon: Any, lat: Any, lon: Any) -> np.ndarray
     return np.asarray(haversine_km(arrays[0], arrays[1], arrays[2], arrays[3]), dtype=np.float64)
 
 
-def geoscore(dist_km: Any) -> float:
+def geoscore(dist_km: ArrayLike) -> float:
     """Mean GeoScore, 5000 * exp(-d / 1492.7 km), over the given distances."""
     d = np.asarray(dist_km, dtype=np.float64)
     return float(np.mean(GEOSCORE_MAX * np.exp(-d / GEOSCORE_SCALE_KM))) if d.size else float("nan")
 
 
-def metrics_from_distances(dist_km: Any, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
+def metrics_from_distances(dist_km: ArrayLike, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
     """Metrics from precomputed errors in km.
 
     Returns a flat dict (ready to log): `n`, `acc_<T>km` (percent), `count_<T>km` (images within T km),
@@ -64,7 +65,7 @@ def metrics_from_distances(dist_km: Any, thresholds: Sequence[float] = THRESHOLD
     return out
 
 
-def geo_metrics(pred_lat: Any, pred_lon: Any, lat: Any, lon: Any,
+def geo_metrics(pred_lat: ArrayLike, pred_lon: ArrayLike, lat: ArrayLike, lon: ArrayLike,
                 thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
     """Accuracy at each threshold (percent and count), median/mean error in km and GeoScore."""
     return metrics_from_distances(distances_km(pred_lat, pred_lon, lat, lon), thresholds)

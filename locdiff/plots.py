@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from locdiff.gazetteer import cities
 from locdiff.io import write_file_atomic
 from locdiff.metrics import THRESHOLDS_KM
 
@@ -25,8 +26,6 @@ def _pyplot():
 
 
 def _background(ax: Any) -> None:
-    from locdiff.gazetteer import cities
-
     c = cities()
     lat, lon = c.lat, c.lon
     ax.scatter(lon, lat, s=0.6, c="0.8", linewidths=0, rasterized=True, zorder=0)

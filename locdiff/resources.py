@@ -9,12 +9,15 @@ environment variable LOCDIFF_CONFIGS names another folder of the same layout ins
     config_path("model", "my/run.yaml")   # a YAML path is taken as it is
     config_path("model", "configs/model/tiny.yaml")   # the shipped tiny.yaml where no such file is (a wheel)
     known_configs("datasets")             # ["embeddings", "folder", ...]
+
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from locdiff.errors import UserError
 
 KINDS = ("model", "datasets", "encoders")
 _WHAT = {"model": "model config", "datasets": "data set", "encoders": "encoder config"}
@@ -57,8 +60,6 @@ def config_path(kind: str, name: str | os.PathLike) -> Path:
     if path is not None:
         return path
     if is_yaml_path(name):  # a path the user gave: say what is wrong with it
-        from locdiff.errors import UserError
-
         if Path(name).is_dir():
             raise UserError(f"{name}: is a directory; give a YAML file")
         raise FileNotFoundError(f"{name}: no such config file; check the path")
@@ -75,3 +76,5 @@ def model_config_path(name: str | os.PathLike) -> Path:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown config kind {kind!r}; one of {', '.join(KINDS)}")
+
+

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -36,8 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from locdiff.data.config import load_encoder_config
+from locdiff.data.datasource import open_source
 from locdiff.errors import CorruptFileError, UserError, reraise_for
+from locdiff.hashing import stable_hash
+from locdiff.model.config import Config, config_to_dict, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +64,6 @@ CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
                      "train.device", "train.loader_threads", "train.peak_tflops", "predict.", "hybrid.",
                      "limits.")
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of obj (sorted keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def completion_key(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:
@@ -135,16 +136,10 @@ class RunFolder:
 
     def read_config(self) -> dict[str, Any]:
         """The resolved config mapping of the run (validated by the caller's config system)."""
-        from locdiff.model.config import read_run_config
-
         return read_run_config(self.path)
 
-    def write_config(self, config: Any) -> None:
+    def write_config(self, config: Config | Mapping[str, Any]) -> None:
         """Write the resolved config (a Config or a mapping) atomically."""
-        import yaml
-
-        from locdiff.model.config import config_to_dict
-
         data = config if isinstance(config, Mapping) else config_to_dict(config)
         self.create()
         write_text_atomic(self.file(CONFIG), yaml.safe_dump(dict(data), sort_keys=False))
@@ -209,10 +204,6 @@ class RunFolder:
                         self.path.rmdir()  # only when empty: anything else someone wrote stays
             raise
 
-    def remove_checkpoint(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.file(CHECKPOINT).unlink()
-
     # -- metrics log ---------------------------------------------------------------------------------------
     def append_metrics(self, rows: list[Mapping[str, Any]]) -> None:
         if not rows:
@@ -240,8 +231,6 @@ class RunFolder:
     # -- the predictor -------------------------------------------------------------------------------------
     def save_model(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """The predictor: tensors as safetensors, the rest as JSON."""
-        from safetensors.torch import save
-
         self.create()
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         # written by Python: a full disk is an OSError (ENOSPC), named, and the temporary file goes
@@ -260,9 +249,6 @@ class RunFolder:
         if not self.has_model():
             raise FileNotFoundError(f"{self.path}: no trained model ({WEIGHTS}, {MODEL}); the run has not "
                                     "finished training (run `locdiff train` again to resume it)")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = self.file(WEIGHTS)
         try:
             tensors = load_file(str(path), device=str(device))
@@ -381,8 +367,6 @@ def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = Non
     if name and not enc:
         enc = {"name": name}
         try:
-            from locdiff.data.config import load_encoder_config
-
             cfg = load_encoder_config(name)
             enc = {"name": cfg.name, "type": cfg.type, "model": cfg.model, "revision": cfg.revision,
                    "normalize": cfg.normalize}
@@ -423,8 +407,6 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
         dim: the data's embedding dimension.
         run, data: how to name the run and the data in the message.
     """
-    from locdiff.errors import UserError
-
     data_enc = {**(data_encoder or {}), "dim": int(dim)}
     problems = []
     if run_encoder.get("dim") is not None and int(run_encoder["dim"]) != int(dim):
@@ -453,7 +435,7 @@ def check_encoder(run_encoder: Mapping[str, Any], data_encoder: Mapping[str, Any
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
-def resolve_reference(folder: str | os.PathLike, value: Any, what: str, *, hub_id: bool = False) -> str:
+def resolve_reference(folder: str | os.PathLike, value: object, what: str, *, hub_id: bool = False) -> str:
     """Where a reference read from a run's or model's files (model.json `gallery.uri`, run.json `encoder.model`)
     may lead: a path relative to `folder` that stays inside it (returned absolute), a local absolute path
     recorded at training time, or, with hub_id=True, a Hugging Face hub id (`org/name`). Any URL scheme
@@ -487,8 +469,6 @@ def absolute_location(data: Any) -> Any:
 def check_data_encoder(run: RunFolder, data: str) -> None:
     """`check_encoder` for a features folder (its manifest names the encoder) or a table (the dimension
     only) that is about to be predicted with `run`."""
-    from locdiff.data.stream import open_source
-
     src = open_source(data)
     check_encoder(run.encoder(), (src.manifest or {}).get("encoder"), src.dim, run=str(run.path),
                   data=src.location)

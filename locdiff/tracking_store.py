@@ -1,7 +1,7 @@
 """Where MLflow tracking goes: the tracking URI (the argument, else MLFLOW_TRACKING_URI, else a local SQLite
-store), its checks, and the `mlflow` module bound to it. Only the standard library at import time (mlflow
-is imported inside functions), so the inference side (locdiff.inference.pyfunc, batch) and the training
-side (locdiff.tracking) share it without importing each other.
+store), its checks, and the `mlflow` module bound to it. Only the standard library and locdiff.errors at
+import time (mlflow is imported inside functions), so the inference side (locdiff.inference.model_uri) and
+the training side (locdiff.tracking) share it without importing each other.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from locdiff.errors import TrackingUnavailable
+
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "TrackingUnavailable", "absolute_uri", "check_tracking_uri",
+           "experiment_id", "mlflow_for", "resolve_tracking_uri"]
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "locdiff"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

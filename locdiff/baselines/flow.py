@@ -13,31 +13,16 @@ samples supporting the answer (mode) or the mean resultant length (mean).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from locdiff.baselines.mlp import TrainedBaseline
-from locdiff.baselines.options import MLPOptions
+from locdiff.baselines.options import FlowOptions
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import Prediction
-from locdiff.schema import setting
 from locdiff.tables import EmbeddingTable
-
-
-@dataclass
-class FlowOptions(MLPOptions):
-    epochs: int = 40  # keeps MLPOptions' rule (>= 1)
-    time_dim: int = setting(32, ge=2, le=65_536)  # sinusoidal features of t
-    steps: int = setting(16, ge=1, le=100_000)  # ODE steps at sampling
-    solver: Literal["heun", "euler"] = "heun"
-    samples: int = setting(16, ge=1, le=1024)  # noise draws per image
-    aggregation: Literal["mode", "mean"] = "mode"
-    mode_radius_km: float = setting(300.0, gt=0, le=20_038)
-    predict_batch: int = setting(1024, ge=1, le=1 << 20)  # images per sampling batch
-    target: Literal["x1", "velocity"] = "x1"  # x1: the net predicts the clean point, v = (x1_hat - x_t)/(1-t)
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -17,30 +17,22 @@ cell's. Confidence: the top cell's probability.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
-from locdiff.baselines.options import MLPOptions
+from locdiff.baselines.options import GeocellOptions
+from locdiff.data.datasource import DataSource
+from locdiff.engine import Result
+from locdiff.gallery import Gallery, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
 from locdiff.methods import Prediction
-from locdiff.schema import setting
+from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class GeocellOptions(MLPOptions):
-    max_cell_size: int = setting(200, ge=1, le=100_000_000)  # a cell with more training points is split in two
-    label_smoothing_km: float = setting(75.0, ge=0, le=20_038)  # haversine smoothing temperature (PIGEON); 0 = one-hot
-    refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = setting(256, ge=1, le=100_000)  # points per cell used to find its medoid
-    # locations the cells are built from (a seeded sample above this)
-    max_cell_points: int = setting(1_000_000, ge=1, le=100_000_000)
-    refine_top_k: int = setting(64, ge=1, le=1024)  # retrieved neighbours searched for one inside the predicted cell
 
 
 def build_cells(lat: np.ndarray, lon: np.ndarray, max_cell_size: int) -> np.ndarray:
@@ -95,11 +87,11 @@ class GeocellMethod(TrainedBaseline):
         self.cell_lat: np.ndarray | None = None  # (C,) medoid coordinates
         self.cell_lon: np.ndarray | None = None
         self._cells_unit: torch.Tensor | None = None
-        self.gallery: Any = None
+        self.gallery: Gallery | None = None
         self.gallery_ref: dict[str, Any] | None = None
         self.run_dir = None
 
-    def prepare(self, source: Any) -> None:
+    def prepare(self, source: DataSource) -> None:
         o = self.options
         lat, lon = source.locations(max_rows=o.max_cell_points, seed=o.seed)
         labels = build_cells(lat, lon, o.max_cell_size)
@@ -128,10 +120,9 @@ class GeocellMethod(TrainedBaseline):
         target = torch.softmax(-(d - d.min(1, keepdim=True).values) / tau, dim=1)
         return -(target * torch.log_softmax(logits, 1)).sum(1).mean(), {}
 
-    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True):
+    def finalize(self, result: Result | None, source: DataSource, val: DataSource | None, run: RunFolder, *,
+                 progress: bool = True) -> dict[str, float]:
         if self.options.refine == "retrieval":
-            from locdiff.gallery import gallery_for_run
-
             self.gallery, self.gallery_ref = gallery_for_run(source, run.path, progress=progress)
         metrics = super().finalize(result, source, val, run, progress=progress)
         metrics["cells"] = len(self.cell_lat)
@@ -161,8 +152,6 @@ class GeocellMethod(TrainedBaseline):
             if self.gallery is None:
                 if not self.gallery_ref:
                     raise ValueError("geocell: refine=retrieval needs a model trained with refine: retrieval")
-                from locdiff.gallery import Gallery
-
                 self.gallery = Gallery.load(self.gallery_ref)
             sims, idx = self.gallery.search(table.embedding, self.options.refine_top_k)  # (N, k)
             glat, glon = self.gallery.lat[idx], self.gallery.lon[idx]

@@ -9,27 +9,23 @@ normalised weighted mean of their unit vectors ("mean"). Search is the training 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from locdiff.baselines.options import parse_options
+from locdiff import engine, schema
+from locdiff.baselines.options import KNNOptions, parse_options
+from locdiff.data.datasource import DataSource
+from locdiff.gallery import Gallery, GalleryConfig, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import GeoMethod, Prediction
-from locdiff.schema import setting
+from locdiff.metrics import geo_metrics
+from locdiff.model.config import Config, config_to_dict
+from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KNNOptions:
-    k: int = setting(1, ge=1, le=1024)  # neighbours retrieved; 1 = top-1 retrieval
-    aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
-    radius_km: float = setting(100.0, gt=0, le=20_038)  # support radius of the "mode" aggregation
-    temperature: float = setting(0.05, gt=0, le=1e3)  # neighbour weight exp((sim - best) / temperature)
 
 
 def aggregate_neighbours(sims: np.ndarray, lat: np.ndarray, lon: np.ndarray, *, how: str, radius_km: float,
@@ -57,31 +53,22 @@ class KNNMethod(GeoMethod):
     name = "knn"
     trains = False
 
-    def __init__(self, options: KNNOptions, gallery_config: Any = None):
-        from locdiff.gallery import GalleryConfig
-
+    def __init__(self, options: KNNOptions, gallery_config: GalleryConfig | None = None):
         self.options = options
         self.gallery_config = gallery_config or GalleryConfig()
-        self.gallery: Any = None
+        self.gallery: Gallery | None = None
         self.gallery_ref: dict[str, Any] | None = None
         self.run_dir: Path | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> KNNMethod:
+    def from_config(cls, config: Config | dict[str, Any]) -> KNNMethod:
         if not isinstance(config, dict):
-            from locdiff.model.config import config_to_dict
-
             config = config_to_dict(config)
-        from locdiff import schema
-        from locdiff.gallery import GalleryConfig
-
         return cls(parse_options(KNNOptions, config, "knn"),
                    schema.build(GalleryConfig, config.get("gallery") or {}, source="config", prefix="gallery"))
 
-    def finalize(self, result: Any, source: Any, val: Any, run: Any, *, progress: bool = True
-                 ) -> dict[str, float]:
-        from locdiff.gallery import gallery_for_run
-
+    def finalize(self, result: engine.Result | None, source: DataSource, val: DataSource | None, run: RunFolder,
+                 *, progress: bool = True) -> dict[str, float]:
         if not source.labelled:
             raise ValueError(f"{source.location}: knn needs a labelled training table (columns lat, lon)")
         self.gallery, self.gallery_ref = gallery_for_run(source, run.path, self.gallery_config, progress=progress)
@@ -89,8 +76,6 @@ class KNNMethod(GeoMethod):
         self.save(run.path)
         out: dict[str, float] = {"gallery_size": float(len(self.gallery))}
         if val is not None and val.count:
-            from locdiff.metrics import geo_metrics
-
             table = val.read_all(limit=4096)
             p = self.predict(table)
             out.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})
@@ -99,15 +84,11 @@ class KNNMethod(GeoMethod):
     def save(self, run_dir: Path) -> None:
         if self.gallery_ref is None:
             raise ValueError("knn: nothing to save, the method is not fitted")
-        from locdiff.runs import RunFolder
-
         RunFolder(run_dir).save_model({}, {"method": self.name, "gallery": self.gallery_ref,
                                            "embed_dim": int(self.gallery.dim)})
 
     @classmethod
-    def load(cls, run_dir: Path, config: Any) -> KNNMethod:
-        from locdiff.runs import RunFolder
-
+    def load(cls, run_dir: Path, config: Config | dict[str, Any]) -> KNNMethod:
         _, meta = RunFolder(run_dir).load_model()
         if meta.get("method") != cls.name:
             raise ValueError(f"{run_dir}: a {meta.get('method')!r} model, not 'knn'")
@@ -115,10 +96,8 @@ class KNNMethod(GeoMethod):
         m.gallery_ref, m.run_dir = meta["gallery"], Path(run_dir)
         return m
 
-    def _gallery(self) -> Any:
+    def _gallery(self) -> Gallery:
         if self.gallery is None:
-            from locdiff.gallery import Gallery
-
             self.gallery = Gallery.load(self.gallery_ref, nprobe=self.gallery_config.nprobe)
         return self.gallery
 

@@ -21,9 +21,13 @@ import torch
 from torch import nn
 
 from locdiff.baselines.options import MLPOptions, parse_options
-from locdiff.engine import Settings, Task, resolve_device
+from locdiff.data.datasource import DataSource
+from locdiff.engine import Result, Settings, Task, resolve_device
 from locdiff.methods import GeoMethod
+from locdiff.metrics import geo_metrics
+from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
+from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +89,8 @@ class TrainedBaseline(GeoMethod):
         self.embed_dim: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> TrainedBaseline:
+    def from_config(cls, config: Config | dict[str, Any]) -> TrainedBaseline:
         if not isinstance(config, dict):
-            from locdiff.model.config import config_to_dict
-
             config = config_to_dict(config)
         return cls(parse_options(cls.options_cls, config, cls.name))
 
@@ -101,7 +103,7 @@ class TrainedBaseline(GeoMethod):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on a batch (see locdiff.engine.to_batch)."""
 
-    def prepare(self, source: Any) -> None:
+    def prepare(self, source: DataSource) -> None:
         """Work before training that needs the data (e.g. geocells)."""
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -114,14 +116,14 @@ class TrainedBaseline(GeoMethod):
         """Restore what extra_tensors saved."""
 
     # -- training ----------------------------------------------------------------------------------------
-    def task(self, source: Any) -> Task:
+    def task(self, source: DataSource) -> Task:
         if not source.labelled:
             raise ValueError(f"{source.location}: {self.name} needs a labelled training table (columns lat, lon)")
         self.embed_dim = source.dim
         self.prepare(source)
         return _BaselineTask(self)
 
-    def settings(self, source: Any) -> Settings:
+    def settings(self, source: DataSource) -> Settings:
         o = self.options
         per_epoch = max(1, math.ceil(source.count / o.batch_size))
         return Settings(steps=o.epochs * per_epoch, batch_size=o.batch_size, lr=o.lr, min_lr_ratio=0.05,
@@ -129,14 +131,12 @@ class TrainedBaseline(GeoMethod):
                         checkpoint_every=per_epoch, log_every=min(per_epoch, 50), seed=o.seed, amp=False,
                         device=o.device)
 
-    def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
-                 ) -> dict[str, float]:
+    def finalize(self, result: Result | None, source: DataSource, val: DataSource | None, run: RunFolder, *,
+                 progress: bool = True) -> dict[str, float]:
         self.net = result.model.to(self.device).eval()
         self.save(run.path)
         metrics = dict(result.metrics)
         if val is not None and val.count:
-            from locdiff.metrics import geo_metrics
-
             table = val.read_all(limit=4096)
             p = self.predict(table)
             metrics.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})
@@ -152,7 +152,7 @@ class TrainedBaseline(GeoMethod):
                                                 "options": asdict(self.options), **self.extra_meta()})
 
     @classmethod
-    def load(cls, run_dir: Path, config: Any) -> TrainedBaseline:
+    def load(cls, run_dir: Path, config: Config | dict[str, Any]) -> TrainedBaseline:
         tensors, meta = RunFolder(run_dir).load_model()
         if meta.get("method") != cls.name:
             raise ValueError(f"{run_dir}: a {meta.get('method')!r} model, not {cls.name!r}")
@@ -170,7 +170,7 @@ class TrainedBaseline(GeoMethod):
         m.net.eval()
         return m
 
-    def check_dim(self, table: Any) -> None:
+    def check_dim(self, table: EmbeddingTable) -> None:
         if self.net is None:
             raise ValueError(f"{self.name}: predict before fit/load")
         if table.dim != self.embed_dim:

@@ -1,33 +1,22 @@
 """Typed options for the baselines: the run config's `baselines.<name>` mapping -> a dataclass.
 
-Each baseline declares its options class beside its code (`KNNOptions` in knn.py, ...), with ranges
-(`setting(1, ge=1)`) checked by `locdiff.schema`, the one config system. `check_baselines` validates a whole
+Every baseline's options class lives here (`KNNOptions`, `GeocellOptions`, ...), with ranges
+(`setting(1, ge=1)`) checked by `locdiff.schema`, the one config system, so that a config is checked
+without importing any baseline. `check_baselines` validates a whole
 `baselines` section when the run config is loaded (so nothing is written before a bad option is found);
 `parse_options` builds one baseline's options from a resolved config.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from locdiff import schema
 from locdiff.errors import ConfigError
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, Invalid, setting
 
-if TYPE_CHECKING:
-    import torch
-
 T = TypeVar("T")
-
-# baseline name -> "module:OptionsClass"; the module is imported when a config names the baseline.
-OPTIONS: dict[str, str] = {
-    "knn": "locdiff.baselines.knn:KNNOptions",
-    "geocell": "locdiff.baselines.geocell:GeocellOptions",
-    "regress": "locdiff.baselines.regress:RegressOptions",
-    "flow": "locdiff.baselines.flow:FlowOptions",
-}
 
 
 @dataclass
@@ -46,12 +35,53 @@ class MLPOptions:
     device: str = setting("auto", pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)  # "auto" -> cuda when available
 
 
+@dataclass
+class KNNOptions:
+    k: int = setting(1, ge=1, le=1024)  # neighbours retrieved; 1 = top-1 retrieval
+    aggregation: Literal["mode", "mean"] = "mode"  # how k > 1 neighbours become one answer
+    radius_km: float = setting(100.0, gt=0, le=20_038)  # support radius of the "mode" aggregation
+    temperature: float = setting(0.05, gt=0, le=1e3)  # neighbour weight exp((sim - best) / temperature)
+
+
+@dataclass
+class GeocellOptions(MLPOptions):
+    max_cell_size: int = setting(200, ge=1, le=100_000_000)  # a cell with more training points is split in two
+    label_smoothing_km: float = setting(75.0, ge=0, le=20_038)  # haversine smoothing temperature (PIGEON); 0 = one-hot
+    refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
+    medoid_sample: int = setting(256, ge=1, le=100_000)  # points per cell used to find its medoid
+    # locations the cells are built from (a seeded sample above this)
+    max_cell_points: int = setting(1_000_000, ge=1, le=100_000_000)
+    refine_top_k: int = setting(64, ge=1, le=1024)  # retrieved neighbours searched for one inside the predicted cell
+
+
+@dataclass
+class RegressOptions(MLPOptions):
+    loss: Literal["cosine", "mse"] = "cosine"
+
+
+@dataclass
+class FlowOptions(MLPOptions):
+    epochs: int = 40  # keeps MLPOptions' rule (>= 1)
+    time_dim: int = setting(32, ge=2, le=65_536)  # sinusoidal features of t
+    steps: int = setting(16, ge=1, le=100_000)  # ODE steps at sampling
+    solver: Literal["heun", "euler"] = "heun"
+    samples: int = setting(16, ge=1, le=1024)  # noise draws per image
+    aggregation: Literal["mode", "mean"] = "mode"
+    mode_radius_km: float = setting(300.0, gt=0, le=20_038)
+    predict_batch: int = setting(1024, ge=1, le=1 << 20)  # images per sampling batch
+    target: Literal["x1", "velocity"] = "x1"  # x1: the net predicts the clean point, v = (x1_hat - x_t)/(1-t)
+
+
+# baseline name -> its options class
+OPTIONS: dict[str, type] = {"knn": KNNOptions, "geocell": GeocellOptions, "regress": RegressOptions,
+                            "flow": FlowOptions}
+
+
 def options_class(name: str) -> type:
     """The options dataclass of baseline `name` (Invalid naming the valid baselines otherwise)."""
     if name not in OPTIONS:
         raise Invalid(str(name), f"unknown baseline; valid names here: {', '.join(OPTIONS)}")
-    module, cls = OPTIONS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return OPTIONS[name]
 
 
 def check_baselines(section: dict[str, Any]) -> dict[str, Any]:
@@ -75,11 +105,3 @@ def parse_options(cls: type[T], config: dict[str, Any] | None, name: str) -> T:
     if not isinstance(baselines, dict):
         raise ConfigError("", "baselines", f"must be a mapping; got {schema.show(baselines)}")
     return schema.build(cls, baselines.get(name) or {}, prefix=f"baselines.{name}")
-
-
-def resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -7,22 +7,16 @@ concentrated the answer is). The prediction is the normalised output; the confid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from locdiff.baselines.mlp import ResidualMLP, TrainedBaseline, batched
-from locdiff.baselines.options import MLPOptions
+from locdiff.baselines.options import RegressOptions
 from locdiff.geo import latlon_to_unit, unit_to_latlon
 from locdiff.methods import Prediction
 from locdiff.tables import EmbeddingTable
-
-
-@dataclass
-class RegressOptions(MLPOptions):
-    loss: Literal["cosine", "mse"] = "cosine"
 
 
 class RegressMethod(TrainedBaseline):

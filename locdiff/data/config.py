@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from locdiff import schema
+from locdiff.resources import configs_dir, find_config, is_yaml_path, known_configs
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, setting
 
 # The read limits of the data layer (defaults of the data set config fields of the same names, and of the
@@ -22,13 +23,6 @@ MAX_IMAGE_PIXELS = 64_000_000
 MAX_METADATA_BYTES = 4_000_000_000  # a whole file read into memory: metadata CSV, URL list, table
 MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download cache
 MAX_SHARD_SIZE = 100_000  # samples per shard (a shard is written from memory)
-
-
-def configs_dir() -> Path:
-    """The `configs/` folder shipped with the package (env LOCDIFF_CONFIGS overrides): `locdiff.resources`."""
-    from locdiff.resources import configs_dir as packaged
-
-    return packaged()
 
 
 @dataclass
@@ -119,8 +113,6 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def load_dataset_config(name_or_path: str, **overrides: Any) -> DatasetConfig:
     """Read configs/datasets/NAME.yaml (or a YAML path) into a DatasetConfig; overrides win."""
-    from locdiff.resources import find_config, is_yaml_path, known_configs
-
     path = find_config("datasets", name_or_path)
     if path is None:
         where = name_or_path if is_yaml_path(name_or_path) else configs_dir() / "datasets" / f"{name_or_path}.yaml"
@@ -136,8 +128,6 @@ def load_encoder_config(spec: str, **overrides: Any) -> EncoderConfig:
     A local folder or hub id gets a CLIP config whose name is the folder's base name (or the hub id
     with '/' replaced by '--'), which becomes the features folder name.
     """
-    from locdiff.resources import find_config, known_configs
-
     path = Path(spec)
     cfg_path = find_config("encoders", spec)
     if cfg_path is not None:

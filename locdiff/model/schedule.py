@@ -84,11 +84,3 @@ class NoiseSchedule:
         a, s = self.coefficients(t, dtype=sample.dtype)
         shape = (-1,) + (1,) * (sample.dim() - 1)
         return (sample - s.view(shape) * model_output) / a.view(shape).clamp_min(1e-4)
-
-    def sample_timesteps(
-        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        """n uniform training timesteps in [0, T)."""
-        gdev = generator.device if generator is not None else device
-        t = torch.randint(0, self.timesteps, (n,), generator=generator, device=gdev)
-        return t.to(device) if device is not None else t

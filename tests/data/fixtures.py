@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from locdiff.data.shards import decode_sample, iter_shard_samples
+
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "fixtures"
 
@@ -308,6 +310,10 @@ def build_embeddings(out: Path, base_url: str, dim: int = 12) -> tuple[Expect, n
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "emb.parquet")
     return exp, emb
+
+def read_samples(urls: list[str]) -> list[dict]:
+    """Every sample of the shards at `urls`, in order, decoded (json -> dict, .npy -> arrays)."""
+    return [decode_sample(s) for url in urls for s in iter_shard_samples(url)]
 
 
 if __name__ == "__main__":

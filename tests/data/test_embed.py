@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 
 from locdiff.cli import main
-from locdiff.data import ShardDataset, load_features, stage_dir
 from locdiff.data.config import load_dataset_config
+from locdiff.data.features import load_features
 from locdiff.data.featurize import embed
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
+from locdiff.data.shards import stage_dir
 from locdiff.data.validation import ChecksumError
+
+from .fixtures import read_samples
 
 PROJ = 16
 
@@ -72,7 +75,7 @@ def test_embed_writes_features_matching_the_manifest(tiny_clip, ingested, capsys
     assert m["embedding"] == {"dim": PROJ, "dtype": "float16", "shape": [PROJ]}
     assert m["shdd"] == {"degree": 3, "dim": 16, "dtype": "float32", "shape": [16]}
     assert m["count"] == len(exp.good) and m["encoder"]["model"] == str(tiny_clip)
-    samples = list(ShardDataset([f"{folder}/{s['shard']}" for s in m["shards"]], rank=0, world_size=1))
+    samples = read_samples([f"{folder}/{s['shard']}" for s in m["shards"]])
     assert len(samples) == m["count"]
     for s in samples:
         assert s["emb"].dtype == np.dtype(m["embedding"]["dtype"])
@@ -88,9 +91,8 @@ def test_embed_writes_features_matching_the_manifest(tiny_clip, ingested, capsys
         [exp.good[i][:2] for i in table.ids]
 
     # the stored embeddings are CLIP's, computed independently from the stored images
-    images = list(ShardDataset([f"{stage_dir(str(root), 'folder', 'images')}/{s['shard']}"
-                                for s in read_manifest(stage_dir(str(root), "folder", "images"))["shards"]],
-                               rank=0, world_size=1))
+    images = read_samples([f"{stage_dir(str(root), 'folder', 'images')}/{s['shard']}"
+                           for s in read_manifest(stage_dir(str(root), "folder", "images"))["shards"]])
     ref = reference_embeddings(tiny_clip, [s["jpg"] for s in images])
     np.testing.assert_allclose(table.embedding, ref, atol=2e-3)
     # SHDD targets: the real-SH values at the stored coordinates; |shdd|^2 = D / (4 pi) for every point

@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from locdiff.data import load_features
 from locdiff.data.config import load_dataset_config, load_encoder_config
+from locdiff.data.features import load_features
 from locdiff.data.featurize import embed
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest

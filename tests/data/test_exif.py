@@ -13,15 +13,15 @@ import pytest
 from PIL import Image
 
 from locdiff.cli import main
-from locdiff.data import ShardDataset, stage_dir
 from locdiff.data.config import load_dataset_config
 from locdiff.data.exif import GPS_IFD, ExifError, gps_coordinates, gps_exif, gps_or_none
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
+from locdiff.data.shards import stage_dir
 from locdiff.data.validation import SourceError
 from locdiff.geo import haversine_km
 
-from .fixtures import jpeg, write_csv
+from .fixtures import jpeg, read_samples, write_csv
 
 # (lat, lon): Paris, Sydney, Sao Paulo, Anchorage, Cape Town, Reykjavik
 PLACES = [(48.8584, 2.2945), (-33.8568, 151.2153), (-23.5505, -46.6333), (61.2181, -149.9003),
@@ -42,8 +42,7 @@ def raw_gps(**tags) -> Image.Exif:
 
 def read_back(root) -> list[dict]:
     d = stage_dir(str(root), "folder", "images")
-    return [s["json"] for s in ShardDataset([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]],
-                                             rank=0, world_size=1)]
+    return [s["json"] for s in read_samples([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]])]
 
 
 def cfg(**kw):
@@ -186,8 +185,7 @@ def test_one_command_makes_training_data_and_a_test_set(tmp_path, capsys):
     ids = {}
     for name in ("folder", "folder-test"):
         d = stage_dir(str(root), name, "images")
-        ids[name] = [s["json"]["id"] for s in ShardDataset([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]],
-                                                             rank=0, world_size=1)]
+        ids[name] = [s["json"]["id"] for s in read_samples([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]])]
         assert f"{name}: {len(ids[name])} images" in out
     expected = {f"p{i:02d}.jpg" for i in range(20)
                 if int.from_bytes(hashlib.sha256(f"p{i:02d}.jpg".encode()).digest()[:8], "big") < 0.25 * 2**64}

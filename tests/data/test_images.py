@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from locdiff.data import ShardDataset, stage_dir
 from locdiff.data.config import load_dataset_config
 from locdiff.data.images import load_rgb, prepare_image
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
+from locdiff.data.shards import stage_dir
 from locdiff.data.validation import RecordError, sha256_bytes
 
-from .fixtures import jpeg, png, with_orientation, write_csv
+from .fixtures import jpeg, png, read_samples, with_orientation, write_csv
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -91,8 +91,8 @@ def test_ingest_then_read_back_applies_orientation_once(rotated, tmp_path):
         cfg = load_dataset_config("folder", max_side=max_side)
         ingest("folder", str(root), source=str(src), config=cfg, progress=False)
         d = stage_dir(str(root), "folder", "images")
-        samples = {s["json"]["id"]: s for s in ShardDataset(
-            [f"{d}/{e['shard']}" for e in read_manifest(d)["shards"]], rank=0, world_size=1)}
+        samples = {s["json"]["id"]: s for s in read_samples(
+            [f"{d}/{e['shard']}" for e in read_manifest(d)["shards"]])}
         stored = samples["exif.jpg"]["jpg"]
         assert (sha256_bytes(stored) == sha256_bytes(data)) is kept
         w, h = load_rgb(stored).size

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from locdiff.data import ShardDataset, load_features, stage_dir
 from locdiff.data.config import load_dataset_config
+from locdiff.data.features import load_features
 from locdiff.data.ingest import ingest
+from locdiff.data.shards import stage_dir
 from locdiff.data.validation import sha256_bytes
 
-from .fixtures import sha
+from .fixtures import read_samples, sha
 
 # where each source's --source points inside its fixture folder ("" = the folder itself)
 SOURCE_PATH = {"im2gps3k": "", "yfcc26k": "", "yfcc4k": "", "mp16": "", "gws15k": "data.csv",
@@ -33,7 +34,7 @@ def read_back(root: str, name: str) -> list[dict]:
 
     m = read_manifest(m_dir)
     urls = [f"{m_dir}/{s['shard']}" for s in m["shards"]]
-    return list(ShardDataset(urls, rank=0, world_size=1))
+    return read_samples(urls)
 
 
 def check_round_trip(manifest: dict, samples: list[dict], exp, max_side: int = 128) -> None:

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from locdiff.cli import main
-from locdiff.data import ShardDataset, stage_dir
 from locdiff.data.config import load_dataset_config
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
+from locdiff.data.shards import stage_dir
 from locdiff.data.validation import SourceError
 
-from .fixtures import jpeg, png, write_csv
+from .fixtures import jpeg, png, read_samples, write_csv
 
 
 def cfg(**kw):
@@ -25,7 +25,7 @@ def cfg(**kw):
 
 def read_back(root) -> list[dict]:
     d = stage_dir(str(root), "folder", "images")
-    return list(ShardDataset([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]], rank=0, world_size=1))
+    return read_samples([f"{d}/{s['shard']}" for s in read_manifest(d)["shards"]])
 
 
 def webp(seed: int) -> bytes:

@@ -27,10 +27,10 @@ import pytest
 from PIL import Image
 
 from locdiff.cli import main
-from locdiff.data import ShardDataset, stage_dir
 from locdiff.data.config import load_dataset_config
 from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
+from locdiff.data.shards import decode_sample, iter_shard_samples, stage_dir
 from locdiff.data.validation import SourceError
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def cfg(**kw):
 def stored(root: Path) -> list[dict]:
     d = stage_dir(str(root), "folder", "images")
     m = read_manifest(d)
-    return list(ShardDataset([f"{d}/{s['shard']}" for s in m["shards"]], rank=0, world_size=1))
+    return [decode_sample(s) for sh in m["shards"] for s in iter_shard_samples(f"{d}/{sh['shard']}")]
 
 
 class OpenedFiles:

@@ -15,7 +15,7 @@ import pandas as pd
 from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
 from locdiff.data.download import check_record_url, fetch, private_addresses_allowed
-from locdiff.data.locations import Location, is_archive, open_location, safe_relpath
+from locdiff.data.locations import FileTree, is_archive, open_location, safe_relpath
 from locdiff.data.validation import (
     RecordError,
     SkipLog,
@@ -173,10 +173,10 @@ class TabularSource(Source):
 
     def __init__(self, cfg: DatasetConfig, source: str | None = None) -> None:
         super().__init__(cfg, source)
-        self.images: Location | None = None
+        self.images: FileTree | None = None
         self.urls: dict[str, str] | None = None
         self.provenance: dict[str, Any] = {}
-        self._source_loc: Location | None = None  # --source opened once (an archive is indexed once)
+        self._source_loc: FileTree | None = None  # --source opened once (an archive is indexed once)
 
     # -- locating the metadata and images ------------------------------------------------------
     def _retry_kw(self) -> dict[str, Any]:
@@ -189,7 +189,7 @@ class TabularSource(Source):
         return {**self._retry_kw(), "max_bytes": self.cfg.max_image_bytes,
                 "max_archive_bytes": self.cfg.max_archive_bytes}
 
-    def _metadata(self) -> tuple[bytes, str, Location | None]:
+    def _metadata(self) -> tuple[bytes, str, FileTree | None]:
         """(CSV bytes, its URL, the location it sits in)."""
         cfg = self.cfg
         if self.source is None:
@@ -236,7 +236,7 @@ class TabularSource(Source):
             raise SourceError(f"cannot read {url}: {err.detail}"
                               + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
 
-    def _images(self, loc: Location | None) -> tuple[Location | None, bool]:
+    def _images(self, loc: FileTree | None) -> tuple[FileTree | None, bool]:
         """(where images are read from, whether an image archive/folder was named explicitly)."""
         img = self.cfg.images
         if self.source is None:
@@ -249,7 +249,7 @@ class TabularSource(Source):
                                  **self._location_kw()), True
         return loc, False
 
-    def _url_list(self, loc: Location | None) -> dict[str, str] | None:
+    def _url_list(self, loc: FileTree | None) -> dict[str, str] | None:
         """id -> URL from a separate URL-list CSV (config images.filename ending in .csv), if any."""
         cfg = self.cfg
         name = cfg.images.filename
@@ -303,7 +303,7 @@ class TabularSource(Source):
             path = cfg.path_template.format(id=rid)
         return safe_relpath(f"{cfg.image_prefix.strip('/')}/{path}" if cfg.image_prefix else path)
 
-    def _photo_listing(self) -> Location | None:
+    def _photo_listing(self) -> FileTree | None:
         """The location to list photos from when coordinates are optional and --source names a folder,
         archive or s3:// prefix without any CSV (None otherwise)."""
         if (self.cfg.coordinates != "optional" and not self.cfg.exif_coordinates) or self.source is None \

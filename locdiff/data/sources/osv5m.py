@@ -16,7 +16,7 @@ import threading
 
 from locdiff.data import storage
 from locdiff.data.download import download_file
-from locdiff.data.locations import ArchiveLocation, Location
+from locdiff.data.locations import ArchiveLocation, FileTree
 from locdiff.data.sources.base import Plan, Record, TabularSource, plan_records, read_csv_bytes
 from locdiff.data.validation import RecordError, SourceError, check_checksum
 
@@ -37,7 +37,7 @@ def hf_download(repo: str, filename: str, revision: str) -> str:
         raise SourceError(f"hf://datasets/{repo}@{revision}/{filename}: {err}") from None
 
 
-class MultiArchive(Location):
+class MultiArchive(FileTree):
     """Several zips read as one folder; each is opened (downloaded) the first time it is needed."""
 
     def __init__(self, opener, names: list[str]) -> None:  # noqa: ANN001

@@ -1,0 +1,69 @@
+"""Where a model is: a run folder, a saved MLflow model folder, or a model URI of the MLflow registry
+(`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`), resolved to a local run folder.
+
+A saved MLflow model is a LocDiff model when its python_function flavor names the loader module
+`locdiff.inference.pyfunc` (LOADER_MODULE); its data folder is a run folder. mlflow is imported only
+for a model URI (the library stays importable without it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from locdiff.errors import UserError
+from locdiff.tracking_store import check_tracking_uri, resolve_tracking_uri
+
+LOADER_MODULE = "locdiff.inference.pyfunc"
+
+
+def _model_folder(model_dir: Path, what: str) -> Path:
+    """The data folder of a saved MLflow model (checks that it is a LocDiff model)."""
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    flavor = (mlmodel.get("flavors") or {}).get("python_function") or {}
+    if flavor.get("loader_module") != LOADER_MODULE or not flavor.get("data"):
+        raise UserError(f"{what}: not a LocDiff model (an MLflow model without the {LOADER_MODULE} loader, "
+                        "e.g. one logged by an older version); register the run again with `locdiff train` or "
+                        "the train-locdiff pipeline")
+    return model_dir / flavor["data"]
+
+
+def resolve_model(uri: str, *, tracking_uri: str | None = None
+                  ) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """(local run folder, an object that keeps a download alive or None) for a run folder, a saved MLflow
+    model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
+    through MLflow."""
+    local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        if (local / "MLmodel").is_file():
+            return _model_folder(local, uri), None
+        if (local / "config.yaml").is_file():
+            return local, None
+        if local.exists():
+            raise UserError(f"{uri}: neither a run folder (no config.yaml) nor an MLflow model (no MLmodel)")
+        raise UserError(f"{uri}: no such run folder; give a run folder of `locdiff train` or a model URI "
+                        "such as models:/locdiff@champion")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    turi = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(turi)
+    mlflow.set_tracking_uri(turi)
+    keep = tempfile.TemporaryDirectory(prefix="locdiff-model-")
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar or "false"  # one bar line per file otherwise
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=keep.name))
+    except MlflowException as err:
+        keep.cleanup()
+        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {turi})") from None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+    if not (path / "MLmodel").is_file():
+        keep.cleanup()
+        raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
+    return _model_folder(path, uri), keep
