@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -269,7 +270,6 @@ def locate_new_photos(env: dict[str, str], folder: Path) -> str:
 def summary(env: dict[str, str], run_id: str, flow_run_id: str) -> str:
     """The last paragraph: the registered model version, the `champion` alias, its GeoScore and where to
     click in the two UIs."""
-    import textwrap
 
     from mlflow.tracking import MlflowClient
 

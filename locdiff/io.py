@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from locdiff.data import storage
@@ -99,7 +101,6 @@ def _ids(col: pa.ChunkedArray, path: PathLike, *, unique: bool = True) -> np.nda
             raise ValueError(f"{path}: column 'id' must be strings, got {col.type}")
     ids = col.to_numpy(zero_copy_only=False).astype(object)
     if unique and len(ids):
-        import pandas as pd  # hash-based duplicate detection, no row loop
 
         dup = pd.Index(ids).duplicated()
         if dup.any():
@@ -346,7 +347,6 @@ def _write_predictions(path: PathLike, kind: str, at: pa.Table) -> None:
     if kind == "parquet":
         _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
     else:
-        import pyarrow.csv as pcsv
 
         def w(p, fs):
             if fs is None:
@@ -363,7 +363,6 @@ def read_predictions(path: PathLike) -> PredictionTable:
     if kind == "parquet":
         table = _read_parquet(path)
     else:
-        import pyarrow.csv as pcsv
 
         fs, p = filesystem_of(path)
         if fs is None and not os.path.exists(p):

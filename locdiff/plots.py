@@ -6,6 +6,7 @@ package) drawn as tiny dots, which outlines the inhabited land well enough to re
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ def _background(ax: Any) -> None:
 def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:
     """Render `fig` as PNG in memory, then write it atomically (`locdiff.io.write_file_atomic`): a full
     disk is one line naming the file and leaves no partial image."""
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", **{"bbox_inches": "tight", **savefig})

@@ -37,20 +37,23 @@ LAZY_EXPORT = ("locdiff", "locdiff.inference.geolocator")  # (module, target) of
 LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (0, "base", ("locdiff", "locdiff.errors", "locdiff.schema", "locdiff.resources", "locdiff.geo",
                  "locdiff.tables", "locdiff.metrics", "locdiff.calibration", "locdiff.gazetteer",
-                 "locdiff.plots", "locdiff.tracking_store")),
-    (1, "codec", ("locdiff.shdd", "locdiff.shdd.*", "locdiff.io")),
-    (2, "data", ("locdiff.data", "locdiff.data.*", "locdiff.embed", "locdiff.embed.base", "locdiff.embed.clip")),
+                 "locdiff.hashing", "locdiff.tracking_store")),
+    (1, "codec", ("locdiff.shdd", "locdiff.shdd.*")),
+    # io reads tables through data.storage (local or s3://); plots draw what io reads
+    (2, "data", ("locdiff.data", "locdiff.data.*", "locdiff.io", "locdiff.plots", "locdiff.embed",
+                 "locdiff.embed.base", "locdiff.embed.clip")),
     # the packages locdiff.model and locdiff.baselines hold no code: they run before their config modules
     (3, "run", ("locdiff.runs", "locdiff.model", "locdiff.model.config", "locdiff.baselines",
-                "locdiff.baselines.options")),
-    (4, "engine", ("locdiff.engine", "locdiff.gallery", "locdiff.gallery.*")),
-    (5, "methods", ("locdiff.model.*", "locdiff.baselines.*")),
-    (6, "registry", ("locdiff.methods",)),
-    (7, "inference", ("locdiff.inference", "locdiff.inference.*", "locdiff.worlds", "locdiff.worlds.*")),
-    (8, "orchestration", ("locdiff.orchestration", "locdiff.orchestration.*", "locdiff.tracking",
+                "locdiff.baselines.options", "locdiff.gallery_build")),
+    (4, "engine", ("locdiff.engine", "locdiff.gallery")),
+    # the method interface and registry (methods) beside what implements it, reached by name (importlib)
+    (5, "methods", ("locdiff.methods", "locdiff.model.*", "locdiff.baselines.*")),
+    (6, "inference", ("locdiff.inference", "locdiff.inference.*", "locdiff.worlds", "locdiff.worlds.*")),
+    # embedding on Ray (data.featurize, embed.ray_runner) and the locate-photos stages (inference.batch)
+    (7, "orchestration", ("locdiff.orchestration", "locdiff.orchestration.*", "locdiff.tracking",
                           "locdiff.evaluation", "locdiff.training", "locdiff.pipeline", "locdiff.distributed",
-                          "locdiff.embed.ray_runner")),
-    (9, "entry", ("locdiff.cli", "locdiff.cli.*", "locdiff.__main__", "flows", "flows.*")),
+                          "locdiff.embed.ray_runner", "locdiff.data.featurize", "locdiff.inference.batch")),
+    (8, "entry", ("locdiff.cli", "locdiff.cli.*", "locdiff.__main__", "flows", "flows.*")),
 )
 
 
@@ -272,7 +275,7 @@ def test_the_checker_sees_what_it_must():
     mods, imports = _imports()
     assert "locdiff.shdd.codec" in mods and "flows" in mods
     assert layer_of("locdiff.model.config") == (3, "run") and layer_of("locdiff.model.csunet") == (5, "methods")
-    assert layer_of("locdiff.embed.ray_runner") == (8, "orchestration") and layer_of("locdiff.embed") == (2, "data")
+    assert layer_of("locdiff.embed.ray_runner") == (7, "orchestration") and layer_of("locdiff.embed") == (2, "data")
     assert layer_of("numpy") is None
     assert any(i.module == "locdiff.shdd.codec" and "locdiff.shdd.basis" in i.targets and not i.local
                for i in imports)

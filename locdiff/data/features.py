@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 def to_float32(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float16/bfloat16-stored arrays to float32 (through torch: several times faster than NumPy's
     float16 cast), into `out` when given."""
-    import torch
 
     src = torch.from_numpy(np.ascontiguousarray(a))
     if out is None:

@@ -11,15 +11,18 @@ GPU actors when there are GPUs); both write the same shards through `write_featu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
@@ -58,7 +61,6 @@ LOCAL_THREADS = 4  # shards embedded at a time by the local runner (at most; one
 
 def shdd_targets(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
     """(N,) degrees -> (N, (degree+1)**2) float32 SHDD codes (computed in float64)."""
-    import torch
 
     return encode(torch.as_tensor(lat, dtype=torch.float64), torch.as_tensor(lon, dtype=torch.float64),
                   degree).to(torch.float32).numpy()
@@ -174,7 +176,6 @@ def embed_shards_local(jobs: list[dict[str, Any]], encoder: ImageEncoder, *, thr
     """`embed_shard` for every job in this process, `threads` shards at a time (default: one per CPU,
     at most LOCAL_THREADS): JPEG decoding and resizing release the GIL, so the threads decode in
     parallel while the model runs. Yields each shard's progress record as it is written."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     threads = max(1, min(len(jobs), threads or min(os.cpu_count() or 1, LOCAL_THREADS)))
     with tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress) as bar, \
@@ -205,12 +206,10 @@ def choose_runner(runner: str, todo: list[dict[str, Any]]) -> str:
         raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     if runner != "auto":
         return runner
-    import importlib.util
 
     images = sum(int(j.get("count") or 0) for j in todo)
     if len(todo) < RAY_MIN_SHARDS or images < RAY_MIN_IMAGES or importlib.util.find_spec("ray") is None:
         return "local"
-    import torch
 
     if os.environ.get("RAY_ADDRESS") or torch.cuda.device_count() > 1 or (os.cpu_count() or 1) > LOCAL_THREADS:
         return "ray"

@@ -11,6 +11,7 @@ interrupted-then-resumed stage ends with the same manifest as an uninterrupted o
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from locdiff.data import storage
@@ -29,7 +30,6 @@ def progress_path(stage_dir: str, shard: str) -> str:
 
 def software_versions() -> dict[str, str]:
     """Versions of the packages that decide the bytes a stage writes."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {}
     for pkg in ("locdiff", "webdataset", "pillow", "numpy", "transformers", "torch"):

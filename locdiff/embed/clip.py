@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from locdiff.data.config import EncoderConfig
@@ -152,7 +153,6 @@ class ClipPreprocessor(Preprocessor):
 class ClipEncoder(ImageEncoder):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(cfg)
-        import torch
         from transformers import AutoConfig, CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
@@ -184,12 +184,10 @@ class ClipEncoder(ImageEncoder):
                  precision, self.dim)
 
     def cpu_threads(self) -> int:
-        import torch
 
         return torch.get_num_threads() if self.device.type == "cpu" else 0
 
     def embed(self, inputs: np.ndarray) -> np.ndarray:
-        import torch
 
         if len(inputs) == 0:
             return np.zeros((0, self.dim), np.float32)

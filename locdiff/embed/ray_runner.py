@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from locdiff.data.config import EncoderConfig
 from locdiff.embed import make_encoder, make_preprocessor
@@ -102,7 +103,6 @@ def embed_with_ray(jobs: list[dict[str, Any]], cfg: EncoderConfig, *, read_chunk
         ChecksumError (and the other errors of read_chunks / write_shard), raised as themselves.
     """
     import ray
-    from tqdm.auto import tqdm
 
     ensure_ray()
     resources = ray.cluster_resources()

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow.fs
 
 from locdiff.data.storage import filesystem
 from locdiff.errors import CorruptFileError, UserError
@@ -162,7 +163,6 @@ def _storage(root: str) -> tuple[str, Any]:
             raise PermissionError(f"storage root {path} is not writable; choose a writable root or fix "
                                   "its permissions")
         return str(path), None
-    import pyarrow.fs
 
     # The filesystem is pickled to the Train controller and workers: it carries the endpoint only
     # (`filesystem` passes no credentials), and each process that unpickles it takes the credentials from

@@ -22,6 +22,8 @@ import logging
 import os
 from typing import Any
 
+import pandas as pd
+
 from locdiff.data import storage
 from locdiff.data.download import private_addresses_allowed, refused_hosts
 from locdiff.data.locations import ArchiveLocation
@@ -97,7 +99,6 @@ class Mp16Source(TabularSource):
 def run_img2dataset(records: list[Record], work: str, cfg: Any) -> dict[str, tuple[str, str] | RecordError]:
     """Download the records' URLs with img2dataset (resumable) and index its output by record id:
     id -> (tar path, member name), or the RecordError it failed with."""
-    import pandas as pd
 
     img2dataset = _img2dataset()
     os.makedirs(work, exist_ok=True)
