@@ -10,7 +10,7 @@
 4. predicts the test split with every run and compares the accuracy with the same run trained on the CPU
    (every threshold within 2 points);
 5. reports samples/s (training steps only), the peak GPU memory and the MFU of each run (run.json's
-   throughput metrics, locdiff.engine.Throughput), as a table and as JSON (benchmarks/results/gpu_check.json).
+   throughput metrics, locdiff.throughput.Throughput), as a table and as JSON (benchmarks/results/gpu_check.json).
 
 Without a CUDA GPU (or with --dry-run) it is a dry run: the CPU parts run at a tiny size (one `tiny` training
 in one process, an interrupted and resumed run, which must end bit-exact, prediction) and every GPU part is

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from locdiff.data.stream import BatchStream, DataSource, Rows
 from locdiff.errors import UserError
 from locdiff.geo import check_coordinates
 from locdiff.runs import CHECKPOINT, RunFolder, check_checkpoint
+from locdiff.throughput import Throughput, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,22 @@ class Settings:
     window_rows: int = 16_384  # shuffle buffer of the stream
     prefetch_windows: int = 2  # windows read ahead of the one training (memory: prefetch + threads + 1)
     loader_threads: int = 1  # CPU threads reading and decoding windows per worker (raise it for a GPU)
+    threads: int = 0  # torch CPU threads of the training maths per worker; 0: `cpu_threads` chooses
     stats_rows: int = 65_536  # rows sampled for the embedding standardisation
+
+
+def cpu_threads(requested: int = 0, loader_threads: int = 1) -> int:
+    """The torch CPU threads a training worker computes with: `requested` when > 0, else OMP_NUM_THREADS
+    when set (Ray sets it to a worker's CPU share), else the CPUs this process may run on minus the loader
+    threads, at least 1. More compute threads than free cores make every step wait for a descheduled
+    thread (measured 5x-6x slower on 2 busy cores, docs/results.md)."""
+    if requested > 0:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - loader_threads)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -183,78 +199,6 @@ def lr_factor(settings: Settings) -> Callable[[int], float]:
         return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-# -- throughput ------------------------------------------------------------------------------------------------
-
-# Dense peak TFLOP/s per GPU (bfloat16 tensor cores, float32 without TF32) from the vendors' data sheets,
-# matched against torch.cuda.get_device_name; Settings.peak_tflops overrides it (an unlisted GPU).
-PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6), "L4": (121.0, 30.3), "A10G": (70.0, 31.2), "A10": (125.0, 31.2),
-}
-
-
-THROUGHPUT_METRICS = ("samples_per_s", "peak_gpu_memory_gib", "mfu")  # in run.json, MLflow, the CLI's last line
-
-
-def peak_flops(device: torch.device, bf16: bool, override_tflops: float = 0.0) -> float | None:
-    """The device's peak FLOP/s for the MFU (None on a CPU or an unlisted GPU without an override)."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, single) in PEAK_TFLOPS.items():  # the more specific names come first
-        if key in name:
-            return (half if bf16 else single) * 1e12
-    log.info("no peak FLOP/s known for %s: MFU not reported (set train.peak_tflops)", name)
-    return None
-
-
-class Throughput:
-    """Training samples/s over the training steps only (validation and checkpoints paused out), the peak
-    GPU memory and the MFU. It synchronises the device only where it pauses or reports (checkpoints)."""
-
-    def __init__(self, device: torch.device, batch_size: int, world: int, *, flops: float | None,
-                 peak_flops: float | None, start_step: int) -> None:
-        self.device, self.batch_size, self.world = device, batch_size, world
-        self.flops, self.peak = flops, peak_flops
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        self.restart(start_step)
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def restart(self, step: int) -> None:
-        self.t0, self.from_step, self.paused, self.paused_at = self._now(), step, 0.0, None
-
-    def pause(self) -> None:
-        self.paused_at = self._now()
-
-    def resume(self) -> None:
-        if self.paused_at is not None:
-            self.paused += time.perf_counter() - self.paused_at
-            self.paused_at = None
-
-    def elapsed(self) -> float:
-        """Training seconds since the (re)start, without the pauses."""
-        now = self.paused_at if self.paused_at is not None else time.perf_counter()
-        return now - self.t0 - self.paused
-
-    def report(self, step: int) -> dict[str, float]:
-        """{samples_per_s (global), peak_gpu_memory_gib (CUDA), mfu (when the FLOPs and peak are known)}."""
-        seconds = self.elapsed()
-        rate = (step - self.from_step) * self.batch_size / seconds if step > self.from_step and seconds > 0 else 0.0
-        out = {"samples_per_s": rate}
-        if self.device.type == "cuda":
-            out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.flops and self.peak:
-            out["mfu"] = rate * self.flops / (self.peak * self.world)
-        return out
 
 
 # -- where checkpoints and logs go ------------------------------------------------------------------------------
@@ -508,6 +452,10 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
     bar = tqdm(total=s.steps, initial=step, disable=not progress or rank != 0, desc=f"train {task.name}",
                dynamic_ncols=True)
     batches = stream.batches(step)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(s.threads, s.loader_threads))
+    log.info("training on %s with %d torch thread(s)", device, torch.get_num_threads())
     try:
         while step < end:
             rows = next(batches)
@@ -561,6 +509,7 @@ def train(task: Task, source: DataSource, settings: Settings, *, store: Checkpoi
     finally:
         bar.close()
         batches.close()
+        torch.set_num_threads(threads)
     result_model = (ema.module if ema is not None else unwrap(model)).eval()
     if state is not None and step == restored and val_batch is not None:  # nothing left to train
         last.update(validation_loss(task, _Autocast(result_model, device, amp), val_batch, seed=s.seed))

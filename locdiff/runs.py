@@ -62,8 +62,8 @@ CHECKPOINT_KEYS = ("task", "model", "optimizer", "lr_scheduler", "step", "rng")
 
 # config keys that may change between a run and its resumption (they do not change the weights)
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.log_every", "train.val_samples",
-                     "train.device", "train.loader_threads", "train.peak_tflops", "predict.", "hybrid.",
-                     "limits.")
+                     "train.device", "train.loader_threads", "train.threads", "train.peak_tflops", "predict.",
+                     "hybrid.", "limits.")
 
 
 def completion_key(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:

@@ -3,6 +3,8 @@ checkpoint does not fit, the epsilon conversion in one place."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,7 @@ def test_checkpoint_of_other_data_or_task_is_a_clear_error(tmp_path):
 def _ddp_worker(rank: int, world: int, port: int, out: str, steps_this_run: int | None = None) -> None:
     """One DDP rank of a 20-step run (`steps_this_run`: stop early, as an interruption); it saves its final
     weights, the step it restored from and the step it reached to OUT/final{rank}.pt."""
-    import os
+
 
     import torch.distributed as dist
 
@@ -146,3 +148,26 @@ def test_callbacks_see_the_log_and_every_checkpoint_and_get_their_entries_back(t
     engine.train(Toy(), src, s, store=engine.RunStore(run), progress=False, callbacks=[second])
     assert second.resumed == [(20, len(first.rows))] and second.checkpoints == [30]
     assert first.rows + second.rows == run.read_metrics()
+
+
+def test_cpu_threads_leaves_the_loader_its_core(monkeypatch):
+    """A setting wins, then OMP_NUM_THREADS (Ray sets it per worker), else the usable CPUs minus the loader
+    threads, never below 1."""
+
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert engine.cpu_threads(3, 1) == 3
+    assert engine.cpu_threads(0, 1) == max(1, cpus - 1)
+    assert engine.cpu_threads(0, cpus + 4) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert engine.cpu_threads(0, 1) == 5 and engine.cpu_threads(2, 1) == 2
+
+
+def test_training_restores_the_callers_thread_count(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    s = engine.Settings(**{**SETTINGS, "steps": 5, "threads": 1})
+    engine.train(Toy(), TableSource(_table(), piece_rows=100), s, store=engine.RunStore(RunFolder(tmp_path)),
+                 progress=False)
+    assert torch.get_num_threads() == before

@@ -37,7 +37,7 @@ LAZY_EXPORT = ("locdiff", "locdiff.inference.geolocator")  # (module, target) of
 LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (0, "base", ("locdiff", "locdiff.errors", "locdiff.schema", "locdiff.resources", "locdiff.geo",
                  "locdiff.tables", "locdiff.metrics", "locdiff.calibration", "locdiff.gazetteer",
-                 "locdiff.hashing", "locdiff.tracking_store")),
+                 "locdiff.hashing", "locdiff.throughput", "locdiff.tracking_store")),
     (1, "codec", ("locdiff.shdd", "locdiff.shdd.*")),
     # io reads tables through data.storage (local or s3://); plots draw what io reads
     (2, "data", ("locdiff.data", "locdiff.data.*", "locdiff.io", "locdiff.plots", "locdiff.embed",

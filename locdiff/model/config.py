@@ -136,6 +136,8 @@ class TrainConfig:
     val_share: float = setting(0.02, ge=0, lt=1)  # without a validation set: this share of training is held out
     # CPU threads reading and decoding the training windows per worker: raise it when a GPU waits for data
     loader_threads: int = setting(1, ge=1, le=64)
+    # torch CPU threads of the training maths per worker; 0: OMP_NUM_THREADS, else the usable CPUs minus loader_threads
+    threads: int = setting(0, ge=0, le=1024)
     peak_tflops: float = setting(0.0, ge=0, le=1e5)  # the device's peak for the MFU; 0: looked up by the GPU's name
 
     def validate(self) -> None:

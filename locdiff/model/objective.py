@@ -210,4 +210,4 @@ def engine_settings(config: Config) -> Settings:
                     warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
                     ema_decay=tc.ema_decay, checkpoint_every=tc.checkpoint_every, log_every=tc.log_every,
                     seed=tc.seed, amp=tc.amp, device=tc.device, loader_threads=tc.loader_threads,
-                    peak_tflops=tc.peak_tflops)
+                    threads=tc.threads, peak_tflops=tc.peak_tflops)

@@ -30,13 +30,13 @@ from locdiff.data.manifest import read_manifest, require_manifest
 from locdiff.data.shards import stage_dir
 from locdiff.data.storage import join
 from locdiff.data.stream import read_table
-from locdiff.engine import THROUGHPUT_METRICS
 from locdiff.evaluation import evaluate_table
 from locdiff.methods import get_method
 from locdiff.model.config import Config
 from locdiff.orchestration.ray_train import RayTrainSettings
 from locdiff.orchestration.spec import DataSet, RunSpec, resolve_config
 from locdiff.runs import RunFolder, check_data_encoder
+from locdiff.throughput import THROUGHPUT_METRICS
 from locdiff.training import run as train_run
 
 log = logging.getLogger(__name__)
