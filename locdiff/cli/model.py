@@ -77,8 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("locdiff", "locdiff-h"),
         help="for LocDiff runs: plain LocDiff (default) or the hybrid LocDiff-H",
     )
-    q.add_argument("--samples", type=int, help="K samples per image (LocDiff; default from the config)")
-    q.add_argument("--steps", type=int, help="S DDIM steps (LocDiff; default from the config)")
+    q.add_argument("--samples", type=int, help="K samples per image (LocDiff; default from the config: base.yaml "
+                   "1 with --steps 1, one-step: the network's z0 estimate from pure noise, no iterative sampling)")
+    q.add_argument("--steps", type=int, help="S DDIM steps (LocDiff; default from the config: base.yaml 1, "
+                   "one-step; paper.yaml 16 samples of 50 steps)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_predict)

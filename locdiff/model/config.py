@@ -165,6 +165,12 @@ class PredictConfig:
     # width L / s in degree (the peak with the most mass near it) and placed by Newton ascent on raw f_c
     decode_smoothing: float = setting(3.0, ge=0, le=1e3)
 
+    @property
+    def inference(self) -> str:
+        """What prediction runs, in words: "one-step" (one sample of one DDIM step from pure noise, the
+        network's z0 estimate: a regressor into SHDD space) or "sampled (K=16, S=50)"."""
+        return "one-step" if self.samples == 1 and self.steps == 1 else f"sampled (K={self.samples}, S={self.steps})"
+
 
 @dataclass
 class HybridConfig:

@@ -186,8 +186,10 @@ def run_training(spec: RunSpec, root: str, *, num_workers: int = 2, gpus_per_wor
                                           "gpus_per_worker": gpus_per_worker}}
     if names.get("val_unseen"):  # only then: the params of runs without it stay as they were
         full["pipeline"]["val_unseen"] = names["val_unseen"]
-    with tracking.training_run(full, tracking_uri=uri, run_name=run.path.name, run_id=previous,
-                               tags={"train_data": str(names.get("train")), "config": spec.config_name}) as run_id:
+    inference = spec.config.predict.inference  # "one-step" where it is one (issue 19)
+    with tracking.training_run(full, tracking_uri=uri, run_name=f"{run.path.name} {inference}", run_id=previous,
+                               tags={"train_data": str(names.get("train")), "config": spec.config_name,
+                                     "inference": inference}) as run_id:
         run.write_json(MLFLOW_RECORD, {"run_id": run_id})
         settings = RayTrainSettings(num_workers=max(1, num_workers), gpus_per_worker=gpus_per_worker,
                                     cpus_per_worker=cpus_per_worker, storage_root=join(str(root), "ray"),
