@@ -82,6 +82,11 @@ def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any, radius: float = EAR
     return 2 * radius * lib.arcsin(lib.sqrt(a))
 
 
+def near_any(lat: np.ndarray, lon: np.ndarray, i: int, others: list[int], km: float) -> bool:
+    """Whether point i of (lat, lon) lies within `km` of any of the points `others` (none: False)."""
+    return bool(others) and float(np.min(haversine_km(lat[i], lon[i], lat[others], lon[others]))) < km
+
+
 def destination(lat: np.ndarray, lon: np.ndarray, dist_km: np.ndarray, bearing: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Points dist_km away from (lat, lon) along the given bearing (radians from north)."""

@@ -44,7 +44,7 @@ import torch
 
 from locdiff.errors import UserError
 from locdiff.gazetteer import cities
-from locdiff.geo import destination, haversine_km, unit_to_latlon
+from locdiff.geo import destination, haversine_km, near_any, unit_to_latlon
 from locdiff.io import json_text, write_embeddings, write_file_atomic
 from locdiff.runs import load_state
 from locdiff.schema import check_ranges, setting
@@ -240,8 +240,7 @@ class RealBenchWorld:
         for c in order:
             if len(centres) == cfg.n_regions:
                 break
-            if centres and np.min(haversine_km(self.lat[c], self.lon[c], self.lat[centres],
-                                               self.lon[centres])) < cfg.region_separation_km:
+            if near_any(self.lat, self.lon, c, centres, cfg.region_separation_km):
                 continue
             centres.append(int(c))
         if len(centres) < cfg.n_regions:

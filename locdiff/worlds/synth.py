@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.gazetteer import cities
-from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit
+from locdiff.geo import EARTH_RADIUS_KM, destination, haversine_km, latlon_to_unit, near_any
 from locdiff.io import json_text, write_embeddings, write_file_atomic
 from locdiff.schema import check_ranges, setting
 from locdiff.tables import MAX_GENERATED_ROWS, EmbeddingTable
@@ -125,8 +125,7 @@ class SynthWorld:
         for c in order:
             if len(centres) == cfg.n_regions:
                 break
-            if centres and np.min(haversine_km(self.lat[c], self.lon[c], self.lat[centres],
-                                               self.lon[centres])) < cfg.region_separation_km:
+            if near_any(self.lat, self.lon, c, centres, cfg.region_separation_km):
                 continue
             r = float(rng.uniform(*cfg.region_radius_km))
             if np.count_nonzero(haversine_km(self.lat[c], self.lon[c], self.lat, self.lon) < r) < 30:
