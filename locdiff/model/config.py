@@ -183,6 +183,9 @@ class HybridConfig:
     # blend: score = weight * f_c(candidate)/f_c(mode) + (1 - weight) * cosine similarity
     weight: float = setting(0.5, ge=0, le=1)
     tune_on_val: bool = True  # choose the mode's parameters on validation during training
+    # poe: the accuracy (points) LocDiff-H may give away at any threshold and validation group against the
+    # better of LocDiff and retrieval there; settings within it are preferred, then the larger summed gain
+    poe_tolerance: float = setting(0.5, ge=0, le=100)
 
 
 @dataclass

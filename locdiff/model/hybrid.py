@@ -10,8 +10,9 @@ Two modes (`hybrid.mode`):
   pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
   gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
   h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
-  together when a run has both, each weighing half) and must beat the better of the two by 2 standard
-  errors.
+  together when a run has both): first the setting that loses least, at any threshold and group, against
+  the better of the two there (beyond `hybrid.poe_tolerance` points), then the one whose summed accuracy
+  beats the better of the two by 2 standard errors.
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -205,15 +206,17 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
 
 
 def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None, *,
-               z: float = 2.0) -> dict[str, float]:
-    """The product-of-experts parameters that place the validation images best. The score is the sum of the
-    accuracies at all thresholds (%); with `groups` (e.g. val and val_unseen) the mean over the groups of each
-    group's score, so held-out regions weigh as much as the iid rows however many each has.
+               z: float = 2.0, tolerance: float = 0.5) -> dict[str, float]:
+    """The product-of-experts parameters that place the validation images best without losing anywhere.
 
-    The references are LocDiff's answer (strength 0) and top-1 retrieval (strength inf), whichever scores
-    higher (LocDiff on a tie). A grid setting replaces it only when it gains more than `z` standard errors of
-    the paired per-image difference, as `choose_blend` does: chance gains on a few hundred rows do not move
-    LocDiff-H. Returns the parameters, their score, LocDiff's and retrieval's."""
+    For every validation group (e.g. val and val_unseen) and threshold, the reference accuracy is the better
+    of LocDiff's answer (strength 0) and top-1 retrieval (strength inf). A setting's shortfall is its largest
+    loss against that reference (points) beyond `tolerance`; the setting with the smallest shortfall wins.
+    Among equal shortfalls, the score decides: the sum of the accuracies at all thresholds (%), averaged over
+    the groups so that held-out regions weigh as much as the iid rows; a grid setting beats a reference
+    (LocDiff or retrieval, whichever scores higher, LocDiff on a tie) on score only when it gains more than
+    `z` standard errors of the paired per-image difference, as `choose_blend` does. Returns the parameters,
+    their score and shortfall, LocDiff's and retrieval's scores."""
     thresholds = np.asarray(THRESHOLDS_KM)
     n = len(lat)
     gid = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
@@ -221,18 +224,39 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     weight = 1.0 / (len(sizes) * sizes[gid])  # per image: the groups' scores averaged
 
     def hits(prm: dict[str, float], kern: np.ndarray | None = None) -> np.ndarray:
+        """(N, thresholds) 0/1: each image placed within each threshold."""
         plat, plon, _ = poe_select(c, **prm, kernel=kern)
-        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1).astype(np.float64)
+        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+
+    def by_group(h: np.ndarray) -> np.ndarray:
+        """(groups, thresholds) accuracy in %."""
+        return 100.0 * np.stack([h[gid == g].mean(0) for g in range(len(sizes))])
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
                "floor": 1.0, "core": 0.0, "snap_km": 0.0}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
-        return {**locdiff, "score": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
+        return {**locdiff, "score": 0.0, "shortfall": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
     h_loc, h_ret = hits(locdiff), hits(retrieval)
-    s_loc, s_ret = 100.0 * float(weight @ h_loc), 100.0 * float(weight @ h_ret)
-    best, base = (locdiff, h_loc) if s_loc >= s_ret else (retrieval, h_ret)
-    best_gain = 0.0
+    reference = np.maximum(by_group(h_loc), by_group(h_ret))
+    s_loc, s_ret = 100.0 * float(weight @ h_loc.sum(1)), 100.0 * float(weight @ h_ret.sum(1))
+    base = (h_loc if s_loc >= s_ret else h_ret).sum(1)
+
+    def shortfall(h: np.ndarray) -> float:
+        return round(max(0.0, float(np.max(reference - by_group(h))) - tolerance), 6)
+
+    def gain(h: np.ndarray) -> float:
+        """The score gain over the better reference, 0 unless it exceeds z standard errors."""
+        d = h.sum(1) - base
+        g = float(weight @ d)
+        dev = d - (np.bincount(gid, weights=d) / sizes)[gid]
+        se = float(np.sqrt(np.sum((weight * dev) ** 2) * n / max(n - 1, 1)))
+        return g if g > z * se else min(g, 0.0)
+
+    (best, best_h), (other, other_h) = ((locdiff, h_loc), (retrieval, h_ret))[::1 if s_loc >= s_ret else -1]
+    best_key = (shortfall(best_h), 0.0)
+    if (key := (shortfall(other_h), -gain(other_h))) < best_key:  # the other reference: only if it loses less
+        best, best_key = other, key
     q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
     spread = max(float(q90 - q10), 1e-6)
     sharp = poe_kernel(c, CORE_KM)
@@ -244,16 +268,16 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
                     for fl in POE_FLOORS:
                         prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
                                "floor": fl, "core": core, "snap_km": 0.0}
-                        d = hits(prm, kern) - base
-                        gain = float(weight @ d)
-                        dev = d - (np.bincount(gid, weights=d) / sizes)[gid]
-                        se = float(np.sqrt(np.sum((weight * dev) ** 2) * n / max(n - 1, 1)))
-                        if gain > best_gain and gain > z * se:
-                            best, best_gain = prm, gain
-    if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same score
+                        hm = hits(prm, kern)
+                        key = (shortfall(hm), -gain(hm))
+                        if key < best_key:
+                            best, best_key = prm, key
+    if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
         for snap in POE_SNAPS_KM[1:]:
-            gain = float(weight @ (hits({**best, "snap_km": snap}) - base))
-            if gain > best_gain:
-                best, best_gain = {**best, "snap_km": snap}, gain
-    return {**best, "score": 100.0 * float(weight @ base) + 100.0 * best_gain, "locdiff_score": s_loc,
-            "retrieval_score": s_ret}
+            hm = hits({**best, "snap_km": snap})
+            key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
+            if key < best_key:
+                best, best_key = {**best, "snap_km": snap}, key
+    chosen = hits(best)
+    return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
+            "locdiff_score": s_loc, "retrieval_score": s_ret}

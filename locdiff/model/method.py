@@ -145,10 +145,11 @@ class LocDiffMethod(GeoMethod):
                 plat, plon, groups = [*plat, unseen.lat], [*plon, unseen.lon], [*groups, np.ones(len(unseen.lat))]
                 self.selection["val_unseen_rows"] = int(len(unseen.lat))
             poe = choose_poe(concat_candidates(parts), np.concatenate(plat), np.concatenate(plon),
-                             np.concatenate(groups))
+                             np.concatenate(groups), tolerance=hc.poe_tolerance)
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
                                    "hybrid_poe": {k: poe[k] for k in POE_DEFAULT},
                                    "val_hybrid_score": blend["score"], "val_poe_score": poe["score"],
+                                   "val_poe_shortfall": poe["shortfall"],
                                    "val_locdiff_score": poe["locdiff_score"],
                                    "val_poe_retrieval_score": poe["retrieval_score"],
                                    "val_retrieval_score": blend["retrieval_score"]})

@@ -5,6 +5,7 @@ gallery knows the place and LocDiff's where the gallery has never been."""
 import numpy as np
 import pytest
 
+from locdiff.geo import haversine_km
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import load_config
 
@@ -101,11 +102,16 @@ def test_hybrid_keeps_the_gallery_where_it_knows_the_place(trained_h, synth_tabl
 
 @pytest.mark.slow
 def test_hybrid_keeps_locdiff_where_the_gallery_has_never_been(trained_h, synth_tables):
-    """On held-out regions (no training row nearby), LocDiff-H is at least LocDiff at 750 and 2,500 km
-    (within a point): the gallery's neighbours are all elsewhere, so LocDiff's answer must stand."""
+    """On held-out regions (no training row nearby), LocDiff-H is at least LocDiff at 750 and 2,500 km, up
+    to two standard errors of the paired per-image difference (200 rows: about 2 points): the gallery's
+    neighbours are all elsewhere, so LocDiff's answer must stand. The blend of paper.yaml lost 10 points at
+    750 km here."""
     method, _ = trained_h
     unseen = synth_tables["test_unseen"]
-    h, p = _acc(method.predict(unseen, method="locdiff-h"), unseen), _acc(method.predict(unseen, method="locdiff"),
-                                                                          unseen)
-    for k in ("acc_750km", "acc_2500km"):
-        assert h[k] >= p[k] - 1.0, (k, h[k], p[k])
+    h, p = method.predict(unseen, method="locdiff-h"), method.predict(unseen, method="locdiff")
+    err_h = haversine_km(h.lat, h.lon, unseen.lat, unseen.lon)
+    err_p = haversine_km(p.lat, p.lon, unseen.lat, unseen.lon)
+    for km in (750, 2500):
+        d = (err_h <= km).astype(float) - (err_p <= km).astype(float)
+        se = d.std(ddof=1) / np.sqrt(len(d)) if d.any() else 0.0
+        assert d.mean() >= -2 * se, (km, 100 * d.mean(), 100 * se)
