@@ -31,7 +31,7 @@ from locdiff import shdd
 from locdiff.geo import haversine_km
 from locdiff.io import read_embeddings
 from locdiff.model.config import Config, load_config
-from locdiff.model.method import LocDiffMethod
+from locdiff.model.locdiff_method import LocDiffMethod
 from locdiff.model.objective import LocDiffTask, build_model, diffusion_loss
 from locdiff.shdd.loss import default_tau
 from locdiff.worlds.synth import SynthConfig, make_benchmark

@@ -64,7 +64,7 @@ def _calibration_rows(method: Any, data: dict[str, Any], split: str, name: str, 
 
 def calibration(quick: bool, out: Path) -> dict[str, Any]:
     from locdiff.model.config import load_config
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.plots import reliability_plot
     from locdiff.resources import model_config_path
     from locdiff.runs import RunFolder

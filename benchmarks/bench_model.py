@@ -154,7 +154,7 @@ def run_ablations(args, data, work: Path, results: dict[str, Any], report) -> No
 
 
 def _fit_locdiff(cfg, data, run_dir: Path):
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     method = LocDiffMethod(cfg)
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from benchmarks.common import RESULTS, print_table, save
 from locdiff.gallery import Gallery
 from locdiff.io import read_embeddings
 from locdiff.metrics import distances_km, geo_metrics
-from locdiff.model.method import LocDiffMethod
+from locdiff.model.locdiff_method import LocDiffMethod
 from locdiff.model.predict import locdiff_predict
 from locdiff.runs import RunFolder
 

@@ -10,7 +10,7 @@ the MLflow registry.
 Per image:
 - `lat`, `lon`: the run's answer (`locdiff predict`'s: LocDiff's chosen aggregation, or LocDiff-H);
 - `confidence`: the probability that the photo lies within `radius_km` of the answer, calibrated on the
-  run's validation rows (locdiff.model.method);
+  run's validation rows (locdiff.model.locdiff_method);
 - `modes`: up to `top_k` distinct local maxima of the predicted density (at least 100 km apart), heaviest
   first, each with its probability (the density's mass in its basin; they sum to at most 1)
   (locdiff.shdd.modes);
@@ -58,7 +58,7 @@ from locdiff.errors import UserError
 from locdiff.gazetteer import nearest_places
 from locdiff.inference.model_uri import resolve_model
 from locdiff.io import write_predictions
-from locdiff.model.method import LocDiffMethod
+from locdiff.model.locdiff_method import LocDiffMethod
 from locdiff.runs import RunFolder, check_encoder, resolve_reference
 from locdiff.shdd.modes import density_modes
 from locdiff.tables import EmbeddingTable

@@ -46,7 +46,7 @@ Aggregation = Literal["auto", "mean", "support"]
 # Every method `method:` may name: name -> "module:Class", imported on first use by the registry
 # (locdiff.methods.get_method); the config checks names against it without importing any method.
 METHODS: dict[str, str] = {
-    "locdiff": "locdiff.model.method:LocDiffMethod",
+    "locdiff": "locdiff.model.locdiff_method:LocDiffMethod",
     "knn": "locdiff.baselines.knn:KNNMethod",
     "geocell": "locdiff.baselines.geocell:GeocellMethod",
     "regress": "locdiff.baselines.regress:RegressMethod",

@@ -250,7 +250,7 @@ def test_one_sample_answers_are_its_smoothed_mode(run, synth_tables):
     """K = 1: the mean and "support" answers are the one sample's mode, decoded (in float64) as shdd.decode
     does with the configured smoothing, and that sample is all of the support (confidence 1)."""
     from locdiff import shdd
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.model.predict import locdiff_predict
     from locdiff.runs import RunFolder
 
@@ -408,7 +408,7 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
     import sys
 
     from locdiff.io import write_embeddings
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.runs import RunFolder
     from locdiff.tables import EmbeddingTable
 

@@ -15,7 +15,7 @@ from .conftest import TEST_OVERRIDES, TINY
 def test_untrained_diffusion_falls_back_to_retrieval(tmp_path, synth_tables):
     """The blend (hybrid.mode=blend, runs trained before the product of experts)."""
     from locdiff.baselines.knn import KNNMethod
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     # one training step: the density is noise, so validation must choose plain retrieval
     cfg = load_config(TINY, [*TEST_OVERRIDES, "train.steps=1", "train.warmup_steps=1", "train.val_samples=300",
@@ -41,7 +41,7 @@ def test_untrained_diffusion_product_of_experts_keeps_the_gallery(tmp_path, synt
     """With a noise density the product of experts answers from the gallery's factor: at least top-1 retrieval at
     every threshold (within a point) and far better than the untrained LocDiff at 25 km."""
     from locdiff.baselines.knn import KNNMethod
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     cfg = load_config(TINY, [*TEST_OVERRIDES, "train.steps=1", "train.warmup_steps=1", "train.val_samples=300",
                              "hybrid.mode=poe"])
@@ -63,7 +63,7 @@ def trained_h(tmp_path_factory, synth_tables):
     """A LocDiff run (test config, 200 steps; LocDiff-H chosen on val and val_unseen) and top-1 retrieval over
     the same training rows."""
     from locdiff.baselines.knn import KNNMethod
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     root = tmp_path_factory.mktemp("hybrid")
     method = LocDiffMethod(load_config(TINY, [*TEST_OVERRIDES, "train.val_samples=300"]))

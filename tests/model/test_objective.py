@@ -66,7 +66,7 @@ def test_min_train_timestep_restricts_the_training_timesteps(synth_tables):
 
 @pytest.mark.slow  # over 3 s: `make test` runs it, `make test-fast` does not
 def test_training_lowers_the_loss(tmp_path, synth_tables, test_config):
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     LocDiffMethod(test_config).fit(synth_tables["train"], synth_tables["val"], tmp_path, progress=False)
     log = RunFolder(tmp_path).read_metrics()
@@ -78,7 +78,7 @@ def test_training_lowers_the_loss(tmp_path, synth_tables, test_config):
 
 
 def test_fit_rejects_unlabelled(tmp_path, synth_tables, test_config):
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.tables import EmbeddingTable
 
     t = synth_tables["train"]

@@ -9,7 +9,7 @@ import torch
 from locdiff import shdd
 from locdiff.geo import haversine_km
 from locdiff.model.config import load_config
-from locdiff.model.method import LocDiffMethod
+from locdiff.model.locdiff_method import LocDiffMethod
 from locdiff.model.predict import row_noise, row_seeds, sample_codes
 from locdiff.tables import EmbeddingTable
 

@@ -35,7 +35,7 @@ def test_killed_worker_resumes_from_checkpoint(where, ray_local, tiny_data, tmp_
     gets each step's loss exactly once."""
     from locdiff import tracking
     from locdiff.data.stream import BatchStream, open_source
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
 
     config = config_from_dict(SMALL)
     storage = tmp_path / "store" if where == "local" else request.getfixturevalue("s3_root")

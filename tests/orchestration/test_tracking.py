@@ -72,7 +72,7 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
 def _locdiff_run(out: Path) -> Path:
     """A run folder with an untrained LocDiff predictor (what `locdiff train` saves, without training)."""
     from locdiff.model.config import load_config
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.model.objective import build_model
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml")

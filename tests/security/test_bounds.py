@@ -217,7 +217,7 @@ def test_config_file_types_are_checked_before_set_and_duplicate_keys_refused(tmp
 
 def test_the_python_api_checks_the_same_bounds(world):
     from locdiff import Geolocator
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.runs import RunFolder
 
     g = Geolocator.load(world.run)

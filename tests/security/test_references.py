@@ -104,7 +104,7 @@ def test_an_encoder_reference_that_is_a_url_is_never_fetched(world, tmp_path, ht
 
 def test_the_same_references_inside_the_run_and_local_paths_still_work(world, tmp_path):
     """A gallery copied into the run folder (a packaged model) and one at a recorded absolute path."""
-    from locdiff.model.method import LocDiffMethod
+    from locdiff.model.locdiff_method import LocDiffMethod
     from locdiff.runs import RunFolder, resolve_reference
 
     run = world.copy_run(tmp_path / "run")
