@@ -36,7 +36,7 @@ def build_model(config: Config, embed_dim: int, *, weights: Mapping[str, torch.T
     if weights is not None:
         check_weights(shapes, weights, source)
     abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
-    return CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
+    return CSUNet(shdd.SHDD(config.shdd.degree).dimension, embed_dim, config.network, abar)
 
 
 def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") -> dict[str, tuple[int, ...]]:
@@ -49,7 +49,7 @@ def model_shapes(config: Config, embed_dim: int, *, source: str = "the config") 
     embed_dim = int(embed_dim)
     with torch.device("meta"):
         abar = NoiseSchedule(config.diffusion.timesteps).alphas_cumprod
-        model = CSUNet(shdd.num_coefficients(config.shdd.degree), embed_dim, config.network, abar)
+        model = CSUNet(shdd.SHDD(config.shdd.degree).dimension, embed_dim, config.network, abar)
     count = sum(p.numel() for p in model.parameters())
     budget = config.limits.max_parameters
     if count > budget:
@@ -178,7 +178,7 @@ class LocDiffTask(Task):
         plus SHDD-KL's grid products (prediction: forward and backward; target: forward)."""
         flops = 3 * csunet_flops(model)
         if "kl" in self.config.train.objective.split("+"):
-            d = shdd.num_coefficients(self.config.shdd.degree)
+            d = shdd.SHDD(self.config.shdd.degree).dimension
             g = self.config.shdd.kl_grid_size or 8 * (self.config.shdd.degree + 1) ** 2
             heads = 2 if self.config.train.prior_weight > 0 and self.config.network.head_width > 0 else 1
             flops += heads * 3 * 2 * d * g  # (B, D) x (D, G): prediction forward + backward, target forward
@@ -193,7 +193,7 @@ class LocDiffTask(Task):
             return {}
         emb = batch["embedding"][:1024]
         g = torch.Generator(device=emb.device).manual_seed(0)
-        z = torch.randn(len(emb), shdd.num_coefficients(self.config.shdd.degree), generator=g, device=emb.device)
+        z = torch.randn(len(emb), shdd.SHDD(self.config.shdd.degree).dimension, generator=g, device=emb.device)
         t = torch.full((len(emb),), self.schedule.timesteps - 1, dtype=torch.long, device=emb.device)
         x0 = self.schedule.predict_x0(model(z, t, emb, None).float(), z, t, self.config.diffusion.prediction)
         lat, lon, _ = shdd.decode(shdd.SHDD(self.config.shdd.degree).from_z(x0).cpu(), candidates=1, iterations=2,

@@ -190,7 +190,7 @@ def locdiff_predict(
     def cat(name: str) -> np.ndarray:
         return torch.cat(outs[name]).double().numpy() if outs[name] else np.zeros(0)
 
-    d = shdd.num_coefficients(config.shdd.degree)
+    d = shdd.SHDD(config.shdd.degree).dimension
     codes_parts = outs.pop("mean_code")
     mean_code = torch.cat(codes_parts) if codes_parts else torch.zeros(0, d)
     return LocDiffOutput(**{name: cat(name) for name in outs}, mean_code=mean_code)
