@@ -280,6 +280,17 @@ REPORT_ROWS = {  # README row name -> the row of results/model.json
     "LocDiff-H": "LocDiff-H"}
 
 
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as saved in the JSON: paths inside the repository relative to it, others by their
+    file name (no machine-local path goes into a file that may be shared)."""
+    out = dict(vars(args))
+    for key in ("config", "work"):
+        if out.get(key):
+            path = Path(out[key]).resolve()
+            out[key] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    return out
+
+
 def markdown_report(payload: dict[str, Any]) -> str:
     """The README's results tables from a saved results/model.json: per benchmark, accuracy (%) at 1 / 25 /
     200 / 750 / 2,500 km of every method on every split, then the two-place probe."""
@@ -383,7 +394,7 @@ def main() -> None:
     sizes: dict[str, dict[str, int]] = {}
 
     def payload() -> dict[str, Any]:
-        return {"args": vars(args), "synth": _synth_kwargs(args), "benchmarks": benchmarks, "sizes": sizes,
+        return {"args": recorded_args(args), "synth": _synth_kwargs(args), "benchmarks": benchmarks, "sizes": sizes,
                 "results": results, "throughput": speed, "sampling": sampling, "errors": errors}
 
     def checkpoint(stage: str) -> None:

@@ -1,0 +1,36 @@
+"""`bench_model --report`: the README's tables from the saved JSON, and no machine-local path in that JSON."""
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks import bench_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(base: float) -> dict[str, float]:
+    return {k: base + i for i, k in enumerate(bench_model.ACC_KEYS)}
+
+
+def test_report_has_one_row_per_method_and_the_splits_in_order():
+    payload = {"benchmarks": ["synth"], "sizes": {"synth": {"train": 100, "val": 10, "test": 20}},
+               "results": {"synth": {"knn": {"val": _metrics(1), "test": _metrics(2)},
+                                     "LocDiff-H": {"val": _metrics(10), "test": _metrics(20)}}},
+               "sampling": {"synth": {"two_place_probe": [{"method": "m", "names_both_%": 31.0,
+                                                           "names_one_%": 80.0, "probes": 5}]}},
+               "args": {"radius": 750.0}, "machine": {"cpus": 2}, "complete": True}
+    text = bench_model.markdown_report(payload)
+    assert "| method | val | test |" in text
+    assert "| retrieval (knn top-1) | 1.0 / 2.0 / 3.0 / 4.0 / 5.0 | 2.0 / 3.0 / 4.0 / 5.0 / 6.0 |" in text
+    assert "| LocDiff-H | 10.0 / 11.0 / 12.0 / 13.0 / 14.0 | 20.0 / 21.0 / 22.0 / 23.0 / 24.0 |" in text
+    assert "cell classifier" not in text  # a method the run does not have gets no row
+    assert "| synth | m | 31.0 | 80.0 | 5 |" in text
+
+
+def test_recorded_args_hold_no_machine_local_path(tmp_path):
+    args = argparse.Namespace(config=str(ROOT / "configs/model/base.yaml"), work=str(tmp_path / "w"), seed=0)
+    out = bench_model.recorded_args(args)
+    assert out == {"config": "configs/model/base.yaml", "work": "w", "seed": 0}
+    saved = json.loads((ROOT / "benchmarks/results/model.json").read_text())
+    assert str(ROOT.parent) not in json.dumps(saved)
