@@ -246,7 +246,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         return round(max(0.0, float(np.max(reference - by_group(h))) - tolerance), 6)
 
     def gain(h: np.ndarray) -> float:
-        """The score gain over the better reference, 0 unless it exceeds z standard errors."""
+        """The score gain over the better reference when it exceeds z standard errors, else min(gain, 0)."""
         d = h.sum(1) - base
         g = float(weight @ d)
         dev = d - (np.bincount(gid, weights=d) / sizes)[gid]
