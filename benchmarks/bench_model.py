@@ -46,7 +46,7 @@ import torch
 from benchmarks import posterior
 from benchmarks.common import RESULTS, print_table, save
 from locdiff.gallery import Gallery
-from locdiff.metrics import format_table, geo_metrics
+from locdiff.metrics import ACCURACY_KEYS, format_table, geo_metrics
 from locdiff.tables import EmbeddingTable
 from locdiff.worlds import cuebench, realbench, synth
 from locdiff.worlds.synth import SynthConfig, SynthWorld, make_benchmark, make_split
@@ -177,7 +177,7 @@ def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, An
         secs = time.perf_counter() - t0
         m = geo_metrics(p.lat, p.lon, test.lat, test.lon)
         rows.append({"method": name, "images": len(test), "images_per_s": len(test) / secs,
-                     **{k: m[k] for k in ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
+                     **{k: m[k] for k in (*ACCURACY_KEYS,
                                           "median_km")}})
 
     if locdiff is not None:
@@ -271,7 +271,6 @@ def _synth_kwargs(args) -> dict[str, Any]:
             "n_val_unseen": args.n_val // 2, "seed": args.seed, "dim": args.dim}
 
 
-ACC_KEYS = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km")
 REPORT_ROWS = {  # README row name -> the row of results/model.json
     "retrieval (knn top-1)": "knn", "retrieval (knn top-16, mode)": "knn top-16",
     "cell classifier (geocell)": "geocell",
@@ -307,7 +306,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
         out.append("|---" * (len(splits) + 1) + "|")
         for label, row in REPORT_ROWS.items():
             if row in res:
-                cells = [" / ".join(f"{res[row][s][k]:.1f}" for k in ACC_KEYS) if s in res[row] else "" for s in splits]
+                cells = [" / ".join(f"{res[row][s][k]:.1f}" for k in ACCURACY_KEYS) if s in res[row] else ""
+                         for s in splits]
                 out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     probe = [(bench, r) for bench in payload["benchmarks"]
@@ -444,7 +444,7 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001
                     log.exception("objective ablation failed on %s", bench)
                     errors[f"{bench}/objectives"] = f"{type(err).__name__}: {err}"
-    keys = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "geoscore")
+    keys = (*ACCURACY_KEYS, "median_km", "geoscore")
     print_table([{"benchmark": bench, "split": split, "method": row, "n": r[split]["n"],
                   **{k: r[split][k] for k in keys}}
                  for bench in benchmarks for split in SPLITS[bench] for row, r in results[bench].items()],

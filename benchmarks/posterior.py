@@ -37,6 +37,7 @@ import torch
 from locdiff import shdd
 from locdiff.calibration import cross_fitted, expected_calibration_error
 from locdiff.geo import EARTH_RADIUS_KM, haversine_km
+from locdiff.metrics import ACCURACY_KEYS as METRIC_ACCURACY_KEYS
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config
 from locdiff.model.predict import sample_codes
@@ -49,7 +50,7 @@ NAME_RADIUS_KM = 750.0  # a top-2 answer names a place when it lies within this 
 UNIFORM_SHARE = 0.01  # share of the uniform distribution mixed into the NLL's predicted probability
 SAMPLED = (16, 20)  # the sampled setting (K samples, S DDIM steps) the probe and the calibration use
 RETRIEVED = 64  # gallery neighbours searched for retrieval's two best distinct places
-ACCURACY_KEYS = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km")
+ACCURACY_KEYS = (*METRIC_ACCURACY_KEYS, "median_km")
 
 __all__ = ["probe_maker", "PROBE_MIN_KM", "NAME_RADIUS_KM", "UNIFORM_SHARE", "SAMPLED", "Draws", "draw", "names_both",
            "names_one", "sample_clusters", "retrieval_two_places", "probe_scores", "top2_answers", "run_probe",

@@ -28,6 +28,9 @@ def _km_key(km: float) -> str:
     return f"{km:g}km"
 
 
+ACCURACY_KEYS = tuple(f"acc_{_km_key(t)}" for t in THRESHOLDS_KM)  # "acc_1km" ... "acc_2500km", as geo_metrics
+
+
 def distances_km(pred_lat: ArrayLike, pred_lon: ArrayLike, lat: ArrayLike, lon: ArrayLike) -> np.ndarray:
     """Great-circle error in km (float64, shape (N,)) after validating both sets of coordinates."""
     arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (pred_lat, pred_lon, lat, lon)]
