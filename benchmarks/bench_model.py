@@ -29,6 +29,7 @@ benchmark):
     python -m benchmarks.bench_model --benchmarks realbench  # one benchmark only
     python -m benchmarks.bench_model --benchmarks synth,realbench  # the two smooth worlds
     python -m benchmarks.bench_model --report        # the README's Markdown tables from results/model.json
+    python -m benchmarks.bench_model --work DIR --update-hybrid  # LocDiff-H chosen again on DIR's runs
 """
 
 from __future__ import annotations
@@ -197,6 +198,30 @@ def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, An
     return rows
 
 
+def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Re-choose LocDiff-H on the saved run's LocDiff fits in `args.work` and replace its rows of `payload`.
+    The run's own arguments (sizes, seed, config) are taken from the payload, so the data are the same."""
+    from locdiff.model.config import load_config
+    from locdiff.model.hybrid import SELECTION_RULE
+
+    saved = argparse.Namespace(**{**payload["args"], "work": args.work})
+    work_root = Path(args.work)
+    config = ROOT / saved.config if not Path(saved.config).is_absolute() else Path(saved.config)
+    for bench in payload["benchmarks"]:
+        if not (work_root / bench / "locdiff").is_dir():
+            raise SystemExit(f"{work_root / bench / 'locdiff'}: no LocDiff run to reuse")
+        data = load_benchmark(bench, saved, work_root / bench)
+        method, secs = _fit_locdiff(load_config(config, saved.set), data, work_root / bench / "locdiff")
+        log.info("%s: LocDiff-H chosen again in %.0f s: %s", bench, secs, method.selection.get("hybrid_poe"))
+        payload["results"][bench]["LocDiff-H"] = {"fit_s": None, **payload["results"][bench]["LocDiff-H"],
+                                                  **_evaluate(method, data, method="locdiff-h")}
+        print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]
+                                   for s in data.splits}), flush=True)
+    updates = [*payload.get("updates", []), {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE,
+                                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    save("model", {**payload, "updates": updates})  # the payload's own machine and date stay (the run's)
+
+
 def _world(name: str, args) -> Any:
     """The world of a benchmark (its geography and embedding rules) with the run's settings."""
     if name == "realbench":
@@ -338,10 +363,18 @@ def markdown_report(payload: dict[str, Any]) -> str:
     out.append(f"Machine: {m.get('cpus')} CPUs, torch {m.get('torch')} with {m.get('torch_threads')} threads, "
                f"cuda {m.get('cuda')}; run of {m.get('date')}"
                + ("" if payload.get("complete") else f" (incomplete: last stage {payload.get('last_stage')})") + ".")
+    for u in payload.get("updates", []):
+        out.append(f"Rows {', '.join(u['rows'])} chosen again and re-measured on the same trained runs on "
+                   f"{u['date']} (selection rule {u['selection_rule']}, `--update-hybrid`).")
     return "\n".join(out)
 
 
-def main() -> None:
+def default_args() -> argparse.Namespace:
+    """The command line's defaults (the sizes and seed other benchmarks reuse to make the same data)."""
+    return build_parser().parse_args([])
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES",
                     help=f"comma-separated, run in this order, from {','.join(SPLITS)} (default {DEFAULT_BENCHMARKS})")
@@ -368,7 +401,25 @@ def main() -> None:
     ap.add_argument("--report", action="store_true",
                     help="print the README's Markdown tables from benchmarks/results/model.json and exit")
     ap.add_argument("--work", help="keep run directories (and the realbench tables) here (default: a temporary folder)")
+    ap.add_argument("--update-hybrid", action="store_true",
+                    help="after a change of LocDiff-H's selection rule: choose its parameters again on the LocDiff "
+                         "runs kept in --work (no training) and re-measure its row only; every other row, the probe, "
+                         "the calibration and the throughput stay as benchmarks/results/model.json has them")
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
+    if args.update_hybrid:
+        if not args.work:
+            ap.error("--update-hybrid needs --work: the folder of the run whose LocDiff fits it reuses")
+        path = RESULTS / "model.json"
+        if not path.is_file():
+            ap.error(f"--update-hybrid: {path} does not exist; run the benchmark first")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        update_hybrid(args, json.loads(path.read_text()))
+        return
     if args.report:
         path = RESULTS / "model.json"
         if not path.is_file():

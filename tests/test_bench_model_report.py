@@ -34,3 +34,20 @@ def test_recorded_args_hold_no_machine_local_path(tmp_path):
     assert out == {"config": "configs/model/base.yaml", "work": "w", "seed": 0}
     saved = json.loads((ROOT / "benchmarks/results/model.json").read_text())
     assert str(ROOT.parent) not in json.dumps(saved)
+
+
+def test_report_says_which_rows_an_update_measured_again():
+    payload = {"benchmarks": ["synth"], "sizes": {"synth": {"train": 100, "val": 10}},
+               "results": {"synth": {"LocDiff-H": {"val": _metrics(10)}}}, "args": {},
+               "machine": {"cpus": 2, "date": "2026-12-06 11:14:54"}, "complete": True,
+               "updates": [{"rows": ["LocDiff-H"], "selection_rule": 2, "date": "2026-12-06 12:16:14"}]}
+    text = bench_model.markdown_report(payload)
+    assert "run of 2026-12-06 11:14:54." in text  # the run's own date stays
+    assert ("Rows LocDiff-H chosen again and re-measured on the same trained runs on 2026-12-06 12:16:14 "
+            "(selection rule 2, `--update-hybrid`).") in text
+
+
+def test_default_args_are_the_command_lines_defaults():
+    args = bench_model.default_args()
+    assert (args.n_train, args.n_train_realbench, args.n_val, args.seed) == (50_000, 60_000, 1_000, 0)
+    assert not args.update_hybrid and args.work is None

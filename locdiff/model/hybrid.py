@@ -12,7 +12,10 @@ Two modes (`hybrid.mode`):
   h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
   together when a run has both): first the setting that loses least, at any threshold and group, against
   the better of the two there (beyond `hybrid.poe_tolerance` points), then the one whose summed accuracy
-  beats the better of the two by 2 standard errors.
+  beats the better of the two by 2 standard errors. Then the consensus override: where at least
+  `consensus` of the next neighbours lie within CONSENSUS_KM of the most similar one (the gallery agrees
+  with itself: it knows the place) and LocDiff's density there is at least `consensus_density` of its
+  answer's, the most similar neighbour is the answer; both are chosen on the same key (0: off).
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -134,8 +137,20 @@ POE_CORES = (0.0, 0.2, 0.5)
 # after the product has chosen a neighbour: the most similar neighbour within snap_km of it names the spot
 # (the product finds the place, the best match within it the street); chosen on validation after the grid
 POE_SNAPS_KM = (0.0, 5.0, 25.0, 100.0)
+# the consensus override: the most similar neighbour is the answer where at least `consensus` of the next
+# CONSENSUS_TOP - 1 neighbours lie within CONSENSUS_KM of it and LocDiff's relative density there is at least
+# `consensus_density`. Unlike the similarity, which shifts between photo collections, agreement of the gallery
+# with itself says the same thing everywhere (the share of top-1 answers within 25 km rises from ~10 % with
+# no agreeing neighbour to 80-100 % with three or more on every benchmark world, held-out regions have
+# almost none: docs/results.md)
+CONSENSUS_KM = 25.0
+CONSENSUS_TOP = 8
+POE_CONSENSUS = (1, 2, 3, 4, 5, 6, 7)
+POE_CONSENSUS_DENSITIES = (DENSITY_FLOOR, 0.1, 0.3, 0.5, 0.8)
 POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
-               "core": 0.2, "snap_km": 0.0}
+               "core": 0.2, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}
+# bumped when choose_poe's rule changes, so that runs choose again on resume (LocDiffMethod.finalize)
+SELECTION_RULE = 2
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -183,12 +198,31 @@ def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
     return out
 
 
+def consensus_count(c: PoECandidates) -> np.ndarray:
+    """(N,) how many of neighbours 2..CONSENSUS_TOP lie within CONSENSUS_KM of the most similar one."""
+    top = slice(2, CONSENSUS_TOP + 1)
+    d = np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, 1:2], c.lon[:, 1:2]))
+    return (d <= CONSENSUS_KM).sum(1)
+
+
+def consensus_override(c: PoECandidates, best: np.ndarray, consensus: float, consensus_density: float,
+                       count: np.ndarray | None = None) -> np.ndarray:
+    """The chosen candidate index per image, with the most similar neighbour (1) where the gallery agrees with
+    itself (`consensus` neighbours or more) and LocDiff's density allows it; consensus 0 is off."""
+    if consensus <= 0 or c.lat.shape[1] < 2:
+        return best
+    count = consensus_count(c) if count is None else count
+    on = (count >= consensus) & (c.log_density[:, 1] >= np.log(max(consensus_density, 1e-300)) - 1e-12)
+    return np.where(on, 1, best)
+
+
 def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
-               floor: float, core: float, snap_km: float = 0.0, kernel: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               floor: float, core: float, snap_km: float = 0.0, consensus: float = 0.0,
+               consensus_density: float = 1.0, kernel: np.ndarray | None = None,
+               count: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above), a
-    chosen neighbour replaced by the most similar neighbour within `snap_km` of it; strength 0 is LocDiff's
-    answer, strength inf top-1 retrieval."""
+    chosen neighbour replaced by the most similar neighbour within `snap_km` of it, then the consensus
+    override; strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
     rows = np.arange(len(c.lat))
     if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
         return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
@@ -202,6 +236,7 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
                                     c.lon[rows, best][:, None]))
         near = np.where(d <= snap_km, c.nb_weight, -1.0).argmax(1) + 1  # weights fall with the similarity rank
         best = np.where(best > 0, near, 0)
+    best = consensus_override(c, best, consensus, consensus_density, count)
     return c.lat[rows, best], c.lon[rows, best], best > 0
 
 
@@ -233,7 +268,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         return 100.0 * np.stack([h[gid == g].mean(0) for g in range(len(sizes))])
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
-               "floor": 1.0, "core": 0.0, "snap_km": 0.0}
+               "floor": 1.0, "core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
         return {**locdiff, "score": 0.0, "shortfall": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
@@ -266,8 +301,8 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
             for sl in POE_SLOPES:
                 for a in POE_STRENGTHS:
                     for fl in POE_FLOORS:
-                        prm = {"bandwidth_km": h, "strength": a, "threshold": float(t), "slope": sl * spread,
-                               "floor": fl, "core": core, "snap_km": 0.0}
+                        prm = {**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
+                               "slope": sl * spread, "floor": fl, "core": core}
                         hm = hits(prm, kern)
                         key = (shortfall(hm), -gain(hm))
                         if key < best_key:
@@ -278,6 +313,16 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
             key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
             if key < best_key:
                 best, best_key = {**best, "snap_km": snap}, key
+    if best["strength"] < float("inf"):  # the gallery's own agreement overrides where it knows the place
+        count = consensus_count(c)
+        for m in POE_CONSENSUS:
+            for rho in POE_CONSENSUS_DENSITIES:
+                plat, plon, _ = poe_select(c, **{**best, "consensus": float(m), "consensus_density": rho},
+                                           count=count)
+                hm = (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+                key = (shortfall(hm), -gain(hm))
+                if key < best_key:
+                    best, best_key = {**best, "consensus": float(m), "consensus_density": rho}, key
     chosen = hits(best)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}

@@ -31,7 +31,9 @@ from locdiff.metrics import geo_metrics
 from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, config_from_dict, config_to_dict
 from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import (
+    CONSENSUS_TOP,
     POE_DEFAULT,
+    SELECTION_RULE,
     choose_blend,
     choose_poe,
     concat_candidates,
@@ -87,7 +89,7 @@ class LocDiffMethod(GeoMethod):
         old = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
         # what the choices depend on besides the weights and the validation rows: a resumable change of these
         # (train.val_samples, predict.*, hybrid.*) chooses again
-        settings = stable_hash({"val_samples": self.config.train.val_samples,
+        settings = stable_hash({"val_samples": self.config.train.val_samples, "rule": SELECTION_RULE,
                                 **{k: v for k, v in config_to_dict(self.config).items() if k in ("predict", "hybrid")}})
         unseen = self.val_unseen if val is not None and val.count else None
         unseen_id = unseen.identity() if unseen is not None else None
@@ -215,13 +217,16 @@ class LocDiffMethod(GeoMethod):
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
         got = self.selection.get("hybrid_poe") or POE_DEFAULT
         try:
-            prm = {k: float(got[k]) for k in POE_DEFAULT if k not in ("core", "snap_km")}
-            prm.update({k: float(got.get(k, 0.0)) for k in ("core", "snap_km")})  # chosen before these: none
+            later = {"core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}  # runs chosen before
+            prm = {k: float(got[k]) for k in POE_DEFAULT if k not in later}
+            prm.update({k: float(got.get(k, v)) for k, v in later.items()})
             if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0
                     and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])
-                    and 0 <= prm["snap_km"] <= HALF_EARTH_KM):
-                raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor and core in [0, 1], "
-                                 "threshold a number, snap_km in [0, half the Earth]")
+                    and 0 <= prm["snap_km"] <= HALF_EARTH_KM and 0 <= prm["consensus"] < CONSENSUS_TOP
+                    and 0 <= prm["consensus_density"] <= 1):
+                raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor, core and "
+                                 "consensus_density in [0, 1], threshold a number, snap_km in [0, half the Earth], "
+                                 f"consensus in [0, {CONSENSUS_TOP})")
         except (ValueError, KeyError, TypeError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None

@@ -131,7 +131,8 @@ def test_val_unseen_joins_the_choice_of_locdiff_h(run, synth_dir, tmp_path):
     assert sel["val_unseen"]["kind"] == "table" and sel["val_unseen_rows"] == 128  # train.val_samples
     assert sel["hybrid_mode"] == "poe" and set(sel["hybrid_poe"]) == {"bandwidth_km", "strength", "threshold",
                                                                      "slope", "floor", "core",
-                                                                     "snap_km"}
+                                                                     "snap_km", "consensus",
+                                                                     "consensus_density"}
     assert json.loads((again / "run.json").read_text())["data"]["val_unseen"]["kind"] == "table"
     assert (again / "model.safetensors").read_bytes() == weights
 

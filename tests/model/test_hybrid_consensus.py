@@ -1,0 +1,106 @@
+"""LocDiff-H's consensus override (locdiff.model.hybrid): where the gallery's best matches agree with each other
+the most similar one is the answer; where they scatter, the product of experts (here LocDiff's answer) stands.
+Checked on hand-built candidate sets with distances from a float64 haversine."""
+
+import numpy as np
+
+from locdiff.geo import haversine_km
+from locdiff.metrics import THRESHOLDS_KM
+from locdiff.model.hybrid import (
+    CONSENSUS_KM,
+    CONSENSUS_TOP,
+    DENSITY_FLOOR,
+    PoECandidates,
+    choose_poe,
+    consensus_count,
+    poe_select,
+)
+
+KM_PER_DEG = 111.195  # haversine's km per degree of latitude (R = 6371 km)
+
+
+def _candidates(lat: np.ndarray, lon: np.ndarray, *, density: float | np.ndarray = 0.9,
+                top_weight: float = 0.9) -> PoECandidates:
+    """Rows of candidates: column 0 LocDiff's answer, 1.. the neighbours in similarity order; the most similar
+    neighbour holds `top_weight` of the kernel's weight, so the kernel alone cannot tell a cluster from a lone
+    match."""
+    n, k1 = lat.shape
+    dens = np.broadcast_to(np.asarray(density, np.float64), (n,))
+    log_density = np.zeros((n, k1))
+    log_density[:, 1:] = np.log(np.clip(dens, DENSITY_FLOOR, 1.0))[:, None]
+    w = np.full((n, k1 - 1), (1 - top_weight) / (k1 - 2))
+    w[:, 0] = top_weight
+    return PoECandidates(lat=lat, lon=lon, log_density=log_density, nb_weight=w, s_top=np.full(n, 0.5))
+
+
+def test_consensus_count_counts_the_neighbours_near_the_best_match():
+    # the best match at (10, 20); the next seven at 0.05, 0.1, 0.2, 0.3, 1, 5 and 20 degrees north of it
+    offsets = np.array([0.05, 0.1, 0.2, 0.3, 1.0, 5.0, 20.0])
+    lat = np.concatenate([[[0.0, 10.0]], [10.0 + offsets]], 1)
+    lon = np.full_like(lat, 20.0)
+    expected = int((offsets * KM_PER_DEG <= CONSENSUS_KM).sum())  # 0.05 / 0.1 / 0.2 degrees: 5.6 / 11 / 22 km
+    assert expected == 3
+    assert consensus_count(PoECandidates(lat, lon, np.zeros(lat.shape), np.ones((1, 8)) / 8, np.ones(1))) == [3]
+    # only neighbours 2..CONSENSUS_TOP count: one more close neighbour beyond them changes nothing
+    lat2, lon2 = np.concatenate([lat, [[10.01]]], 1), np.concatenate([lon, [[20.0]]], 1)
+    assert lat2.shape[1] == CONSENSUS_TOP + 2
+    assert consensus_count(PoECandidates(lat2, lon2, np.zeros(lat2.shape), np.ones((1, 9)) / 9, np.ones(1))) == [3]
+
+
+def _two_groups(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
+    """Half the rows: the gallery knows the place (eight neighbours within 3 km of the truth); the other half:
+    the best match lies 2,000 km away and the rest scatter. LocDiff's answer is 100 km from the truth, and its
+    density is high at every neighbour, so only the gallery's agreement separates the halves."""
+    rng = np.random.default_rng(seed)
+    tlat, tlon = rng.uniform(-50, 50, n), rng.uniform(-150, 150, n)
+    k = CONSENSUS_TOP
+    lat, lon = np.empty((n, k + 1)), np.empty((n, k + 1))
+    lat[:, 0], lon[:, 0] = tlat + 100 / KM_PER_DEG, tlon
+    known = np.arange(n) < n // 2
+    lat[known, 1:] = tlat[known, None] + rng.uniform(-1, 1, (known.sum(), k)) / KM_PER_DEG
+    lon[known, 1:] = tlon[known, None]
+    far = ~known
+    lat[far, 1] = tlat[far] - 2000 / KM_PER_DEG
+    lon[far, 1] = tlon[far]
+    lat[far, 2:] = np.clip(tlat[far, None] + rng.uniform(-30, 30, (far.sum(), k - 1)), -89, 89)
+    lon[far, 2:] = tlon[far, None] + rng.uniform(-60, 60, (far.sum(), k - 1))
+    return _candidates(lat, lon), tlat, tlon
+
+
+def _acc(lat, lon, tlat, tlon) -> np.ndarray:
+    d = np.asarray(haversine_km(lat, lon, tlat, tlon))
+    return 100.0 * (d[:, None] <= np.asarray(THRESHOLDS_KM)).mean(0)
+
+
+def test_the_override_takes_the_best_match_only_where_the_gallery_agrees():
+    c, tlat, tlon = _two_groups(200, seed=0)
+    off = {"bandwidth_km": 25.0, "strength": 0.0, "threshold": float("inf"), "slope": 1.0, "floor": 1.0,
+           "core": 0.0, "snap_km": 0.0}
+    lat, lon, used = poe_select(c, **off)  # strength 0: LocDiff's answer everywhere
+    assert not used.any()
+    lat, lon, used = poe_select(c, **off, consensus=3, consensus_density=0.5)
+    known = np.arange(200) < 100
+    np.testing.assert_array_equal(used, known)
+    np.testing.assert_array_equal(lat[known], c.lat[known, 1])
+    np.testing.assert_array_equal(lat[~known], c.lat[~known, 0])
+    # LocDiff's density below consensus_density at the best match: the override does not apply
+    low = _candidates(c.lat, c.lon, density=0.2)
+    assert not poe_select(low, **off, consensus=3, consensus_density=0.5)[2].any()
+    assert poe_select(low, **off, consensus=3, consensus_density=0.1)[2].sum() == 100
+
+
+def test_choose_poe_chooses_the_override_where_only_agreement_separates():
+    """Validation and test drawn alike: retrieval wins at 1 / 25 km on the known half and loses 200 km on the
+    other; LocDiff the reverse. The chosen rule must do both, which only the override can (the kernel's weight sits
+    on the best match in both halves and the similarity is the same everywhere)."""
+    c, tlat, tlon = _two_groups(400, seed=1)
+    got = choose_poe(c, tlat, tlon)
+    assert got["consensus"] >= 1 and got["shortfall"] == 0.0, got
+    test, lat_t, lon_t = _two_groups(400, seed=2)
+    prm = {k: got[k] for k in ("bandwidth_km", "strength", "threshold", "slope", "floor", "core", "snap_km",
+                               "consensus", "consensus_density")}
+    h = _acc(*poe_select(test, **prm)[:2], lat_t, lon_t)
+    loc = _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t)
+    ret = _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
+    assert ret[1] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
+    np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
