@@ -315,10 +315,11 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
                 best, best_key = {**best, "snap_km": snap}, key
     if best["strength"] < float("inf"):  # the gallery's own agreement overrides where it knows the place
         count = consensus_count(c)
+        kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
         for m in POE_CONSENSUS:
             for rho in POE_CONSENSUS_DENSITIES:
                 plat, plon, _ = poe_select(c, **{**best, "consensus": float(m), "consensus_density": rho},
-                                           count=count)
+                                           kernel=kern, count=count)
                 hm = (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
                 key = (shortfall(hm), -gain(hm))
                 if key < best_key:
