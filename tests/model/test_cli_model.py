@@ -456,7 +456,11 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
 
 @pytest.mark.parametrize("damage", [{"hybrid_poe": {"bandwidth_km": -1}}, {"hybrid_poe": "x"},
                                     {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": "nan",
-                                                    "slope": 1, "floor": 2}}])
+                                                    "slope": 1, "floor": 2}},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
+                                                    "floor": 0, "consensus": 99}},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
+                                                    "floor": 0, "consensus": 2, "consensus_density": "x"}}])
 def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, capsys, damage):
     """selection.json is untrusted: LocDiff-H with damaged parameters is refused in one line (exit 2)."""
     import shutil
