@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks import bench_model as bm
 from benchmarks.common import print_table, save
-from locdiff.metrics import ACCURACY_KEYS, geo_metrics
+from locdiff.metrics import ACCURACY_KEYS
 from locdiff.model.config import load_config
 from locdiff.shdd.loss import default_tau
 
@@ -67,10 +67,7 @@ def main() -> None:
         for name, overrides in settings.items():
             cfg = load_config(args.config, [*args.set, *overrides])
             method, fit_s = bm._fit_locdiff(cfg, data, work / name.replace("/", "_"))
-            for split in VAL_SPLITS:
-                t = data[split]
-                p = method.predict(t, method="locdiff")
-                m = geo_metrics(p.lat, p.lon, t.lat, t.lon)
+            for split, m in bm._evaluate(method, data, VAL_SPLITS, method="locdiff").items():
                 rows.append({"benchmark": bench, "setting": name, "split": split, "fit_s": round(fit_s),
                              **{k: m[k] for k in ACCURACY_KEYS}, "sum": sum(m[k] for k in ACCURACY_KEYS)})
             save("kl_choice", {"args": bm.recorded_args(args), "grid": settings, "rows": rows, "complete": False})

@@ -80,9 +80,11 @@ class Benchmark(dict):
         self.splits = SPLITS[name]
 
 
-def _evaluate(model: Any, data: Benchmark, **options: Any) -> dict[str, dict[str, float]]:
+def _evaluate(model: Any, data: Benchmark, splits: tuple[str, ...] | None = None,
+              **options: Any) -> dict[str, dict[str, float]]:
+    """Accuracy and speed of `model.predict(table, **options)` on each split (default: the benchmark's)."""
     out = {}
-    for split in data.splits:
+    for split in data.splits if splits is None else splits:
         t0 = time.perf_counter()
         p = model.predict(data[split], **options)
         secs = time.perf_counter() - t0
@@ -206,14 +208,14 @@ def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
 
     saved = argparse.Namespace(**{**payload["args"], "work": args.work})
     work_root = Path(args.work)
-    config = ROOT / saved.config if not Path(saved.config).is_absolute() else Path(saved.config)
+    config = ROOT / saved.config  # recorded relative to the repository (an absolute path stays as it is)
     for bench in payload["benchmarks"]:
         if not (work_root / bench / "locdiff").is_dir():
             raise SystemExit(f"{work_root / bench / 'locdiff'}: no LocDiff run to reuse")
         data = load_benchmark(bench, saved, work_root / bench)
         method, secs = _fit_locdiff(load_config(config, saved.set), data, work_root / bench / "locdiff")
         log.info("%s: LocDiff-H chosen again in %.0f s: %s", bench, secs, method.selection.get("hybrid_poe"))
-        payload["results"][bench]["LocDiff-H"] = {"fit_s": None, **payload["results"][bench]["LocDiff-H"],
+        payload["results"][bench]["LocDiff-H"] = {**payload["results"][bench]["LocDiff-H"],
                                                   **_evaluate(method, data, method="locdiff-h")}
         print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]
                                    for s in data.splits}), flush=True)

@@ -258,9 +258,9 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     sizes = np.bincount(gid).astype(np.float64) if n else np.ones(1)
     weight = 1.0 / (len(sizes) * sizes[gid])  # per image: the groups' scores averaged
 
-    def hits(prm: dict[str, float], kern: np.ndarray | None = None) -> np.ndarray:
+    def hits(prm: dict[str, float], kern: np.ndarray | None = None, count: np.ndarray | None = None) -> np.ndarray:
         """(N, thresholds) 0/1: each image placed within each threshold."""
-        plat, plon, _ = poe_select(c, **prm, kernel=kern)
+        plat, plon, _ = poe_select(c, **prm, kernel=kern, count=count)
         return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
 
     def by_group(h: np.ndarray) -> np.ndarray:
@@ -318,9 +318,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
         for m in POE_CONSENSUS:
             for rho in POE_CONSENSUS_DENSITIES:
-                plat, plon, _ = poe_select(c, **{**best, "consensus": float(m), "consensus_density": rho},
-                                           kernel=kern, count=count)
-                hm = (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+                hm = hits({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
                 key = (shortfall(hm), -gain(hm))
                 if key < best_key:
                     best, best_key = {**best, "consensus": float(m), "consensus_density": rho}, key
