@@ -6,14 +6,18 @@ truncated series rings below zero far from its peaks), normalised over the spher
 sampled codes, f_c is the average of K kernels peaked at the samples, so p is a kernel density of the
 samples and the mass around a mode is about the share of samples there.
 
-`density_modes` finds the distinct local maxima of p and their probabilities:
-1. p on the decoder's equiangular grid (`decode.grid_values`), cell areas proportional to sin(colatitude);
-2. every grid node climbs to its largest 3x3 neighbour (longitude wraps; ties go to the smaller index,
-   so the climb ends) until it reaches a local maximum: the maximum's *basin*;
+`density_modes` finds the distinct local maxima of a smoother version of p, p4 (the Gaussian taper of
+width L / MODE_SMOOTHING = L/4 in degree instead of L/3), and their probabilities under p:
+1. p4 and p on the decoder's equiangular grid (`decode.grid_values`), cell areas proportional to
+   sin(colatitude);
+2. every grid node climbs to its largest 3x3 neighbour of p4 (longitude wraps; ties go to the smaller
+   index, so the climb ends) until it reaches a local maximum: the maximum's *basin*;
 3. a mode's probability is the mass of p in its basin (over the mass of the whole sphere);
-4. the heaviest basins' maxima are refined by Newton ascent (`decode.refine`), maxima closer than
-   `min_separation_km` are merged (their masses added to the heavier one), and the top k are returned,
-   heaviest first. Basins are disjoint, so the probabilities sum to at most 1.
+4. the heaviest basins' maxima are refined by Newton ascent (`decode.refine`) on p4's code, maxima closer
+   than `min_separation_km` are merged (their masses added to the heavier one), and the top k are
+   returned, heaviest first. Basins are disjoint, so the probabilities sum to at most 1.
+On the validation two-place probes of all three benchmark worlds, p4's modes named both places of a photo
+more often than p's (docs/results.md); the mass stays p's, the confidence score saved calibrations map.
 
 `mass_within` is the mass of p within a radius of given points: the raw score the confidence is
 calibrated from (locdiff.calibration). Radii below the grid spacing are raised to it (the grid cannot
@@ -37,6 +41,8 @@ from locdiff.shdd.grid import equiangular_grid
 # The density is smoothed by a Gaussian taper of width L / SMOOTHING in degree: the sharp truncation at
 # L rings (Gibbs), and the positive part of that ringing would otherwise hold most of the mass at large L.
 SMOOTHING = 3.0
+# The taper the modes are found and placed on (`density_modes`; chosen on validation probes, module docstring)
+MODE_SMOOTHING = 4.0
 
 
 @dataclass
@@ -75,22 +81,27 @@ def _cell_weights(degree: int) -> torch.Tensor:
     return w[:, None].expand(n_lat, n_lon).reshape(-1).contiguous()
 
 
-@lru_cache(maxsize=8)
-def _taper(degree: int) -> torch.Tensor:
-    """(D,) Gaussian damping exp(-l(l+1) / (2 (L/3)^2)) per coefficient, l = 0 set to 0."""
-    w = gaussian_taper(degree, SMOOTHING).clone()
+@lru_cache(maxsize=16)
+def _taper(degree: int, smoothing: float = SMOOTHING) -> torch.Tensor:
+    """(D,) Gaussian damping exp(-l(l+1) / (2 (L/smoothing)^2)) per coefficient, l = 0 set to 0."""
+    w = gaussian_taper(degree, smoothing).clone()
     w[0] = 0.0
     return w
 
 
-def _density_grid(coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _density_grid(coeffs: torch.Tensor, smoothing: float = SMOOTHING
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, n) f of the tapered code (no l = 0 term) on the grid, node latitudes and longitudes (n,)."""
     degree = SHDD.from_dim(coeffs.shape[1]).degree
-    values, glat, glon = grid_values(coeffs.to(torch.float64) * _taper(degree))
-    b, n_lat, n_lon = values.shape
-    lat = glat[:, None].expand(n_lat, n_lon).reshape(-1)
-    lon = glon[None, :].expand(n_lat, n_lon).reshape(-1)
-    return values.reshape(b, -1), lat, lon
+    values, glat, glon = grid_values(coeffs.to(torch.float64) * _taper(degree, smoothing))
+    lat, lon = _node_latlon(glat, glon)
+    return values.reshape(values.shape[0], -1), lat, lon
+
+
+def _node_latlon(glat: torch.Tensor, glon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) latitude and longitude of every grid node, flattened as the grid's values are."""
+    n_lat, n_lon = len(glat), len(glon)
+    return glat[:, None].expand(n_lat, n_lon).reshape(-1), glon[None, :].expand(n_lat, n_lon).reshape(-1)
 
 
 def _basins(values: torch.Tensor, n_lat: int, n_lon: int) -> torch.Tensor:
@@ -117,7 +128,8 @@ def _basins(values: torch.Tensor, n_lat: int, n_lon: int) -> torch.Tensor:
 
 @torch.no_grad()
 def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_separation_km: float = 100.0,
-                  min_probability: float = 1e-3, batch_size: int = 64) -> DensityModes:
+                  min_probability: float = 1e-3, smoothing: float = MODE_SMOOTHING,
+                  batch_size: int = 64) -> DensityModes:
     """The k heaviest distinct modes of the density of each code (see the module docstring).
 
     Args:
@@ -125,9 +137,12 @@ def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_sepa
         top_k: modes per code.
         min_separation_km: modes closer than this are one mode.
         min_probability: lighter modes are left out (NaN slots).
+        smoothing: the modes are found and placed on the code tapered to width L / smoothing.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1; got {top_k}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0; got {smoothing}")
     coeffs = torch.as_tensor(coeffs)
     if coeffs.dim() != 2:
         raise ValueError(f"coeffs must be (N, D); got shape {tuple(coeffs.shape)}")
@@ -136,17 +151,19 @@ def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_sepa
     weights = _cell_weights(degree)
     out_lat, out_lon, out_p = [], [], []
     for s in range(0, coeffs.shape[0], batch_size):
-        c = coeffs[s:s + batch_size].to(torch.float64)
-        values, glat, glon = _density_grid(c)
+        c = coeffs[s:s + batch_size].to(torch.float64) * _taper(degree, float(smoothing))  # found and placed on it
+        values, glat, glon = grid_values(c)
+        values = values.reshape(values.shape[0], -1)
+        glat, glon = _node_latlon(glat, glon)
         b, n = values.shape
-        mass = values.clamp_min(0) * weights
+        mass = _density_grid(coeffs[s:s + batch_size])[0].clamp_min(0) * weights  # mass_within's density
         total = mass.sum(1, keepdim=True).clamp_min(1e-300)
         basin_mass = torch.zeros_like(mass).scatter_add_(1, _basins(values, n_lat, n_lon), mass)
         m = min(n, 4 * top_k + 4)  # candidates: merging folds some into heavier ones
         cand_mass, cand = basin_mass.topk(m, dim=1)
         prob = (cand_mass / total).numpy()
         prob[prob < min_probability] = np.nan
-        # merge on the grid nodes, refine the k kept maxima on the code itself, merge again
+        # merge on the grid nodes, refine the k kept maxima on the smoothed code, merge again
         lat, lon, prob = _merge(glat[cand].numpy(), glon[cand].numpy(), prob, top_k, min_separation_km)
         rows, cols = np.nonzero(np.isfinite(prob))
         if rows.size:

@@ -59,6 +59,20 @@ def test_close_points_are_one_mode():
     assert haversine_km(m.lat[0, 0], m.lon[0, 0], 10.15, 20.15) < 30.0
 
 
+def test_smoothing_trades_resolution_for_fewer_ringing_modes():
+    """Two places 10 degrees of longitude apart (~1,100 km) at L = 32: the lightly tapered code (width L) has
+    them as two modes of about half the mass each, plus ringing; the default taper (L/4) has one mode between them."""
+    code = mixture([(10.0, 20.0, 0.5), (10.0, 30.0, 0.5)], 32)[None]
+    sharp = density_modes(code, top_k=3, min_separation_km=50.0, smoothing=1.0)
+    assert sorted(np.round(sharp.lon[0, :2])) == [20.0, 30.0] and np.all(sharp.probability[0, :2] > 0.4)
+    smooth = density_modes(code, top_k=3, min_separation_km=50.0)
+    assert smooth.count()[0] == 1
+    assert haversine_km(smooth.lat[0, 0], smooth.lon[0, 0], 10.0, 25.0) < 50.0
+    assert smooth.probability[0, 0] == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="smoothing"):
+        density_modes(code, smoothing=0.0)
+
+
 def test_mass_within_matches_a_brute_force_integral():
     """The share of the (tapered, l = 0 dropped, positive part of the) density within a radius, against
     an integral over 400,000 points of a Fibonacci lattice (equal areas) computed from the basis."""
