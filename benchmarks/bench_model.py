@@ -30,6 +30,7 @@ benchmark):
     python -m benchmarks.bench_model --benchmarks synth,realbench  # the two smooth worlds
     python -m benchmarks.bench_model --report        # the README's Markdown tables from results/model.json
     python -m benchmarks.bench_model --work DIR --update-hybrid  # LocDiff-H chosen again on DIR's runs
+    python -m benchmarks.bench_model --work DIR --update-probe   # the two-place probe measured again on them
 """
 
 from __future__ import annotations
@@ -224,6 +225,38 @@ def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     save("model", {**payload, "updates": updates})  # the payload's own machine and date stay (the run's)
 
 
+def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Measure the two-place probe again on the saved run's LocDiff fits in `args.work` (after a change of how
+    the top-2 answers are found, e.g. locdiff.shdd.modes) and replace its rows of `payload`; the calibration
+    and every other row stay. The run's own arguments (sizes, seed, config, probe size) are the payload's."""
+    from locdiff.model.config import load_config
+
+    saved = argparse.Namespace(**{**payload["args"], "work": args.work})
+    work_root = Path(args.work)
+    for bench in payload["benchmarks"]:
+        if not (work_root / bench / "locdiff").is_dir():
+            raise SystemExit(f"{work_root / bench / 'locdiff'}: no LocDiff run to reuse")
+        data = load_benchmark(bench, saved, work_root / bench)
+        method, _ = _fit_locdiff(load_config(ROOT / saved.config, saved.set), data, work_root / bench / "locdiff")
+        gallery = method.gallery or Gallery.load(method.gallery_ref, nprobe=method.config.gallery.nprobe)
+        rows = _probe(saved, data, method, gallery)
+        payload["sampling"][bench] = {**payload["sampling"][bench], "two_place_probe": rows}
+    updates = [*payload.get("updates", []), {"rows": ["two-place probe"], "flag": "--update-probe",
+                                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    save("model", {**payload, "updates": updates})
+
+
+def _probe(args, data: Benchmark, locdiff: Any, gallery: Gallery) -> list[dict[str, Any]]:
+    """The two-place probe's table (benchmarks/posterior.py) of a LocDiff run, printed and returned."""
+    module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[data.name]
+    probe = module.two_place_probe(_world(data.name, args), args.n_probe, args.seed)
+    rows = posterior.run_probe(locdiff.model, locdiff.config, probe, gallery, radius_km=args.radius, seed=args.seed)
+    print_table(rows, title=f"{data.name}: two-place probe ({args.n_probe} photos of two places >= "
+                            f"{posterior.PROBE_MIN_KM:,.0f} km apart): top-2 answers naming both places "
+                            f"within {args.radius:g} km")
+    return rows
+
+
 def _world(name: str, args) -> Any:
     """The world of a benchmark (its geography and embedding rules) with the run's settings."""
     if name == "realbench":
@@ -246,12 +279,7 @@ def what_sampling_adds(args, data: Benchmark, locdiff: Any) -> dict[str, Any]:
     """The two-place probe over the run's gallery (the training rows) and the calibration on `test`
     (benchmarks/posterior.py)."""
     gallery = locdiff.gallery or Gallery.load(locdiff.gallery_ref, nprobe=locdiff.config.gallery.nprobe)
-    module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[data.name]
-    probe = module.two_place_probe(_world(data.name, args), args.n_probe, args.seed)
-    rows = posterior.run_probe(locdiff.model, locdiff.config, probe, gallery, radius_km=args.radius, seed=args.seed)
-    print_table(rows, title=f"{data.name}: two-place probe ({args.n_probe} photos of two places >= "
-                            f"{posterior.PROBE_MIN_KM:,.0f} km apart): top-2 answers naming both places "
-                            f"within {args.radius:g} km")
+    rows = _probe(args, data, locdiff, gallery)
     test = data["test"]
     cal = posterior.run_calibration(locdiff.model, locdiff.config, test.embedding, test.lat, test.lon, seed=args.seed)
     print_table(cal, title=f"{data.name} / test: calibration of the samples' and the mean code's confidence")
@@ -366,8 +394,12 @@ def markdown_report(payload: dict[str, Any]) -> str:
                f"cuda {m.get('cuda')}; run of {m.get('date')}"
                + ("" if payload.get("complete") else f" (incomplete: last stage {payload.get('last_stage')})") + ".")
     for u in payload.get("updates", []):
-        out.append(f"Rows {', '.join(u['rows'])} chosen again and re-measured on the same trained runs on "
-                   f"{u['date']} (selection rule {u['selection_rule']}, `--update-hybrid`).")
+        if u.get("flag") == "--update-probe":
+            out.append(f"Rows {', '.join(u['rows'])} measured again on the same trained runs on {u['date']} "
+                       "(`--update-probe`).")
+        else:
+            out.append(f"Rows {', '.join(u['rows'])} chosen again and re-measured on the same trained runs on "
+                       f"{u['date']} (selection rule {u['selection_rule']}, `--update-hybrid`).")
     return "\n".join(out)
 
 
@@ -407,20 +439,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after a change of LocDiff-H's selection rule: choose its parameters again on the LocDiff "
                          "runs kept in --work (no training) and re-measure its row only; every other row, the probe, "
                          "the calibration and the throughput stay as benchmarks/results/model.json has them")
+    ap.add_argument("--update-probe", action="store_true",
+                    help="after a change of how the top-2 answers are found: measure the two-place probe again on "
+                         "the LocDiff runs kept in --work (no training); every other row stays")
     return ap
 
 
 def main() -> None:
     ap = build_parser()
     args = ap.parse_args()
-    if args.update_hybrid:
+    for flag, update in (("--update-hybrid", update_hybrid), ("--update-probe", update_probe)):
+        if not getattr(args, flag[2:].replace("-", "_")):
+            continue
         if not args.work:
-            ap.error("--update-hybrid needs --work: the folder of the run whose LocDiff fits it reuses")
+            ap.error(f"{flag} needs --work: the folder of the run whose LocDiff fits it reuses")
         path = RESULTS / "model.json"
         if not path.is_file():
-            ap.error(f"--update-hybrid: {path} does not exist; run the benchmark first")
+            ap.error(f"{flag}: {path} does not exist; run the benchmark first")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        update_hybrid(args, json.loads(path.read_text()))
+        update(args, json.loads(path.read_text()))
         return
     if args.report:
         path = RESULTS / "model.json"

@@ -40,14 +40,17 @@ def test_report_says_which_rows_an_update_measured_again():
     payload = {"benchmarks": ["synth"], "sizes": {"synth": {"train": 100, "val": 10}},
                "results": {"synth": {"LocDiff-H": {"val": _metrics(10)}}}, "args": {},
                "machine": {"cpus": 2, "date": "2026-12-06 11:14:54"}, "complete": True,
-               "updates": [{"rows": ["LocDiff-H"], "selection_rule": 2, "date": "2026-12-06 12:16:14"}]}
+               "updates": [{"rows": ["LocDiff-H"], "selection_rule": 2, "date": "2026-12-06 12:16:14"},
+                           {"rows": ["two-place probe"], "flag": "--update-probe", "date": "2026-12-07 09:00:00"}]}
     text = bench_model.markdown_report(payload)
     assert "run of 2026-12-06 11:14:54." in text  # the run's own date stays
     assert ("Rows LocDiff-H chosen again and re-measured on the same trained runs on 2026-12-06 12:16:14 "
             "(selection rule 2, `--update-hybrid`).") in text
+    assert ("Rows two-place probe measured again on the same trained runs on 2026-12-07 09:00:00 "
+            "(`--update-probe`).") in text
 
 
 def test_default_args_are_the_command_lines_defaults():
     args = bench_model.default_args()
     assert (args.n_train, args.n_train_realbench, args.n_val, args.seed) == (50_000, 60_000, 1_000, 0)
-    assert not args.update_hybrid and args.work is None
+    assert not args.update_hybrid and not args.update_probe and args.work is None
