@@ -15,7 +15,9 @@ Two modes (`hybrid.mode`):
   beats the better of the two by 2 standard errors. Then the consensus override: where at least
   `consensus` of the next neighbours lie within CONSENSUS_KM of the most similar one (the gallery agrees
   with itself: it knows the place) and LocDiff's density there is at least `consensus_density` of its
-  answer's, the most similar neighbour is the answer; both are chosen on the same key (0: off).
+  answer's, the most similar neighbour is the answer; both are chosen on the same key (0: off). Last the
+  distinct-match override: where the most similar neighbour's similarity exceeds the second's by `margin`
+  (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf: off).
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -147,10 +149,14 @@ CONSENSUS_KM = 25.0
 CONSENSUS_TOP = 8
 POE_CONSENSUS = (1, 2, 3, 4, 5, 6, 7)
 POE_CONSENSUS_DENSITIES = (DENSITY_FLOOR, 0.1, 0.3, 0.5, 0.8)
+# the distinct-match override (a margin form of Lowe's ratio test): the most similar neighbour is the answer
+# where its cosine similarity exceeds the second's by at least `margin` (a near-duplicate of one gallery photo,
+# e.g. a landmark); inf is off. Tried from the strictest down, so that a tie keeps the stricter one.
+POE_MARGINS = (0.15, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
 POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
-               "core": 0.2, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}
+               "core": 0.2, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0, "margin": float("inf")}
 # bumped when choose_poe's rule changes, so that runs choose again on resume (LocDiffMethod.finalize)
-SELECTION_RULE = 2
+SELECTION_RULE = 3
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -163,6 +169,7 @@ class PoECandidates:
     log_density: np.ndarray  # log clip(f_c(candidate) / f_c(answer), DENSITY_FLOOR, 1)
     nb_weight: np.ndarray  # (N, k) neighbour weights, rows sum to 1
     s_top: np.ndarray  # (N,) best cosine similarity
+    s_margin: np.ndarray  # (N,) best minus second-best cosine similarity (0 with one neighbour)
 
 
 def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
@@ -176,14 +183,15 @@ def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor,
     scale = np.maximum(sim.std(1, keepdims=True), 1e-3)
     logit = (sim - sim[:, :1]) / scale
     w = np.exp(logit - logit.max(1, keepdims=True))
+    margin = sim[:, 0] - sim[:, 1] if sim.shape[1] > 1 else np.zeros(len(sim))
     return PoECandidates(lat=lat, lon=lon, log_density=np.log(np.clip(rel, DENSITY_FLOOR, 1.0)),
-                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0])
+                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0], s_margin=margin)
 
 
 def concat_candidates(parts: list[PoECandidates]) -> PoECandidates:
     """The rows of several candidate sets (the same top_k) as one."""
     return PoECandidates(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top")))
+                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top", "s_margin")))
 
 
 def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
@@ -216,13 +224,21 @@ def consensus_override(c: PoECandidates, best: np.ndarray, consensus: float, con
     return np.where(on, 1, best)
 
 
+def distinct_override(c: PoECandidates, best: np.ndarray, margin: float) -> np.ndarray:
+    """The chosen candidate index per image, with the most similar neighbour (1) where its similarity exceeds
+    the second's by at least `margin` (inf: off)."""
+    if not np.isfinite(margin) or c.lat.shape[1] < 2:
+        return best
+    return np.where(c.s_margin >= margin, 1, best)
+
+
 def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
                floor: float, core: float, snap_km: float = 0.0, consensus: float = 0.0,
-               consensus_density: float = 1.0, kernel: np.ndarray | None = None,
+               consensus_density: float = 1.0, margin: float = float("inf"), kernel: np.ndarray | None = None,
                count: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above), a
-    chosen neighbour replaced by the most similar neighbour within `snap_km` of it, then the consensus
-    override; strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
+    chosen neighbour replaced by the most similar neighbour within `snap_km` of it, then the consensus and the
+    distinct-match overrides; strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
     rows = np.arange(len(c.lat))
     if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
         return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
@@ -237,6 +253,7 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
         near = np.where(d <= snap_km, c.nb_weight, -1.0).argmax(1) + 1  # weights fall with the similarity rank
         best = np.where(best > 0, near, 0)
     best = consensus_override(c, best, consensus, consensus_density, count)
+    best = distinct_override(c, best, margin)
     return c.lat[rows, best], c.lon[rows, best], best > 0
 
 
@@ -268,7 +285,8 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         return 100.0 * np.stack([h[gid == g].mean(0) for g in range(len(sizes))])
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
-               "floor": 1.0, "core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}
+               "floor": 1.0, "core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0,
+               "margin": float("inf")}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
         return {**locdiff, "score": 0.0, "shortfall": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
@@ -322,6 +340,11 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
                 key = (shortfall(hm), -gain(hm))
                 if key < best_key:
                     best, best_key = {**best, "consensus": float(m), "consensus_density": rho}, key
+        for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
+            hm = hits({**best, "margin": margin}, kern, count)
+            key = (shortfall(hm), -gain(hm))
+            if key < best_key:
+                best, best_key = {**best, "margin": margin}, key
     chosen = hits(best)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}

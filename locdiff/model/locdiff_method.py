@@ -217,16 +217,17 @@ class LocDiffMethod(GeoMethod):
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
         got = self.selection.get("hybrid_poe") or POE_DEFAULT
         try:
-            later = {"core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0}  # runs chosen before
+            later = {"core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0,  # runs chosen before
+                     "margin": float("inf")}
             prm = {k: float(got[k]) for k in POE_DEFAULT if k not in later}
             prm.update({k: float(got.get(k, v)) for k, v in later.items()})
             if not (prm["bandwidth_km"] > 0 and prm["slope"] > 0 and prm["strength"] >= 0
                     and 0 <= prm["floor"] <= 1 and 0 <= prm["core"] <= 1 and not np.isnan(prm["threshold"])
                     and 0 <= prm["snap_km"] <= HALF_EARTH_KM and 0 <= prm["consensus"] < CONSENSUS_TOP
-                    and 0 <= prm["consensus_density"] <= 1):
+                    and 0 <= prm["consensus_density"] <= 1 and prm["margin"] >= 0):
                 raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor, core and "
                                  "consensus_density in [0, 1], threshold a number, snap_km in [0, half the Earth], "
-                                 f"consensus in [0, {CONSENSUS_TOP})")
+                                 f"consensus in [0, {CONSENSUS_TOP}), margin >= 0 (inf: off)")
         except (ValueError, KeyError, TypeError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None

@@ -132,7 +132,7 @@ def test_val_unseen_joins_the_choice_of_locdiff_h(run, synth_dir, tmp_path):
     assert sel["hybrid_mode"] == "poe" and set(sel["hybrid_poe"]) == {"bandwidth_km", "strength", "threshold",
                                                                      "slope", "floor", "core",
                                                                      "snap_km", "consensus",
-                                                                     "consensus_density"}
+                                                                     "consensus_density", "margin"}
     assert json.loads((again / "run.json").read_text())["data"]["val_unseen"]["kind"] == "table"
     assert (again / "model.safetensors").read_bytes() == weights
 
@@ -460,7 +460,11 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
                                     {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
                                                     "floor": 0, "consensus": 99}},
                                     {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
-                                                    "floor": 0, "consensus": 2, "consensus_density": "x"}}])
+                                                    "floor": 0, "consensus": 2, "consensus_density": "x"}},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
+                                                    "floor": 0, "margin": -0.1}},
+                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
+                                                    "floor": 0, "margin": "nan"}}])
 def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, capsys, damage):
     """selection.json is untrusted: LocDiff-H with damaged parameters is refused in one line (exit 2)."""
     import shutil

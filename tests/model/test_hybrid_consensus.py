@@ -1,6 +1,7 @@
-"""LocDiff-H's consensus override (locdiff.model.hybrid): where the gallery's best matches agree with each other
-the most similar one is the answer; where they scatter, the product of experts (here LocDiff's answer) stands.
-Checked on hand-built candidate sets with distances from a float64 haversine."""
+"""LocDiff-H's overrides (locdiff.model.hybrid): where the gallery's best matches agree with each other (consensus)
+or the best match stands far above the second (a distinct match), the most similar one is the answer; elsewhere
+the product of experts (here LocDiff's answer) stands. Checked on hand-built candidate sets with distances from
+a float64 haversine."""
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from locdiff.model.hybrid import (
     CONSENSUS_KM,
     CONSENSUS_TOP,
     DENSITY_FLOOR,
+    POE_MARGINS,
     PoECandidates,
     choose_poe,
     consensus_count,
@@ -20,7 +22,7 @@ KM_PER_DEG = 111.195  # haversine's km per degree of latitude (R = 6371 km)
 
 
 def _candidates(lat: np.ndarray, lon: np.ndarray, *, density: float | np.ndarray = 0.9,
-                top_weight: float = 0.9) -> PoECandidates:
+                top_weight: float = 0.9, margin: float | np.ndarray = 0.0) -> PoECandidates:
     """Rows of candidates: column 0 LocDiff's answer, 1.. the neighbours in similarity order; the most similar
     neighbour holds `top_weight` of the kernel's weight, so the kernel alone cannot tell a cluster from a lone
     match."""
@@ -30,7 +32,8 @@ def _candidates(lat: np.ndarray, lon: np.ndarray, *, density: float | np.ndarray
     log_density[:, 1:] = np.log(np.clip(dens, DENSITY_FLOOR, 1.0))[:, None]
     w = np.full((n, k1 - 1), (1 - top_weight) / (k1 - 2))
     w[:, 0] = top_weight
-    return PoECandidates(lat=lat, lon=lon, log_density=log_density, nb_weight=w, s_top=np.full(n, 0.5))
+    return PoECandidates(lat=lat, lon=lon, log_density=log_density, nb_weight=w, s_top=np.full(n, 0.5),
+                         s_margin=np.broadcast_to(np.asarray(margin, np.float64), (n,)).copy())
 
 
 def test_consensus_count_counts_the_neighbours_near_the_best_match():
@@ -40,11 +43,13 @@ def test_consensus_count_counts_the_neighbours_near_the_best_match():
     lon = np.full_like(lat, 20.0)
     expected = int((offsets * KM_PER_DEG <= CONSENSUS_KM).sum())  # 0.05 / 0.1 / 0.2 degrees: 5.6 / 11 / 22 km
     assert expected == 3
-    assert consensus_count(PoECandidates(lat, lon, np.zeros(lat.shape), np.ones((1, 8)) / 8, np.ones(1))) == [3]
+    one = PoECandidates(lat, lon, np.zeros(lat.shape), np.ones((1, 8)) / 8, np.ones(1), np.zeros(1))
+    assert consensus_count(one) == [3]
     # only neighbours 2..CONSENSUS_TOP count: one more close neighbour beyond them changes nothing
     lat2, lon2 = np.concatenate([lat, [[10.01]]], 1), np.concatenate([lon, [[20.0]]], 1)
     assert lat2.shape[1] == CONSENSUS_TOP + 2
-    assert consensus_count(PoECandidates(lat2, lon2, np.zeros(lat2.shape), np.ones((1, 9)) / 9, np.ones(1))) == [3]
+    more = PoECandidates(lat2, lon2, np.zeros(lat2.shape), np.ones((1, 9)) / 9, np.ones(1), np.zeros(1))
+    assert consensus_count(more) == [3]
 
 
 def _two_groups(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
@@ -103,4 +108,50 @@ def test_choose_poe_chooses_the_override_where_only_agreement_separates():
     loc = _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t)
     ret = _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
     assert ret[1] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
+    np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
+
+
+def _lone_matches(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
+    """No neighbour agrees with another anywhere. Half the rows: the best match is at the truth (0.5 km) and its
+    similarity exceeds the second's by 0.2; the other half: the best match lies 2,000 km away, 0.01 above the
+    second. LocDiff's answer is 100 km from the truth with a high density at every neighbour, so only the
+    similarity margin separates the halves."""
+    rng = np.random.default_rng(seed)
+    tlat, tlon = rng.uniform(-50, 50, n), rng.uniform(-150, 150, n)
+    k = CONSENSUS_TOP
+    lat, lon = np.empty((n, k + 1)), np.empty((n, k + 1))
+    lat[:, 0], lon[:, 0] = tlat + 100 / KM_PER_DEG, tlon
+    known = np.arange(n) < n // 2
+    lat[:, 1] = np.where(known, tlat + 0.5 / KM_PER_DEG, tlat - 2000 / KM_PER_DEG)
+    lon[:, 1] = tlon
+    lat[:, 2:] = np.clip(tlat[:, None] + rng.uniform(-30, 30, (n, k - 1)), -89, 89)
+    lon[:, 2:] = tlon[:, None] + rng.uniform(-60, 60, (n, k - 1))
+    return _candidates(lat, lon, margin=np.where(known, 0.2, 0.01)), tlat, tlon
+
+
+def test_the_distinct_match_override_takes_the_best_match_only_far_above_the_second():
+    c, _, _ = _lone_matches(100, seed=3)
+    off = {"bandwidth_km": 25.0, "strength": 0.0, "threshold": float("inf"), "slope": 1.0, "floor": 1.0,
+           "core": 0.0, "snap_km": 0.0}
+    assert not poe_select(c, **off)[2].any()  # margin inf (the default): off
+    assert not poe_select(c, **off, consensus=1, consensus_density=DENSITY_FLOOR)[2].any()  # nobody agrees
+    lat, _, used = poe_select(c, **off, margin=0.1)
+    known = np.arange(100) < 50
+    np.testing.assert_array_equal(used, known)
+    np.testing.assert_array_equal(lat, np.where(known, c.lat[:, 1], c.lat[:, 0]))
+    assert poe_select(c, **off, margin=0.2)[2].sum() == 50  # at the margin itself: taken
+    assert not poe_select(c, **off, margin=0.21)[2].any()
+
+
+def test_choose_poe_chooses_the_margin_where_only_the_margin_separates():
+    c, tlat, tlon = _lone_matches(400, seed=4)
+    got = choose_poe(c, tlat, tlon)
+    assert got["margin"] in POE_MARGINS and got["shortfall"] == 0.0, got
+    test, lat_t, lon_t = _lone_matches(400, seed=5)
+    prm = {k: got[k] for k in ("bandwidth_km", "strength", "threshold", "slope", "floor", "core", "snap_km",
+                               "consensus", "consensus_density", "margin")}
+    h = _acc(*poe_select(test, **prm)[:2], lat_t, lon_t)
+    loc = _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t)
+    ret = _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
+    assert ret[0] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
