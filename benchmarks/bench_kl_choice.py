@@ -40,16 +40,12 @@ def grid(degree: int) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", required=True, help="run folders go here (and the realbench / cuebench tables)")
-    ap.add_argument("--benchmarks", default=bm.DEFAULT_BENCHMARKS, metavar="NAMES")
-    ap.add_argument("--config", default=str(bm.ROOT / "configs/model/base.yaml"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (every setting)")
+    bm.add_reuse_arguments(ap, "run folders go here (and the realbench / cuebench tables)",
+                           "config override (every setting)")
     ap.add_argument("--settings", default="", metavar="NAMES", help="comma-separated subset of the grid (default all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # the data exactly as bench_model makes it (its defaults: sizes, seed, dimensions)
-    data_args = bm.default_args()
-    data_args.benchmarks, data_args.config, data_args.set = args.benchmarks, args.config, args.set
+    data_args = bm.reuse_data_args(args)  # the data exactly as bench_model makes it
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     base = load_config(args.config, args.set)
     settings = grid(base.shdd.degree)

@@ -43,10 +43,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", required=True, help="bench_model's --work folder (its trained LocDiff runs)")
-    ap.add_argument("--benchmarks", default=bm.DEFAULT_BENCHMARKS, metavar="NAMES")
-    ap.add_argument("--config", default=str(bm.ROOT / "configs/model/base.yaml"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    bm.add_reuse_arguments(ap, "bench_model's --work folder (its trained LocDiff runs)")
     ap.add_argument("--val-seeds", default="1,2,3,4", help="probe seeds that choose (not bench_model's)")
     ap.add_argument("--test-seed", type=int, default=0, help="bench_model's probe seed: reported, not used")
     ap.add_argument("--probe-n", type=int, default=500, help="probe photos per seed")
@@ -56,8 +53,7 @@ def main() -> None:
     val_seeds = parse_seeds(args.val_seeds)
     if args.test_seed in val_seeds:
         ap.error("--test-seed must not be one of --val-seeds")
-    data_args = bm.default_args()
-    data_args.benchmarks, data_args.config, data_args.set = args.benchmarks, args.config, args.set
+    data_args = bm.reuse_data_args(args)
     rows: list[dict[str, Any]] = []
     for bench in [b.strip() for b in args.benchmarks.split(",") if b.strip()]:
         run = Path(args.work) / bench / "locdiff"

@@ -408,6 +408,22 @@ def default_args() -> argparse.Namespace:
     return build_parser().parse_args([])
 
 
+def add_reuse_arguments(ap: argparse.ArgumentParser, work_help: str, set_help: str = "config override") -> None:
+    """--work, --benchmarks, --config and --set of a benchmark that reuses this one's data (and runs)."""
+    ap.add_argument("--work", required=True, help=work_help)
+    ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES")
+    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def reuse_data_args(args: argparse.Namespace) -> argparse.Namespace:
+    """This benchmark's defaults (sizes, seed, dimensions: the same data) with `args`' benchmarks, config and
+    overrides (`add_reuse_arguments`)."""
+    data_args = default_args()
+    data_args.benchmarks, data_args.config, data_args.set = args.benchmarks, args.config, args.set
+    return data_args
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES",

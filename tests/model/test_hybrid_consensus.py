@@ -11,6 +11,7 @@ from locdiff.model.hybrid import (
     CONSENSUS_KM,
     CONSENSUS_TOP,
     DENSITY_FLOOR,
+    POE_DEFAULT,
     POE_MARGINS,
     PoECandidates,
     choose_poe,
@@ -52,16 +53,23 @@ def test_consensus_count_counts_the_neighbours_near_the_best_match():
     assert consensus_count(more) == [3]
 
 
+def _frame(n: int, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                         np.ndarray]:
+    """rng, the truths (n,), candidate arrays (n, CONSENSUS_TOP + 1) with column 0, LocDiff's answer, 100 km
+    north of the truth, and the first half of the rows marked `known`."""
+    rng = np.random.default_rng(seed)
+    tlat, tlon = rng.uniform(-50, 50, n), rng.uniform(-150, 150, n)
+    lat, lon = np.empty((n, CONSENSUS_TOP + 1)), np.empty((n, CONSENSUS_TOP + 1))
+    lat[:, 0], lon[:, 0] = tlat + 100 / KM_PER_DEG, tlon
+    return rng, tlat, tlon, lat, lon, np.arange(n) < n // 2
+
+
 def _two_groups(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
     """Half the rows: the gallery knows the place (eight neighbours within 3 km of the truth); the other half:
     the best match lies 2,000 km away and the rest scatter. LocDiff's answer is 100 km from the truth, and its
     density is high at every neighbour, so only the gallery's agreement separates the halves."""
-    rng = np.random.default_rng(seed)
-    tlat, tlon = rng.uniform(-50, 50, n), rng.uniform(-150, 150, n)
+    rng, tlat, tlon, lat, lon, known = _frame(n, seed)
     k = CONSENSUS_TOP
-    lat, lon = np.empty((n, k + 1)), np.empty((n, k + 1))
-    lat[:, 0], lon[:, 0] = tlat + 100 / KM_PER_DEG, tlon
-    known = np.arange(n) < n // 2
     lat[known, 1:] = tlat[known, None] + rng.uniform(-1, 1, (known.sum(), k)) / KM_PER_DEG
     lon[known, 1:] = tlon[known, None]
     far = ~known
@@ -75,6 +83,14 @@ def _two_groups(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarra
 def _acc(lat, lon, tlat, tlon) -> np.ndarray:
     d = np.asarray(haversine_km(lat, lon, tlat, tlon))
     return 100.0 * (d[:, None] <= np.asarray(THRESHOLDS_KM)).mean(0)
+
+
+def _on_a_fresh_draw(draw: tuple[PoECandidates, np.ndarray, np.ndarray], got: dict[str, float]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy (%) at each threshold of the chosen setting, of LocDiff's answer and of top-1 retrieval."""
+    test, lat_t, lon_t = draw
+    h = _acc(*poe_select(test, **{k: got[k] for k in POE_DEFAULT})[:2], lat_t, lon_t)
+    return h, _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t), _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
 
 
 def test_the_override_takes_the_best_match_only_where_the_gallery_agrees():
@@ -101,12 +117,7 @@ def test_choose_poe_chooses_the_override_where_only_agreement_separates():
     c, tlat, tlon = _two_groups(400, seed=1)
     got = choose_poe(c, tlat, tlon)
     assert got["consensus"] >= 1 and got["shortfall"] == 0.0, got
-    test, lat_t, lon_t = _two_groups(400, seed=2)
-    prm = {k: got[k] for k in ("bandwidth_km", "strength", "threshold", "slope", "floor", "core", "snap_km",
-                               "consensus", "consensus_density")}
-    h = _acc(*poe_select(test, **prm)[:2], lat_t, lon_t)
-    loc = _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t)
-    ret = _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
+    h, loc, ret = _on_a_fresh_draw(_two_groups(400, seed=2), got)
     assert ret[1] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
 
@@ -116,12 +127,8 @@ def _lone_matches(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndar
     similarity exceeds the second's by 0.2; the other half: the best match lies 2,000 km away, 0.01 above the
     second. LocDiff's answer is 100 km from the truth with a high density at every neighbour, so only the
     similarity margin separates the halves."""
-    rng = np.random.default_rng(seed)
-    tlat, tlon = rng.uniform(-50, 50, n), rng.uniform(-150, 150, n)
+    rng, tlat, tlon, lat, lon, known = _frame(n, seed)
     k = CONSENSUS_TOP
-    lat, lon = np.empty((n, k + 1)), np.empty((n, k + 1))
-    lat[:, 0], lon[:, 0] = tlat + 100 / KM_PER_DEG, tlon
-    known = np.arange(n) < n // 2
     lat[:, 1] = np.where(known, tlat + 0.5 / KM_PER_DEG, tlat - 2000 / KM_PER_DEG)
     lon[:, 1] = tlon
     lat[:, 2:] = np.clip(tlat[:, None] + rng.uniform(-30, 30, (n, k - 1)), -89, 89)
@@ -147,11 +154,6 @@ def test_choose_poe_chooses_the_margin_where_only_the_margin_separates():
     c, tlat, tlon = _lone_matches(400, seed=4)
     got = choose_poe(c, tlat, tlon)
     assert got["margin"] in POE_MARGINS and got["shortfall"] == 0.0, got
-    test, lat_t, lon_t = _lone_matches(400, seed=5)
-    prm = {k: got[k] for k in ("bandwidth_km", "strength", "threshold", "slope", "floor", "core", "snap_km",
-                               "consensus", "consensus_density", "margin")}
-    h = _acc(*poe_select(test, **prm)[:2], lat_t, lon_t)
-    loc = _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t)
-    ret = _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
+    h, loc, ret = _on_a_fresh_draw(_lone_matches(400, seed=5), got)
     assert ret[0] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
