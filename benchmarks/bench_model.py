@@ -40,6 +40,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,49 +202,59 @@ def throughput(args, data, locdiff: Any | None, work: Path, config: dict[str, An
     return rows
 
 
-def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
-    """Re-choose LocDiff-H on the saved run's LocDiff fits in `args.work` and replace its rows of `payload`.
-    The run's own arguments (sizes, seed, config) are taken from the payload, so the data are the same."""
+def _kept_runs(args: argparse.Namespace, payload: dict[str, Any]
+               ) -> Iterator[tuple[str, argparse.Namespace, Benchmark, Any, float, bool]]:
+    """Each benchmark of a saved run with its data and the LocDiff fit kept in `args.work` (resumed: nothing
+    trains): (name, the run's own arguments, data, method, seconds, whether LocDiff-H was chosen again, as
+    it is when its selection rule changed). The run's own arguments (sizes, seed, config, probe size) come from
+    the payload, so the data are the same."""
     from locdiff.model.config import load_config
-    from locdiff.model.hybrid import SELECTION_RULE
 
     saved = argparse.Namespace(**{**payload["args"], "work": args.work})
     work_root = Path(args.work)
     config = ROOT / saved.config  # recorded relative to the repository (an absolute path stays as it is)
     for bench in payload["benchmarks"]:
-        if not (work_root / bench / "locdiff").is_dir():
-            raise SystemExit(f"{work_root / bench / 'locdiff'}: no LocDiff run to reuse")
+        run = work_root / bench / "locdiff"
+        if not run.is_dir():
+            raise SystemExit(f"{run}: no LocDiff run to reuse")
+        selection = run / "selection.json"
+        before = selection.read_bytes() if selection.is_file() else b""
         data = load_benchmark(bench, saved, work_root / bench)
-        method, secs = _fit_locdiff(load_config(config, saved.set), data, work_root / bench / "locdiff")
+        method, secs = _fit_locdiff(load_config(config, saved.set), data, run)
+        yield bench, saved, data, method, secs, selection.read_bytes() != before
+
+
+def _record_update(payload: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Save the payload with one more entry in `updates` (its own machine and date stay: the run's)."""
+    save("model", {**payload, "updates": [*payload.get("updates", []),
+                                          {**entry, "date": time.strftime("%Y-%m-%d %H:%M:%S")}]})
+
+
+def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Re-choose LocDiff-H on the saved run's LocDiff fits in `args.work` and replace its rows of `payload`."""
+    from locdiff.model.hybrid import SELECTION_RULE
+
+    for bench, _, data, method, secs, _ in _kept_runs(args, payload):
         log.info("%s: LocDiff-H chosen again in %.0f s: %s", bench, secs, method.selection.get("hybrid_poe"))
         payload["results"][bench]["LocDiff-H"] = {**payload["results"][bench]["LocDiff-H"],
                                                   **_evaluate(method, data, method="locdiff-h")}
         print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]
                                    for s in data.splits}), flush=True)
-    updates = [*payload.get("updates", []), {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE,
-                                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
-    save("model", {**payload, "updates": updates})  # the payload's own machine and date stay (the run's)
+    _record_update(payload, {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE})
 
 
 def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     """Measure the two-place probe again on the saved run's LocDiff fits in `args.work` (after a change of how
     the top-2 answers are found, e.g. locdiff.shdd.modes) and replace its rows of `payload`; the calibration
-    and every other row stay. The run's own arguments (sizes, seed, config, probe size) are the payload's."""
-    from locdiff.model.config import load_config
-
-    saved = argparse.Namespace(**{**payload["args"], "work": args.work})
-    work_root = Path(args.work)
-    for bench in payload["benchmarks"]:
-        if not (work_root / bench / "locdiff").is_dir():
-            raise SystemExit(f"{work_root / bench / 'locdiff'}: no LocDiff run to reuse")
-        data = load_benchmark(bench, saved, work_root / bench)
-        method, _ = _fit_locdiff(load_config(ROOT / saved.config, saved.set), data, work_root / bench / "locdiff")
+    and every other row stay."""
+    for bench, saved, data, method, _, rechosen in _kept_runs(args, payload):
+        if rechosen:
+            log.warning("%s: resuming the kept run chose LocDiff-H again (its selection rule changed), so its "
+                        "row in model.json no longer matches the run: run --update-hybrid too", bench)
         gallery = method.gallery or Gallery.load(method.gallery_ref, nprobe=method.config.gallery.nprobe)
-        rows = _probe(saved, data, method, gallery)
-        payload["sampling"][bench] = {**payload["sampling"][bench], "two_place_probe": rows}
-    updates = [*payload.get("updates", []), {"rows": ["two-place probe"], "flag": "--update-probe",
-                                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
-    save("model", {**payload, "updates": updates})
+        payload["sampling"][bench] = {**payload["sampling"][bench],
+                                      "two_place_probe": _probe(saved, data, method, gallery)}
+    _record_update(payload, {"rows": ["two-place probe"], "flag": "--update-probe"})
 
 
 def _probe(args, data: Benchmark, locdiff: Any, gallery: Gallery) -> list[dict[str, Any]]:

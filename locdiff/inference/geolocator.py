@@ -11,9 +11,9 @@ Per image:
 - `lat`, `lon`: the run's answer (`locdiff predict`'s: LocDiff's chosen aggregation, or LocDiff-H);
 - `confidence`: the probability that the photo lies within `radius_km` of the answer, calibrated on the
   run's validation rows (locdiff.model.locdiff_method);
-- `modes`: up to `top_k` distinct local maxima of the predicted density (at least 100 km apart), heaviest
-  first, each with its probability (the density's mass in its basin; they sum to at most 1)
-  (locdiff.shdd.modes);
+- `modes`: up to `top_k` distinct local maxima of the predicted density smoothed to L/4 (at least 100 km
+  apart), heaviest first, each with its probability (the mass in its basin of the L/3 density the
+  confidence uses; they sum to at most 1) (locdiff.shdd.modes);
 - `place` names from the offline gazetteer (locdiff.gazetteer);
 - `exif_lat`, `exif_lon`, `exif_km`: the photo's own EXIF GPS tag, when it carries one, and its distance
   from the answer (None otherwise; a malformed tag is logged on one line and left out).
@@ -79,7 +79,7 @@ class Mode:
 
     lat: float
     lon: float
-    probability: float  # the density's mass in this mode's basin
+    probability: float  # the (L/3) density's mass in this mode's basin
     place: str  # "City, Country" of the nearest notable city
 
 

@@ -89,19 +89,18 @@ def _taper(degree: int, smoothing: float = SMOOTHING) -> torch.Tensor:
     return w
 
 
-def _density_grid(coeffs: torch.Tensor, smoothing: float = SMOOTHING
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, n) f of the tapered code (no l = 0 term) on the grid, node latitudes and longitudes (n,)."""
-    degree = SHDD.from_dim(coeffs.shape[1]).degree
-    values, glat, glon = grid_values(coeffs.to(torch.float64) * _taper(degree, smoothing))
-    lat, lon = _node_latlon(glat, glon)
-    return values.reshape(values.shape[0], -1), lat, lon
+def _tapered(coeffs: torch.Tensor, smoothing: float = SMOOTHING) -> torch.Tensor:
+    """(B, D) float64 code damped to width L / smoothing, without its l = 0 term."""
+    return coeffs.to(torch.float64) * _taper(SHDD.from_dim(coeffs.shape[1]).degree, smoothing)
 
 
-def _node_latlon(glat: torch.Tensor, glon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) latitude and longitude of every grid node, flattened as the grid's values are."""
-    n_lat, n_lon = len(glat), len(glon)
-    return glat[:, None].expand(n_lat, n_lon).reshape(-1), glon[None, :].expand(n_lat, n_lon).reshape(-1)
+def _density_grid(tapered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, n) f of a tapered code (`_tapered`) on the grid, node latitudes and longitudes (n,)."""
+    values, glat, glon = grid_values(tapered)
+    b, n_lat, n_lon = values.shape
+    lat = glat[:, None].expand(n_lat, n_lon).reshape(-1)
+    lon = glon[None, :].expand(n_lat, n_lon).reshape(-1)
+    return values.reshape(b, -1), lat, lon
 
 
 def _basins(values: torch.Tensor, n_lat: int, n_lon: int) -> torch.Tensor:
@@ -141,8 +140,8 @@ def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_sepa
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1; got {top_k}")
-    if not smoothing > 0:
-        raise ValueError(f"smoothing must be > 0; got {smoothing}")
+    if not (math.isfinite(smoothing) and smoothing > 0):
+        raise ValueError(f"smoothing must be a finite number > 0; got {smoothing}")
     coeffs = torch.as_tensor(coeffs)
     if coeffs.dim() != 2:
         raise ValueError(f"coeffs must be (N, D); got shape {tuple(coeffs.shape)}")
@@ -151,12 +150,10 @@ def density_modes(coeffs: torch.Tensor | np.ndarray, top_k: int = 5, *, min_sepa
     weights = _cell_weights(degree)
     out_lat, out_lon, out_p = [], [], []
     for s in range(0, coeffs.shape[0], batch_size):
-        c = coeffs[s:s + batch_size].to(torch.float64) * _taper(degree, float(smoothing))  # found and placed on it
-        values, glat, glon = grid_values(c)
-        values = values.reshape(values.shape[0], -1)
-        glat, glon = _node_latlon(glat, glon)
+        c = _tapered(coeffs[s:s + batch_size], float(smoothing))  # the modes are found and placed on it
+        values, glat, glon = _density_grid(c)
         b, n = values.shape
-        mass = _density_grid(coeffs[s:s + batch_size])[0].clamp_min(0) * weights  # mass_within's density
+        mass = _density_grid(_tapered(coeffs[s:s + batch_size]))[0].clamp_min(0) * weights  # mass_within's
         total = mass.sum(1, keepdim=True).clamp_min(1e-300)
         basin_mass = torch.zeros_like(mass).scatter_add_(1, _basins(values, n_lat, n_lon), mass)
         m = min(n, 4 * top_k + 4)  # candidates: merging folds some into heavier ones
@@ -230,7 +227,7 @@ def mass_within(coeffs: torch.Tensor | np.ndarray, lat: np.ndarray, lon: np.ndar
     lon = np.asarray(lon, np.float64)
     out = []
     for s in range(0, coeffs.shape[0], batch_size):
-        values, glat, glon = _density_grid(coeffs[s:s + batch_size])
+        values, glat, glon = _density_grid(_tapered(coeffs[s:s + batch_size]))
         mass = values.clamp_min(0) * weights
         d = haversine_km(torch.from_numpy(lat[s:s + batch_size, None]), torch.from_numpy(lon[s:s + batch_size, None]),
                          glat[None], glon[None])

@@ -478,3 +478,26 @@ def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "hybrid_poe is damaged" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_a_run_chosen_before_the_distinct_match_override_keeps_it_off(run, synth_dir, tmp_path):
+    """selection.json written before `margin` existed: LocDiff-H predicts exactly as with the override off; a
+    margin of 0 (every image takes its best match) changes the answers, so the key is read."""
+    import shutil
+
+    preds = {}
+    for name, margin in (("old", None), ("off", float("inf")), ("all", 0.0)):
+        folder = tmp_path / name
+        shutil.copytree(run, folder)
+        sel = json.loads((folder / "selection.json").read_text())
+        poe = {k: v for k, v in sel["hybrid_poe"].items() if k != "margin"}
+        if margin is not None:
+            poe["margin"] = margin
+        (folder / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", "hybrid_poe": poe}))
+        out = tmp_path / f"{name}.parquet"
+        assert main(["predict", "--run", str(folder), "--data", str(synth_dir / "test.parquet"), "--out", str(out),
+                     "--method", "locdiff-h", "--no-progress"]) == 0
+        preds[name] = read_predictions(out)
+    np.testing.assert_array_equal(preds["old"].pred_lat, preds["off"].pred_lat)
+    np.testing.assert_array_equal(preds["old"].pred_lon, preds["off"].pred_lon)
+    assert not np.array_equal(preds["all"].pred_lat, preds["off"].pred_lat)  # the key is read, not ignored
