@@ -22,10 +22,7 @@ import numpy as np
 from benchmarks import bench_model as bm
 from benchmarks import posterior
 from benchmarks.common import print_table, save
-from locdiff.gallery import Gallery
-from locdiff.model.config import load_config
 from locdiff.shdd.modes import MODE_SMOOTHING, density_modes
-from locdiff.worlds import cuebench, realbench, synth
 
 log = logging.getLogger("bench_mode_smoothing")
 GRID = (3.0, 4.0, 5.0, 6.0)
@@ -56,16 +53,10 @@ def main() -> None:
     data_args = bm.reuse_data_args(args)
     rows: list[dict[str, Any]] = []
     for bench in [b.strip() for b in args.benchmarks.split(",") if b.strip()]:
-        run = Path(args.work) / bench / "locdiff"
-        if not run.is_dir():
-            raise SystemExit(f"{run}: no LocDiff run (run bench_model --work {args.work} first)")
-        data = bm.load_benchmark(bench, data_args, Path(args.work) / bench)
-        method, _ = bm._fit_locdiff(load_config(args.config, args.set), data, run)  # resumes: no training
-        gallery = method.gallery or Gallery.load(method.gallery_ref, nprobe=method.config.gallery.nprobe)
-        module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[bench]
-        world = bm._world(bench, data_args)
+        _, method, _, _ = bm.kept_run(bench, data_args, Path(args.work), args.config)
+        gallery, world = method.get_gallery(), bm._world(bench, data_args)
         for seed in [*val_seeds, args.test_seed]:
-            probe = module.two_place_probe(world, args.probe_n, seed)
+            probe = bm.two_place_probe(bench, world, args.probe_n, seed)
             code = posterior.draw(method.model, probe.embedding, method.config, samples=1, steps=1,
                                   seed=seed).mean_code
             places = (probe.a_lat, probe.a_lon, probe.b_lat, probe.b_lon)

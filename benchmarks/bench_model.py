@@ -208,20 +208,26 @@ def _kept_runs(args: argparse.Namespace, payload: dict[str, Any]
     trains): (name, the run's own arguments, data, method, seconds, whether LocDiff-H was chosen again, as
     it is when its selection rule changed). The run's own arguments (sizes, seed, config, probe size) come from
     the payload, so the data are the same."""
+    saved = argparse.Namespace(**{**payload["args"], "work": args.work})
+    for bench in payload["benchmarks"]:
+        # the config recorded relative to the repository (an absolute path stays as it is)
+        yield bench, saved, *kept_run(bench, saved, Path(args.work), ROOT / saved.config)
+
+
+def kept_run(bench: str, data_args: argparse.Namespace, work_root: Path, config: str | Path
+             ) -> tuple[Benchmark, Any, float, bool]:
+    """A benchmark's data and the LocDiff fit kept in WORK/<bench>/locdiff (resumed: nothing trains), the
+    seconds that took, and whether LocDiff-H was chosen again (as it is when its selection rule changed)."""
     from locdiff.model.config import load_config
 
-    saved = argparse.Namespace(**{**payload["args"], "work": args.work})
-    work_root = Path(args.work)
-    config = ROOT / saved.config  # recorded relative to the repository (an absolute path stays as it is)
-    for bench in payload["benchmarks"]:
-        run = work_root / bench / "locdiff"
-        if not run.is_dir():
-            raise SystemExit(f"{run}: no LocDiff run to reuse")
-        selection = run / "selection.json"
-        before = selection.read_bytes() if selection.is_file() else b""
-        data = load_benchmark(bench, saved, work_root / bench)
-        method, secs = _fit_locdiff(load_config(config, saved.set), data, run)
-        yield bench, saved, data, method, secs, selection.read_bytes() != before
+    run = work_root / bench / "locdiff"
+    if not run.is_dir():
+        raise SystemExit(f"{run}: no LocDiff run to reuse (run bench_model --work {work_root} first)")
+    selection = run / "selection.json"
+    before = selection.read_bytes() if selection.is_file() else b""
+    data = load_benchmark(bench, data_args, work_root / bench)
+    method, secs = _fit_locdiff(load_config(config, data_args.set), data, run)
+    return data, method, secs, selection.read_bytes() != before
 
 
 def _record_update(payload: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -251,21 +257,25 @@ def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:
         if rechosen:
             log.warning("%s: resuming the kept run chose LocDiff-H again (its selection rule changed), so its "
                         "row in model.json no longer matches the run: run --update-hybrid too", bench)
-        gallery = method.gallery or Gallery.load(method.gallery_ref, nprobe=method.config.gallery.nprobe)
         payload["sampling"][bench] = {**payload["sampling"][bench],
-                                      "two_place_probe": _probe(saved, data, method, gallery)}
+                                      "two_place_probe": _probe(saved, data, method, method.get_gallery())}
     _record_update(payload, {"rows": ["two-place probe"], "flag": "--update-probe"})
 
 
 def _probe(args, data: Benchmark, locdiff: Any, gallery: Gallery) -> list[dict[str, Any]]:
     """The two-place probe's table (benchmarks/posterior.py) of a LocDiff run, printed and returned."""
-    module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[data.name]
-    probe = module.two_place_probe(_world(data.name, args), args.n_probe, args.seed)
+    probe = two_place_probe(data.name, _world(data.name, args), args.n_probe, args.seed)
     rows = posterior.run_probe(locdiff.model, locdiff.config, probe, gallery, radius_km=args.radius, seed=args.seed)
     print_table(rows, title=f"{data.name}: two-place probe ({args.n_probe} photos of two places >= "
                             f"{posterior.PROBE_MIN_KM:,.0f} km apart): top-2 answers naming both places "
                             f"within {args.radius:g} km")
     return rows
+
+
+def two_place_probe(name: str, world: Any, n: int, seed: int) -> Any:
+    """`n` two-place probe photos of a benchmark's world (`_world`), by its module's two_place_probe."""
+    module = {"realbench": realbench, "cuebench": cuebench, "synth": synth}[name]
+    return module.two_place_probe(world, n, seed)
 
 
 def _world(name: str, args) -> Any:
@@ -289,8 +299,7 @@ def _gallery(args, data: Benchmark) -> EmbeddingTable:
 def what_sampling_adds(args, data: Benchmark, locdiff: Any) -> dict[str, Any]:
     """The two-place probe over the run's gallery (the training rows) and the calibration on `test`
     (benchmarks/posterior.py)."""
-    gallery = locdiff.gallery or Gallery.load(locdiff.gallery_ref, nprobe=locdiff.config.gallery.nprobe)
-    rows = _probe(args, data, locdiff, gallery)
+    rows = _probe(args, data, locdiff, locdiff.get_gallery())
     test = data["test"]
     cal = posterior.run_calibration(locdiff.model, locdiff.config, test.embedding, test.lat, test.lon, seed=args.seed)
     print_table(cal, title=f"{data.name} / test: calibration of the samples' and the mean code's confidence")

@@ -310,6 +310,14 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     best_key = (shortfall(best_h), 0.0)
     if (key := (shortfall(other_h), -gain(other_h))) < best_key:  # the other reference: only if it loses less
         best, best_key = other, key
+
+    def consider(prm: dict[str, float], kern: np.ndarray | None = None, count: np.ndarray | None = None) -> None:
+        """Keep `prm` when it beats the best so far on the key (least shortfall, then the gain)."""
+        nonlocal best, best_key
+        hm = hits(prm, kern, count)
+        if (key := (shortfall(hm), -gain(hm))) < best_key:
+            best, best_key = prm, key
+
     q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
     spread = max(float(q90 - q10), 1e-6)
     sharp = poe_kernel(c, CORE_KM)
@@ -319,12 +327,8 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
             for sl in POE_SLOPES:
                 for a in POE_STRENGTHS:
                     for fl in POE_FLOORS:
-                        prm = {**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
-                               "slope": sl * spread, "floor": fl, "core": core}
-                        hm = hits(prm, kern)
-                        key = (shortfall(hm), -gain(hm))
-                        if key < best_key:
-                            best, best_key = prm, key
+                        consider({**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
+                                  "slope": sl * spread, "floor": fl, "core": core}, kern)
     if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
         for snap in POE_SNAPS_KM[1:]:
             hm = hits({**best, "snap_km": snap})
@@ -336,15 +340,9 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
         for m in POE_CONSENSUS:
             for rho in POE_CONSENSUS_DENSITIES:
-                hm = hits({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
-                key = (shortfall(hm), -gain(hm))
-                if key < best_key:
-                    best, best_key = {**best, "consensus": float(m), "consensus_density": rho}, key
+                consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
         for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
-            hm = hits({**best, "margin": margin}, kern, count)
-            key = (shortfall(hm), -gain(hm))
-            if key < best_key:
-                best, best_key = {**best, "margin": margin}, key
+            consider({**best, "margin": margin}, kern, count)
     chosen = hits(best)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}

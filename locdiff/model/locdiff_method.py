@@ -203,12 +203,12 @@ class LocDiffMethod(GeoMethod):
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
         if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
-            cand = poe_candidates(self._get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
+            cand = poe_candidates(self.get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
             lat, lon, _ = poe_select(cand, **self._poe_parameters())
         elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
-            cand = hybrid_candidates(self._get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
+            cand = hybrid_candidates(self.get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
             lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
                                         radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
         return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
@@ -258,7 +258,8 @@ class LocDiffMethod(GeoMethod):
         self._run = run
         return self
 
-    def _get_gallery(self) -> Gallery:
+    def get_gallery(self) -> Gallery:
+        """The run's retrieval gallery (LocDiff-H's neighbours), loaded on first use."""
         if self.gallery is None:
             if not self.gallery_ref:
                 raise FileNotFoundError(f"{self._run.path if self._run else 'the run'}: no retrieval gallery is "
