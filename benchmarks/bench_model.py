@@ -241,7 +241,8 @@ def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     from locdiff.model.hybrid import SELECTION_RULE
 
     for bench, _, data, method, secs, _ in _kept_runs(args, payload):
-        log.info("%s: LocDiff-H chosen again in %.0f s: %s", bench, secs, method.selection.get("hybrid_poe"))
+        log.info("%s: LocDiff-H chosen again in %.0f s: %s, novelty signal %s", bench, secs,
+                 method.selection.get("hybrid_poe"), "learned" if method.selection.get("hybrid_novelty") else "s_top")
         payload["results"][bench]["LocDiff-H"] = {**payload["results"][bench]["LocDiff-H"],
                                                   **_evaluate(method, data, method="locdiff-h")}
         print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]

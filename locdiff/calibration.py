@@ -7,6 +7,9 @@ as plain JSON (`to_json` / `from_json`), never pickled.
 
 `reliability(confidence, hit)` bins confidences and gives each bin's mean confidence and accuracy, and
 the expected calibration error ECE = sum_b (n_b / N) |accuracy_b - confidence_b|.
+
+`LogisticModel.fit(features, hit)` fits P(hit | features) by L2-regularised logistic regression on standardised
+features (the objective of scikit-learn's default `LogisticRegression`, C = 1); also plain JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit
 
 
 @dataclass
@@ -124,3 +129,64 @@ def cross_fitted(score: ArrayLike, hit: ArrayLike, folds: int = 2) -> np.ndarray
         if train.sum() and (~train).sum():
             out[~train] = IsotonicCalibrator.fit(s[train], h[train])(s[~train])
     return out
+
+
+@dataclass
+class LogisticModel:
+    """P(hit | x) = sigmoid(coef . (x - mean) / scale + intercept), from several raw features per row."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    n: int = 0  # fitted rows
+
+    @classmethod
+    def fit(cls, features: ArrayLike, hit: ArrayLike, *, c: float = 1.0) -> LogisticModel:
+        """Minimise 0.5 |coef|^2 + c * sum of the log losses (the intercept is not penalised), on features
+        (N, F) standardised by their mean and standard deviation, and outcomes (N,) in {0, 1}."""
+        x = np.asarray(features, np.float64)
+        y = np.asarray(hit, np.float64).reshape(-1)
+        if x.ndim != 2 or len(x) != len(y):
+            raise ValueError(f"features must be (N, F) with N = {len(y)} outcomes; got {x.shape}")
+        if not (np.isfinite(x).all() and np.isin(y, (0.0, 1.0)).all()):
+            raise ValueError("features must be finite and outcomes 0 or 1")
+        if len(y) == 0 or y.min() == y.max():
+            raise ValueError("the outcomes need both classes to fit a logistic model")
+        mean, scale = x.mean(0), x.std(0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        z = (x - mean) / scale
+        sign = 2.0 * y - 1.0
+
+        def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+            margin = sign * (z @ w[:-1] + w[-1])
+            loss = 0.5 * float(w[:-1] @ w[:-1]) - c * float(log_expit(margin).sum())
+            r = -c * sign * expit(-margin)  # d loss / d (z @ w + b)
+            return loss, np.append(w[:-1] + z.T @ r, r.sum())
+
+        w = minimize(objective, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B",
+                     options={"maxiter": 1000, "gtol": 1e-10}).x
+        return cls(mean=mean, scale=scale, coef=w[:-1], intercept=float(w[-1]), n=int(len(y)))
+
+    def logit(self, features: ArrayLike) -> np.ndarray:
+        """log P / (1 - P) per row of features (N, F)."""
+        return ((np.asarray(features, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def __call__(self, features: ArrayLike) -> np.ndarray:
+        return expit(self.logit(features))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "logistic", "mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale],
+                "coef": [float(v) for v in self.coef], "intercept": float(self.intercept), "n": self.n}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LogisticModel:
+        if data.get("kind") != "logistic":
+            raise ValueError(f"unknown model kind {data.get('kind')!r}")
+        mean, scale, coef = (np.asarray(data[k], np.float64) for k in ("mean", "scale", "coef"))
+        intercept = float(data["intercept"])
+        if not (mean.ndim == 1 and mean.shape == scale.shape == coef.shape and np.isfinite(mean).all()
+                and np.isfinite(coef).all() and np.isfinite(intercept) and np.all(scale > 0)
+                and np.isfinite(scale).all()):
+            raise ValueError("mean, scale and coef must be finite lists of one length, scale > 0, intercept finite")
+        return cls(mean=mean, scale=scale, coef=coef, intercept=intercept, n=int(data.get("n", 0)))

@@ -1,11 +1,19 @@
-"""Isotonic calibration and the expected calibration error, against scikit-learn and by hand."""
+"""Isotonic calibration, the logistic model and the expected calibration error, against scikit-learn and by hand."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from locdiff.calibration import IsotonicCalibrator, cross_fitted, expected_calibration_error, reliability
+from locdiff.calibration import (
+    IsotonicCalibrator,
+    LogisticModel,
+    cross_fitted,
+    expected_calibration_error,
+    reliability,
+)
 
 
 def test_isotonic_matches_scikit_learn():
@@ -45,3 +53,53 @@ def test_reliability_by_hand():
     assert [b["count"] for b in r["bins"]] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 2]
     # bins: |0.5 - 0.05| * 2/5 + |0 - 0.55| * 1/5 + |1 - 0.95| * 2/5
     assert r["ece"] == pytest.approx(0.45 * 0.4 + 0.55 * 0.2 + 0.05 * 0.4)
+
+
+def _logistic_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features on different scales and offsets (one constant); outcomes from a known logistic law."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)) * [1.0, 3.0, 0.1, 0.0] + [0.0, 5.0, 1.0, 7.0]
+    p = 1 / (1 + np.exp(-(1.5 * x[:, 0] - 0.5 * (x[:, 1] - 5) + 1.0)))
+    return x, (rng.uniform(0, 1, n) < p).astype(float)
+
+
+def test_logistic_model_matches_scikit_learn():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    x, y = _logistic_data(3000, seed=2)
+    ours = LogisticModel.fit(x, y)
+    z = preprocessing.StandardScaler().fit_transform(x)
+    ref = linear_model.LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(z, y)
+    np.testing.assert_allclose(ours.coef, ref.coef_[0], atol=1e-5)
+    np.testing.assert_allclose(ours.intercept, ref.intercept_[0], atol=1e-5)
+    np.testing.assert_allclose(ours(x), ref.predict_proba(z)[:, 1], atol=1e-5)
+    assert ours.coef[3] == 0.0 and ours.n == 3000  # a constant feature carries nothing (and does not divide by 0)
+
+
+def test_logistic_model_recovers_a_known_law_and_round_trips():
+    x, y = _logistic_data(100_000, seed=3)
+    m = LogisticModel.fit(x, y)
+    # on the raw scale coef / scale = (1.5, -0.5, 0) (the L2 penalty is negligible at this size); the third in
+    # standard deviations, its raw standard error being 0.07
+    np.testing.assert_allclose((m.coef / m.scale)[:2], [1.5, -0.5], atol=0.05)
+    assert abs(m.coef[2]) < 0.03
+    again = LogisticModel.from_json(json.loads(json.dumps(m.to_json())))
+    np.testing.assert_array_equal(again.logit(x[:100]), m.logit(x[:100]))
+
+
+@pytest.mark.parametrize("bad", [{"kind": "isotonic"}, {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1, 2],
+                                                        "intercept": 0},
+                                 {"kind": "logistic", "mean": [0], "scale": [0], "coef": [1], "intercept": 0},
+                                 {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1], "intercept": "nan"},
+                                 {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1]}])
+def test_a_damaged_logistic_model_is_refused(bad):
+    with pytest.raises((ValueError, KeyError)):
+        LogisticModel.from_json(bad)
+
+
+def test_logistic_model_needs_both_outcomes_and_finite_features():
+    x, y = _logistic_data(100, seed=4)
+    with pytest.raises(ValueError, match="both classes"):
+        LogisticModel.fit(x, np.ones(100))
+    with pytest.raises(ValueError, match="finite"):
+        LogisticModel.fit(np.where(np.arange(100)[:, None] == 3, np.nan, x), y)

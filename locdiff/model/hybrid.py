@@ -18,6 +18,10 @@ Two modes (`hybrid.mode`):
   answer's, the most similar neighbour is the answer; both are chosen on the same key (0: off). Last the
   distinct-match override: where the most similar neighbour's similarity exceeds the second's by `margin`
   (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf: off).
+  The novelty floor's signal is s_top, or, where the validation key prefers it, the logit of a learned
+  P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth) from per-row features of the
+  candidates (`novelty_features`: the similarities' top, margin, spread, the neighbours' agreement, LocDiff's
+  density and distance at the best match), a logistic regression fitted on the same validation rows.
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from locdiff import shdd
+from locdiff.calibration import LogisticModel
 from locdiff.gallery import Gallery
 from locdiff.geo import haversine_km
 from locdiff.metrics import THRESHOLDS_KM, distances_km
@@ -156,7 +162,7 @@ POE_MARGINS = (0.15, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
 POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
                "core": 0.2, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0, "margin": float("inf")}
 # bumped when choose_poe's rule changes, so that runs choose again on resume (LocDiffMethod.finalize)
-SELECTION_RULE = 3
+SELECTION_RULE = 4
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -170,6 +176,8 @@ class PoECandidates:
     nb_weight: np.ndarray  # (N, k) neighbour weights, rows sum to 1
     s_top: np.ndarray  # (N,) best cosine similarity
     s_margin: np.ndarray  # (N,) best minus second-best cosine similarity (0 with one neighbour)
+    s_mean: np.ndarray  # (N,) mean cosine similarity of the k neighbours
+    s_std: np.ndarray  # (N,) their standard deviation
 
 
 def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
@@ -185,13 +193,15 @@ def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor,
     w = np.exp(logit - logit.max(1, keepdims=True))
     margin = sim[:, 0] - sim[:, 1] if sim.shape[1] > 1 else np.zeros(len(sim))
     return PoECandidates(lat=lat, lon=lon, log_density=np.log(np.clip(rel, DENSITY_FLOOR, 1.0)),
-                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0], s_margin=margin)
+                         nb_weight=w / w.sum(1, keepdims=True), s_top=sim[:, 0], s_margin=margin,
+                         s_mean=sim.mean(1), s_std=sim.std(1))
 
 
 def concat_candidates(parts: list[PoECandidates]) -> PoECandidates:
     """The rows of several candidate sets (the same top_k) as one."""
     return PoECandidates(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top", "s_margin")))
+                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top", "s_margin", "s_mean",
+                                     "s_std")))
 
 
 def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
@@ -211,6 +221,38 @@ def consensus_count(c: PoECandidates) -> np.ndarray:
     top = slice(2, CONSENSUS_TOP + 1)
     d = np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, 1:2], c.lon[:, 1:2]))
     return (d <= CONSENSUS_KM).sum(1)
+
+
+# the learned novelty signal: P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth), a logistic
+# regression on these per-row features (each row's own candidates only: one photo, one answer)
+NOVELTY_RIGHT_KM = 25.0
+NOVELTY_NEAR_KM = 100.0  # the looser agreement counts
+NOVELTY_FEATURES = ("s_top", "s_margin", "s_top - s_mean", "s_std", "log1p(km from the answer to the best match)",
+                    "log density at the best match", "neighbours agreeing within CONSENSUS_KM",
+                    "neighbours agreeing within NOVELTY_NEAR_KM", "neighbours within NOVELTY_NEAR_KM of the answer")
+NOVELTY_MIN_CLASS = 10  # validation rows needed of each outcome (best match right and wrong) to fit it
+
+
+def novelty_features(c: PoECandidates) -> np.ndarray:
+    """(N, len(NOVELTY_FEATURES)) per-row features of the candidates (`NOVELTY_FEATURES`)."""
+    top = slice(1, CONSENSUS_TOP + 1)
+    d_best = np.asarray(haversine_km(c.lat[:, 2:CONSENSUS_TOP + 1], c.lon[:, 2:CONSENSUS_TOP + 1], c.lat[:, 1:2],
+                                     c.lon[:, 1:2]))
+    d_answer = np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, :1], c.lon[:, :1]))
+    return np.column_stack([c.s_top, c.s_margin, c.s_top - c.s_mean, c.s_std, np.log1p(d_answer[:, 0]),
+                            c.log_density[:, 1], (d_best <= CONSENSUS_KM).sum(1), (d_best <= NOVELTY_NEAR_KM).sum(1),
+                            (d_answer <= NOVELTY_NEAR_KM).sum(1)]).astype(np.float64)
+
+
+def fit_novelty(c: PoECandidates, lat: np.ndarray, lon: np.ndarray) -> LogisticModel | None:
+    """The learned P(best match within NOVELTY_RIGHT_KM of the truth (lat, lon)); None when the rows hold fewer
+    than NOVELTY_MIN_CLASS of either outcome (or no neighbour)."""
+    if c.lat.shape[1] < 2:
+        return None
+    right = (distances_km(c.lat[:, 1], c.lon[:, 1], lat, lon) <= NOVELTY_RIGHT_KM).astype(np.float64)
+    if min(right.sum(), len(right) - right.sum()) < NOVELTY_MIN_CLASS:
+        return None
+    return LogisticModel.fit(novelty_features(c), right)
 
 
 def consensus_override(c: PoECandidates, best: np.ndarray, consensus: float, consensus_density: float,
@@ -234,16 +276,21 @@ def distinct_override(c: PoECandidates, best: np.ndarray, margin: float) -> np.n
 
 def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, threshold: float, slope: float,
                floor: float, core: float, snap_km: float = 0.0, consensus: float = 0.0,
-               consensus_density: float = 1.0, margin: float = float("inf"), kernel: np.ndarray | None = None,
-               count: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               consensus_density: float = 1.0, margin: float = float("inf"), novelty: LogisticModel | None = None,
+               kernel: np.ndarray | None = None, count: np.ndarray | None = None, signal: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, used_neighbour) per image: the candidate of highest product-of-experts score (above), a
     chosen neighbour replaced by the most similar neighbour within `snap_km` of it, then the consensus and the
-    distinct-match overrides; strength 0 is LocDiff's answer, strength inf top-1 retrieval."""
+    distinct-match overrides; strength 0 is LocDiff's answer, strength inf top-1 retrieval. The novelty
+    floor's signal is s_top, or the logit of `novelty` on `novelty_features` (threshold and slope on that
+    scale). kernel, count and signal: the precomputed kernel, consensus count and signal, when known."""
     rows = np.arange(len(c.lat))
     if np.isinf(strength):  # the gallery's factor alone at bandwidth -> 0: the most similar neighbour
         return c.lat[:, 1], c.lon[:, 1], np.ones(len(rows), bool)
     k = (1 - core) * poe_kernel(c, bandwidth_km) + core * poe_kernel(c, CORE_KM) if kernel is None else kernel
-    gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - c.s_top) / max(slope, 1e-9), -60, 60)))[:, None]
+    if signal is None:
+        signal = c.s_top if novelty is None else novelty.logit(novelty_features(c))
+    gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - signal) / max(slope, 1e-9), -60, 60)))[:, None]
     novelty = floor + (1.0 - floor) * gate
     score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
     best = score.argmax(1)
@@ -258,7 +305,7 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
 
 
 def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None, *,
-               z: float = 2.0, tolerance: float = 0.5) -> dict[str, float]:
+               z: float = 2.0, tolerance: float = 0.5, learned_novelty: bool = True) -> dict[str, Any]:
     """The product-of-experts parameters that place the validation images best without losing anywhere.
 
     For every validation group (e.g. val and val_unseen) and threshold, the reference accuracy is the better
@@ -267,17 +314,20 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     Among equal shortfalls, the score decides: the sum of the accuracies at all thresholds (%), averaged over
     the groups so that held-out regions weigh as much as the iid rows; a grid setting beats a reference
     (LocDiff or retrieval, whichever scores higher, LocDiff on a tie) on score only when it gains more than
-    `z` standard errors of the paired per-image difference, as `choose_blend` does. Returns the parameters,
-    their score and shortfall, LocDiff's and retrieval's scores."""
+    `z` standard errors of the paired per-image difference, as `choose_blend` does. The grid is searched with
+    s_top as the novelty signal, then (with `learned_novelty`) with the learned one (`fit_novelty` on these
+    rows), which must beat the first on the key. Returns the parameters (`novelty`: the fitted LogisticModel, or
+    None for s_top), their score and shortfall, LocDiff's and retrieval's scores."""
     thresholds = np.asarray(THRESHOLDS_KM)
     n = len(lat)
     gid = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     sizes = np.bincount(gid).astype(np.float64) if n else np.ones(1)
     weight = 1.0 / (len(sizes) * sizes[gid])  # per image: the groups' scores averaged
 
-    def hits(prm: dict[str, float], kern: np.ndarray | None = None, count: np.ndarray | None = None) -> np.ndarray:
+    def hits(prm: dict[str, Any], kern: np.ndarray | None = None, count: np.ndarray | None = None,
+             signal: np.ndarray | None = None) -> np.ndarray:
         """(N, thresholds) 0/1: each image placed within each threshold."""
-        plat, plon, _ = poe_select(c, **prm, kernel=kern, count=count)
+        plat, plon, _ = poe_select(c, **prm, kernel=kern, count=count, signal=signal)
         return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
 
     def by_group(h: np.ndarray) -> np.ndarray:
@@ -286,7 +336,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
 
     locdiff = {"bandwidth_km": POE_BANDWIDTHS_KM[0], "strength": 0.0, "threshold": float("inf"), "slope": 1.0,
                "floor": 1.0, "core": 0.0, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0,
-               "margin": float("inf")}
+               "margin": float("inf"), "novelty": None}
     retrieval = {**locdiff, "strength": float("inf"), "threshold": float("-inf"), "floor": 0.0}
     if not n:
         return {**locdiff, "score": 0.0, "shortfall": 0.0, "locdiff_score": 0.0, "retrieval_score": 0.0}
@@ -311,27 +361,34 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     if (key := (shortfall(other_h), -gain(other_h))) < best_key:  # the other reference: only if it loses less
         best, best_key = other, key
 
-    def consider(prm: dict[str, float], kern: np.ndarray | None = None, count: np.ndarray | None = None) -> None:
+    def consider(prm: dict[str, Any], kern: np.ndarray | None = None, count: np.ndarray | None = None,
+                 signal: np.ndarray | None = None) -> None:
         """Keep `prm` when it beats the best so far on the key (least shortfall, then the gain)."""
         nonlocal best, best_key
-        hm = hits(prm, kern, count)
+        hm = hits(prm, kern, count, signal)
         if (key := (shortfall(hm), -gain(hm))) < best_key:
             best, best_key = prm, key
 
-    q10, q90 = np.quantile(c.s_top, [0.1, 0.9])
-    spread = max(float(q90 - q10), 1e-6)
+    # the novelty floor's signal: s_top, then the learned one (kept only when it beats s_top's best on the key)
+    learned = fit_novelty(c, lat, lon) if learned_novelty else None
+    signals = [(None, c.s_top)] + ([(learned, learned.logit(novelty_features(c)))] if learned is not None else [])
     sharp = poe_kernel(c, CORE_KM)
-    for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
-        kern = (1 - core) * poe_kernel(c, h) + core * sharp
-        for t in np.quantile(c.s_top, POE_THRESHOLD_QUANTILES):
-            for sl in POE_SLOPES:
-                for a in POE_STRENGTHS:
-                    for fl in POE_FLOORS:
-                        consider({**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
-                                  "slope": sl * spread, "floor": fl, "core": core}, kern)
+    kernels = {(h, core): (1 - core) * poe_kernel(c, h) + core * sharp for h in POE_BANDWIDTHS_KM for core in POE_CORES}
+    for model, signal in signals:
+        q10, q90 = np.quantile(signal, [0.1, 0.9])
+        spread = max(float(q90 - q10), 1e-6)
+        for (h, core), kern in kernels.items():
+            for t in np.quantile(signal, POE_THRESHOLD_QUANTILES):
+                for sl in POE_SLOPES:
+                    for a in POE_STRENGTHS:
+                        for fl in POE_FLOORS:
+                            consider({**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
+                                      "slope": sl * spread, "floor": fl, "core": core, "novelty": model}, kern,
+                                     signal=signal)
+    signal = c.s_top if best["novelty"] is None else signals[-1][1]
     if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
         for snap in POE_SNAPS_KM[1:]:
-            hm = hits({**best, "snap_km": snap})
+            hm = hits({**best, "snap_km": snap}, signal=signal)
             key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
             if key < best_key:
                 best, best_key = {**best, "snap_km": snap}, key
@@ -340,9 +397,9 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
         for m in POE_CONSENSUS:
             for rho in POE_CONSENSUS_DENSITIES:
-                consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
+                consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count, signal)
         for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
-            consider({**best, "margin": margin}, kern, count)
-    chosen = hits(best)
+            consider({**best, "margin": margin}, kern, count, signal)
+    chosen = hits(best, signal=signal)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from locdiff import engine
-from locdiff.calibration import IsotonicCalibrator, cross_fitted, expected_calibration_error
+from locdiff.calibration import IsotonicCalibrator, LogisticModel, cross_fitted, expected_calibration_error
 from locdiff.data.datasource import DataSource
 from locdiff.engine import resolve_device
 from locdiff.gallery import Gallery, gallery_for_run
@@ -32,6 +32,7 @@ from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, c
 from locdiff.model.csunet import CSUNet
 from locdiff.model.hybrid import (
     CONSENSUS_TOP,
+    NOVELTY_FEATURES,
     POE_DEFAULT,
     SELECTION_RULE,
     choose_blend,
@@ -150,6 +151,7 @@ class LocDiffMethod(GeoMethod):
                              np.concatenate(groups), tolerance=hc.poe_tolerance)
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
                                    "hybrid_poe": {k: poe[k] for k in POE_DEFAULT},
+                                   "hybrid_novelty": poe["novelty"].to_json() if poe["novelty"] else None,
                                    "val_hybrid_score": blend["score"], "val_poe_score": poe["score"],
                                    "val_poe_shortfall": poe["shortfall"],
                                    "val_locdiff_score": poe["locdiff_score"],
@@ -204,7 +206,7 @@ class LocDiffMethod(GeoMethod):
         lat, lon, _ = out.choose(self._aggregation(aggregation))
         if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
             cand = poe_candidates(self.get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
-            lat, lon, _ = poe_select(cand, **self._poe_parameters())
+            lat, lon, _ = poe_select(cand, **self._poe_parameters(), novelty=self._novelty_model())
         elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
@@ -232,6 +234,21 @@ class LocDiffMethod(GeoMethod):
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
         return prm
+
+    def _novelty_model(self) -> LogisticModel | None:
+        """LocDiff-H's learned novelty signal (selection.json `hybrid_novelty`), None where s_top is the signal
+        (and in runs chosen before it)."""
+        got = self.selection.get("hybrid_novelty")
+        if got is None:
+            return None
+        try:
+            model = LogisticModel.from_json(got)
+            if len(model.coef) != len(NOVELTY_FEATURES):
+                raise ValueError(f"{len(model.coef)} coefficients for {len(NOVELTY_FEATURES)} features")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: hybrid_novelty is damaged ({err}); train again into a new --out") from None
+        return model
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:

@@ -480,6 +480,25 @@ def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, caps
     assert not (tmp_path / "p.parquet").exists()
 
 
+@pytest.mark.parametrize("damage", ["x", {"kind": "pickle"}, {"kind": "logistic", "mean": [0] * 9, "scale": [1] * 9,
+                                                          "coef": [1] * 8, "intercept": 0},
+                                    {"kind": "logistic", "mean": [0] * 9, "scale": [0] * 9, "coef": [1] * 9,
+                                     "intercept": 0}])
+def test_a_damaged_novelty_model_is_one_line(run, synth_dir, tmp_path, capsys, damage):
+    """selection.json's learned novelty signal is untrusted too: refused in one line (exit 2), nothing written."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    sel = json.loads((bad / "selection.json").read_text())
+    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", "hybrid_novelty": damage}))
+    rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
+               str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "hybrid_novelty is damaged" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.parquet").exists()
+
+
 def test_a_run_chosen_before_the_distinct_match_override_keeps_it_off(run, synth_dir, tmp_path):
     """selection.json written before `margin` existed: LocDiff-H predicts exactly as with the override off; a
     margin of 0 (every image takes its best match) changes the answers, so the key is read."""

@@ -1,21 +1,27 @@
 """LocDiff-H's overrides (locdiff.model.hybrid): where the gallery's best matches agree with each other (consensus)
 or the best match stands far above the second (a distinct match), the most similar one is the answer; elsewhere
-the product of experts (here LocDiff's answer) stands. Checked on hand-built candidate sets with distances from
-a float64 haversine."""
+the product of experts (here LocDiff's answer) stands. And its learned novelty signal, where the similarity's top
+alone cannot tell known places from unknown ones. Checked on hand-built candidate sets with distances from a
+float64 haversine."""
 
 import numpy as np
 
+from locdiff.calibration import LogisticModel
 from locdiff.geo import haversine_km
 from locdiff.metrics import THRESHOLDS_KM
 from locdiff.model.hybrid import (
     CONSENSUS_KM,
     CONSENSUS_TOP,
     DENSITY_FLOOR,
+    NOVELTY_FEATURES,
+    NOVELTY_NEAR_KM,
     POE_DEFAULT,
     POE_MARGINS,
     PoECandidates,
     choose_poe,
     consensus_count,
+    fit_novelty,
+    novelty_features,
     poe_select,
 )
 
@@ -34,7 +40,8 @@ def _candidates(lat: np.ndarray, lon: np.ndarray, *, density: float | np.ndarray
     w = np.full((n, k1 - 1), (1 - top_weight) / (k1 - 2))
     w[:, 0] = top_weight
     return PoECandidates(lat=lat, lon=lon, log_density=log_density, nb_weight=w, s_top=np.full(n, 0.5),
-                         s_margin=np.broadcast_to(np.asarray(margin, np.float64), (n,)).copy())
+                         s_margin=np.broadcast_to(np.asarray(margin, np.float64), (n,)).copy(),
+                         s_mean=np.full(n, 0.3), s_std=np.full(n, 0.1))
 
 
 def test_consensus_count_counts_the_neighbours_near_the_best_match():
@@ -44,12 +51,12 @@ def test_consensus_count_counts_the_neighbours_near_the_best_match():
     lon = np.full_like(lat, 20.0)
     expected = int((offsets * KM_PER_DEG <= CONSENSUS_KM).sum())  # 0.05 / 0.1 / 0.2 degrees: 5.6 / 11 / 22 km
     assert expected == 3
-    one = PoECandidates(lat, lon, np.zeros(lat.shape), np.ones((1, 8)) / 8, np.ones(1), np.zeros(1))
+    one = PoECandidates(lat, lon, np.zeros(lat.shape), np.ones((1, 8)) / 8, *np.ones((1, 1)), *np.zeros((3, 1)))
     assert consensus_count(one) == [3]
     # only neighbours 2..CONSENSUS_TOP count: one more close neighbour beyond them changes nothing
     lat2, lon2 = np.concatenate([lat, [[10.01]]], 1), np.concatenate([lon, [[20.0]]], 1)
     assert lat2.shape[1] == CONSENSUS_TOP + 2
-    more = PoECandidates(lat2, lon2, np.zeros(lat2.shape), np.ones((1, 9)) / 9, np.ones(1), np.zeros(1))
+    more = PoECandidates(lat2, lon2, np.zeros(lat2.shape), np.ones((1, 9)) / 9, *np.ones((1, 1)), *np.zeros((3, 1)))
     assert consensus_count(more) == [3]
 
 
@@ -89,7 +96,7 @@ def _on_a_fresh_draw(draw: tuple[PoECandidates, np.ndarray, np.ndarray], got: di
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Accuracy (%) at each threshold of the chosen setting, of LocDiff's answer and of top-1 retrieval."""
     test, lat_t, lon_t = draw
-    h = _acc(*poe_select(test, **{k: got[k] for k in POE_DEFAULT})[:2], lat_t, lon_t)
+    h = _acc(*poe_select(test, **{k: got[k] for k in POE_DEFAULT}, novelty=got["novelty"])[:2], lat_t, lon_t)
     return h, _acc(test.lat[:, 0], test.lon[:, 0], lat_t, lon_t), _acc(test.lat[:, 1], test.lon[:, 1], lat_t, lon_t)
 
 
@@ -113,13 +120,17 @@ def test_the_override_takes_the_best_match_only_where_the_gallery_agrees():
 def test_choose_poe_chooses_the_override_where_only_agreement_separates():
     """Validation and test drawn alike: retrieval wins at 1 / 25 km on the known half and loses 200 km on the
     other; LocDiff the reverse. The chosen rule must do both, which only the override can (the kernel's weight sits
-    on the best match in both halves and the similarity is the same everywhere)."""
+    on the best match in both halves and the similarity is the same everywhere), or the learned novelty signal,
+    which sees the same agreement among its features."""
     c, tlat, tlon = _two_groups(400, seed=1)
-    got = choose_poe(c, tlat, tlon)
-    assert got["consensus"] >= 1 and got["shortfall"] == 0.0, got
-    h, loc, ret = _on_a_fresh_draw(_two_groups(400, seed=2), got)
+    fresh = _two_groups(400, seed=2)
+    got = choose_poe(c, tlat, tlon, learned_novelty=False)
+    assert got["consensus"] >= 1 and got["novelty"] is None and got["shortfall"] == 0.0, got
+    h, loc, ret = _on_a_fresh_draw(fresh, got)
     assert ret[1] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
+    got = choose_poe(c, tlat, tlon)  # with the learned signal too: still the best of both
+    np.testing.assert_allclose(_on_a_fresh_draw(fresh, got)[0], np.maximum(loc, ret))
 
 
 def _lone_matches(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
@@ -152,8 +163,66 @@ def test_the_distinct_match_override_takes_the_best_match_only_far_above_the_sec
 
 def test_choose_poe_chooses_the_margin_where_only_the_margin_separates():
     c, tlat, tlon = _lone_matches(400, seed=4)
-    got = choose_poe(c, tlat, tlon)
+    fresh = _lone_matches(400, seed=5)
+    got = choose_poe(c, tlat, tlon, learned_novelty=False)
     assert got["margin"] in POE_MARGINS and got["shortfall"] == 0.0, got
-    h, loc, ret = _on_a_fresh_draw(_lone_matches(400, seed=5), got)
+    h, loc, ret = _on_a_fresh_draw(fresh, got)
     assert ret[0] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
+    got = choose_poe(c, tlat, tlon)  # with the learned signal (the margin is one of its features): the same
+    np.testing.assert_allclose(_on_a_fresh_draw(fresh, got)[0], np.maximum(loc, ret))
+
+
+def test_novelty_features_by_hand():
+    # answer at (0, 0); the best match 1 degree north of it; the next seven 0.1, 0.5, 2 degrees north of the best
+    # match and four far away; similarities 0.9, 0.7, then 0.5 (nine in all)
+    lat = np.array([[0.0, 1.0, 1.1, 1.5, 3.0, 40.0, 41.0, 42.0, 43.0, 44.0]])
+    lon = np.zeros_like(lat)
+    sim = np.array([0.9, 0.7, *[0.5] * 7])
+    c = PoECandidates(lat, lon, np.log(np.full(lat.shape, 0.25)), np.ones((1, 9)) / 9, sim[:1], sim[:1] - sim[1:2],
+                      np.array([sim.mean()]), np.array([sim.std()]))
+    f = novelty_features(c)[0]
+    assert f.shape == (len(NOVELTY_FEATURES),)
+    near = NOVELTY_NEAR_KM / KM_PER_DEG  # 0.9 degrees
+    expected = [0.9, 0.2, 0.9 - sim.mean(), sim.std(), np.log1p(KM_PER_DEG), np.log(0.25),
+                1,  # 0.1 degree = 11 km from the best match is within CONSENSUS_KM; 0.5 degree = 56 km is not
+                sum(abs(d - 1.0) <= near for d in (1.1, 1.5, 3.0, 40, 41, 42)),  # neighbours 2..8 near the best
+                sum(d <= near for d in (1.0, 1.1, 1.5, 3.0, 40, 41, 42, 43))]  # neighbours 1..8 near the answer
+    assert expected[7] == 2 and expected[8] == 0
+    np.testing.assert_allclose(f, expected, rtol=1e-4)
+
+
+def _spread_only(n: int, seed: int) -> tuple[PoECandidates, np.ndarray, np.ndarray]:
+    """As `_lone_matches`, but the best match's similarity and margin are the same everywhere (0.5, 0): on the
+    known half the best match stands out from the rest (mean 0.3), on the other half all k look alike (mean
+    0.49); no neighbour agrees with another. Only signals s_top cannot give separate the halves."""
+    c, tlat, tlon = _lone_matches(n, seed)
+    known = np.arange(n) < n // 2
+    c.s_margin[:] = 0.0
+    c.s_mean = np.where(known, 0.3, 0.49)
+    c.s_std = np.where(known, 0.1, 0.01)
+    return c, tlat, tlon
+
+
+def test_choose_poe_learns_the_novelty_signal_where_the_top_similarity_cannot_tell():
+    c, tlat, tlon = _spread_only(400, seed=6)
+    fresh = _spread_only(400, seed=7)
+    plain = choose_poe(c, tlat, tlon, learned_novelty=False)
+    assert plain["novelty"] is None and plain["shortfall"] > 0  # s_top, margin and agreement: no way to do both
+    got = choose_poe(c, tlat, tlon)
+    assert isinstance(got["novelty"], LogisticModel) and got["shortfall"] == 0.0, got
+    h, loc, ret = _on_a_fresh_draw(fresh, got)
+    assert ret[0] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
+    np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
+    # the model is fitted to P(best match within 25 km): right on the known half, wrong on the other
+    p = got["novelty"](novelty_features(fresh[0]))
+    assert p[:200].min() > 0.9 and p[200:].max() < 0.1
+
+
+def test_no_novelty_model_without_both_outcomes():
+    c, tlat, tlon = _spread_only(400, seed=8)
+    assert fit_novelty(c, tlat, tlon) is not None
+    few = np.arange(400) < 9  # the best match right on 9 rows: fewer than NOVELTY_MIN_CLASS (10)
+    assert fit_novelty(c, np.where(few, tlat, tlat + 1.0), tlon) is None
+    assert fit_novelty(c, np.where(np.arange(400) < 10, tlat, tlat + 1.0), tlon) is not None
+    assert fit_novelty(c, tlat + 1.0, tlon) is None  # the best match is never right: nothing to learn
