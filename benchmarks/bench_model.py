@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -237,17 +238,20 @@ def _record_update(payload: dict[str, Any], entry: dict[str, Any]) -> None:
 
 
 def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
-    """Re-choose LocDiff-H on the saved run's LocDiff fits in `args.work` and replace its rows of `payload`."""
+    """Re-choose LocDiff-H on the saved run's LocDiff fits in `args.work` and replace its rows of `payload`; the
+    update's entry records each benchmark's chosen parameters and novelty signal."""
     from locdiff.model.hybrid import SELECTION_RULE
 
+    chosen = {}
     for bench, _, data, method, secs, _ in _kept_runs(args, payload):
-        log.info("%s: LocDiff-H chosen again in %.0f s: %s, novelty signal %s", bench, secs,
-                 method.selection.get("hybrid_poe"), "learned" if method.selection.get("hybrid_novelty") else "s_top")
+        poe, signal = method.selection.get("hybrid_poe") or {}, method.selection.get("hybrid_signal", "s_top")
+        log.info("%s: LocDiff-H chosen again in %.0f s: %s, novelty signal %s", bench, secs, poe, signal)
+        chosen[bench] = {**{k: v if math.isfinite(v) else str(v) for k, v in poe.items()}, "signal": signal}
         payload["results"][bench]["LocDiff-H"] = {**payload["results"][bench]["LocDiff-H"],
                                                   **_evaluate(method, data, method="locdiff-h")}
         print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]
                                    for s in data.splits}), flush=True)
-    _record_update(payload, {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE})
+    _record_update(payload, {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE, "chosen": chosen})
 
 
 def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:

@@ -181,12 +181,34 @@ class LogisticModel:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LogisticModel:
-        if data.get("kind") != "logistic":
-            raise ValueError(f"unknown model kind {data.get('kind')!r}")
-        mean, scale, coef = (np.asarray(data[k], np.float64) for k in ("mean", "scale", "coef"))
-        intercept = float(data["intercept"])
-        if not (mean.ndim == 1 and mean.shape == scale.shape == coef.shape and np.isfinite(mean).all()
-                and np.isfinite(coef).all() and np.isfinite(intercept) and np.all(scale > 0)
-                and np.isfinite(scale).all()):
-            raise ValueError("mean, scale and coef must be finite lists of one length, scale > 0, intercept finite")
-        return cls(mean=mean, scale=scale, coef=coef, intercept=intercept, n=int(data.get("n", 0)))
+        """The model from `to_json`'s dict, checked (the file is untrusted): ValueError when damaged."""
+        if not isinstance(data, dict) or data.get("kind") != "logistic":
+            raise ValueError(f"unknown model kind {data.get('kind') if isinstance(data, dict) else data!r}")
+        mean, scale, coef = (_numbers(data.get(k), k) for k in ("mean", "scale", "coef"))
+        intercept = data.get("intercept")
+        if not (isinstance(intercept, (int, float)) and not isinstance(intercept, bool)):
+            raise ValueError("intercept must be a number")
+        intercept = _numbers([intercept], "intercept")[0]
+        n = data.get("n", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 10**12):
+            raise ValueError("n must be a whole number of fitted rows")
+        if not (len(mean) == len(scale) == len(coef) and np.all(scale > 0)):
+            raise ValueError("mean, scale and coef must be lists of one length, scale > 0")
+        return cls(mean=mean, scale=scale, coef=coef, intercept=float(intercept), n=n)
+
+
+LOGISTIC_MAX_FEATURES = 256  # a stored model with more is refused (the file is untrusted)
+
+
+def _numbers(values: Any, name: str) -> np.ndarray:
+    """A stored list of finite numbers (not strings, not booleans) as float64; ValueError otherwise."""
+    if not (isinstance(values, list) and 0 < len(values) <= LOGISTIC_MAX_FEATURES
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ValueError(f"{name} must be a list of 1 to {LOGISTIC_MAX_FEATURES} numbers")
+    try:
+        out = np.asarray(values, np.float64)
+    except OverflowError:
+        raise ValueError(f"{name} holds a number too large") from None
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} must be finite")
+    return out

@@ -5,23 +5,23 @@ Two modes (`hybrid.mode`):
 - "poe" (the default): a product of experts over the candidates {LocDiff's answer} + the top-k retrieved
   gallery locations,
       score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
-  with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and
-  pi the novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`):
-  pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope), near 1 when the best match is far, so the
-  gallery's factor is flat and LocDiff's answer stands. Strength 0 is LocDiff, strength inf top-1 retrieval;
-  h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
-  together when a run has both): first the setting that loses least, at any threshold and group, against
-  the better of the two there (beyond `hybrid.poe_tolerance` points), then the one whose summed accuracy
-  beats the better of the two by 2 standard errors. Then the consensus override: where at least
-  `consensus` of the next neighbours lie within CONSENSUS_KM of the most similar one (the gallery agrees
-  with itself: it knows the place) and LocDiff's density there is at least `consensus_density` of its
-  answer's, the most similar neighbour is the answer; both are chosen on the same key (0: off). Last the
-  distinct-match override: where the most similar neighbour's similarity exceeds the second's by `margin`
-  (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf: off).
-  The novelty floor's signal is s_top, or, where the validation key prefers it, the logit of a learned
-  P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth) from per-row features of the
-  candidates (`novelty_features`: the similarities' top, margin, spread, the neighbours' agreement, LocDiff's
-  density and distance at the best match), a logistic regression fitted on the same validation rows.
+  with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and pi the
+  novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`): pi = floor + (1 -
+  floor) * sigmoid((threshold - s) / slope), near 1 when the best match is far, so the gallery's factor is flat and
+  LocDiff's answer stands; the signal s is s_top or the learned one (below). Strength 0 is LocDiff, strength inf top-1
+  retrieval; h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
+  together when a run has both): first the setting that loses least, at any threshold and group, against the better of
+  the two there (beyond `hybrid.poe_tolerance` points), then the one whose summed accuracy beats the better of the two
+  by 2 standard errors. Then the consensus override: where at least `consensus` of the next neighbours lie within
+  CONSENSUS_KM of the most similar one (the gallery agrees with itself: it knows the place) and LocDiff's density
+  there is at least `consensus_density` of its answer's, the most similar neighbour is the answer; both are chosen on
+  the same key (0: off). Last the distinct-match override: where the most similar neighbour's similarity exceeds the
+  second's by `margin` (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf:
+  off). The novelty floor's signal s is s_top, or, where the validation key prefers it after the whole search above,
+  the logit of a learned P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth): a logistic regression
+  fitted on the same validation rows on per-row features of the candidates (`novelty_features`: the similarities' top,
+  margin, mean gap and spread, the km from LocDiff's answer to the best match and LocDiff's density there, the
+  neighbours agreeing with the best match within 25 and 100 km, and the neighbours within 100 km of the answer).
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -127,15 +127,16 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
 # score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) * K(x) + pi)
 # K: a kernel density over the retrieved neighbours (Gaussian in great-circle distance, bandwidth h, each
 # neighbour weighted by a softmax of its similarity on the row's own similarity scale), peak 1;
-# pi = floor + (1 - floor) * sigmoid((threshold - s_top) / slope): the novelty floor, near 1 when the best
+# pi = floor + (1 - floor) * sigmoid((threshold - s) / slope), s = s_top or the learned signal: the novelty
+# floor, near 1 when the best
 # match is far, so the gallery's factor is flat and LocDiff's answer stands; `floor` is the share of photos
 # taken where no neighbour is, so a neighbour outside LocDiff's density cannot outvote LocDiff's answer.
 # Candidates: LocDiff's answer and the neighbours.
 DENSITY_FLOOR = 0.05  # side lobes and ringing below 5 % of the answer's density all count the same
 POE_BANDWIDTHS_KM = (5.0, 25.0, 100.0, 400.0)
 POE_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
-POE_THRESHOLD_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of s_top on validation
-POE_SLOPES = (0.02, 0.1)  # as a share of the spread (90th - 10th percentile) of s_top on validation
+POE_THRESHOLD_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of the signal s on validation
+POE_SLOPES = (0.02, 0.1)  # as a share of the spread (90th - 10th percentile) of s on validation
 # without validation rows: every neighbour trusted (no novelty floor), a city-sized kernel
 POE_FLOORS = (0.0, 0.001, 0.01, 0.1, 0.3)
 # the kernel's street-level core: K = (1 - core) * Gaussian(h) + core * Gaussian(CORE_KM), so the most similar
@@ -162,7 +163,7 @@ POE_MARGINS = (0.15, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03)
 POE_DEFAULT = {"bandwidth_km": 25.0, "strength": 1.0, "threshold": float("-inf"), "slope": 1.0, "floor": 0.01,
                "core": 0.2, "snap_km": 0.0, "consensus": 0.0, "consensus_density": 1.0, "margin": float("inf")}
 # bumped when choose_poe's rule changes, so that runs choose again on resume (LocDiffMethod.finalize)
-SELECTION_RULE = 4
+SELECTION_RULE = 5
 POE_ROW_CHUNK = 4096  # rows whose (candidates x neighbours) distances are held at once
 
 
@@ -216,11 +217,15 @@ def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:
     return out
 
 
+def _from_best(c: PoECandidates) -> np.ndarray:
+    """(N, up to CONSENSUS_TOP - 1) km from the most similar neighbour to neighbours 2..CONSENSUS_TOP."""
+    top = slice(2, CONSENSUS_TOP + 1)
+    return np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, 1:2], c.lon[:, 1:2]))
+
+
 def consensus_count(c: PoECandidates) -> np.ndarray:
     """(N,) how many of neighbours 2..CONSENSUS_TOP lie within CONSENSUS_KM of the most similar one."""
-    top = slice(2, CONSENSUS_TOP + 1)
-    d = np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, 1:2], c.lon[:, 1:2]))
-    return (d <= CONSENSUS_KM).sum(1)
+    return (_from_best(c) <= CONSENSUS_KM).sum(1)
 
 
 # the learned novelty signal: P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth), a logistic
@@ -236,23 +241,24 @@ NOVELTY_MIN_CLASS = 10  # validation rows needed of each outcome (best match rig
 def novelty_features(c: PoECandidates) -> np.ndarray:
     """(N, len(NOVELTY_FEATURES)) per-row features of the candidates (`NOVELTY_FEATURES`)."""
     top = slice(1, CONSENSUS_TOP + 1)
-    d_best = np.asarray(haversine_km(c.lat[:, 2:CONSENSUS_TOP + 1], c.lon[:, 2:CONSENSUS_TOP + 1], c.lat[:, 1:2],
-                                     c.lon[:, 1:2]))
+    d_best = _from_best(c)
     d_answer = np.asarray(haversine_km(c.lat[:, top], c.lon[:, top], c.lat[:, :1], c.lon[:, :1]))
     return np.column_stack([c.s_top, c.s_margin, c.s_top - c.s_mean, c.s_std, np.log1p(d_answer[:, 0]),
                             c.log_density[:, 1], (d_best <= CONSENSUS_KM).sum(1), (d_best <= NOVELTY_NEAR_KM).sum(1),
                             (d_answer <= NOVELTY_NEAR_KM).sum(1)]).astype(np.float64)
 
 
-def fit_novelty(c: PoECandidates, lat: np.ndarray, lon: np.ndarray) -> LogisticModel | None:
-    """The learned P(best match within NOVELTY_RIGHT_KM of the truth (lat, lon)); None when the rows hold fewer
-    than NOVELTY_MIN_CLASS of either outcome (or no neighbour)."""
+def fit_novelty(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, features: np.ndarray | None = None
+                ) -> LogisticModel | None:
+    """The learned P(best match within NOVELTY_RIGHT_KM of the truth (lat, lon)) on `novelty_features(c)` (or the
+    `features` given, the same); None when the rows hold fewer than NOVELTY_MIN_CLASS of either outcome (or no
+    neighbour)."""
     if c.lat.shape[1] < 2:
         return None
     right = (distances_km(c.lat[:, 1], c.lon[:, 1], lat, lon) <= NOVELTY_RIGHT_KM).astype(np.float64)
     if min(right.sum(), len(right) - right.sum()) < NOVELTY_MIN_CLASS:
         return None
-    return LogisticModel.fit(novelty_features(c), right)
+    return LogisticModel.fit(novelty_features(c) if features is None else features, right)
 
 
 def consensus_override(c: PoECandidates, best: np.ndarray, consensus: float, consensus_density: float,
@@ -314,10 +320,11 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     Among equal shortfalls, the score decides: the sum of the accuracies at all thresholds (%), averaged over
     the groups so that held-out regions weigh as much as the iid rows; a grid setting beats a reference
     (LocDiff or retrieval, whichever scores higher, LocDiff on a tie) on score only when it gains more than
-    `z` standard errors of the paired per-image difference, as `choose_blend` does. The grid is searched with
-    s_top as the novelty signal, then (with `learned_novelty`) with the learned one (`fit_novelty` on these
-    rows), which must beat the first on the key. Returns the parameters (`novelty`: the fitted LogisticModel, or
-    None for s_top), their score and shortfall, LocDiff's and retrieval's scores."""
+    `z` standard errors of the paired per-image difference, as `choose_blend` does. The whole search (grid,
+    snap, overrides) runs with s_top as the novelty signal, then (with `learned_novelty`) with the learned one
+    (`fit_novelty` on these rows), which is kept only when its final setting beats the first's on the key.
+    Returns the parameters (`novelty`: the fitted LogisticModel, or None for s_top), their score and shortfall,
+    LocDiff's and retrieval's scores."""
     thresholds = np.asarray(THRESHOLDS_KM)
     n = len(lat)
     gid = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
@@ -356,50 +363,61 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
         se = float(np.sqrt(np.sum((weight * dev) ** 2) * n / max(n - 1, 1)))
         return g if g > z * se else min(g, 0.0)
 
-    (best, best_h), (other, other_h) = ((locdiff, h_loc), (retrieval, h_ret))[::1 if s_loc >= s_ret else -1]
-    best_key = (shortfall(best_h), 0.0)
-    if (key := (shortfall(other_h), -gain(other_h))) < best_key:  # the other reference: only if it loses less
-        best, best_key = other, key
-
-    def consider(prm: dict[str, Any], kern: np.ndarray | None = None, count: np.ndarray | None = None,
-                 signal: np.ndarray | None = None) -> None:
-        """Keep `prm` when it beats the best so far on the key (least shortfall, then the gain)."""
-        nonlocal best, best_key
-        hm = hits(prm, kern, count, signal)
-        if (key := (shortfall(hm), -gain(hm))) < best_key:
-            best, best_key = prm, key
-
-    # the novelty floor's signal: s_top, then the learned one (kept only when it beats s_top's best on the key)
-    learned = fit_novelty(c, lat, lon) if learned_novelty else None
-    signals = [(None, c.s_top)] + ([(learned, learned.logit(novelty_features(c)))] if learned is not None else [])
+    (start, start_h), (other, other_h) = ((locdiff, h_loc), (retrieval, h_ret))[::1 if s_loc >= s_ret else -1]
+    start_key = (shortfall(start_h), 0.0)
+    if (key := (shortfall(other_h), -gain(other_h))) < start_key:  # the other reference: only if it loses less
+        start, start_key = other, key
     sharp = poe_kernel(c, CORE_KM)
-    kernels = {(h, core): (1 - core) * poe_kernel(c, h) + core * sharp for h in POE_BANDWIDTHS_KM for core in POE_CORES}
-    for model, signal in signals:
+    count = consensus_count(c)
+
+    def search(model: LogisticModel | None, signal: np.ndarray) -> tuple[dict[str, Any], tuple[float, float]]:
+        """The grid, then the snap radius and the two overrides, with `signal` driving the novelty floor; the
+        setting kept and its key (least shortfall, then the gain)."""
+        best, best_key = start, start_key
+
+        def consider(prm: dict[str, Any], kern: np.ndarray, cnt: np.ndarray | None = None) -> None:
+            """Keep `prm` when it beats the best so far on the key."""
+            nonlocal best, best_key
+            hm = hits(prm, kern, cnt, signal)
+            if (key := (shortfall(hm), -gain(hm))) < best_key:
+                best, best_key = prm, key
+
         q10, q90 = np.quantile(signal, [0.1, 0.9])
         spread = max(float(q90 - q10), 1e-6)
-        for (h, core), kern in kernels.items():
+        for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
+            kern = (1 - core) * poe_kernel(c, h) + core * sharp
             for t in np.quantile(signal, POE_THRESHOLD_QUANTILES):
                 for sl in POE_SLOPES:
                     for a in POE_STRENGTHS:
                         for fl in POE_FLOORS:
                             consider({**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
-                                      "slope": sl * spread, "floor": fl, "core": core, "novelty": model}, kern,
-                                     signal=signal)
-    signal = c.s_top if best["novelty"] is None else signals[-1][1]
-    if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
-        for snap in POE_SNAPS_KM[1:]:
-            hm = hits({**best, "snap_km": snap}, signal=signal)
-            key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
-            if key < best_key:
-                best, best_key = {**best, "snap_km": snap}, key
-    if best["strength"] < float("inf"):  # the gallery's own agreement overrides where it knows the place
-        count = consensus_count(c)
-        kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
-        for m in POE_CONSENSUS:
-            for rho in POE_CONSENSUS_DENSITIES:
-                consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count, signal)
-        for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
-            consider({**best, "margin": margin}, kern, count, signal)
+                                      "slope": sl * spread, "floor": fl, "core": core, "novelty": model}, kern)
+        if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
+            for snap in POE_SNAPS_KM[1:]:
+                hm = hits({**best, "snap_km": snap}, signal=signal)
+                key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
+                if key < best_key:
+                    best, best_key = {**best, "snap_km": snap}, key
+        if best["strength"] < float("inf"):  # the gallery's own agreement overrides where it knows the place
+            kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
+            for m in POE_CONSENSUS:
+                for rho in POE_CONSENSUS_DENSITIES:
+                    consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
+            for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
+                consider({**best, "margin": margin}, kern, count)
+        final = hits(best, signal=signal)
+        return best, (shortfall(final), -gain(final))
+
+    # the novelty floor's signal: s_top, then the learned one, kept only where its whole search ends ahead
+    best, best_key = search(None, c.s_top)
+    signal = c.s_top
+    features = novelty_features(c) if learned_novelty else None
+    learned = fit_novelty(c, lat, lon, features) if learned_novelty else None
+    if learned is not None:
+        learned_signal = learned.logit(features)
+        other, other_key = search(learned, learned_signal)
+        if other_key < best_key and other["novelty"] is not None:
+            best, signal = other, learned_signal
     chosen = hits(best, signal=signal)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}

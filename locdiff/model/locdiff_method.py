@@ -151,6 +151,7 @@ class LocDiffMethod(GeoMethod):
                              np.concatenate(groups), tolerance=hc.poe_tolerance)
             self.selection.update({"hybrid_weight": blend["weight"], "hybrid_radius_km": blend["radius_km"],
                                    "hybrid_poe": {k: poe[k] for k in POE_DEFAULT},
+                                   "hybrid_signal": "learned" if poe["novelty"] else "s_top",
                                    "hybrid_novelty": poe["novelty"].to_json() if poe["novelty"] else None,
                                    "val_hybrid_score": blend["score"], "val_poe_score": poe["score"],
                                    "val_poe_shortfall": poe["shortfall"],
@@ -230,22 +231,24 @@ class LocDiffMethod(GeoMethod):
                 raise ValueError("bandwidth_km and slope must be > 0, strength >= 0, floor, core and "
                                  "consensus_density in [0, 1], threshold a number, snap_km in [0, half the Earth], "
                                  f"consensus in [0, {CONSENSUS_TOP}), margin >= 0 (inf: off)")
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OverflowError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_poe is damaged ({err}); train again into a new --out") from None
         return prm
 
     def _novelty_model(self) -> LogisticModel | None:
-        """LocDiff-H's learned novelty signal (selection.json `hybrid_novelty`), None where s_top is the signal
-        (and in runs chosen before it)."""
-        got = self.selection.get("hybrid_novelty")
-        if got is None:
-            return None
+        """LocDiff-H's learned novelty signal (selection.json `hybrid_signal` "learned" and its `hybrid_novelty`),
+        None where s_top is the signal (also in runs chosen before the learned one existed)."""
+        signal, got = self.selection.get("hybrid_signal", "s_top"), self.selection.get("hybrid_novelty")
         try:
+            if signal not in ("s_top", "learned") or (signal == "learned") != (got is not None):
+                raise ValueError(f"hybrid_signal {signal!r} with {'a' if got is not None else 'no'} model")
+            if got is None:
+                return None
             model = LogisticModel.from_json(got)
             if len(model.coef) != len(NOVELTY_FEATURES):
                 raise ValueError(f"{len(model.coef)} coefficients for {len(NOVELTY_FEATURES)} features")
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: hybrid_novelty is damaged ({err}); train again into a new --out") from None
         return model

@@ -480,10 +480,22 @@ def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, caps
     assert not (tmp_path / "p.parquet").exists()
 
 
-@pytest.mark.parametrize("damage", ["x", {"kind": "pickle"}, {"kind": "logistic", "mean": [0] * 9, "scale": [1] * 9,
-                                                          "coef": [1] * 8, "intercept": 0},
-                                    {"kind": "logistic", "mean": [0] * 9, "scale": [0] * 9, "coef": [1] * 9,
-                                     "intercept": 0}])
+_MODEL = {"kind": "logistic", "mean": [0.0] * 9, "scale": [1.0] * 9, "coef": [0.5] * 9, "intercept": 0.0, "n": 10}
+
+
+@pytest.mark.parametrize("damage", [
+    {"hybrid_signal": "learned", "hybrid_novelty": "x"},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "kind": "pickle"}},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "coef": [0.5] * 8}},  # one length, not the features'
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "mean": [0.0] * 8, "scale": [1.0] * 8,
+                                                    "coef": [0.5] * 8}},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "scale": [0.0] * 9}},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "intercept": 10**400}},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "n": float("inf")}},
+    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "coef": ["1"] * 9}},
+    {"hybrid_signal": "learned", "hybrid_novelty": None},  # thresholds on the logit's scale, no model
+    {"hybrid_signal": "s_top", "hybrid_novelty": _MODEL},
+    {"hybrid_signal": "both", "hybrid_novelty": _MODEL}])
 def test_a_damaged_novelty_model_is_one_line(run, synth_dir, tmp_path, capsys, damage):
     """selection.json's learned novelty signal is untrusted too: refused in one line (exit 2), nothing written."""
     import shutil
@@ -491,7 +503,7 @@ def test_a_damaged_novelty_model_is_one_line(run, synth_dir, tmp_path, capsys, d
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
     sel = json.loads((bad / "selection.json").read_text())
-    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", "hybrid_novelty": damage}))
+    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", **damage}))
     rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
                str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
     err = capsys.readouterr().err.strip()

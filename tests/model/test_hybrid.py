@@ -119,3 +119,16 @@ def test_hybrid_keeps_locdiff_where_the_gallery_has_never_been(trained_h, synth_
         d = (err_h <= km).astype(float) - (err_p <= km).astype(float)
         se = d.std(ddof=1) / np.sqrt(len(d)) if d.any() else 0.0
         assert d.mean() >= -2 * se, (km, 100 * d.mean(), 100 * se)
+
+
+@pytest.mark.slow
+def test_what_was_chosen_on_validation_is_what_predicts(trained_h, synth_tables):
+    """LocDiff-H's validation score in selection.json (the mean over val and val_unseen of the summed accuracies)
+    is what `predict` gives on the same rows: the stored parameters and novelty signal are the chosen ones."""
+    method, _ = trained_h
+    sums = []
+    for table in (synth_tables["val"], _val_unseen()):
+        m = _acc(method.predict(table, method="locdiff-h"), table)
+        sums.append(sum(v for k, v in m.items() if k.startswith("acc_")))
+    assert method.selection["hybrid_signal"] in ("s_top", "learned")
+    assert np.mean(sums) == pytest.approx(method.selection["val_poe_score"], abs=1e-9)

@@ -129,7 +129,8 @@ def test_choose_poe_chooses_the_override_where_only_agreement_separates():
     h, loc, ret = _on_a_fresh_draw(fresh, got)
     assert ret[1] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
-    got = choose_poe(c, tlat, tlon)  # with the learned signal too: still the best of both
+    got = choose_poe(c, tlat, tlon)  # with the learned signal too: it ties at best, and a tie keeps s_top
+    assert got["novelty"] is None and got["consensus"] >= 1, got
     np.testing.assert_allclose(_on_a_fresh_draw(fresh, got)[0], np.maximum(loc, ret))
 
 
@@ -169,26 +170,25 @@ def test_choose_poe_chooses_the_margin_where_only_the_margin_separates():
     h, loc, ret = _on_a_fresh_draw(fresh, got)
     assert ret[0] == 50.0 and loc[1] == 0.0 and loc[2] == 100.0 and ret[2] == 50.0  # the setting as built
     np.testing.assert_allclose(h, np.maximum(loc, ret))  # the best of both at every threshold
-    got = choose_poe(c, tlat, tlon)  # with the learned signal (the margin is one of its features): the same
+    got = choose_poe(c, tlat, tlon)  # with the learned signal (the margin is one of its features): a tie keeps s_top
+    assert got["novelty"] is None and got["margin"] in POE_MARGINS, got
     np.testing.assert_allclose(_on_a_fresh_draw(fresh, got)[0], np.maximum(loc, ret))
 
 
 def test_novelty_features_by_hand():
-    # answer at (0, 0); the best match 1 degree north of it; the next seven 0.1, 0.5, 2 degrees north of the best
-    # match and four far away; similarities 0.9, 0.7, then 0.5 (nine in all)
-    lat = np.array([[0.0, 1.0, 1.1, 1.5, 3.0, 40.0, 41.0, 42.0, 43.0, 44.0]])
+    # on the meridian, in degrees north: LocDiff's answer at 0, the best match at 1, the next seven neighbours
+    # (2..CONSENSUS_TOP) at 1.1, 1.5, 3, 0.5, 41, 42, 43, and a ninth at 0.6, beyond CONSENSUS_TOP, which must not
+    # count (it lies within 100 km of both the best match and the answer); similarities 0.9, 0.7, then 0.5
+    lat = np.array([[0.0, 1.0, 1.1, 1.5, 3.0, 0.5, 41.0, 42.0, 43.0, 0.6]])
     lon = np.zeros_like(lat)
     sim = np.array([0.9, 0.7, *[0.5] * 7])
     c = PoECandidates(lat, lon, np.log(np.full(lat.shape, 0.25)), np.ones((1, 9)) / 9, sim[:1], sim[:1] - sim[1:2],
                       np.array([sim.mean()]), np.array([sim.std()]))
+    assert CONSENSUS_TOP == 8 and NOVELTY_NEAR_KM == 100.0 and CONSENSUS_KM == 25.0
+    # km from the best match: 11, 56, 222, 56, ...; from the answer: 111 (the best), 122, 167, 334, 56, ...
+    expected = [0.9, 0.2, 0.9 - sim.mean(), sim.std(), np.log1p(KM_PER_DEG), np.log(0.25), 1, 3, 1]
     f = novelty_features(c)[0]
     assert f.shape == (len(NOVELTY_FEATURES),)
-    near = NOVELTY_NEAR_KM / KM_PER_DEG  # 0.9 degrees
-    expected = [0.9, 0.2, 0.9 - sim.mean(), sim.std(), np.log1p(KM_PER_DEG), np.log(0.25),
-                1,  # 0.1 degree = 11 km from the best match is within CONSENSUS_KM; 0.5 degree = 56 km is not
-                sum(abs(d - 1.0) <= near for d in (1.1, 1.5, 3.0, 40, 41, 42)),  # neighbours 2..8 near the best
-                sum(d <= near for d in (1.0, 1.1, 1.5, 3.0, 40, 41, 42, 43))]  # neighbours 1..8 near the answer
-    assert expected[7] == 2 and expected[8] == 0
     np.testing.assert_allclose(f, expected, rtol=1e-4)
 
 
