@@ -454,50 +454,26 @@ def test_one_photo_one_answer(run, synth_tables, tmp_path):
     np.testing.assert_allclose(np.concatenate([p.pred_lon for p in parts]), ref.lon, atol=1e-6)
 
 
-@pytest.mark.parametrize("damage", [{"hybrid_poe": {"bandwidth_km": -1}}, {"hybrid_poe": "x"},
-                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": "nan",
-                                                    "slope": 1, "floor": 2}},
-                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
-                                                    "floor": 0, "consensus": 99}},
-                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
-                                                    "floor": 0, "consensus": 2, "consensus_density": "x"}},
-                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
-                                                    "floor": 0, "margin": -0.1}},
-                                    {"hybrid_poe": {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1,
-                                                    "floor": 0, "margin": "nan"}}])
-def test_a_damaged_product_of_experts_is_one_line(run, synth_dir, tmp_path, capsys, damage):
-    """selection.json is untrusted: LocDiff-H with damaged parameters is refused in one line (exit 2)."""
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(run, bad)
-    sel = json.loads((bad / "selection.json").read_text())
-    (bad / "selection.json").write_text(json.dumps({**sel, "hybrid_mode": "poe", **damage}))
-    rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
-               str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "hybrid_poe is damaged" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "p.parquet").exists()
-
-
+_POE = {"bandwidth_km": 25, "strength": 1, "threshold": 0, "slope": 1, "floor": 0}
 _MODEL = {"kind": "logistic", "mean": [0.0] * 9, "scale": [1.0] * 9, "coef": [0.5] * 9, "intercept": 0.0, "n": 10}
 
 
-@pytest.mark.parametrize("damage", [
-    {"hybrid_signal": "learned", "hybrid_novelty": "x"},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "kind": "pickle"}},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "coef": [0.5] * 8}},  # one length, not the features'
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "mean": [0.0] * 8, "scale": [1.0] * 8,
-                                                    "coef": [0.5] * 8}},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "scale": [0.0] * 9}},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "intercept": 10**400}},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "n": float("inf")}},
-    {"hybrid_signal": "learned", "hybrid_novelty": {**_MODEL, "coef": ["1"] * 9}},
-    {"hybrid_signal": "learned", "hybrid_novelty": None},  # thresholds on the logit's scale, no model
-    {"hybrid_signal": "s_top", "hybrid_novelty": _MODEL},
-    {"hybrid_signal": "both", "hybrid_novelty": _MODEL}])
-def test_a_damaged_novelty_model_is_one_line(run, synth_dir, tmp_path, capsys, damage):
-    """selection.json's learned novelty signal is untrusted too: refused in one line (exit 2), nothing written."""
+@pytest.mark.parametrize(("damage", "what"), [
+    *(({"hybrid_poe": poe}, "hybrid_poe") for poe in (
+        {"bandwidth_km": -1}, "x", {**_POE, "threshold": "nan", "floor": 2}, {**_POE, "consensus": 99},
+        {**_POE, "consensus": 2, "consensus_density": "x"}, {**_POE, "margin": -0.1}, {**_POE, "margin": "nan"},
+        {**_POE, "strength": 10**400})),
+    *(({"hybrid_signal": signal, "hybrid_novelty": model}, "hybrid_novelty") for signal, model in (
+        ("learned", "x"), ("learned", {**_MODEL, "kind": "pickle"}),
+        ("learned", {**_MODEL, "coef": [0.5] * 8}),  # lengths that differ
+        ("learned", {**_MODEL, "mean": [0.0] * 8, "scale": [1.0] * 8, "coef": [0.5] * 8}),  # one length, not 9
+        ("learned", {**_MODEL, "scale": [0.0] * 9}), ("learned", {**_MODEL, "intercept": 10**400}),
+        ("learned", {**_MODEL, "n": float("inf")}), ("learned", {**_MODEL, "coef": ["1"] * 9}),
+        ("learned", None),  # thresholds on the logit's scale, no model
+        ("s_top", _MODEL), ("both", _MODEL)))])
+def test_damaged_locdiff_h_parameters_are_one_line(run, synth_dir, tmp_path, capsys, damage, what):
+    """selection.json is untrusted: LocDiff-H with damaged product-of-experts parameters or a damaged learned
+    novelty signal is refused in one line naming what (exit 2), nothing written."""
     import shutil
 
     bad = tmp_path / "bad"
@@ -507,7 +483,7 @@ def test_a_damaged_novelty_model_is_one_line(run, synth_dir, tmp_path, capsys, d
     rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
                str(tmp_path / "p.parquet"), "--method", "locdiff-h", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "hybrid_novelty is damaged" in err and len(err.splitlines()) == 1, err
+    assert rc == 2 and f"{what} is damaged" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "p.parquet").exists()
 
 
