@@ -6,22 +6,23 @@ Two modes (`hybrid.mode`):
   gallery locations,
       score(x) = log clip(f_c(x) / f_c(answer), DENSITY_FLOOR, 1) + strength * log((1 - pi) K(x) + pi),
   with K the similarity-weighted kernel density of the neighbours (bandwidth h, with a street-level core) and pi the
-  novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`): pi = floor + (1 -
-  floor) * sigmoid((threshold - s) / slope), near 1 when the best match is far, so the gallery's factor is flat and
-  LocDiff's answer stands; the signal s is s_top or the learned one (below). Strength 0 is LocDiff, strength inf top-1
-  retrieval; h, strength, threshold, slope and floor are chosen on validation (`choose_poe`, on val and val_unseen
-  together when a run has both): first the setting that loses least, at any threshold and group, against the better of
-  the two there (beyond `hybrid.poe_tolerance` points), then the one whose summed accuracy beats the better of the two
-  by 2 standard errors. Then the consensus override: where at least `consensus` of the next neighbours lie within
-  CONSENSUS_KM of the most similar one (the gallery agrees with itself: it knows the place) and LocDiff's density
-  there is at least `consensus_density` of its answer's, the most similar neighbour is the answer; both are chosen on
-  the same key (0: off). Last the distinct-match override: where the most similar neighbour's similarity exceeds the
-  second's by `margin` (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf:
-  off). The novelty floor's signal s is s_top, or, where the validation key prefers it after the whole search above,
-  the logit of a learned P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth): a logistic regression
-  fitted on the same validation rows on per-row features of the candidates (`novelty_features`: the similarities' top,
-  margin, mean gap and spread, the km from LocDiff's answer to the best match and LocDiff's density there, the
-  neighbours agreeing with the best match within 25 and 100 km, and the neighbours within 100 km of the answer).
+  novelty floor (a chosen neighbour then gives way to the most similar neighbour within `snap_km`):
+      pi = floor + (1 - floor) * sigmoid((threshold - s) / slope),
+  near 1 when the best match is far, so the gallery's factor is flat and LocDiff's answer stands; the signal s is
+  s_top or the learned one (below). Strength 0 is LocDiff, strength inf top-1 retrieval; h, strength, threshold, slope
+  and floor are chosen on validation (`choose_poe`, on val and val_unseen together when a run has both): first the
+  setting that loses least, at any threshold and group, against the better of the two there (beyond
+  `hybrid.poe_tolerance` points), then the one whose summed accuracy beats the better of the two by 2 standard errors.
+  Then the consensus override: where at least `consensus` of the next neighbours lie within CONSENSUS_KM of the most
+  similar one (the gallery agrees with itself: it knows the place) and LocDiff's density there is at least
+  `consensus_density` of its answer's, the most similar neighbour is the answer; both are chosen on the same key (0:
+  off). Last the distinct-match override: where the most similar neighbour's similarity exceeds the second's by
+  `margin` (a near-duplicate, as in Lowe's ratio test), it is the answer; chosen on the same key (inf: off). The
+  novelty floor's signal s is s_top, or, where the validation key prefers it after the whole search above, the logit
+  of a learned P(the most similar neighbour is within NOVELTY_RIGHT_KM of the truth): a logistic regression fitted on
+  the same validation rows on per-row features of the candidates (`novelty_features`: the similarities' top, margin,
+  mean gap and spread, the km from LocDiff's answer to the best match and LocDiff's density there, the neighbours
+  agreeing with the best match within 25 and 100 km, and the neighbours within 100 km of the answer).
 - "blend" (paper.yaml, and runs trained before the product of experts: their selection.json has no
   `hybrid_mode`): a candidate qualifies when it lies within `radius_km` of the LocDiff mode m; its score is
       weight * f_c(candidate) / f_c(m) + (1 - weight) * cosine similarity;
@@ -128,9 +129,9 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
 # K: a kernel density over the retrieved neighbours (Gaussian in great-circle distance, bandwidth h, each
 # neighbour weighted by a softmax of its similarity on the row's own similarity scale), peak 1;
 # pi = floor + (1 - floor) * sigmoid((threshold - s) / slope), s = s_top or the learned signal: the novelty
-# floor, near 1 when the best
-# match is far, so the gallery's factor is flat and LocDiff's answer stands; `floor` is the share of photos
-# taken where no neighbour is, so a neighbour outside LocDiff's density cannot outvote LocDiff's answer.
+# floor, near 1 when the best match is far, so the gallery's factor is flat and LocDiff's answer stands; `floor`
+# is the share of photos taken where no neighbour is, so a neighbour outside LocDiff's density cannot outvote
+# LocDiff's answer.
 # Candidates: LocDiff's answer and the neighbours.
 DENSITY_FLOOR = 0.05  # side lobes and ringing below 5 % of the answer's density all count the same
 POE_BANDWIDTHS_KM = (5.0, 25.0, 100.0, 400.0)
