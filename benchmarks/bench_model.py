@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-train", type=int, default=50_000, help="synth training rows")
     ap.add_argument("--n-train-realbench", type=int, default=60_000, help="realbench training rows (as in issue 9)")
     ap.add_argument("--n-train-cuebench", type=int, default=60_000, help="cuebench training rows")
-    ap.add_argument("--n-val", type=int, default=1_000)
+    ap.add_argument("--n-val", type=int, default=4_000,
+                    help="validation rows (val_unseen: half): what base.yaml chooses on (train.val_samples 4,096)")
     ap.add_argument("--n-test", type=int, default=2_000)
     ap.add_argument("--n-unseen", type=int, default=1_000)
     ap.add_argument("--n-yfcc", type=int, default=4_000, help="realbench yfcc26k rows (0: all 25,600)")

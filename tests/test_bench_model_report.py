@@ -52,5 +52,5 @@ def test_report_says_which_rows_an_update_measured_again():
 
 def test_default_args_are_the_command_lines_defaults():
     args = bench_model.default_args()
-    assert (args.n_train, args.n_train_realbench, args.n_val, args.seed) == (50_000, 60_000, 1_000, 0)
+    assert (args.n_train, args.n_train_realbench, args.n_val, args.seed) == (50_000, 60_000, 4_000, 0)
     assert not args.update_hybrid and not args.update_probe and args.work is None
