@@ -371,54 +371,55 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     sharp = poe_kernel(c, CORE_KM)
     count = consensus_count(c)
 
-    def search(model: LogisticModel | None, signal: np.ndarray) -> tuple[dict[str, Any], tuple[float, float]]:
-        """The grid, then the snap radius and the two overrides, with `signal` driving the novelty floor; the
-        setting kept and its key (least shortfall, then the gain)."""
-        best, best_key = start, start_key
+    # the novelty floor's signals: s_top, then the learned one, kept only where its whole search ends ahead
+    signals: list[tuple[LogisticModel | None, np.ndarray]] = [(None, c.s_top)]
+    features = novelty_features(c) if learned_novelty else None
+    learned = fit_novelty(c, lat, lon, features) if learned_novelty else None
+    if learned is not None:
+        signals.append((learned, learned.logit(features)))
+    states = [(start, start_key) for _ in signals]  # per signal: the setting kept so far and its key
 
-        def consider(prm: dict[str, Any], kern: np.ndarray, cnt: np.ndarray | None = None) -> None:
-            """Keep `prm` when it beats the best so far on the key."""
-            nonlocal best, best_key
-            hm = hits(prm, kern, cnt, signal)
-            if (key := (shortfall(hm), -gain(hm))) < best_key:
-                best, best_key = prm, key
+    def consider(i: int, prm: dict[str, Any], kern: np.ndarray, cnt: np.ndarray | None = None) -> None:
+        """Keep `prm` for signal i when it beats that signal's best so far on the key."""
+        hm = hits(prm, kern, cnt, signals[i][1])
+        if (key := (shortfall(hm), -gain(hm))) < states[i][1]:
+            states[i] = (prm, key)
 
+    ranges = []  # per signal: the thresholds tried and the slopes' scale (quantiles of the signal)
+    for _, signal in signals:
         q10, q90 = np.quantile(signal, [0.1, 0.9])
-        spread = max(float(q90 - q10), 1e-6)
-        for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
-            kern = (1 - core) * poe_kernel(c, h) + core * sharp
-            for t in np.quantile(signal, POE_THRESHOLD_QUANTILES):
+        ranges.append((np.quantile(signal, POE_THRESHOLD_QUANTILES), max(float(q90 - q10), 1e-6)))
+    for h, core in ((h, core) for h in POE_BANDWIDTHS_KM for core in POE_CORES):
+        kern = (1 - core) * poe_kernel(c, h) + core * sharp  # once per kernel, for every signal
+        for i, (model, _) in enumerate(signals):
+            cuts, spread = ranges[i]
+            for t in cuts:
                 for sl in POE_SLOPES:
                     for a in POE_STRENGTHS:
                         for fl in POE_FLOORS:
-                            consider({**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
-                                      "slope": sl * spread, "floor": fl, "core": core, "novelty": model}, kern)
+                            consider(i, {**locdiff, "bandwidth_km": h, "strength": a, "threshold": float(t),
+                                         "slope": sl * spread, "floor": fl, "core": core, "novelty": model}, kern)
+    finals = []
+    for i, (_, signal) in enumerate(signals):  # then the snap radius and the two overrides, per signal
+        best, best_key = states[i]
         if 0 < best["strength"] < float("inf"):  # a product was chosen: then the snap radius, on the same key
             for snap in POE_SNAPS_KM[1:]:
                 hm = hits({**best, "snap_km": snap}, signal=signal)
                 key = (shortfall(hm), -float(weight @ (hm.sum(1) - base)))
                 if key < best_key:
                     best, best_key = {**best, "snap_km": snap}, key
+            states[i] = (best, best_key)
         if best["strength"] < float("inf"):  # the gallery's own agreement overrides where it knows the place
             kern = (1 - best["core"]) * poe_kernel(c, best["bandwidth_km"]) + best["core"] * sharp
             for m in POE_CONSENSUS:
                 for rho in POE_CONSENSUS_DENSITIES:
-                    consider({**best, "consensus": float(m), "consensus_density": rho}, kern, count)
+                    consider(i, {**states[i][0], "consensus": float(m), "consensus_density": rho}, kern, count)
             for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
-                consider({**best, "margin": margin}, kern, count)
-        final = hits(best, signal=signal)
-        return best, (shortfall(final), -gain(final))
-
-    # the novelty floor's signal: s_top, then the learned one, kept only where its whole search ends ahead
-    best, best_key = search(None, c.s_top)
-    signal = c.s_top
-    features = novelty_features(c) if learned_novelty else None
-    learned = fit_novelty(c, lat, lon, features) if learned_novelty else None
-    if learned is not None:
-        learned_signal = learned.logit(features)
-        other, other_key = search(learned, learned_signal)
-        if other_key < best_key and other["novelty"] is not None:
-            best, signal = other, learned_signal
+                consider(i, {**states[i][0], "margin": margin}, kern, count)
+        final = hits(states[i][0], signal=signal)
+        finals.append((shortfall(final), -gain(final)))
+    pick = 1 if len(signals) > 1 and finals[1] < finals[0] and states[1][0]["novelty"] is not None else 0
+    best, signal = states[pick][0], signals[pick][1]
     chosen = hits(best, signal=signal)
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}
