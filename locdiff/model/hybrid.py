@@ -298,8 +298,8 @@ def poe_select(c: PoECandidates, *, bandwidth_km: float, strength: float, thresh
     if signal is None:
         signal = c.s_top if novelty is None else novelty.logit(novelty_features(c))
     gate = 1.0 / (1.0 + np.exp(-np.clip((threshold - signal) / max(slope, 1e-9), -60, 60)))[:, None]
-    novelty = floor + (1.0 - floor) * gate
-    score = c.log_density + strength * np.log(np.maximum((1 - novelty) * k + novelty, 1e-300))
+    pi = floor + (1.0 - floor) * gate  # the novelty floor per row
+    score = c.log_density + strength * np.log(np.maximum((1 - pi) * k + pi, 1e-300))
     best = score.argmax(1)
     if snap_km > 0:
         d = np.asarray(haversine_km(c.lat[:, 1:], c.lon[:, 1:], c.lat[rows, best][:, None],
@@ -417,9 +417,8 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
             for margin in POE_MARGINS:  # then a near-duplicate in the gallery, on the same key
                 consider(i, {**states[i][0], "margin": margin}, kern, count)
         final = hits(states[i][0], signal=signal)
-        finals.append((shortfall(final), -gain(final)))
-    pick = 1 if len(signals) > 1 and finals[1] < finals[0] and states[1][0]["novelty"] is not None else 0
-    best, signal = states[pick][0], signals[pick][1]
-    chosen = hits(best, signal=signal)
+        finals.append(((shortfall(final), -gain(final)), final))
+    pick = 1 if len(signals) > 1 and finals[1][0] < finals[0][0] and states[1][0]["novelty"] is not None else 0
+    best, chosen = states[pick][0], finals[pick][1]
     return {**best, "score": 100.0 * float(weight @ chosen.sum(1)), "shortfall": shortfall(chosen),
             "locdiff_score": s_loc, "retrieval_score": s_ret}
