@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save
 
 from locdiff.data.config import load_encoder_config
 from locdiff.data.datasource import open_source
+from locdiff.data.storage import TooBigError, read_local
 from locdiff.errors import CorruptFileError, UserError, reraise_for
 from locdiff.hashing import stable_hash
 from locdiff.model.config import Config, config_to_dict, read_run_config
@@ -282,10 +283,14 @@ class RunFolder:
             if default is not None:
                 return default
             raise FileNotFoundError(f"{path}: missing")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-        if len(raw) > MAX_JSON_BYTES:
-            raise CorruptFileError(path, f"{path}: larger than {MAX_JSON_BYTES} bytes; {DAMAGED}")
+        try:  # a regular file only: a FIFO or device in an untrusted run folder must not block the read
+            raw = read_local(str(path), max_bytes=MAX_JSON_BYTES)
+        except TooBigError:
+            raise CorruptFileError(path, f"{path}: larger than {MAX_JSON_BYTES} bytes; {DAMAGED}") from None
+        except FileNotFoundError:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)) from None
+            raise CorruptFileError(path, f"{path}: not a regular file; {DAMAGED}") from None
         try:
             return json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

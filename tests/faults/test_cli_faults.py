@@ -9,6 +9,7 @@ A full disk is in test_disk_full.py; the pipeline's preflight and the Prefect fl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def selection_json_not_json(w, tmp):
     run = w.copy_run(tmp / "run")
     (run / "selection.json").write_text("[1, 2")
     return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON"]
+
+
+def selection_json_is_a_fifo(w, tmp):  # a read of it would block for ever
+    run = w.copy_run(tmp / "run")
+    (run / "selection.json").unlink()
+    os.mkfifo(run / "selection.json")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not a regular file"]
+
+
+def run_json_links_to_dev_zero(w, tmp):  # a read of it would never end
+    run = w.copy_run(tmp / "run")
+    (run / "run.json").unlink()
+    (run / "run.json").symlink_to("/dev/zero")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'run.json'}: not a regular file"]
 
 
 def truncated_checkpoint_on_resume(w, tmp):
@@ -383,7 +398,8 @@ def train_on_a_broken_manifest(w, tmp):
 
 CASES: list[Case] = [
     truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
-    selection_json_not_json, truncated_checkpoint_on_resume, checkpoint_not_a_dict_on_resume,
+    selection_json_not_json, selection_json_is_a_fifo, run_json_links_to_dev_zero, truncated_checkpoint_on_resume,
+    checkpoint_not_a_dict_on_resume,
     checkpoint_missing_keys_on_resume, run_config_bad_yaml_predict, run_config_bad_yaml_resume,
     run_config_unknown_key, run_config_out_of_range, run_config_out_of_range_resume, truncated_gallery,
     gallery_json_damaged, gallery_array_of_another_shape, resume_128d_run_with_64d_data, predict_64d_data_with_128d_run,
