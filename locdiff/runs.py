@@ -44,7 +44,7 @@ from locdiff.data.datasource import open_source
 from locdiff.data.storage import TooBigError, read_local
 from locdiff.errors import CorruptFileError, UserError, reraise_for
 from locdiff.hashing import stable_hash
-from locdiff.model.config import Config, config_to_dict, read_run_config
+from locdiff.model.config import MAX_STEPS, Config, config_to_dict, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of `name` in the run; CorruptFileError where it is a symlink leading out of the run folder
+        (an untrusted run never makes the reader open /etc/passwd or a device)."""
+        path = self.path / name
+        if path.is_symlink() and not path.resolve().is_relative_to(self.path.resolve()):
+            raise CorruptFileError(path, f"{path}: a symlink leading out of the run folder; {DAMAGED}")
+        return path
 
     def create(self) -> None:
         try:
@@ -137,6 +142,7 @@ class RunFolder:
 
     def read_config(self) -> dict[str, Any]:
         """The resolved config mapping of the run (validated by the caller's config system)."""
+        self.file(CONFIG)  # refuses a symlink out of the run
         return read_run_config(self.path)
 
     def write_config(self, config: Config | Mapping[str, Any]) -> None:
@@ -185,7 +191,15 @@ class RunFolder:
         path = self.file(CHECKPOINT)
         if not path.exists():
             return
-        check_checkpoint(load_state(path, mmap=True), path, embed_dim=embed_dim, data=data)
+        state = load_state(path, mmap=True)
+        check_checkpoint(state, path, embed_dim=embed_dim, data=data)
+        model = state["model"]
+        bad = [k for k, t in (model.items() if isinstance(model, dict) else ())
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # training on would fail at its first step, after the run's files were rewritten
+            raise CorruptFileError(path, f"{path}: the weights hold NaN or inf ({bad[0]}"
+                                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); delete it to train "
+                                   "from scratch")
 
     @contextlib.contextmanager
     def removed_if_unstarted(self) -> Iterator[None]:
@@ -333,6 +347,8 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     the tensors instead of reading them."""
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read, a device never end it
+        raise CorruptFileError(path, f"{path}: not a regular file; {hint}")
     with reraise_for(path, what=what, hint=hint):
         try:
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -355,6 +371,10 @@ def check_checkpoint(state: dict[str, Any], path: str | os.PathLike, *, embed_di
     if missing:
         raise CorruptFileError(path, f"{path}: not a complete locdiff checkpoint (no {', '.join(map(repr, missing))}); "
                                "delete it to train from scratch")
+    step = state["step"]
+    if type(step) is not int or not 0 <= step <= MAX_STEPS:
+        raise CorruptFileError(path, f"{path}: not a locdiff checkpoint (step {str(step)[:40]!r}, not an integer in "
+                               f"[0, {MAX_STEPS:,}]); delete it to train from scratch")
     dim = state.get("embed_dim")
     if dim is not None and (type(dim) is not int or dim < 1):
         raise CorruptFileError(path, f"{path}: not a locdiff checkpoint (embed_dim {dim!r}); delete it to train "

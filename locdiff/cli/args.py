@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import typing
+
+from locdiff.errors import UserError
 
 MAX_DEGREE = 512  # the SHDD degree a flag may ask for (the bound of the config's shdd.degree)
 
@@ -26,3 +29,14 @@ def number_in(lo: float, hi: float, kind: type = int) -> typing.Callable[[str], 
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
+
+
+def check_not_an_input(out: str | None, flag: str, inputs: dict[str, str | None]) -> None:
+    """UserError where the output file `out` (of `flag`) is one of the `inputs` ({flag: path}): writing it would
+    replace what the command reads. Local paths only (a URL is never the same file as another argument)."""
+    if not out or not os.path.exists(out):
+        return
+    for name, path in inputs.items():
+        if path and os.path.exists(path) and os.path.samefile(out, path):
+            raise UserError(f"{flag} {out} is the {name} file: writing it would replace what is read; "
+                            "give another file")

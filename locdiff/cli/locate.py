@@ -100,13 +100,13 @@ def _locate(args: argparse.Namespace) -> int:
     print(format_locations(results, modes=args.top_k))
     print(f"\n{len(located)} of {len(results)} photos located with {args.run} ({args.method}); confidence: "
           f"calibrated probability of lying within {g.radius_km:g} km")
+    if not located:  # before --out: a failed call leaves an existing table as it was
+        raise UserError(f"none of the {len(results)} photos could be read (see the lines above)")
     if args.out:
         write_locations(args.out, results, args.top_k)
         print(f"wrote {args.out}")
-    if args.map and located:
+    if args.map:
         locations_map(args.map, [r.lat for r in located], [r.lon for r in located],
                       [Path(r.id).name for r in located], title=f"located with {args.run}")
         print(f"wrote {args.map}")
-    if not located:
-        raise UserError(f"none of the {len(results)} photos could be read (see the lines above)")
     return 0

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from locdiff.cli.args import number_in
+from locdiff.cli.args import check_not_an_input, number_in
 from locdiff.data.stream import read_table
 from locdiff.errors import UserError
 from locdiff.io import write_predictions
@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():  # before any work: the predictions file cannot be written there
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), args.out)
+    check_not_an_input(args.out, "--out", {"--data": args.data})
     folder = RunFolder(args.run)
     cfg = folder.read_config()
     trained = cfg.get("method", "locdiff")

@@ -37,6 +37,7 @@ from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable
 log = logging.getLogger(__name__)
 
 PIECE_ROWS = 65_536  # larger shards / row groups are cut into row ranges of at most this many rows
+MAX_READ_FLOATS = 1 << 28  # rows x dim of a table read whole (`read_table`: prediction inputs): 1 GiB of float32
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,9 @@ class ParquetSource(DataSource):
             local = Path(p)
             if not local.exists():
                 raise FileNotFoundError(f"{path}: no such file or folder")
-            files = sorted(str(f) for f in local.rglob("*.parquet")) if local.is_dir() else [str(local)]
+            files = sorted(str(f) for f in local.rglob("*.parquet") if f.is_file()) if local.is_dir() else [str(local)]
+            if not local.is_dir() and not local.is_file():  # a FIFO would block the reader, a device never end
+                raise ValueError(f"{path}: not a regular file or folder")
         else:
             if not fs.exists(p):
                 raise FileNotFoundError(f"{path}: no such file or folder")
@@ -442,6 +445,9 @@ def read_table(data: str | EmbeddingTable, *, labelled: bool | None = None) -> E
     if isinstance(data, EmbeddingTable):
         return data
     src = open_source(data, labelled=labelled)
+    if src.count * max(src.dim, 1) > MAX_READ_FLOATS:  # from the metadata, before any row is read
+        raise UserError(f"{src.location}: {src.count:,} rows of {src.dim:,} floats, above the {MAX_READ_FLOATS:,} "
+                        "a table read whole may hold; split it into smaller tables")
     if isinstance(src, ParquetSource):  # the full reader also checks ids across the whole file
         return read_embeddings(data, labelled=labelled)
     return src.read_all()

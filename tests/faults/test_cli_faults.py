@@ -78,7 +78,15 @@ def run_json_links_to_dev_zero(w, tmp):  # a read of it would never end
     run = w.copy_run(tmp / "run")
     (run / "run.json").unlink()
     (run / "run.json").symlink_to("/dev/zero")
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'run.json'}: not a regular file"]
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'run.json'}: a symlink leading out of the run folder"]
+
+
+def config_yaml_links_out_of_the_run(w, tmp):  # never read (nor echoed in a message): the file is the user's
+    run = w.copy_run(tmp / "run")
+    (tmp / "notes.txt").write_text("not for the run to read\n")
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(tmp / "notes.txt")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'config.yaml'}: a symlink leading out of the run folder"]
 
 
 def truncated_checkpoint_on_resume(w, tmp):
@@ -93,6 +101,26 @@ def checkpoint_not_a_dict_on_resume(w, tmp):
     run = w.copy_run(tmp / "run")
     torch.save([torch.zeros(3)], run / "checkpoint.pt")
     return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: ", "not a locdiff checkpoint"]
+
+
+def checkpoint_step_negative_on_resume(w, tmp):  # refused before config.yaml, metrics.jsonl or run.json change
+    import torch
+
+    run = w.copy_run(tmp / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "step": -5}, run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: not a locdiff checkpoint (step '-5'"]
+
+
+def checkpoint_nan_weights_on_resume(w, tmp):
+    import torch
+
+    run = w.copy_run(tmp / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    key = next(k for k, t in state["model"].items() if t.is_floating_point())
+    state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+    torch.save(state, run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: the weights hold NaN or inf ({key}"]
 
 
 def checkpoint_missing_keys_on_resume(w, tmp):
@@ -228,6 +256,19 @@ def predict_on_a_file_that_is_not_parquet(w, tmp):
     return _predict(w.run, path, tmp / "p.csv"), [f"{path}: not a readable Parquet file"]
 
 
+def predict_on_a_fifo(w, tmp):  # pyarrow would block on it for ever
+    path = tmp / "table.parquet"
+    os.mkfifo(path)
+    return _predict(w.run, path, tmp / "p.csv"), [f"{path}: not a regular file or folder"]
+
+
+def checkpoint_is_a_fifo_on_resume(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "checkpoint.pt").unlink()
+    os.mkfifo(run / "checkpoint.pt")
+    return w.train_argv(run, "train.steps=6"), [f"{run / 'checkpoint.pt'}: not a regular file"]
+
+
 def truncated_parquet(w, tmp):
     path = tmp / "table.parquet"
     shutil.copy(w.train, path)
@@ -305,6 +346,19 @@ def evaluate_a_directory(w, tmp):
     path = tmp / "pred.csv"
     path.mkdir()
     return ["evaluate", "--predictions", str(path)], [f"{path}: is a directory"]
+
+
+def evaluate_json_onto_the_predictions(w, tmp):
+    path = tmp / "pred.csv"
+    path.write_text("id,lat,lon,pred_lat,pred_lon\na,1,2,1,2\n")
+    return (["evaluate", "--predictions", str(path), "--json", str(path)],
+            [f"--json {path} is the --predictions file"])
+
+
+def predict_out_onto_the_data(w, tmp):
+    data = tmp / "table.parquet"
+    shutil.copy(w.test, data)
+    return _predict(w.run, data, data), [f"--out {data} is the --data file"]
 
 
 def model_safetensors_is_a_directory(w, tmp):
@@ -398,17 +452,20 @@ def train_on_a_broken_manifest(w, tmp):
 
 CASES: list[Case] = [
     truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
-    selection_json_not_json, selection_json_is_a_fifo, run_json_links_to_dev_zero, truncated_checkpoint_on_resume,
-    checkpoint_not_a_dict_on_resume,
-    checkpoint_missing_keys_on_resume, run_config_bad_yaml_predict, run_config_bad_yaml_resume,
+    selection_json_not_json, selection_json_is_a_fifo, run_json_links_to_dev_zero, config_yaml_links_out_of_the_run,
+    truncated_checkpoint_on_resume, checkpoint_not_a_dict_on_resume,
+    checkpoint_missing_keys_on_resume, checkpoint_step_negative_on_resume, checkpoint_nan_weights_on_resume,
+    run_config_bad_yaml_predict, run_config_bad_yaml_resume,
     run_config_unknown_key, run_config_out_of_range, run_config_out_of_range_resume, truncated_gallery,
     gallery_json_damaged, gallery_array_of_another_shape, resume_128d_run_with_64d_data, predict_64d_data_with_128d_run,
     resume_with_steps_minus_5, config_steps_minus_5, config_batch_size_minus_4, config_not_yaml,
-    train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, truncated_parquet,
+    train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, predict_on_a_fifo,
+    checkpoint_is_a_fifo_on_resume, truncated_parquet,
     train_on_a_table_with_nan, predict_on_a_table_with_nan, evaluate_a_predictions_row_out_of_range,
     evaluate_a_predictions_row_not_a_number, evaluate_a_predictions_row_too_short, train_on_a_missing_file,
     predict_from_a_missing_run, predict_from_a_run_without_a_model, evaluate_a_missing_file,
-    evaluate_a_directory, model_safetensors_is_a_directory, predict_out_is_a_directory,
+    evaluate_a_directory, evaluate_json_onto_the_predictions, predict_out_onto_the_data,
+    model_safetensors_is_a_directory, predict_out_is_a_directory,
     train_config_is_a_directory, inspect_a_truncated_shard, inspect_a_truncated_shard_unverified,
     inspect_a_corrupted_json_member, inspect_a_flipped_byte, train_on_a_flipped_byte, export_a_truncated_shard,
     train_on_a_broken_manifest,
@@ -489,3 +546,20 @@ def test_locate_counts_what_it_leaves_out_of_a_folder(tmp_path, capsys):
     assert err[0] == (f"locdiff locate: error: no image files (JPEG/PNG/WebP) in {folder} (left out of the folders: "
                       "1 files that are not JPEG/PNG/WebP, 1 entries that are not regular files, 1 symlinks leading "
                       "out of the folder, 1 symlinked folders (not followed))")
+
+
+def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world, tmp_path, capsys, monkeypatch):
+    """A table is read whole for prediction: its rows x dim is bounded from the Parquet metadata (a 2.4 MB file
+    of repeated rows can hold millions of them), in one line naming the file."""
+    from locdiff.data import datasource
+
+    n, dim = pq.read_metadata(world.test).num_rows, 128  # the world's d128 benchmark
+    monkeypatch.setattr(datasource, "MAX_READ_FLOATS", n * dim - 1)
+    rc = main(_predict(world.run, world.test, tmp_path / "p.csv"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"locdiff predict: error: {world.test}: {n:,} rows of {dim:,} floats, above the "
+                      f"{n * dim - 1:,} a table read whole may hold; split it into smaller tables")
+    assert not (tmp_path / "p.csv").exists()
+    monkeypatch.setattr(datasource, "MAX_READ_FLOATS", n * dim)
+    assert main(_predict(world.run, world.test, tmp_path / "p.csv")) == 0

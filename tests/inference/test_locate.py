@@ -63,8 +63,12 @@ def test_cli_errors_are_one_line(trained, folder, tmp_path, capsys):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.jpg").write_bytes(b"nope")
-    assert main(["locate", "--run", str(trained["run_dir"]), str(only_bad), "--no-progress"]) == 2
+    keep = tmp_path / "keep.csv"  # an earlier table: a call that locates nothing leaves it as it was
+    keep.write_text("id,lat,lon\nearlier,1,2\n")
+    assert main(["locate", "--run", str(trained["run_dir"]), str(only_bad), "--no-progress", "--out", str(keep),
+                 "--map", str(tmp_path / "m.png")]) == 2
     assert "none of the 1 photos could be read" in capsys.readouterr().err
+    assert keep.read_text() == "id,lat,lon\nearlier,1,2\n" and not (tmp_path / "m.png").exists()
 
 
 def test_api_types_inputs_and_order(trained, folder):
