@@ -9,10 +9,12 @@ import time
 import torch
 
 from locdiff.cli.args import MAX_DEGREE, number_in
+from locdiff.errors import UserError
 from locdiff.geo import haversine_km, random_points
 from locdiff.plots import _background, _pyplot, save_figure
 from locdiff.shdd import SHDD
 
+MAX_ROUNDTRIP_FLOATS = 1 << 26  # n x (L+1)^2: the codes and the decoder's work of a round trip are held at once
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shdd", help="SHDD location codes: encode, round-trip check, kernel plot")
@@ -48,6 +50,9 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _roundtrip(args: argparse.Namespace) -> int:
     codec = SHDD(args.degree)
+    if args.n * codec.dimension > MAX_ROUNDTRIP_FLOATS:  # the codes are held at once: n x (L+1)^2 numbers
+        raise UserError(f"--n {args.n:,} points x {codec.dimension:,} coefficients (--degree {args.degree}) is above "
+                        f"the {MAX_ROUNDTRIP_FLOATS:,} numbers a round trip holds at once; give a smaller --n")
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
     lat, lon = random_points(args.n, seed=args.seed, dtype=dtype)
     t0 = time.perf_counter()

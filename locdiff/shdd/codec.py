@@ -18,6 +18,8 @@ from locdiff.shdd.basis import degree_from_dim, num_coefficients, spherical_harm
 from locdiff.shdd.decode import decode
 
 SCALE = math.sqrt(4 * math.pi)  # z0 = encode(x) * SCALE has unit variance per coefficient over the sphere
+# the basis at one code's points is built this many bytes at a time (a whole map at degree 64 would take 9 GB)
+DENSITY_BLOCK_BYTES = 64 << 20
 
 
 def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
@@ -61,6 +63,13 @@ def density(coeffs: torch.Tensor, lat: Any, lon: Any) -> torch.Tensor:
     degree = SHDD.from_dim(coeffs.shape[-1]).degree
     lat_t, lon_t = _as_float_tensor(lat, "lat"), _as_float_tensor(lon, "lon")
     check_coordinates(lat_t, lon_t)
+    if coeffs.dim() == 1:  # one code at many points (a map): the basis a block of points at a time
+        la, lo = torch.broadcast_tensors(lat_t.to(coeffs.dtype), lon_t.to(coeffs.dtype))
+        block = max(1, DENSITY_BLOCK_BYTES // (coeffs.shape[-1] * coeffs.element_size()))
+        flat_la, flat_lo = la.reshape(-1), lo.reshape(-1)
+        parts = [spherical_harmonics(flat_la[i:i + block], flat_lo[i:i + block], degree) @ coeffs
+                 for i in range(0, flat_la.numel(), block)]
+        return (torch.cat(parts) if parts else flat_la.new_zeros(0)).reshape(la.shape)
     y = spherical_harmonics(lat_t.to(coeffs.dtype), lon_t.to(coeffs.dtype), degree)
     if coeffs.dim() > 1 and lat_t.dim() == coeffs.dim():
         return torch.einsum("...pd,...d->...p", y, coeffs)
