@@ -83,6 +83,8 @@ class IsotonicCalibrator:
         x, y = np.asarray(data["x"], np.float64), np.asarray(data["y"], np.float64)
         if x.shape != y.shape or x.ndim != 1 or np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
             raise ValueError("calibration knots must be two non-decreasing lists of the same length")
+        if not (np.isfinite(x).all() and np.isfinite(y).all() and ((y >= 0) & (y <= 1)).all()):
+            raise ValueError("calibration knots must be finite, with probabilities y in [0, 1]")
         return cls(x=x, y=y, n=int(data.get("n", 0)))
 
 

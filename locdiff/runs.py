@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save
 from locdiff.data.config import load_encoder_config
 from locdiff.data.datasource import open_source
 from locdiff.data.storage import TooBigError, read_local
-from locdiff.errors import CorruptFileError, UserError, reraise_for
+from locdiff.errors import CorruptFileError, UserError, one_line, reraise_for
 from locdiff.hashing import stable_hash
 from locdiff.model.config import MAX_STEPS, Config, config_to_dict, read_run_config
 
@@ -306,9 +306,18 @@ class RunFolder:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)) from None
             raise CorruptFileError(path, f"{path}: not a regular file; {DAMAGED}") from None
         try:
-            return json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptFileError(path, f"{path}: not valid JSON ({err}); {DAMAGED}") from None
+        except RecursionError:
+            raise CorruptFileError(path, f"{path}: not valid JSON (nested too deeply); {DAMAGED}") from None
+        except ValueError as err:  # an integer of more digits than Python converts
+            raise CorruptFileError(path, f"{path}: not valid JSON ({one_line(str(err), 80)}); {DAMAGED}") from None
+        if not isinstance(data, dict):  # every JSON file of a run is an object
+            kind = "null" if data is None else "list" if isinstance(data, list) else "string" if isinstance(
+                data, str) else "number"
+            raise CorruptFileError(path, f"{path}: not a JSON object (a {kind}); {DAMAGED}")
+        return data
 
     # -- the record ------------------------------------------------------------------------------------------
     def record(self) -> dict[str, Any] | None:
@@ -330,7 +339,11 @@ class RunFolder:
     def encoder(self) -> dict[str, Any]:
         """The encoder the run's training embeddings came from (run.json `encoder`: name, type, model,
         revision, normalize, dim; whatever is known), with `dim` from model.json when run.json lacks it."""
-        enc = dict((self.record() or {}).get("encoder") or {})
+        enc = (self.record() or {}).get("encoder") or {}
+        if not isinstance(enc, dict) or not isinstance(enc.get("dim", 0), int):
+            raise CorruptFileError(self.file(RECORD), f"{self.file(RECORD)}: encoder is not a mapping with an integer "
+                                   f"dim; {DAMAGED}")
+        enc = dict(enc)
         if "dim" not in enc and self.file(MODEL).is_file():
             dim = self.read_json(MODEL).get("embed_dim")
             if dim is not None:

@@ -351,7 +351,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or one_line(str(err), 120)
-        raise ConfigError("--set", key, f"cannot read the value {raw!r} as YAML ({problem})") from None
+        raise ConfigError("--set", key, f"cannot read the value {raw[:40]!r} as YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError("--set", key, "cannot read the value as YAML (nested too deeply)") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError("--set", key, f"cannot read the value as YAML ({one_line(str(err), 80)})") from None
     return key, value
 
 
@@ -498,6 +502,8 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
         raise UserError(f"{path}: is a directory; give a YAML file")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such config file; check the path")
+    if not path.is_file():  # a FIFO would block the read, a device never end it
+        raise UserError(f"{path}: not a regular file; give a YAML file")
     with open(path, "rb") as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
@@ -517,6 +523,10 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
         problem = getattr(err, "problem", None) or one_line(str(err), 200)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"{path}: not valid YAML ({problem}{where}); fix the file") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply); fix the file") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise UserError(f"{path}: not valid YAML ({one_line(str(err), 80)}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

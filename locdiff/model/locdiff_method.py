@@ -182,16 +182,21 @@ class LocDiffMethod(GeoMethod):
     def confidence_radius_km(self) -> float:
         """The radius the confidence refers to (the calibration's, else the config's)."""
         cal = self.selection.get("calibration") or {}
-        return float(cal.get("radius_km", self.config.predict.confidence_radius_km))
+        radius = cal.get("radius_km", self.config.predict.confidence_radius_km) if isinstance(cal, dict) else None
+        if type(radius) not in (int, float) or not 0 < radius <= HALF_EARTH_KM:
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: calibration.radius_km is damaged (not a number of km in (0, "
+                             f"{HALF_EARTH_KM:g}]); train again into a new --out")
+        return float(radius)
 
     def calibrator(self, method: str = "locdiff") -> IsotonicCalibrator | None:
         """The validation-fitted confidence map of a prediction method; None when the run has none."""
-        entry = ((self.selection.get("calibration") or {}).get("methods") or {}).get(method)
-        if not entry:
-            return None
         try:
+            entry = ((self.selection.get("calibration") or {}).get("methods") or {}).get(method)
+            if not entry:
+                return None
             return IsotonicCalibrator.from_json(entry)
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             where = self._run.file(SELECTION) if self._run else SELECTION
             raise ValueError(f"{where}: the confidence calibration of {method!r} is damaged ({err}); train "
                              "again into a new --out") from None

@@ -67,6 +67,60 @@ def selection_json_not_json(w, tmp):
     return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON"]
 
 
+def _edit_selection(run: Path, edit: Callable[[dict], object]) -> None:
+    sel = json.loads((run / "selection.json").read_text())
+    edit(sel)
+    (run / "selection.json").write_text(json.dumps(sel))
+
+
+def selection_json_is_a_list(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "selection.json").write_text("[]")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not a JSON object (a list)"]
+
+
+def selection_json_nested_too_deeply(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "selection.json").write_text("[" * 200_000 + "]" * 200_000)
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON (nested too deeply)"]
+
+
+def selection_json_a_5000_digit_step(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "selection.json").write_text('{"step": ' + "9" * 5000 + "}")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON (Exceeds the limit"]
+
+
+def calibration_radius_negative(w, tmp):
+    run = w.copy_run(tmp / "run")
+    _edit_selection(run, lambda sel: sel["calibration"].update(radius_km=-200))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: calibration.radius_km is damaged"]
+
+
+def calibration_probability_above_one(w, tmp):
+    run = w.copy_run(tmp / "run")
+    _edit_selection(run, lambda sel: sel["calibration"]["methods"]["locdiff"].update(y=[5.0, 5.0]))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: the confidence calibration of "
+                                                  "'locdiff' is damaged", "probabilities y in [0, 1]"]
+
+
+def calibration_methods_a_list(w, tmp):
+    run = w.copy_run(tmp / "run")
+    _edit_selection(run, lambda sel: sel["calibration"].update(methods=[1]))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: the confidence calibration of "]
+
+
+def config_yaml_nested_too_deeply(w, tmp):
+    run = w.copy_run(tmp / "run")
+    (run / "config.yaml").write_text("a: " + "[" * 200_000)
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'config.yaml'}: not valid YAML (nested too deeply)"]
+
+
+def set_a_5000_digit_number(w, tmp):
+    return w.train_argv(tmp / "run", "train.steps=" + "9" * 5000), ["--set train.steps: cannot read the value",
+                                                                  "Exceeds the limit"]
+
+
 def selection_json_is_a_fifo(w, tmp):  # a read of it would block for ever
     run = w.copy_run(tmp / "run")
     (run / "selection.json").unlink()
@@ -452,7 +506,10 @@ def train_on_a_broken_manifest(w, tmp):
 
 CASES: list[Case] = [
     truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
-    selection_json_not_json, selection_json_is_a_fifo, run_json_links_to_dev_zero, config_yaml_links_out_of_the_run,
+    selection_json_not_json, selection_json_is_a_list, selection_json_nested_too_deeply,
+    selection_json_a_5000_digit_step, calibration_radius_negative, calibration_probability_above_one,
+    calibration_methods_a_list, config_yaml_nested_too_deeply, set_a_5000_digit_number, selection_json_is_a_fifo,
+    run_json_links_to_dev_zero, config_yaml_links_out_of_the_run,
     truncated_checkpoint_on_resume, checkpoint_not_a_dict_on_resume,
     checkpoint_missing_keys_on_resume, checkpoint_step_negative_on_resume, checkpoint_nan_weights_on_resume,
     run_config_bad_yaml_predict, run_config_bad_yaml_resume,
