@@ -30,6 +30,8 @@ from locdiff.data import storage
 from locdiff.errors import reraise_for
 from locdiff.tables import EmbeddingTable
 
+MAX_EMBED_ABS = 1e6  # an embedding's elements (image features are unit-scale; larger overflow the network)
+
 PathLike = str | os.PathLike
 
 
@@ -88,6 +90,8 @@ def _read_parquet(path: PathLike) -> pa.Table:
 def _column(table: pa.Table, name: str, path: PathLike) -> pa.ChunkedArray:
     if name not in table.column_names:
         raise ValueError(f"{path}: missing column {name!r} (columns: {', '.join(table.column_names)})")
+    if table.column_names.count(name) > 1:
+        raise ValueError(f"{path}: column {name!r} appears {table.column_names.count(name)} times; keep one")
     return table.column(name)
 
 
@@ -159,6 +163,12 @@ def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
         col_i = int(np.argmax(~np.isfinite(emb[row])))
         raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i])!r} "
                                            "(NaN or infinite)")
+    big = np.abs(emb).max(axis=1) > MAX_EMBED_ABS
+    if big.any():  # an image encoder's features are unit-scale; such values overflow the network
+        row = _first_bad(big)
+        col_i = int(np.argmax(np.abs(emb[row])))
+        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i]):g}, "
+                                           f"beyond +-{MAX_EMBED_ABS:g}")
     return emb
 
 

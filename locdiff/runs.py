@@ -259,8 +259,10 @@ class RunFolder:
     def load_model(self, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, description) of the predictor; UserError naming the file when one is damaged."""
         for name in (WEIGHTS, MODEL):
-            if self.file(name).exists() and not self.file(name).is_file():
+            if self.file(name).is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.file(name)))
+            if self.file(name).exists() and not self.file(name).is_file():  # a FIFO, a device
+                raise CorruptFileError(self.file(name), f"{self.file(name)}: not a regular file; {DAMAGED}")
         if not self.has_model():
             raise FileNotFoundError(f"{self.path}: no trained model ({WEIGHTS}, {MODEL}); the run has not "
                                     "finished training (run `locdiff train` again to resume it)")
@@ -270,6 +272,11 @@ class RunFolder:
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptFileError(path, f"{path}: cannot read the model weights ({str(err).splitlines()[0]}); "
                                    "the file is damaged: train again into a new --out") from None
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CorruptFileError(path, f"{path}: the weights hold NaN or inf ({bad[0]}"
+                                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the file is damaged: "
+                                   "train again into a new --out")
         meta = self.read_json(MODEL)
         dim = meta.get("embed_dim") if isinstance(meta, dict) else None
         if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) or type(dim) is not int or dim < 1:

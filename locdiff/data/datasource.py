@@ -334,6 +334,9 @@ class ParquetSource(DataSource):
                 raise ValueError(f"{f}: not a readable Parquet file: {err}") from None
             schema = meta.schema.to_arrow_schema()
             names = schema.names
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{f}: column {twice[0]!r} appears {names.count(twice[0])} times; keep one")
             if "embedding" not in names or "id" not in names:
                 raise ValueError(f"{f}: missing column {'id' if 'id' not in names else 'embedding'!r} "
                                  f"(columns: {', '.join(names)})")

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # refuses those above twice it at open; a larger max_pixels given to a function raises PIL's guard to it.
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# PIL's bomb warning (between its limit and twice it) is raised: a row's too_large, not two lines on stderr
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 # the reasons a record can be skipped for (keys of the manifest's "skipped")
 REASONS = (

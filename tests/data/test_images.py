@@ -129,3 +129,19 @@ def test_modes_are_converted_to_rgb():
         im.save(buf, format="TIFF")
         assert load_rgb(buf.getvalue()).mode == "RGB"
         assert load_rgb(im).mode == "RGB"
+
+
+def test_an_image_over_pils_bomb_limit_is_a_row_error_without_a_warning(tmp_path):
+    """A 10,000 x 10,000 PNG (100 Mpx, 97 kB of zeros) is too_large, and PIL's DecompressionBombWarning does not
+    reach stderr (`locate` printed it as two extra lines). In a fresh interpreter: pytest resets the warning
+    filters a program runs with."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.png"
+    Image.new("L", (10_000, 10_000)).save(path)
+    code = ("from locdiff.data.images import load_rgb\nfrom locdiff.data.validation import RecordError\n"
+            f"try:\n    load_rgb({str(path)!r})\nexcept RecordError as err:\n    print(err.reason)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "too_large", proc
+    assert proc.stderr == "", proc.stderr

@@ -330,10 +330,10 @@ def truncated_parquet(w, tmp):
     return w.train_argv(tmp / "run", data=path), [f"{path}: "]
 
 
-def _with_nan(w: World, tmp: Path, row: int) -> Path:
+def _with_nan(w: World, tmp: Path, row: int, value: float = np.nan) -> Path:
     table = pq.read_table(w.train)
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    emb[row, 5] = np.nan
+    emb[row, 5] = value
     arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
     path = tmp / "nan.parquet"
     pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", arr), path,
@@ -350,6 +350,36 @@ def train_on_a_table_with_nan(w, tmp):
 def predict_on_a_table_with_nan(w, tmp):
     path = _with_nan(w, tmp, 11)
     return _predict(w.run, path, tmp / "p.csv"), [f"{path}: column 'embedding', row 11: element 5"]
+
+
+def predict_on_a_table_with_a_huge_element(w, tmp):  # finite, but it overflowed the network to NaN codes
+    path = _with_nan(w, tmp, 7, 3e38)
+    return _predict(w.run, path, tmp / "p.csv"), [f"{path}: column 'embedding', row 7: element 5 of the embedding "
+                                                  "is 3e+38, beyond +-1e+06"]
+
+
+def predict_on_a_table_with_two_embedding_columns(w, tmp):
+    table = pq.read_table(w.test)
+    path = tmp / "twice.parquet"
+    pq.write_table(table.append_column("embedding", table.column("embedding")), path)
+    return _predict(w.run, path, tmp / "p.csv"), [f"{path}: column 'embedding' appears 2 times"]
+
+
+def evaluate_a_csv_with_two_lat_columns(w, tmp):
+    path = tmp / "pred.csv"
+    path.write_text("id,lat,lon,pred_lat,pred_lon,lat\na,1,2,1,2,3\n")
+    return ["evaluate", "--predictions", str(path)], [f"{path}: column 'lat' appears 2 times"]
+
+
+def model_safetensors_with_nan(w, tmp):
+    from safetensors.torch import load_file, save_file
+
+    run = w.copy_run(tmp / "run")
+    tensors = load_file(run / "model.safetensors")
+    tensors["emb_mean"] = tensors["emb_mean"] * float("nan")
+    save_file(tensors, run / "model.safetensors")
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.safetensors'}: the weights hold NaN or inf "
+                                                  "(emb_mean)"]
 
 
 def _predictions_csv(tmp: Path, bad: str) -> Path:
@@ -518,7 +548,9 @@ CASES: list[Case] = [
     resume_with_steps_minus_5, config_steps_minus_5, config_batch_size_minus_4, config_not_yaml,
     train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, predict_on_a_fifo,
     checkpoint_is_a_fifo_on_resume, truncated_parquet,
-    train_on_a_table_with_nan, predict_on_a_table_with_nan, evaluate_a_predictions_row_out_of_range,
+    train_on_a_table_with_nan, predict_on_a_table_with_nan, predict_on_a_table_with_a_huge_element,
+    predict_on_a_table_with_two_embedding_columns, evaluate_a_csv_with_two_lat_columns, model_safetensors_with_nan,
+    evaluate_a_predictions_row_out_of_range,
     evaluate_a_predictions_row_not_a_number, evaluate_a_predictions_row_too_short, train_on_a_missing_file,
     predict_from_a_missing_run, predict_from_a_run_without_a_model, evaluate_a_missing_file,
     evaluate_a_directory, evaluate_json_onto_the_predictions, predict_out_onto_the_data,
