@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # faiss's loader logs six lines about CPU features on every gallery search
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     command = getattr(args, "command_name", args.command)
     try:
         return int(args.func(args) or 0)
