@@ -109,22 +109,22 @@ def cpu_threads(requested: int = 0, loader_threads: int = 1) -> int:
     return max(1, cpus - loader_threads)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torch.device:
     """"auto" (CUDA when present, else the CPU) or a device name; a CUDA device this machine does not have
-    is a UserError naming what exists."""
+    is a UserError naming what exists (and `setting`, where the name came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UserError(f"train.device={name}: not a device name ({str(err).splitlines()[0]}); use auto, cpu, "
+        raise UserError(f"{setting}={name}: not a device name ({str(err).splitlines()[0]}); use auto, cpu, "
                         "cuda or cuda:N") from None
     if device.type == "cuda":
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have == 0 or (device.index or 0) >= have:
             exists = f"its CUDA devices are cuda:0..cuda:{have - 1}" if have else "it has no CUDA GPU"
-            raise UserError(f"train.device={name}: this machine has no such device ({exists}); use "
-                            "train.device=auto or one that exists")
+            raise UserError(f"{setting}={name}: this machine has no such device ({exists}); use "
+                            f"{setting}=auto or one that exists")
     return device
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from locdiff.cli.args import number_in
 from locdiff.data.sources.base import IMAGE_EXTENSIONS
+from locdiff.engine import resolve_device
 from locdiff.errors import UserError
 from locdiff.inference.geolocator import Geolocator, check_top_k, format_locations, write_locations
 from locdiff.plots import locations_map
+from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,6 +91,10 @@ def _locate(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
                         + (f" ({left_out})" if skipped else ""))
+    if args.device is not None:  # named as the flag (the model's config would call it train.device)
+        if not re.fullmatch(DEVICE_PATTERN, args.device):
+            raise UserError(f"--device {args.device[:40]!r}: give {DEVICE_EXPECT}")
+        resolve_device(args.device, setting="--device")
     g = Geolocator.load(args.run, device=args.device)
     results = g.locate(files, top_k=args.top_k, method=args.method, batch_size=args.batch_size,
                        progress=not args.no_progress)

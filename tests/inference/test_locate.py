@@ -57,6 +57,11 @@ def test_cli_errors_are_one_line(trained, folder, tmp_path, capsys):
     assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err.strip() == f"locdiff locate: error: --out {tmp_path / 'x.json'}: give a .csv " \
                                               "or .parquet file"
+    for device, said in (("garbage!", "--device 'garbage!': give auto, cpu, cuda, cuda:N or mps"),
+                         ("cuda:99", "--device=cuda:99: this machine has no such device")):
+        assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"locdiff locate: error: {said}") and "\n" not in err, err
     assert main(["locate", "--run", str(tmp_path / "nope"), str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such run folder" in err
