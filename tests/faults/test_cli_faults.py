@@ -35,6 +35,13 @@ def _predict(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 # -- the run folder ------------------------------------------------------------------------------------------
 
+def _with_run_file(w: World, tmp: Path, name: str, text: str, culprit: str) -> tuple[list[str], list[str]]:
+    """A copy of the run whose file `name` holds `text`; predict names it with `culprit`."""
+    run = w.copy_run(tmp / "run")
+    (run / name).write_text(text)
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / name}: {culprit}"]
+
+
 def truncated_safetensors(w, tmp):
     run = w.copy_run(tmp / "run")
     truncate(run / "model.safetensors")
@@ -48,9 +55,7 @@ def safetensors_header_garbage(w, tmp):
 
 
 def model_json_not_json(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "model.json").write_text('{"method": "locdiff", ')
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'model.json'}: not valid JSON"]
+    return _with_run_file(w, tmp, "model.json", '{"method": "locdiff", ', "not valid JSON")
 
 
 def model_json_wrong_shape(w, tmp):
@@ -62,9 +67,7 @@ def model_json_wrong_shape(w, tmp):
 
 
 def selection_json_not_json(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "selection.json").write_text("[1, 2")
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON"]
+    return _with_run_file(w, tmp, "selection.json", "[1, 2", "not valid JSON")
 
 
 def _edit_selection(run: Path, edit: Callable[[dict], object]) -> None:
@@ -74,21 +77,17 @@ def _edit_selection(run: Path, edit: Callable[[dict], object]) -> None:
 
 
 def selection_json_is_a_list(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "selection.json").write_text("[]")
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not a JSON object (a list)"]
+    return _with_run_file(w, tmp, "selection.json", "[]", "not a JSON object (a list)")
 
 
 def selection_json_nested_too_deeply(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "selection.json").write_text("[" * 200_000 + "]" * 200_000)
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON (nested too deeply)"]
+    return _with_run_file(w, tmp, "selection.json", "[" * 200_000 + "]" * 200_000,
+                          "not valid JSON (nested too deeply)")
 
 
 def selection_json_a_5000_digit_step(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "selection.json").write_text('{"step": ' + "9" * 5000 + "}")
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'selection.json'}: not valid JSON (Exceeds the limit"]
+    return _with_run_file(w, tmp, "selection.json", '{"step": ' + "9" * 5000 + "}",
+                          "not valid JSON (Exceeds the limit")
 
 
 def calibration_radius_negative(w, tmp):
@@ -111,9 +110,7 @@ def calibration_methods_a_list(w, tmp):
 
 
 def config_yaml_nested_too_deeply(w, tmp):
-    run = w.copy_run(tmp / "run")
-    (run / "config.yaml").write_text("a: " + "[" * 200_000)
-    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'config.yaml'}: not valid YAML (nested too deeply)"]
+    return _with_run_file(w, tmp, "config.yaml", "a: " + "[" * 200_000, "not valid YAML (nested too deeply)")
 
 
 def set_a_5000_digit_number(w, tmp):
