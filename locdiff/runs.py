@@ -193,13 +193,8 @@ class RunFolder:
             return
         state = load_state(path, mmap=True)
         check_checkpoint(state, path, embed_dim=embed_dim, data=data)
-        model = state["model"]
-        bad = [k for k, t in (model.items() if isinstance(model, dict) else ())
-               if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:  # training on would fail at its first step, after the run's files were rewritten
-            raise CorruptFileError(path, f"{path}: the weights hold NaN or inf ({bad[0]}"
-                                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); delete it to train "
-                                   "from scratch")
+        # training on would fail at its first step, after the run's files were rewritten
+        check_finite(state["model"], path, "delete it to train from scratch")
 
     @contextlib.contextmanager
     def removed_if_unstarted(self) -> Iterator[None]:
@@ -272,11 +267,7 @@ class RunFolder:
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptFileError(path, f"{path}: cannot read the model weights ({str(err).splitlines()[0]}); "
                                    "the file is damaged: train again into a new --out") from None
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise CorruptFileError(path, f"{path}: the weights hold NaN or inf ({bad[0]}"
-                                   f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the file is damaged: "
-                                   "train again into a new --out")
+        check_finite(tensors, path, "the file is damaged: train again into a new --out")
         meta = self.read_json(MODEL)
         dim = meta.get("embed_dim") if isinstance(meta, dict) else None
         if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) or type(dim) is not int or dim < 1:
@@ -321,8 +312,7 @@ class RunFolder:
         except ValueError as err:  # an integer of more digits than Python converts
             raise CorruptFileError(path, f"{path}: not valid JSON ({one_line(str(err), 80)}); {DAMAGED}") from None
         if not isinstance(data, dict):  # every JSON file of a run is an object
-            kind = "null" if data is None else "list" if isinstance(data, list) else "string" if isinstance(
-                data, str) else "number"
+            kind = {type(None): "null", list: "list", str: "string", bool: "boolean"}.get(type(data), "number")
             raise CorruptFileError(path, f"{path}: not a JSON object (a {kind}); {DAMAGED}")
         return data
 
@@ -356,6 +346,16 @@ class RunFolder:
             if dim is not None:
                 enc["dim"] = int(dim)
         return enc
+
+
+def check_finite(tensors: Any, path: str | os.PathLike, hint: str) -> None:
+    """CorruptFileError naming `path` and the first tensor of `tensors` (a name -> tensor mapping) that holds
+    NaN or inf."""
+    bad = [k for k, t in (tensors.items() if isinstance(tensors, Mapping) else ())
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CorruptFileError(path, f"{path}: the weights hold NaN or inf ({bad[0]}{more}); {hint}")
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,

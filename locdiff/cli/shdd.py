@@ -16,6 +16,7 @@ from locdiff.shdd import SHDD
 
 MAX_ROUNDTRIP_FLOATS = 1 << 26  # n x (L+1)^2: the codes and the decoder's work of a round trip are held at once
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shdd", help="SHDD location codes: encode, round-trip check, kernel plot")
     s = p.add_subparsers(dest="shdd_command", required=True, metavar="SUBCOMMAND")
