@@ -318,9 +318,18 @@ class RunFolder:
 
     # -- the record ------------------------------------------------------------------------------------------
     def record(self) -> dict[str, Any] | None:
+        """run.json, None when the run has none; UserError for a run of a later format than this version's."""
         if not self.file(RECORD).exists():
             return None
-        return self.read_json(RECORD)
+        rec = self.read_json(RECORD)
+        version = rec.get("format_version", 1)
+        if type(version) is not int or version < 1:
+            raise CorruptFileError(self.file(RECORD), f"{self.file(RECORD)}: format_version {str(version)[:40]!r} is "
+                                   f"not a positive integer; {DAMAGED}")
+        if version > FORMAT_VERSION:
+            raise UserError(f"{self.file(RECORD)}: a run of format {version}, written by a later locdiff (this one "
+                            f"reads formats up to {FORMAT_VERSION}); upgrade locdiff to use it")
+        return rec
 
     def is_complete(self, key: str | None = None) -> bool:
         rec = self.record()

@@ -118,6 +118,14 @@ def set_a_5000_digit_number(w, tmp):
                                                                   "Exceeds the limit"]
 
 
+def run_json_of_a_later_format(w, tmp):
+    run = w.copy_run(tmp / "run")
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "format_version": 99}))
+    return _predict(run, w.test, tmp / "p.csv"), [f"{run / 'run.json'}: a run of format 99, written by a later "
+                                                  "locdiff"]
+
+
 def selection_json_is_a_fifo(w, tmp):  # a read of it would block for ever
     run = w.copy_run(tmp / "run")
     (run / "selection.json").unlink()
@@ -535,7 +543,8 @@ CASES: list[Case] = [
     truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
     selection_json_not_json, selection_json_is_a_list, selection_json_nested_too_deeply,
     selection_json_a_5000_digit_step, calibration_radius_negative, calibration_probability_above_one,
-    calibration_methods_a_list, config_yaml_nested_too_deeply, set_a_5000_digit_number, selection_json_is_a_fifo,
+    calibration_methods_a_list, config_yaml_nested_too_deeply, set_a_5000_digit_number, run_json_of_a_later_format,
+    selection_json_is_a_fifo,
     run_json_links_to_dev_zero, config_yaml_links_out_of_the_run,
     truncated_checkpoint_on_resume, checkpoint_not_a_dict_on_resume,
     checkpoint_missing_keys_on_resume, checkpoint_step_negative_on_resume, checkpoint_nan_weights_on_resume,
