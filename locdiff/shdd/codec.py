@@ -18,7 +18,7 @@ from locdiff.shdd.basis import degree_from_dim, num_coefficients, spherical_harm
 from locdiff.shdd.decode import decode
 
 SCALE = math.sqrt(4 * math.pi)  # z0 = encode(x) * SCALE has unit variance per coefficient over the sphere
-# the basis at one code's points is built this many bytes at a time (a whole map at degree 64 would take 9 GB)
+# the basis at one code's points is built this many bytes at a time (a whole map at degree 64: a 9 GB basis)
 DENSITY_BLOCK_BYTES = 64 << 20
 
 
