@@ -36,7 +36,8 @@ def test_roundtrip_too_large_to_hold_is_refused_before_any_work(capsys):
 
 def test_a_map_of_one_code_is_built_a_block_of_points_at_a_time(monkeypatch):
     """`density` of one code at many points (what `shdd plot` draws) equals the whole basis times the code
-    (float64), with blocks of 7 points; the blocks bound its memory (degree 64 on the plot's grid needed about 18 GB)."""
+    (float64), with blocks of 7 points; the blocks bound its memory (degree 64 on the plot's grid needed about
+    18 GB)."""
     import torch
 
     from locdiff.shdd import codec
