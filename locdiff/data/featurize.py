@@ -90,6 +90,7 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     metas: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     index = 0
+    seen = 0
 
     def chunk(last: bool) -> dict[str, Any]:
         inputs = preprocess(images) if images else np.zeros((0,), np.float32)
@@ -104,6 +105,7 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
             raise ShardError(f"{job['images_url']}: sample {key} has no json member; the shard is corrupt")
         o, s = parts["json"]
         meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
+        seen += 1
         try:
             o, s = parts["jpg"]
             image = load_rgb(bytes(buf[o: o + s]))  # the one preprocessing: EXIF orientation too
@@ -118,6 +120,9 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
         keys.append(key)
         metas.append({"id": meta.get("id", key), "lat": meta.get("lat"), "lon": meta.get("lon")})
         images.append(image)
+    if job.get("count") is not None and seen != job["count"]:
+        raise ShardError(f"{job['images_url']}: {seen} samples, the images manifest says {job['count']}; the shard "
+                         "is corrupt (re-run `locdiff data ingest`)")
     yield chunk(last=True)
 
 
@@ -242,6 +247,7 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     enc_cfg = encoder if isinstance(encoder, EncoderConfig) else load_encoder_config(encoder)
     images_dir = stage_dir(root, name, "images")
     images = mf.require_manifest(images_dir, "ingest")
+    entries = mf.shard_entries(images, images_dir)  # checked: a crafted manifest cannot name a file outside
     if degree is not None and images.get("unlabelled"):
         raise ValueError(f"{images_dir}: {images['unlabelled']} of {images['count']} images have no "
                          "coordinates, and SHDD targets need them: embed without --degree")
@@ -263,8 +269,8 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         storage.makedirs(out)
         storage.clear_local_tmp(out)  # partial files of a killed run
         jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
-                 "count": s.get("count"), "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
-                 "batch_size": enc_cfg.batch_size, "settings_key": key} for s in images["shards"]]
+                 "count": s["count"], "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
+                 "batch_size": enc_cfg.batch_size, "settings_key": key} for s in entries]
         done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
         todo = [j for j in jobs if done[j["shard"]] is None]
         chosen = choose_runner(runner, todo) if todo else "local"

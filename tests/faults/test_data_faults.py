@@ -1,0 +1,164 @@
+"""Bad inputs to `locdiff data ingest | embed | inspect | export`, as a table (the style of test_cli_faults.py):
+each case damages a copy of a good stage (an images stage of a few photos, a features stage of a small
+table) or names a hostile NAME or encoder, runs one command in this process and expects exit code 2, exactly
+ONE line on stderr naming the culprit, and every file that existed before unchanged, with no file added.
+
+The stages' manifests and shards are untrusted: whoever wrote them may have written both (a shard's sha256
+resealed in its manifest), so the checks below hold even when the checksums agree."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from locdiff.cli import main
+from locdiff.data.featurize import read_shard_chunks
+from locdiff.data.validation import ShardError
+from locdiff.worlds.synth_photos import photo
+
+from .helpers import changes, snapshot
+
+Case = Callable[[dict[str, Path], Path], tuple[list[str], list[str]]]
+ENCODER = "org/not-downloaded"  # a hub id: a config only; every case fails before a model is loaded
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> dict[str, Path]:
+    """ROOT with ROOT/folder/images (6 photos, one shard) and ROOT/emb/features/precomputed (a 6-row table)."""
+    base = tmp_path_factory.mktemp("data-faults")
+    src = base / "photos"
+    src.mkdir()
+    rows = ["id,lat,lon"]
+    for i in range(6):
+        (src / f"p{i}.jpg").write_bytes(photo(10.0 + i, 20.0 + i, seed=i))
+        rows.append(f"p{i},{10 + i},{20 + i}")
+    (src / "meta.csv").write_text("\n".join(rows) + "\n")
+    root = base / "root"
+    assert main(["data", "ingest", "folder", "--root", str(root), "--source", str(src)]) == 0
+    emb = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    table = pa.table({"id": [f"e{i}" for i in range(6)], "lat": np.linspace(-40, 40, 6), "lon": np.linspace(0, 50, 6),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 8)})
+    pq.write_table(table, base / "emb.parquet")
+    assert main(["data", "ingest", "embeddings", "--root", str(root), "--source", str(base / "emb.parquet")]) == 0
+    return {"root": root, "images": root / "folder" / "images", "features": root / "emb" / "features" / "precomputed"}
+
+
+def _copy(stages: dict[str, Path], tmp: Path) -> Path:
+    root = tmp / "root"
+    shutil.copytree(stages["root"], root)
+    return root
+
+
+def _edit_manifest(stage: Path, edit: Callable[[dict], object]) -> Path:
+    path = stage / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return path
+
+
+def _embed(root: Path) -> list[str]:
+    return ["data", "embed", "folder", "--root", str(root), "--encoder", ENCODER, "--runner", "local"]
+
+
+# -- an images manifest that names what is not a shard of its folder --------------------------------------------
+
+def embed_a_manifest_naming_a_shard_outside(s, tmp):
+    root = _copy(s, tmp)
+    path = _edit_manifest(root / "folder" / "images",
+                          lambda m: m["shards"][0].update(shard="../../../../../../../../etc/passwd"))
+    return _embed(root), [f"{path}: bad shard entry '../../"]
+
+
+def embed_a_manifest_naming_an_absolute_shard(s, tmp):
+    root = _copy(s, tmp)
+    path = _edit_manifest(root / "folder" / "images", lambda m: m["shards"][0].update(shard="/etc/passwd"))
+    return _embed(root), [f"{path}: bad shard entry '/etc/passwd'"]
+
+
+def embed_a_manifest_with_a_null_shard_entry(s, tmp):
+    root = _copy(s, tmp)
+    path = _edit_manifest(root / "folder" / "images", lambda m: m["shards"].__setitem__(0, None))
+    return _embed(root), [f"{path}: not a stage manifest"]
+
+
+def embed_a_manifest_with_a_shard_name_not_a_string(s, tmp):
+    root = _copy(s, tmp)
+    path = _edit_manifest(root / "folder" / "images", lambda m: m["shards"][0].update(shard=5))
+    return _embed(root), [f"{path}: bad shard entry 5"]
+
+
+def embed_a_manifest_with_a_count_not_a_number(s, tmp):
+    root = _copy(s, tmp)
+    path = _edit_manifest(root / "folder" / "images", lambda m: m["shards"][0].update(count="many"))
+    return _embed(root), [f"{path}: not a stage manifest"]
+
+
+CASES: list[Case] = [
+    embed_a_manifest_naming_a_shard_outside, embed_a_manifest_naming_an_absolute_shard,
+    embed_a_manifest_with_a_null_shard_entry, embed_a_manifest_with_a_shard_name_not_a_string,
+    embed_a_manifest_with_a_count_not_a_number,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_a_data_fault_is_one_line_exit_2_and_nothing_is_lost(stages, tmp_path, capsys, case):
+    argv, culprits = case(stages, tmp_path)
+    before = snapshot(tmp_path, stages["root"])
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"locdiff {argv[0]} {argv[1]}: error: "), lines[0]
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    assert "unexpected" not in lines[0], lines[0]
+    assert changes(before, snapshot(tmp_path, stages["root"])) == {"changed": [], "removed": [], "added": []}
+
+
+def _reseal(stage: Path, shard: str, data: bytes, count: int | None = None) -> None:
+    """Write `data` as the shard and record its sha256 (and `count`) in the manifest, as whoever crafted both
+    would."""
+    (stage / shard).write_bytes(data)
+
+    def edit(m: dict) -> None:
+        entry = next(e for e in m["shards"] if e["shard"] == shard)
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        if count is not None:
+            entry["count"] = count
+    _edit_manifest(stage, edit)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_embed_refuses_a_shard_with_other_samples_than_its_manifest_says(stages, tmp_path):
+    """A resealed shard of one sample that the manifest counts as five: named, before its features are written."""
+    root = _copy(stages, tmp_path)
+    stage = root / "folder" / "images"
+    meta = json.dumps({"id": "x", "lat": 1.0, "lon": 2.0}).encode()
+    _reseal(stage, "shard-000000.tar", _tar([("000000000.jpg", photo(1, 2, seed=0)), ("000000000.json", meta)]), 5)
+    entry = json.loads((stage / "manifest.json").read_text())["shards"][0]
+    job = {"images_url": str(stage / entry["shard"]), "sha256": entry["sha256"], "shard": entry["shard"],
+           "count": entry["count"], "batch_size": 4}
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: 1 samples, the images manifest says 5"):
+        list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
