@@ -104,10 +104,35 @@ def embed_a_manifest_with_a_count_not_a_number(s, tmp):
     return _embed(root), [f"{path}: not a stage manifest"]
 
 
+# -- NAME and encoder names that lead out of ROOT ------------------------------------------------------------------
+
+def ingest_a_name_that_is_an_absolute_config_path(s, tmp):
+    """An absolute NAME is read as a config path, and used to be joined onto ROOT: ROOT/NAME was NAME itself, so
+    the stage was written outside ROOT (beside the YAML)."""
+    cfg = tmp / "mine"
+    cfg.with_suffix(".yaml").write_text("name: folder\nsource: folder\nsplit: x\nlicense: x\n")
+    return (["data", "ingest", str(cfg), "--root", str(tmp / "root"), "--source", str(s["images"].parent)],
+            [f"data set name '{cfg}': must be a folder name under ROOT"])
+
+
+def export_a_name_with_dotdot(s, tmp):
+    return (["data", "export", "..", "--root", str(s["features"] / "x"), "--encoder", "precomputed", "--out",
+             str(tmp / "t.parquet")], ["data set name '..'"])
+
+
+def embed_with_an_encoder_config_whose_name_has_dotdot(s, tmp):
+    """An encoder config's `name` is the features folder: ROOT/NAME/features/../../../x would be outside ROOT."""
+    cfg = tmp / "enc.yaml"
+    cfg.write_text("name: ../../../escaped\ntype: clip\nmodel: org/not-downloaded\n")
+    return (["data", "embed", "folder", "--root", str(_copy(s, tmp)), "--encoder", str(cfg), "--runner", "local"],
+            ["encoder name '../../../escaped'"])
+
+
 CASES: list[Case] = [
     embed_a_manifest_naming_a_shard_outside, embed_a_manifest_naming_an_absolute_shard,
     embed_a_manifest_with_a_null_shard_entry, embed_a_manifest_with_a_shard_name_not_a_string,
-    embed_a_manifest_with_a_count_not_a_number,
+    embed_a_manifest_with_a_count_not_a_number, ingest_a_name_that_is_an_absolute_config_path,
+    export_a_name_with_dotdot, embed_with_an_encoder_config_whose_name_has_dotdot,
 ]
 
 
