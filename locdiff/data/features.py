@@ -115,7 +115,7 @@ def read_feature_shard(data: bytes, what: str = "") -> dict[str, Any]:
             raise ValueError(f"{what}: only some samples have shdd.npy")
     try:
         metas = json.loads(b"[" + b",".join([data[o: o + s] for o, s in json_off]) + b"]")
-    except (ValueError, UnicodeDecodeError):  # find and name the member that does not parse
+    except (ValueError, UnicodeDecodeError, RecursionError):  # find and name the member that does not parse
         metas = [json_member(data[o: o + s], url=what, key=k) for k, (o, s) in zip(keys, json_off, strict=True)]
     if any(not isinstance(m, dict) or "id" not in m for m in metas):
         bad = next(k for k, m in zip(keys, metas, strict=True) if not isinstance(m, dict) or "id" not in m)

@@ -34,7 +34,7 @@ ENCODER = "org/not-downloaded"  # a hub id: a config only; every case fails befo
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory) -> dict[str, Path]:
-    """ROOT with ROOT/folder/images (6 photos, one shard) and ROOT/emb/features/precomputed (a 6-row table)."""
+    """ROOT with ROOT/folder/images (6 photos, one shard) and ROOT/embeddings/features/precomputed (a 6-row table)."""
     base = tmp_path_factory.mktemp("data-faults")
     src = base / "photos"
     src.mkdir()
@@ -50,7 +50,8 @@ def stages(tmp_path_factory) -> dict[str, Path]:
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 8)})
     pq.write_table(table, base / "emb.parquet")
     assert main(["data", "ingest", "embeddings", "--root", str(root), "--source", str(base / "emb.parquet")]) == 0
-    return {"root": root, "images": root / "folder" / "images", "features": root / "emb" / "features" / "precomputed"}
+    return {"root": root, "images": root / "folder" / "images",
+            "features": root / "embeddings" / "features" / "precomputed"}
 
 
 def _copy(stages: dict[str, Path], tmp: Path) -> Path:
@@ -69,6 +70,29 @@ def _edit_manifest(stage: Path, edit: Callable[[dict], object]) -> Path:
 
 def _embed(root: Path) -> list[str]:
     return ["data", "embed", "folder", "--root", str(root), "--encoder", ENCODER, "--runner", "local"]
+
+
+def _reseal(stage: Path, shard: str, data: bytes, count: int | None = None) -> None:
+    """Write `data` as the shard and record its sha256 (and `count`) in the manifest, as whoever crafted both
+    would."""
+    (stage / shard).write_bytes(data)
+
+    def edit(m: dict) -> None:
+        entry = next(e for e in m["shards"] if e["shard"] == shard)
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        if count is not None:
+            entry["count"] = count
+    _edit_manifest(stage, edit)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 # -- an images manifest that names what is not a shard of its folder --------------------------------------------
@@ -128,11 +152,56 @@ def embed_with_an_encoder_config_whose_name_has_dotdot(s, tmp):
             ["encoder name '../../../escaped'"])
 
 
+# -- JSON that parses to nothing usable: nested too deeply, integers of more digits than Python converts ---------
+
+def inspect_a_manifest_nested_too_deeply(s, tmp):
+    root = _copy(s, tmp)
+    path = root / "folder" / "images" / "manifest.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return ["data", "inspect", str(root / "folder")], [f"{path}: not valid JSON (nested too deeply)"]
+
+
+def embed_a_manifest_with_a_10000_digit_integer(s, tmp):
+    root = _copy(s, tmp)
+    path = root / "folder" / "images" / "manifest.json"
+    path.write_text('{"shards": [], "count": ' + "9" * 10_000 + "}")
+    return _embed(root), [f"{path}: not valid JSON (Exceeds the limit"]
+
+
+def export_a_features_manifest_nested_too_deeply(s, tmp):
+    root = _copy(s, tmp)
+    path = root / "embeddings" / "features" / "precomputed" / "manifest.json"
+    path.write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    return (["data", "export", "embeddings", "--root", str(root), "--encoder", "precomputed", "--out",
+             str(tmp / "t.parquet")], [f"{path}: not valid JSON (nested too deeply)"])
+
+
+def inspect_a_json_member_nested_too_deeply(s, tmp):
+    root = _copy(s, tmp)
+    stage = root / "folder" / "images"
+    _reseal(stage, "shard-000000.tar", _tar([("000000000.jpg", photo(1, 2, seed=0)),
+                                             ("000000000.json", b"[" * 200_000 + b"]" * 200_000)]), 1)
+    return (["data", "inspect", str(root / "folder")],
+            [f"{stage / 'shard-000000.tar'}: member 000000000.json is not valid JSON (nested too deeply)"])
+
+
+
+def export_a_features_manifest_a_billion_wide(s, tmp):
+    """The dimension a features manifest records is bounded before an array of that width is allocated."""
+    root = _copy(s, tmp)
+    stage = root / "embeddings" / "features" / "precomputed"
+    path = _edit_manifest(stage, lambda m: m["embedding"].update(dim=10**9))
+    return (["data", "export", "embeddings", "--root", str(root), "--encoder", "precomputed", "--out",
+             str(tmp / "t.parquet")], [f"{path}: embedding dimension 1,000,000,000, above the limit of 65,536"])
+
 CASES: list[Case] = [
     embed_a_manifest_naming_a_shard_outside, embed_a_manifest_naming_an_absolute_shard,
     embed_a_manifest_with_a_null_shard_entry, embed_a_manifest_with_a_shard_name_not_a_string,
     embed_a_manifest_with_a_count_not_a_number, ingest_a_name_that_is_an_absolute_config_path,
     export_a_name_with_dotdot, embed_with_an_encoder_config_whose_name_has_dotdot,
+    inspect_a_manifest_nested_too_deeply, embed_a_manifest_with_a_10000_digit_integer,
+    export_a_features_manifest_nested_too_deeply, inspect_a_json_member_nested_too_deeply,
+    export_a_features_manifest_a_billion_wide,
 ]
 
 
@@ -151,29 +220,6 @@ def test_a_data_fault_is_one_line_exit_2_and_nothing_is_lost(stages, tmp_path, c
         assert culprit in lines[0], (culprit, lines[0])
     assert "unexpected" not in lines[0], lines[0]
     assert changes(before, snapshot(tmp_path, stages["root"])) == {"changed": [], "removed": [], "added": []}
-
-
-def _reseal(stage: Path, shard: str, data: bytes, count: int | None = None) -> None:
-    """Write `data` as the shard and record its sha256 (and `count`) in the manifest, as whoever crafted both
-    would."""
-    (stage / shard).write_bytes(data)
-
-    def edit(m: dict) -> None:
-        entry = next(e for e in m["shards"] if e["shard"] == shard)
-        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-        if count is not None:
-            entry["count"] = count
-    _edit_manifest(stage, edit)
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_embed_refuses_a_shard_with_other_samples_than_its_manifest_says(stages, tmp_path):
