@@ -194,6 +194,30 @@ def export_a_features_manifest_a_billion_wide(s, tmp):
     return (["data", "export", "embeddings", "--root", str(root), "--encoder", "precomputed", "--out",
              str(tmp / "t.parquet")], [f"{path}: embedding dimension 1,000,000,000, above the limit of 65,536"])
 
+
+# -- files where a stage's shard should be; outputs onto the inputs -----------------------------------------------
+
+def inspect_a_shard_that_is_a_folder(s, tmp):
+    """A folder in the place of a shard was named by its file descriptor ("3: is a directory")."""
+    root = _copy(s, tmp)
+    shard = root / "folder" / "images" / "shard-000000.tar"
+    shard.unlink()
+    shard.mkdir()
+    return ["data", "inspect", str(root / "folder")], [f"{shard}: not a regular file"]
+
+
+def export_out_onto_a_shard_of_the_stage(s, tmp):
+    """`--out` naming the stage's own shard replaced the shard with the table."""
+    shard = s["features"] / "shard-000000.tar"
+    return (["data", "export", "embeddings", "--root", str(s["root"]), "--encoder", "precomputed", "--out",
+             str(shard)], [f"--out {shard} is the features stage's shard-000000.tar file"])
+
+
+def export_out_onto_the_manifest(s, tmp):
+    path = s["features"] / "manifest.json"
+    return (["data", "export", "embeddings", "--root", str(s["root"]), "--encoder", "precomputed", "--out",
+             str(path)], [f"--out {path} is the features stage's manifest.json file"])
+
 CASES: list[Case] = [
     embed_a_manifest_naming_a_shard_outside, embed_a_manifest_naming_an_absolute_shard,
     embed_a_manifest_with_a_null_shard_entry, embed_a_manifest_with_a_shard_name_not_a_string,
@@ -201,7 +225,8 @@ CASES: list[Case] = [
     export_a_name_with_dotdot, embed_with_an_encoder_config_whose_name_has_dotdot,
     inspect_a_manifest_nested_too_deeply, embed_a_manifest_with_a_10000_digit_integer,
     export_a_features_manifest_nested_too_deeply, inspect_a_json_member_nested_too_deeply,
-    export_a_features_manifest_a_billion_wide,
+    export_a_features_manifest_a_billion_wide, inspect_a_shard_that_is_a_folder, export_out_onto_a_shard_of_the_stage,
+    export_out_onto_the_manifest,
 ]
 
 
