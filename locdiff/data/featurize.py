@@ -38,7 +38,14 @@ from locdiff.data.shards import (
     stage_dir,
     write_tar,
 )
-from locdiff.data.validation import ChecksumError, RecordError, ShardError, SkipLog, sha256_bytes
+from locdiff.data.validation import (
+    ChecksumError,
+    RecordError,
+    ShardError,
+    SkipLog,
+    check_record_coordinates,
+    sha256_bytes,
+)
 from locdiff.embed import make_encoder
 from locdiff.embed.ray_runner import embed_with_ray
 from locdiff.orchestration.ray_session import RayUnavailable
@@ -107,6 +114,8 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
         meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
         seen += 1
         try:
+            if meta.get("lat") is not None or meta.get("lon") is not None:  # both null: an unlabelled photo
+                check_record_coordinates(meta.get("lat"), meta.get("lon"))  # a crafted "lat": "n", NaN or 999
             o, s = parts["jpg"]
             image = load_rgb(bytes(buf[o: o + s]))  # the one preprocessing: EXIF orientation too
         except (RecordError, KeyError) as err:

@@ -258,3 +258,24 @@ def test_embed_refuses_a_shard_with_other_samples_than_its_manifest_says(stages,
            "count": entry["count"], "batch_size": 4}
     with pytest.raises(ShardError, match=r"shard-000000\.tar: 1 samples, the images manifest says 5"):
         list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
+
+
+
+@pytest.mark.parametrize("lat, lon", [("n", 1), (float("nan"), 1), (999, 1), (1, float("inf")), (1, None)])
+def test_embed_skips_a_sample_whose_coordinates_are_not_valid(stages, tmp_path, lat, lon):
+    """An images shard's JSON member is untrusted: coordinates that are not numbers, not finite or out of range
+    are skipped as a record of ingest would be (counted), never written into the features; null ones are kept."""
+    root = _copy(stages, tmp_path)
+    stage = root / "folder" / "images"
+    members = [("000000000.jpg", photo(1, 2, seed=0)),
+               ("000000000.json", json.dumps({"id": "bad", "lat": lat, "lon": lon}).encode()),
+               ("000000001.jpg", photo(3, 4, seed=1)),
+               ("000000001.json", json.dumps({"id": "good", "lat": 3.0, "lon": 4.0}).encode())]
+    _reseal(stage, "shard-000000.tar", _tar(members), 2)
+    entry = json.loads((stage / "manifest.json").read_text())["shards"][0]
+    job = {"images_url": str(stage / entry["shard"]), "sha256": entry["sha256"], "shard": entry["shard"],
+           "count": 2, "batch_size": 4}
+    chunks = list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
+    assert [m["id"] for c in chunks for m in c["metas"]] == ["good"]
+    reason = "invalid_coordinates" if 999 in (lat, lon) or lon == float("inf") else "missing_coordinates"
+    assert chunks[-1]["skipped"]["skipped"] == {reason: 1}
