@@ -156,7 +156,7 @@ def load_features(path_or_root: str | tuple[str, str, str], name: str | None = N
 
     def fetch(entry: dict[str, Any]) -> tuple[str, bytes, str]:
         url = storage.join(folder, entry["shard"])
-        data = storage.read_bytes(url)
+        data = mf.read_shard_bytes(url, entry)
         return url, data, sha256_bytes(data)  # both release the GIL: overlap with parsing
 
     row = 0

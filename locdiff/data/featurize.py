@@ -86,7 +86,7 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     Raises:
         ChecksumError: the shard differs from the images manifest.
     """
-    data = storage.read_bytes(job["images_url"])
+    data = mf.read_shard_bytes(job["images_url"], job)
     if sha256_bytes(data) != job["sha256"]:
         raise ChecksumError(f"{job['images_url']}: sha256 {sha256_bytes(data)} differs from the images "
                             f"manifest's {job['sha256']} (damaged shard); re-run `locdiff data ingest`")
@@ -278,8 +278,9 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         storage.makedirs(out)
         storage.clear_local_tmp(out)  # partial files of a killed run
         jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
-                 "count": s["count"], "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
-                 "batch_size": enc_cfg.batch_size, "settings_key": key} for s in entries]
+                 "count": s["count"], "bytes": s["bytes"], "out": out, "degree": degree,
+                 "storage_dtype": enc_cfg.storage_dtype, "batch_size": enc_cfg.batch_size, "settings_key": key}
+                for s in entries]
         done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
         todo = [j for j in jobs if done[j["shard"]] is None]
         chosen = choose_runner(runner, todo) if todo else "local"

@@ -94,6 +94,18 @@ def shard_entries(manifest: dict[str, Any], stage_dir: str) -> list[dict[str, An
     return entries
 
 
+def read_shard_bytes(url: str, entry: dict[str, Any]) -> bytes:
+    """The bytes of the shard of a manifest `entry` (from `shard_entries`), read only up to the size its manifest
+    records: a larger file (a damaged or replaced shard, a sparse file of gigabytes) is refused by its size before
+    it is read into memory. The caller checks the sha256."""
+    expected = entry.get("bytes") or None  # manifests record it; 0 or absent: no size to check against
+    try:
+        return storage.read_bytes(url, max_bytes=expected)
+    except storage.TooBigError:
+        raise ValueError(f"{url}: larger than the {expected:,} bytes the manifest records (damaged or rewritten "
+                         "shard); re-run the stage that wrote it") from None
+
+
 def embedding_dim(manifest: dict[str, Any], stage_dir: str) -> int:
     """The embedding dimension a features manifest records (ValueError naming it when it has none)."""
     try:

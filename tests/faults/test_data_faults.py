@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from locdiff.cli import main
+from locdiff.data.datasource import open_source
 from locdiff.data.featurize import read_shard_chunks
 from locdiff.data.validation import ShardError
 from locdiff.worlds.synth_photos import photo
@@ -218,6 +219,29 @@ def export_out_onto_the_manifest(s, tmp):
     return (["data", "export", "embeddings", "--root", str(s["root"]), "--encoder", "precomputed", "--out",
              str(path)], [f"--out {path} is the features stage's manifest.json file"])
 
+
+def _sparse(path: Path, size: int = 64 << 20) -> None:
+    """`path` replaced by a sparse file of `size` bytes, far more than its manifest records (the fuzzing pass used
+    3 GiB: 3.4 GB of peak memory under inspect, embed and export; 64 MiB keeps this test's own snapshots cheap)."""
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def inspect_a_sparse_shard_larger_than_recorded(s, tmp):
+    root = _copy(s, tmp)
+    shard = root / "folder" / "images" / "shard-000000.tar"
+    _sparse(shard)
+    return ["data", "inspect", str(root / "folder")], [f"{shard}: larger than the "]
+
+
+def export_a_sparse_features_shard_larger_than_recorded(s, tmp):
+    root = _copy(s, tmp)
+    shard = root / "embeddings" / "features" / "precomputed" / "shard-000000.tar"
+    _sparse(shard)
+    return (["data", "export", "embeddings", "--root", str(root), "--encoder", "precomputed", "--out",
+             str(tmp / "t.parquet")], [f"{shard}: larger than the "])
+
 CASES: list[Case] = [
     embed_a_manifest_naming_a_shard_outside, embed_a_manifest_naming_an_absolute_shard,
     embed_a_manifest_with_a_null_shard_entry, embed_a_manifest_with_a_shard_name_not_a_string,
@@ -226,7 +250,8 @@ CASES: list[Case] = [
     inspect_a_manifest_nested_too_deeply, embed_a_manifest_with_a_10000_digit_integer,
     export_a_features_manifest_nested_too_deeply, inspect_a_json_member_nested_too_deeply,
     export_a_features_manifest_a_billion_wide, inspect_a_shard_that_is_a_folder, export_out_onto_a_shard_of_the_stage,
-    export_out_onto_the_manifest,
+    export_out_onto_the_manifest, inspect_a_sparse_shard_larger_than_recorded,
+    export_a_sparse_features_shard_larger_than_recorded,
 ]
 
 
@@ -279,3 +304,22 @@ def test_embed_skips_a_sample_whose_coordinates_are_not_valid(stages, tmp_path, 
     assert [m["id"] for c in chunks for m in c["metas"]] == ["good"]
     reason = "invalid_coordinates" if 999 in (lat, lon) or lon == float("inf") else "missing_coordinates"
     assert chunks[-1]["skipped"]["skipped"] == {reason: 1}
+
+
+
+def test_embed_and_training_refuse_a_shard_larger_than_its_manifest_records_before_reading_it(stages, tmp_path):
+    """A (sparse) file larger than its manifest records in the place of a shard is refused by its size: it used to
+    be read whole (a 3 GiB one: 3.4 GB of peak memory under inspect, embed and export) only to fail its sha256."""
+    root = _copy(stages, tmp_path)
+    images, features = root / "folder" / "images", root / "embeddings" / "features" / "precomputed"
+    src = open_source(str(features))
+    entry = json.loads((images / "manifest.json").read_text())["shards"][0]
+    job = {"images_url": str(images / entry["shard"]), "sha256": entry["sha256"], "shard": entry["shard"],
+           "count": entry["count"], "bytes": entry["bytes"], "batch_size": 4}
+    _sparse(images / "shard-000000.tar")
+    _sparse(features / "shard-000000.tar")
+    match = r"shard-000000\.tar: larger than the [0-9,]+ bytes the manifest records"
+    with pytest.raises(ValueError, match=match):
+        list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
+    with pytest.raises(ValueError, match=match):
+        src.read(src.pieces[0])
