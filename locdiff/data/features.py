@@ -21,6 +21,7 @@ from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.shards import group_samples, json_member, parse_regular_tar, parse_tar_bytes, stage_dir
 from locdiff.data.validation import ChecksumError, ShardError, sha256_bytes
+from locdiff.errors import reraise_for
 from locdiff.io import write_embeddings
 from locdiff.tables import EmbeddingTable
 
@@ -150,9 +151,12 @@ def load_features(path_or_root: str | tuple[str, str, str], name: str | None = N
     entries = mf.shard_entries(manifest, folder)
     dim = mf.embedding_dim(manifest, folder)
     total = sum(int(e["count"]) for e in entries)
-    emb = np.empty((total, dim), dtype=np.float32)
+    with reraise_for(mf.manifest_path(folder), what="features manifest",  # counts of 10^12 rows: named, not OOM
+                     hint="its counts are wrong (re-run `locdiff data embed`) or the stage is too large to load whole"):
+        emb = np.empty((total, dim), dtype=np.float32)
+        lat, lon = np.empty(total), np.empty(total)
     ids: list[str] = []
-    lat, lon, shdd_parts = np.empty(total), np.empty(total), []
+    shdd_parts: list[np.ndarray] = []
 
     def fetch(entry: dict[str, Any]) -> tuple[str, bytes, str]:
         url = storage.join(folder, entry["shard"])

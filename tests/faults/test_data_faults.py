@@ -196,6 +196,18 @@ def export_a_features_manifest_a_billion_wide(s, tmp):
              str(tmp / "t.parquet")], [f"{path}: embedding dimension 1,000,000,000, above the limit of 65,536"])
 
 
+def export_a_features_manifest_counting_10_12_rows(s, tmp):
+    """The rows a manifest counts size the table export allocates: 10^12 was "out of memory" naming nothing."""
+    root = _copy(s, tmp)
+    stage = root / "embeddings" / "features" / "precomputed"
+
+    def edit(m: dict) -> None:
+        m["shards"][0]["count"] = m["count"] = 10**12
+    path = _edit_manifest(stage, edit)
+    return (["data", "export", "embeddings", "--root", str(root), "--encoder", "precomputed", "--out",
+             str(tmp / "t.parquet")], [f"{path}: features manifest is too large to load (out of memory)"])
+
+
 # -- files where a stage's shard should be; outputs onto the inputs -----------------------------------------------
 
 def inspect_a_shard_that_is_a_folder(s, tmp):
@@ -249,7 +261,8 @@ CASES: list[Case] = [
     export_a_name_with_dotdot, embed_with_an_encoder_config_whose_name_has_dotdot,
     inspect_a_manifest_nested_too_deeply, embed_a_manifest_with_a_10000_digit_integer,
     export_a_features_manifest_nested_too_deeply, inspect_a_json_member_nested_too_deeply,
-    export_a_features_manifest_a_billion_wide, inspect_a_shard_that_is_a_folder, export_out_onto_a_shard_of_the_stage,
+    export_a_features_manifest_a_billion_wide, export_a_features_manifest_counting_10_12_rows,
+    inspect_a_shard_that_is_a_folder, export_out_onto_a_shard_of_the_stage,
     export_out_onto_the_manifest, inspect_a_sparse_shard_larger_than_recorded,
     export_a_sparse_features_shard_larger_than_recorded,
 ]
