@@ -110,6 +110,9 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     for key, parts in group_samples(parse_tar_bytes(buf, what=job["images_url"])):
         if "json" not in parts:
             raise ShardError(f"{job['images_url']}: sample {key} has no json member; the shard is corrupt")
+        if "/" in key or "\\" in key or key.startswith("."):  # the key names the features shard's members
+            raise ShardError(f"{job['images_url']}: sample key {key[:100]!r} is not a plain name (a path in a "
+                             "member's name); the shard is corrupt")
         o, s = parts["json"]
         meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
         seen += 1

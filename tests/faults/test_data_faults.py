@@ -336,3 +336,19 @@ def test_embed_and_training_refuse_a_shard_larger_than_its_manifest_records_befo
         list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
     with pytest.raises(ValueError, match=match):
         src.read(src.pieces[0])
+
+
+
+@pytest.mark.parametrize("key", ["../../000000000", "/tmp/000000000", "./000000000"])
+def test_embed_refuses_a_sample_key_that_is_a_path(stages, tmp_path, key):
+    """The key of an images shard's sample names the members of the features shard embed writes: a crafted
+    `../../000000000.jpg` member would have put `../../000000000.emb.npy` into it."""
+    root = _copy(stages, tmp_path)
+    stage = root / "folder" / "images"
+    meta = json.dumps({"id": "x", "lat": 1.0, "lon": 2.0}).encode()
+    _reseal(stage, "shard-000000.tar", _tar([(f"{key}.jpg", photo(1, 2, seed=0)), (f"{key}.json", meta)]), 1)
+    entry = json.loads((stage / "manifest.json").read_text())["shards"][0]
+    job = {"images_url": str(stage / entry["shard"]), "sha256": entry["sha256"], "shard": entry["shard"],
+           "count": 1, "batch_size": 4}
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sample key .* is not a plain name"):
+        list(read_shard_chunks(job, lambda images: np.zeros((len(images), 3), np.float32)))
