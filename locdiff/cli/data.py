@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from locdiff.cli.args import MAX_DEGREE, number_in
+from locdiff.cli.args import MAX_DEGREE, check_not_an_input, number_in
 from locdiff.data.config import encoder_folder_name, load_dataset_config
-from locdiff.data.features import export_features
+from locdiff.data.features import export_features, features_dir
 from locdiff.data.featurize import embed
 from locdiff.data.ingest import ingest, ingest_split
 from locdiff.data.inspect import format_report, inspect
@@ -110,6 +111,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    folder = features_dir(args.root, args.name, encoder_folder_name(args.encoder))
+    if os.path.isdir(folder):  # --out onto a shard, the manifest or a progress record would replace it
+        check_not_an_input(args.out, "--out", {f"features stage's {os.path.relpath(os.path.join(d, f), folder)}":
+                                               os.path.join(d, f) for d, _, files in os.walk(folder) for f in files})
     table = export_features(args.root, args.name, encoder_folder_name(args.encoder), args.out)
     print(f"wrote {len(table)} rows ({table.dim}-d) to {args.out}")
     return 0

@@ -50,6 +50,7 @@ class Piece:
     stop: int
     offset: int  # global index of the piece's first row
     sha256: str | None = None  # of the whole shard (checked when read)
+    bytes: int = 0  # of the whole shard as its manifest records (a larger file is refused unread); 0: unknown
 
     @property
     def rows(self) -> int:
@@ -238,11 +239,11 @@ class DataSource(ABC):
         return (np.concatenate(lats) if lats else np.zeros(0)), (np.concatenate(lons) if lons else np.zeros(0))
 
 
-def _cut(url: str, unit: int, n: int, offset: int, sha256: str | None, max_rows: int) -> list[Piece]:
+def _cut(url: str, unit: int, n: int, offset: int, sha256: str | None, max_rows: int, size: int = 0) -> list[Piece]:
     out, start = [], 0
     while start < n:
         stop = min(n, start + max_rows)
-        out.append(Piece(url, unit, start, stop, offset + start, sha256))
+        out.append(Piece(url, unit, start, stop, offset + start, sha256, size))
         start = stop
     return out
 
@@ -262,7 +263,7 @@ class ShardSource(DataSource):
         for entry in mf.shard_entries(self.manifest, self.location):
             n = entry["count"]
             url = storage.join(self.location, entry["shard"])
-            self.pieces += _cut(url, -1, n, offset, entry["sha256"], piece_rows)
+            self.pieces += _cut(url, -1, n, offset, entry["sha256"], piece_rows, entry["bytes"])
             offset += n
         self._cache: tuple[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
@@ -278,7 +279,7 @@ class ShardSource(DataSource):
         with self._lock:
             if self._cache is not None and self._cache[0] == piece.url:
                 return self._cache[1]
-        data = storage.read_bytes(piece.url)
+        data = mf.read_shard_bytes(piece.url, {"bytes": piece.bytes})
         if piece.sha256 and sha256_bytes(data) != piece.sha256:
             raise ChecksumError(f"{piece.url}: sha256 differs from the manifest's (damaged or rewritten shard); "
                                 "re-run `locdiff data embed`")

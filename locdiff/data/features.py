@@ -21,6 +21,7 @@ from locdiff.data import manifest as mf
 from locdiff.data import storage
 from locdiff.data.shards import group_samples, json_member, parse_regular_tar, parse_tar_bytes, stage_dir
 from locdiff.data.validation import ChecksumError, ShardError, sha256_bytes
+from locdiff.errors import reraise_for
 from locdiff.io import write_embeddings
 from locdiff.tables import EmbeddingTable
 
@@ -115,7 +116,7 @@ def read_feature_shard(data: bytes, what: str = "") -> dict[str, Any]:
             raise ValueError(f"{what}: only some samples have shdd.npy")
     try:
         metas = json.loads(b"[" + b",".join([data[o: o + s] for o, s in json_off]) + b"]")
-    except (ValueError, UnicodeDecodeError):  # find and name the member that does not parse
+    except (ValueError, UnicodeDecodeError, RecursionError):  # find and name the member that does not parse
         metas = [json_member(data[o: o + s], url=what, key=k) for k, (o, s) in zip(keys, json_off, strict=True)]
     if any(not isinstance(m, dict) or "id" not in m for m in metas):
         bad = next(k for k, m in zip(keys, metas, strict=True) if not isinstance(m, dict) or "id" not in m)
@@ -150,13 +151,16 @@ def load_features(path_or_root: str | tuple[str, str, str], name: str | None = N
     entries = mf.shard_entries(manifest, folder)
     dim = mf.embedding_dim(manifest, folder)
     total = sum(int(e["count"]) for e in entries)
-    emb = np.empty((total, dim), dtype=np.float32)
+    with reraise_for(mf.manifest_path(folder), what="features manifest",  # counts of 10^12 rows: named, not OOM
+                     hint="its counts are wrong (re-run `locdiff data embed`) or the stage is too large to load whole"):
+        emb = np.empty((total, dim), dtype=np.float32)
+        lat, lon = np.empty(total), np.empty(total)
     ids: list[str] = []
-    lat, lon, shdd_parts = np.empty(total), np.empty(total), []
+    shdd_parts: list[np.ndarray] = []
 
     def fetch(entry: dict[str, Any]) -> tuple[str, bytes, str]:
         url = storage.join(folder, entry["shard"])
-        data = storage.read_bytes(url)
+        data = mf.read_shard_bytes(url, entry)
         return url, data, sha256_bytes(data)  # both release the GIL: overlap with parsing
 
     row = 0

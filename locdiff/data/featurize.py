@@ -38,7 +38,14 @@ from locdiff.data.shards import (
     stage_dir,
     write_tar,
 )
-from locdiff.data.validation import ChecksumError, RecordError, ShardError, SkipLog, sha256_bytes
+from locdiff.data.validation import (
+    ChecksumError,
+    RecordError,
+    ShardError,
+    SkipLog,
+    check_record_coordinates,
+    sha256_bytes,
+)
 from locdiff.embed import make_encoder
 from locdiff.embed.ray_runner import embed_with_ray
 from locdiff.orchestration.ray_session import RayUnavailable
@@ -79,7 +86,7 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     Raises:
         ChecksumError: the shard differs from the images manifest.
     """
-    data = storage.read_bytes(job["images_url"])
+    data = mf.read_shard_bytes(job["images_url"], job)
     if sha256_bytes(data) != job["sha256"]:
         raise ChecksumError(f"{job['images_url']}: sha256 {sha256_bytes(data)} differs from the images "
                             f"manifest's {job['sha256']} (damaged shard); re-run `locdiff data ingest`")
@@ -90,6 +97,7 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     metas: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     index = 0
+    seen = 0
 
     def chunk(last: bool) -> dict[str, Any]:
         inputs = preprocess(images) if images else np.zeros((0,), np.float32)
@@ -102,9 +110,15 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
     for key, parts in group_samples(parse_tar_bytes(buf, what=job["images_url"])):
         if "json" not in parts:
             raise ShardError(f"{job['images_url']}: sample {key} has no json member; the shard is corrupt")
+        if "/" in key or "\\" in key or key.startswith("."):  # the key names the features shard's members
+            raise ShardError(f"{job['images_url']}: sample key {key[:100]!r} is not a plain name (a path in a "
+                             "member's name); the shard is corrupt")
         o, s = parts["json"]
         meta = json_member(buf[o: o + s], url=job["images_url"], key=key)
+        seen += 1
         try:
+            if meta.get("lat") is not None or meta.get("lon") is not None:  # both null: an unlabelled photo
+                check_record_coordinates(meta.get("lat"), meta.get("lon"))  # a crafted "lat": "n", NaN or 999
             o, s = parts["jpg"]
             image = load_rgb(bytes(buf[o: o + s]))  # the one preprocessing: EXIF orientation too
         except (RecordError, KeyError) as err:
@@ -118,6 +132,9 @@ def read_shard_chunks(job: dict[str, Any], preprocess: Callable[[list[Image.Imag
         keys.append(key)
         metas.append({"id": meta.get("id", key), "lat": meta.get("lat"), "lon": meta.get("lon")})
         images.append(image)
+    if job.get("count") is not None and seen != job["count"]:
+        raise ShardError(f"{job['images_url']}: {seen} samples, the images manifest says {job['count']}; the shard "
+                         "is corrupt (re-run `locdiff data ingest`)")
     yield chunk(last=True)
 
 
@@ -242,6 +259,7 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     enc_cfg = encoder if isinstance(encoder, EncoderConfig) else load_encoder_config(encoder)
     images_dir = stage_dir(root, name, "images")
     images = mf.require_manifest(images_dir, "ingest")
+    entries = mf.shard_entries(images, images_dir)  # checked: a crafted manifest cannot name a file outside
     if degree is not None and images.get("unlabelled"):
         raise ValueError(f"{images_dir}: {images['unlabelled']} of {images['count']} images have no "
                          "coordinates, and SHDD targets need them: embed without --degree")
@@ -263,8 +281,9 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
         storage.makedirs(out)
         storage.clear_local_tmp(out)  # partial files of a killed run
         jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],
-                 "count": s.get("count"), "out": out, "degree": degree, "storage_dtype": enc_cfg.storage_dtype,
-                 "batch_size": enc_cfg.batch_size, "settings_key": key} for s in images["shards"]]
+                 "count": s["count"], "bytes": s["bytes"], "out": out, "degree": degree,
+                 "storage_dtype": enc_cfg.storage_dtype, "batch_size": enc_cfg.batch_size, "settings_key": key}
+                for s in entries]
         done = {j["shard"]: mf.shard_finished(out, j["shard"], key) for j in jobs}
         todo = [j for j in jobs if done[j["shard"]] is None]
         chosen = choose_runner(runner, todo) if todo else "local"

@@ -84,10 +84,13 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
                 raise RecordError("too_big", str(err)) from None
             except OSError as err:
                 raise RecordError("missing_file", f"{path}: {err.strerror or err}") from None
-        else:
+        elif isinstance(image, bytes | bytearray | memoryview):
             data = bytes(image)
             if max_bytes is not None and len(data) > max_bytes:
                 raise RecordError("too_big", f"{len(data):,} bytes, above the limit of {max_bytes:,} bytes")
+        else:  # bytes(None) fails, bytes(10**12) allocates a terabyte of zeros
+            raise RecordError("undecodable", f"not an image: a {type(image).__name__} (give a path, image bytes "
+                                             "or a PIL image)")
         im = open_header(data, max_pixels=max_pixels)
     try:
         orientation = im.getexif().get(0x0112, 1)

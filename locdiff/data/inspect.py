@@ -48,7 +48,7 @@ def read_shard(url: str, entry: dict[str, Any], *, verify: bool = True) -> list[
         ShardError: cut short, or a member that does not parse (named).
         ValueError: its sample count differs from the manifest.
     """
-    data = storage.read_bytes(url)
+    data = mf.read_shard_bytes(url, entry)
     if verify:
         digest = sha256_bytes(data)
         if digest != entry["sha256"]:

@@ -15,6 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from locdiff.data import storage
+from locdiff.errors import one_line
+from locdiff.tables import MAX_EMBED_DIM
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -64,8 +66,11 @@ def read_manifest(stage_dir: str) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); re-run the stage that wrote it") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply); re-run the stage that wrote it") from None
+    except (ValueError, UnicodeDecodeError) as err:  # ValueError: also an integer of more than 4,300 digits
+        raise ValueError(f"{path}: not valid JSON ({one_line(str(err), 200)}); re-run the stage that wrote "
+                         "it") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ValueError(f"{path}: not a stage manifest (no list of shards); re-run the stage that wrote it")
     return manifest
@@ -89,6 +94,18 @@ def shard_entries(manifest: dict[str, Any], stage_dir: str) -> list[dict[str, An
     return entries
 
 
+def read_shard_bytes(url: str, entry: dict[str, Any]) -> bytes:
+    """The bytes of the shard of a manifest `entry` (from `shard_entries`), read only up to the size its manifest
+    records: a larger file (a damaged or replaced shard, a sparse file of gigabytes) is refused by its size before
+    it is read into memory. The caller checks the sha256."""
+    expected = entry.get("bytes") or None  # manifests record it; 0 or absent: no size to check against
+    try:
+        return storage.read_bytes(url, max_bytes=expected)
+    except storage.TooBigError:
+        raise ValueError(f"{url}: larger than the {expected:,} bytes the manifest records (damaged or rewritten "
+                         "shard); re-run the stage that wrote it") from None
+
+
 def embedding_dim(manifest: dict[str, Any], stage_dir: str) -> int:
     """The embedding dimension a features manifest records (ValueError naming it when it has none)."""
     try:
@@ -98,6 +115,9 @@ def embedding_dim(manifest: dict[str, Any], stage_dir: str) -> int:
     if type(dim) is not int or dim < 1:
         raise ValueError(f"{manifest_path(stage_dir)}: not a features manifest (no embedding dimension); "
                          "re-run the embed stage")
+    if dim > MAX_EMBED_DIM:  # before any array of that width is allocated
+        raise ValueError(f"{manifest_path(stage_dir)}: embedding dimension {dim:,}, above the limit of "
+                         f"{MAX_EMBED_DIM:,}; re-run the embed stage")
     return dim
 
 
@@ -116,7 +136,7 @@ def write_progress(stage_dir: str, shard: str, info: dict[str, Any]) -> None:
 def read_progress(stage_dir: str, shard: str) -> dict[str, Any] | None:
     try:
         info = json.loads(storage.read_bytes(progress_path(stage_dir, shard), max_bytes=MAX_MANIFEST_BYTES))
-    except (FileNotFoundError, ValueError):  # missing, damaged or too large: the shard is written again
+    except (FileNotFoundError, ValueError, RecursionError):  # missing, damaged or too large: written again
         return None
     return info if isinstance(info, dict) else None
 

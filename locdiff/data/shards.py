@@ -27,6 +27,7 @@ import numpy as np
 
 from locdiff.data import storage
 from locdiff.data.validation import ShardError
+from locdiff.errors import UserError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -39,14 +40,27 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
+def _inside(value: str, what: str) -> str:
+    """`value` as a folder name under ROOT: relative, without a '..' component or a NUL byte (a NAME or
+    an encoder name never leads out of ROOT); UserError naming it otherwise."""
+    text = str(value)
+    parts = text.replace("\\", "/").split("/")
+    if not text.strip() or "\0" in text or text.startswith(("/", "\\")) or ".." in parts or "://" in text:
+        raise UserError(f"{what} {text[:200]!r}: must be a folder name under ROOT (relative, without '..'); "
+                        "give the data set's config name and ROOT separately")
+    return text
+
+
 def stage_dir(root: str, name: str, stage: str, encoder: str | None = None) -> str:
-    """ROOT/NAME/images or ROOT/NAME/features/ENCODER."""
+    """ROOT/NAME/images or ROOT/NAME/features/ENCODER (NAME and ENCODER stay inside ROOT: UserError
+    for an absolute one or one with '..')."""
+    name = _inside(name, "data set name")
     if stage == "images":
         return storage.join(root, name, "images")
     if stage == "features":
         if not encoder:
             raise ValueError("the features stage needs an encoder name")
-        return storage.join(root, name, "features", encoder)
+        return storage.join(root, name, "features", _inside(encoder, "encoder name"))
     raise ValueError(f"unknown stage {stage!r}; valid: 'images', 'features'")
 
 
@@ -170,6 +184,9 @@ def json_member(data: bytes | memoryview, *, url: str, key: str) -> dict[str, An
     """Parse a sample's json member; ShardError naming the shard and the member when it is not JSON."""
     try:
         obj = _JSON.decode(bytes(data).decode())
+    except RecursionError:
+        raise ShardError(f"{url}: member {key}.json is not valid JSON (nested too deeply); the shard is "
+                         "corrupt") from None
     except (UnicodeDecodeError, ValueError) as err:
         raise ShardError(f"{url}: member {key}.json is not valid JSON ({err}); the shard is corrupt") from None
     if not isinstance(obj, dict):

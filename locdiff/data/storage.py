@@ -162,10 +162,11 @@ def read_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"{path}: no such file") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which names a folder by its descriptor number
+        os.close(fd)
+        raise FileNotFoundError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileNotFoundError(f"{path}: not a regular file")
         if max_bytes is None:
             return f.read()
         if st.st_size > max_bytes:

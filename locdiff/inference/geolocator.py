@@ -54,7 +54,7 @@ from locdiff.data.exif import distance_km, gps_or_none
 from locdiff.data.images import load_rgb
 from locdiff.data.validation import RecordError
 from locdiff.embed import ImageEncoder, make_encoder
-from locdiff.errors import UserError
+from locdiff.errors import UserError, one_line
 from locdiff.gazetteer import nearest_places
 from locdiff.inference.model_uri import resolve_model
 from locdiff.io import write_predictions
@@ -253,6 +253,10 @@ class Geolocator:
         if errors not in ("report", "raise"):
             raise ValueError(f"errors must be 'report' or 'raise'; got {errors!r}")
         check_top_k(top_k)
+        cap = self.method.config.limits.max_batch_size
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
+                                       or not 1 <= batch_size <= cap):  # a negative one located nothing
+            raise UserError(f"batch_size must be an integer in [1, {cap}] (limits.max_batch_size); got {batch_size!r}")
         if isinstance(images, str | bytes | os.PathLike) or _is_pil(images):
             images = [images]
         ids, emb, failed, gps = self._embed(list(images), batch_size=batch_size, progress=progress)
@@ -278,7 +282,10 @@ class Geolocator:
         """Locate precomputed embeddings (N, d) (or one (d,)) of the run's encoder. `encoder`: the record of
         the encoder that made them, when known (a features manifest's `encoder`): checked against the run's."""
         check_top_k(top_k)
-        emb = np.asarray(embeddings, dtype=np.float32)
+        try:
+            emb = np.asarray(embeddings, dtype=np.float32)
+        except (TypeError, ValueError) as err:  # strings, ragged rows, objects
+            raise UserError(f"embeddings must be numbers of shape (N, d) ({one_line(str(err), 120)})") from None
         if emb.ndim == 1:
             emb = emb[None]
         if emb.ndim != 2:

@@ -55,7 +55,7 @@ import pandas as pd
 
 from locdiff import __version__, runs
 from locdiff.embed import encoder_digest
-from locdiff.errors import UserError, describe
+from locdiff.errors import UserError, describe, one_line
 from locdiff.gallery import GALLERY_JSON
 from locdiff.inference.geolocator import Geolocator, Location, check_top_k
 from locdiff.inference.model_uri import LOADER_MODULE as LOADER_MODULE  # re-exported: MLflow's loader module
@@ -215,6 +215,7 @@ class LocDiffModel:
         images = df["image"].tolist() if "image" in df.columns else [None] * n
         embs = df["embedding"].tolist() if "embedding" in df.columns else [None] * n
         results: list[Any] = [None] * n
+        errors: dict[int, str] = {}
         img_rows = [i for i in range(n) if _present(images[i])]
         emb_rows = [i for i in range(n) if not _present(images[i]) and _present(embs[i])]
         g = self.geolocator
@@ -222,8 +223,13 @@ class LocDiffModel:
             located = g.locate([_image_bytes(images[i]) for i in img_rows], top_k=top_k, method=method)
             for i, r in zip(img_rows, located, strict=True):
                 results[i] = r
-        errors: dict[int, str] = {}
-        vectors = {i: np.asarray(embs[i], np.float32).reshape(-1) for i in emb_rows}
+        vectors: dict[int, np.ndarray] = {}
+        for i in emb_rows:
+            try:
+                vectors[i] = np.asarray(embs[i], np.float32).reshape(-1)
+            except (TypeError, ValueError) as err:  # text, an object, ragged lists: this row's error
+                errors[i] = f"the embedding is not a list of numbers ({one_line(str(err), 120)})"
+        emb_rows = [i for i in emb_rows if i in vectors]
         for dim in sorted({v.size for v in vectors.values()}):
             rows_d = [i for i in emb_rows if vectors[i].size == dim]
             try:
@@ -248,6 +254,8 @@ def check_request(model_input: pd.DataFrame | Any, params: dict[str, Any] | None
     """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
     limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
 
+    if params is not None and not isinstance(params, dict):
+        raise UserError(f"params must be an object of top_k and method; got a {type(params).__name__}")
     params = params or {}
     unknown = sorted(set(params) - {"top_k", "method"})
     if unknown:
@@ -255,6 +263,10 @@ def check_request(model_input: pd.DataFrame | Any, params: dict[str, Any] | None
     check_top_k(params.get("top_k", 5))
     if params.get("method", "locdiff") not in ("locdiff", "locdiff-h"):
         raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {str(params.get('method'))[:40]!r}")
+    columns = list(getattr(model_input, "columns", []))
+    twice = sorted({str(c) for c in columns if columns.count(c) > 1})
+    if twice:
+        raise UserError(f"column {twice[0][:40]!r} appears {columns.count(twice[0])} times in the request; keep one")
     n = len(model_input)
     if n > limits.max_request_rows:
         raise UserError(f"{n} rows in one request, above the limit of {limits.max_request_rows} (the model's "

@@ -145,3 +145,12 @@ def test_an_image_over_pils_bomb_limit_is_a_row_error_without_a_warning(tmp_path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "too_large", proc
     assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("image", [None, 5, 10**12, [1, 2, 3], 2.5], ids=["None", "5", "1e12", "list", "float"])
+def test_what_is_neither_a_path_bytes_nor_an_image_is_a_row_error(image):
+    """`Geolocator.locate([None])` raised TypeError, and `locate([10**12])` asked for a terabyte of zeros
+    (bytes(10**12)): anything other than a path, bytes or a PIL image is an undecodable record."""
+    with pytest.raises(RecordError) as err:
+        load_rgb(image)
+    assert err.value.reason == "undecodable" and type(image).__name__ in str(err.value)

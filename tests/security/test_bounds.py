@@ -322,6 +322,8 @@ def test_the_served_model_refuses_hostile_requests_in_one_line(world):
         "param": (pd.DataFrame({"embedding": row}), {"evil": 1}),
         "rows": (pd.DataFrame({"embedding": row * 1025}), None),
         "photos": (pd.DataFrame({"image": [b"x"] * 65}), None),
+        "params not an object": (pd.DataFrame({"embedding": row}), ["top_k"]),  # was a 500 (AttributeError)
+        "a column twice": (pd.DataFrame([[row[0], row[0]]], columns=["embedding", "embedding"]), None),  # a 500
     }
     for name, (df, params) in cases.items():
         with pytest.raises(MlflowException) as err:
@@ -334,6 +336,30 @@ def test_the_served_model_refuses_hostile_requests_in_one_line(world):
     out = model.predict(pd.DataFrame({"embedding": row + [[0.5] * 12]}), {"top_k": 3})
     text = json.dumps(out.to_dict(orient="records"), allow_nan=False)  # valid JSON: null, not NaN
     assert json.loads(text)[1]["lat"] is None and "has dimension 12" in json.loads(text)[1]["error"]
+
+
+def test_embeddings_that_are_not_numbers_are_a_row_error_served_and_a_user_error_in_python(world):
+    """The fuzzing pass: an embedding cell holding text or an object failed the whole request ("unexpected
+    TypeError", or numpy's message naming no row); in Python, `locate_embeddings` raised numpy's ValueError or
+    TypeError, and `locate(batch_size=-3)` located nothing ("1 ids for 0 embeddings")."""
+    import pandas as pd
+
+    from locdiff import Geolocator
+    from locdiff.inference.pyfunc import LocDiffModel
+
+    g = Geolocator.load(world.run)
+    row = list(np.random.default_rng(0).normal(size=128))
+    out = LocDiffModel(g).predict(pd.DataFrame({"embedding": [row, ["a"] * 128, {"a": 1}, row]}), {"top_k": 2})
+    errors = list(out["error"])
+    assert errors[0] == errors[3] == "" and out["lat"][0] is not None
+    assert all(e.startswith("the embedding is not a list of numbers (") for e in errors[1:3]), errors
+    assert out["lat"][1] is None and out["lat"][2] is None
+    for bad in ([["a"] * 128], [[1.0] * 128, [1.0]], np.array([[object()] * 128])):
+        with pytest.raises(UserError, match=r"^embeddings must be numbers of shape \(N, d\) \("):
+            g.locate_embeddings(bad)
+    for batch_size in (0, -3, 10**12, 2.5, True):
+        with pytest.raises(UserError, match=r"^batch_size must be an integer in \[1, "):
+            g.locate([b"not read"], batch_size=batch_size)
 
 
 @pytest.mark.parametrize("argv,problem", [
