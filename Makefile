@@ -61,14 +61,16 @@ lint: setup
 demo: setup
 	$(BIN)/python -m flows.demo
 
-# Serve the registry's champion (`mlflow models serve`) on 127.0.0.1:$(SERVE_PORT), nothing to activate: the
-# venv's bin goes first on PATH (MLflow starts uvicorn by name). The registry: MLFLOW_TRACKING_URI, else the
-# stack `make demo` left running (MLFLOW_PORT, 5000). POST /invocations (README "Where was this photo taken?").
+# Serve the registry's champion (`locdiff serve`: MLflow's scoring server behind a guard) on
+# 127.0.0.1:$(SERVE_PORT), nothing to activate. The registry: MLFLOW_TRACKING_URI, else the stack `make demo`
+# left running (MLFLOW_PORT, 5000). POST /invocations (README "Where was this photo taken?").
 SERVE_PORT ?= 5001
+SERVE_MAX_MB ?= 256
 serve:
-	@test -x $(BIN)/mlflow || { echo "no $(BIN): run make setup (or make demo) first" >&2; exit 2; }
-	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
-	  $(BIN)/mlflow models serve -m models:/locdiff@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+	@test -x $(BIN)/locdiff || { echo "no $(BIN): run make setup (or make demo) first" >&2; exit 2; }
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
+	  $(BIN)/locdiff serve --model models:/locdiff@champion --host 127.0.0.1 --port $(SERVE_PORT) \
+	  --max-request-mb $(SERVE_MAX_MB)
 
 stop:
 	@if [ -x infra/stop.sh ]; then infra/stop.sh; fi

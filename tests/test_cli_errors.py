@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import zipfile
@@ -328,3 +329,22 @@ def test_describe_of_third_party_and_generic_errors():
 
     down = TrackingUnavailable("MLflow at http://127.0.0.1:9 is not reachable; start it with infra/start.sh")
     assert describe(down) == str(down)
+
+
+def test_serve_refuses_a_busy_port_a_run_folder_and_a_missing_model_in_one_line(tmp_path, capsys):
+    """`locdiff serve` checks its port before loading anything, and serves MLflow models only."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"locdiff serve: error: cannot listen on 127.0.0.1:{port} (--host, --port)")
+        assert err.count("\n") == 1
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: knn\n")
+    for model, expected in ((tmp_path / "run", "a run folder, not an MLflow model"),
+                            (tmp_path / "absent", "no such run folder")):
+        assert main(["serve", "--model", str(model), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"locdiff serve: error: {model}: {expected}") and err.count("\n") == 1

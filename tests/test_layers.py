@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LOCAL_IMPORTS = 15
 MAX_LINES = 600
 HEAVY = frozenset({"ray", "mlflow", "prefect", "faiss", "transformers", "open_clip", "matplotlib",
-                   "huggingface_hub", "boto3", "botocore", "s3fs", "moto", "geoclip", "sphericart", "img2dataset"})
+                   "huggingface_hub", "boto3", "botocore", "s3fs", "moto", "geoclip", "sphericart", "img2dataset",
+                   "uvicorn"})
 LAZY_EXPORT = ("locdiff", "locdiff.inference.geolocator")  # (module, target) of the one allowed project import
 
 # (layer, name, modules): a name matches itself; "x.*" matches every module under x. The most specific

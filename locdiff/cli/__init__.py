@@ -15,12 +15,12 @@ import sys
 import traceback
 import typing
 
-from locdiff.cli import data, evaluate, locate, model, shdd
+from locdiff.cli import data, evaluate, locate, model, serve, shdd
 from locdiff.cli.args import MAX_DEGREE, number_in
 from locdiff.errors import describe, exit_code
 
 # The modules that add subcommands, each with a `register(subparsers)`, in the order of `locdiff --help`.
-_GROUPS = (locate, shdd, model, evaluate, data)
+_GROUPS = (locate, shdd, model, evaluate, data, serve)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,11 +37,25 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None
     model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
     through MLflow."""
     local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")) and (local / "config.yaml").is_file() \
+            and not (local / "MLmodel").is_file():
+        return local, None
+    model_dir, keep = resolve_mlflow_model(uri, tracking_uri=tracking_uri)
+    return _model_folder(model_dir, uri), keep
+
+
+def resolve_mlflow_model(uri: str, *, tracking_uri: str | None = None
+                         ) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """(the folder of a LocDiff MLflow model, holding MLmodel; an object that keeps a download alive or None)
+    for a saved MLflow model folder or a model URI downloaded through MLflow."""
+    local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if (local / "MLmodel").is_file():
-            return _model_folder(local, uri), None
-        if (local / "config.yaml").is_file():
+            _model_folder(local, uri)
             return local, None
+        if (local / "config.yaml").is_file():
+            raise UserError(f"{uri}: a run folder, not an MLflow model: register it (`locdiff train`, the "
+                            "train-locdiff pipeline) and give its model URI, such as models:/locdiff@champion")
         if local.exists():
             raise UserError(f"{uri}: neither a run folder (no config.yaml) nor an MLflow model (no MLmodel)")
         raise UserError(f"{uri}: no such run folder; give a run folder of `locdiff train` or a model URI "
@@ -66,4 +80,9 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None
     if not (path / "MLmodel").is_file():
         keep.cleanup()
         raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
-    return _model_folder(path, uri), keep
+    try:
+        _model_folder(path, uri)
+    except UserError:
+        keep.cleanup()
+        raise
+    return path, keep

@@ -1,9 +1,11 @@
-"""The registered model behind a real `mlflow models serve` (started by `make serve`) on 127.0.0.1: a JPEG
-and an embedding posted over HTTP come back located, exactly as the Python API locates them."""
+"""The registered model behind a real `locdiff serve` (MLflow's scoring server behind a guard, started by
+`make serve`) on 127.0.0.1: a JPEG and an embedding posted over HTTP come back located, exactly as the Python
+API locates them; hostile requests get one line each."""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -33,6 +35,7 @@ def _free_port() -> int:
 
 
 REPO = Path(__file__).resolve().parents[2]
+SERVE_MAX_MB = 100  # the server's request limit here: the 55 MB photo (73 MB in base64) passes
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def server(trained, store, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "serve", f"SERVE_PORT={port}",
-                                 f"BIN={bin_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=str(log.parent))
+                                 f"SERVE_MAX_MB={SERVE_MAX_MB}", f"BIN={bin_dir}"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent))
     _SERVER["pgid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -64,11 +67,11 @@ def server(trained, store, tmp_path_factory):
             except (urllib.error.URLError, OSError):
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"locdiff serve did not start:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started (its own session)
+        os.killpg(proc.pid, signal.SIGTERM)  # make and the server it started (their own session)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -145,10 +148,11 @@ def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(s
         answer = json.loads(body["error"])
         assert "stack_trace" not in answer and "\n" not in answer["message"], (name, answer)
         assert "Traceback" not in answer["message"] and len(answer["message"]) < 400, (name, answer)
-    # a param of the wrong type is refused by MLflow's own param schema before the model runs: a 400 without
-    # a stack trace too, but its message is MLflow's (it quotes the request)
+    # a param of the wrong type is refused by MLflow's own param schema before the model runs: its multi-line
+    # message, which quotes the request, comes back as its first line
     status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": "x"}})
-    assert 400 <= status < 500 and "stack_trace" not in json.loads(body["error"]), body
+    answer = json.loads(body["error"])
+    assert 400 <= status < 500 and "stack_trace" not in answer and "\n" not in answer["message"], body
     status, body = post(server, {"dataframe_split": {"columns": ["id", "image"], "data": [["big", big]]}})
     assert status == 200, body
     row = body["predictions"][0]
@@ -160,5 +164,63 @@ def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(s
     assert body["predictions"][0]["lat"] == pytest.approx(ref.lat, abs=1e-9)
     peak = _peak_rss_kb(_SERVER["pgid"])
     record_property("server_peak_rss_kb", peak)
-    print(f"mlflow models serve: peak RSS {peak / 1024:.0f} MiB over the hostile requests")
+    print(f"locdiff serve: peak RSS {peak / 1024:.0f} MiB over the hostile requests")
     assert 0 < peak < 3 * 1024 * 1024  # kB: the 23 GB of a 10^9 top_k never comes near
+
+
+def _raw(url: str, body: bytes, headers: dict[str, str], chunks: int = 0) -> tuple[int, dict]:
+    """POST /invocations with exactly these headers (and the body in `chunks` chunks when > 0)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        if chunks:
+            conn.putrequest("POST", "/invocations")
+            for k, v in {**headers, "Transfer-Encoding": "chunked"}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            step = -(-len(body) // chunks)
+            try:
+                for i in range(0, len(body), step):
+                    part = body[i : i + step]
+                    conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                conn.send(b"0\r\n\r\n")
+            except OSError:  # the server answered and closed before the whole body was sent
+                pass
+        elif "Content-Length" in headers:  # a lying header, sent by hand: the body never follows
+            conn.putrequest("POST", "/invocations", skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+        else:
+            conn.request("POST", "/invocations", body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_the_guard_answers_what_mlflows_server_would_not_in_one_line(server, trained):
+    """What MLflow's scoring server alone answers with a stack trace, a bare 500, a message quoting the body, or
+    by reading any size (a 300 MB body took it to 1.7 GB): each is a 4xx JSON answer of one line here; a normal
+    request is answered afterwards."""
+    g = Geolocator.load(trained["run_dir"])
+    emb = [[list(np.random.default_rng(5).normal(size=g.embedding_dim))]]
+    good = json.dumps({"dataframe_split": {"columns": ["embedding"], "data": emb}}).encode()
+    as_json = {"Content-Type": "application/json"}
+    cases = {
+        "csv": (415, b"embedding\n1,2,3\n", {"Content-Type": "text/csv"}, 0),
+        "no content type": (415, good, {"Content-Type": ""}, 0),
+        "nested 100,000 deep": (400, b"[" * 100_000 + b"]" * 100_000, as_json, 0),
+        "a 10,000-digit integer": (400, b'{"params": {"top_k": ' + b"9" * 10_000 + b"}}", as_json, 0),
+        "malformed": (400, b'{"dataframe_split": {"columns": ["embedding"], "data": [[SECRET', as_json, 0),
+        "not an object": (400, b"[1, 2]", as_json, 0),
+        "Content-Length 10^12": (413, b"", {**as_json, "Content-Length": str(10**12)}, 0),
+        "chunked, over the limit": (413, b" " * (SERVE_MAX_MB * 1024 * 1024 + 1), as_json, 64),
+    }
+    for name, (want, body, headers, chunks) in cases.items():
+        status, answer = _raw(server, body, headers, chunks)
+        assert status == want, (name, status, answer)
+        assert set(answer) == {"error_code", "message"} and "\n" not in answer["message"], (name, answer)
+        assert len(answer["message"]) <= 300 and "SECRET" not in answer["message"], (name, answer)
+    status, answer = _raw(server, good, as_json)
+    assert status == 200 and answer["predictions"][0]["error"] == "", answer
