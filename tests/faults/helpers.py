@@ -105,6 +105,28 @@ def changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str
             "added": sorted(p for p in after if p not in before)}
 
 
+def command_of(argv: list[str]) -> str:
+    """The command an error line names: `data ACTION`, else the first word."""
+    return f"{argv[0]} {argv[1]}" if argv[0] == "data" else argv[0]
+
+
+def assert_one_line_fault(argv: list[str], culprits: list[str], folders: list[Path], capsys) -> None:
+    """`locdiff ARGV` fails with exit code 2 and ONE stderr line `locdiff COMMAND: error: ...` naming every
+    culprit, never as an unexpected error, and leaves every file under `folders` as it was."""
+    before = snapshot(*folders)
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"locdiff {command_of(argv)}: error: "), lines[0]
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    assert "unexpected" not in lines[0], lines[0]  # a user-caused fault is never reported as a bug
+    assert changes(before, snapshot(*folders)) == {"changed": [], "removed": [], "added": []}
+
+
 def truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])

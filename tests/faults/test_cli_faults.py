@@ -24,7 +24,19 @@ import yaml
 
 from locdiff.cli import main
 
-from .helpers import REPO, TINY, World, changes, flip_byte, gallery_file, reseal_gallery, snapshot, truncate
+from .helpers import (
+    REPO,
+    TINY,
+    World,
+    assert_one_line_fault,
+    changes,
+    command_of,
+    flip_byte,
+    gallery_file,
+    reseal_gallery,
+    snapshot,
+    truncate,
+)
 
 Case = Callable[[World, Path], tuple[list[str], list[str]]]
 
@@ -567,26 +579,10 @@ CASES: list[Case] = [
 ]
 
 
-def _command(argv: list[str]) -> str:
-    return f"{argv[0]} {argv[1]}" if argv[0] == "data" else argv[0]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_a_fault_is_one_line_exit_2_and_nothing_is_lost(world, tmp_path, capsys, case):
     argv, culprits = case(world, tmp_path)
-    before = snapshot(tmp_path, world.base)
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    prefix = f"locdiff {_command(argv)}: error: "
-    assert lines[0].startswith(prefix), lines[0]
-    for culprit in culprits:
-        assert culprit in lines[0], (culprit, lines[0])
-    assert "unexpected" not in lines[0], lines[0]  # a user-caused fault is never reported as a bug
-    assert changes(before, snapshot(tmp_path, world.base)) == {"changed": [], "removed": [], "added": []}
+    assert_one_line_fault(argv, culprits, [tmp_path, world.base], capsys)
 
 
 # -- the same through a separate process: the exit status and stderr of `python -m locdiff` -----------------------
@@ -604,7 +600,7 @@ def test_a_fault_in_a_separate_process(world, tmp_path, case):
     # line and the only error line
     lines = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"locdiff {_command(argv)}: error: ") and proc.stderr.endswith(lines[0] + "\n")
+    assert lines[0].startswith(f"locdiff {command_of(argv)}: error: ") and proc.stderr.endswith(lines[0] + "\n")
     assert all(c in lines[0] for c in culprits), lines[0]
     assert changes(before, snapshot(tmp_path, world.base)) == {"changed": [], "removed": [], "added": []}
 

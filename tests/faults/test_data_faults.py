@@ -27,7 +27,7 @@ from locdiff.data.featurize import read_shard_chunks
 from locdiff.data.validation import ShardError
 from locdiff.worlds.synth_photos import photo
 
-from .helpers import changes, snapshot
+from .helpers import assert_one_line_fault
 
 Case = Callable[[dict[str, Path], Path], tuple[list[str], list[str]]]
 ENCODER = "org/not-downloaded"  # a hub id: a config only; every case fails before a model is loaded
@@ -271,18 +271,7 @@ CASES: list[Case] = [
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_a_data_fault_is_one_line_exit_2_and_nothing_is_lost(stages, tmp_path, capsys, case):
     argv, culprits = case(stages, tmp_path)
-    before = snapshot(tmp_path, stages["root"])
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"locdiff {argv[0]} {argv[1]}: error: "), lines[0]
-    for culprit in culprits:
-        assert culprit in lines[0], (culprit, lines[0])
-    assert "unexpected" not in lines[0], lines[0]
-    assert changes(before, snapshot(tmp_path, stages["root"])) == {"changed": [], "removed": [], "added": []}
+    assert_one_line_fault(argv, culprits, [tmp_path, stages["root"]], capsys)
 
 
 def test_embed_refuses_a_shard_with_other_samples_than_its_manifest_says(stages, tmp_path):
