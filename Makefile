@@ -65,7 +65,7 @@ demo: setup
 # 127.0.0.1:$(SERVE_PORT), nothing to activate. The registry: MLFLOW_TRACKING_URI, else the stack `make demo`
 # left running (MLFLOW_PORT, 5000). POST /invocations (README "Where was this photo taken?").
 SERVE_PORT ?= 5001
-SERVE_MAX_MB ?= 256
+SERVE_MAX_MB ?= 128
 serve:
 	@test -x $(BIN)/locdiff || { echo "no $(BIN): run make setup (or make demo) first" >&2; exit 2; }
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \

@@ -29,7 +29,7 @@ from locdiff.inference.model_uri import resolve_mlflow_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_MB = 256  # a request of 64 photos of 2.8 MB each, base64-encoded
+DEFAULT_MAX_REQUEST_MB = 128  # a body of JSON numbers costs ~9x its size in server memory (README, Bounds)
 MAX_REQUEST_MB = 4096
 READ_TIMEOUT_S = 60.0
 MESSAGE_CHARS = 300  # an error message's length on the wire
