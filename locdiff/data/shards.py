@@ -47,7 +47,8 @@ def _inside(value: str, what: str) -> str:
     parts = text.replace("\\", "/").split("/")
     if not text.strip() or "\0" in text or text.startswith(("/", "\\")) or ".." in parts or "://" in text:
         raise UserError(f"{what} {text[:200]!r}: must be a folder name under ROOT (relative, without '..'); "
-                        "give the data set's config name and ROOT separately")
+                        "for a data set config of your own, put it in configs/datasets/ or give its path relative "
+                        "to the current folder")
     return text
 
 
