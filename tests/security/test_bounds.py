@@ -358,8 +358,9 @@ def test_embeddings_that_are_not_numbers_are_a_row_error_served_and_a_user_error
         with pytest.raises(UserError, match=r"^embeddings must be numbers of shape \(N, d\) \("):
             g.locate_embeddings(bad)
     for batch_size in (0, -3, 10**12, 2.5, True):
-        with pytest.raises(UserError, match=r"^batch_size must be an integer in \[1, "):
-            g.locate([b"not read"], batch_size=batch_size)
+        for entry in (g.locate, g.embed):
+            with pytest.raises(UserError, match=r"^batch_size must be an integer in \[1, "):
+                entry([b"not read"], batch_size=batch_size)
 
 
 @pytest.mark.parametrize("argv,problem", [
