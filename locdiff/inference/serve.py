@@ -93,7 +93,7 @@ class GuardedApp:
             return await _reply(send, 413, f"request body is over the server's limit of {self.max_bytes} bytes "
                                 "(locdiff serve --max-request-mb)")
         try:
-            payload = json.loads(body)
+            payload = await asyncio.to_thread(json.loads, body)  # seconds for a large body: off the event loop
         except RecursionError:
             return await _reply(send, 400, "request body is not valid JSON: nested too deeply")
         except ValueError as err:  # JSONDecodeError (its position, not the body), or an over-long integer
