@@ -215,6 +215,7 @@ def test_the_guard_answers_what_mlflows_server_would_not_in_one_line(server, tra
         "malformed": (400, b'{"dataframe_split": {"columns": ["embedding"], "data": [[SECRET', as_json, 0),
         "not an object": (400, b"[1, 2]", as_json, 0),
         "Content-Length 10^12": (413, b"", {**as_json, "Content-Length": str(10**12)}, 0),
+        "Content-Length of 20 digits": (413, b"", {**as_json, "Content-Length": "9" * 20}, 0),
         "chunked, over the limit": (413, b" " * (SERVE_MAX_MB * 1024 * 1024 + 1), as_json, 64),
     }
     for name, (want, body, headers, chunks) in cases.items():
