@@ -36,26 +36,30 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None
     """(local run folder, an object that keeps a download alive or None) for a run folder, a saved MLflow
     model folder, or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH) downloaded
     through MLflow."""
-    local = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")) and (local / "config.yaml").is_file() \
-            and not (local / "MLmodel").is_file():
-        return local, None
-    model_dir, keep = resolve_mlflow_model(uri, tracking_uri=tracking_uri)
-    return _model_folder(model_dir, uri), keep
+    _, run_dir, keep = _resolve(uri, tracking_uri)
+    return run_dir, keep
 
 
 def resolve_mlflow_model(uri: str, *, tracking_uri: str | None = None
                          ) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
     """(the folder of a LocDiff MLflow model, holding MLmodel; an object that keeps a download alive or None)
     for a saved MLflow model folder or a model URI downloaded through MLflow."""
+    model_dir, _, keep = _resolve(uri, tracking_uri)
+    if model_dir is None:
+        raise UserError(f"{uri}: a run folder, not an MLflow model: register it (`locdiff train`, the "
+                        "train-locdiff pipeline) and give its model URI, such as models:/locdiff@champion")
+    return model_dir, keep
+
+
+def _resolve(uri: str, tracking_uri: str | None
+             ) -> tuple[Path | None, Path, tempfile.TemporaryDirectory[str] | None]:
+    """(the MLflow model folder or None for a plain run folder, the run folder, the download's keeper or None)."""
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if (local / "MLmodel").is_file():
-            _model_folder(local, uri)
-            return local, None
+            return local, _model_folder(local, uri), None
         if (local / "config.yaml").is_file():
-            raise UserError(f"{uri}: a run folder, not an MLflow model: register it (`locdiff train`, the "
-                            "train-locdiff pipeline) and give its model URI, such as models:/locdiff@champion")
+            return None, local, None
         if local.exists():
             raise UserError(f"{uri}: neither a run folder (no config.yaml) nor an MLflow model (no MLmodel)")
         raise UserError(f"{uri}: no such run folder; give a run folder of `locdiff train` or a model URI "
@@ -77,12 +81,10 @@ def resolve_mlflow_model(uri: str, *, tracking_uri: str | None = None
     finally:
         if bar is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-    if not (path / "MLmodel").is_file():
-        keep.cleanup()
-        raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
     try:
-        _model_folder(path, uri)
+        if not (path / "MLmodel").is_file():
+            raise UserError(f"{uri}: not an MLflow model (no MLmodel file)")
+        return path, _model_folder(path, uri), keep
     except UserError:
         keep.cleanup()
         raise
-    return path, keep
