@@ -129,6 +129,18 @@ def embed_a_manifest_with_a_count_not_a_number(s, tmp):
     return _embed(root), [f"{path}: not a stage manifest"]
 
 
+# -- sources that hold nothing ----------------------------------------------------------------------------------
+
+def ingest_a_csv_with_a_header_and_no_rows(s, tmp):
+    """Its rows lost, the CSV used to make an empty data set with exit 0, beside the photos it should have named."""
+    src = tmp / "photos"
+    src.mkdir()
+    (src / "p0.jpg").write_bytes(photo(10.0, 20.0, seed=0))
+    (src / "meta.csv").write_text("id,lat,lon\n")
+    return (["data", "ingest", "folder", "--root", str(tmp / "root"), "--source", str(src)],
+            [f"{src / 'meta.csv'}: the CSV has a header and no rows"])
+
+
 # -- NAME and encoder names that lead out of ROOT ------------------------------------------------------------------
 
 def ingest_a_name_that_is_an_absolute_config_path(s, tmp):
@@ -264,7 +276,7 @@ CASES: list[Case] = [
     export_a_features_manifest_a_billion_wide, export_a_features_manifest_counting_10_12_rows,
     inspect_a_shard_that_is_a_folder, export_out_onto_a_shard_of_the_stage,
     export_out_onto_the_manifest, inspect_a_sparse_shard_larger_than_recorded,
-    export_a_sparse_features_shard_larger_than_recorded,
+    export_a_sparse_features_shard_larger_than_recorded, ingest_a_csv_with_a_header_and_no_rows,
 ]
 
 

@@ -101,6 +101,8 @@ def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit
         if len(pair) == 1:  # one of the two is a typo: say so rather than drop every coordinate
             require_columns(df, {"latitude": cfg.lat_column, "longitude": cfg.lon_column}, what)
     require_columns(df, present, what)
+    if df.empty:  # a CSV whose rows were lost would otherwise make an empty data set without a word
+        raise SourceError(f"{what}: the CSV has a header and no rows")
     if limit is not None:
         df = df.iloc[: int(limit)]
     has_id = cfg.id_column in df.columns
