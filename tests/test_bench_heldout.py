@@ -1,0 +1,55 @@
+"""`bench_heldout`: the standard error of an accuracy difference over rows and over regions (cluster-robust),
+against hand computations."""
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_heldout as bh
+
+
+def test_with_one_row_per_region_the_region_se_is_the_row_se():
+    d = np.random.default_rng(0).integers(-1, 2, size=300).astype(float)
+    row = bh.paired_se(d)
+    assert row == pytest.approx(d.std(ddof=1) / np.sqrt(300), rel=1e-12)
+    assert bh.paired_se(d, np.arange(300)) == pytest.approx(row, rel=1e-12)
+
+
+def test_region_se_by_hand():
+    d = np.array([1.0, 1.0, 0.0, -1.0, 0.0, 0.0])
+    regions = np.array(["a", "a", "b", "b", "c", "c"])
+    # mean 1/6; per region sums of d - mean: a 2 - 2/6, b -1 - 2/6, c -2/6; CR1: sqrt(3/2 * sum of squares) / 6
+    totals = np.array([2 - 2 / 6, -1 - 2 / 6, -2 / 6])
+    assert bh.paired_se(d, regions) == pytest.approx(np.sqrt(1.5 * np.sum(totals**2)) / 6, rel=1e-12)
+
+
+def test_a_difference_made_by_one_region_is_uncertain_by_region_and_not_by_row():
+    """900 rows in 10 regions of 90; LocDiff-H wins all of one region's rows and ties elsewhere: by rows the
+    gain of 10 points looks certain (SE 1), by regions it is one region's luck (SE 10)."""
+    regions = np.repeat(np.arange(10), 90)
+    d = (regions == 0).astype(float)
+    assert bh.paired_se(d) == pytest.approx(0.01, abs=2e-3)
+    assert bh.paired_se(d, regions) == pytest.approx(0.1, rel=1e-9)
+    assert np.isnan(bh.paired_se(d, np.zeros(900)))  # one region: no estimate
+
+
+def test_cells_compare_with_the_best_single_method_of_each_threshold():
+    # 4 rows, 5 thresholds: knn right at 1 km on rows 0-1, LocDiff from 200 km on rows 0-3, LocDiff-H both
+    t = len(bh.THRESHOLDS_KM)
+    knn = np.zeros((4, t))
+    knn[:2] = 1
+    geocell = np.zeros((4, t))
+    locdiff = np.zeros((4, t))
+    locdiff[:, 2:] = 1
+    h = np.maximum(knn, locdiff)
+    h[3, 4] = 0  # one row lost at 2,500 km
+    out = bh.cells({"knn": knn, "geocell": geocell, "LocDiff": locdiff, "LocDiff-H": h},
+                   np.array([0, 0, 1, 1]), "test_unseen")
+    assert [c["best"] for c in out] == ["knn", "knn", "LocDiff", "LocDiff", "LocDiff"]
+    assert [c["diff"] for c in out] == [0.0, 0.0, 0.0, 0.0, -25.0]
+    assert out[4]["se_rows"] == pytest.approx(100 * bh.paired_se(np.array([0, 0, 0, -1.0])))
+    assert out[4]["regions"] == 2
+
+
+def test_rows_go_to_the_nearest_region_centre():
+    regions = [{"lat": 0.0, "lon": 0.0}, {"lat": 0.0, "lon": 179.0}]
+    assert bh.nearest_region(np.array([1.0, 0.0]), np.array([1.0, -179.5]), regions).tolist() == [0, 1]
