@@ -94,9 +94,8 @@ def main() -> None:
             log.warning("%s: LocDiff-H was chosen again (its rule changed since the run)", bench)
         methods = {"LocDiff": locdiff}
         for row in ("knn", "geocell"):
-            name, opts = bm.BASELINES[row]
-            cfg = {**config, "method": name, "baselines": {**config.get("baselines", {}), name: opts}}
-            methods[row], _ = bm._fit(name, cfg, data, work / bench / row)  # kept: resumed, not trained
+            name, cfg = bm.baseline_config(config, row)
+            methods[row], _ = bm._fit(name, cfg, data, bm.baseline_dir(work / bench, row))  # kept: resumed
         regions = world_regions(bm._world(bench, data_args))
         for split in HELD_OUT:
             table = data[split]

@@ -106,13 +106,23 @@ def _fit(name: str, config: dict[str, Any], data: dict[str, EmbeddingTable],
     return method, time.perf_counter() - t0
 
 
+def baseline_config(config: dict[str, Any], row: str) -> tuple[str, dict[str, Any]]:
+    """The method name and config of a BASELINES row (its options over the config's baselines.<method>)."""
+    name, opts = BASELINES[row]
+    return name, {**config, "method": name,
+                  "baselines": {**config.get("baselines", {}), name: {**config.get("baselines", {}).get(name, {}),
+                                                                      **opts}}}
+
+
+def baseline_dir(work: Path, row: str) -> Path:
+    return work / row.replace(" ", "_")
+
+
 def run_baselines(config: dict[str, Any], data, work: Path, results: dict[str, Any], report) -> None:
-    for row, (name, opts) in BASELINES.items():
-        cfg = {**config, "method": name,
-               "baselines": {**config.get("baselines", {}),
-                             name: {**config.get("baselines", {}).get(name, {}), **opts}}}
+    for row in BASELINES:
+        name, cfg = baseline_config(config, row)
         log.info("baseline %s", row)
-        method, fit_s = _fit(name, cfg, data, work / row.replace(" ", "_"))
+        method, fit_s = _fit(name, cfg, data, baseline_dir(work, row))
         results[row] = {"fit_s": fit_s, **_evaluate(method, data)}
         report(row)
 
