@@ -24,12 +24,12 @@ import numpy as np
 from benchmarks import bench_model as bm
 from benchmarks.common import print_table, save
 from locdiff.geo import haversine_km
+from locdiff.metrics import THRESHOLDS_KM, distances_km
 from locdiff.model.config import config_to_dict, load_config
 
 log = logging.getLogger("bench_heldout")
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 HELD_OUT = ("val_unseen", "test_unseen")
-SINGLE = {"knn": "knn", "geocell": "geocell", "LocDiff": "locdiff"}  # row -> method (the runs bench_model keeps)
+SINGLE = ("knn", "geocell", "LocDiff")  # the single methods LocDiff-H is held against (bench_model's rows)
 
 
 def paired_se(diff: np.ndarray, clusters: np.ndarray | None = None) -> float:
@@ -70,7 +70,7 @@ def cells(hits: dict[str, np.ndarray], region: np.ndarray, split: str) -> list[d
     for j, km in enumerate(THRESHOLDS_KM):
         best = max(SINGLE, key=lambda m: hits[m][:, j].mean())
         diff = hits["LocDiff-H"][:, j] - hits[best][:, j]
-        out.append({"split": split, "km": km, "best": best, "best_%": 100 * float(hits[best][:, j].mean()),
+        out.append({"split": split, "km": int(km), "best": best, "best_%": 100 * float(hits[best][:, j].mean()),
                     "LocDiff-H_%": 100 * float(hits["LocDiff-H"][:, j].mean()), "diff": 100 * float(diff.mean()),
                     "se_rows": 100 * paired_se(diff), "se_regions": 100 * paired_se(diff, region),
                     "rows": len(diff), "regions": len(np.unique(region))})
@@ -103,7 +103,7 @@ def main() -> None:
             for row, how in [*((r, {}) for r in ("knn", "geocell")), ("LocDiff", {"method": "locdiff"}),
                              ("LocDiff-H", {"method": "locdiff-h"})]:
                 p = methods["LocDiff" if row == "LocDiff-H" else row].predict(table, **how)
-                err = np.asarray(haversine_km(p.lat, p.lon, table.lat, table.lon))
+                err = distances_km(p.lat, p.lon, table.lat, table.lon)
                 hits[row] = (err[:, None] <= np.asarray(THRESHOLDS_KM)).astype(np.float64)
             for cell in cells(hits, nearest_region(table.lat, table.lon, regions), split):
                 rows.append({"benchmark": bench, **cell})
