@@ -22,10 +22,9 @@ import pandas as pd
 from locdiff import plots
 from locdiff.calibration import reliability
 from locdiff.io import PredictionTable, write_predictions
-from locdiff.metrics import distances_km, geo_metrics, metrics_from_distances
+from locdiff.metrics import ACCURACY_KEYS, THRESHOLDS_KM, distances_km, geo_metrics, metrics_from_distances
 from locdiff.runs import write_json_atomic
 from locdiff.tables import EmbeddingTable
-from locdiff.tracking import THRESHOLDS_KM
 
 WORLD_MAP, ERROR_CDF, RELIABILITY, CALIBRATION = "worldmap.png", "error_cdf.png", "reliability.png", "calibration.json"
 
@@ -102,11 +101,11 @@ def metrics_by_method(pred: PredictionTable) -> tuple[str, dict[str, dict[str, f
 
 def accuracy_markdown(results: Mapping[str, Mapping[str, float]], *, title: str = "") -> str:
     """The accuracy table (percent with two decimals, median km, GeoScore) as Markdown."""
-    head = ["data set", "n"] + [f"{t} km" for t in THRESHOLDS_KM] + ["median km", "GeoScore"]
+    head = ["data set", "n"] + [f"{t:g} km" for t in THRESHOLDS_KM] + ["median km", "GeoScore"]
     lines = [f"### {title}" if title else "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for name, m in results.items():
-        cells = [name, str(int(m.get("n", 0)))] + [f"{m[f'acc_{t}km']:.2f} %" for t in THRESHOLDS_KM]
+        cells = [name, str(int(m.get("n", 0)))] + [f"{m[key]:.2f} %" for key in ACCURACY_KEYS]
         cells += [f"{m['median_km']:,.0f}", f"{m['geoscore']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(line for line in lines if line) + "\n"

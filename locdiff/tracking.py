@@ -32,6 +32,7 @@ import yaml
 from locdiff import runs
 from locdiff.inference import pyfunc
 from locdiff.methods import get_method
+from locdiff.metrics import ACCURACY_KEYS, THRESHOLDS_KM
 from locdiff.model.config import read_run_config
 from locdiff.tracking_store import (
     DEFAULT_EXPERIMENT,
@@ -54,8 +55,7 @@ logger = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "locdiff"
 # The evaluation metric names, each logged as f"{dataset}/{name}" (the issue fixes these spellings).
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
-METRIC_NAMES = tuple(f"acc_{t}km" for t in THRESHOLDS_KM) + ("median_km", "geoscore")
+METRIC_NAMES = ACCURACY_KEYS + ("median_km", "geoscore")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
