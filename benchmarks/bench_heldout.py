@@ -8,7 +8,14 @@ reports LocDiff-H's accuracy minus the best of top-1 retrieval, the cell classif
 paired standard error over rows and the cluster-robust one over regions. Needs `bench_model --work DIR`'s kept
 runs (nothing is trained here); --seed must be the seed that run used. Output: benchmarks/results/heldout.json.
 
+With `--cv`, it also checks how LocDiff-H's choice carries to regions it was not chosen on, on validation rows
+alone: val's rows and val_unseen's regions are dealt into `--folds` folds; each fold's images are placed by the
+product of experts chosen (`choose_poe`, the run's rule) on the other folds, and `--draws` deals are averaged.
+It reports, for val and val_unseen and each threshold, LocDiff-H minus the better of LocDiff and top-1 retrieval
+(choose_poe's reference), as chosen on all the rows (in sample) and out of fold.
+
     python -m benchmarks.bench_heldout --work DIR [--seed 0] [--benchmarks synth,realbench,cuebench]
+    python -m benchmarks.bench_heldout --work DIR --seed S --benchmarks realbench --cv [--folds 3 --draws 3]
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from benchmarks.common import print_table, save
 from locdiff.geo import haversine_km
 from locdiff.metrics import THRESHOLDS_KM, distances_km
 from locdiff.model.config import config_to_dict, load_config
+from locdiff.model.hybrid import POE_DEFAULT, PoECandidates, choose_poe, concat_candidates, poe_select
 
 log = logging.getLogger("bench_heldout")
 HELD_OUT = ("val_unseen", "test_unseen")
 SINGLE = ("knn", "geocell", "LocDiff")  # the single methods LocDiff-H is held against (bench_model's rows)
+VALIDATION = ("val", "val_unseen")  # choose_poe's groups 0 and 1
 
 
 def paired_se(diff: np.ndarray, clusters: np.ndarray | None = None) -> float:
@@ -77,10 +86,80 @@ def cells(hits: dict[str, np.ndarray], region: np.ndarray, split: str) -> list[d
     return out
 
 
+def region_folds(groups: np.ndarray, regions: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """A fold per row: group 0's rows (iid) dealt at random, the other rows region by region (all the rows of
+    a region in one fold), each about equally over the folds."""
+    groups, regions = np.asarray(groups), np.asarray(regions)
+    fold = np.empty(len(groups), np.int64)
+    iid = groups == 0
+    fold[iid] = rng.permutation(int(iid.sum())) % folds
+    ids, inverse = np.unique(regions[~iid], return_inverse=True)
+    fold[~iid] = (rng.permutation(len(ids)) % folds)[inverse]
+    return fold
+
+
+def placed(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray, fit: np.ndarray,
+           rows: np.ndarray, *, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of the images `rows` selects, placed by the product of experts chosen (`choose_poe`) on the
+    images `fit` selects."""
+    p = choose_poe(c.rows(fit), lat[fit], lon[fit], groups[fit], tolerance=tolerance)
+    plat, plon, _ = poe_select(c.rows(rows), **{k: p[k] for k in POE_DEFAULT}, novelty=p["novelty"])
+    return plat, plon
+
+
+def out_of_fold(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray, fold: np.ndarray, *,
+                tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) per image: placed by the product of experts chosen on the other folds' images."""
+    plat, plon = np.empty(len(lat)), np.empty(len(lat))
+    for f in np.unique(fold):
+        rows = fold == f
+        plat[rows], plon[rows] = placed(c, lat, lon, groups, ~rows, rows, tolerance=tolerance)
+    return plat, plon
+
+
+def cross_validate(bench: str, method: Any, data: Any, regions: list[dict[str, Any]], *, folds: int, draws: int,
+                   seed: int) -> list[dict[str, Any]]:
+    """One row per validation split and threshold: LocDiff-H minus the better of LocDiff and top-1 retrieval,
+    in sample (the run's choice) and out of fold (mean, min and max over the draws), in points."""
+    tables = [data[s] for s in VALIDATION]
+    c = concat_candidates([method.candidates(t) for t in tables])
+    lat, lon = np.concatenate([t.lat for t in tables]), np.concatenate([t.lon for t in tables])
+    groups = np.repeat(np.arange(len(tables)), [len(t.lat) for t in tables])
+    region = np.where(groups == 0, -1, nearest_region(lat, lon, regions))
+    thresholds = np.asarray(THRESHOLDS_KM)
+
+    def hits(plat: np.ndarray, plon: np.ndarray) -> np.ndarray:
+        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+
+    tolerance = method.config.hybrid.poe_tolerance
+    every = np.ones(len(lat), bool)
+    in_sample = hits(*placed(c, lat, lon, groups, every, every, tolerance=tolerance))
+    h_loc, h_ret = hits(c.lat[:, 0], c.lon[:, 0]), hits(c.lat[:, 1], c.lon[:, 1])
+    rng = np.random.default_rng(seed)
+    oof = [hits(*out_of_fold(c, lat, lon, groups, region_folds(groups, region, folds, rng), tolerance=tolerance))
+           for _ in range(draws)]
+    out = []
+    for g, split in enumerate(VALIDATION):
+        r = groups == g
+        ref = np.maximum(h_loc[r].mean(0), h_ret[r].mean(0))
+        diffs = np.stack([100 * (h[r].mean(0) - ref) for h in oof])
+        for j, km in enumerate(THRESHOLDS_KM):
+            out.append({"benchmark": bench, "split": split, "km": int(km), "reference_%": 100 * float(ref[j]),
+                        "in_sample": 100 * float(in_sample[r, j].mean() - ref[j]),
+                        "out_of_fold": float(diffs[:, j].mean()), "oof_min": float(diffs[:, j].min()),
+                        "oof_max": float(diffs[:, j].max()), "rows": int(r.sum()),
+                        "regions": len(np.unique(region[r])) if g else None})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bm.add_reuse_arguments(ap, "bench_model's --work folder (its kept runs)")
     ap.add_argument("--seed", type=int, default=0, help="the seed of that bench_model run (its data)")
+    ap.add_argument("--cv", action="store_true", help="also cross-validate LocDiff-H's choice over val_unseen's "
+                                                      "regions (validation rows only)")
+    ap.add_argument("--folds", type=int, default=3, choices=range(2, 11), metavar="2..10")
+    ap.add_argument("--draws", type=int, default=3, choices=range(1, 21), metavar="1..20")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data_args = bm.reuse_data_args(args)
@@ -88,6 +167,7 @@ def main() -> None:
     config = config_to_dict(load_config(args.config, args.set))
     work = Path(args.work)
     rows: list[dict[str, Any]] = []
+    cv_rows: list[dict[str, Any]] = []
     for bench in [b.strip() for b in args.benchmarks.split(",") if b.strip()]:
         data, locdiff, _, rechosen = bm.kept_run(bench, data_args, work, args.config)
         if rechosen:
@@ -107,9 +187,17 @@ def main() -> None:
                 hits[row] = (err[:, None] <= np.asarray(THRESHOLDS_KM)).astype(np.float64)
             for cell in cells(hits, nearest_region(table.lat, table.lon, regions), split):
                 rows.append({"benchmark": bench, **cell})
+        if args.cv:
+            cv_rows += cross_validate(bench, locdiff, data, regions, folds=args.folds, draws=args.draws,
+                                      seed=args.seed)
     print_table(rows, title="LocDiff-H minus the best single method on held-out splits (points), with standard "
                             "errors over rows and over regions")
-    save("heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows})
+    if cv_rows:
+        print_table(cv_rows, title=f"LocDiff-H minus the better of LocDiff and top-1 retrieval on validation (points): "
+                                   f"chosen on all rows (in sample) and on other folds ({args.folds} folds of "
+                                   f"val's rows and val_unseen's regions, {args.draws} draws)")
+    save("heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
+                     **({"cross_validation": cv_rows} if cv_rows else {})})
     log.info("%s", json.dumps({"worst": min(rows, key=lambda r: r["diff"])} if rows else {}))
 
 

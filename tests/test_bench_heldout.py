@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_heldout as bh
+from locdiff.model.hybrid import PoECandidates
 
 
 def test_with_one_row_per_region_the_region_se_is_the_row_se():
@@ -53,3 +54,46 @@ def test_cells_compare_with_the_best_single_method_of_each_threshold():
 def test_rows_go_to_the_nearest_region_centre():
     regions = [{"lat": 0.0, "lon": 0.0}, {"lat": 0.0, "lon": 179.0}]
     assert bh.nearest_region(np.array([1.0, 0.0]), np.array([1.0, -179.5]), regions).tolist() == [0, 1]
+
+
+def _candidates(n: int = 90, k: int = 6, seed: int = 0):
+    """Random candidates around random truths: LocDiff's answer and k neighbours a few degrees off."""
+    rng = np.random.default_rng(seed)
+    lat, lon = rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)
+    clat = lat[:, None] + rng.normal(0, 3, (n, k + 1))
+    clon = lon[:, None] + rng.normal(0, 3, (n, k + 1))
+    sim = np.sort(rng.uniform(0.2, 0.9, (n, k)), 1)[:, ::-1]
+    w = np.exp(5 * sim)
+    c = PoECandidates(clat, clon, np.log(rng.uniform(0.05, 1, (n, k + 1))), w / w.sum(1, keepdims=True),
+                      sim[:, 0], sim[:, 0] - sim[:, 1], sim.mean(1), sim.std(1))
+    return c, lat, lon
+
+
+GROUPS = np.r_[np.zeros(60, int), np.ones(30, int)]  # 60 val rows, 30 val_unseen rows in 6 regions of 5
+REGIONS = np.r_[np.full(60, -1), np.repeat(np.arange(6), 5)]
+
+
+def test_region_folds_keep_each_region_whole_and_deal_evenly():
+    fold = bh.region_folds(GROUPS, REGIONS, 3, np.random.default_rng(1))
+    assert np.array_equal(fold, bh.region_folds(GROUPS, REGIONS, 3, np.random.default_rng(1)))
+    assert sorted(np.bincount(fold[:60])) == [20, 20, 20]
+    per_region = [np.unique(fold[REGIONS == r]) for r in range(6)]
+    assert all(len(f) == 1 for f in per_region)
+    assert sorted(np.bincount([f[0] for f in per_region], minlength=3)) == [2, 2, 2]
+
+
+def test_out_of_fold_placements_never_see_their_own_truths():
+    """Moving fold 0's truths onto their best gallery match changes the choice made on all the rows, but not
+    where fold 0's images are placed out of fold."""
+    c, lat, lon = _candidates()
+    fold = bh.region_folds(GROUPS, REGIONS, 3, np.random.default_rng(1))
+    f0 = fold == 0
+    lat2, lon2 = lat.copy(), lon.copy()
+    lat2[f0], lon2[f0] = c.lat[f0, 1], c.lon[f0, 1]
+    every = np.ones(len(lat), bool)
+    in_sample = bh.placed(c, lat, lon, GROUPS, every, every, tolerance=0.5)[0]
+    assert (in_sample != bh.placed(c, lat2, lon2, GROUPS, every, every, tolerance=0.5)[0]).any()
+    before = bh.out_of_fold(c, lat, lon, GROUPS, fold, tolerance=0.5)
+    after = bh.out_of_fold(c, lat2, lon2, GROUPS, fold, tolerance=0.5)
+    assert np.array_equal(before[0][f0], after[0][f0]) and np.array_equal(before[1][f0], after[1][f0])
+    assert not np.array_equal(before[0][~f0], after[0][~f0])  # the other folds were chosen on the moved truths

@@ -33,7 +33,7 @@ Two modes (`hybrid.mode`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -181,6 +181,10 @@ class PoECandidates:
     s_mean: np.ndarray  # (N,) mean cosine similarity of the k neighbours
     s_std: np.ndarray  # (N,) their standard deviation
 
+    def rows(self, index: np.ndarray) -> PoECandidates:
+        """The candidates of the images `index` selects (an index array or a boolean mask)."""
+        return PoECandidates(*(getattr(self, f.name)[index] for f in fields(self)))
+
 
 def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor, answer_lat: np.ndarray,
                    answer_lon: np.ndarray, top_k: int) -> PoECandidates:
@@ -201,9 +205,7 @@ def poe_candidates(gallery: Gallery, query: np.ndarray, mean_code: torch.Tensor,
 
 def concat_candidates(parts: list[PoECandidates]) -> PoECandidates:
     """The rows of several candidate sets (the same top_k) as one."""
-    return PoECandidates(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("lat", "lon", "log_density", "nb_weight", "s_top", "s_margin", "s_mean",
-                                     "s_std")))
+    return PoECandidates(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(PoECandidates)))
 
 
 def poe_kernel(c: PoECandidates, bandwidth_km: float) -> np.ndarray:

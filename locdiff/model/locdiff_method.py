@@ -35,6 +35,7 @@ from locdiff.model.hybrid import (
     NOVELTY_FEATURES,
     POE_DEFAULT,
     SELECTION_RULE,
+    PoECandidates,
     choose_blend,
     choose_poe,
     concat_candidates,
@@ -138,13 +139,10 @@ class LocDiffMethod(GeoMethod):
                                      hc.top_k)
             blend = choose_blend(cand, mlat, mlon, *truth)
             alat, alon, _ = out.choose(agg)
-            parts = [poe_candidates(self.gallery, val.embedding, out.mean_code, alat, alon, hc.top_k)]
+            parts = [self._poe_candidates(out, val.embedding, alat, alon)]
             plat, plon, groups = [val.lat], [val.lon], [np.zeros(len(val.lat))]
             if unseen is not None and len(unseen.lat):
-                out_u = locdiff_predict(self.model, unseen.embedding, self.config, seed=self.config.train.seed,
-                                        progress=progress)
-                ulat, ulon, _ = out_u.choose(agg)
-                parts.append(poe_candidates(self.gallery, unseen.embedding, out_u.mean_code, ulat, ulon, hc.top_k))
+                parts.append(self.candidates(unseen, progress=progress))
                 plat, plon, groups = [*plat, unseen.lat], [*plon, unseen.lon], [*groups, np.ones(len(unseen.lat))]
                 self.selection["val_unseen_rows"] = int(len(unseen.lat))
             poe = choose_poe(concat_candidates(parts), np.concatenate(plat), np.concatenate(plon),
@@ -211,7 +209,7 @@ class LocDiffMethod(GeoMethod):
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
         if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
-            cand = poe_candidates(self.get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
+            cand = self._poe_candidates(out, emb, lat, lon)
             lat, lon, _ = poe_select(cand, **self._poe_parameters(), novelty=self._novelty_model())
         elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
@@ -220,6 +218,20 @@ class LocDiffMethod(GeoMethod):
             lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
                                         radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
         return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+
+    def _poe_candidates(self, out: LocDiffOutput, emb: np.ndarray, lat: np.ndarray, lon: np.ndarray
+                        ) -> PoECandidates:
+        """LocDiff-H's candidates: LocDiff's answer (lat, lon) and the gallery's top-k neighbours."""
+        return poe_candidates(self.get_gallery(), emb, out.mean_code, lat, lon, self.config.hybrid.top_k)
+
+    def candidates(self, table: EmbeddingTable, *, progress: bool = False) -> PoECandidates:
+        """The product of experts' candidates for `table`'s images, as validation computes them (the network
+        seeded with the training seed, the chosen aggregation): what `choose_poe` chooses on, for checking
+        that choice elsewhere (benchmarks/bench_heldout.py)."""
+        out = locdiff_predict(self.model, table.embedding, self.config, seed=self.config.train.seed,
+                              progress=progress)
+        lat, lon, _ = out.choose(self._aggregation())
+        return self._poe_candidates(out, table.embedding, lat, lon)
 
     def _poe_parameters(self) -> dict[str, float]:
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
