@@ -121,7 +121,10 @@ def cross_validate(bench: str, method: Any, data: Any, regions: list[dict[str, A
                    seed: int) -> list[dict[str, Any]]:
     """One row per validation split and threshold: LocDiff-H minus the better of LocDiff and top-1 retrieval,
     in sample (the run's choice) and out of fold (mean, min and max over the draws), in points."""
-    tables = [data[s] for s in VALIDATION]
+    tables = [data.get(s) for s in VALIDATION]
+    if any(t is None or not len(t.lat) for t in tables):
+        log.warning("%s: no rows in %s; nothing to cross-validate", bench, " or ".join(VALIDATION))
+        return []
     c = concat_candidates([method.candidates(t) for t in tables])
     lat, lon = np.concatenate([t.lat for t in tables]), np.concatenate([t.lon for t in tables])
     groups = np.repeat(np.arange(len(tables)), [len(t.lat) for t in tables])

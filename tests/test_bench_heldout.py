@@ -1,5 +1,7 @@
 """`bench_heldout`: the standard error of an accuracy difference over rows and over regions (cluster-robust),
-against hand computations."""
+against hand computations; the cross-validation of LocDiff-H's choice over regions (folds, no leakage)."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,3 +99,10 @@ def test_out_of_fold_placements_never_see_their_own_truths():
     after = bh.out_of_fold(c, lat2, lon2, GROUPS, fold, tolerance=0.5)
     assert np.array_equal(before[0][f0], after[0][f0]) and np.array_equal(before[1][f0], after[1][f0])
     assert not np.array_equal(before[0][~f0], after[0][~f0])  # the other folds were chosen on the moved truths
+
+
+def test_cross_validation_needs_both_validation_splits():
+    val = SimpleNamespace(lat=np.zeros(10))
+    assert bh.cross_validate("synth", None, {"val": val}, [], folds=3, draws=1, seed=0) == []
+    assert bh.cross_validate("synth", None, {"val": val, "val_unseen": SimpleNamespace(lat=np.zeros(0))}, [],
+                             folds=3, draws=1, seed=0) == []
