@@ -12,7 +12,7 @@ With `--cv`, it also checks how LocDiff-H's choice carries to regions it was not
 alone: val's rows and val_unseen's regions are dealt into `--folds` folds; each fold's images are placed by the
 product of experts chosen (`choose_poe`, the run's rule) on the other folds, and `--draws` deals are averaged.
 It reports, for val and val_unseen and each threshold, LocDiff-H minus the better of LocDiff and top-1 retrieval
-(choose_poe's reference), as chosen on all the rows (in sample) and out of fold.
+(choose_poe's reference), as the run chose on all of them (in sample) and out of fold.
 
     python -m benchmarks.bench_heldout --work DIR [--seed 0] [--benchmarks synth,realbench,cuebench]
     python -m benchmarks.bench_heldout --work DIR --seed S --benchmarks realbench --cv [--folds 3 --draws 3]
@@ -31,7 +31,7 @@ import numpy as np
 from benchmarks import bench_model as bm
 from benchmarks.common import print_table, save
 from locdiff.geo import haversine_km
-from locdiff.metrics import THRESHOLDS_KM, distances_km
+from locdiff.metrics import THRESHOLDS_KM, hits_within
 from locdiff.model.config import config_to_dict, load_config
 from locdiff.model.hybrid import POE_DEFAULT, PoECandidates, choose_poe, concat_candidates, poe_select
 
@@ -129,14 +129,12 @@ def cross_validate(bench: str, method: Any, data: Any, regions: list[dict[str, A
     lat, lon = np.concatenate([t.lat for t in tables]), np.concatenate([t.lon for t in tables])
     groups = np.repeat(np.arange(len(tables)), [len(t.lat) for t in tables])
     region = np.where(groups == 0, -1, nearest_region(lat, lon, regions))
-    thresholds = np.asarray(THRESHOLDS_KM)
 
     def hits(plat: np.ndarray, plon: np.ndarray) -> np.ndarray:
-        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+        return hits_within(plat, plon, lat, lon)
 
     tolerance = method.config.hybrid.poe_tolerance
-    every = np.ones(len(lat), bool)
-    in_sample = hits(*placed(c, lat, lon, groups, every, every, tolerance=tolerance))
+    in_sample = hits(*method.place_hybrid(c))  # the run's own choice
     h_loc, h_ret = hits(c.lat[:, 0], c.lon[:, 0]), hits(c.lat[:, 1], c.lon[:, 1])
     rng = np.random.default_rng(seed)
     oof = [hits(*out_of_fold(c, lat, lon, groups, region_folds(groups, region, folds, rng), tolerance=tolerance))
@@ -186,8 +184,7 @@ def main() -> None:
             for row, how in [*((r, {}) for r in ("knn", "geocell")), ("LocDiff", {"method": "locdiff"}),
                              ("LocDiff-H", {"method": "locdiff-h"})]:
                 p = methods["LocDiff" if row == "LocDiff-H" else row].predict(table, **how)
-                err = distances_km(p.lat, p.lon, table.lat, table.lon)
-                hits[row] = (err[:, None] <= np.asarray(THRESHOLDS_KM)).astype(np.float64)
+                hits[row] = hits_within(p.lat, p.lon, table.lat, table.lon)
             for cell in cells(hits, nearest_region(table.lat, table.lon, regions), split):
                 rows.append({"benchmark": bench, **cell})
         if args.cv:
@@ -197,8 +194,8 @@ def main() -> None:
                             "errors over rows and over regions")
     if cv_rows:
         print_table(cv_rows, title=f"LocDiff-H minus the better of LocDiff and top-1 retrieval on validation (points): "
-                                   f"chosen on all rows (in sample) and on other folds ({args.folds} folds of "
-                                   f"val's rows and val_unseen's regions, {args.draws} draws)")
+                                   f"as the run chose on all rows (in sample) and on other folds ({args.folds} folds "
+                                   f"of val's rows and val_unseen's regions, {args.draws} draws)")
     save("heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
                      **({"cross_validation": cv_rows} if cv_rows else {})})
     log.info("%s", json.dumps({"worst": min(rows, key=lambda r: r["diff"])} if rows else {}))

@@ -43,6 +43,12 @@ def distances_km(pred_lat: ArrayLike, pred_lon: ArrayLike, lat: ArrayLike, lon: 
     return np.asarray(haversine_km(arrays[0], arrays[1], arrays[2], arrays[3]), dtype=np.float64)
 
 
+def hits_within(pred_lat: ArrayLike, pred_lon: ArrayLike, lat: ArrayLike, lon: ArrayLike,
+                thresholds: Sequence[float] = THRESHOLDS_KM) -> np.ndarray:
+    """(N, thresholds) float 0/1: whether each prediction lies within each threshold of its truth."""
+    return (distances_km(pred_lat, pred_lon, lat, lon)[:, None] <= np.asarray(thresholds)).astype(np.float64)
+
+
 def geoscore(dist_km: ArrayLike) -> float:
     """Mean GeoScore, 5000 * exp(-d / 1492.7 km), over the given distances."""
     d = np.asarray(dist_km, dtype=np.float64)

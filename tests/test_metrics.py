@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from locdiff.geo import EARTH_RADIUS_KM
-from locdiff.metrics import distances_km, format_table, geo_metrics, geoscore, metrics_from_distances
+from locdiff.metrics import (
+    THRESHOLDS_KM,
+    distances_km,
+    format_table,
+    geo_metrics,
+    geoscore,
+    hits_within,
+    metrics_from_distances,
+)
 
 R = EARTH_RADIUS_KM
 # Truths on the equator at longitude 0 (and one pole); predictions at known great-circle angles, so each
@@ -65,3 +73,12 @@ def test_format_table_shows_percent_counts_and_errors():
     assert "== test ==" in text
     assert "25.00 % (2)" in text and "75.00 % (6)" in text
     assert "GeoScore" in text and "median km" in text
+
+
+def test_hits_within_marks_each_threshold_met():
+    # one degree of latitude is 111.19 km (R = 6371.0088 km): 0 km, 20 km, 111 km, 1,001 km and 3,336 km off
+    deg = np.array([0.0, 20.0 / 111.19, 1.0, 9.0, 30.0])
+    h = hits_within(deg, np.zeros(5), np.zeros(5), np.zeros(5))
+    assert h.dtype == np.float64 and h.shape == (5, len(THRESHOLDS_KM))
+    expected = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    assert np.array_equal(h, expected)

@@ -43,7 +43,7 @@ from locdiff import shdd
 from locdiff.calibration import LogisticModel
 from locdiff.gallery import Gallery
 from locdiff.geo import haversine_km
-from locdiff.metrics import THRESHOLDS_KM, distances_km
+from locdiff.metrics import distances_km, hits_within
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,9 @@ def choose_blend(c: HybridCandidates, mode_lat: np.ndarray, mode_lon: np.ndarray
     plain retrieval (weight 0, radius inf) by more than `z` standard errors of the paired per-image
     difference (thresholds met, 0..5): chance gains on a few hundred rows do not move LocDiff-H away
     from retrieval. Returns weight, radius and the scores (sum of accuracies in %) of both."""
-    thresholds = np.asarray(THRESHOLDS_KM)
-
     def hits(w: float, r: float) -> np.ndarray:
         plat, plon, _ = hybrid_select(c, mode_lat, mode_lon, weight=w, radius_km=r)
-        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).sum(1).astype(np.float64)
+        return hits_within(plat, plon, lat, lon).sum(1)
 
     base = hits(0.0, float("inf"))
     n = len(base)
@@ -328,7 +326,6 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
     (`fit_novelty` on these rows), which is kept only when its final setting beats the first's on the key.
     Returns the parameters (`novelty`: the fitted LogisticModel, or None for s_top), their score and shortfall,
     LocDiff's and retrieval's scores."""
-    thresholds = np.asarray(THRESHOLDS_KM)
     n = len(lat)
     gid = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     sizes = np.bincount(gid).astype(np.float64) if n else np.ones(1)
@@ -338,7 +335,7 @@ def choose_poe(c: PoECandidates, lat: np.ndarray, lon: np.ndarray, groups: np.nd
              signal: np.ndarray | None = None) -> np.ndarray:
         """(N, thresholds) 0/1: each image placed within each threshold."""
         plat, plon, _ = poe_select(c, **prm, kernel=kern, count=count, signal=signal)
-        return (distances_km(plat, plon, lat, lon)[:, None] <= thresholds).astype(np.float64)
+        return hits_within(plat, plon, lat, lon)
 
     def by_group(h: np.ndarray) -> np.ndarray:
         """(groups, thresholds) accuracy in %."""

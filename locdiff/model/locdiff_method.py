@@ -209,8 +209,7 @@ class LocDiffMethod(GeoMethod):
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
         if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
-            cand = self._poe_candidates(out, emb, lat, lon)
-            lat, lon, _ = poe_select(cand, **self._poe_parameters(), novelty=self._novelty_model())
+            lat, lon = self.place_hybrid(self._poe_candidates(out, emb, lat, lon))
         elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
             mlat, mlon, _ = out.choose("mean")
@@ -232,6 +231,12 @@ class LocDiffMethod(GeoMethod):
                               progress=progress)
         lat, lon, _ = out.choose(self._aggregation())
         return self._poe_candidates(out, table.embedding, lat, lon)
+
+    def place_hybrid(self, c: PoECandidates) -> tuple[np.ndarray, np.ndarray]:
+        """LocDiff-H's answers (lat, lon) on product-of-experts candidates, with the parameters chosen on
+        validation (selection.json)."""
+        lat, lon, _ = poe_select(c, **self._poe_parameters(), novelty=self._novelty_model())
+        return lat, lon
 
     def _poe_parameters(self) -> dict[str, float]:
         """The product-of-experts parameters chosen on validation (selection.json), checked."""
