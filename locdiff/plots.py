@@ -42,6 +42,13 @@ def save_figure(fig: Any, path: str | Path, **savefig: Any) -> Path:
     return Path(path)
 
 
+def _finish(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Save `fig` at `path` (`save_figure`: atomic, the folder made) and free it."""
+    path = save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def world_map(path: str | Path, pred_lat: Any, pred_lon: Any, lat: Any | None = None, lon: Any | None = None,
               *, max_points: int = 5_000, lines: int = 300, title: str = "", seed: int = 0) -> Path:
     """PNG map (equirectangular): truths (blue), predictions (red) and grey lines joining a few pairs.
@@ -72,11 +79,7 @@ def world_map(path: str | Path, pred_lat: Any, pred_lon: Any, lat: Any | None = 
     ax.legend(loc="lower left", markerscale=3)
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path)
 
 
 def error_cdf(path: str | Path, errors_km: dict[str, Any], *, title: str = "") -> Path:
@@ -98,11 +101,7 @@ def error_cdf(path: str | Path, errors_km: dict[str, Any], *, title: str = "") -
     ax.legend(loc="upper left")
     if title:
         ax.set_title(title, pad=14)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path)
 
 
 def reliability_plot(path: str | Path, reliability: dict[str, Any], *, title: str = "") -> Path:
@@ -125,11 +124,7 @@ def reliability_plot(path: str | Path, reliability: dict[str, Any], *, title: st
     axc.bar(centers, [b["count"] for b in reliability["bins"]], width=0.09, color="0.6")
     axc.set_xlabel("confidence")
     axc.set_ylabel("images")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path)
 
 
 def locations_map(path: str | Path, lat: Any, lon: Any, labels: Any = None, *, title: str = "",
@@ -150,8 +145,4 @@ def locations_map(path: str | Path, lat: Any, lon: Any, labels: Any = None, *, t
     ax.legend(loc="lower left")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path)
