@@ -29,6 +29,7 @@ import numpy as np
 
 from locdiff import engine
 from locdiff.data.datasource import DataSource, open_source
+from locdiff.metrics import geo_metrics
 from locdiff.model.config import METHODS, Config
 from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
@@ -36,6 +37,7 @@ from locdiff.tables import EmbeddingTable
 __all__ = ["METHODS", "GeoMethod", "Prediction", "get_method", "prepare_data"]
 
 Data = str | EmbeddingTable | DataSource  # what `fit` reads: a path or URL, a table, or an open source
+VALIDATION_METRIC_ROWS = 4096  # rows a baseline's final validation metrics are measured on
 
 
 @dataclass
@@ -111,6 +113,15 @@ class GeoMethod(ABC):
             if result.step < self.settings(source).steps:
                 return dict(result.metrics)  # interrupted on purpose: nothing to finalize yet
         return self.finalize(result, source, vsrc, run, progress=progress)
+
+    def validation_metrics(self, val: DataSource | None) -> dict[str, float]:
+        """`val/<metric>` (locdiff.metrics.geo_metrics) of this method's predictions on the first
+        VALIDATION_METRIC_ROWS validation rows; {} without validation rows."""
+        if val is None or not val.count:
+            return {}
+        table = val.read_all(limit=VALIDATION_METRIC_ROWS)
+        p = self.predict(table)
+        return {f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()}
 
     @abstractmethod
     def save(self, run_dir: Path) -> None:

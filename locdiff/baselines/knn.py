@@ -20,7 +20,6 @@ from locdiff.data.datasource import DataSource
 from locdiff.gallery import Gallery, GalleryConfig, gallery_for_run
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import GeoMethod, Prediction
-from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
@@ -74,12 +73,7 @@ class KNNMethod(GeoMethod):
         self.gallery, self.gallery_ref = gallery_for_run(source, run.path, self.gallery_config, progress=progress)
         self.run_dir = run.path
         self.save(run.path)
-        out: dict[str, float] = {"gallery_size": float(len(self.gallery))}
-        if val is not None and val.count:
-            table = val.read_all(limit=4096)
-            p = self.predict(table)
-            out.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})
-        return out
+        return {"gallery_size": float(len(self.gallery)), **self.validation_metrics(val)}
 
     def save(self, run_dir: Path) -> None:
         if self.gallery_ref is None:

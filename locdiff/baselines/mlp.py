@@ -24,7 +24,6 @@ from locdiff.baselines.options import MLPOptions, parse_options
 from locdiff.data.datasource import DataSource
 from locdiff.engine import Result, Settings, Task, resolve_device
 from locdiff.methods import GeoMethod
-from locdiff.metrics import geo_metrics
 from locdiff.model.config import Config, config_to_dict
 from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
@@ -135,12 +134,7 @@ class TrainedBaseline(GeoMethod):
                  progress: bool = True) -> dict[str, float]:
         self.net = result.model.to(self.device).eval()
         self.save(run.path)
-        metrics = dict(result.metrics)
-        if val is not None and val.count:
-            table = val.read_all(limit=4096)
-            p = self.predict(table)
-            metrics.update({f"val/{k}": v for k, v in geo_metrics(p.lat, p.lon, table.lat, table.lon).items()})
-        return metrics
+        return {**result.metrics, **self.validation_metrics(val)}
 
     # -- persistence -------------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
