@@ -12,9 +12,11 @@ Tests are marked by the services they use (the markers follow the fixtures, so t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,20 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+# The tests never write the user's caches. huggingface_hub reads HF_HOME once, when it is first imported, so the
+# session's temporary caches are set here, before any test module is collected; removed when the session ends.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="locdiff-test-cache-"))
+os.environ["HF_HOME"] = str(TEST_CACHE / "huggingface")
+os.environ["LOCDIFF_CACHE"] = str(TEST_CACHE / "locdiff")
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)  # each would take precedence over HF_HOME
+
 # fixture name -> the marker of the service it starts
 SERVICE_MARKERS = {"ray_local": "ray", "prefect_api": "prefect", "moto_s3": "s3"}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -62,22 +62,14 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3(moto_s3, tmp_path_factory):
-    """The session's S3 endpoint (moto server on 127.0.0.1) with the buckets of the data tests and the data
-    layer's caches in temporary folders; yields the endpoint URL."""
+def s3(moto_s3):
+    """The session's S3 endpoint (moto server on 127.0.0.1) with the buckets of the data tests; yields the
+    endpoint URL. The data layer's and Hugging Face's caches are the session's temporary ones (tests/conftest.py)."""
     from tests.conftest import make_bucket
 
-    saved = {k: os.environ.get(k) for k in ("LOCDIFF_CACHE", "HF_HOME")}
-    os.environ.update({"LOCDIFF_CACHE": str(tmp_path_factory.mktemp("cache")),
-                       "HF_HOME": str(tmp_path_factory.mktemp("hf"))})
     for bucket in ("fixtures", "data"):
         make_bucket(moto_s3, bucket)
-    yield moto_s3
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return moto_s3
 
 
 def upload(local: Path, url: str) -> None:

@@ -4,6 +4,7 @@ S3 endpoint (moto) into an s3:// root; the round trip is exact and bad records a
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from locdiff.data.features import load_features
 from locdiff.data.ingest import ingest
 from locdiff.data.shards import stage_dir
 from locdiff.data.validation import sha256_bytes
+from tests.conftest import TEST_CACHE
 
 from .fixtures import read_samples, sha
 
@@ -77,6 +79,11 @@ def test_osv5m_through_huggingface_hub(sources, served, tmp_path, monkeypatch):
     manifest = ingest("osv5m", str(tmp_path), config=cfg, progress=False)
     check_round_trip(manifest, read_back(str(tmp_path), "osv5m"), exp)
     assert manifest["source"]["metadata"]["url"].startswith("hf://datasets/osv5m/osv5m@main/")
+    # the Hub's files went to the session's temporary cache (tests/conftest.py), never to the user's
+    from huggingface_hub import constants
+
+    cached = list(Path(constants.HF_HUB_CACHE).glob("datasets--osv5m--osv5m/snapshots/*/test.csv"))
+    assert cached and Path(constants.HF_HUB_CACHE).resolve().is_relative_to(TEST_CACHE.resolve())
 
 
 def test_osv5m_from_s3_mirror_into_s3(sources):
