@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 import typing
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # faiss's loader logs six lines about CPU features on every gallery search
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        # the Hub client warns twice on every retry (the failure itself is the error line); it reads its level
+        # when first imported
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     command = getattr(args, "command_name", args.command)
     try:
         return int(args.func(args) or 0)

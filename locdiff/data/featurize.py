@@ -277,7 +277,8 @@ def embed(name: str, root: str, encoder: str | EncoderConfig, *, degree: int | N
     if old is not None:
         log.warning("%s: inputs, encoder or degree changed; rewriting the stage", out)
         storage.remove(mf.manifest_path(out))
-    with storage.disk_full_is_an_error(out if not storage.is_remote(out) else storage.local_tmp_dir(out)):
+    with storage.disk_full_is_an_error(out if not storage.is_remote(out) else storage.local_tmp_dir(out)), \
+            storage.removed_if_failed_empty(out):  # a failed fresh run (no encoder, say) leaves no empty folder
         storage.makedirs(out)
         storage.clear_local_tmp(out)  # partial files of a killed run
         jobs = [{"images_url": storage.join(images_dir, s["shard"]), "sha256": s["sha256"], "shard": s["shard"],

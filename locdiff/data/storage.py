@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import posixpath
+import shutil
 import stat
 import time
 import uuid
@@ -262,6 +263,24 @@ def list_files(path: str) -> list[str]:
 def makedirs(path: str) -> None:
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def removed_if_failed_empty(path: str) -> Iterator[None]:
+    """Around a stage writing the local folder `path`: when the block fails and `path` did not exist before it,
+    the folders made for it are removed again if they hold no file, so that a failed fresh run leaves nothing
+    behind. A folder holding any file (a finished shard: the re-run resumes from it) stays as it is."""
+    made = None  # the highest folder of `path` that does not exist yet
+    p = os.path.abspath(path)
+    while not is_remote(path) and not os.path.lexists(p) and os.path.dirname(p) != p:
+        made, p = p, os.path.dirname(p)
+    try:
+        yield
+    except BaseException:
+        if made is not None and os.path.isdir(made) and not os.path.islink(made) and not any(
+                files or any(os.path.islink(os.path.join(d, x)) for x in dirs) for d, dirs, files in os.walk(made)):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

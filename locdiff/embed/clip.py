@@ -26,6 +26,7 @@ from PIL import Image
 
 from locdiff.data.config import EncoderConfig
 from locdiff.embed.base import ImageEncoder, Preprocessor
+from locdiff.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +159,21 @@ class ClipEncoder(ImageEncoder):
 
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         kw = {"revision": cfg.revision} if cfg.revision else {}
-        config = AutoConfig.from_pretrained(cfg.model, **kw)
-        if getattr(config, "model_type", "") == "clip":
-            # a full CLIP checkpoint: keep its vision tower and projection (of the top-level width)
-            vision = config.vision_config
-            vision.projection_dim = config.projection_dim
-            config = vision
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the unused text tower is expected: no table of its weights
         try:
+            config = AutoConfig.from_pretrained(cfg.model, **kw)
+            if getattr(config, "model_type", "") == "clip":
+                # a full CLIP checkpoint: keep its vision tower and projection (of the top-level width)
+                vision = config.vision_config
+                vision.projection_dim = config.projection_dim
+                config = vision
+            hf_logging.set_verbosity_error()  # the unused text tower is expected: no table of its weights
             # safetensors only: a model folder or hub repo holding pickled weights (pytorch_model.bin) is refused
             self.model = CLIPVisionModelWithProjection.from_pretrained(cfg.model, config=config,
                                                                        use_safetensors=True, **kw)
+        except OSError as err:  # offline, no such model or revision, no safetensors: say which encoder
+            at = f" at revision {cfg.revision}" if cfg.revision else ""
+            raise UserError(f"encoder {cfg.name!r}: cannot load {cfg.model}{at}: {one_line(str(err))}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model = self.model.eval().to(self.device)

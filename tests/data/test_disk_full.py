@@ -19,7 +19,7 @@ import pytest
 from locdiff.data import ingest as ingest_module
 from locdiff.data.config import configs_dir, load_dataset_config
 from locdiff.data.ingest import ingest
-from locdiff.data.storage import NoSpaceError
+from locdiff.data.storage import NoSpaceError, removed_if_failed_empty
 
 from .fixtures import build_folder
 
@@ -97,3 +97,21 @@ def test_a_real_full_disk_is_one_line_and_exit_2(tmp_path):
     for shard in shards:  # every shard left behind is a finished one (its progress record exists)
         name = os.path.basename(shard).replace(".tar", ".json")
         assert f"{images}/_progress/{name}" in files
+
+
+def test_a_failed_fresh_stage_leaves_no_empty_folder_and_keeps_one_with_a_file(tmp_path):
+    """`removed_if_failed_empty` (locdiff/data/storage.py): folders made for a stage that failed go again when
+    they hold no file; a folder that existed before, or that holds a finished file, stays."""
+    stage = tmp_path / "root" / "ds" / "features" / "enc"
+    with pytest.raises(RuntimeError), removed_if_failed_empty(str(stage)):
+        (stage / ".tmp").mkdir(parents=True)
+        raise RuntimeError("no encoder")
+    assert list(tmp_path.iterdir()) == []  # root/ too: this run made it
+    with pytest.raises(RuntimeError), removed_if_failed_empty(str(stage)):
+        stage.mkdir(parents=True)
+        (stage / "shard-000000.tar").write_bytes(b"done")
+        raise RuntimeError("killed after one shard")
+    assert (stage / "shard-000000.tar").read_bytes() == b"done"  # the re-run resumes from it
+    with removed_if_failed_empty(str(tmp_path / "ok")):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()  # success: nothing removed

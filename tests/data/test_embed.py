@@ -291,3 +291,22 @@ def test_flows_expose_the_embed_runner():
     for flow, name in ((embed_flow, "runner"), (train_locdiff, "embed_runner")):
         param = flow.parameters.properties[name]
         assert param["enum"] == ["auto", "local", "ray"] and param["default"] == "auto"
+
+
+def test_an_encoder_that_cannot_load_is_one_line_naming_it_and_leaves_no_folder(tiny_clip, ingested, tmp_path,
+                                                                                 capsys):
+    """A model folder without its weights (as an unreachable Hub leaves one): one line naming the encoder and
+    the model, exit 2, and no empty features folder left behind for the re-run."""
+    import shutil
+
+    root, _ = ingested
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_clip, broken)
+    (broken / "model.safetensors").unlink()
+    rc = main(["data", "embed", "folder", "--root", str(root), "--encoder", str(broken), "--runner", "local"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("locdiff data embed: error: encoder 'broken-clip': cannot load ") and str(broken) in err
+    features = root / "folder" / "features"
+    assert not (features / "broken-clip").exists()
+    assert not features.exists() or any(features.iterdir())  # nor an empty features/ of this run's making
