@@ -54,7 +54,8 @@ def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base
     second time skip every finished stage; a changed override trains a new run. The config is resolved
     once (`preflight`) and the run planned once (`plan`: data identities, completion key, run folder)."""
     with one_line():
-        resolved = stages.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri)
+        resolved = stages.preflight(config, root, degree=degree, overrides=overrides, tracking_uri=tracking_uri,
+                                    num_workers=workers, gpus_per_worker=gpus_per_worker)
         done = {}
         datasets = [train_data, *([val] if val else []), *([val_unseen] if val_unseen else []), *tests]
         if synth and any((ds.path or "").startswith(synth.rstrip("/") + "/") for ds in datasets):

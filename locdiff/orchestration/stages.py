@@ -37,6 +37,7 @@ from locdiff.orchestration.ray_train import RayTrainSettings
 from locdiff.orchestration.spec import DataSet, RunSpec, resolve_config
 from locdiff.runs import RunFolder, check_data_encoder
 from locdiff.throughput import THROUGHPUT_METRICS
+from locdiff.training import check_devices
 from locdiff.training import run as train_run
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,16 @@ def check_root(root: str) -> None:
 
 
 def preflight(config_name: str, root: str, *, degree: int | None = None, overrides: list[str] | None = None,
-              tracking_uri: str | None = None) -> Config:
-    """Check what the pipeline needs before any work: the config, the storage root, the MLflow store.
+              tracking_uri: str | None = None, num_workers: int = 0, gpus_per_worker: float = 0.0) -> Config:
+    """Check what the pipeline needs before any work: the config, the GPU request, the storage root, the
+    MLflow store.
 
     Returns the resolved model config (hand it to `plan`). Raises ValueError (unknown config, bad
-    override), PermissionError (root not writable) or TrackingUnavailable (MLflow server down), each
-    saying what to fix.
+    override), UserError (a device that does not exist: `training.check_devices`),
+    PermissionError (root not writable) or TrackingUnavailable (MLflow server down), each saying what to fix.
     """
     config = resolve_config(config_name, degree=degree, overrides=overrides)
+    check_devices(config, num_workers, gpus_per_worker)  # not after hours of download and embedding
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     check_root(root)  # last: it creates the root
     return config

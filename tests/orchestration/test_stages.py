@@ -49,3 +49,16 @@ def test_val_unseen_reaches_the_fit_and_the_plan_is_the_run(tmp_path, mlflow_uri
                          num_workers=0, tracking_uri=mlflow_uri, val_spec=ds["val"],
                          val_unseen_spec=ds["val_unseen"])
     assert again["mlflow_run_id"] == record["mlflow_run_id"] and again["key"] == record["key"]
+
+
+def test_preflight_refuses_more_gpus_than_a_local_ray_has_before_any_work(tmp_path, monkeypatch):
+    """`train-locdiff` with gpus_per_worker on a machine without them stops at the preflight, before the
+    download and embedding stages, in one line; the storage root is not even created."""
+    from locdiff.errors import UserError, describe
+    from locdiff.orchestration.ray_session import local_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = tmp_path / "root"
+    with pytest.raises(UserError, match=r"asks for \d+ GPU") as err:
+        stages.preflight("tiny", str(root), num_workers=1, gpus_per_worker=local_gpus() + 1)
+    assert "\n" not in describe(err.value) and not root.exists()
