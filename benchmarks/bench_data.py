@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import print_table, save, timeit
+from benchmarks.common import no_options, print_table, save, timeit
 
 N_IMAGES = int(os.environ.get("BENCH_DATA_IMAGES", 2000))
 N_FEATURES = int(os.environ.get("BENCH_DATA_FEATURES", 50_000))
@@ -174,6 +174,7 @@ def t_ratio(reference: dict, ours: dict) -> float:
 
 
 def main() -> None:
+    no_options(__doc__)
     import logging
 
     logging.disable(logging.WARNING)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_data import make_images
-from benchmarks.common import print_table, save
+from benchmarks.common import no_options, print_table, save
 
 N_IMAGES = int(os.environ.get("BENCH_EMBED_IMAGES", 4000))
 SHARD = int(os.environ.get("BENCH_EMBED_SHARD", 250))
@@ -281,6 +281,7 @@ def stage_costs(root: Path, model: Path) -> list[dict]:
 
 
 def main() -> None:
+    no_options(__doc__)
     import logging
 
     logging.disable(logging.WARNING)

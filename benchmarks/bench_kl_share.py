@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import print_table, save
+from benchmarks.common import model_config, print_table, save
 from locdiff import shdd
 from locdiff.geo import haversine_km
 from locdiff.io import read_embeddings
@@ -102,7 +102,8 @@ def measure(model: torch.nn.Module, config: Config, table, batches: int, seed: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"), type=model_config,
+                    help="model config name or YAML path (default base)")
     ap.add_argument("--data", help="a labelled embeddings table (default: a synthetic one in memory)")
     ap.add_argument("--steps", type=int, default=500, help="training steps before the second measurement")
     ap.add_argument("--batches", type=int, default=8, help="batches averaged per measurement")

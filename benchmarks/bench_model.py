@@ -5,8 +5,9 @@ The benchmarks (`--benchmarks synth,realbench,cuebench` by default: every world)
 with the same methods and sizes: `synth` (locdiff/worlds/synth.py, made in memory), `realbench`
 (locdiff/worlds/realbench.py, GeoCLIP location-encoder embeddings) and `cuebench` (locdiff/worlds/cuebench.py, country,
 region, city, landmark, biome and no-geography cues), the last two written into the work folder with the
-same seed. For each, one run prints and saves (benchmarks/results/model.json, results and throughput by
-benchmark):
+same seed. For each, one run prints and saves (benchmarks/results/model.json, or `--out`: results and throughput
+by benchmark; while it runs, what is measured so far goes to model.partial.json beside it, so that an interrupted
+run leaves its numbers and never replaces a finished run's):
 1. accuracy on `val` and `val_unseen` (where defaults are chosen) and on `test` and `test_unseen` (realbench
    also `im2gps3k` and `yfcc26k`; cuebench also `test_landmark`, the landmark photos of `test`) of LocDiff, LocDiff-H
    and every baseline (knn top-1, knn top-16, geocell, regress, flow), LocDiff trained with each other
@@ -24,7 +25,7 @@ benchmark):
    calibration (ECE, NLL of the truth) of the samples' confidence against the mean code's.
 
     python -m benchmarks.bench_model                 # the full run (base config, 50,000 training images)
-    python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes)
+    python -m benchmarks.bench_model --quick         # a smoke run on tiny data (minutes; results/model-quick.json)
     python -m benchmarks.bench_model --skip-locdiff  # baselines only
     python -m benchmarks.bench_model --benchmarks realbench  # one benchmark only
     python -m benchmarks.bench_model --benchmarks synth,realbench  # the two smooth worlds
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 
 from benchmarks import posterior
-from benchmarks.common import RESULTS, print_table, save
+from benchmarks.common import RESULTS, model_config, print_table, save
 from locdiff.gallery import Gallery
 from locdiff.metrics import ACCURACY_KEYS, format_table, geo_metrics
 from locdiff.tables import EmbeddingTable
@@ -241,10 +242,20 @@ def kept_run(bench: str, data_args: argparse.Namespace, work_root: Path, config:
     return data, method, secs, selection.read_bytes() != before
 
 
-def _record_update(payload: dict[str, Any], entry: dict[str, Any]) -> None:
+def results_path(args: argparse.Namespace) -> Path:
+    """The results JSON: --out, else benchmarks/results/model.json (model-quick.json for a --quick run)."""
+    return Path(args.out) if args.out else RESULTS / ("model-quick.json" if args.quick else "model.json")
+
+
+def partial_path(path: Path) -> Path:
+    """Where an unfinished run's checkpoints go: NAME.partial.json beside the results."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def _record_update(args: argparse.Namespace, payload: dict[str, Any], entry: dict[str, Any]) -> None:
     """Save the payload with one more entry in `updates` (its own machine and date stay: the run's)."""
-    save("model", {**payload, "updates": [*payload.get("updates", []),
-                                          {**entry, "date": time.strftime("%Y-%m-%d %H:%M:%S")}]})
+    save(results_path(args), {**payload, "updates": [*payload.get("updates", []),
+                                                     {**entry, "date": time.strftime("%Y-%m-%d %H:%M:%S")}]})
 
 
 def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
@@ -261,7 +272,7 @@ def update_hybrid(args: argparse.Namespace, payload: dict[str, Any]) -> None:
                                                   **_evaluate(method, data, method="locdiff-h")}
         print("\n" + format_table({f"{bench} / LocDiff-H / {s}": payload["results"][bench]["LocDiff-H"][s]
                                    for s in data.splits}), flush=True)
-    _record_update(payload, {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE, "chosen": chosen})
+    _record_update(args, payload, {"rows": ["LocDiff-H"], "selection_rule": SELECTION_RULE, "chosen": chosen})
 
 
 def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:
@@ -274,7 +285,7 @@ def update_probe(args: argparse.Namespace, payload: dict[str, Any]) -> None:
                         "row in model.json no longer matches the run: run --update-hybrid too", bench)
         payload["sampling"][bench] = {**payload["sampling"][bench],
                                       "two_place_probe": _probe(saved, data, method, method.get_gallery())}
-    _record_update(payload, {"rows": ["two-place probe"], "flag": "--update-probe"})
+    _record_update(args, payload, {"rows": ["two-place probe"], "flag": "--update-probe"})
 
 
 def _probe(args, data: Benchmark, locdiff: Any, gallery: Gallery) -> list[dict[str, Any]]:
@@ -373,7 +384,7 @@ def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
     """The command line as saved in the JSON: paths inside the repository relative to it, others by their
     file name (no machine-local path goes into a file that may be shared)."""
     out = dict(vars(args))
-    for key in ("config", "work"):
+    for key in ("config", "work", "out"):
         if out.get(key):
             path = Path(out[key]).resolve()
             out[key] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
@@ -447,7 +458,8 @@ def add_reuse_arguments(ap: argparse.ArgumentParser, work_help: str, set_help: s
     """--work, --benchmarks, --config and --set of a benchmark that reuses this one's data (and runs)."""
     ap.add_argument("--work", required=True, help=work_help)
     ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES")
-    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"), type=model_config,
+                    help="model config name or YAML path (default base)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
@@ -463,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, metavar="NAMES",
                     help=f"comma-separated, run in this order, from {','.join(SPLITS)} (default {DEFAULT_BENCHMARKS})")
-    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs/model/base.yaml"), type=model_config,
+                    help="model config name or YAML path (default base)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--n-train", type=int, default=50_000, help="synth training rows")
     ap.add_argument("--n-train-realbench", type=int, default=60_000, help="realbench training rows (as in issue 9)")
@@ -485,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablations", action="store_true",
                     help="also train the one-step regressor and the other objectives (3 more trainings each)")
     ap.add_argument("--report", action="store_true",
-                    help="print the README's Markdown tables from benchmarks/results/model.json and exit")
+                    help="print the README's Markdown tables from the results JSON (--out) and exit")
+    ap.add_argument("--out", help="the results JSON that --report and the updates read (default "
+                                  "benchmarks/results/model.json; with --quick, model-quick.json)")
     ap.add_argument("--work", help="keep run directories (and the realbench tables) here (default: a temporary folder)")
     ap.add_argument("--update-hybrid", action="store_true",
                     help="after a change of LocDiff-H's selection rule: choose its parameters again on the LocDiff "
@@ -505,14 +520,14 @@ def main() -> None:
             continue
         if not args.work:
             ap.error(f"{flag} needs --work: the folder of the run whose LocDiff fits it reuses")
-        path = RESULTS / "model.json"
+        path = results_path(args)
         if not path.is_file():
             ap.error(f"{flag}: {path} does not exist; run the benchmark first")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         update(args, json.loads(path.read_text()))
         return
     if args.report:
-        path = RESULTS / "model.json"
+        path = results_path(args)
         if not path.is_file():
             ap.error(f"--report: {path} does not exist; run the benchmark first")
         print(markdown_report(json.loads(path.read_text())))
@@ -528,6 +543,7 @@ def main() -> None:
         if args.config.endswith("base.yaml"):
             args.config = str(ROOT / "configs/model/tiny.yaml")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = results_path(args)
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {b: {} for b in benchmarks}  # benchmark -> row -> split -> metrics
     errors: dict[str, str] = {}
@@ -541,7 +557,7 @@ def main() -> None:
 
     def checkpoint(stage: str) -> None:
         """Save what is measured so far (an interrupted run still leaves its numbers)."""
-        save("model", {**payload(), "complete": False, "last_stage": stage,
+        save(partial_path(out), {**payload(), "complete": False, "last_stage": stage,
                        "elapsed_s": time.perf_counter() - t_start})
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -615,7 +631,8 @@ def main() -> None:
     print(f"\ntotal {total / 60:.1f} min")
     if errors:
         print(f"errors: {errors}")
-    save("model", {**payload(), "complete": True, "total_s": total})
+    save(out, {**payload(), "complete": True, "total_s": total})
+    partial_path(out).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

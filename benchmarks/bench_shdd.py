@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import print_table, save, timeit
+from benchmarks.common import no_options, print_table, save, timeit
 from locdiff import shdd
 from locdiff.geo import haversine_km, latlon_to_unit, random_points
 
@@ -40,6 +40,7 @@ def full_grid_decode(coeffs: torch.Tensor, basis: torch.Tensor, glat, glon, L: i
 
 
 def main() -> None:
+    no_options(__doc__)
     rows_enc, rows_dec = [], []
     batch = 65_536
     for L in (16, 64, 256):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -55,11 +56,14 @@ def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def save(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=str))
+def save(name: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` with this machine's description as RESULTS/NAME.json (or to the path given), atomically:
+    the file holds the old results or all of the new ones, never part of them."""
+    path = RESULTS / f"{name}.json" if isinstance(name, str) else Path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+    os.replace(tmp, path)
     print(f"\nwrote {path}")
     return path
 
@@ -74,3 +78,21 @@ def timeit(fn, *, repeat: int = 3, warmup: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def no_options(doc: str | None) -> None:
+    """The command line of a benchmark that takes no options: --help prints its docstring, anything else is
+    refused (exit 2) before it starts."""
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
+def model_config(name: str) -> str:
+    """--config of a benchmark: a model config name (configs/model/NAME.yaml) or a YAML path, as
+    `locdiff train --config` takes it; an unknown one is the parser's one-line error."""
+    from locdiff.errors import UserError
+    from locdiff.resources import model_config_path
+
+    try:
+        return str(model_config_path(name))
+    except (UserError, ValueError, FileNotFoundError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

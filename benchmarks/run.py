@@ -5,6 +5,7 @@ beyond `bench_model`, are listed with the command to run them by hand."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,11 @@ def plan(only: list[str], work: str) -> tuple[list[list[str]], list[str]]:
     return commands, skipped
 
 
-def main() -> int:
-    only = sys.argv[1:]
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {', '.join(names())}")
+    only = ap.parse_args(argv).names
     unknown = sorted(set(only) - set(names()))
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(names())}", file=sys.stderr)

@@ -54,3 +54,20 @@ def test_default_args_are_the_command_lines_defaults():
     args = bench_model.default_args()
     assert (args.n_train, args.n_train_realbench, args.n_val, args.seed) == (50_000, 60_000, 4_000, 0)
     assert not args.update_hybrid and not args.update_probe and args.work is None
+
+
+def test_a_smoke_or_unfinished_run_never_replaces_the_finished_results(tmp_path):
+    """--quick writes model-quick.json, --out wherever it names; checkpoints of a run go to NAME.partial.json
+    beside it, and `save` replaces a file whole (the old results or all of the new ones)."""
+    from benchmarks.common import RESULTS, save
+
+    parse = bench_model.build_parser().parse_args
+    assert bench_model.results_path(parse([])) == RESULTS / "model.json"
+    assert bench_model.results_path(parse(["--quick"])) == RESULTS / "model-quick.json"
+    out = tmp_path / "mine.json"
+    assert bench_model.results_path(parse(["--quick", "--out", str(out)])) == out
+    assert bench_model.partial_path(out) == tmp_path / "mine.partial.json"
+    save(out, {"results": {"a": 1}})
+    save(out, {"results": {"a": 2}})
+    assert json.loads(out.read_text())["results"] == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]  # no temporary file left

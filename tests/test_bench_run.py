@@ -59,3 +59,18 @@ def test_an_unknown_name_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["run", "nosuch"])
     assert run.main() == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_help_prints_the_usage_and_starts_nothing(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run.main(["--help"])
+    assert stop.value.code == 0 and "python -m benchmarks.run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", [*(f"bench_{n}" for n in run.names()), "gpu_check"])
+def test_every_benchmark_answers_help_before_it_starts(name, monkeypatch, capsys):
+    """`python -m benchmarks.NAME --help` prints the usage and exits 0, with nothing measured."""
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"benchmarks.{name}").main()
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out
