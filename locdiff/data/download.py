@@ -314,12 +314,6 @@ def fetch(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 
     return b"".join(parts)
 
 
-def cache_dir() -> str:
-    d = os.environ.get("LOCDIFF_CACHE", os.path.expanduser("~/.cache/locdiff"))
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -356,7 +350,7 @@ def download_file(url: str, *, sha256: str | None = None, md5: str | None = None
         local = path
     else:
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
-        folder = dest_dir or os.path.join(cache_dir(), "downloads", key)
+        folder = dest_dir or os.path.join(storage.cache_dir(), "downloads", key)
         os.makedirs(folder, exist_ok=True)
         local = os.path.join(folder, os.path.basename(url.split("?", 1)[0]) or "download")
         if not os.path.exists(local):

@@ -319,12 +319,17 @@ def remove(path: str) -> None:
         fs.rm(p, recursive=True)
 
 
+def cache_dir() -> str:
+    """The data layer's local cache (downloads, scratch files of remote roots): LOCDIFF_CACHE, else
+    ~/.cache/locdiff; made when missing."""
+    d = os.environ.get("LOCDIFF_CACHE", os.path.expanduser("~/.cache/locdiff"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def local_tmp_dir(root: str) -> str:
     """A local scratch folder for files on their way to `root` (beside it when it is local)."""
-    if not is_remote(root):
-        d = os.path.join(root, ".tmp")
-    else:
-        d = os.path.join(os.environ.get("LOCDIFF_CACHE", os.path.expanduser("~/.cache/locdiff")), "tmp")
+    d = os.path.join(root, ".tmp") if not is_remote(root) else os.path.join(cache_dir(), "tmp")
     os.makedirs(d, exist_ok=True)
     return d
 
