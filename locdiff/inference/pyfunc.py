@@ -26,8 +26,9 @@ MAX_GALLERY_BYTES excepted, which stays a reference).
 `_load_pyfunc(data_path)` returns a `LocDiffModel` whose `predict` takes a DataFrame with a column `image`
 (image bytes: base64 in JSON requests) or `embedding` (lists of floats of the run's encoder), optionally `id`,
 and returns one row per input (`SIGNATURE_OUTPUTS`); a row that cannot be read or located (an undecodable
-image, an embedding of another dimension) gets its `error` and null (None) coordinates instead of failing the
-request: no NaN, so the answer is valid JSON. A photo with an EXIF GPS tag also gets `exif_lat`, `exif_lon`
+image, an embedding of another dimension, or with NaN, inf or an element beyond +-1e6) gets its `error` and
+null (None) coordinates instead of failing the request, and the other rows the answers they get alone: no
+NaN, so the answer is valid JSON. A photo with an EXIF GPS tag also gets `exif_lat`, `exif_lon`
 and `exif_km` (the tag's distance from the answer); they are null otherwise. Params: `top_k` (5, at most
 100), `method` ("locdiff" or "locdiff-h"). A request over the model's `limits` (rows, photos) or with a bad
 param is refused with a one-line HTTP 400 (`LocDiffModel.predict`). (In a JSON request every row of a binary
@@ -57,7 +58,7 @@ from locdiff import __version__, runs
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe, one_line
 from locdiff.gallery import GALLERY_JSON
-from locdiff.inference.geolocator import Geolocator, Location, check_top_k
+from locdiff.inference.geolocator import Geolocator, Location, check_top_k, embedding_problems
 from locdiff.inference.model_uri import LOADER_MODULE as LOADER_MODULE  # re-exported: MLflow's loader module
 from locdiff.inference.model_uri import resolve_model as resolve_model  # re-exported for the tracking wing
 from locdiff.io import finite_or_none
@@ -226,9 +227,15 @@ class LocDiffModel:
         vectors: dict[int, np.ndarray] = {}
         for i in emb_rows:
             try:
-                vectors[i] = np.asarray(embs[i], np.float32).reshape(-1)
-            except (TypeError, ValueError) as err:  # text, an object, ragged lists: this row's error
+                v = np.asarray(embs[i], np.float32).reshape(-1)
+            except (TypeError, ValueError, OverflowError) as err:  # text, an object, ragged lists: this row's error
                 errors[i] = f"the embedding is not a list of numbers ({one_line(str(err), 120)})"
+                continue
+            problem = embedding_problems(v[None]).get(0)  # NaN, inf, beyond the table's bound: this row's error
+            if problem:
+                errors[i] = problem
+            else:
+                vectors[i] = v
         emb_rows = [i for i in emb_rows if i in vectors]
         for dim in sorted({v.size for v in vectors.values()}):
             rows_d = [i for i in emb_rows if vectors[i].size == dim]

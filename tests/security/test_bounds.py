@@ -363,6 +363,34 @@ def test_embeddings_that_are_not_numbers_are_a_row_error_served_and_a_user_error
                 entry([b"not read"], batch_size=batch_size)
 
 
+def test_an_embedding_with_nan_or_huge_values_is_its_own_row_error_and_named_in_python(world):
+    """The auditor's B1: a NaN row gave every row of the request its error; a row of 1e20 failed the whole
+    request ("coeffs contains NaN or inf", no row named) and [1e20, 0, ...] was located although the table
+    reader refuses |x| > 1e6; a cell of 10**400 was a 500 "unexpected OverflowError"."""
+    import pandas as pd
+
+    from locdiff import Geolocator
+    from locdiff.inference.pyfunc import LocDiffModel
+
+    g = Geolocator.load(world.run)
+    row = list(np.random.default_rng(0).normal(size=128))
+    alone = g.locate_embeddings([row], top_k=2)[0]
+    bad = {"nan": ([float("nan")] * 128, "element 0 of the embedding is nan (NaN or inf)"),
+           "1e20": ([1e20] * 128, "element 0 of the embedding is 1e+20, beyond +-1e+06"),
+           "one 1e20": ([0.0] * 5 + [1e20] + [0.0] * 122, "element 5 of the embedding is 1e+20, beyond +-1e+06"),
+           "10**400": ([10**400] * 128, "the embedding is not a list of numbers (int too large to convert to float)")}
+    out = LocDiffModel(g).predict(pd.DataFrame({"embedding": [row] + [b for b, _ in bad.values()]}), {"top_k": 2})
+    assert out["error"][0] == "" and (out["lat"][0], out["lon"][0]) == (alone.lat, alone.lon)
+    assert list(out["error"][1:]) == [e for _, e in bad.values()]
+    assert all(v is None for v in out["lat"][1:])
+    for name, (b, error) in list(bad.items())[:3]:
+        with pytest.raises(UserError) as err:
+            g.locate_embeddings([row, b])
+        assert str(err.value) == f"embedding row 1: {error}", name
+    with pytest.raises(UserError, match=r"^embeddings must be numbers of shape \(N, d\) \(int too large"):
+        g.locate_embeddings([[10**400] * 128])
+
+
 @pytest.mark.parametrize("argv,problem", [
     (["shdd", "roundtrip", "--degree", "8", "--n", str(10**9)], "argument --n: must be an integer in [1, 10000000]"),
     (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "1000", "--out", "k.png"],
