@@ -11,7 +11,8 @@ The app is MLflow's own scoring server (`mlflow.pyfunc.scoring_server.init`: `PO
 - the body is a JSON object: 400 else, one line naming the position of the fault, without quoting the body
   (MLflow answers JSON nested too deeply with a bare 500 and quotes malformed bodies);
 - every error answer is `{"error_code": ..., "message": ONE LINE}`: MLflow's `stack_trace` field is dropped
-  and its message cut to its first line.
+  and its message cut to its first line; a message that quotes the input (`Failed to predict data '...'`, a
+  schema error's `Failed to enforce schema of data '...'`) is cut to MLflow's reason, without the input.
 
 The model's answers (2xx) pass through unchanged, so a client of `mlflow models serve` works as it is.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import typing
 
@@ -40,6 +42,9 @@ Receive = typing.Callable[[], typing.Awaitable[Message]]
 Send = typing.Callable[[Message], typing.Awaitable[None]]
 ASGIApp = typing.Callable[[Scope, Receive, Send], typing.Awaitable[None]]
 
+# what MLflow's scoring server and schema check put before the reason of an error: the input's repr
+_QUOTED_INPUT = re.compile(r"Failed to predict data '.*'\. \nError: ", re.DOTALL)
+_QUOTED_SCHEMA = re.compile(r"Failed to enforce schema of data '.*' with schema '.*'\. Error: ", re.DOTALL)
 _CODES = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
 
 
@@ -59,9 +64,22 @@ def _one_line_error(raw: bytes) -> tuple[str, str | None]:
         answer = None
     if isinstance(answer, dict) and isinstance(answer.get("message"), str):
         code = answer.get("error_code")
-        return answer["message"].strip().split("\n", 1)[0], code if isinstance(code, str) else None
+        return _reason(answer["message"]), code if isinstance(code, str) else None
     text = raw[:4096].decode("utf-8", "replace").strip()
     return (text.split("\n", 1)[0] if text else "the model server failed"), None
+
+
+def _reason(message: str) -> str:
+    """An MLflow error message's reason: what follows the input it quotes (a wrongly typed param, a column
+    that does not fit the schema), on one line; else its first line."""
+    quoted = _QUOTED_INPUT.match(message.strip())
+    if quoted is None:
+        return message.strip().split("\n", 1)[0]
+    reason = message.strip()[quoted.end():]
+    schema = _QUOTED_SCHEMA.match(reason)
+    if schema is not None:
+        reason = f"the input does not fit the model's signature: {reason[schema.end():]}"
+    return one_line(reason, MESSAGE_CHARS)
 
 
 class GuardedApp:

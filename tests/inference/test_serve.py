@@ -149,7 +149,7 @@ def test_hostile_requests_are_refused_in_one_line_and_the_server_still_answers(s
         assert "stack_trace" not in answer and "\n" not in answer["message"], (name, answer)
         assert "Traceback" not in answer["message"] and len(answer["message"]) < 400, (name, answer)
     # a param of the wrong type is refused by MLflow's own param schema before the model runs: its multi-line
-    # message, which quotes the request, comes back as its first line
+    # message, which quotes the request, comes back as its reason on one line (tests/security/test_bounds.py)
     status, body = post(server, {"dataframe_split": {"columns": ["embedding"], "data": emb}, "params": {"top_k": "x"}})
     answer = json.loads(body["error"])
     assert 400 <= status < 500 and "stack_trace" not in answer and "\n" not in answer["message"], body

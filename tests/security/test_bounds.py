@@ -391,6 +391,59 @@ def test_an_embedding_with_nan_or_huge_values_is_its_own_row_error_and_named_in_
         g.locate_embeddings([[10**400] * 128])
 
 
+def test_the_guard_keeps_mlflows_reason_and_drops_the_input_it_quotes(world, tmp_path):
+    """The auditor's B2: a param of the wrong type or a column twice, refused by MLflow's own checks before the
+    model runs, came back as `Failed to predict data '        embedding` (the first line of the input's repr)
+    and not MLflow's reason. MLflow's scoring server behind the guard, driven over ASGI in process."""
+    import asyncio
+
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+
+    from locdiff.inference import pyfunc
+    from locdiff.inference.serve import GuardedApp
+
+    data = pyfunc.stage(world.run, tmp_path / "stage")
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), loader_module=pyfunc.LOADER_MODULE, data_path=str(data),
+                             signature=pyfunc.signature(), pip_requirements=pyfunc.requirements())
+    app = GuardedApp(scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "model"))), max_bytes=10**7)
+
+    def post(payload: dict) -> tuple[int, dict]:
+        body, sent = json.dumps(payload).encode(), []
+        scope = {"type": "http", "method": "POST", "path": "/invocations", "raw_path": b"/invocations",
+                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    e = [0.1] * 128
+    cases = {
+        "top_k text": ({"top_k": "3"}, ["embedding"], "Can not safely convert `<class 'str'>` to `DataType.long` "
+                                                      "for value `3`"),
+        "top_k 3.5": ({"top_k": 3.5}, ["embedding"], "Can not safely convert `<class 'float'>` to `DataType.long`"),
+        "method 5": ({"method": 5}, ["embedding"], "Failed to validate type and shape for 'method'"),
+        "params a list": (["top_k"], ["embedding"], "Parameters must be a dictionary. Got type 'list'."),
+        "a column twice": (None, ["embedding", "embedding"], "the input does not fit the model's signature: "),
+    }
+    for name, (params, columns, reason) in cases.items():
+        payload = {"dataframe_split": {"columns": columns, "data": [[e] * len(columns)]}}
+        status, answer = post(payload if params is None else {**payload, "params": params})
+        assert status == 400 and set(answer) == {"error_code", "message"}, (name, status, answer)
+        message = answer["message"]
+        assert reason in message and "\n" not in message and len(message) <= 300, (name, message)
+        assert "Failed to predict data" not in message and "0.1, 0.1" not in message, (name, message)
+    status, answer = post({"dataframe_split": {"columns": ["embedding"], "data": [[e]]}, "params": {"top_k": 3}})
+    assert status == 200 and answer["predictions"][0]["error"] == "", answer
+
+
 @pytest.mark.parametrize("argv,problem", [
     (["shdd", "roundtrip", "--degree", "8", "--n", str(10**9)], "argument --n: must be an integer in [1, 10000000]"),
     (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "1000", "--out", "k.png"],
