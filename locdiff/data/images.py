@@ -68,6 +68,8 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
             undecodable or truncated; never any other exception for bad image data.
     """
     if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:  # as open_header refuses a file of no pixels
+            raise RecordError("undecodable", f"image size {image.size}")
         check_pixels(image.size, max_pixels)
         im = image
     else:

@@ -235,3 +235,14 @@ def test_the_same_photo_three_times_gets_one_answer(trained, photos, tmp_path, c
     # that new noise gives this photo
     assert (haversine_km(same["pred_lat"], same["pred_lon"], alone.lat, alone.lon) < 0.05).all()
     assert same["place"].nunique() == 1 and same["place"].iloc[0] == alone.place
+
+
+def test_an_image_of_no_pixels_is_its_own_error(trained, folder):
+    """`locate([Image.new("RGB", (0, 0))])` raised ZeroDivisionError for the whole call: an image of no pixels
+    is that image's error, and the other images are located as alone."""
+    g = Geolocator.load(trained["run_dir"])
+    good = str(sorted(folder.glob("*.jpg"))[1])
+    res = g.locate([Image.new("RGB", (0, 0)), good, Image.new("RGB", (0, 7))])
+    assert [r.ok for r in res] == [False, True, False]
+    assert res[0].error.startswith("undecodable") and "(0, 0)" in res[0].error
+    assert res[1] == g.locate(good)[0]
