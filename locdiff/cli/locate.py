@@ -13,6 +13,7 @@ from locdiff.data.sources.base import IMAGE_EXTENSIONS
 from locdiff.engine import resolve_device
 from locdiff.errors import UserError
 from locdiff.inference.geolocator import Geolocator, check_top_k, format_locations, write_locations
+from locdiff.inference.model_uri import check_location
 from locdiff.plots import locations_map
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN
 
@@ -80,6 +81,7 @@ def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list
 
 def _locate(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, "--top-k")
+    check_location(args.run, "--run")
     if args.out and not args.out.endswith((".csv", ".parquet")):
         raise UserError(f"--out {args.out}: give a .csv or .parquet file")
     if args.map and not args.map.lower().endswith(".png"):

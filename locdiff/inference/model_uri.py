@@ -18,6 +18,15 @@ from locdiff.errors import UserError
 from locdiff.tracking_store import check_tracking_uri, resolve_tracking_uri
 
 LOADER_MODULE = "locdiff.inference.pyfunc"
+MODEL_FORMS = ("a run folder of `locdiff train`, a saved MLflow model folder, or a model URI models:/NAME@ALIAS, "
+               "models:/NAME/VERSION or runs:/ID/PATH")
+
+
+def check_location(uri: str, what: str | None = None) -> None:
+    """UserError (naming `what`, e.g. a flag, when given) unless `uri` is a local path or a model URI of the
+    registry: another URL (http://, s3://) is no model location (MLflow failed on it with a bare ValueError)."""
+    if "://" in uri and not uri.startswith(("models:/", "runs:/")):
+        raise UserError(f"{what + ' ' if what else ''}{uri}: not a model location; give {MODEL_FORMS}")
 
 
 def _model_folder(model_dir: Path, what: str) -> Path:
@@ -54,6 +63,7 @@ def resolve_mlflow_model(uri: str, *, tracking_uri: str | None = None
 def _resolve(uri: str, tracking_uri: str | None
              ) -> tuple[Path | None, Path, tempfile.TemporaryDirectory[str] | None]:
     """(the MLflow model folder or None for a plain run folder, the run folder, the download's keeper or None)."""
+    check_location(uri)
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if (local / "MLmodel").is_file():

@@ -44,3 +44,17 @@ def test_a_registry_uri_with_an_unreachable_server_says_what_to_start():
     # port 1 on the loopback: the connection is refused at once, nothing leaves the machine
     with pytest.raises(TrackingUnavailable, match="infra/start.sh"):
         resolve_model("models:/locdiff@champion", tracking_uri="http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9/m", "s3://bucket/model"])
+def test_another_url_is_refused_naming_the_forms_accepted(tmp_path, capsys, uri):
+    """`locate --run http://127.0.0.1:9/m` said `not enough values to unpack (expected 2, got 1)` (MLflow's
+    HTTP artifact repository): a URL that is no model URI is refused, naming the flag and the forms taken."""
+    from locdiff.cli import main
+
+    with pytest.raises(UserError, match="not a model location; give a run folder .* models:/NAME@ALIAS"):
+        resolve_model(uri)
+    assert main(["locate", "--run", uri, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"locdiff locate: error: --run {uri}: not a model location; give a run folder") and \
+        "runs:/ID/PATH" in err and err.count("\n") == 1, err
