@@ -44,14 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 SKIPPED_KINDS = {"symlink_outside": "symlinks leading out of the folder", "symlinked_folder": "symlinked folders "
                  "(not followed)", "special": "entries that are not regular files", "not_an_image": "files that "
-                 "are not JPEG/PNG/WebP"}
+                 "are not JPEG/PNG/WebP", "symlink_loop": "symlinks that lead nowhere (a loop)"}
 
 
 def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list[str]:
     """Files as given, and the image files under each folder (sorted). Under a folder, symlinks that lead
-    out of it, symlinked folders, entries that are not regular files (FIFOs, sockets, devices) and files
-    that are not JPEG/PNG/WebP are left out and counted in `skipped` (by SKIPPED_KINDS). A path that does
-    not exist is kept: it is reported as unreadable."""
+    out of it, symlink loops, symlinked folders, entries that are not regular files (FIFOs, sockets, devices)
+    and files that are not JPEG/PNG/WebP are left out and counted in `skipped` (by SKIPPED_KINDS). A path
+    that does not exist is kept: it is reported as unreadable."""
     counts = skipped if skipped is not None else {}
     out: list[str] = []
     for given in paths:
@@ -68,7 +68,12 @@ def photo_files(paths: list[str], skipped: dict[str, int] | None = None) -> list
                     counts["symlinked_folder"] = counts.get("symlinked_folder", 0) + 1
             for name in filenames:
                 f = Path(dirpath) / name
-                kind = ("symlink_outside" if f.is_symlink() and not f.resolve().is_relative_to(root)
+                try:
+                    target = f.resolve() if f.is_symlink() else f
+                except (RuntimeError, OSError):  # a symlink loop (RuntimeError up to Python 3.12)
+                    counts["symlink_loop"] = counts.get("symlink_loop", 0) + 1
+                    continue
+                kind = ("symlink_outside" if f.is_symlink() and not target.is_relative_to(root)
                         else "special" if not f.is_file()
                         else "not_an_image" if not name.lower().endswith(IMAGE_EXTENSIONS) else None)
                 if kind is None:

@@ -249,7 +249,7 @@ def list_files(path: str) -> list[str]:
     """Names (not paths) of the files directly inside a folder; [] when it does not exist."""
     if not is_remote(path):
         try:
-            return sorted(e.name for e in os.scandir(path) if e.is_file())
+            return sorted(e.name for e in os.scandir(path) if _is_file(e))
         except (FileNotFoundError, NotADirectoryError):
             return []
     fs, p = filesystem(path)
@@ -258,6 +258,14 @@ def list_files(path: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file (or a symlink to one); False for a symlink loop (is_file raises ELOOP)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def makedirs(path: str) -> None:

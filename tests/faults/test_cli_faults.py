@@ -639,6 +639,22 @@ def test_locate_counts_what_it_leaves_out_of_a_folder(tmp_path, capsys):
                       "out of the folder, 1 symlinked folders (not followed))")
 
 
+def test_locate_counts_a_symlink_loop_as_left_out(tmp_path):
+    """A symlink loop in a photo folder aborted `locate` (`unexpected RuntimeError: Symlink loop from ...`, from
+    Path.resolve()): it is left out and counted, and the other photos are kept."""
+    from locdiff.cli.locate import photo_files
+
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    (folder / "loop.jpg").symlink_to("loop.jpg")
+    (folder / "b.jpg").symlink_to("c.jpg")
+    (folder / "c.jpg").symlink_to("b.jpg")
+    skipped: dict[str, int] = {}
+    assert photo_files([str(folder)], skipped) == [str(folder / "a.jpg")]
+    assert skipped == {"symlink_loop": 3}
+
+
 def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world, tmp_path, capsys, monkeypatch):
     """A table is read whole for prediction: its rows x dim is bounded from the Parquet metadata (a 2.4 MB file
     of repeated rows can hold millions of them), in one line naming the file."""

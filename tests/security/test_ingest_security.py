@@ -217,6 +217,21 @@ def test_file_column_in_an_archive_is_resolved_inside_it(tmp_path):
     assert m["skipped"] == {"outside_source": 2} and m["count"] == 1
 
 
+@pytest.mark.parametrize("labelled", [True, False], ids=["csv", "unlabelled"])
+def test_a_symlink_loop_in_the_folder_is_skipped_not_fatal(tmp_path, labelled):
+    """A symlink loop beside the photos stopped the whole ingest ("Too many levels of symbolic links", from
+    listing the folder's CSVs): it is a skipped row, and the other photos are ingested."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.jpg").write_bytes(jpeg(1))
+    (src / "loop.jpg").symlink_to("loop.jpg")
+    if labelled:
+        write_csv(src / "metadata.csv", [{"id": "ok", "lat": "1", "lon": "2"}, {"id": "loop", "lat": "3", "lon": "4"}])
+    m = ingest("folder", str(tmp_path / "root"), source=str(src), config=cfg(**({} if labelled else {
+        "coordinates": "optional"})), progress=False)
+    assert m["count"] == 1 and sum(m["skipped"].values()) == 1, m["skipped"]
+
+
 # -- URL lists: schemes and addresses ---------------------------------------------------------------
 
 def url_list(tmp_path: Path, urls: dict[str, str]) -> Path:
