@@ -87,7 +87,7 @@ class Mode:
 class Location:
     """Where one photo was taken, by the model; `error` says why a photo could not be located."""
 
-    id: str  # the file as given, or "image[i]" / "row[i]"
+    id: str  # the file as given (a non-UTF-8 name escaped: printable_name), or "image[i]" / "row[i]"
     lat: float  # degrees; NaN when error
     lon: float
     confidence: float  # calibrated P(truth within radius_km of (lat, lon))
@@ -373,8 +373,17 @@ def _is_pil(x: object) -> bool:
 
 def _name(x: ImageInput, i: int) -> str:
     if isinstance(x, str | os.PathLike):
-        return os.fspath(x)
+        return printable_name(os.fspath(x))
     return f"image[{i}]"
+
+
+def printable_name(name: str) -> str:
+    """A file name as the text every output takes (a table, a map, a terminal): the bytes of a name that is not
+    UTF-8 (os.fsdecode's surrogates, which UTF-8 writers refuse) written as escapes, `x\\xff.jpg`."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return name.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
 
 
 def _failed(name: str, error: str, method: str, radius: float) -> Location:

@@ -246,3 +246,24 @@ def test_an_image_of_no_pixels_is_its_own_error(trained, folder):
     assert [r.ok for r in res] == [False, True, False]
     assert res[0].error.startswith("undecodable") and "(0, 0)" in res[0].error
     assert res[1] == g.locate(good)[0]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(trained, photos, tmp_path, capsys):
+    """A photo named b"x\\xff.jpg" made `locate --out` fail after all the work ('utf-32-le' codec can't decode
+    ...; Parquet and the map's labels as well): its id is the name with the byte escaped, in every output."""
+    jpgs = sorted(photos["test"].glob("*.jpg"))[:2]
+    folder = tmp_path / "nu"
+    folder.mkdir()
+    shutil.copy(jpgs[0], folder / "a.jpg")
+    shutil.copy(jpgs[1], os.path.join(os.fsencode(folder), b"x\xff.jpg"))
+    escaped = str(folder / "x\\xff.jpg")
+    for out in (tmp_path / "nu.csv", tmp_path / "nu.parquet"):
+        rc = main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(out), "--map",
+                   str(tmp_path / "nu.png"), "--no-progress"])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        assert escaped in cap.out and f"wrote {out}" in cap.out
+        df = pd.read_csv(out) if out.suffix == ".csv" else pd.read_parquet(out)
+        assert list(df["id"]) == [str(folder / "a.jpg"), escaped]
+    assert (tmp_path / "nu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
