@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-from locdiff.cli.args import number_in
+from locdiff.cli.args import check_not_an_input, number_in
+from locdiff.data import storage
 from locdiff.data.sources.base import IMAGE_EXTENSIONS
 from locdiff.engine import resolve_device
 from locdiff.errors import UserError
 from locdiff.inference.geolocator import Geolocator, check_top_k, format_locations, write_locations
 from locdiff.inference.model_uri import check_location
+from locdiff.io import write_file_atomic
 from locdiff.plots import locations_map
 from locdiff.schema import DEVICE_EXPECT, DEVICE_PATTERN
 
@@ -98,6 +102,8 @@ def _locate(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
                         + (f" ({left_out})" if skipped else ""))
+    for flag, out in (("--out", args.out), ("--map", args.map)):  # before any work
+        _check_output(out, flag, files)
     if args.device is not None:  # named as the flag (the model's config would call it train.device)
         if not re.fullmatch(DEVICE_PATTERN, args.device):
             raise UserError(f"--device {args.device[:40]!r}: give {DEVICE_EXPECT}")
@@ -116,11 +122,32 @@ def _locate(args: argparse.Namespace) -> int:
           f"calibrated probability of lying within {g.radius_km:g} km")
     if not located:  # before --out: a failed call leaves an existing table as it was
         raise UserError(f"none of the {len(results)} photos could be read (see the lines above)")
+    png = None
+    if args.map:  # drawn before anything is written: a failure leaves --out as it was too
+        with tempfile.TemporaryDirectory(prefix="locdiff-map-") as tmp:
+            png = locations_map(Path(tmp) / "map.png", [r.lat for r in located], [r.lon for r in located],
+                                [Path(r.id).name for r in located], title=f"located with {args.run}").read_bytes()
     if args.out:
         write_locations(args.out, results, args.top_k)
         print(f"wrote {args.out}")
-    if args.map:
-        locations_map(args.map, [r.lat for r in located], [r.lon for r in located],
-                      [Path(r.id).name for r in located], title=f"located with {args.run}")
+    if png is not None:
+        write_file_atomic(args.map, png)
         print(f"wrote {args.map}")
     return 0
+
+
+def _check_output(out: str | None, flag: str, photos: list[str]) -> None:
+    """UserError (IsADirectoryError for a folder) where the output file `out` cannot be written (a folder, or a
+    path under a file) or is one of the photos read (`locate --map a.png a.png` replaced the photo)."""
+    if not out or storage.is_remote(out):
+        return
+    if os.path.isdir(out):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), out)
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):  # the nearest folder that exists: the others are made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {out}: {parent} is not a folder; give a file in a folder")
+    if os.path.exists(out):
+        for photo in photos:
+            check_not_an_input(out, flag, {"photo": photo})

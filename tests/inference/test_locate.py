@@ -267,3 +267,52 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(trained, photos, tmp_pa
         assert list(df["id"]) == [str(folder / "a.jpg"), escaped]
     assert (tmp_path / "nu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_an_output_naming_a_photo_is_refused_and_nothing_is_written(trained, photos, tmp_path, capsys):
+    """`locate a.png --map a.png` replaced the photo with the map (rc 0), also with the photo given through its
+    folder: refused in one line, exit 2, the photo as it was."""
+    folder = tmp_path / "pf"
+    folder.mkdir()
+    Image.open(sorted(photos["test"].glob("*.jpg"))[0]).save(folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    for given in (folder / "a.png", folder):
+        rc = main(["locate", "--run", str(trained["run_dir"]), str(given), "--map", str(folder / "a.png"),
+                   "--out", str(tmp_path / "t.csv"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == (f"locdiff locate: error: --map {folder / 'a.png'} is the photo file: writing it "
+                                   "would replace what is read; give another file\n"), err
+    assert (folder / "a.png").read_bytes() == before and not (tmp_path / "t.csv").exists()
+
+
+def test_outputs_are_checked_before_any_work_and_written_all_or_none(trained, folder, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A --map under a file failed after all the work with --out already written: both outputs are checked
+    first (a path under a file, a folder), one line, exit 2, nothing written; the map is drawn before --out is
+    written (a map that cannot be drawn leaves no table); a good pair is written whole."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.png").mkdir()
+    out = tmp_path / "t.csv"
+    for flag, bad, said in (("--map", "afile/m.png", f"{tmp_path / 'afile'} is not a folder"),
+                            ("--map", "adir.png", "adir.png: is a directory"),
+                            ("--out", "afile/sub/t.csv", f"{tmp_path / 'afile'} is not a folder")):
+        argv = ["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(out),
+                "--map", str(tmp_path / "m.png"), "--no-progress"]
+        argv[argv.index(flag) + 1] = str(tmp_path / bad)
+        assert main(argv) == 2
+        cap = capsys.readouterr()
+        assert said in cap.err and cap.err.count("\n") == 1 and cap.out == "", cap  # no photo was located
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "afile"]
+    import locdiff.cli.locate as cli_locate
+
+    def no_map(*args, **kwargs):
+        raise UserError("the map cannot be drawn")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli_locate, "locations_map", no_map)
+        assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(out), "--map",
+                     str(tmp_path / "m.png"), "--no-progress"]) == 2
+    assert "the map cannot be drawn" in capsys.readouterr().err and not out.exists()
+    assert main(["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(tmp_path / "new" / "t.csv"),
+                 "--map", str(tmp_path / "new" / "m.png"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["m.png", "t.csv"]
