@@ -156,7 +156,8 @@ def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
     if values.null_count:
         flat = _first_bad(values.is_null().to_numpy(zero_copy_only=False))
         raise _bad(path, "embedding", flat // dim, f"element {flat % dim} of the embedding is null")
-    emb = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+    # checked before the cast to float32: a float64 beyond float32's range would overflow with a RuntimeWarning
+    emb = values.to_numpy(zero_copy_only=False).reshape(n, dim)
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
         row = _first_bad(~finite)
@@ -169,7 +170,7 @@ def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
         col_i = int(np.argmax(np.abs(emb[row])))
         raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i]):g}, "
                                            f"beyond +-{MAX_EMBED_ABS:g}")
-    return emb
+    return emb.astype(np.float32, copy=False)
 
 
 def embedding_table_from_arrow(table: pa.Table, source: PathLike = "<table>", *,

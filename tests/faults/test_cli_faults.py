@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -373,6 +374,21 @@ def predict_on_a_table_with_a_huge_element(w, tmp):  # finite, but it overflowed
     path = _with_nan(w, tmp, 7, 3e38)
     return _predict(w.run, path, tmp / "p.csv"), [f"{path}: column 'embedding', row 7: element 5 of the embedding "
                                                   "is 3e+38, beyond +-1e+06"]
+
+
+def test_predict_on_a_float64_table_beyond_float32_is_one_line_without_a_warning(world, tmp_path, capsys):
+    """A float64 element beyond float32's range is refused before the cast (which warned of an overflow)."""
+    table = pq.read_table(world.test)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+    emb[3, 7] = 1e300
+    path = tmp_path / "f64.parquet"
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", arr), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_one_line_fault(_predict(world.run, path, tmp_path / "p.csv"),
+                              [f"{path}: column 'embedding', row 3: element 7 of the embedding is 1e+300, beyond "],
+                              [tmp_path, world.base], capsys)
 
 
 def predict_on_a_table_with_two_embedding_columns(w, tmp):
