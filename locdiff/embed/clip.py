@@ -159,7 +159,7 @@ class ClipEncoder(ImageEncoder):
 
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         kw = {"revision": cfg.revision} if cfg.revision else {}
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         try:
             config = AutoConfig.from_pretrained(cfg.model, **kw)
             if getattr(config, "model_type", "") == "clip":
@@ -168,6 +168,7 @@ class ClipEncoder(ImageEncoder):
                 vision.projection_dim = config.projection_dim
                 config = vision
             hf_logging.set_verbosity_error()  # the unused text tower is expected: no table of its weights
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: the log line below says it
             # safetensors only: a model folder or hub repo holding pickled weights (pytorch_model.bin) is refused
             self.model = CLIPVisionModelWithProjection.from_pretrained(cfg.model, config=config,
                                                                        use_safetensors=True, **kw)
@@ -176,6 +177,8 @@ class ClipEncoder(ImageEncoder):
             raise UserError(f"encoder {cfg.name!r}: cannot load {cfg.model}{at}: {one_line(str(err))}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model = self.model.eval().to(self.device)
         self.preprocess = ClipPreprocessor(cfg)
         self.dim = int(self.model.config.projection_dim)

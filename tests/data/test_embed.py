@@ -310,3 +310,17 @@ def test_an_encoder_that_cannot_load_is_one_line_naming_it_and_leaves_no_folder(
     features = root / "folder" / "features"
     assert not (features / "broken-clip").exists()
     assert not features.exists() or any(features.iterdir())  # nor an empty features/ of this run's making
+
+
+def test_loading_the_encoder_draws_no_progress_bar(tiny_clip, capsys):
+    """transformers' "Loading weights" bar is not on stderr (the encoder's log line says what loaded)."""
+    from transformers.utils import logging as hf_logging
+
+    from locdiff.data.config import EncoderConfig
+    from locdiff.embed import ClipEncoder
+
+    hf_logging.enable_progress_bar()
+    capsys.readouterr()
+    ClipEncoder(EncoderConfig(name="clip", model=str(tiny_clip), device="cpu"))
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
