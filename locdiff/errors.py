@@ -89,6 +89,16 @@ def one_line(text: str, limit: int = _MAX_LEN) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: object, limit: int = 300) -> str:
+    """`text` (a file name, a tag's value) safe to put in a message: control characters escaped (a newline
+    in a file name cannot forge a line of its own: `a\\nb`), cut to `limit` characters."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _from_module(exc: BaseException, *prefixes: str) -> bool:
     return any(type(exc).__module__.split(".")[0] == p for p in prefixes) or any(
         c.__module__.split(".")[0] in prefixes for c in type(exc).__mro__[1:-1]
@@ -251,5 +261,5 @@ def reraise_for(path: str | os.PathLike[str], *, what: str = "file",
 
 __all__ = [
     "DEBUG_HINT", "ConfigError", "CorruptFileError", "DiskFullError", "UserError", "describe", "exit_code",
-    "one_line", "reraise_for",
+    "one_line", "printable", "reraise_for",
 ]

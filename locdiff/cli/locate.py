@@ -14,7 +14,7 @@ from locdiff.cli.args import check_not_an_input, number_in
 from locdiff.data import storage
 from locdiff.data.sources.base import IMAGE_EXTENSIONS
 from locdiff.engine import resolve_device
-from locdiff.errors import UserError
+from locdiff.errors import UserError, printable
 from locdiff.inference.geolocator import Geolocator, check_top_k, format_locations, write_locations
 from locdiff.inference.model_uri import check_location
 from locdiff.io import write_file_atomic
@@ -114,7 +114,7 @@ def _locate(args: argparse.Namespace) -> int:
     located = [r for r in results if r.ok]
     for r in results:
         if not r.ok:
-            print(f"locdiff locate: skipped {r.id}: {r.error}", file=sys.stderr)
+            print(f"locdiff locate: skipped {printable(r.id)}: {printable(r.error)}", file=sys.stderr)
     if skipped:
         print(f"locdiff locate: {left_out}", file=sys.stderr)
     print(format_locations(results, modes=args.top_k))

@@ -54,7 +54,7 @@ from locdiff.data.exif import distance_km, gps_or_none
 from locdiff.data.images import load_rgb
 from locdiff.data.validation import RecordError
 from locdiff.embed import ImageEncoder, make_encoder
-from locdiff.errors import UserError, one_line
+from locdiff.errors import UserError, one_line, printable
 from locdiff.gazetteer import nearest_places
 from locdiff.inference.model_uri import resolve_model
 from locdiff.io import MAX_EMBED_ABS, write_predictions
@@ -219,7 +219,7 @@ class Geolocator:
                 return None, f"{err.reason}: {_BYTESIO.sub('', err.detail)}", None
             tag, problem = gps_or_none(items[i])  # once load_rgb has checked it: a regular file within limits
             if problem:
-                log.warning("%s: GPS tag ignored (%s)", ids[i], problem)
+                log.warning("%s: GPS tag ignored (%s)", printable(ids[i]), printable(problem))
             return x, None, tag
 
         batches = [range(s, min(s + bs, len(items))) for s in range(0, len(items), bs)]
@@ -237,7 +237,7 @@ class Geolocator:
                         gps[i] = tag
                     if err is not None:
                         errors[i] = err
-                        log.warning("%s: cannot read the photo (%s); skipped", ids[i], err)
+                        log.warning("%s: cannot read the photo (%s); skipped", printable(ids[i]), printable(err))
                     else:
                         inputs.append(x)
                 if inputs:
