@@ -15,10 +15,11 @@ import os
 import sys
 import traceback
 import typing
+import warnings
 
 from locdiff.cli import data, evaluate, locate, model, serve, shdd
 from locdiff.cli.args import MAX_DEGREE, number_in
-from locdiff.errors import describe, exit_code
+from locdiff.errors import describe, exit_code, one_line, printable
 
 # The modules that add subcommands, each with a `register(subparsers)`, in the order of `locdiff --help`.
 _GROUPS = (locate, shdd, model, evaluate, data, serve)
@@ -44,6 +45,11 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
             for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
                 out += [child, *_subparsers(child)]
     return out
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (Pillow's on a corrupt EXIF block, ...) as one log line, not two raw stderr lines."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, printable(one_line(str(message))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     command = getattr(args, "command_name", args.command)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _log_warning
+            return int(args.func(args) or 0)
     except (KeyboardInterrupt, Exception) as err:  # the boundary: one line, never a traceback by default
         if args.debug:
             traceback.print_exc()

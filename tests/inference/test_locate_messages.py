@@ -1,9 +1,12 @@
 """What `locdiff locate` says about a photo on stderr stays one line each and cannot be forged: a file name's
-control characters are escaped and a long tag value is cut."""
+control characters are escaped, a long tag value is cut, and a library's warning (Pillow on a corrupt EXIF
+block) is one log line instead of two raw stderr lines."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import struct
 
 from PIL import Image
 
@@ -33,3 +36,15 @@ def test_a_long_malformed_gps_tag_is_cut_in_its_warning(trained, photos, tmp_pat
     said = [m for m in caplog.messages if "GPS tag ignored" in m]
     assert len(said) == 1 and "XXXX" in said[0] and len(said[0]) < len(str(path)) + 400, said
 
+
+def test_a_corrupt_exif_block_is_one_log_line_not_a_raw_warning(trained, photos, tmp_path, recwarn, caplog):
+    src = sorted(photos["test"].glob("*.jpg"))[0]
+    ifd = b"II*\x00\x08\x00\x00\x00" + struct.pack("<H", 1) + struct.pack("<HHII", 0x8825, 4, 1, 5000) + b"\0" * 4
+    path = tmp_path / "bad-exif.jpg"
+    Image.open(src).save(path, exif=b"Exif\x00\x00" + ifd)
+    shutil.copy(src, tmp_path / "good.jpg")
+    caplog.set_level(logging.WARNING)
+    assert main(["locate", "--run", str(trained["run_dir"]), str(tmp_path), "--no-progress"]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
+    assert any(m.startswith("UserWarning: Corrupt EXIF data") and "\n" not in m for m in caplog.messages), \
+        caplog.messages
