@@ -15,6 +15,9 @@ from locdiff.plots import _background, _pyplot, save_figure
 from locdiff.shdd import SHDD
 
 MAX_ROUNDTRIP_FLOATS = 1 << 26  # n x (L+1)^2: the codes and the decoder's work of a round trip are held at once
+# the plot evaluates (L+1)^2 harmonics at each of its 361 x 721 grid points: about 15 s at degree 64 on 2 cores,
+# growing as L^2 (128: a minute, 512: 20 minutes); a finer kernel than 64's is finer than the 0.5-degree grid anyway
+MAX_PLOT_DEGREE = 64
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl = s.add_parser("plot", help="the kernel f(y) of a point's code on a world map (PNG)")
     pl.add_argument("--lat", type=float, required=True)
     pl.add_argument("--lon", type=float, required=True)
-    pl.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
+    pl.add_argument("--degree", type=number_in(1, MAX_PLOT_DEGREE), required=True,
+                    help=f"at most {MAX_PLOT_DEGREE} (the map's time grows as degree^2)")
     pl.add_argument("--out", required=True)
     pl.set_defaults(func=_plot)
 

@@ -447,7 +447,9 @@ def test_the_guard_keeps_mlflows_reason_and_drops_the_input_it_quotes(world, tmp
 @pytest.mark.parametrize("argv,problem", [
     (["shdd", "roundtrip", "--degree", "8", "--n", str(10**9)], "argument --n: must be an integer in [1, 10000000]"),
     (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "1000", "--out", "k.png"],
-     "argument --degree: must be an integer in [1, 512]"),
+     "argument --degree: must be an integer in [1, 64]"),
+    (["shdd", "plot", "--lat", "10", "--lon", "20", "--degree", "65", "--out", "k.png"],  # took a minute (512: 20)
+     "argument --degree: must be an integer in [1, 64]"),
     (["shdd", "encode", "--lat", "1", "--lon", "2", "--degree", "100000"],
      "argument --degree: must be an integer in [1, 512]"),
     (["train", "--config", "tiny", "--train", "t", "--out", "r", "--workers", "100000"],
