@@ -165,6 +165,9 @@ def _os_error(exc: OSError) -> str:
         return f"{name}: is a directory; give a file"
     if isinstance(exc, NotADirectoryError):
         return f"{name}: a part of this path is not a directory; check the path"
+    if isinstance(exc, FileExistsError) and os.path.lexists(name) and not os.path.isdir(name):
+        # a folder to create (an output's parent) is an existing file: "File exists" did not say why it failed
+        return f"{name}: is a file, not a directory; check the path"
     return f"{name}: {exc.strerror or one_line(str(exc))}"
 
 

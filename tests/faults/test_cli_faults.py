@@ -567,6 +567,11 @@ def train_on_a_broken_manifest(w, tmp):
     return w.train_argv(tmp / "run", data=stage), [f"{stage / 'manifest.json'}: not valid JSON"]
 
 
+def predict_out_under_a_file(w, tmp):  # said "afile: File exists"
+    (tmp / "afile").write_text("x")
+    return _predict(w.run, w.test, tmp / "afile" / "p.parquet"), [f"{tmp / 'afile'}: is a file, not a directory"]
+
+
 CASES: list[Case] = [
     truncated_safetensors, safetensors_header_garbage, model_json_not_json, model_json_wrong_shape,
     selection_json_not_json, selection_json_is_a_list, selection_json_nested_too_deeply,
@@ -588,7 +593,7 @@ CASES: list[Case] = [
     evaluate_a_predictions_row_not_a_number, evaluate_a_predictions_row_too_short, train_on_a_missing_file,
     predict_from_a_missing_run, predict_from_a_run_without_a_model, evaluate_a_missing_file,
     evaluate_a_directory, evaluate_json_onto_the_predictions, predict_out_onto_the_data,
-    model_safetensors_is_a_directory, predict_out_is_a_directory,
+    model_safetensors_is_a_directory, predict_out_is_a_directory, predict_out_under_a_file,
     train_config_is_a_directory, inspect_a_truncated_shard, inspect_a_truncated_shard_unverified,
     inspect_a_corrupted_json_member, inspect_a_flipped_byte, train_on_a_flipped_byte, export_a_truncated_shard,
     train_on_a_broken_manifest,
