@@ -32,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--allow-private-addresses", action="store_true",
                    help="also fetch from private, loopback and link-local hosts (a mirror on your own "
                         "network; config: allow_private_addresses, env LOCDIFF_ALLOW_PRIVATE_ADDRESSES=1)")
-    q.add_argument("--max-image-bytes", type=int, default=None, metavar="N",
+    q.add_argument("--max-image-bytes", type=number_in(1, 1 << 32), default=None, metavar="N",
                    help="bytes read per image (default 50000000); larger ones are skipped as too_big")
-    q.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+    q.add_argument("--max-image-pixels", type=number_in(1, 1 << 32), default=None, metavar="N",
                    help="pixels per image (default 64000000); larger ones are skipped undecoded as too_large")
     q.add_argument("--test-share", type=float, default=None, metavar="P",
                    help="also a test set: about P of the records (by a stable hash of their id) go to "

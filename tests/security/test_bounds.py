@@ -456,6 +456,10 @@ def test_the_guard_keeps_mlflows_reason_and_drops_the_input_it_quotes(world, tmp
      "argument --workers: must be an integer in [0, 1024]"),
     (["locate", "--run", "r", "x.jpg", "--batch-size", "0"], "argument --batch-size: must be an integer in [1, 4096]"),
     (["data", "ingest", "x", "--root", "r", "--limit", "nan"], "argument --limit: must be an integer in"),
+    (["data", "ingest", "folder", "--root", "r", "--max-image-bytes", "-1"],  # was blamed on folder.yaml
+     "argument --max-image-bytes: must be an integer in [1, 4294967296]; got -1"),
+    (["data", "ingest", "folder", "--root", "r", "--max-image-pixels", "0"],
+     "argument --max-image-pixels: must be an integer in [1, 4294967296]; got 0"),
 ])
 def test_numeric_flags_are_bounded_by_the_parser(tmp_path, capsys, monkeypatch, argv, problem):
     monkeypatch.chdir(tmp_path)
