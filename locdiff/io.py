@@ -130,6 +130,23 @@ def _check_coords(lat: np.ndarray, lon: np.ndarray, path: PathLike, names: tuple
             raise _bad(path, name, row, f"{float(arr[row])!r} is not a finite number in [{lo:g}, {hi:g}] degrees")
 
 
+def first_bad_embedding(emb: np.ndarray) -> tuple[int, str] | None:
+    """(row, why) of the first row of embeddings (N, d) that cannot be located: NaN or inf, or an element beyond
+    +-MAX_EMBED_ABS (an image encoder's features are unit-scale; such values overflow the network); None when
+    every row can. The one check of the table reader, the Python API and the served model (row by row)."""
+    finite = np.isfinite(emb)
+    big = np.abs(np.where(finite, emb, 0)) > MAX_EMBED_ABS
+    rows = np.flatnonzero(~finite.all(axis=1) | big.any(axis=1))
+    if not len(rows):
+        return None
+    row = int(rows[0])
+    if not finite[row].all():
+        col = int(np.argmax(~finite[row]))
+        return row, f"element {col} of the embedding is {float(emb[row, col])!r} (NaN or infinite)"
+    col = int(np.argmax(big[row]))
+    return row, f"element {col} of the embedding is {float(emb[row, col]):g}, beyond +-{MAX_EMBED_ABS:g}"
+
+
 def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
@@ -158,18 +175,8 @@ def _embeddings(col: pa.ChunkedArray, path: PathLike) -> np.ndarray:
         raise _bad(path, "embedding", flat // dim, f"element {flat % dim} of the embedding is null")
     # checked before the cast to float32: a float64 beyond float32's range would overflow with a RuntimeWarning
     emb = values.to_numpy(zero_copy_only=False).reshape(n, dim)
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        row = _first_bad(~finite)
-        col_i = int(np.argmax(~np.isfinite(emb[row])))
-        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i])!r} "
-                                           "(NaN or infinite)")
-    big = np.abs(emb).max(axis=1) > MAX_EMBED_ABS
-    if big.any():  # an image encoder's features are unit-scale; such values overflow the network
-        row = _first_bad(big)
-        col_i = int(np.argmax(np.abs(emb[row])))
-        raise _bad(path, "embedding", row, f"element {col_i} of the embedding is {float(emb[row, col_i]):g}, "
-                                           f"beyond +-{MAX_EMBED_ABS:g}")
+    if (bad := first_bad_embedding(emb)) is not None:
+        raise _bad(path, "embedding", *bad)
     return emb.astype(np.float32, copy=False)
 
 

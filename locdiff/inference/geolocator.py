@@ -57,7 +57,7 @@ from locdiff.embed import ImageEncoder, make_encoder
 from locdiff.errors import UserError, one_line, printable
 from locdiff.gazetteer import nearest_places
 from locdiff.inference.model_uri import resolve_model
-from locdiff.io import MAX_EMBED_ABS, write_predictions
+from locdiff.io import first_bad_embedding, write_predictions
 from locdiff.model.locdiff_method import LocDiffMethod
 from locdiff.runs import RunFolder, check_encoder, resolve_reference
 from locdiff.shdd.modes import density_modes
@@ -291,10 +291,9 @@ class Geolocator:
         if emb.ndim != 2:
             raise UserError(f"embeddings must be (N, d); got shape {emb.shape}")
         check_encoder(self.encoder_record, encoder, emb.shape[1], run=self.source, data="the embeddings")
-        bad = embedding_problems(emb)
-        if bad:
-            row = min(bad)
-            raise UserError(f"embedding row {row}: {bad[row]}")
+        if (bad := first_bad_embedding(emb)) is not None:
+            row, why = bad
+            raise UserError(f"embedding row {row}: {why}")
         n = emb.shape[0]
         names = [f"row[{i}]" for i in range(n)] if ids is None else [str(x) for x in ids]
         if len(names) != n:
@@ -327,23 +326,6 @@ def check_top_k(top_k: object, name: str = "top_k") -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= MAX_TOP_K:
         raise UserError(f"{name} must be an integer in [1, {MAX_TOP_K}]; got {top_k!r}")
     return int(top_k)
-
-
-def embedding_problems(emb: np.ndarray) -> dict[int, str]:
-    """{row: why it cannot be located} for the rows of embeddings (N, d) holding NaN or inf or an element
-    beyond +-MAX_EMBED_ABS (the embeddings table's bound, locdiff.io: image features are unit-scale; larger
-    values overflow the network)."""
-    finite = np.isfinite(emb)
-    big = np.abs(np.where(finite, emb, 0)) > MAX_EMBED_ABS
-    out = {}
-    for row in np.flatnonzero(~finite.all(axis=1) | big.any(axis=1)):
-        if not finite[row].all():
-            j = int(np.argmax(~finite[row]))
-            out[int(row)] = f"element {j} of the embedding is {float(emb[row, j])!r} (NaN or inf)"
-        else:
-            j = int(np.argmax(big[row]))
-            out[int(row)] = f"element {j} of the embedding is {float(emb[row, j]):g}, beyond +-{MAX_EMBED_ABS:g}"
-    return out
 
 
 def with_gps_tags(locations: Sequence[Location], lat: np.ndarray, lon: np.ndarray) -> list[Location]:

@@ -58,10 +58,10 @@ from locdiff import __version__, runs
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe, one_line
 from locdiff.gallery import GALLERY_JSON
-from locdiff.inference.geolocator import Geolocator, Location, check_top_k, embedding_problems
+from locdiff.inference.geolocator import Geolocator, Location, check_top_k
 from locdiff.inference.model_uri import LOADER_MODULE as LOADER_MODULE  # re-exported: MLflow's loader module
 from locdiff.inference.model_uri import resolve_model as resolve_model  # re-exported for the tracking wing
-from locdiff.io import finite_or_none
+from locdiff.io import finite_or_none, first_bad_embedding
 from locdiff.model.config import LimitsConfig
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,9 @@ class LocDiffModel:
             except (TypeError, ValueError, OverflowError) as err:  # text, an object, ragged lists: this row's error
                 errors[i] = f"the embedding is not a list of numbers ({one_line(str(err), 120)})"
                 continue
-            problem = embedding_problems(v[None]).get(0)  # NaN, inf, beyond the table's bound: this row's error
-            if problem:
-                errors[i] = problem
+            bad = first_bad_embedding(v[None])  # NaN, inf, beyond the table's bound: this row's error
+            if bad is not None:
+                errors[i] = bad[1]
             else:
                 vectors[i] = v
         emb_rows = [i for i in emb_rows if i in vectors]

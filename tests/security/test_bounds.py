@@ -375,7 +375,7 @@ def test_an_embedding_with_nan_or_huge_values_is_its_own_row_error_and_named_in_
     g = Geolocator.load(world.run)
     row = list(np.random.default_rng(0).normal(size=128))
     alone = g.locate_embeddings([row], top_k=2)[0]
-    bad = {"nan": ([float("nan")] * 128, "element 0 of the embedding is nan (NaN or inf)"),
+    bad = {"nan": ([float("nan")] * 128, "element 0 of the embedding is nan (NaN or infinite)"),
            "1e20": ([1e20] * 128, "element 0 of the embedding is 1e+20, beyond +-1e+06"),
            "one 1e20": ([0.0] * 5 + [1e20] + [0.0] * 122, "element 5 of the embedding is 1e+20, beyond +-1e+06"),
            "10**400": ([10**400] * 128, "the embedding is not a list of numbers (int too large to convert to float)")}
