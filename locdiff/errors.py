@@ -92,10 +92,20 @@ def one_line(text: str, limit: int = _MAX_LEN) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def printable_name(name: str) -> str:
+    """A file name as the text every output takes (a table, a map, a terminal): the bytes of a name that is not
+    UTF-8 (os.fsdecode's surrogates, which UTF-8 writers refuse) written as escapes, `x\\xff.jpg`."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return name.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+
+
 def printable(text: object, limit: int = 300) -> str:
-    """`text` (a file name, a tag's value) safe to put in a message: control characters escaped (a newline
-    in a file name cannot forge a line of its own: `a\\nb`), cut to `limit` characters."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    """`text` (a file name, a tag's value) safe to put in a message: bytes that are not UTF-8 and control
+    characters escaped (a newline in a file name cannot forge a line of its own: `a\\nb`), cut to `limit`
+    characters."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], printable_name(str(text)))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

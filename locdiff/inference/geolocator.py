@@ -54,7 +54,7 @@ from locdiff.data.exif import distance_km, gps_or_none
 from locdiff.data.images import load_rgb
 from locdiff.data.validation import RecordError
 from locdiff.embed import ImageEncoder, make_encoder
-from locdiff.errors import UserError, one_line, printable
+from locdiff.errors import UserError, one_line, printable, printable_name
 from locdiff.gazetteer import nearest_places
 from locdiff.inference.model_uri import resolve_model
 from locdiff.io import first_bad_embedding, write_predictions
@@ -357,15 +357,6 @@ def _name(x: ImageInput, i: int) -> str:
     if isinstance(x, str | os.PathLike):
         return printable_name(os.fspath(x))
     return f"image[{i}]"
-
-
-def printable_name(name: str) -> str:
-    """A file name as the text every output takes (a table, a map, a terminal): the bytes of a name that is not
-    UTF-8 (os.fsdecode's surrogates, which UTF-8 writers refuse) written as escapes, `x\\xff.jpg`."""
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file name decodes to
-        return name.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
 
 
 def _failed(name: str, error: str, method: str, radius: float) -> Location:
