@@ -25,7 +25,7 @@ from locdiff.engine import resolve_device
 from locdiff.errors import UserError
 from locdiff.methods import get_method
 from locdiff.model.config import Config, config_to_dict
-from locdiff.orchestration.ray_session import check_gpu_request, local_gpus
+from locdiff.orchestration.ray_session import check_cpu_request, check_gpu_request, local_gpus
 from locdiff.orchestration.ray_train import RayTrainResult, RayTrainSettings, train_on_ray
 from locdiff.orchestration.spec import RunSpec
 from locdiff.runs import RunFolder, encoder_record
@@ -41,17 +41,20 @@ class TrainOutcome:
     ray: RayTrainResult | None = None  # when trained on Ray
 
 
-def check_devices(config: Config, workers: int = 0, gpus_per_worker: float = 0.0) -> None:
+def check_devices(config: Config, workers: int = 0, gpus_per_worker: float = 0.0,
+                  cpus_per_worker: float = 1.0) -> None:
     """Before any work (nothing is written when it refuses): the devices a training asks for exist.
 
-    With `workers`, the GPUs of the Ray workers (`ray_session.check_gpu_request`; a cluster's are checked
-    once connected). Without, `gpus_per_worker` > 0 means this process on this machine's GPU: refused when
-    there is none, more than one is asked for, or train.device says cpu. train.device itself (used in this
+    With `workers`, the GPUs and CPUs of the Ray workers (`ray_session.check_gpu_request`,
+    `check_cpu_request`: a local Ray's; a cluster's GPUs are checked once connected). Without,
+    `gpus_per_worker` > 0 means this process on this machine's GPU: refused when there is none, more than
+    one is asked for, or train.device says cpu. train.device itself (used in this
     process: the training, or the final step after Ray) must name a device that exists.
     """
     if workers > 0:
         if not os.environ.get("RAY_ADDRESS"):
             check_gpu_request(workers, gpus_per_worker)
+            check_cpu_request(workers, cpus_per_worker)
     elif gpus_per_worker > 0:
         have = local_gpus()
         if gpus_per_worker > 1:
@@ -116,7 +119,8 @@ def run(spec: RunSpec, *, workers: int = 0, ray_settings: RayTrainSettings | Non
     config, source, vsrc = spec.config, spec.source, spec.val_source
     if spec.run_dir is None or source is None:
         raise ValueError("a RunSpec needs its run folder and opened data (RunSpec.build(...).at(RUN_DIR))")
-    check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)))
+    check_devices(config, workers, float(getattr(ray_settings, "gpus_per_worker", 0.0)),
+                  float(getattr(ray_settings, "cpus_per_worker", 1.0)))
     run = RunFolder(spec.run_dir)
     run.check_compatible(spec.resolved)
     if run.is_complete(spec.key):

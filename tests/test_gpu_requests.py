@@ -14,6 +14,7 @@ import torch
 from locdiff.cli import main
 from locdiff.distributed import RayTrainSettings, _user_error_in, check_gpu_request, local_gpus
 from locdiff.errors import CorruptFileError, UserError
+from locdiff.orchestration.ray_session import check_cpu_request, local_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
@@ -39,6 +40,9 @@ def _cases() -> list[tuple[list[str], str]]:
         (["--workers=2", "--gpus-per-worker=0.5"], "would put two ranks on one GPU"),
         (["--gpus-per-worker=2"], "one process trains on one GPU"),
         ([f"--set=train.device=cuda:{n + 7}"], rf"train.device=cuda:{n + 7}: this machine has no such device"),
+        # a local Ray with more workers than CPUs would start them all and never finish (--workers 1024)
+        ([f"--workers={max(2, local_cpus()) + 1}"], rf"asks for {max(2, local_cpus()) + 1} CPUs, but this machine "
+                                                    rf"has {max(2, local_cpus())} for a local Ray"),
     ]
     if NO_GPU:
         cases.append((["--gpus-per-worker=1"], "this machine has no CUDA GPU"))
@@ -64,6 +68,16 @@ def test_gpu_request_checks_against_what_exists():
     with pytest.raises(UserError, match="two ranks on one GPU"):
         check_gpu_request(3, 1.5, available=8)
     assert RayTrainSettings().controller_failure_limit >= 0  # finite: Ray's default (-1) retries forever
+
+
+def test_cpu_request_checks_against_this_machine(monkeypatch):
+    monkeypatch.setattr("locdiff.orchestration.ray_session.local_cpus", lambda: 1)
+    check_cpu_request(2)  # the demo's 2 workers run even on one CPU
+    check_cpu_request(4, 0.5)
+    with pytest.raises(UserError, match="--workers 3 with 1 CPU each asks for 3 CPUs, but this machine has 2"):
+        check_cpu_request(3)
+    with pytest.raises(UserError, match="--workers 1024 .* asks for 1024 CPUs"):
+        check_cpu_request(1024)
 
 
 def test_worker_user_error_is_found_inside_ray_errors():

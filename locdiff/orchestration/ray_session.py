@@ -65,6 +65,26 @@ def check_gpu_request(num_workers: int, gpus_per_worker: float, available: float
                         "to train on the CPUs")
 
 
+def local_cpus() -> int:
+    """The CPUs this process may use (its affinity where the platform has one, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_cpu_request(num_workers: int, cpus_per_worker: float = 1.0) -> None:
+    """Refuse, before any work, more Ray workers than a local Ray on this machine can run (a UserError): the
+    workers times their CPUs against the CPUs this process may use, at least 2 (the demo's 2 workers run on
+    small machines). A cluster's (RAY_ADDRESS) are not checked here."""
+    need = num_workers * cpus_per_worker
+    have = max(2, local_cpus())
+    if need > have:
+        raise UserError(f"--workers {num_workers} with {cpus_per_worker:g} CPU each asks for {need:g} CPUs, but "
+                        f"this machine has {have} for a local Ray; use fewer workers, or set RAY_ADDRESS to "
+                        "train on a Ray cluster")
+
+
 def _cluster_gpus(ray: Any) -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 

@@ -37,7 +37,7 @@ import pyarrow.fs
 from locdiff.data.storage import filesystem
 from locdiff.errors import CorruptFileError, UserError
 from locdiff.model.config import Config, config_to_dict
-from locdiff.orchestration.ray_session import check_gpu_request, ensure_ray, stop_local_ray
+from locdiff.orchestration.ray_session import check_cpu_request, check_gpu_request, ensure_ray, stop_local_ray
 from locdiff.orchestration.ray_worker import fault_settings, train_loop
 from locdiff.orchestration.tracker import TRACKER_STATE
 from locdiff.runs import METRICS, RunFolder, check_checkpoint, load_state, write_text_atomic
@@ -200,8 +200,9 @@ def train_on_ray(config: Config, train: str, run_dir: str | Path, settings: RayT
         raise ValueError("Ray training reads its data from a path or URL (a features folder or an embeddings "
                          "table), not from an in-memory table")
     cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if not cluster:  # a local Ray has this machine's GPUs: refused before anything starts
+    if not cluster:  # a local Ray has this machine's GPUs and CPUs: refused before anything starts
         check_gpu_request(settings.num_workers, settings.gpus_per_worker)
+        check_cpu_request(settings.num_workers, settings.cpus_per_worker)
     storage_path, storage_fs = _storage(settings.storage_root)
     run_name = settings.run_name or f"locdiff-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     check_ray_checkpoint(settings.storage_root, run_name)
