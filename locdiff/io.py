@@ -387,6 +387,8 @@ def read_predictions(path: PathLike) -> PredictionTable:
             raise FileNotFoundError(f"{path}: no such file")
         if fs is None and os.path.isdir(p):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if fs is None and not os.path.isfile(p):  # a FIFO would block the reader, a device never end
+            raise FileNotFoundError(f"{path}: not a regular file")
         opts = pcsv.ConvertOptions(column_types={"id": pa.string(), "method": pa.string()})
 
         def read(threads: bool = True) -> pa.Table:

@@ -1,6 +1,7 @@
 """`locdiff evaluate`: the printed table, the JSON, plots, and a clear error for unlabelled predictions."""
 
 import json
+import os
 
 import pytest
 
@@ -37,3 +38,14 @@ def test_evaluate_needs_truth(tmp_path, capsys):
     write_predictions(path, ["a"], None, None, [1.0], [2.0])
     assert main(["evaluate", "--predictions", str(path)]) == 2
     assert "no truth columns 'lat' and 'lon'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60, method="thread")  # a blocked read is not interruptible
+@pytest.mark.parametrize("ext,message", [("csv", "not a regular file"), ("parquet", "not a readable Parquet file")])
+def test_evaluate_refuses_a_fifo_in_one_line(tmp_path, capsys, ext, message):
+    path = tmp_path / f"pred.{ext}"
+    os.mkfifo(path)  # reading it would block for ever
+    assert main(["evaluate", "--predictions", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
+
