@@ -419,7 +419,10 @@ def read_predictions(path: PathLike) -> PredictionTable:
         _check_coords(lat, lon, path)
     method = confidence = None
     if "method" in table.column_names:
-        method = table.column("method").to_numpy(zero_copy_only=False).astype(object)
+        col = table.column("method")
+        if col.null_count:  # the metrics group rows by method
+            raise _bad(path, "method", _first_bad(col.is_null().to_numpy(zero_copy_only=False)), "method is null")
+        method = col.to_numpy(zero_copy_only=False).astype(object)
     if "confidence" in table.column_names:
         c = table.column("confidence")
         confidence = (c.to_numpy(zero_copy_only=False).astype(np.float64) if pa.types.is_floating(c.type)

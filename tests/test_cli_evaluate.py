@@ -3,6 +3,8 @@
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from locdiff.cli import main
@@ -49,3 +51,15 @@ def test_evaluate_refuses_a_fifo_in_one_line(tmp_path, capsys, ext, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
 
+
+def test_evaluate_names_a_null_method(tmp_path, capsys):
+    path = tmp_path / "pred.parquet"
+    write_predictions(path, ["a", "b", "c", "d"], *TRUE, *PRED, method="knn")
+    table = pq.read_table(path)
+    methods = table["method"].to_pylist()
+    methods[2] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("method"), "method", pa.array(methods, pa.string())),
+                   path)
+    assert main(["evaluate", "--predictions", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: column 'method', row 2: method is null" in err, err
