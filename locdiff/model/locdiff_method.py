@@ -208,14 +208,14 @@ class LocDiffMethod(GeoMethod):
         """The answer of each image for "locdiff" (the chosen aggregation) or "locdiff-h" (the gallery
         candidate LocDiff's density prefers, else the LocDiff answer)."""
         lat, lon, _ = out.choose(self._aggregation(aggregation))
-        if method == "locdiff-h" and self.selection.get("hybrid_mode", "blend") == "poe":
+        if method == "locdiff-h" and self._hybrid_mode() == "poe":
             lat, lon = self.place_hybrid(self._poe_candidates(out, emb, lat, lon))
         elif method == "locdiff-h":  # the blend; runs trained before the product of experts have no mode
             hc = self.config.hybrid
+            weight, radius_km = self._blend_parameters()
             mlat, mlon, _ = out.choose("mean")
             cand = hybrid_candidates(self.get_gallery(), emb, out.mean_code, mlat, mlon, out.mean_value, hc.top_k)
-            lat, lon, _ = hybrid_select(cand, lat, lon, weight=self.selection.get("hybrid_weight", hc.weight),
-                                        radius_km=self.selection.get("hybrid_radius_km", hc.radius_km))
+            lat, lon, _ = hybrid_select(cand, lat, lon, weight=weight, radius_km=radius_km)
         return np.asarray(lat, np.float64), np.asarray(lon, np.float64)
 
     def _poe_candidates(self, out: LocDiffOutput, emb: np.ndarray, lat: np.ndarray, lon: np.ndarray
@@ -237,6 +237,30 @@ class LocDiffMethod(GeoMethod):
         validation (selection.json)."""
         lat, lon, _ = poe_select(c, **self._poe_parameters(), novelty=self._novelty_model())
         return lat, lon
+
+    def _hybrid_mode(self) -> str:
+        """LocDiff-H's mode (selection.json `hybrid_mode`; "blend" in runs chosen before the product of experts),
+        checked."""
+        mode = self.selection.get("hybrid_mode", "blend")
+        if not isinstance(mode, str) or mode not in ("poe", "blend"):
+            where = self._run.file(SELECTION) if self._run else SELECTION
+            raise ValueError(f"{where}: hybrid_mode is damaged (not \"poe\" or \"blend\"); train again into a new "
+                             "--out")
+        return mode
+
+    def _blend_parameters(self) -> tuple[float, float]:
+        """The blend's weight and radius chosen on validation (selection.json), checked: weight in [0, 1], radius
+        > 0 km (inf: no radius, plain retrieval)."""
+        hc = self.config.hybrid
+        weight = self.selection.get("hybrid_weight", hc.weight)
+        radius = self.selection.get("hybrid_radius_km", hc.radius_km)
+        for key, value, ok, span in (("hybrid_weight", weight, lambda v: 0 <= v <= 1, "[0, 1]"),
+                                     ("hybrid_radius_km", radius, lambda v: v > 0, "(0, inf] km")):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):  # NaN fails `ok`
+                where = self._run.file(SELECTION) if self._run else SELECTION
+                raise ValueError(f"{where}: {key} is damaged ({str(value)[:40]!r} is not a number in {span}); "
+                                 "train again into a new --out")
+        return float(weight), float(radius)
 
     def _poe_parameters(self) -> dict[str, float]:
         """The product-of-experts parameters chosen on validation (selection.json), checked."""

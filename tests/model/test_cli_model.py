@@ -470,10 +470,14 @@ _MODEL = {"kind": "logistic", "mean": [0.0] * 9, "scale": [1.0] * 9, "coef": [0.
         ("learned", {**_MODEL, "scale": [0.0] * 9}), ("learned", {**_MODEL, "intercept": 10**400}),
         ("learned", {**_MODEL, "n": float("inf")}), ("learned", {**_MODEL, "coef": ["1"] * 9}),
         ("learned", None),  # thresholds on the logit's scale, no model
-        ("s_top", _MODEL), ("both", _MODEL)))])
+        ("s_top", _MODEL), ("both", _MODEL))),
+    *(({"hybrid_mode": mode}, "hybrid_mode") for mode in ("bogus", ["poe"], None)),
+    *(({"hybrid_mode": "blend", key: value}, key) for key, value in (
+        ("hybrid_radius_km", "far"), ("hybrid_radius_km", -5), ("hybrid_radius_km", float("nan")),
+        ("hybrid_weight", float("nan")), ("hybrid_weight", 7), ("hybrid_weight", -1), ("hybrid_weight", True)))])
 def test_damaged_locdiff_h_parameters_are_one_line(run, synth_dir, tmp_path, capsys, damage, what):
-    """selection.json is untrusted: LocDiff-H with damaged product-of-experts parameters or a damaged learned
-    novelty signal is refused in one line naming what (exit 2), nothing written."""
+    """selection.json is untrusted: LocDiff-H with damaged product-of-experts parameters, a damaged learned
+    novelty signal, mode or blend setting is refused in one line naming what (exit 2), nothing written."""
     import shutil
 
     bad = tmp_path / "bad"
