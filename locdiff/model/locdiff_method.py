@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from locdiff import engine
 from locdiff.calibration import IsotonicCalibrator, LogisticModel, cross_fitted, expected_calibration_error
 from locdiff.data.datasource import DataSource
 from locdiff.engine import resolve_device
+from locdiff.errors import CorruptFileError
 from locdiff.gallery import Gallery, gallery_for_run
 from locdiff.geo import haversine_km
 from locdiff.hashing import stable_hash
+from locdiff.io import MAX_EMBED_ABS
 from locdiff.methods import GeoMethod, Prediction
 from locdiff.metrics import geo_metrics
 from locdiff.model.config import HALF_EARTH_KM, Config, check_predict_options, config_from_dict, config_to_dict
@@ -46,13 +49,27 @@ from locdiff.model.hybrid import (
 )
 from locdiff.model.objective import LocDiffTask, build_model, engine_settings
 from locdiff.model.predict import LocDiffOutput, locdiff_predict
-from locdiff.runs import SELECTION, RunFolder
+from locdiff.runs import SELECTION, WEIGHTS, RunFolder
 from locdiff.shdd.modes import mass_within
 from locdiff.tables import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
 PREDICT_METHODS = ("locdiff", "locdiff-h")
+
+
+def _check_embedding_stats(tensors: dict[str, Any], path: Path) -> None:
+    """CorruptFileError naming `path` and the tensor unless the embedding standardisation the weights carry can
+    work (their finiteness is `RunFolder.load_model`'s): emb_mean within +-MAX_EMBED_ABS (the embeddings' own
+    bound), emb_std at least 1e-6 (what training writes, `CSUNet.set_embedding_stats`); else every answer is
+    NaN (a zero std) or the network overflows."""
+    floor = torch.tensor(1e-6, dtype=torch.float32)
+    for name, ok, what in (("emb_mean", lambda t: t.double().abs() <= MAX_EMBED_ABS, f"within +-{MAX_EMBED_ABS:g}"),
+                           ("emb_std", lambda t: t.float() >= floor, ">= 1e-6")):
+        t = tensors.get(name)
+        if t is not None and not bool(ok(t).all()):
+            raise CorruptFileError(path, f"{path}: tensor {name} is not {what} everywhere; the file is damaged: "
+                                         "train again into a new --out")
 
 
 def _score(m: dict[str, float]) -> float:
@@ -315,6 +332,7 @@ class LocDiffMethod(GeoMethod):
         run = RunFolder(run_dir)
         self = cls.from_config(config)
         tensors, meta = run.load_model()
+        _check_embedding_stats(tensors, run.file(WEIGHTS))
         # sizes and shapes are checked on the meta device before the model is allocated
         model = build_model(self.config, meta["embed_dim"], weights=tensors, source=str(run.path))
         model.load_state_dict(tensors)

@@ -512,3 +512,24 @@ def test_a_run_chosen_before_the_distinct_match_override_keeps_it_off(run, synth
     np.testing.assert_array_equal(preds["old"].pred_lat, preds["off"].pred_lat)
     np.testing.assert_array_equal(preds["old"].pred_lon, preds["off"].pred_lon)
     assert not np.array_equal(preds["all"].pred_lat, preds["off"].pred_lat)  # the key is read, not ignored
+
+
+@pytest.mark.parametrize(("name", "value"), [("emb_std", 0.0), ("emb_std", -1.0), ("emb_mean", 3e38)])
+def test_damaged_embedding_stats_are_one_line_naming_the_tensor(run, synth_dir, tmp_path, capsys, name, value):
+    """model.safetensors is untrusted: a standardisation that makes every answer NaN (a zero std) or overflows
+    the network is refused when the run is loaded, in one line naming the file and the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors[name].fill_(value)
+    save_file(tensors, bad / "model.safetensors")
+    rc = main(["predict", "--run", str(bad), "--data", str(synth_dir / "test.parquet"), "--out",
+               str(tmp_path / "p.parquet"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{bad / 'model.safetensors'}: tensor {name} is not" in err, err
+    assert not (tmp_path / "p.parquet").exists()
