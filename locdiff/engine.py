@@ -110,8 +110,8 @@ def cpu_threads(requested: int = 0, loader_threads: int = 1) -> int:
 
 
 def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torch.device:
-    """"auto" (CUDA when present, else the CPU) or a device name; a CUDA device this machine does not have
-    is a UserError naming what exists (and `setting`, where the name came from)."""
+    """"auto" (CUDA when present, else the CPU) or a device name; a CUDA or MPS device this machine does not
+    have is a UserError naming what exists (and `setting`, where the name came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -125,6 +125,9 @@ def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torc
             exists = f"its CUDA devices are cuda:0..cuda:{have - 1}" if have else "it has no CUDA GPU"
             raise UserError(f"{setting}={name}: this machine has no such device ({exists}); use "
                             f"{setting}=auto or one that exists")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{setting}={name}: this machine has no such device (it has no MPS device, Apple "
+                        f"silicon's GPU); use {setting}=auto or one that exists")
     return device
 
 

@@ -46,6 +46,8 @@ def _cases() -> list[tuple[list[str], str]]:
     ]
     if NO_GPU:
         cases.append((["--gpus-per-worker=1"], "this machine has no CUDA GPU"))
+    if not torch.backends.mps.is_available():  # a documented value: "not linked with support for mps" before
+        cases.append((["--set=train.device=mps"], "train.device=mps: this machine has no such device"))
     return cases
 
 
@@ -140,3 +142,11 @@ def test_damaged_ray_checkpoint_is_one_line_naming_it(ray_local, table, tmp_path
     assert len(err) == 1 and "checkpoint.pt" in err[0] and str(store / "r1") in err[0], proc.stderr
     assert "unexpected" not in err[0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_mps_on_a_machine_without_it_is_a_user_error():
+    from locdiff.engine import resolve_device
+
+    with pytest.raises(UserError, match="--device=mps: this machine has no such device"):
+        resolve_device("mps", setting="--device")
