@@ -63,3 +63,25 @@ def test_evaluate_names_a_null_method(tmp_path, capsys):
     assert main(["evaluate", "--predictions", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: column 'method', row 2: method is null" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plots"])
+@pytest.mark.parametrize("url", ["s3://bucket/m", "memory://m"])
+def test_evaluate_refuses_an_output_url(tmp_path, capsys, monkeypatch, flag, url):
+    """--json and --plots are written locally: a URL is refused in one line naming the flag (s3://bucket/m.json
+    became the local file s3:/bucket/m.json)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "pred.parquet"
+    write_predictions(path, ["a", "b", "c", "d"], *TRUE, *PRED)
+    assert main(["evaluate", "--predictions", str(path), flag, url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag} {url}: cannot write to a" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.parquet"]
+
+
+def test_predict_refuses_an_output_url_it_cannot_keep(tmp_path, capsys):
+    """predict --out writes s3:// through the storage layer; memory:// would be gone when the command ends."""
+    assert main(["predict", "--run", str(tmp_path / "no_run"), "--data", str(tmp_path / "t.parquet"),
+                 "--out", "memory://x.parquet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out memory://x.parquet: cannot write to a memory:// URL" in err, err

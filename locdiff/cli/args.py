@@ -31,6 +31,18 @@ def number_in(lo: float, hi: float, kind: type = int) -> typing.Callable[[str], 
     return parse
 
 
+def check_output_url(out: str | None, flag: str, schemes: tuple[str, ...] = ()) -> None:
+    """UserError where the output `out` (of `flag`) is a URL whose scheme is not one of `schemes` (those the
+    command writes through the storage layer; none: a local path only). Otherwise s3://b/x would be written
+    to the local folder s3:/b, memory://x to a store that is gone when the command ends."""
+    if not out or "://" not in out:
+        return
+    scheme = out.split("://", 1)[0]
+    if scheme.lower() not in schemes:
+        give = f"a local path or an {' or '.join(s + '://' for s in schemes)} URL" if schemes else "a local path"
+        raise UserError(f"{flag} {out}: cannot write to a {scheme}:// URL; give {give}")
+
+
 def check_not_an_input(out: str | None, flag: str, inputs: dict[str, str | None]) -> None:
     """UserError where the output file `out` (of `flag`) is one of the `inputs` ({flag: path}): writing it would
     replace what the command reads. Local paths only (a URL is never the same file as another argument)."""
