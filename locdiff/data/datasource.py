@@ -328,6 +328,7 @@ class ParquetSource(DataSource):
         self._files: list[tuple[str, Any]] = []
         self._group_rows: dict[tuple[str, int], int] = {}
         names = None
+        width: tuple[str, int] | None = None  # the first file with a fixed-size embedding: (file, width)
         for f in files:
             try:
                 meta = pq.ParquetFile(f if fs is None else fs.open(f, "rb")).metadata
@@ -341,6 +342,12 @@ class ParquetSource(DataSource):
             if "embedding" not in names or "id" not in names:
                 raise ValueError(f"{f}: missing column {'id' if 'id' not in names else 'embedding'!r} "
                                  f"(columns: {', '.join(names)})")
+            size = getattr(schema.field("embedding").type, "list_size", -1)
+            if size > 0 and width is not None and size != width[1]:  # the rows of all files are one table
+                raise ValueError(f"{f}: embeddings of width {size}, but {width[0]} has {width[1]}; the files of "
+                                 f"{path} must all have one embedding width (one encoder)")
+            if size > 0 and width is None:
+                width = (f, size)
             in_file = 0
             for g in range(meta.num_row_groups):
                 n = meta.row_group(g).num_rows
@@ -355,11 +362,11 @@ class ParquetSource(DataSource):
                              f"{', '.join(names)})")
         self.labelled = has if labelled is None else bool(labelled)
         self._cache: tuple[tuple[str, int], Any] | None = None
-        emb_type = schema.field("embedding").type
-        if getattr(emb_type, "list_size", -1) > 0:
-            self.dim = int(emb_type.list_size)
+        if width is not None:
+            self._dim_from, self.dim = width
         else:
             first = self._read_unit(self.pieces[0]) if self.pieces else None
+            self._dim_from = self.pieces[0].url if self.pieces else self.location
             self.dim = first.emb.shape[1] if first is not None else 0
 
     def identity(self) -> dict[str, Any]:
@@ -390,6 +397,10 @@ class ParquetSource(DataSource):
                                            labelled=True if self.labelled else False)
         except RowError as err:  # name the row by its place in the file, not in this slice
             raise err.moved(piece.url, self._group_rows.get((piece.url, piece.unit), 0) + piece.start) from None
+        if self.dim and t.embedding.shape[1] != self.dim:  # variable-size lists: the width shows when read
+            raise ValueError(f"{piece.url}: embeddings of width {t.embedding.shape[1]}, but {self._dim_from} has "
+                             f"{self.dim}; the files of {self.location} must all have one embedding width (one "
+                             "encoder)")
         return Rows(t.ids, t.lat, t.lon, t.embedding, None,
                     np.arange(piece.offset, piece.offset + piece.rows, dtype=np.int64))
 

@@ -128,3 +128,23 @@ def test_several_loader_threads_give_the_same_batches(sources, kind):
         for _ in range(60):  # more than two epochs
             assert list(next(one).ids) == list(next(pool).ids)
         pool.close()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_folder_of_tables_of_two_widths_names_both_files(tmp_path, fixed):
+    """A folder of Parquet files is one table: files of different embedding widths (two encoders) are refused
+    naming both files and widths, before any training (numpy's broadcast error before)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from locdiff.io import embedding_table_to_arrow
+
+    for name, d in (("a.parquet", 8), ("b.parquet", 6)):
+        at = embedding_table_to_arrow(_table(n=20, d=d))
+        if not fixed:  # a list of floats of any length: the width shows only when the rows are read
+            at = at.set_column(at.schema.get_field_index("embedding"), "embedding",
+                               at["embedding"].cast(pa.list_(pa.float32())))
+        pq.write_table(at, tmp_path / name)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'b.parquet'}: embeddings of width 6, but "
+                                         rf"{tmp_path / 'a.parquet'} has 8"):
+        open_source(str(tmp_path)).read_all()  # what training reads
