@@ -39,8 +39,8 @@ def check_output_url(out: str | None, flag: str, schemes: tuple[str, ...] = ()) 
         return
     scheme = out.split("://", 1)[0]
     if scheme.lower() not in schemes:
-        give = f"a local path or an {' or '.join(s + '://' for s in schemes)} URL" if schemes else "a local path"
-        raise UserError(f"{flag} {out}: cannot write to a {scheme}:// URL; give {give}")
+        give = f"a local path or a URL of {', '.join(s + '://' for s in schemes)}" if schemes else "a local path"
+        raise UserError(f"{flag} {out}: cannot write to {scheme}:// URLs; give {give}")
 
 
 def check_not_an_input(out: str | None, flag: str, inputs: dict[str, str | None]) -> None:
