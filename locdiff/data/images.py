@@ -27,6 +27,7 @@ from locdiff.data.validation import (
     jpeg_header,
     open_header,
     open_image,
+    pil_bomb,
 )
 
 DEFAULT_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
@@ -40,9 +41,9 @@ class StoredImage:
     reencoded: bool  # False when the source bytes were kept unchanged
 
 
-def _decode_error(err: Exception) -> RecordError:
+def _decode_error(err: Exception, max_pixels: int | None = None) -> RecordError:
     if isinstance(err, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return RecordError("too_large", str(err))
+        return pil_bomb(err, max_pixels)
     return RecordError("truncated" if "truncated" in str(err) else "undecodable", str(err) or
                        type(err).__name__)
 
@@ -111,7 +112,7 @@ def load_rgb(image: bytes | str | os.PathLike | Image.Image, *, max_side: int | 
             im = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
-        raise _decode_error(err) from None
+        raise _decode_error(err, max_pixels) from None
     if max_side is not None and max(w, h) > max_side:
         # the target size comes from the file's size (not the draft's), so it does not depend on it
         scale = max_side / max(w, h)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -98,11 +99,19 @@ class SkipLog:
         return int(sum(self.counts.values()))
 
 
+# a coordinate as CSV files write one: ASCII digits (Python's float() also reads "1_0" as 10 and other scripts'
+# digits, "١" as 1), with the words float() knows for infinity and NaN (refused later as invalid or missing)
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*",
+                     re.ASCII | re.IGNORECASE)
+
+
 def parse_coordinate(value: Any) -> float | None:
-    """A float from a CSV cell, None when empty or not a number."""
+    """A float from a CSV cell, None when empty or not a number (`_NUMBER`)."""
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str) and not _NUMBER.fullmatch(value):
         return None
     try:
         x = float(value)
@@ -144,6 +153,15 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
                                        f"{max_pixels / 1e6:g} Mpx (max_image_pixels)")
 
 
+def pil_bomb(err: Exception, max_pixels: int | None = None) -> RecordError:
+    """RecordError("too_large") for what PIL's decompression-bomb guard refused, in the project's terms: PIL's
+    own message quotes its limit (twice Image.MAX_IMAGE_PIXELS), not max_image_pixels."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)) / 1e6:.0f} Mpx" if found else "the image"
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    return RecordError("too_large", f"{size} is above the limit of {limit / 1e6:g} Mpx (max_image_pixels)")
+
+
 def _raise_pil_limit(max_pixels: int | None) -> None:
     """Let PIL open what our own limit allows (its guard refuses above twice MAX_IMAGE_PIXELS)."""
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
@@ -164,7 +182,7 @@ def open_header(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
         im = Image.open(io.BytesIO(data))
         im.size  # noqa: B018 (parses the header)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise RecordError("too_large", f"{err}") from None
+        raise pil_bomb(err, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise RecordError("undecodable", f"not an image: {err}") from None
     if im.width < 1 or im.height < 1:
@@ -197,7 +215,7 @@ def open_image(data: bytes, *, verify: str = "header", max_pixels: int | None = 
         except (SyntaxError, ValueError, EOFError) as err:
             raise RecordError("undecodable", str(err)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise RecordError("too_large", str(err)) from None
+            raise pil_bomb(err, max_pixels) from None
         im = Image.open(io.BytesIO(data))  # fresh handle (draft changed the decoder scale)
     return im
 

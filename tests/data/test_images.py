@@ -141,10 +141,14 @@ def test_an_image_over_pils_bomb_limit_is_a_row_error_without_a_warning(tmp_path
     path = tmp_path / "big.png"
     Image.new("L", (10_000, 10_000)).save(path)
     code = ("from locdiff.data.images import load_rgb\nfrom locdiff.data.validation import RecordError\n"
-            f"try:\n    load_rgb({str(path)!r})\nexcept RecordError as err:\n    print(err.reason)\n")
+            f"try:\n    load_rgb({str(path)!r})\nexcept RecordError as err:\n    print(err.reason)\n"
+            "    print(err)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "too_large", proc
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "too_large", proc
     assert proc.stderr == "", proc.stderr
+    # in the project's terms: the limit is max_image_pixels (64 Mpx), not PIL's guard (twice that)
+    assert "100 Mpx is above the limit of 64 Mpx (max_image_pixels)" in proc.stdout, proc.stdout
+    assert "128000000" not in proc.stdout
 
 
 @pytest.mark.parametrize("image", [None, 5, 10**12, [1, 2, 3], 2.5], ids=["None", "5", "1e12", "list", "float"])

@@ -7,7 +7,7 @@ import pytest
 from locdiff.cli import main
 from locdiff.data.config import load_dataset_config
 from locdiff.data.ingest import ingest
-from locdiff.data.validation import ChecksumError, RecordError, SourceError, open_image
+from locdiff.data.validation import ChecksumError, RecordError, SourceError, check_record_coordinates, open_image
 
 from .fixtures import build_folder, jpeg, write_csv
 
@@ -132,3 +132,14 @@ def test_changed_settings_rewrite_the_stage_and_drop_stale_shards(tmp_path):
     assert second["count"] == 5 and len(second["shards"]) == 2
     assert sorted(p.name for p in (tmp_path / "root" / "folder" / "images").glob("shard-*")) == [
         "shard-000000.tar", "shard-000001.tar"]
+
+
+@pytest.mark.parametrize("lat,reason", [("1_0", "missing_coordinates"), ("\u0661", "missing_coordinates"),
+                                        ("91", "invalid_coordinates"), ("inf", "invalid_coordinates")])
+def test_a_coordinate_that_is_not_a_plain_number_is_counted_not_read(lat, reason):
+    """Python's float() reads "1_0" as 10 and Arabic-Indic "١" as 1: a CSV cell must be ASCII digits (with a
+    sign, a point, an exponent), or the row is counted under its reason."""
+    with pytest.raises(RecordError) as err:
+        check_record_coordinates(lat, "5")
+    assert err.value.reason == reason
+    assert check_record_coordinates(" -12.5e0 ", "+.5") == (-12.5, 0.5)
