@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import typing
 
@@ -31,6 +32,10 @@ def number_in(lo: float, hi: float, kind: type = int) -> typing.Callable[[str], 
     return parse
 
 
+# the URLs an output file may name: written through the storage layer (memory:// would be gone when the command ends)
+OUTPUT_SCHEMES = ("s3", "s3a", "file")
+
+
 def check_output_url(out: str | None, flag: str, schemes: tuple[str, ...] = ()) -> None:
     """UserError where the output `out` (of `flag`) is a URL whose scheme is not one of `schemes` (those the
     command writes through the storage layer; none: a local path only). Otherwise s3://b/x would be written
@@ -43,12 +48,32 @@ def check_output_url(out: str | None, flag: str, schemes: tuple[str, ...] = ()) 
         raise UserError(f"{flag} {out}: cannot write to {scheme}:// URLs; give {give}")
 
 
-def check_not_an_input(out: str | None, flag: str, inputs: dict[str, str | None]) -> None:
-    """UserError where the output file `out` (of `flag`) is one of the `inputs` ({flag: path}): writing it would
-    replace what the command reads. Local paths only (a URL is never the same file as another argument)."""
+def check_not_an_input(out: str | None, flag: str,
+                       inputs: dict[str, str | None] | list[tuple[str, str | None]]) -> None:
+    """UserError where the output file `out` (of `flag`) is one of the `inputs` ({flag: path}, or (name, path)
+    pairs): writing it would replace what the command reads. Local paths only (a URL is never the same file as
+    another argument)."""
     if not out or not os.path.exists(out):
         return
-    for name, path in inputs.items():
+    for name, path in inputs.items() if isinstance(inputs, dict) else inputs:
         if path and os.path.exists(path) and os.path.samefile(out, path):
             raise UserError(f"{flag} {out} is the {name} file: writing it would replace what is read; "
                             "give another file")
+
+
+def check_output_file(out: str | None, flag: str, inputs: dict[str, str | None] | list[tuple[str, str | None]],
+                      schemes: tuple[str, ...] = ()) -> None:
+    """Before any work, where the output file `out` (of `flag`) cannot be written: a URL of a scheme not in
+    `schemes` (`check_output_url`), a folder (IsADirectoryError), a path under a file, or one of the `inputs`
+    (`check_not_an_input`)."""
+    check_output_url(out, flag, schemes)
+    if not out or "://" in out:
+        return
+    if os.path.isdir(out):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), out)
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):  # the nearest folder that exists: the others are made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent}: is a file, not a directory; check the path ({flag} {out})")
+    check_not_an_input(out, flag, inputs)

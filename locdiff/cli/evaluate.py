@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from locdiff.cli.args import check_not_an_input, check_output_url
+from locdiff.cli.args import check_output_file, check_output_url
 from locdiff.errors import UserError
 from locdiff.evaluation import draw_plots, metrics_by_method
 from locdiff.io import json_text, read_predictions, write_file_atomic
@@ -90,9 +90,9 @@ def _world_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    check_output_url(args.json, "--json")  # written locally (a URL would become a local folder "s3:")
+    # written locally (a URL would become a local folder "s3:"), checked before any work
+    check_output_file(args.json, "--json", {"--predictions": args.predictions})
     check_output_url(args.plots, "--plots")
-    check_not_an_input(args.json, "--json", {"--predictions": args.predictions})
     pred = read_predictions(args.predictions)
     if len(pred.ids) == 0:
         raise UserError(f"{args.predictions}: no rows; nothing to evaluate")

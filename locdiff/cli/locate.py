@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-from locdiff.cli.args import check_not_an_input, number_in
-from locdiff.data import storage
+from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, number_in
 from locdiff.data.sources.base import IMAGE_EXTENSIONS
 from locdiff.engine import resolve_device
 from locdiff.errors import UserError, printable
@@ -102,8 +100,8 @@ def _locate(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image files (JPEG/PNG/WebP) in {', '.join(args.photos)}"
                         + (f" ({left_out})" if skipped else ""))
-    for flag, out in (("--out", args.out), ("--map", args.map)):  # before any work
-        _check_output(out, flag, files)
+    for flag, out in (("--out", args.out), ("--map", args.map)):  # before any work; the map replaced a photo
+        check_output_file(out, flag, [("photo", f) for f in files], OUTPUT_SCHEMES)
     if args.device is not None:  # named as the flag (the model's config would call it train.device)
         if not re.fullmatch(DEVICE_PATTERN, args.device):
             raise UserError(f"--device {args.device[:40]!r}: give {DEVICE_EXPECT}")
@@ -135,19 +133,3 @@ def _locate(args: argparse.Namespace) -> int:
         print(f"wrote {args.map}")
     return 0
 
-
-def _check_output(out: str | None, flag: str, photos: list[str]) -> None:
-    """UserError (IsADirectoryError for a folder) where the output file `out` cannot be written (a folder, or a
-    path under a file) or is one of the photos read (`locate --map a.png a.png` replaced the photo)."""
-    if not out or storage.is_remote(out):
-        return
-    if os.path.isdir(out):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), out)
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.lexists(parent):  # the nearest folder that exists: the others are made
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {out}: {parent} is not a folder; give a file in a folder")
-    if os.path.exists(out):
-        for photo in photos:
-            check_not_an_input(out, flag, {"photo": photo})

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import os
 from pathlib import Path
 
-from locdiff.cli.args import check_not_an_input, check_output_url, number_in
+from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, number_in
 from locdiff.data.stream import read_table
 from locdiff.errors import UserError
 from locdiff.io import write_predictions
@@ -116,10 +114,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    check_output_url(args.out, "--out", ("s3", "s3a", "file"))  # memory:// would be lost when the command ends
-    if Path(args.out).is_dir():  # before any work: the predictions file cannot be written there
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), args.out)
-    check_not_an_input(args.out, "--out", {"--data": args.data})
+    check_output_file(args.out, "--out", {"--data": args.data}, OUTPUT_SCHEMES)  # before any work
     folder = RunFolder(args.run)
     cfg = folder.read_config()
     trained = cfg.get("method", "locdiff")

@@ -292,9 +292,9 @@ def test_outputs_are_checked_before_any_work_and_written_all_or_none(trained, fo
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir.png").mkdir()
     out = tmp_path / "t.csv"
-    for flag, bad, said in (("--map", "afile/m.png", f"{tmp_path / 'afile'} is not a folder"),
+    for flag, bad, said in (("--map", "afile/m.png", f"{tmp_path / 'afile'}: is a file, not a directory"),
                             ("--map", "adir.png", "adir.png: is a directory"),
-                            ("--out", "afile/sub/t.csv", f"{tmp_path / 'afile'} is not a folder")):
+                            ("--out", "afile/sub/t.csv", f"{tmp_path / 'afile'}: is a file, not a directory")):
         argv = ["locate", "--run", str(trained["run_dir"]), str(folder), "--out", str(out),
                 "--map", str(tmp_path / "m.png"), "--no-progress"]
         argv[argv.index(flag) + 1] = str(tmp_path / bad)
