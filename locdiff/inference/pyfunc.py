@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from locdiff import __version__, runs
+from locdiff.data.validation import RecordError, open_header
 from locdiff.embed import encoder_digest
 from locdiff.errors import UserError, describe, one_line
 from locdiff.gallery import GALLERY_JSON
@@ -194,9 +195,10 @@ class LocDiffModel:
     def predict(self, model_input: pd.DataFrame | Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (see the module docstring); a row that cannot be read or located
         gets its `error` and null coordinates. A request out of bounds (top_k, method, more rows than
-        limits.max_request_rows, more photos than limits.max_request_images) or one that fails as a whole is
-        refused before any work with an MlflowException of one line and no stack trace: HTTP 400 for the
-        request's fault, 500 for anything else."""
+        limits.max_request_rows, more photos than limits.max_request_images or more of their pixels than
+        limits.max_request_pixels) or one that fails as a whole is refused before any work with an
+        MlflowException of one line and no stack trace: HTTP 400 for the request's fault, 500 for anything
+        else."""
         try:
             df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
             check_request(df, params, self.geolocator.method.config.limits)
@@ -259,7 +261,8 @@ class LocDiffModel:
 
 def check_request(model_input: pd.DataFrame | Any, params: dict[str, Any] | None, limits: LimitsConfig) -> None:
     """A UserError unless the request is within bounds: top_k in [1, MAX_TOP_K], a known method, at most
-    limits.max_request_rows rows and limits.max_request_images photos (checked before anything is read)."""
+    limits.max_request_rows rows, limits.max_request_images photos and limits.max_request_pixels of their
+    pixels (read from the headers: checked before anything is decoded)."""
 
     if params is not None and not isinstance(params, dict):
         raise UserError(f"params must be an object of top_k and method; got a {type(params).__name__}")
@@ -284,6 +287,11 @@ def check_request(model_input: pd.DataFrame | Any, params: dict[str, Any] | None
         if photos > limits.max_request_images:
             raise UserError(f"{photos} photos in one request, above the limit of {limits.max_request_images} (the "
                             "model's limits.max_request_images); send them in several requests")
+        pixels = sum(_header_pixels(v) for v in model_input["image"] if _present(v))
+        if pixels > limits.max_request_pixels:
+            raise UserError(f"{pixels / 1e6:.4g} Mpx of photos in one request, above the limit of "
+                            f"{limits.max_request_pixels / 1e6:g} Mpx (the model's limits.max_request_pixels); "
+                            "send them in several requests")
 
 
 def json_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -335,6 +343,16 @@ def _present(v: object) -> bool:
     if isinstance(v, bytes | str):
         return len(v) > 0
     return True
+
+
+def _header_pixels(v: object) -> int:
+    """A photo's pixel count read from its header (nothing is decoded); 0 for what is not an image or is
+    above max_image_pixels: that row gets its own error later."""
+    try:
+        im = open_header(_image_bytes(v))
+    except RecordError:
+        return 0
+    return im.width * im.height
 
 
 def _image_bytes(v: object) -> bytes:

@@ -201,6 +201,8 @@ class LimitsConfig:
     max_codes_per_chunk: int = setting(65_536, ge=1, le=1 << 26)
     max_request_rows: int = setting(1024, ge=1, le=1 << 20)  # rows in one request to the served model
     max_request_images: int = setting(64, ge=1, le=1 << 16)  # photos in one request (each is decoded)
+    # pixels of all the photos of one request, read from their headers before any is decoded (4 photos of 64 Mpx)
+    max_request_pixels: int = setting(256_000_000, ge=1, le=1 << 40)
 
 
 @dataclass

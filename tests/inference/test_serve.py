@@ -225,3 +225,32 @@ def test_the_guard_answers_what_mlflows_server_would_not_in_one_line(server, tra
         assert len(answer["message"]) <= 300 and "SECRET" not in answer["message"], (name, answer)
     status, answer = _raw(server, good, as_json)
     assert status == 200 and answer["predictions"][0]["error"] == "", answer
+
+
+def test_the_served_model_bounds_the_pixels_of_a_request_before_decoding(trained):
+    """The fuzzing pass's last open item: 64 photos of 8,000 x 8,000 (within the per-photo and per-request
+    limits) cost ~80 CPU-seconds of decoding. The pixels of a request's photos are read from their headers
+    and the request refused above limits.max_request_pixels; a photo that is not an image counts nothing (its
+    row gets its own error)."""
+    import io
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from locdiff import Geolocator
+    from locdiff.inference.pyfunc import LocDiffModel
+
+    model = LocDiffModel(Geolocator.load(trained["run_dir"]))
+    assert model.geolocator.method.config.limits.max_request_pixels == 256_000_000  # 4 photos at max_image_pixels
+    model.geolocator.method.config.limits.max_request_pixels = 1_000_000
+    buf = io.BytesIO()
+    Image.new("RGB", (500, 500), (90, 140, 60)).save(buf, format="JPEG")
+    photo = buf.getvalue()  # 0.25 Mpx
+    with pytest.raises(MlflowException) as err:
+        model.predict(pd.DataFrame({"image": [photo] * 5}))
+    assert err.value.get_http_status_code() == 400
+    assert err.value.message == ("1.25 Mpx of photos in one request, above the limit of 1 Mpx (the model's "
+                                 "limits.max_request_pixels); send them in several requests"), err.value.message
+    out = model.predict(pd.DataFrame({"image": [photo] * 4 + [b"not an image"]}))  # 1,000,000: at the limit
+    assert out["error"].tolist()[:4] == [""] * 4 and out["error"][4].startswith("undecodable"), out["error"].tolist()
