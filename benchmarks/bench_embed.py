@@ -55,6 +55,7 @@ import torch
 
 from benchmarks.bench_data import make_images
 from benchmarks.common import no_options, print_table, save
+from locdiff.worlds.synth_photos import tiny_clip
 
 N_IMAGES = int(os.environ.get("BENCH_EMBED_IMAGES", 4000))
 SHARD = int(os.environ.get("BENCH_EMBED_SHARD", 250))
@@ -63,23 +64,6 @@ WAIT = float(os.environ.get("BENCH_EMBED_WAIT", 60))  # s to wait for a quiet ma
 SIZE = (512, 384)
 BATCH = 64
 TARGET = 1.6
-
-
-def tiny_clip(path: Path) -> Path:
-    """The tests' tiny CLIP (tests/data/test_embed.py), randomly initialised and saved to `path`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def shard_jobs(root: Path, out: str) -> list[dict]:

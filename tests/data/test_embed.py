@@ -19,29 +19,16 @@ from locdiff.data.ingest import ingest
 from locdiff.data.manifest import read_manifest
 from locdiff.data.shards import stage_dir
 from locdiff.data.validation import ChecksumError
+from locdiff.worlds import synth_photos
 
 from .fixtures import read_samples
 
-PROJ = 16
+PROJ = synth_photos.TINY_CLIP_DIM
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=PROJ,
-    )
-    path = tmp_path_factory.mktemp("models") / "tiny-clip"
-    CLIPModel(config).save_pretrained(path)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(path)
-    return path
+    return synth_photos.tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")
