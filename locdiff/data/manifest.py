@@ -130,6 +130,10 @@ def require_manifest(stage_dir: str, what: str) -> dict[str, Any]:
 
 
 def write_progress(stage_dir: str, shard: str, info: dict[str, Any]) -> None:
+    """Record a shard about to be put in place. An older file of its name (from a run with other settings)
+    goes first: a run killed between the record and the rename must not leave the record beside the old
+    shard, which the re-run would take for a finished one."""
+    storage.remove(storage.join(stage_dir, shard))
     storage.write_bytes_atomic(progress_path(stage_dir, shard), dumps(info))
 
 
