@@ -100,3 +100,22 @@ def test_a_run_killed_while_rewriting_a_stage_does_not_keep_the_old_shard(tmp_pa
     for s in clean["shards"]:
         assert (tmp_path / "root" / "folder" / "images" / s["shard"]).read_bytes() == \
             (tmp_path / "clean" / "folder" / "images" / s["shard"]).read_bytes(), s["shard"]
+
+
+def test_an_embeddings_ingest_clears_what_a_killed_one_left(tmp_path):
+    """The embeddings source (a Parquet table to feature shards) removes the partial shards of a killed run,
+    as the other stages do: each kill would otherwise leave one more for good."""
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest
+
+    from .fixtures import build_embeddings
+
+    build_embeddings(tmp_path / "src", "")
+    stage = tmp_path / "root" / "embeddings" / "features" / "precomputed"
+    partial = stage / ".tmp" / "shard-000001.tar.deadbeef.tmp"  # as a kill inside a write leaves
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a shard")
+    m = ingest("embeddings", str(tmp_path / "root"), source=str(tmp_path / "src" / "emb.parquet"),
+               config=load_dataset_config("embeddings", shard_size=4), progress=False)
+    assert m["count"] > 4
+    assert [p for p in stage.rglob("*") if p.is_file() and ".tmp" in p.name] == []

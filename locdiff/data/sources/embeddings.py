@@ -99,6 +99,7 @@ def ingest_embeddings(cfg: DatasetConfig, name: str, root: str, *, source: str |
     if old is not None:
         storage.remove(mf.manifest_path(out))
     storage.makedirs(out)
+    storage.clear_local_tmp(out)  # partial files of a killed run
     shards = []
     for k, start in enumerate(range(0, len(rows), cfg.shard_size)):
         sname = shard_name(k)
