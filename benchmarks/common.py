@@ -62,8 +62,11 @@ def save(name: str | Path, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json" if isinstance(name, str) else Path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:  # a full disk: no partial temporary file stays
+        tmp.unlink(missing_ok=True)
     print(f"\nwrote {path}")
     return path
 

@@ -4,6 +4,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import bench_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,24 @@ def test_a_smoke_or_unfinished_run_never_replaces_the_finished_results(tmp_path)
     save(out, {"results": {"a": 2}})
     assert json.loads(out.read_text())["results"] == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]  # no temporary file left
+
+
+def test_save_on_a_full_disk_keeps_the_results_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from benchmarks.common import save
+
+    out = tmp_path / "mine.json"
+    save(out, {"results": {"a": 1}})
+
+    def fills_the_disk(self, text, *args, **kwargs):  # noqa: ANN001
+        with open(self, "w") as f:
+            f.write(text[:10])  # part of it reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    with pytest.raises(OSError):
+        save(out, {"results": {"a": 2}})
+    monkeypatch.undo()
+    assert json.loads(out.read_text())["results"] == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]
