@@ -196,6 +196,15 @@ class RunFolder:
         # training on would fail at its first step, after the run's files were rewritten
         check_finite(state["model"], path, "delete it to train from scratch")
 
+    def remove_partial_files(self) -> None:
+        """Remove the temporary files (`atomic_path`'s `.NAME.XXXXXXXX.tmp`) that a training killed inside a
+        write left: a re-run never reads them, and each kill would leave one more (a checkpoint's size)."""
+        names = (CONFIG, CHECKPOINT, METRICS, WEIGHTS, MODEL, SELECTION, RECORD)
+        for path in self.path.glob(".*.tmp") if self.path.is_dir() else ():
+            if any(path.name.startswith(f".{n}.") for n in names) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     @contextlib.contextmanager
     def removed_if_unstarted(self) -> Iterator[None]:
         """Around the start of a training: when it fails before its first checkpoint in a folder that held

@@ -134,6 +134,7 @@ def run(spec: RunSpec, *, workers: int = 0, ray_settings: RayTrainSettings | Non
     if method.trains:  # a damaged checkpoint, or one of other data, is refused before anything is written
         run.check_resumable(source.dim, source.location or "the data")
     with run.removed_if_unstarted():  # a fresh run that fails before its first checkpoint leaves nothing
+        run.remove_partial_files()
         run.clear_record()
         run.write_config(config)
         if before_training is not None:

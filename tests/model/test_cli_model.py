@@ -95,6 +95,24 @@ def test_more_steps_continue_from_the_checkpoint(run, synth_dir, tmp_path):
     assert json.loads((longer / "run.json").read_text())["step"] == 220
 
 
+def test_a_resumed_run_removes_the_partial_file_of_a_killed_write(run, synth_dir, tmp_path):
+    """A training killed inside a checkpoint write leaves the temporary file beside checkpoint.pt; the re-run
+    resumes from the last whole checkpoint and removes it (each kill would leave one more, of a checkpoint's
+    size)."""
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    (resumed / "run.json").unlink()  # killed before the end: the run is not complete
+    partial = resumed / ".checkpoint.pt.k1ll3d00.tmp"  # as atomic_path names it
+    partial.write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+    rc = main(["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+               str(synth_dir / "val.parquet"), "--out", str(resumed), "--no-progress", *_sets()])
+    assert rc == 0
+    assert json.loads((resumed / "run.json").read_text())["complete"]
+    assert sorted(p.name for p in resumed.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_changed_selection_setting_chooses_again(run, synth_dir, tmp_path):
     """train.val_samples (or predict.* / hybrid.*) may change on a complete run without retraining; the
     choices made on validation must then be made again, not kept from the old setting."""
