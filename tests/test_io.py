@@ -155,3 +155,23 @@ def test_predictions_bad_input(tmp_path):
     (tmp_path / "r.csv").write_text("id,lat,lon,pred_lat,pred_lon\na,1,2,3,4\nb,100,2,3,4\n")
     with pytest.raises(ValueError, match=r"r\.csv: column 'lat', row 1"):
         read_predictions(tmp_path / "r.csv")
+
+
+def test_a_write_removes_the_temporary_files_of_killed_writers_only(tmp_path):
+    """A process killed inside an output write leaves its temporary sibling (PATH.tmp-PID...); the next write
+    of that output removes those of processes that no longer run, and keeps a running writer's."""
+    import subprocess
+    import sys
+
+    from locdiff.io import write_file_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    table, png = tmp_path / "p.parquet", tmp_path / "map.png"
+    for killed in (f"{table}.tmp-{dead}", f"{png}.tmp-{dead}-0badc0de"):  # as a kill inside a write leaves
+        (tmp_path / killed).write_bytes(b"half")
+    running = tmp_path / "p.parquet.tmp-1"  # pid 1 always runs
+    running.write_bytes(b"being written")
+    write_predictions(table, ["a"], None, None, [1.0], [2.0])
+    write_file_atomic(png, b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png", "p.parquet", "p.parquet.tmp-1"]
