@@ -12,7 +12,6 @@ Bad input raises ValueError naming the file, the column and the first bad row.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -242,7 +241,7 @@ def _write_atomic(path: PathLike, write) -> None:
             write(p, None)
         return
     Path(p).parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(p)
+    storage.remove_stale_temporaries(p)
     tmp = f"{p}.tmp-{os.getpid()}"
     try:
         write(tmp, None)
@@ -263,38 +262,8 @@ def write_file_atomic(path: PathLike, data: bytes | str) -> None:
             with open(path, "wb") as f:
                 f.write(data)
         else:
-            _remove_stale_temporaries(str(path))
+            storage.remove_stale_temporaries(str(path))
             storage.write_bytes_atomic(str(path), data)
-
-
-def _remove_stale_temporaries(path: str) -> None:
-    """Remove the temporary siblings of an output file (`PATH.tmp-PID`, `PATH.tmp-PID-XXXXXXXX`) that a process
-    killed inside its write left, so that each kill does not leave one more for good. Only those of a process
-    that no longer runs: a concurrent writer's file stays."""
-    folder, name = os.path.split(os.path.abspath(path))
-    prefix = f"{name}.tmp-"
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
-    except OSError:
-        return
-    for n in names:
-        pid = n[len(prefix):].split("-", 1)[0]
-        if pid.isascii() and pid.isdigit() and not _running(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, n))
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (True when that cannot be told: its file is kept)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # another user's process (EPERM), or not a process id at all
-        return True
-    return True
 
 
 def _special(path: PathLike) -> bool:

@@ -354,6 +354,7 @@ def download_file(url: str, *, sha256: str | None = None, md5: str | None = None
         os.makedirs(folder, exist_ok=True)
         local = os.path.join(folder, os.path.basename(url.split("?", 1)[0]) or "download")
         if not os.path.exists(local):
+            storage.remove_stale_temporaries(local, "part")  # what downloads killed on the way left
             part = f"{local}.part-{os.getpid()}"
             try:
                 with open(part, "wb") as f, storage.disk_full_is_an_error(folder):

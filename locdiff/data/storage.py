@@ -291,6 +291,36 @@ def removed_if_failed_empty(path: str) -> Iterator[None]:
         raise
 
 
+def remove_stale_temporaries(path: str, tag: str = "tmp") -> None:
+    """Remove the temporary siblings of a local file (`PATH.tmp-PID`, `PATH.tmp-PID-XXXXXXXX`; `tag` "part" for
+    downloads) that a process killed inside its write left, so that each kill does not leave one more for
+    good. Only those of a process that no longer runs: a concurrent writer's file stays."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f"{name}.{tag}-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return
+    for n in names:
+        pid = n[len(prefix):].split("-", 1)[0]
+        if pid.isascii() and pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, n))
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (True when that cannot be told: its file is kept)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or not a process id at all
+        return True
+    return True
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write `data` so that `path` either does not exist or holds all of it."""
     if not is_remote(path):

@@ -119,3 +119,20 @@ def test_an_embeddings_ingest_clears_what_a_killed_one_left(tmp_path):
                config=load_dataset_config("embeddings", shard_size=4), progress=False)
     assert m["count"] > 4
     assert [p for p in stage.rglob("*") if p.is_file() and ".tmp" in p.name] == []
+
+
+def test_a_download_removes_what_killed_downloads_of_the_file_left(served, tmp_path):
+    """A download killed on the way leaves FILE.part-PID in the cache (an archive's size at most); the next
+    download of that file removes those of processes that no longer run."""
+    from locdiff.data.download import download_file
+
+    root, base = served
+    (root / "resume-dl.bin").write_bytes(b"x" * 1000)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"resume-dl.bin.part-{dead}").write_bytes(b"x" * 300)  # as a killed download leaves
+    local, _ = download_file(f"{base}/resume-dl.bin", dest_dir=str(cache), allow_private=True, retries=0)
+    assert open(local, "rb").read() == b"x" * 1000
+    assert sorted(p.name for p in cache.iterdir()) == ["resume-dl.bin"]
