@@ -31,7 +31,9 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 GALLERY_JSON = "gallery.json"
 FORMAT_VERSION = 1
 MAX_GALLERY_JSON_BYTES = 16 << 20
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"  # in the names of a save's scratch folder
 FILES = {"index": "index.faiss", "lat": "lat.npy", "lon": "lon.npy", "ids": "ids.npy"}
 
 
@@ -206,7 +209,9 @@ class Gallery:
         else:
             os.makedirs(location, exist_ok=True)
             scratch_parent = location
-        tmp_root = tempfile.mkdtemp(prefix=f".tmp-{data_dir}-", dir=scratch_parent)
+            _remove_killed_saves(location)
+        # named by this host and process until gallery.json is written: a save killed on the way is known by it
+        tmp_root = tempfile.mkdtemp(prefix=f".tmp-{data_dir}-{_HOST}-{os.getpid()}-", dir=scratch_parent)
         files: dict[str, dict[str, Any]] = {}
 
         def put(key: str, write: Callable[[str], None]) -> None:
@@ -224,14 +229,14 @@ class Gallery:
             put("index", lambda p: faiss.write_index(self.index, p))  # streamed to the file, no second copy
             for key, arr in (("lat", self.lat), ("lon", self.lon), ("ids", self.ids)):
                 put(key, lambda p, a=arr: _save_npy(p, a))
+            meta = dict(self.info)
+            meta.update({"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim,
+                         "files": files, "software": _software()})
+            meta.setdefault("search", {})["nprobe"] = self.nprobe
+            data = _dumps(meta)
+            storage.write_bytes_atomic(storage.join(location, GALLERY_JSON), data)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
-        meta = dict(self.info)
-        meta.update({"format_version": FORMAT_VERSION, "count": len(self), "dim": self.dim,
-                     "files": files, "software": _software()})
-        meta.setdefault("search", {})["nprobe"] = self.nprobe
-        data = _dumps(meta)
-        storage.write_bytes_atomic(storage.join(location, GALLERY_JSON), data)
         ref = {"uri": location, "sha256": hashlib.sha256(data).hexdigest()}
         self.info, self._reference = meta, ref
         log.info("saved the %s gallery of %d entries to %s", self.kind, len(self), location)
@@ -390,6 +395,25 @@ def gallery_for_run(data: str | EmbeddingTable | DataSource, run_dir: str | os.P
 
 
 # ---------------------------------------------------------------------- file helpers
+def _remove_killed_saves(location: str) -> None:
+    """Remove what saves killed on the way left in a local gallery folder: their scratch folder (which names
+    this host and a process that no longer runs) and their data folder, unless gallery.json names it. Each
+    kill would otherwise leave a partial or unreferenced index (the data set's size) for good."""
+    named: set[str] | None = None
+    for name in sorted(os.listdir(location)):
+        m = re.fullmatch(r"\.tmp-(data-[0-9a-f]{12})-(.+)-(\d+)-[^-]*", name)
+        if m is None or m.group(2) != _HOST or storage.process_running(int(m.group(3))):
+            continue
+        if named is None:
+            try:
+                named = {posixpath.dirname(f["path"]) for f in _read_gallery_json(location)[0]["files"].values()}
+            except (FileNotFoundError, ValueError):
+                named = set()
+        if m.group(1) not in named:
+            shutil.rmtree(os.path.join(location, m.group(1)), ignore_errors=True)
+        shutil.rmtree(os.path.join(location, name), ignore_errors=True)
+
+
 def _dumps(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 

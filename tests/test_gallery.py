@@ -373,6 +373,46 @@ def test_concurrent_builders_leave_one_complete_gallery(tmp_path):
     assert not [p for p in (tmp_path / "g").rglob("*.tmp*")]  # no temporary files left
 
 
+KILLED_SAVE = """
+import os, sys
+import numpy as np
+from locdiff.data import storage
+from locdiff.gallery import Gallery
+real = storage.put_file_atomic
+def dies(tmp, path):
+    real(tmp, path)
+    if path.endswith("lat.npy"):
+        os._exit(9)  # killed there: no cleanup runs
+storage.put_file_atomic = dies
+rng = np.random.default_rng(0)
+Gallery.from_arrays(rng.normal(size=(200, 8)), rng.uniform(-60, 60, 200), rng.uniform(-180, 180, 200)).save(sys.argv[1])
+"""
+
+
+def test_a_save_removes_what_a_killed_save_left(tmp_path):
+    """A save killed after two of its four files leaves its scratch folder and a partial data folder; the next
+    save removes both (each kill would leave one more index for good), and keeps a running saver's."""
+    import re
+    import subprocess
+    import sys
+
+    loc = tmp_path / "g"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(loc)], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    left = sorted(p.name for p in loc.iterdir())
+    assert len(left) == 2 and left[0].startswith(".tmp-data-") and left[1].startswith("data-"), left
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    running = loc / f".tmp-data-0123456789ab-{host}-1-abcd1234"  # this host's pid 1, which always runs
+    running.mkdir()
+    (loc / "data-0123456789ab").mkdir()
+    emb, lat, lon, ids, _ = clustered(300, 8, seed=1)
+    ref = Gallery.from_arrays(emb, lat, lon, ids).save(str(loc))
+    named = {os.path.dirname(f["path"]) for f in json.loads((loc / "gallery.json").read_text())["files"].values()}
+    assert sorted(p.name for p in loc.iterdir()) == sorted([running.name, "data-0123456789ab", *named,
+                                                            "gallery.json"])
+    assert len(Gallery.load(ref)) == 300
+
+
 # ---------------------------------------------------------------------- data sources
 def test_gallery_for_a_parquet_table(tmp_path):
     from locdiff.io import write_embeddings

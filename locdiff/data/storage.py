@@ -303,12 +303,12 @@ def remove_stale_temporaries(path: str, tag: str = "tmp") -> None:
         return
     for n in names:
         pid = n[len(prefix):].split("-", 1)[0]
-        if pid.isascii() and pid.isdigit() and not _running(int(pid)):
+        if pid.isascii() and pid.isdigit() and not process_running(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, n))
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` runs on this machine (True when that cannot be told: its file is kept)."""
     if pid == os.getpid():
         return True
