@@ -380,3 +380,9 @@ def clear_local_tmp(root: str) -> None:
     for name in os.listdir(d) if os.path.isdir(d) else []:
         if name.endswith(".tmp"):
             os.remove(os.path.join(d, name))
+    for folder in (root, os.path.join(root, "_progress")):  # `write_bytes_atomic`'s of the manifest, progress records
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in name else ""
+            if pid.isascii() and pid.isdigit() and not process_running(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))

@@ -136,3 +136,23 @@ def test_a_download_removes_what_killed_downloads_of_the_file_left(served, tmp_p
     local, _ = download_file(f"{base}/resume-dl.bin", dest_dir=str(cache), allow_private=True, retries=0)
     assert open(local, "rb").read() == b"x" * 1000
     assert sorted(p.name for p in cache.iterdir()) == ["resume-dl.bin"]
+
+
+def test_an_ingest_clears_the_partial_records_a_killed_one_left(tmp_path):
+    """A kill inside the write of a progress record or of the manifest leaves its temporary sibling
+    (NAME.tmp-PID-XXXXXXXX); the re-run removes those of processes that no longer run."""
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest
+
+    build_folder(tmp_path / "src", "", n=8, archive=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    images = tmp_path / "root" / "folder" / "images"
+    (images / "_progress").mkdir(parents=True)
+    for left in (images / "_progress" / f"shard-000001.json.tmp-{dead}-deadbeef",
+                 images / f"manifest.json.tmp-{dead}-deadbeef"):
+        left.write_bytes(b"{")
+    m = ingest("folder", str(tmp_path / "root"), source=str(tmp_path / "src"),
+               config=load_dataset_config("folder", shard_size=4), progress=False)
+    assert m["count"] == 8
+    assert [p for p in images.rglob("*") if p.is_file() and ".tmp" in p.name] == []
