@@ -152,16 +152,25 @@ def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None
 
 
 CHAMPION = "champion"
+KEY_TAG = "locdiff.key"  # a model version's run completion key (log_model)
 PROMOTION_METRIC = "geoscore"
 
 
 def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None,
-              registered_name: str = REGISTERED_MODEL) -> dict[str, Any]:
+              registered_name: str = REGISTERED_MODEL, key: str | None = None) -> dict[str, Any]:
     """Log a LocDiff run folder as the pyfunc model of locdiff.inference.pyfunc (weights as safetensors,
     config as YAML/JSON, its image encoder, a signature; no code, nothing pickled) and register
-    it as `registered_name`; the first version becomes `champion`. Returns {"model_uri", "version"}."""
+    it as `registered_name`; the first version becomes `champion`. Returns {"model_uri", "version"}.
+
+    `key` (the run's completion key) tags the version: a version of this MLflow run with the same key is
+    returned instead of registering another (a re-run after a kill or a retry after the registration)."""
     if not runs.RunFolder(run_dir).has_model():
         raise FileNotFoundError(f"{run_dir}: no trained model to log ({runs.WEIGHTS}, {runs.MODEL})")
+    if key is not None:
+        for v in _client(tracking_uri).search_model_versions(f"run_id = '{run_id}'"):
+            if v.name == registered_name and (v.tags or {}).get(KEY_TAG) == key:
+                logger.info("model %s version %s holds this run already", registered_name, v.version)
+                return {"model_uri": v.source, "version": str(v.version)}
     mlflow = _mlflow(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="locdiff-stage-") as tmp, _in_run(mlflow, run_id):
         data = pyfunc.stage(run_dir, tmp)
@@ -172,6 +181,8 @@ def log_model(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = No
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     if version is not None:
         client = _client(tracking_uri)
+        if key is not None:
+            client.set_model_version_tag(registered_name, version, KEY_TAG, key)
         try:
             client.get_model_version_by_alias(registered_name, CHAMPION)
         except Exception:  # noqa: BLE001 - no champion yet (MlflowException RESOURCE_DOES_NOT_EXIST)

@@ -208,7 +208,8 @@ def run_training(spec: RunSpec, root: str, *, num_workers: int = 2, gpus_per_wor
         tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
         # LocDiff runs become the registered pyfunc model (locdiff.inference.pyfunc); baselines are logged
         # as their run folder files only
-        logged = (tracking.log_model(run_id, run.path, tracking_uri=uri) if spec.config.method == "locdiff"
+        logged = (tracking.log_model(run_id, run.path, tracking_uri=uri, key=outcome.record.get("key"))
+                  if spec.config.method == "locdiff"
                   else {"model_uri": None, "version": None})
         record = {**outcome.record, "mlflow_run_id": run_id, "run_dir": str(run.path),
                   "model_uri": logged["model_uri"], "model_version": logged["version"]}

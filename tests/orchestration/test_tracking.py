@@ -69,6 +69,22 @@ def test_training_and_evaluation_runs(mlflow_uri, tmp_path):
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_a_run_logged_again_with_its_key_is_not_registered_twice(mlflow_uri, tmp_path):
+    """The pipeline logs the model with the run's completion key: a re-run after a kill (or a retry) between
+    the registration and run.json returns the version registered then; a run trained on is a new version."""
+    from mlflow.tracking import MlflowClient
+
+    with tracking.training_run({"method": "locdiff"}, run_name="t") as run_id:
+        pass
+    run_dir = _locdiff_run(tmp_path / "run")
+    first = tracking.log_model(run_id, run_dir, key="k1")
+    assert tracking.log_model(run_id, run_dir, key="k1") == first
+    other = tracking.log_model(run_id, run_dir, key="k2")
+    assert other["version"] != first["version"]
+    assert sorted(int(v.version) for v in MlflowClient().search_model_versions("name='locdiff'")) == [1, 2]
+    assert tracking.load_logged_model(first["model_uri"], dst=tmp_path / "loaded") is not None
+
+
 def _locdiff_run(out: Path) -> Path:
     """A run folder with an untrained LocDiff predictor (what `locdiff train` saves, without training)."""
     from locdiff.model.config import load_config
