@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from locdiff.data.storage import remove_stale_temporaries
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -61,6 +63,7 @@ def save(name: str | Path, payload: dict[str, Any]) -> Path:
     the file holds the old results or all of the new ones, never part of them."""
     path = RESULTS / f"{name}.json" if isinstance(name, str) else Path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(str(path.with_name(f".{path.name}")))  # those of saves killed inside the write
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))

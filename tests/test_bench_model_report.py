@@ -94,3 +94,16 @@ def test_save_on_a_full_disk_keeps_the_results_and_leaves_no_temporary_file(tmp_
     monkeypatch.undo()
     assert json.loads(out.read_text())["results"] == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]
+
+
+def test_save_removes_the_temporary_file_of_a_killed_save(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.common import save
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".mine.json.tmp-{dead}").write_text('{"machi')  # as a save killed inside its write leaves
+    save(tmp_path / "mine.json", {"results": {"a": 1}})
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]
