@@ -61,6 +61,8 @@ def check_record_url(url: str) -> str:
     if parts.scheme.lower() not in RECORD_SCHEMES or not parts.netloc or "\0" in url:
         shown = url if len(url) <= 200 else url[:200] + "..."
         raise RecordError("refused_url", f"{shown!r}: only http(s):// and s3:// image URLs are read")
+    if storage.carries_credentials(url):  # never sent, and the message would carry them into logs
+        raise RecordError("refused_url", f"a {parts.scheme}:// URL carrying credentials (user:password@host)")
     return url
 
 

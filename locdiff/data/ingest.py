@@ -174,6 +174,10 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         storage.NoSpaceError: the disk filled up (a ValueError naming the folder; finished shards stay).
     """
     cfg = config or load_dataset_config(name)
+    for what, url in (("--source", source), ("--root", root), (f"data set {cfg.name!r}: metadata.url",
+                                                                cfg.metadata.url),
+                      (f"data set {cfg.name!r}: images.url", cfg.images.url)):
+        storage.check_no_credentials(url, what)  # before any read or write
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     if cfg.source == "embeddings":

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import IO
+from urllib.parse import urlsplit
 
 import fsspec
 import fsspec.asyn
@@ -111,6 +112,28 @@ def s3_timeout() -> float:
 
 def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
+
+
+def carries_credentials(url: str | os.PathLike) -> bool:
+    """Whether a URL carries user:password@ (or user@) before its host."""
+    if not is_remote(url):
+        return False
+    try:
+        return "@" in urlsplit(str(url)).netloc
+    except ValueError:
+        return "@" in str(url).split("://", 1)[1].split("/", 1)[0]
+
+
+def check_no_credentials(url: str | os.PathLike | None, what: str) -> None:
+    """Refuse a URL that carries credentials (user:password@host): they are never sent (http(s) reads are
+    anonymous; s3:// uses the AWS credential chain) and would be kept in manifests, logs and messages. The
+    message names `what` and the scheme, never the URL."""
+    if url is not None and carries_credentials(url):
+        scheme = str(url).split("://", 1)[0]
+        raise UserError(f"{what}: the {scheme}:// URL carries credentials (user:password@host), refused: they "
+                        "would be written to the manifest and the logs and are never sent; give the URL without "
+                        "them (s3:// reads its credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                        "~/.aws)")
 
 
 def filesystem(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:

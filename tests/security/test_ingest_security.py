@@ -322,6 +322,30 @@ def test_a_private_source_url_is_a_clear_error_and_gets_no_request(tmp_path, ser
     assert requests[before:] == []
 
 
+def test_a_url_with_credentials_is_refused_and_its_password_written_nowhere(tmp_path, server, capsys, caplog):
+    """user:password@ in --source, --root or a URL list: never sent (reads are anonymous), so refused before any
+    request, in one line that does not repeat the password (no manifest, log line or message holds it)."""
+    root, base, requests = server
+    write_csv(root / "meta.csv", [{"id": "a", "lat": "1", "lon": "2", "file": "img.jpg"}])
+    secret = "pw-" + "5ecret"
+    with_password = base.replace("http://", f"http://alice:{secret}@")
+    before = len(requests)
+    for flag, value in (("--source", f"{with_password}/meta.csv"), ("--source", with_password),
+                        ("--root", f"s3://AKIAX:{secret}@bucket/root")):
+        args = {"--root": str(tmp_path / "r"), "--source": str(root), flag: value}
+        rc = main(["data", "ingest", "folder", "--allow-private-addresses", *(x for kv in args.items() for x in kv)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and f"{flag}: the " in err and "credentials" in err, err
+        assert secret not in err
+    src = url_list(tmp_path, {"a": f"{with_password}/img.jpg"})
+    m = ingest("folder", str(tmp_path / "u"), source=str(src), config=cfg(allow_private_addresses=True),
+               progress=False)
+    assert m["skipped"] == {"refused_url": 1} and m["count"] == 0
+    assert requests[before:] == [] and not (tmp_path / "r").exists()
+    assert secret not in caplog.text and secret not in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "u").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
 def test_redirects_are_checked_like_the_first_url(tmp_path, server, opened):
     _, base, requests = server
     urls = {"to-file": f"{base}/redirect?to=file:///etc/passwd",
