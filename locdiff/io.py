@@ -31,6 +31,9 @@ from locdiff.errors import reraise_for
 from locdiff.tables import EmbeddingTable
 
 MAX_EMBED_ABS = 1e6  # an embedding's elements (image features are unit-scale; larger overflow the network)
+# rows of one Parquet row group that `write_embeddings` writes: a reader (training's stream) holds a row group
+# whole, and pyarrow's default (2^20 rows: 3 GiB at 768-d) would make that grow with the table
+ROW_GROUP_ROWS = 65_536
 
 PathLike = str | os.PathLike
 
@@ -289,9 +292,10 @@ def json_text(obj: Any, **kw: Any) -> str:
 
 
 def write_embeddings(path: PathLike, table: EmbeddingTable) -> None:
-    """Write an embeddings table as Parquet (embedding as a fixed-size list of float32)."""
+    """Write an embeddings table as Parquet (embedding as a fixed-size list of float32), in row groups of at
+    most ROW_GROUP_ROWS rows."""
     at = embedding_table_to_arrow(table)
-    _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs))
+    _write_atomic(path, lambda p, fs: pq.write_table(at, p, filesystem=fs, row_group_size=ROW_GROUP_ROWS))
 
 
 @dataclass

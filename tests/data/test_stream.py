@@ -148,3 +148,22 @@ def test_a_folder_of_tables_of_two_widths_names_both_files(tmp_path, fixed):
     with pytest.raises(ValueError, match=rf"{tmp_path / 'b.parquet'}: embeddings of width 6, but "
                                          rf"{tmp_path / 'a.parquet'} has 8"):
         open_source(str(tmp_path)).read_all()  # what training reads
+
+
+def test_a_table_written_by_the_project_streams_a_piece_at_a_time(tmp_path):
+    """`write_embeddings` (synth, export, the benchmarks) writes row groups a reader can hold: reading the first
+    piece of a table three pieces long holds about that piece, not the whole table (one row group, as pyarrow's
+    default of 2^20 rows made it, is held whole: 3 GiB a group at 768-d)."""
+    import pyarrow as pa
+
+    from locdiff.data.stream import PIECE_ROWS
+    from locdiff.io import ROW_GROUP_ROWS
+
+    assert ROW_GROUP_ROWS <= PIECE_ROWS
+    write_embeddings(tmp_path / "t.parquet", _table(3 * ROW_GROUP_ROWS, d=16))
+    src = open_source(str(tmp_path / "t.parquet"))
+    before = pa.total_allocated_bytes()
+    rows = src.read(src.pieces[0])
+    held = pa.total_allocated_bytes() - before
+    assert len(rows) == ROW_GROUP_ROWS and len(src.pieces) == 3
+    assert held < 1.5 * ROW_GROUP_ROWS * (16 * 4 + 8 + 8 + 6 + 4), held  # floats, lat, lon, id and its offset
