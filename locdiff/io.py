@@ -27,13 +27,16 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from locdiff.data import storage
-from locdiff.errors import reraise_for
+from locdiff.errors import UserError, reraise_for
 from locdiff.tables import EmbeddingTable
 
 MAX_EMBED_ABS = 1e6  # an embedding's elements (image features are unit-scale; larger overflow the network)
 # rows of one Parquet row group that `write_embeddings` writes: a reader (training's stream) holds a row group
 # whole, and pyarrow's default (2^20 rows: 3 GiB at 768-d) would make that grow with the table
 ROW_GROUP_ROWS = 65_536
+# rows of a predictions table (`read_predictions`: evaluate) read whole, checked from the Parquet metadata before
+# a row is read (about 230 bytes of memory a row: 3.9 GB); a few MB of repeated rows could hold billions
+MAX_PREDICTION_ROWS = 1 << 24
 
 PathLike = str | os.PathLike
 
@@ -69,7 +72,9 @@ def _bad(path: PathLike, column: str, row: int, what: str) -> RowError:
     return RowError(path, column, row, what)
 
 
-def _read_parquet(path: PathLike) -> pa.Table:
+def _read_parquet(path: PathLike, max_rows: int | None = None) -> pa.Table:
+    """The whole table at `path` (a file or a folder of them); more than `max_rows` rows, counted from the
+    metadata before any row is read, is a UserError."""
     fs, p = filesystem_of(path)
     if fs is None:
         if not os.path.exists(p):
@@ -79,15 +84,33 @@ def _read_parquet(path: PathLike) -> pa.Table:
             if not files:
                 raise ValueError(f"{path}: folder holds no .parquet files")
             try:
+                if max_rows is not None:
+                    _check_rows(path, files, None, max_rows)
                 return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
             except (pa.ArrowInvalid, OSError) as err:
                 raise ValueError(f"{path}: cannot read the Parquet files as one table: {err}") from err
     elif not fs.exists(p):
         raise FileNotFoundError(f"{path}: no such file or folder")
     try:
+        if max_rows is not None:
+            remote_folder = fs is not None and fs.isdir(p)
+            _check_rows(path, sorted(f for f in fs.find(p) if f.endswith(".parquet")) if remote_folder else [p], fs,
+                        max_rows)
         return pq.read_table(p, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
+
+
+def _check_rows(path: PathLike, files: list[str], fs: Any, max_rows: int) -> None:
+    """Refuse Parquet `files` (of the table at `path`) holding more than `max_rows` rows, from their metadata."""
+    rows = 0
+    for f in files:
+        if fs is None and not os.path.isfile(f):
+            continue  # a FIFO would block opening it; pyarrow's reader refuses it unread
+        rows += pq.ParquetFile(f if fs is None else fs.open(f, "rb")).metadata.num_rows
+    if rows > max_rows:
+        raise UserError(f"{path}: {rows:,} rows, above the {max_rows:,} a table read whole may hold; split it "
+                        "into smaller tables")
 
 
 def _column(table: pa.Table, name: str, path: PathLike) -> pa.ChunkedArray:
@@ -385,7 +408,7 @@ def read_predictions(path: PathLike) -> PredictionTable:
     """Read and validate a predictions table (Parquet or CSV by extension)."""
     kind = _fmt(path)
     if kind == "parquet":
-        table = _read_parquet(path)
+        table = _read_parquet(path, max_rows=MAX_PREDICTION_ROWS)
     else:
 
         fs, p = filesystem_of(path)

@@ -85,3 +85,26 @@ def test_predict_refuses_an_output_url_it_cannot_keep(tmp_path, capsys):
                  "--out", "memory://x.parquet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out memory://x.parquet: cannot write to memory:// URLs" in err, err
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_evaluate_refuses_a_table_too_large_to_read_whole_before_reading_it(tmp_path, capsys, monkeypatch, folder):
+    """A predictions table is read whole: its rows are bounded from the Parquet metadata (20,000,000 repeated
+    rows fit in 90 MB and took evaluate to 4.6 GB), in one line naming the table; nothing is written."""
+    from locdiff import io
+
+    path = tmp_path / "pred.parquet"
+    write_predictions(path, ["a", "b", "c", "d"], *TRUE, *PRED)
+    if folder:
+        (tmp_path / "parts.parquet").mkdir()
+        write_predictions(tmp_path / "parts.parquet" / "x.parquet", ["a", "b"], *(v[:2] for v in (*TRUE, *PRED)))
+        write_predictions(tmp_path / "parts.parquet" / "y.parquet", ["c", "d"], *(v[2:] for v in (*TRUE, *PRED)))
+    shown = tmp_path / "parts.parquet" if folder else path
+    monkeypatch.setattr(io, "MAX_PREDICTION_ROWS", 3)
+    rc = main(["evaluate", "--predictions", str(shown), "--json", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"locdiff evaluate: error: {shown}: 4 rows, above the 3 a table read whole may hold; "
+                               "split it into smaller tables"], err
+    assert not (tmp_path / "m.json").exists()
+    monkeypatch.setattr(io, "MAX_PREDICTION_ROWS", 4)
+    assert main(["evaluate", "--predictions", str(shown)]) == 0
