@@ -37,6 +37,9 @@ def _model_folder(model_dir: Path, what: str) -> Path:
         raise UserError(f"{what}: not a LocDiff model (an MLflow model without the {LOADER_MODULE} loader, "
                         "e.g. one logged by an older version); register the run again with `locdiff train` or "
                         "the train-locdiff pipeline")
+    if flavor.get("code"):  # MLflow would put that folder first on the import path before loading the model
+        raise UserError(f"{what}: its MLmodel names code to import (flavors.python_function.code); a LocDiff model "
+                        "carries none: register the run again with `locdiff train` or the train-locdiff pipeline")
     return model_dir / flavor["data"]
 
 

@@ -142,3 +142,44 @@ def test_nothing_in_the_model_runs_on_load(trained, tmp_path):
     import locdiff
 
     assert not str(Path(locdiff.__file__).resolve()).startswith(str(copy.resolve()))
+
+
+def test_a_model_naming_code_is_refused_before_mlflow_loads_it(trained, photos, tmp_path, capsys, monkeypatch):
+    """An MLmodel whose python_function flavor names a code folder (`code: code`) would have MLflow put that
+    folder first on the import path before loading: every module imported after it (faiss on the first gallery
+    search, uvicorn's loops) could come from the model. `locdiff serve`, `locate` and `Geolocator.load` refuse
+    it in one line naming the model, before MLflow loads it."""
+    import socket
+    import sys
+
+    import mlflow
+    import uvicorn
+
+    from locdiff.cli import main
+    from locdiff.errors import UserError
+
+    copy = tmp_path / "model"
+    mlflow.artifacts.download_artifacts(artifact_uri="models:/locdiff@champion", dst_path=str(copy))
+    mlmodel = yaml.safe_load((copy / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["code"] = "code"
+    (copy / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    (copy / "code").mkdir()
+    (copy / "code" / "locdiff_payload.py").write_text("raise SystemExit('ran')\n")
+    capsys.readouterr()  # the download's progress
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: served.append(a))  # never block on a real server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path_before = list(sys.path)
+    try:
+        for args in (["serve", "--model", str(copy), "--port", str(port)],
+                     ["locate", "--run", str(copy), str(photos["test"])]):
+            rc = main(args)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1 and f"{copy}: its MLmodel names code to import" in err[0], err
+        with pytest.raises(UserError, match="names code to import"):
+            Geolocator.load(copy)
+        assert served == [] and str(copy / "code") not in sys.path
+    finally:
+        sys.path[:] = path_before
