@@ -131,7 +131,7 @@ def check_no_credentials(url: str | os.PathLike | None, what: str) -> None:
     if url is not None and carries_credentials(url):
         scheme = str(url).split("://", 1)[0]
         raise UserError(f"{what}: the {scheme}:// URL carries credentials (user:password@host), refused: they "
-                        "would be written to the manifest and the logs and are never sent; give the URL without "
+                        "would be kept in manifests, run records and logs and are never sent; give the URL without "
                         "them (s3:// reads its credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                         "~/.aws)")
 
@@ -141,6 +141,9 @@ def filesystem(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]
     path = str(path)
     protocol = path.split("://", 1)[0] if is_remote(path) else "file"
     if protocol in ("s3", "s3a"):
+        if carries_credentials(path):  # read as a bucket name, and echoed by botocore's message
+            netloc, _, rest = path.split("://", 1)[1].partition("/")
+            check_no_credentials(path, f"{protocol}://{netloc.rsplit('@', 1)[-1]}/{rest}")
         endpoint, timeout = s3_endpoint(), s3_timeout()
         # no listings cache: shards written a moment ago (by this or another process) must be seen; every request
         # bounded (connect, each read); whole reads are bounded by `read_bytes`' deadline
