@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, number_in
 from locdiff.data.stream import read_table
@@ -21,6 +24,9 @@ from locdiff.training import check_devices, run, throughput_line
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
+# rows `predict` predicts at a time: what a method holds per row beyond the answer (LocDiff's density code, D
+# floats a row: 4.4 kB at degree 32) is held for one chunk, not the whole table
+PREDICT_ROWS = 65_536
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,16 +135,26 @@ def _predict(args: argparse.Namespace) -> int:
     if len(table) == 0:
         raise UserError(f"{args.data}: no rows; nothing to predict")
     method = get_method(trained).load(folder.path, cfg)
-    if trained == "locdiff":
-        name = args.method or "locdiff"
-        pred = method.predict(table, method=name, samples=args.samples, steps=args.steps, seed=args.seed,
-                              progress=not args.no_progress)
-    else:
-        if args.samples is not None or args.steps is not None:
-            log.warning("--samples/--steps apply to LocDiff only; ignored for %s", trained)
-        name = trained
-        pred = method.predict(table)
-    write_predictions(args.out, table.ids, table.lat, table.lon, pred.lat, pred.lon, method=name,
-                      confidence=pred.confidence)
+    name = (args.method or "locdiff") if trained == "locdiff" else trained
+    if trained != "locdiff" and (args.samples is not None or args.steps is not None):
+        log.warning("--samples/--steps apply to LocDiff only; ignored for %s", trained)
+    lat, lon, conf = np.empty(len(table)), np.empty(len(table)), np.full(len(table), np.nan)
+    has_conf = False
+    for s in range(0, len(table), PREDICT_ROWS):  # a row's answer does not depend on the others in its chunk
+        rows = slice(s, s + PREDICT_ROWS)
+        part = dataclasses.replace(table, ids=table.ids[rows], embedding=table.embedding[rows],
+                                   lat=None if table.lat is None else table.lat[rows],
+                                   lon=None if table.lon is None else table.lon[rows])
+        if trained == "locdiff":
+            pred = method.predict(part, method=name, samples=args.samples, steps=args.steps, seed=args.seed,
+                                  progress=not args.no_progress)
+        else:
+            pred = method.predict(part)
+        lat[rows], lon[rows] = pred.lat, pred.lon
+        if pred.confidence is not None:
+            conf[rows], has_conf = pred.confidence, True
+        del pred  # its per-row density codes (D floats a row) are held for one chunk only
+    write_predictions(args.out, table.ids, table.lat, table.lon, lat, lon, method=name,
+                      confidence=conf if has_conf else None)
     print(f"wrote {len(table)} predictions ({name}) to {args.out}")
     return 0

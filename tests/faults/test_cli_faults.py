@@ -676,6 +676,30 @@ def test_locate_counts_a_symlink_loop_as_left_out(tmp_path):
     assert skipped == {"symlink_loop": 3}
 
 
+@pytest.mark.parametrize("method", ["locdiff", "locdiff-h"])
+def test_predict_predicts_a_chunk_of_rows_at_a_time(world, tmp_path, monkeypatch, method):
+    """`predict` reads its table whole (bounded below) but predicts PREDICT_ROWS rows at a time: what a method
+    keeps per row beyond the answer (LocDiff's density code, D floats a row) is held for one chunk only, and the
+    answers are those of one pass over the whole table."""
+    from locdiff.cli import model as cli_model
+    from locdiff.model.locdiff_method import LocDiffMethod
+
+    assert main(_predict(world.run, world.test, tmp_path / "whole.parquet", "--method", method)) == 0
+    seen: list[int] = []
+    real = LocDiffMethod.predict
+    monkeypatch.setattr(LocDiffMethod, "predict", lambda self, table, **kw: seen.append(len(table)) or
+                        real(self, table, **kw))
+    monkeypatch.setattr(cli_model, "PREDICT_ROWS", 7)
+    assert main(_predict(world.run, world.test, tmp_path / "chunked.parquet", "--method", method)) == 0
+    n = pq.read_metadata(world.test).num_rows
+    assert n > 14 and max(seen) == 7 and sum(seen) == n
+    chunked, whole = (pq.read_table(tmp_path / f"{k}.parquet").to_pandas() for k in ("chunked", "whole"))
+    assert chunked[["id", "lat", "lon", "method"]].equals(whole[["id", "lat", "lon", "method"]])
+    # the same answers up to the batches' float64 rounding (under a millimetre; see locdiff.model.predict)
+    np.testing.assert_allclose(chunked[["pred_lat", "pred_lon"]], whole[["pred_lat", "pred_lon"]], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(chunked["confidence"], whole["confidence"], rtol=0, atol=1e-12)
+
+
 def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world, tmp_path, capsys, monkeypatch):
     """A table is read whole for prediction: its rows x dim is bounded from the Parquet metadata (a 2.4 MB file
     of repeated rows can hold millions of them), in one line naming the file."""
