@@ -140,10 +140,10 @@ def filesystem(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]
     """(filesystem, path inside it) for a local path or a URL (s3://, http(s)://, file://)."""
     path = str(path)
     protocol = path.split("://", 1)[0] if is_remote(path) else "file"
+    if carries_credentials(path):  # s3: read as a bucket name; every reader's messages would repeat them
+        netloc, _, rest = path.split("://", 1)[1].partition("/")
+        check_no_credentials(path, f"{protocol}://{netloc.rsplit('@', 1)[-1]}/{rest}")
     if protocol in ("s3", "s3a"):
-        if carries_credentials(path):  # read as a bucket name, and echoed by botocore's message
-            netloc, _, rest = path.split("://", 1)[1].partition("/")
-            check_no_credentials(path, f"{protocol}://{netloc.rsplit('@', 1)[-1]}/{rest}")
         endpoint, timeout = s3_endpoint(), s3_timeout()
         # no listings cache: shards written a moment ago (by this or another process) must be seen; every request
         # bounded (connect, each read); whole reads are bounded by `read_bytes`' deadline

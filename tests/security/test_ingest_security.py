@@ -346,20 +346,23 @@ def test_a_url_with_credentials_is_refused_and_its_password_written_nowhere(tmp_
     assert not [p for p in (tmp_path / "u").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
-@pytest.mark.parametrize("command", ["train", "data export"])
-def test_an_s3_url_with_credentials_is_refused_without_repeating_them(tmp_path, capsys, monkeypatch, command):
-    """s3://KEY:SECRET@bucket/... (read by botocore as a bucket name, echoed in its message) is refused before any
-    request by every reader, in one line naming the URL without its credentials."""
+@pytest.mark.parametrize("command", ["train s3", "train http", "data export"])
+def test_a_table_url_with_credentials_is_refused_without_repeating_them(tmp_path, capsys, monkeypatch, command):
+    """s3://KEY:SECRET@bucket/... (read by botocore as a bucket name, echoed in its message) or
+    http://user:password@host/t.parquet is refused before any request by every reader, in one line naming the
+    URL without its credentials."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("LOCDIFF_S3_TIMEOUT", "1")
     secret = "pw-" + "5ecret"
-    url = f"s3://AKIAX:{secret}@bucket/t.parquet"
-    args = {"train": ["train", "--config", "tiny", "--train", url, "--out", str(tmp_path / "run"), "--no-progress"],
-            "data export": ["data", "export", "embeddings", "--root", "s3://AKIAX:" + secret + "@bucket/root",
-                            "--encoder", "clip", "--out", str(tmp_path / "t.parquet")]}[command]
+    scheme = "http" if command == "train http" else "s3"
+    url = f"{scheme}://AKIAX:{secret}@bucket/t.parquet"
+    args = ["train", "--config", "tiny", "--train", url, "--out", str(tmp_path / "run"), "--no-progress"]
+    if command == "data export":
+        args = ["data", "export", "embeddings", "--root", f"s3://AKIAX:{secret}@bucket/root", "--encoder", "clip",
+                "--out", str(tmp_path / "t.parquet")]
     rc = main(args)
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "s3://bucket/" in err and "credentials" in err, err
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{scheme}://bucket/" in err and "credentials" in err, err
     assert secret not in err and not (tmp_path / "run").exists()
 
 
