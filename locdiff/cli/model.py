@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
 # rows `predict` predicts at a time: what a method holds per row beyond the answer (LocDiff's density code, D
-# floats a row: 4.4 kB at degree 32) is held for one chunk, not the whole table
-PREDICT_ROWS = 65_536
+# floats a row: 4.4 kB at degree 32, and its decoding's temporaries) is held for one chunk, not the whole table
+# (degree 32, 80,000 rows of 256-d, 2-core CPU: peak 1.39 GB in chunks of 8,192, 1.35 GB of 32,768, 3.6-4.5 GB
+# of 65,536)
+PREDICT_ROWS = 8_192
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
