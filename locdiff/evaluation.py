@@ -51,6 +51,40 @@ def draw_plots(out: Path, pred_lat: Any, pred_lon: Any, lat: Any, lon: Any, *, l
     return paths
 
 
+# rows predicted at a time (`predict_in_chunks`): what a method holds per row beyond the answer (LocDiff's density
+# code, D floats a row: 4.4 kB at degree 32, and its decoding's temporaries) is held for one chunk, not the whole
+# table (degree 32, 80,000 rows of 256-d, 2-core CPU: peak 1.39 GB in chunks of 8,192, 1.35 GB of 32,768,
+# 3.6-4.5 GB of 65,536, 3.55 GB in one pass)
+PREDICT_ROWS = 8_192
+
+
+@dataclass
+class ChunkedPrediction:
+    lat: np.ndarray
+    lon: np.ndarray
+    confidence: np.ndarray | None
+
+
+def predict_in_chunks(predictor: Any, table: EmbeddingTable, /, **options: Any) -> ChunkedPrediction:
+    """`predictor.predict(table, **options)`'s answers and confidence (a trained GeoMethod), PREDICT_ROWS rows at a
+    time (a row's answer does not depend on the other rows of its chunk); nothing else of a chunk's prediction is
+    kept."""
+    n = len(table)
+    lat, lon, conf = np.empty(n), np.empty(n), np.full(n, np.nan)
+    has_conf = False
+    for s in range(0, n, PREDICT_ROWS):
+        rows = slice(s, s + PREDICT_ROWS)
+        part = EmbeddingTable(ids=table.ids[rows], embedding=table.embedding[rows], source=table.source,
+                              lat=None if table.lat is None else table.lat[rows],
+                              lon=None if table.lon is None else table.lon[rows])
+        pred = predictor.predict(part, **options)
+        lat[rows], lon[rows] = pred.lat, pred.lon
+        if pred.confidence is not None:
+            conf[rows], has_conf = pred.confidence, True
+        del pred  # its density codes: one chunk's only
+    return ChunkedPrediction(lat, lon, conf if has_conf else None)
+
+
 def evaluate_table(method: Any, table: EmbeddingTable, out: Path, *, name: str, title: str = "",
                    predict_options: Mapping[str, Any] | None = None) -> Evaluation:
     """Predict the labelled `table` with `method` (a trained `locdiff.methods.GeoMethod`), score it and
@@ -59,7 +93,7 @@ def evaluate_table(method: Any, table: EmbeddingTable, out: Path, *, name: str, 
     `confidence_radius_km`). `name` labels the predictions (the method column)."""
     if not table.labelled:
         raise ValueError(f"{table.source}: evaluation needs lat/lon")
-    pred = method.predict(table, **dict(predict_options or {}))
+    pred = predict_in_chunks(method, table, **dict(predict_options or {}))
     metrics = geo_metrics(pred.lat, pred.lon, table.lat, table.lon)
     radius = float(getattr(method, "confidence_radius_km", 0.0) or 0.0)
     out = Path(out)

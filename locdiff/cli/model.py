@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
-
-import numpy as np
 
 from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, number_in
 from locdiff.data.stream import read_table
 from locdiff.errors import UserError
+from locdiff.evaluation import predict_in_chunks
 from locdiff.io import write_predictions
 from locdiff.methods import get_method
 from locdiff.model.config import check_predict_options, config_from_dict, load_config
@@ -24,11 +22,6 @@ from locdiff.training import check_devices, run, throughput_line
 log = logging.getLogger(__name__)
 
 TRAIN_METHODS = ("locdiff", "knn", "geocell", "regress", "flow")
-# rows `predict` predicts at a time: what a method holds per row beyond the answer (LocDiff's density code, D
-# floats a row: 4.4 kB at degree 32, and its decoding's temporaries) is held for one chunk, not the whole table
-# (degree 32, 80,000 rows of 256-d, 2-core CPU: peak 1.39 GB in chunks of 8,192, 1.35 GB of 32,768, 3.6-4.5 GB
-# of 65,536)
-PREDICT_ROWS = 8_192
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -140,23 +133,10 @@ def _predict(args: argparse.Namespace) -> int:
     name = (args.method or "locdiff") if trained == "locdiff" else trained
     if trained != "locdiff" and (args.samples is not None or args.steps is not None):
         log.warning("--samples/--steps apply to LocDiff only; ignored for %s", trained)
-    lat, lon, conf = np.empty(len(table)), np.empty(len(table)), np.full(len(table), np.nan)
-    has_conf = False
-    for s in range(0, len(table), PREDICT_ROWS):  # a row's answer does not depend on the others in its chunk
-        rows = slice(s, s + PREDICT_ROWS)
-        part = dataclasses.replace(table, ids=table.ids[rows], embedding=table.embedding[rows],
-                                   lat=None if table.lat is None else table.lat[rows],
-                                   lon=None if table.lon is None else table.lon[rows])
-        if trained == "locdiff":
-            pred = method.predict(part, method=name, samples=args.samples, steps=args.steps, seed=args.seed,
-                                  progress=not args.no_progress)
-        else:
-            pred = method.predict(part)
-        lat[rows], lon[rows] = pred.lat, pred.lon
-        if pred.confidence is not None:
-            conf[rows], has_conf = pred.confidence, True
-        del pred  # its per-row density codes (D floats a row) are held for one chunk only
-    write_predictions(args.out, table.ids, table.lat, table.lon, lat, lon, method=name,
-                      confidence=conf if has_conf else None)
+    options = {"method": name, "samples": args.samples, "steps": args.steps, "seed": args.seed,
+               "progress": not args.no_progress} if trained == "locdiff" else {}
+    pred = predict_in_chunks(method, table, **options)
+    write_predictions(args.out, table.ids, table.lat, table.lon, pred.lat, pred.lon, method=name,
+                      confidence=pred.confidence)
     print(f"wrote {len(table)} predictions ({name}) to {args.out}")
     return 0

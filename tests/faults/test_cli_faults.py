@@ -681,7 +681,7 @@ def test_predict_predicts_a_chunk_of_rows_at_a_time(world, tmp_path, monkeypatch
     """`predict` reads its table whole (bounded below) but predicts PREDICT_ROWS rows at a time: what a method
     keeps per row beyond the answer (LocDiff's density code, D floats a row) is held for one chunk only, and the
     answers are those of one pass over the whole table."""
-    from locdiff.cli import model as cli_model
+    from locdiff import evaluation
     from locdiff.model.locdiff_method import LocDiffMethod
 
     assert main(_predict(world.run, world.test, tmp_path / "whole.parquet", "--method", method)) == 0
@@ -689,7 +689,7 @@ def test_predict_predicts_a_chunk_of_rows_at_a_time(world, tmp_path, monkeypatch
     real = LocDiffMethod.predict
     monkeypatch.setattr(LocDiffMethod, "predict", lambda self, table, **kw: seen.append(len(table)) or
                         real(self, table, **kw))
-    monkeypatch.setattr(cli_model, "PREDICT_ROWS", 7)
+    monkeypatch.setattr(evaluation, "PREDICT_ROWS", 7)
     assert main(_predict(world.run, world.test, tmp_path / "chunked.parquet", "--method", method)) == 0
     n = pq.read_metadata(world.test).num_rows
     assert n > 14 and max(seen) == 7 and sum(seen) == n
@@ -698,6 +698,17 @@ def test_predict_predicts_a_chunk_of_rows_at_a_time(world, tmp_path, monkeypatch
     # the same answers up to the batches' float64 rounding (under a millimetre; see locdiff.model.predict)
     np.testing.assert_allclose(chunked[["pred_lat", "pred_lon"]], whole[["pred_lat", "pred_lon"]], rtol=0, atol=1e-8)
     np.testing.assert_allclose(chunked["confidence"], whole["confidence"], rtol=0, atol=1e-12)
+    # the pipeline's evaluation predicts the same way
+    from locdiff.data.stream import read_table
+    from locdiff.methods import get_method
+    from locdiff.runs import RunFolder
+
+    seen.clear()
+    trained = get_method("locdiff").load(world.run, RunFolder(world.run).read_config())
+    result = evaluation.evaluate_table(trained, read_table(str(world.test)), tmp_path / "eval", name=method,
+                                       predict_options={"method": method})
+    assert max(seen) == 7 and sum(seen) == n
+    np.testing.assert_allclose(result.predictions["pred_lat"], whole["pred_lat"], rtol=0, atol=1e-8)
 
 
 def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world, tmp_path, capsys, monkeypatch):
