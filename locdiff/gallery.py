@@ -264,7 +264,9 @@ class Gallery:
         files = meta["files"]
         with _fetched(location, files["index"]) as path:
             try:
-                index = faiss.read_index(path)
+                # memory-mapped: the stored vectors stay in the file (page cache) instead of a copy the size of
+                # the gallery, and a crafted file claiming more bytes than it holds is refused unallocated
+                index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
             except RuntimeError as err:  # a file faiss cannot parse (it checks the index type first)
                 raise ValueError(f"{storage.join(location, files['index']['path'])}: not a readable faiss index "
                                  f"({str(err).splitlines()[0][-160:]}); rebuild the gallery") from None

@@ -137,6 +137,37 @@ def test_a_gallery_payload_is_refused(world, tmp_path, capsys, kind):
     _assert_refused(argv, target, marker, capsys, [tmp_path])
 
 
+def test_a_gallery_index_claiming_gigabytes_is_refused_without_allocating_them(world, tmp_path, capsys):
+    """A crafted index.faiss of 600 bytes whose stored vectors claim 3 GiB (faiss allocated and zeroed that
+    much before finding the file short: a claim near the machine's memory was an out-of-memory kill) is
+    refused in one line naming the file, in a process that stays small."""
+    import struct
+    import subprocess
+    import sys
+
+    import faiss
+
+    run = world.copy_run(tmp_path / "run")
+    gallery = world.copy_gallery(run, tmp_path / "gallery")
+    dim = json.loads((gallery / "gallery.json").read_text())["dim"]
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(np.ones((1, dim), np.float32))
+    data = bytes(faiss.serialize_index(flat))
+    at = len(data) - 4 * dim - 8  # the element count of the stored vectors, before them
+    assert struct.unpack("<Q", data[at:at + 8]) == (dim,)
+    target = gallery_file(gallery, "index")
+    target.write_bytes(data[:at] + struct.pack("<Q", 3 << 30 >> 2) + data[at + 8:])
+    reseal_gallery(run, gallery, "index")
+    argv = _predict(run, world.test, tmp_path / "p.csv", "--method", "locdiff-h")
+    code = ("import resource, sys\nfrom locdiff.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    rc, peak_kb = map(int, proc.stdout.split()[-2:])
+    err = proc.stderr.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(target) in err[0], proc.stderr
+    assert peak_kb < (1 << 30) // 1024, peak_kb  # the child's own peak: under 1 GiB
+
+
 def test_a_yaml_tag_in_the_run_config_runs_nothing(world, tmp_path, capsys):
     run = world.copy_run(tmp_path / "run")
     marker = tmp_path / MARKER
