@@ -4,7 +4,7 @@
     out:    where the results go; default: beside the input, PHOTOS-located (http(s) inputs need one)
 
     OUT/photos/images/shard-*.tar          ingest (the data layer, `coordinates: optional`)
-    OUT/photos/features/ENCODER/shard-*    embed, with the model's own image encoder
+    OUT/photos/features/ENCODER/shard-*    embed, with the model's own image encoder (float32)
     OUT/predictions/MODELKEY/shard-*.parquet   predict, one table per feature shard
     OUT/predictions.parquet, OUT/map.png   the whole table (README "Formats", predictions of unlabelled
                                            data, plus place names and the top-k modes) and a world map
@@ -21,6 +21,7 @@ inference run (experiment `locdiff-inference`: params, counts, the table and the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -112,8 +113,10 @@ def ingest(job: LocateJob) -> dict[str, Any]:
 
 
 def embed(job: LocateJob, geolocator: Geolocator) -> tuple[str, dict[str, Any]]:
-    """The data layer's embed stage with the model's encoder; returns (features folder, manifest)."""
-    cfg = geolocator.encoder_config()
+    """The data layer's embed stage with the model's encoder; returns (features folder, manifest). The
+    embeddings are stored in float32 (the data layer's default, float16, moved answers by tens of metres and
+    modes by kilometres from those of `locdiff locate` and the API)."""
+    cfg = dataclasses.replace(geolocator.encoder_config(), storage_dtype="float32")
     manifest = data_embed(NAME, job.out, cfg, degree=None, progress=False)
     job.stages["embed"] = {"count": manifest["count"], "encoder": manifest["encoder"]}
     return stage_dir(job.out, NAME, "features", cfg.name), manifest

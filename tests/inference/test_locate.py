@@ -237,6 +237,33 @@ def test_the_same_photo_three_times_gets_one_answer(trained, photos, tmp_path, c
     assert same["place"].nunique() == 1 and same["place"].iloc[0] == alone.place
 
 
+def test_the_locate_photos_stages_give_the_answers_of_the_api(trained, photos, tmp_path):
+    """One photo, one answer across entry points: the stages of the `locate-photos` flow (ingest, embed,
+    predict per shard) give small JPEGs (stored byte for byte) the answers and modes `Geolocator.locate`
+    gives them, up to the encoder's batch rounding (metres); their features were stored in float16 once,
+    which moved the answers by tens of metres and the modes by kilometres."""
+    from locdiff.inference.batch import locate_photos
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in sorted(photos["test"].glob("*.jpg"))[:6]:
+        shutil.copy(p, folder / p.name)
+    for method in ("locdiff", "locdiff-h"):
+        out = locate_photos(str(folder), str(trained["run_dir"]), out=str(tmp_path / method), top_k=3,
+                            method=method, shard_size=4, log_to_mlflow=False)
+        df = pd.read_parquet(out["table"]).set_index("id")
+        files = sorted(folder.glob("*.jpg"))
+        api = Geolocator.load(trained["run_dir"]).locate([str(p) for p in files], top_k=3, method=method)
+        got = df.loc[[p.name for p in files]]
+        np.testing.assert_allclose(got["pred_lat"], [r.lat for r in api], atol=1e-4)
+        np.testing.assert_allclose(got["pred_lon"], [r.lon for r in api], atol=1e-4)
+        np.testing.assert_allclose(got["confidence"], [r.confidence for r in api], atol=1e-4)
+        for j in range(3):
+            for key in ("lat", "lon", "probability"):
+                want = [getattr(r.modes[j], key) if j < len(r.modes) else np.nan for r in api]
+                np.testing.assert_allclose(got[f"mode{j + 1}_{key}"], want, atol=1e-4, err_msg=f"mode{j + 1}_{key}")
+
+
 def test_an_image_of_no_pixels_is_its_own_error(trained, folder):
     """`locate([Image.new("RGB", (0, 0))])` raised ZeroDivisionError for the whole call: an image of no pixels
     is that image's error, and the other images are located as alone."""
