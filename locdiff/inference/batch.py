@@ -5,7 +5,7 @@
 
     OUT/photos/images/shard-*.tar          ingest (the data layer, `coordinates: optional`)
     OUT/photos/features/ENCODER/shard-*    embed, with the model's own image encoder (float32)
-    OUT/predictions/MODELKEY/shard-*.parquet   predict, one table per feature shard
+    OUT/predictions/MODELKEY/shard-*.SHA.parquet   predict, one table per feature shard (and its sha256)
     OUT/predictions.parquet, OUT/map.png   the whole table (README "Formats", predictions of unlabelled
                                            data, plus place names and the top-k modes) and a world map
 
@@ -15,8 +15,9 @@ the tags, as in the ingest.
 
 Every stage resumes: ingest and embed skip their finished shards (their manifests), and a feature
 shard whose table exists for the same model and settings (MODELKEY: a hash of the model's weights,
-choices and the top-k/method settings) is not predicted again. The run is logged to MLflow as an
-inference run (experiment `locdiff-inference`: params, counts, the table and the map; no evaluation).
+choices and the top-k/method settings) and the same shard bytes (SHA: the start of its sha256) is not
+predicted again. The run is logged to MLflow as an inference run (experiment `locdiff-inference`: params,
+counts, the table and the map; no evaluation).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def model_key(geolocator: Geolocator, job: LocateJob) -> str:
 
 
 def predict(job: LocateJob, geolocator: Geolocator, features: str, manifest: dict[str, Any]) -> list[str]:
-    """One predictions table per feature shard (skipped when it exists for this model key); returns them."""
+    """One predictions table per feature shard, named by the shard's sha256 (skipped when it exists for this
+    model key: a shard rewritten with other photos is predicted again); returns them."""
     runs.check_encoder(geolocator.encoder_record, manifest.get("encoder"), int(manifest["embedding"]["dim"]),
                   run=geolocator.source, data=features)
     key = model_key(geolocator, job)
@@ -148,7 +150,7 @@ def predict(job: LocateJob, geolocator: Geolocator, features: str, manifest: dic
     tables, done, skipped = [], 0, 0
     for entry in manifest["shards"]:
         url = storage.join(features, entry["shard"])
-        table = storage.join(folder, entry["shard"].replace(".tar", ".parquet"))
+        table = storage.join(folder, entry["shard"].replace(".tar", f".{entry['sha256'][:16]}.parquet"))
         tables.append(table)
         if storage.exists(table):
             skipped += 1

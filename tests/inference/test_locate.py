@@ -264,6 +264,29 @@ def test_the_locate_photos_stages_give_the_answers_of_the_api(trained, photos, t
                 np.testing.assert_allclose(got[f"mode{j + 1}_{key}"], want, atol=1e-4, err_msg=f"mode{j + 1}_{key}")
 
 
+def test_a_rerun_of_the_locate_photos_stages_on_changed_photos_locates_them(trained, photos, tmp_path):
+    """The stages run again on the same folder, one photo gone and another added: the table holds the new
+    photos and their answers (it once kept the first run's table: the shard's name had not changed)."""
+    from locdiff.inference.batch import locate_photos
+
+    folder = tmp_path / "changing"
+    folder.mkdir()
+    jpgs = sorted(photos["test"].glob("*.jpg"))
+    shutil.copy(jpgs[0], folder / "a.jpg")
+    shutil.copy(jpgs[1], folder / "b.jpg")
+    out = str(tmp_path / "out")
+    first = pd.read_parquet(locate_photos(str(folder), str(trained["run_dir"]), out=out, log_to_mlflow=False)["table"])
+    assert list(first["id"]) == ["a.jpg", "b.jpg"]
+    (folder / "a.jpg").unlink()
+    shutil.copy(jpgs[2], folder / "c.jpg")
+    again = locate_photos(str(folder), str(trained["run_dir"]), out=out, log_to_mlflow=False)
+    df = pd.read_parquet(again["table"])
+    assert list(df["id"]) == ["b.jpg", "c.jpg"] and again["stages"]["predict"]["predicted"] == 1
+    api = Geolocator.load(trained["run_dir"]).locate([str(folder / "b.jpg"), str(folder / "c.jpg")])
+    np.testing.assert_allclose(df["pred_lat"], [r.lat for r in api], atol=1e-4)
+    np.testing.assert_allclose(df["pred_lon"], [r.lon for r in api], atol=1e-4)
+
+
 def test_an_image_of_no_pixels_is_its_own_error(trained, folder):
     """`locate([Image.new("RGB", (0, 0))])` raised ZeroDivisionError for the whole call: an image of no pixels
     is that image's error, and the other images are located as alone."""
