@@ -112,11 +112,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def local_run_dir(path: str | os.PathLike) -> Path:
+    """`path` as a Path; a UserError where it is a URL: a run folder is local (Path("s3://b/run") would be
+    the local folder s3:/b/run, which `train --out s3://...` wrote and `predict --run s3://...` named)."""
+    if "://" in os.fspath(path):
+        raise UserError(f"{path}: a run folder is a local folder, not a URL; give a local path")
+    return Path(path)
+
+
 class RunFolder:
     """A run directory (local). Every file of a run is written through this class."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = local_run_dir(path)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"

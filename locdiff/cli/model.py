@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, number_in
+from locdiff.cli.args import OUTPUT_SCHEMES, check_output_file, check_output_url, number_in
 from locdiff.data.stream import read_table
 from locdiff.errors import UserError
 from locdiff.evaluation import predict_in_chunks
@@ -86,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    check_output_url(args.out, "--out")  # a run folder is local: s3://b/x would be the local folder s3:/b/x
     overrides = list(args.overrides)
     if args.method:
         overrides.append(f"method={args.method}")

@@ -22,7 +22,7 @@ from locdiff.data.stream import DataSource
 from locdiff.methods import prepare_data
 from locdiff.model.config import Config, config_to_dict, load_config
 from locdiff.resources import model_config_path
-from locdiff.runs import absolute_location, completion_key
+from locdiff.runs import absolute_location, completion_key, local_run_dir
 
 DATASET_KEYS = ("name", "source", "path", "encoder", "limit")
 
@@ -120,6 +120,7 @@ class RunSpec:
               names: Mapping[str, str | None] | None = None) -> RunSpec:
         """Open the data (holding out a validation share when there is no `val`), identify it and compute
         the completion key."""
+        run_dir = local_run_dir(run_dir) if run_dir is not None else None  # before the data is opened
         train, val = absolute_location(train), absolute_location(val)  # recorded: found again from anywhere
         source, vsrc = prepare_data(train, val, val_share=config.train.val_share, seed=config.train.seed)
         data: dict[str, Any] = {"train": source.identity(), "val": vsrc.identity() if vsrc is not None else None}
@@ -129,12 +130,12 @@ class RunSpec:
         return cls(config=config, config_name=config_name or config.method, train=train, val=val,
                    val_unseen=val_unseen, encoder=encoder, data=data,
                    key=completion_key(config_to_dict(config), data),
-                   run_dir=Path(run_dir) if run_dir is not None else None, names=dict(names or {}),
+                   run_dir=run_dir, names=dict(names or {}),
                    source=source, val_source=vsrc)
 
     def at(self, run_dir: str | Path) -> RunSpec:
         """The same run in the run folder `run_dir`."""
-        return dataclasses.replace(self, run_dir=Path(run_dir))
+        return dataclasses.replace(self, run_dir=local_run_dir(run_dir))
 
     @property
     def resolved(self) -> dict[str, Any]:

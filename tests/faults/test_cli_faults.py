@@ -726,3 +726,15 @@ def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world
     assert not (tmp_path / "p.csv").exists()
     monkeypatch.setattr(datasource, "MAX_READ_FLOATS", n * dim)
     assert main(_predict(world.run, world.test, tmp_path / "p.csv")) == 0
+
+
+def test_a_run_folder_given_as_a_url_is_one_line_and_makes_no_local_folder(world, tmp_path, capsys, monkeypatch):
+    """Run folders are local: `train --out s3://...` trained into the local folder ./s3:/bucket/... (exit 0)
+    and `predict --run s3://...` named the folder s3:/bucket/... that it had looked for."""
+    monkeypatch.chdir(tmp_path)  # where Path("s3://bucket/x") would have been made: ./s3:/bucket/x
+    for argv, culprit in (
+            (world.train_argv("s3://bucket/runs/new"),
+             "--out s3://bucket/runs/new: cannot write to s3:// URLs; give a local path"),
+            (_predict("s3://bucket/runs/old", world.test, tmp_path / "p.csv"),
+             "s3://bucket/runs/old: a run folder is a local folder, not a URL; give a local path")):
+        assert_one_line_fault(argv, [culprit], [tmp_path, world.base], capsys)
