@@ -115,6 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    check_output_url(args.out, "--out")  # a local folder: s3://b/x would be the empty local folder s3:/b/x
     cfg = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, n_unseen=args.n_unseen,
                       n_val_unseen=args.n_val_unseen, dim=args.dim, seed=args.seed)
     paths = write_synth(args.out, cfg)
@@ -133,6 +134,7 @@ def _cuebench(args: argparse.Namespace) -> int:
 
 def _write_world(name: str, config_cls: Any, write_benchmark: Any, args: argparse.Namespace, **extra: Any) -> int:
     """Write a benchmark world with the split sizes of `_world_args` (and `extra`), then list its files."""
+    check_output_url(args.out, "--out")  # a local folder, as for synth
     noise = {} if args.noise is None else {"noise": args.noise}
     cfg = config_cls(seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_val_unseen=args.n_val_unseen,
                      n_test=args.n_test, n_test_unseen=args.n_test_unseen, **extra, **noise)

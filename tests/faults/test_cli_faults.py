@@ -728,13 +728,20 @@ def test_predict_refuses_a_table_too_large_to_read_whole_before_reading_it(world
     assert main(_predict(world.run, world.test, tmp_path / "p.csv")) == 0
 
 
-def test_a_run_folder_given_as_a_url_is_one_line_and_makes_no_local_folder(world, tmp_path, capsys, monkeypatch):
-    """Run folders are local: `train --out s3://...` trained into the local folder ./s3:/bucket/... (exit 0)
-    and `predict --run s3://...` named the folder s3:/bucket/... that it had looked for."""
+def test_a_local_folder_given_as_a_url_is_one_line_and_makes_no_local_folder(world, tmp_path, capsys, monkeypatch):
+    """Run folders and benchmark worlds are local: `train --out s3://...` trained into the local folder
+    ./s3:/bucket/... (exit 0), `predict --run s3://...` named the folder s3:/bucket/... that it had looked for,
+    and `synth`/`realbench`/`cuebench --out s3://...` left an empty ./s3:/bucket/... after an error that did
+    not name --out."""
     monkeypatch.chdir(tmp_path)  # where Path("s3://bucket/x") would have been made: ./s3:/bucket/x
+    sizes = ["--n-train", "40", "--n-test", "10"]
     for argv, culprit in (
             (world.train_argv("s3://bucket/runs/new"),
              "--out s3://bucket/runs/new: cannot write to s3:// URLs; give a local path"),
             (_predict("s3://bucket/runs/old", world.test, tmp_path / "p.csv"),
-             "s3://bucket/runs/old: a run folder is a local folder, not a URL; give a local path")):
+             "s3://bucket/runs/old: a run folder is a local folder, not a URL; give a local path"),
+            *(([cmd, "--out", f"s3://bucket/{cmd}", *sizes, "--n-val-unseen", "0", *more],
+               f"--out s3://bucket/{cmd}: cannot write to s3:// URLs; give a local path")
+              for cmd, more in (("synth", ["--n-unseen", "5"]), ("cuebench", ["--n-test-unseen", "5"]),
+                                ("realbench", ["--n-test-unseen", "5", "--n-yfcc", "5"])))):
         assert_one_line_fault(argv, [culprit], [tmp_path, world.base], capsys)
