@@ -167,6 +167,10 @@ def _os_error(exc: OSError) -> str:
     name = os.fsdecode(name) if isinstance(name, bytes | os.PathLike) else str(name)
     if exc.filename2 is not None:
         name = f"{name} -> {os.fsdecode(exc.filename2)}"
+    if "://" in name and exc.strerror is None and isinstance(exc, FileNotFoundError | PermissionError):
+        # object storage in its own words (storage.named gave it the URL): no bucket, a wrong key, no access
+        return (f"{name}: {'not found' if isinstance(exc, FileNotFoundError) else 'access denied'} "
+                f"({one_line(str(exc.args[0] if exc.args else ''), 200)}); check the endpoint, bucket and credentials")
     if isinstance(exc, FileNotFoundError):
         return f"{name}: no such file or directory; check the path"
     if isinstance(exc, PermissionError):

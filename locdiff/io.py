@@ -89,8 +89,10 @@ def _read_parquet(path: PathLike, max_rows: int | None = None) -> pa.Table:
                 return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
             except (pa.ArrowInvalid, OSError) as err:
                 raise ValueError(f"{path}: cannot read the Parquet files as one table: {err}") from err
-    elif not fs.exists(p):
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    else:
+        with storage.named(str(path)):  # s3fs: "Forbidden", naming nothing
+            if not fs.exists(p):
+                raise FileNotFoundError(f"{path}: no such file or folder")
     try:
         if max_rows is not None:
             remote_folder = fs is not None and fs.isdir(p)

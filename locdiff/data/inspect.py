@@ -27,8 +27,9 @@ def _stages(folder: str) -> list[tuple[str, str]]:
     out = [("images", storage.join(folder, "images"))]
     fs, p = storage.filesystem(storage.join(folder, "features"))
     try:
-        encoders = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=True)
-                          if e["type"] == "directory")
+        with storage.named(storage.join(folder, "features")):
+            encoders = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=True)
+                              if e["type"] == "directory")
     except (FileNotFoundError, NotADirectoryError):
         encoders = []
     out += [(f"features/{e}", storage.join(folder, "features", e)) for e in encoders]

@@ -157,7 +157,8 @@ class FolderLocation(FileTree):
                 found += [n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}" for n in filenames]
         else:
             fs, p = storage.filesystem(self.url)
-            found = [f[len(p):].lstrip("/") for f in fs.find(p)]
+            with storage.named(self.url):
+                found = [f[len(p):].lstrip("/") for f in fs.find(p)]
         return sorted(f for f in found if f.lower().endswith(PHOTO_EXTENSIONS)
                       and not any(part.startswith(".") for part in f.split("/")))
 

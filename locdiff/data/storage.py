@@ -166,9 +166,22 @@ def join(root: str | os.PathLike, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+@contextlib.contextmanager
+def named(path: str) -> Iterator[None]:
+    """An OSError that names no file names `path`: s3fs says only "Forbidden", "The AWS Access Key Id you
+    provided does not exist in our records" or "The specified bucket does not exist"."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and str(path) not in str(err):
+            err.filename = str(path)
+        raise
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
-    return bool(fs.exists(p))
+    with named(path):
+        return bool(fs.exists(p))
 
 
 def _too_big(path: str, max_bytes: int) -> TooBigError:
@@ -211,16 +224,17 @@ def read_bytes(path: str, *, max_bytes: int | None = None) -> bytes:
         return read_local(local, max_bytes=max_bytes)
     fs, p = filesystem(path)
     try:
-        if not isinstance(fs, fsspec.asyn.AsyncFileSystem):
-            if max_bytes is None:
-                return fs.cat_file(p)
-            with fs.open(p, "rb") as f:
-                size = getattr(f, "size", None)
-                if size is not None and size > max_bytes:
-                    raise _too_big(path, max_bytes)
-                data = f.read(max_bytes + 1)
-        else:
-            data = b"".join(read_blocks(fs, p, path, max_bytes))
+        with named(path):
+            if not isinstance(fs, fsspec.asyn.AsyncFileSystem):
+                if max_bytes is None:
+                    return fs.cat_file(p)
+                with fs.open(p, "rb") as f:
+                    size = getattr(f, "size", None)
+                    if size is not None and size > max_bytes:
+                        raise _too_big(path, max_bytes)
+                    data = f.read(max_bytes + 1)
+            else:
+                data = b"".join(read_blocks(fs, p, path, max_bytes))
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"{path}: no such file") from None
     if max_bytes is not None and len(data) > max_bytes:
@@ -280,7 +294,8 @@ def list_files(path: str) -> list[str]:
             return []
     fs, p = filesystem(path)
     try:
-        entries = fs.ls(p, detail=True)
+        with named(path):
+            entries = fs.ls(p, detail=True)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
@@ -363,7 +378,8 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
                 os.remove(tmp)
         return
     fs, p = filesystem(path)
-    fs.pipe_file(p, data)  # one PUT (or a multipart upload completed at the end): all or nothing
+    with named(path):
+        fs.pipe_file(p, data)  # one PUT (or a multipart upload completed at the end): all or nothing
 
 
 def put_file_atomic(local_tmp: str, path: str) -> None:
@@ -373,7 +389,8 @@ def put_file_atomic(local_tmp: str, path: str) -> None:
         os.replace(local_tmp, path)
         return
     fs, p = filesystem(path)
-    fs.put_file(local_tmp, p)  # the object appears only when the upload completes
+    with named(path):
+        fs.put_file(local_tmp, p)  # the object appears only when the upload completes
     os.remove(local_tmp)
 
 

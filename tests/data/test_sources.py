@@ -157,3 +157,65 @@ def test_published_urls_with_checksums(name, sources, tmp_path):
     manifest = ingest(name, str(tmp_path), config=cfg, progress=False)
     check_round_trip(manifest, read_back(str(tmp_path), name), exp)
     assert manifest["source"]["metadata"] == {"url": cfg.metadata.url, "sha256": cfg.metadata.sha256}
+
+
+def _moto_with_auth():
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): any key is unknown."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+
+
+def test_a_missing_bucket_or_wrong_credentials_is_one_line_naming_the_url(s3, tmp_path, capsys, monkeypatch):
+    """s3fs says only "The specified bucket does not exist", "Forbidden" or "The AWS Access Key Id you provided
+    does not exist in our records": every command named no path. Now one line naming the URL, exit 2."""
+    from locdiff.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (32, 24), (200, 100, 50)).save(photos / "a.jpg")
+    (tmp_path / "p.csv").write_text("id,lat,lon,pred_lat,pred_lon\na,1,2,3,4\n")
+
+    def fails(argv: list[str], url: str, why: str) -> None:
+        assert main(argv) == 2
+        out = capsys.readouterr().err
+        lines = [ln for ln in out.splitlines() if ": error: " in ln]  # after a progress bar, maybe
+        assert len(lines) == 1 and "Traceback" not in out, out
+        err = lines[0]
+        assert err.startswith(f"locdiff {argv[0]}") and f": error: {url}" in err, err
+        assert why in err and "check the endpoint, bucket and credentials" in err, err
+
+    fails(["data", "ingest", "folder", "--root", "s3://no-such-bucket/root", "--source", str(photos)],
+          "s3://no-such-bucket/root/folder/images/", "not found (The specified bucket does not exist)")
+    fails(["data", "ingest", "folder", "--root", str(tmp_path / "root"), "--source", "s3://no-such-bucket/photos"],
+          "s3://no-such-bucket/photos", "not found (The specified bucket does not exist)")
+    proc, endpoint = _moto_with_auth()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        fails(["evaluate", "--predictions", "s3://data/p.parquet"], "s3://data/p.parquet", "access denied (")
+        fails(["data", "inspect", "s3://data/root/folder"], "s3://data/root/folder", "access denied (")
+        fails(["data", "ingest", "folder", "--root", str(tmp_path / "root"), "--source", "s3://data/photos"],
+              "s3://data/photos", "access denied (")
+    finally:
+        proc.terminate()
+        proc.wait(10)
