@@ -205,7 +205,7 @@ class RunFolder:
         check_finite(state["model"], path, "delete it to train from scratch")
 
     def remove_partial_files(self) -> None:
-        """Remove the temporary files (`atomic_path`'s `.NAME.XXXXXXXX.tmp`) that a training killed inside a
+        """Remove the temporary files (`atomic_path`'s `.NAME.<random>.tmp`) that a training killed inside a
         write left: a re-run never reads them, and each kill would leave one more (a checkpoint's size)."""
         names = (CONFIG, CHECKPOINT, METRICS, WEIGHTS, MODEL, SELECTION, RECORD)
         for path in self.path.glob(".*.tmp") if self.path.is_dir() else ():

@@ -336,7 +336,7 @@ def removed_if_failed_empty(path: str) -> Iterator[None]:
 
 
 def remove_stale_temporaries(path: str, tag: str = "tmp") -> None:
-    """Remove the temporary siblings of a local file (`PATH.tmp-PID`, `PATH.tmp-PID-XXXXXXXX`; `tag` "part" for
+    """Remove the temporary siblings of a local file (`PATH.tmp-PID`, `PATH.tmp-PID-<random>`; `tag` "part" for
     downloads) that a process killed inside its write left, so that each kill does not leave one more for
     good. Only those of a process that no longer runs: a concurrent writer's file stays."""
     folder, name = os.path.split(os.path.abspath(path))

@@ -140,7 +140,7 @@ def test_a_download_removes_what_killed_downloads_of_the_file_left(served, tmp_p
 
 def test_an_ingest_clears_the_partial_records_a_killed_one_left(tmp_path):
     """A kill inside the write of a progress record or of the manifest leaves its temporary sibling
-    (NAME.tmp-PID-XXXXXXXX); the re-run removes those of processes that no longer run."""
+    (NAME.tmp-PID-<random>); the re-run removes those of processes that no longer run."""
     from locdiff.data.config import load_dataset_config
     from locdiff.data.ingest import ingest
 
