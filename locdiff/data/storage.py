@@ -18,7 +18,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 from urllib.parse import urlsplit
 
@@ -340,13 +340,19 @@ def remove_stale_temporaries(path: str, tag: str = "tmp") -> None:
     downloads) that a process killed inside its write left, so that each kill does not leave one more for
     good. Only those of a process that no longer runs: a concurrent writer's file stays."""
     folder, name = os.path.split(os.path.abspath(path))
-    prefix = f"{name}.{tag}-"
+    _remove_killed_writers(folder, lambda n: n[len(name):] if n.startswith(f"{name}.{tag}-") else None)
+
+
+def _remove_killed_writers(folder: str, marked: Callable[[str], str | None]) -> None:
+    """Remove the files of `folder` whose name `marked` maps to a temporary file's mark (`.tmp-PID...`,
+    `.part-PID...`; None for other files) when process PID no longer runs."""
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+        names = os.listdir(folder)
     except OSError:
         return
     for n in names:
-        pid = n[len(prefix):].split("-", 1)[0]
+        mark = marked(n)
+        pid = mark.split("-", 2)[1] if mark is not None and mark.count("-") else ""
         if pid.isascii() and pid.isdigit() and not process_running(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, n))
@@ -427,8 +433,4 @@ def clear_local_tmp(root: str) -> None:
         if name.endswith(".tmp"):
             os.remove(os.path.join(d, name))
     for folder in (root, os.path.join(root, "_progress")):  # `write_bytes_atomic`'s of the manifest, progress records
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0] if ".tmp-" in name else ""
-            if pid.isascii() and pid.isdigit() and not process_running(int(pid)):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
+        _remove_killed_writers(folder, lambda n: ".tmp-" + n.rsplit(".tmp-", 1)[1] if ".tmp-" in n else None)
