@@ -22,6 +22,7 @@ import pandas as pd
 from locdiff import plots
 from locdiff.calibration import reliability
 from locdiff.io import PredictionTable, write_predictions
+from locdiff.methods import Prediction
 from locdiff.metrics import ACCURACY_KEYS, THRESHOLDS_KM, distances_km, geo_metrics, metrics_from_distances
 from locdiff.runs import write_json_atomic
 from locdiff.tables import EmbeddingTable
@@ -58,14 +59,7 @@ def draw_plots(out: Path, pred_lat: Any, pred_lon: Any, lat: Any, lon: Any, *, l
 PREDICT_ROWS = 8_192
 
 
-@dataclass
-class ChunkedPrediction:
-    lat: np.ndarray
-    lon: np.ndarray
-    confidence: np.ndarray | None
-
-
-def predict_in_chunks(predictor: Any, table: EmbeddingTable, /, **options: Any) -> ChunkedPrediction:
+def predict_in_chunks(predictor: Any, table: EmbeddingTable, /, **options: Any) -> Prediction:
     """`predictor.predict(table, **options)`'s answers and confidence (a trained GeoMethod), PREDICT_ROWS rows at a
     time (a row's answer does not depend on the other rows of its chunk); nothing else of a chunk's prediction is
     kept."""
@@ -82,7 +76,7 @@ def predict_in_chunks(predictor: Any, table: EmbeddingTable, /, **options: Any) 
         if pred.confidence is not None:
             conf[rows], has_conf = pred.confidence, True
         del pred  # its density codes: one chunk's only
-    return ChunkedPrediction(lat, lon, conf if has_conf else None)
+    return Prediction(lat, lon, conf if has_conf else None)
 
 
 def evaluate_table(method: Any, table: EmbeddingTable, out: Path, *, name: str, title: str = "",
