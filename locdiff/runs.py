@@ -7,7 +7,9 @@
       metrics.jsonl      one JSON line per log step (and validation)
       model.safetensors  the predictor's tensors (the EMA weights for LocDiff); no pickle
       model.json         what rebuilds the predictor around them (dimensions, method state)
-      selection.json     choices made on validation (aggregation, LocDiff-H weight and radius)
+      selection.json     choices made on validation (aggregation, LocDiff-H weight and radius), bound to
+                         model.safetensors by its sha256 (`weights_sha256`): written before the weights, so
+                         a training killed between the two leaves a pair that `read_selection` refuses
       run.json           the record, written last: completion key, data identities, encoder, gallery
                          reference, final metrics. A run is complete exactly when run.json holds the
                          completion key of its config and data.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -256,10 +259,14 @@ class RunFolder:
             write_text_atomic(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- the predictor -------------------------------------------------------------------------------------
-    def save_model(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """The predictor: tensors as safetensors, the rest as JSON."""
+    def save_model(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                   selection: Mapping[str, Any] | None = None) -> None:
+        """The predictor: tensors as safetensors, the rest as JSON; `selection` (the choices made for these
+        weights) is written first, bound to them by their sha256 (`read_selection`)."""
         self.create()
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        if selection is not None:
+            write_json_atomic(self.file(SELECTION), {**selection, "weights_sha256": hashlib.sha256(data).hexdigest()})
         # written by Python: a full disk is an OSError (ENOSPC), named, and the temporary file goes
         with reraise_for(self.file(WEIGHTS), writing=True), atomic_path(self.file(WEIGHTS)) as tmp:
             tmp.write_bytes(data)
@@ -300,6 +307,19 @@ class RunFolder:
             uri = resolve_reference(self.path, uri, where)
             meta = {**meta, "gallery": {**ref, "uri": uri} if isinstance(ref, dict) else uri}
         return tensors, meta
+
+    def read_selection(self) -> dict[str, Any]:
+        """selection.json ({} when the run has none); a UserError naming the run folder when it was chosen for
+        other weights than model.safetensors (a training killed between writing the two). A selection written
+        before the binding existed is read as it is."""
+        if not self.file(SELECTION).exists():
+            return {}
+        selection = self.read_json(SELECTION)
+        bound = selection.get("weights_sha256")
+        if bound is not None and bound != file_sha256(self.file(WEIGHTS)):
+            raise UserError(f"{self.path}: {SELECTION} was chosen for other weights than {WEIGHTS} (a training "
+                            "was stopped while saving them); run the same `locdiff train` command again to finish it")
+        return selection
 
     # -- small JSON files ----------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
@@ -372,6 +392,15 @@ class RunFolder:
             if dim is not None:
                 enc["dim"] = int(dim)
         return enc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_finite(tensors: Any, path: str | os.PathLike, hint: str) -> None:

@@ -324,8 +324,7 @@ class LocDiffMethod(GeoMethod):
         run.save_model(self.model.state_dict(), {"method": self.name, "dim": self.model.dim,
                                                  "embed_dim": self.model.embed_dim,
                                                  "config": config_to_dict(self.config),
-                                                 "gallery": self.gallery_ref})
-        run.write_json(SELECTION, self.selection)
+                                                 "gallery": self.gallery_ref}, selection=self.selection)
 
     @classmethod
     def load(cls, run_dir: Path, config: dict[str, Any] | Config) -> LocDiffMethod:
@@ -337,7 +336,7 @@ class LocDiffMethod(GeoMethod):
         model = build_model(self.config, meta["embed_dim"], weights=tensors, source=str(run.path))
         model.load_state_dict(tensors)
         self.model = model.to(resolve_device(self.config.train.device)).eval()
-        self.selection = run.read_json(SELECTION, default={}) if run.file(SELECTION).exists() else {}
+        self.selection = run.read_selection()
         self.gallery_ref = meta.get("gallery")  # resolved by load_model: inside the folder or local, never a URL
         self._run = run
         return self

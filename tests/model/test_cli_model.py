@@ -95,6 +95,46 @@ def test_more_steps_continue_from_the_checkpoint(run, synth_dir, tmp_path):
     assert json.loads((longer / "run.json").read_text())["step"] == 220
 
 
+def test_a_run_killed_between_its_weights_and_selection_is_refused_until_trained_again(run, synth_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Training on (more steps) killed after the first of model.safetensors and selection.json is written: the
+    pair does not belong together, so predicting refuses in one line naming the run folder; the same `locdiff
+    train` command finishes the job (the choice made for the new weights)."""
+    import contextlib
+    import shutil
+
+    import locdiff.runs
+
+    longer = tmp_path / "longer"
+    shutil.copytree(run, longer)
+    train = ["train", "--config", str(TINY), "--train", str(synth_dir / "train.parquet"), "--val",
+             str(synth_dir / "val.parquet"), "--out", str(longer), "--no-progress", *_sets(["train.steps=210"])]
+    real, written = locdiff.runs.atomic_path, []
+
+    @contextlib.contextmanager
+    def killed_before_the_second_of_the_pair(path):  # noqa: ANN001, ANN202
+        if path.name in ("model.safetensors", "selection.json"):
+            written.append(path.name)
+            if len(written) == 2:
+                raise KeyboardInterrupt  # what a SIGKILL leaves: the first of the pair written, not the second
+        with real(path) as tmp:
+            yield tmp
+
+    monkeypatch.setattr(locdiff.runs, "atomic_path", killed_before_the_second_of_the_pair)
+    assert main(train) != 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    predict = ["predict", "--run", str(longer), "--data", str(synth_dir / "test.parquet"), "--out",
+               str(tmp_path / "p.parquet"), "--no-progress"]
+    assert main(predict) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(longer) in err and "run the same `locdiff train` command" in err
+    assert not (tmp_path / "p.parquet").exists()
+    assert main(train) == 0
+    assert json.loads((longer / "selection.json").read_text())["step"] == 210
+    assert main(predict) == 0
+
+
 def test_a_resumed_run_removes_the_partial_file_of_a_killed_write(run, synth_dir, tmp_path):
     """A training killed inside a checkpoint write leaves the temporary file beside checkpoint.pt; the re-run
     resumes from the last whole checkpoint and removes it (each kill would leave one more, of a checkpoint's
