@@ -7,6 +7,7 @@ import errno
 import os
 import typing
 
+from locdiff.data.storage import check_writable
 from locdiff.errors import UserError
 
 MAX_DEGREE = 512  # the SHDD degree a flag may ask for (the bound of the config's shdd.degree)
@@ -64,10 +65,11 @@ def check_not_an_input(out: str | None, flag: str,
 def check_output_file(out: str | None, flag: str, inputs: dict[str, str | None] | list[tuple[str, str | None]],
                       schemes: tuple[str, ...] = ()) -> None:
     """Before any work, where the output file `out` (of `flag`) cannot be written: a URL of a scheme not in
-    `schemes` (`check_output_url`), a folder (IsADirectoryError), a path under a file, or one of the `inputs`
-    (`check_not_an_input`)."""
+    `schemes` (`check_output_url`), a folder (IsADirectoryError), a path under a file, one of the `inputs`
+    (`check_not_an_input`), or a URL that cannot be written (`storage.check_writable`: no bucket, no access)."""
     check_output_url(out, flag, schemes)
     if not out or "://" in out:
+        check_writable(out or "")
         return
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), out)

@@ -391,6 +391,24 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         fs.pipe_file(p, data)  # one PUT (or a multipart upload completed at the end): all or nothing
 
 
+def check_writable(path: str, *, folder: bool = False) -> None:
+    """Before any work: an OSError naming `path` (`named`) where the URL `path` cannot be written (no bucket, no
+    permission, wrong credentials), found by writing a zero-byte object beside it (inside it for a `folder`)
+    and removing it. A local path or file:// URL: nothing here (its folder is made, or refused, where it is
+    written)."""
+    if not is_remote(path) or path.split("://", 1)[0] not in ("s3", "s3a"):
+        return
+    fs, p = filesystem(path)
+    parent = p if folder or "/" not in p else posixpath.dirname(p)
+    probe = f"{parent}/.locdiff-write-check-{uuid.uuid4().hex[:8]}"
+    with named(path):
+        fs.pipe_file(probe, b"")
+    try:
+        fs.rm_file(probe)
+    except OSError as err:  # allowed to write, not to delete: a zero-byte object stays
+        log.warning("%s: cannot remove the write check %s (%s)", path, probe, err)
+
+
 def put_file_atomic(local_tmp: str, path: str) -> None:
     """Move a finished local temporary file to `path` (rename locally, upload-then-delete for URLs)."""
     if not is_remote(path):

@@ -205,7 +205,7 @@ def test_a_missing_bucket_or_wrong_credentials_is_one_line_naming_the_url(s3, tm
         assert why in err and "check the endpoint, bucket and credentials" in err, err
 
     fails(["data", "ingest", "folder", "--root", "s3://no-such-bucket/root", "--source", str(photos)],
-          "s3://no-such-bucket/root/folder/images/", "not found (The specified bucket does not exist)")
+          "s3://no-such-bucket/root", "not found (The specified bucket does not exist)")
     fails(["data", "ingest", "folder", "--root", str(tmp_path / "root"), "--source", "s3://no-such-bucket/photos"],
           "s3://no-such-bucket/photos", "not found (The specified bucket does not exist)")
     proc, endpoint = _moto_with_auth()
@@ -219,6 +219,46 @@ def test_a_missing_bucket_or_wrong_credentials_is_one_line_naming_the_url(s3, tm
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_s3_output_that_cannot_be_written_fails_before_any_work(s3, tmp_path, capsys, monkeypatch):
+    """`predict --out`, `locate --out` and `data ingest/embed --root` on s3:// without a bucket or access failed
+    only when the work was done and written: now one line naming the URL before anything is read (here the
+    run, the data and the encoder do not even exist). A writable bucket keeps no trace of the check."""
+    import s3fs
+
+    from locdiff.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (32, 24), (200, 100, 50)).save(photos / "a.jpg")
+    nothing = str(tmp_path / "missing")
+
+    def fails(argv: list[str], url: str, why: str) -> None:
+        assert main(argv) == 2
+        out = capsys.readouterr().err
+        lines = [ln for ln in out.splitlines() if ": error: " in ln]
+        assert len(lines) == 1 and "Traceback" not in out, out
+        assert f": error: {url}: {why}" in lines[0], lines[0]
+
+    bucket, why = "s3://no-such-bucket", "not found (The specified bucket does not exist)"
+    fails(["predict", "--run", nothing, "--data", nothing, "--out", f"{bucket}/p.parquet"], f"{bucket}/p.parquet", why)
+    fails(["locate", str(photos), "--run", nothing, "--out", f"{bucket}/l.csv"], f"{bucket}/l.csv", why)
+    fails(["data", "ingest", "folder", "--root", f"{bucket}/root", "--source", nothing], f"{bucket}/root", why)
+    fails(["data", "embed", "folder", "--root", f"{bucket}/root", "--encoder", nothing], f"{bucket}/root", why)
+    proc, endpoint = _moto_with_auth()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        fails(["predict", "--run", nothing, "--data", nothing, "--out", "s3://data/p.parquet"], "s3://data/p.parquet",
+              "access denied (")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    monkeypatch.undo()  # the session's server, its credentials
+    assert main(["predict", "--run", nothing, "--data", nothing, "--out", "s3://data/checked/p.parquet"]) == 2
+    assert nothing in capsys.readouterr().err  # past the check, to the missing run
+    assert s3fs.S3FileSystem(endpoint_url=s3).find("data/checked") == []
 
 
 def test_an_endpoint_that_never_answers_fails_within_three_timeouts_per_request(s3, monkeypatch, capsys):
