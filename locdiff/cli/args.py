@@ -69,7 +69,7 @@ def check_output_file(out: str | None, flag: str, inputs: dict[str, str | None] 
     (`check_not_an_input`), or a URL that cannot be written (`storage.check_writable`: no bucket, no access)."""
     check_output_url(out, flag, schemes)
     if not out or "://" in out:
-        check_writable(out or "")
+        check_writable(out or "", flag)
         return
     if os.path.isdir(out):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), out)

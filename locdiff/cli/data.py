@@ -74,7 +74,7 @@ def _ingest(args: argparse.Namespace) -> int:
     cfg = load_dataset_config(args.name, coordinates="optional" if args.unlabelled else None,
                               allow_private_addresses=True if args.allow_private_addresses else None,
                               max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
-    check_writable(args.root, folder=True)  # an s3:// root without a bucket or access: before any work
+    check_writable(args.root, "--root", folder=True)  # an s3:// root without a bucket or access: before any work
     try:
         if args.test_share is None:
             made = {args.name: ingest(args.name, args.root, source=args.source, limit=args.limit, config=cfg)}
@@ -96,7 +96,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    check_writable(args.root, folder=True)  # an s3:// root that cannot be written: before the images are embedded
+    check_writable(args.root, "--root", folder=True)  # an s3:// root that cannot be written: before embedding
     try:
         m = embed(args.name, args.root, args.encoder, degree=args.degree, runner=args.runner)
     except RayUnavailable as err:

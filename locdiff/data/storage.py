@@ -391,13 +391,14 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         fs.pipe_file(p, data)  # one PUT (or a multipart upload completed at the end): all or nothing
 
 
-def check_writable(path: str, *, folder: bool = False) -> None:
-    """Before any work: an OSError naming `path` (`named`) where the URL `path` cannot be written (no bucket, no
-    permission, wrong credentials), found by writing a zero-byte object beside it (inside it for a `folder`)
-    and removing it. A local path or file:// URL: nothing here (its folder is made, or refused, where it is
-    written)."""
+def check_writable(path: str, what: str, *, folder: bool = False) -> None:
+    """Before any work: an OSError naming `path` (`named`) where the URL `path` (of `what`, e.g. "--out") cannot
+    be written (no bucket, no permission, wrong credentials), found by writing a zero-byte object beside it
+    (inside it for a `folder`) and removing it. A local path or file:// URL: nothing here (its folder is made,
+    or refused, where it is written)."""
     if not is_remote(path) or path.split("://", 1)[0] not in ("s3", "s3a"):
         return
+    check_no_credentials(path, what)
     fs, p = filesystem(path)
     parent = p if folder or "/" not in p else posixpath.dirname(p)
     probe = f"{parent}/.locdiff-write-check-{uuid.uuid4().hex[:8]}"
