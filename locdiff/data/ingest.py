@@ -2,8 +2,9 @@
 
 Records are validated first (ids, coordinates) and numbered in source order; record i goes to shard
 i // shard_size under key %09d. Each shard is fetched, validated, written to a temporary file and moved
-into place after its progress record; shards already finished with the same settings are skipped, so a
-re-run after a crash resumes and ends with the same bytes and manifest as an uninterrupted run. A full
+into place after its progress record; shards already finished with the same settings (and, from a local
+folder, the same size and mtime of each photo: one replaced under its name is ingested again) are skipped,
+so a re-run after a crash resumes and ends with the same bytes and manifest as an uninterrupted run. A full
 disk stops the stage with a NoSpaceError naming the folder; the shard being written leaves no file
 behind and the finished ones stay.
 """
@@ -199,8 +200,14 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     defaults = DatasetConfig(name=cfg.name, source=cfg.source)
     settings.update({k: getattr(cfg, k) for k in _LIMIT_SETTINGS if getattr(cfg, k) != getattr(defaults, k)})
     key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
+    # a photo replaced under its name in a local folder (its size or mtime): its shard is written again
+    versions = src.versions(plan.records)
+    size = cfg.shard_size
+    shard_keys = [key if versions is None else _settings_key([key, versions[i: i + size]])
+                  for i in range(0, len(plan.records), size)]
+    files_key = None if versions is None else _settings_key(shard_keys)
     old = mf.read_manifest(out)
-    if old is not None and old.get("settings_key") == key:
+    if old is not None and old.get("settings_key") == key and old.get("files_key") == files_key:
         log.info("%s: already complete (%d samples); nothing to do", out, old["count"])
         return old
     if old is not None:  # a different ingest of the same name: the stage is incomplete until rewritten
@@ -219,9 +226,9 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         bar = tqdm(total=len(plan.records), desc=f"ingest {name}", unit="img", disable=not progress)
         try:
             for i, chunk in enumerate(chunks):
-                info = mf.shard_finished(out, shard_name(i), key)
+                info = mf.shard_finished(out, shard_name(i), shard_keys[i])
                 if info is None:
-                    info = _write_shard(src, cfg, out, i, chunk, key, pool, bar)
+                    info = _write_shard(src, cfg, out, i, chunk, shard_keys[i], pool, bar)
                 else:
                     bar.update(len(chunk))
                 shards.append(info)
@@ -240,6 +247,7 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
             "stage": "images", "dataset": name, "source_name": cfg.source, "split": cfg.split,
             "license": cfg.license, "citation": cfg.citation.strip(),
             "source": plan.provenance, "settings": settings, "settings_key": key,
+            **({"files_key": files_key} if files_key is not None else {}),
             "software": mf.software_versions(), "rows": plan.rows, "count": count,
             "coordinates": cfg.coordinates,
             "unlabelled": sum(int(s.get("unlabelled", 0)) for s in shards),

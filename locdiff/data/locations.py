@@ -90,6 +90,11 @@ class FileTree(ABC):
         """sha256 of the files this location was made from (archives), for the manifest."""
         return {}
 
+    def versions(self, relpaths: list[str]) -> list[str] | None:
+        """Of each file, what changes when it is replaced under its name ("SIZE:MTIME_NS" of a local file,
+        "missing"); None where the location cannot say it cheaply."""
+        return None
+
 
 class FolderLocation(FileTree):
     """A local folder, an http(s) base URL or an s3:// prefix."""
@@ -140,6 +145,18 @@ class FolderLocation(FileTree):
             return storage.exists(self._url(relpath))
         except RecordError:
             return False
+
+    def versions(self, relpaths: list[str]) -> list[str] | None:
+        if self.local is None:
+            return None
+        out = []
+        for relpath in relpaths:
+            try:
+                st = os.stat(os.path.join(self.local, safe_relpath(relpath)))
+                out.append(f"{st.st_size}:{st.st_mtime_ns}")
+            except (OSError, RecordError):  # read (and refused or skipped) later
+                out.append("missing")
+        return out
 
     def list_csv(self) -> list[str] | None:
         if self.url.startswith(("http://", "https://")):

@@ -156,3 +156,36 @@ def test_an_ingest_clears_the_partial_records_a_killed_one_left(tmp_path):
                config=load_dataset_config("folder", shard_size=4), progress=False)
     assert m["count"] == 8
     assert [p for p in images.rglob("*") if p.is_file() and ".tmp" in p.name] == []
+
+
+def test_a_photo_replaced_under_its_name_is_ingested_again(tmp_path):
+    """A re-run over a local folder where one photo was replaced under the same name: its shard is written again
+    with the new photo (the manifest took the stage for done); the other shard is not rewritten, and a re-run
+    over the unchanged folder does no work."""
+    from locdiff.data.config import load_dataset_config
+    from locdiff.data.ingest import ingest
+
+    from .fixtures import jpeg, read_samples
+
+    build_folder(tmp_path / "src", "", n=8, archive=False)
+    images = tmp_path / "root" / "folder" / "images"
+
+    def run() -> dict:
+        return ingest("folder", str(tmp_path / "root"), source=str(tmp_path / "src"),
+                      config=load_dataset_config("folder", shard_size=4), progress=False)
+
+    def stats() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images.glob("shard-*.tar")}
+
+    def stored(rid: str) -> bytes:
+        return next(s["jpg"] for s in read_samples([str(images / "shard-000001.tar")]) if s["json"]["id"] == rid)
+
+    first = run()
+    before, old = stats(), stored("img0005")
+    (tmp_path / "src" / "img0005.jpg").write_bytes(jpeg(999))
+    second = run()
+    assert second["shards"][0] == first["shards"][0] and second["shards"][1]["sha256"] != first["shards"][1]["sha256"]
+    assert stats()["shard-000000.tar"] == before["shard-000000.tar"]  # the unchanged shard stays
+    assert stored("img0005") != old
+    again = stats()
+    assert run() == second and stats() == again  # unchanged: nothing written

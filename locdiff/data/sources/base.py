@@ -65,6 +65,11 @@ class Source(ABC):
     def fetch(self, record: Record) -> bytes:
         """Implemented by each concrete subclass."""
 
+    def versions(self, records: list[Record]) -> list[str] | None:
+        """Of each record's image, what changes when the file is replaced under its name (`FileTree.versions`);
+        None where the source cannot say it cheaply."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass
 
@@ -352,6 +357,9 @@ class TabularSource(Source):
         if rows and not records:
             log.error("%s: none of the %d rows is usable: %s", url, rows, dict(skips.counts))
         return Plan(records, rows, skips, dict(self.provenance))
+
+    def versions(self, records: list[Record]) -> list[str] | None:
+        return None if self.images is None else self.images.versions([r.ref for r in records])
 
     def fetch(self, record: Record) -> bytes:
         if self.images is None:
