@@ -219,7 +219,7 @@ class Gallery:
             try:
                 write(tmp)
                 files[key] = {"path": f"{data_dir}/{FILES[key]}", "bytes": os.path.getsize(tmp),
-                              "sha256": _sha256_file(tmp)}
+                              "sha256": storage.file_sha256(tmp)}
                 storage.put_file_atomic(tmp, storage.join(location, data_dir, FILES[key]))
             finally:
                 if os.path.exists(tmp):
@@ -430,19 +430,6 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
-def _sha256_file(path: str, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    if storage.is_remote(path):
-        with storage.open_file(path, "rb") as f:
-            while b := f.read(block):
-                h.update(b)
-    else:
-        with open(path, "rb") as f:
-            while b := f.read(block):
-                h.update(b)
-    return h.hexdigest()
-
-
 def _safe_relpath(p: str) -> bool:
     return bool(p) and not p.startswith("/") and "\\" not in p and \
         all(part not in ("", ".", "..") for part in p.split("/"))
@@ -523,7 +510,7 @@ class _fetched:
                 raise FileNotFoundError(f"{self.url}: no such file (the gallery is incomplete); rebuild the "
                                         "gallery")
         _verify_size(self.url, os.path.getsize(local), self.entry)
-        _verify_digest(self.url, _sha256_file(local), self.entry)
+        _verify_digest(self.url, storage.file_sha256(local), self.entry)
         return local
 
     def __exit__(self, *exc: object) -> None:

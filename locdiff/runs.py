@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save
 
 from locdiff.data.config import load_encoder_config
 from locdiff.data.datasource import open_source
-from locdiff.data.storage import TooBigError, read_local
+from locdiff.data.storage import TooBigError, file_sha256, read_local
 from locdiff.errors import CorruptFileError, UserError, one_line, reraise_for
 from locdiff.hashing import stable_hash
 from locdiff.model.config import MAX_STEPS, Config, config_to_dict, read_run_config
@@ -392,15 +392,6 @@ class RunFolder:
             if dim is not None:
                 enc["dim"] = int(dim)
         return enc
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_finite(tensors: Any, path: str | os.PathLike, hint: str) -> None:

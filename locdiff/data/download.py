@@ -316,14 +316,6 @@ def fetch(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 
     return b"".join(parts)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_md5(path: str) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -377,7 +369,7 @@ def download_file(url: str, *, sha256: str | None = None, md5: str | None = None
             finally:
                 if os.path.exists(part):
                     os.remove(part)
-    digest = file_sha256(local)
+    digest = storage.file_sha256(local)
     if sha256 and digest != sha256.lower():
         raise ChecksumError(f"{url}: sha256 {digest} differs from the published {sha256} "
                             f"(downloaded copy: {local}; delete it to download again)")

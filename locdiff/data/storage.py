@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -286,6 +287,15 @@ def read_blocks(fs: fsspec.AbstractFileSystem, p: str, path: str, max_bytes: int
 def open_file(path: str, mode: str = "rb") -> IO[bytes]:
     fs, p = filesystem(path)
     return fs.open(p, mode)
+
+
+def file_sha256(path: str | os.PathLike, block: int = 8 << 20) -> str:
+    """sha256 of a file's bytes (a local path or a URL), read in blocks."""
+    h = hashlib.sha256()
+    with (open_file(str(path)) if is_remote(path) else open(path, "rb")) as f:
+        while b := f.read(block):
+            h.update(b)
+    return h.hexdigest()
 
 
 def list_files(path: str) -> list[str]:
