@@ -109,7 +109,31 @@ def show(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return one_line(repr(value), 80)
+    return one_line(_short_repr(value, 100), 80)
+
+
+def _short_repr(value: Any, budget: int) -> str:
+    """repr(value), with lists and mappings cut after about `budget` characters: a YAML alias nests a list in
+    itself many times over (a billion laughs) and its whole repr would never finish."""
+    if not isinstance(value, list | tuple | dict):
+        return repr(value)
+    if budget <= 0:
+        return "..."
+    parts: list[str] = []
+    used = 2
+    for item in value.items() if isinstance(value, dict) else value:
+        if used >= budget:
+            parts.append("...")
+            break
+        if isinstance(value, dict):
+            text = f"{_short_repr(item[0], budget - used)}: {_short_repr(item[1], budget - used)}"
+        else:
+            text = _short_repr(item, budget - used)
+        parts.append(text)
+        used += len(text) + 2
+    body = ", ".join(parts) + ("," if isinstance(value, tuple) and len(value) == 1 else "")
+    brackets = "{}" if isinstance(value, dict) else "()" if isinstance(value, tuple) else "[]"
+    return brackets[0] + body + brackets[1]
 
 
 def _num(x: float) -> str:

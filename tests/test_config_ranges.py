@@ -143,6 +143,27 @@ def test_an_override_out_of_range_names_the_override(tmp_path, capsys, key, valu
     assert err.startswith(f"locdiff train: error: --set {key}") and "\n" not in err
 
 
+def _aliased_lists(depth: int) -> str:
+    """YAML of a list nested `depth` times through aliases, each level ten copies of the one below: 10**depth
+    leaves in a few kB (a billion laughs)."""
+    lines = ["    - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.steps=3"]], ids=["file", "with --set"])
+def test_a_billion_laughs_in_a_value_is_one_line(tmp_path, capsys, overrides):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  lr:\n" + _aliased_lists(24))  # its repr would be 10**24 numbers long
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(cfg), "--train", str(tmp_path / "absent.parquet"), "--out", str(out)]
+    rc = main(argv + [x for o in overrides for x in ("--set", o)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists()
+    assert err.startswith(f"locdiff train: error: {cfg}: train.lr: must be a number in (0, 10]; got [[1, 1, ")
+    assert err.endswith("...") and "\n" not in err and len(err) < 300
+
+
 # Values exactly on a bound are accepted (the bounds are inclusive or exclusive as the table says).
 EDGE_VALUES = [
     ("train.warmup_steps", 0), ("train.grad_clip", 0), ("train.min_lr_ratio", 0), ("train.min_lr_ratio", 1),
