@@ -96,6 +96,9 @@ BAD_RUN_VALUES = [
     ("baselines.flow.time_dim", 1, "must be an integer in [2, 65536]; got 1"),
     ("baselines.flow.mode_radius_km", 0, "must be a number in (0, 20038]; got 0"),
     ("baselines.flow.predict_batch", 0, "must be an integer in [1, 1048576]; got 0"),
+    ("shdd.kl_grid_size", 1_000_000, "SHDD-KL would hold 545,000,000 numbers (1,000,000 grid points x (289 "
+     "coefficients of degree 16 + a batch of 256)), above limits.max_kl_grid_numbers (268,435,456); set a smaller "
+     "grid or degree, or raise the limit on a larger machine; got 1000000"),  # a 4 GB grid basis otherwise
 ]
 
 

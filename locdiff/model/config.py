@@ -199,6 +199,9 @@ class LimitsConfig:
     max_batch_size: int = setting(65_536, ge=1, le=MAX_BATCH)  # train.batch_size and predict.batch_size
     # predict: images x samples drawn at once (a batch of images is split into chunks of at most this many)
     max_codes_per_chunk: int = setting(65_536, ge=1, le=1 << 26)
+    # SHDD-KL's numbers held at once (4 bytes each): its grid basis, G points x D coefficients, and a batch's
+    # logits, batch_size x G (paper.yaml: 1.8e8)
+    max_kl_grid_numbers: int = setting(1 << 28, ge=1, le=1 << 40)
     max_request_rows: int = setting(1024, ge=1, le=1 << 20)  # rows in one request to the served model
     max_request_images: int = setting(64, ge=1, le=1 << 16)  # photos in one request (each is decoded)
     # pixels of all the photos of one request, read from their headers before any is decoded (4 photos of 64 Mpx)
@@ -234,6 +237,16 @@ class Config:
             if size > self.limits.max_batch_size:
                 raise Invalid(f"{section}.batch_size", f"must be <= limits.max_batch_size "
                               f"({self.limits.max_batch_size}; raise it for a large GPU); got {size}")
+        if "kl" in self.train.objective.split("+"):
+            d = (self.shdd.degree + 1) ** 2
+            g = self.shdd.kl_grid_size or 8 * d  # the default of locdiff.shdd.kl_loss
+            numbers = g * (d + self.train.batch_size)
+            if numbers > self.limits.max_kl_grid_numbers:
+                raise Invalid("shdd.kl_grid_size", f"SHDD-KL would hold {numbers:,} numbers ({g:,} grid points x "
+                              f"({d:,} coefficients of degree {self.shdd.degree} + a batch of "
+                              f"{self.train.batch_size})), above limits.max_kl_grid_numbers "
+                              f"({self.limits.max_kl_grid_numbers:,}); set a smaller grid or degree, or raise "
+                              "the limit on a larger machine; got " + schema.show(self.shdd.kl_grid_size))
         if self.network.head_width > 0 and self.diffusion.prediction != "sample":
             raise Invalid("network.head_width", "the prior head needs diffusion.prediction: sample (it adds to the "
                           "z0 estimate); set network.head_width: 0 for epsilon-prediction")
