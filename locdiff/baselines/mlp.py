@@ -23,8 +23,9 @@ from torch import nn
 from locdiff.baselines.options import MLPOptions, parse_options
 from locdiff.data.datasource import DataSource
 from locdiff.engine import Result, Settings, Task, resolve_device
+from locdiff.errors import ConfigError
 from locdiff.methods import GeoMethod
-from locdiff.model.config import Config, config_to_dict
+from locdiff.model.config import Config, LimitsConfig, config_to_dict
 from locdiff.runs import RunFolder
 from locdiff.tables import EmbeddingTable
 
@@ -67,6 +68,15 @@ class _BaselineTask(Task):
         return {"task": self.name, "hidden": o.hidden, "depth": o.depth}
 
     def build(self, embed_dim: int, stats: tuple[np.ndarray, np.ndarray]) -> nn.Module:
+        with torch.device("meta"):  # counted before anything is allocated
+            count = sum(p.numel() for p in self.method.build_net(embed_dim).parameters())
+        budget, o = self.method.max_parameters, self.method.options
+        if count > budget:
+            raise ConfigError("the config", "limits.max_parameters",
+                              f"the {self.name} network would have {count:,} parameters (baselines.{self.name}: "
+                              f"hidden {o.hidden}, depth {o.depth}; {embed_dim}-d embeddings), above the budget of "
+                              f"{budget:,}; choose a smaller network or raise limits.max_parameters on a larger "
+                              "machine")
         torch.manual_seed(self.method.options.seed)
         return self.method.build_net(embed_dim)
 
@@ -83,6 +93,7 @@ class TrainedBaseline(GeoMethod):
 
     def __init__(self, options: MLPOptions):
         self.options = options
+        self.max_parameters = LimitsConfig().max_parameters  # the run config's, set by from_config
         self.device = resolve_device(options.device)
         self.net: nn.Module | None = None
         self.embed_dim: int | None = None
@@ -91,7 +102,12 @@ class TrainedBaseline(GeoMethod):
     def from_config(cls, config: Config | dict[str, Any]) -> TrainedBaseline:
         if not isinstance(config, dict):
             config = config_to_dict(config)
-        return cls(parse_options(cls.options_cls, config, cls.name))
+        limits = config.get("limits")
+        budget = limits.get("max_parameters") if isinstance(limits, dict) else None
+        method = cls(parse_options(cls.options_cls, config, cls.name))
+        if isinstance(budget, int):
+            method.max_parameters = budget
+        return method
 
     @abstractmethod
     def build_net(self, embed_dim: int) -> nn.Module:

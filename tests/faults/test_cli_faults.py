@@ -310,6 +310,12 @@ def config_not_yaml(w, tmp):
     return argv, [f"{path}: not valid YAML"]
 
 
+def train_a_baseline_over_the_parameter_budget(w, tmp):  # 5.5e11 parameters: counted, never allocated
+    argv = w.train_argv(tmp / "run", "baselines.regress.hidden=65536", "baselines.regress.depth=64")
+    return argv + ["--method", "regress"], ["limits.max_parameters: the regress network would have",
+                                            "(baselines.regress: hidden 65536, depth 64;"]
+
+
 # -- tables ---------------------------------------------------------------------------------------------------
 
 def _not_parquet(tmp: Path) -> Path:
@@ -585,6 +591,7 @@ CASES: list[Case] = [
     run_config_unknown_key, run_config_out_of_range, run_config_out_of_range_resume, truncated_gallery,
     gallery_json_damaged, gallery_array_of_another_shape, resume_128d_run_with_64d_data, predict_64d_data_with_128d_run,
     resume_with_steps_minus_5, config_steps_minus_5, config_batch_size_minus_4, config_not_yaml,
+    train_a_baseline_over_the_parameter_budget,
     train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, predict_on_a_fifo,
     checkpoint_is_a_fifo_on_resume, truncated_parquet,
     train_on_a_table_with_nan, predict_on_a_table_with_nan, predict_on_a_table_with_a_huge_element,
