@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,21 @@ def test_paper_config_is_the_published_method():
     assert paper.train.objective == "kl" and paper.predict.decode_smoothing == 0
     assert paper.predict.samples > 1 and paper.predict.steps > 1 and paper.diffusion.cond_drop_prob == 0
     assert base.network.head_width > 0 and base.train.objective == "kl+mse"
+
+
+def test_readme_lists_every_deviation_of_base_from_paper():
+    """Each setting in which the resolved base.yaml and paper.yaml differ has a row in the README's table
+    "base.yaml against the paper" (by its dotted key or its name), but for bookkeeping and speed settings."""
+    readme = (CONFIGS.parents[1] / "README.md").read_text()
+    table = readme.split("## base.yaml against the paper")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]  # the setting column
+    named = {name for row in rows for name in re.findall(r"`([a-z_0-9.]+)`", row)}
+    base, paper = (config_to_dict(load_config(CONFIGS / f"{name}.yaml")) for name in ("base", "paper"))
+    bookkeeping = {"train.checkpoint_every", "train.log_every", "train.val_samples", "predict.batch_size"}
+    missing = [f"{section}.{key}" for section, values in base.items() if isinstance(values, dict)
+               for key, value in values.items() if value != paper[section][key]
+               and f"{section}.{key}" not in bookkeeping | named and key not in named]
+    assert not missing, f"deviations without a README row: {missing}"
 
 
 def test_config_files_hold_settings_and_one_line_comments():
