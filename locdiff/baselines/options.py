@@ -48,7 +48,7 @@ class GeocellOptions(MLPOptions):
     max_cell_size: int = setting(200, ge=1, le=100_000_000)  # a cell with more training points is split in two
     label_smoothing_km: float = setting(75.0, ge=0, le=20_038)  # haversine smoothing temperature (PIGEON); 0 = one-hot
     refine: Literal["none", "retrieval"] = "none"  # retrieval: best-matching training image in the cell
-    medoid_sample: int = setting(256, ge=1, le=100_000)  # points per cell used to find its medoid
+    medoid_sample: int = setting(256, ge=1, le=4096)  # points per cell used to find its medoid (a square matrix)
     # locations the cells are built from (a seeded sample above this)
     max_cell_points: int = setting(1_000_000, ge=1, le=100_000_000)
     refine_top_k: int = setting(64, ge=1, le=1024)  # retrieved neighbours searched for one inside the predicted cell
