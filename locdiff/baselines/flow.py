@@ -5,7 +5,9 @@ t ~ U(0, 1), x_t = (1 - t) x0 + t x1, and an MLP regresses either the velocity x
 velocity`) or the clean point x1 (`target: x1`, the default: the velocity is then (x1_hat - x_t) / (1 - t);
 same path and sampler, a loss reweighted towards late t, which trains faster on small data).
 Sampling integrates dx/dt = v from t = 0 to 1 with `steps` Heun (or Euler) steps for `samples` noise draws
-per image; each end point is projected to the sphere. The answer is the sample with the most other samples
+per image; each end point is projected to the sphere. An image's noise is seeded by the seed and its own
+embedding (`locdiff.model.predict.row_seeds`), so its answer does not depend on the other images, their
+order or the batch size; images x samples integrated at once are bounded by CHUNK_POINTS. The answer is the sample with the most other samples
 within `mode_radius_km` ("mode") or the normalised mean ("mean"); the confidence is the fraction of
 samples supporting the answer (mode) or the mean resultant length (mean).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +25,10 @@ from locdiff.baselines.mlp import TrainedBaseline
 from locdiff.baselines.options import FlowOptions
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
 from locdiff.methods import Prediction
+from locdiff.model.predict import row_noise, row_seeds
 from locdiff.tables import EmbeddingTable
+
+CHUNK_POINTS = 65_536  # images x samples integrated at once (predict_batch is cut to fit)
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,11 +87,12 @@ class FlowMethod(TrainedBaseline):
         return ((out - target) ** 2).sum(1).mean(), {}
 
     @torch.no_grad()
-    def sample(self, emb: torch.Tensor, samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
-        """emb (B, d) -> unit vectors (B, samples, 3) by integrating the learned ODE."""
-        B = emb.shape[0]
+    def sample(self, emb: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+        """emb (B, d) and the initial noise (B, samples, 3) -> unit vectors (B, samples, 3) by integrating the
+        learned ODE."""
+        B, samples = noise.shape[:2]
         e = self.net.condition(emb).repeat_interleave(samples, 0)  # (B*K, hidden)
-        x = torch.randn(B * samples, 3, generator=generator).to(emb.device)
+        x = noise.reshape(B * samples, 3).to(emb.device)
         dt = 1.0 / steps
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,13 +117,17 @@ class FlowMethod(TrainedBaseline):
         K = int(options.get("samples", o.samples))
         S = int(options.get("steps", o.steps))
         how = options.get("aggregation", o.aggregation)
-        gen = torch.Generator().manual_seed(int(options.get("seed", o.seed)))
+        seed = int(options.get("seed", o.seed))
         cos_r = math.cos(o.mode_radius_km / EARTH_RADIUS_KM)
         self.net.eval()
         x = torch.from_numpy(table.embedding).float().to(self.device)
+        zero, one = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        batch = max(1, min(o.predict_batch, CHUNK_POINTS // K))
         units, confs = [], []
-        for s in range(0, len(x), o.predict_batch):
-            u = self.sample(x[s:s + o.predict_batch], K, S, gen).double()  # (B, K, 3)
+        for s in range(0, len(x), batch):
+            part = x[s:s + batch]
+            noise = row_noise(row_seeds(table.embedding[s:s + batch], seed, zero, one), K, 3)
+            u = self.sample(part, S, noise).double()  # (B, K, 3)
             if how == "mean":
                 m = u.mean(1)
                 conf = m.norm(dim=1)
