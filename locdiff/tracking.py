@@ -48,7 +48,7 @@ from locdiff.tracking_store import mlflow_for as _mlflow
 __all__ = ["CHAMPION", "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "METRIC_NAMES", "PROMOTION_METRIC",
            "REGISTERED_MODEL", "THRESHOLDS_KM", "TrackingUnavailable", "absolute_uri", "check_tracking_uri",
            "evaluation_metrics", "experiment_id", "find_run", "flatten_config", "load_logged_model",
-           "log_checkpoint", "log_evaluation", "log_model", "log_step_metrics", "promote", "read_run",
+           "log_checkpoint", "log_evaluation", "log_model", "log_step_metrics", "logged_steps", "promote", "read_run",
            "resolve_tracking_uri", "tag_model_version", "training_run"]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,11 @@ def log_step_metrics(run_id: str, rows: Sequence[Mapping[str, float]], *,
                for row in rows for k, v in row.items() if k != "step"]
     for i in range(0, len(metrics), 1000):  # the REST API takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def logged_steps(run_id: str, key: str = "loss", *, tracking_uri: str | None = None) -> set[int]:
+    """The steps at which the run holds metric `key` (e.g. those a training logged before it was killed)."""
+    return {int(m.step) for m in _client(tracking_uri).get_metric_history(run_id, key)}
 
 
 def log_checkpoint(run_id: str, run_dir: str | Path, *, tracking_uri: str | None = None) -> None:

@@ -3,7 +3,8 @@
 At every checkpoint it logs the per-step loss and learning rate logged since the last one to the
 training's MLflow run, each step exactly once across restarts: the last step it logged is kept in the
 checkpoint (`mlflow_flushed`), and so are the rows it could not log yet (`mlflow_pending`, retried at the
-next checkpoint; tracking never stops a training).
+next checkpoint; tracking never stops a training). A resumed training does not log again the steps the run
+already holds (logged at a checkpoint that was then lost: the process died while it was being stored).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from locdiff.engine import Callback
-from locdiff.tracking import log_step_metrics
+from locdiff.tracking import log_step_metrics, logged_steps
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,25 @@ class MlflowStepTracker(Callback):
         self.run_id, self.tracking_uri = run_id, tracking_uri
         self.pending: list[dict[str, float]] = []
         self.flushed = 0  # the last step logged
+        self.logged: set[int] = set()  # steps after `flushed` that the run holds already (a lost checkpoint's)
 
     def on_resume(self, state: Mapping[str, Any]) -> None:
         step = int(state["step"])
         self.flushed = int(state.get("mlflow_flushed", step))
         self.pending = [dict(r) for r in state.get("mlflow_pending") or []
                         if self.flushed < int(r.get("step", 0)) <= step]
+        try:
+            self.logged = {s for s in logged_steps(self.run_id, "loss", tracking_uri=self.tracking_uri)
+                           if s > self.flushed}
+        except Exception as err:  # noqa: BLE001 - tracking must not stop training
+            log.warning("could not read the steps MLflow run %s holds (%s)", self.run_id, err)
 
     def on_log(self, rows: list[dict[str, Any]]) -> None:
         self.pending.extend({k: r[k] for k in STEP_KEYS if k in r} for r in rows if "loss" in r)
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
         step = int(state["step"])
-        rows = [r for r in self.pending if r["step"] > self.flushed]
+        rows = [r for r in self.pending if r["step"] > self.flushed and r["step"] not in self.logged]
         try:
             log_step_metrics(self.run_id, rows, tracking_uri=self.tracking_uri)
             self.flushed, self.pending = step, []

@@ -53,3 +53,21 @@ def test_rows_a_down_store_missed_are_kept_in_the_checkpoint_and_logged_later(ml
     up.on_checkpoint(state := {"step": 12})
     assert [s for s, _ in _history(run_id, mlflow_uri)] == [4, 8, 12]
     assert state == {"step": 12, "mlflow_flushed": 12}
+
+
+def test_steps_logged_at_a_lost_checkpoint_are_not_logged_again(mlflow_uri):
+    """The process dies while the step-16 checkpoint is being stored, after its steps reached MLflow: the
+    training resumes from step 8 and trains 12 and 16 again, which the run holds once."""
+    with tracking.training_run({"x": 1}, tracking_uri=mlflow_uri) as run_id:
+        pass
+    first = MlflowStepTracker(run_id, mlflow_uri)
+    first.on_log(_rows([4, 8]))
+    first.on_checkpoint(kept := {"step": 8})
+    first.on_log(_rows([12, 16]))
+    first.on_checkpoint({"step": 16})  # logged, then the checkpoint is lost
+    second = MlflowStepTracker(run_id, mlflow_uri)
+    second.on_resume(kept)
+    second.on_log(_rows([12, 16, 20]))
+    second.on_checkpoint({"step": 20})
+    assert [s for s, _ in _history(run_id, mlflow_uri)] == [4, 8, 12, 16, 20]
+    assert [s for s, _ in _history(run_id, mlflow_uri, "lr")] == [4, 8, 12, 16, 20]
