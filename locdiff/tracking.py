@@ -290,13 +290,20 @@ def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float
     named = evaluation_metrics(dataset, metrics)
     extra = {f"{dataset}/{k}": float(v) for k, v in metrics.items()
              if k not in METRIC_NAMES and isinstance(v, int | float)}
+    values = {**named, **extra}
+    client = mlflow.tracking.MlflowClient()
     with _in_run(mlflow, parent_run_id):
-        mlflow.log_metrics({**named, **extra})
+        _log_new_metrics(mlflow, client, parent_run_id, values)
         for path in (plots or {}).values():
             mlflow.log_artifact(str(path), artifact_path=f"plots/{dataset}")
-        with mlflow.start_run(run_name=f"eval-{dataset}", nested=True, tags={"dataset": dataset},
-                              experiment_id=mlflow.active_run().info.experiment_id) as child:
-            mlflow.log_metrics({**named, **extra})
+        exp = mlflow.active_run().info.experiment_id
+        # logged again (a retry, or a re-run after a kill before the evaluation's metrics.json): its nested run
+        earlier = [c.info.run_id for c in client.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", order_by=["attributes.start_time"])
+            if c.data.tags.get("dataset") == dataset]
+        with mlflow.start_run(run_id=earlier[0] if earlier else None, run_name=f"eval-{dataset}", nested=True,
+                              tags={"dataset": dataset}, experiment_id=exp) as child:
+            _log_new_metrics(mlflow, client, child.info.run_id, values)
             mlflow.log_param("dataset", dataset)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"predictions_{dataset}.parquet"
@@ -307,6 +314,15 @@ def log_evaluation(parent_run_id: str, dataset: str, metrics: Mapping[str, float
             for path in files:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
             return child.info.run_id
+
+
+def _log_new_metrics(mlflow: Any, client: Any, run_id: str, values: Mapping[str, float]) -> None:
+    """Log to the active run `run_id` the metrics it does not hold with these values yet (no duplicate
+    points when an evaluation is logged again)."""
+    held = client.get_run(run_id).data.metrics
+    new = {k: v for k, v in values.items() if held.get(k) != v}
+    if new:
+        mlflow.log_metrics(new)
 
 
 def find_run(run_id: str | None, *, tracking_uri: str | None = None) -> dict[str, Any] | None:

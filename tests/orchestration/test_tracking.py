@@ -85,6 +85,28 @@ def test_a_run_logged_again_with_its_key_is_not_registered_twice(mlflow_uri, tmp
     assert tracking.load_logged_model(first["model_uri"], dst=tmp_path / "loaded") is not None
 
 
+def test_an_evaluation_logged_again_keeps_one_nested_run_and_one_point_per_metric(mlflow_uri, tmp_path):
+    """A retry of the evaluate task, or a re-run after a kill before the evaluation's metrics.json, logs the
+    same evaluation again: into the same nested run, with no second point of any metric."""
+    from mlflow.tracking import MlflowClient
+
+    with tracking.training_run({"x": 1}, run_name="t") as run_id:
+        pass
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(-60, 60, 20), rng.uniform(-180, 180, 20)
+    metrics = geo_metrics(lat + 1.0, lon, lat, lon)
+    df = pd.DataFrame({"id": [str(i) for i in range(20)], "lat": lat, "lon": lon, "pred_lat": lat + 1.0,
+                       "pred_lon": lon})
+    first = tracking.log_evaluation(run_id, "synth-test", metrics, df)
+    again = tracking.log_evaluation(run_id, "synth-test", metrics, df)
+    assert again == first
+    client = MlflowClient()
+    exp = client.get_run(run_id).info.experiment_id
+    assert len(client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")) == 1
+    for run in (run_id, first):
+        assert len(client.get_metric_history(run, "synth-test/geoscore")) == 1, run
+
+
 def _locdiff_run(out: Path) -> Path:
     """A run folder with an untrained LocDiff predictor (what `locdiff train` saves, without training)."""
     from locdiff.model.config import load_config
