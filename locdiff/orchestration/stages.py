@@ -201,7 +201,10 @@ def run_training(spec: RunSpec, root: str, *, num_workers: int = 2, gpus_per_wor
         if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
             _log_history(run_id, run.path, uri)
         # the training throughput (samples/s over training steps, peak GPU memory, MFU), Ray or not
-        speed = {k: v for k, v in (outcome.record.get("metrics") or {}).items() if k in THROUGHPUT_METRICS}
+        # (not again when the run holds it: a re-run after a kill before run.json finalizes the same training)
+        held = (tracking.find_run(run_id, tracking_uri=uri) or {}).get("metrics", {})
+        speed = {k: v for k, v in (outcome.record.get("metrics") or {}).items()
+                 if k in THROUGHPUT_METRICS and held.get(k) != v}
         if speed and not outcome.skipped:
             tracking.log_step_metrics(run_id, [{"step": int(outcome.record.get("step", 0)), **speed}],
                                       tracking_uri=uri)

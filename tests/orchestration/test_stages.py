@@ -62,3 +62,27 @@ def test_preflight_refuses_more_gpus_than_a_local_ray_has_before_any_work(tmp_pa
     with pytest.raises(UserError, match=r"asks for \d+ GPU") as err:
         stages.preflight("tiny", str(root), num_workers=1, gpus_per_worker=local_gpus() + 1)
     assert "\n" not in describe(err.value) and not root.exists()
+
+
+def test_a_rerun_after_a_kill_before_run_json_logs_no_second_throughput_point(tmp_path, mlflow_uri):
+    """Killed after the training's throughput reached MLflow (e.g. while the model was being logged), before
+    run.json: the re-run finalizes the same training and its MLflow run holds each point once."""
+    from mlflow.tracking import MlflowClient
+
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
+
+    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
+    root = str(tmp_path / "root")
+    train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
+    stages.ingest(train, root)
+    overrides = [*TINY_OVERRIDES, "train.steps=8", "train.checkpoint_every=4"]
+    run_dir = tmp_path / "run"
+    first = stages.train("tiny", train, root, str(run_dir), degree=4, overrides=overrides, num_workers=0,
+                         tracking_uri=mlflow_uri)
+    (run_dir / "run.json").unlink()  # the kill came before run.json
+    again = stages.train("tiny", train, root, str(run_dir), degree=4, overrides=overrides, num_workers=0,
+                         tracking_uri=mlflow_uri)
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "samples_per_s")] == [8]
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "loss")] == [4, 8]
