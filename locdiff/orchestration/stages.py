@@ -234,13 +234,12 @@ def train(config_name: str, train_spec: DataSet, root: str, run_dir: str | Path,
 
 
 def _log_history(run_id: str, run_dir: Path, uri: str) -> None:
-    """Log the run folder's per-step loss and lr to an MLflow run that does not have them yet."""
-    found = tracking.find_run(run_id, tracking_uri=uri) or {}
-    if found.get("metrics", {}).get("loss") is not None:
-        return
-    rows = RunFolder(run_dir).read_metrics()
-    tracking.log_step_metrics(run_id, [{k: r[k] for k in ("step", "loss", "lr") if k in r} for r in rows
-                                       if "loss" in r], tracking_uri=uri)
+    """Log the run folder's per-step loss and lr that the MLflow run does not hold yet (all of them, or the
+    rest of a history that a kill interrupted)."""
+    held = {k: tracking.logged_steps(run_id, k, tracking_uri=uri) for k in ("loss", "lr")}
+    rows = [{"step": r["step"], **{k: r[k] for k in held if k in r and r["step"] not in held[k]}}
+            for r in RunFolder(run_dir).read_metrics() if "loss" in r]
+    tracking.log_step_metrics(run_id, [r for r in rows if len(r) > 1], tracking_uri=uri)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------

@@ -86,3 +86,27 @@ def test_a_rerun_after_a_kill_before_run_json_logs_no_second_throughput_point(tm
     client = MlflowClient(tracking_uri=mlflow_uri)
     assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "samples_per_s")] == [8]
     assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "loss")] == [4, 8]
+
+
+def test_a_history_a_kill_interrupted_is_completed_not_skipped(tmp_path, mlflow_uri):
+    """The run's MLflow run holds only the first steps' loss (the process died while the history was being
+    logged): training again logs the rest, each step once."""
+    from mlflow.tracking import MlflowClient
+
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
+
+    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
+    root = str(tmp_path / "root")
+    train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
+    stages.ingest(train, root)
+    with tracking.training_run({"x": 1}, tracking_uri=mlflow_uri) as run_id:
+        tracking.log_step_metrics(run_id, [{"step": 4, "loss": 1.5}], tracking_uri=mlflow_uri)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / stages.MLFLOW_RECORD).write_text(json.dumps({"run_id": run_id}))
+    record = stages.train("tiny", train, root, str(run_dir), degree=4, num_workers=0, tracking_uri=mlflow_uri,
+                          overrides=[*TINY_OVERRIDES, "train.steps=8", "train.checkpoint_every=4"])
+    assert record["mlflow_run_id"] == run_id
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "lr")] == [4, 8]
