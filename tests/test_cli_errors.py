@@ -171,6 +171,21 @@ def test_a_usage_error_is_one_line(capsys):
                    "(see locdiff train --help)\n")
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--config", "x.yaml", "--train", "t", "--out", "o", "--confg", "y"],
+     "locdiff train: error: unrecognized arguments: --confg y (see locdiff train --help)\n"),
+    (["data", "inspect", "a", "b"], "locdiff data inspect: error: unrecognized arguments: b "
+                                    "(see locdiff data inspect --help)\n"),
+    (["--bogus", "shdd", "encode", "--lat", "0", "--lon", "0", "--degree", "2"],
+     "locdiff: error: unrecognized arguments: --bogus (see locdiff --help)\n"),
+])
+def test_a_misspelled_flag_is_named_by_its_command(capsys, argv, expected):
+    # the line names the command that was given the flag, as every other usage error does
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err == expected
+
+
 def test_interrupt_and_unexpected_errors(monkeypatch, capsys):
     import locdiff.cli.shdd as shdd_cli
 

@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `locdiff ARGV`; returns the exit status (0, 2 for an error, 130 when interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand given them (`locdiff train: error: ...`); before it, by `locdiff`
+        before = argv[:argv.index(args.command)]
+        command_parser = parser if any(u in before for u in unknown) else {
+            child.prog: child for child in _subparsers(parser)}[f"locdiff {args.command_name}"]
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # faiss's loader logs six lines about CPU features on every gallery search
