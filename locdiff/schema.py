@@ -344,6 +344,9 @@ def check_ranges(obj: Any, source: str) -> None:
         value, spec = getattr(obj, f.name), spec_of(type(obj), f.name)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
+            if isinstance(v, float) and not math.isfinite(v):  # NaN passes every comparison of _in_range
+                raise ConfigError(source, f.name, "must be a finite number"
+                                  f"{' ' + range_text(spec) if range_text(spec) else ''}; got {show(value)}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not _in_range(v, spec):
                 raise ConfigError(source, f.name, f"must be {range_text(spec)}; got {show(value)}")
 

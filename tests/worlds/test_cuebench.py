@@ -198,6 +198,8 @@ def test_bad_setting_is_one_line(tmp_path, capsys):
     assert "cuebench: n_train: must be >= 1; got 0" in capsys.readouterr().err
     assert main(["cuebench", "--out", str(tmp_path), "--dim", "4"]) == 2
     assert "cuebench: dim: must be" in capsys.readouterr().err
+    assert main(["cuebench", "--out", str(tmp_path), "--noise", "nan"]) == 2  # not a world of NaN embeddings
+    assert "cuebench: noise: must be a finite number >= 0; got nan" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
