@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -184,6 +185,21 @@ def test_a_misspelled_flag_is_named_by_its_command(capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and capsys.readouterr().err == expected
+
+
+def test_every_flag_and_argument_has_a_help_line():
+    from locdiff.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, [*path, name])
+            elif action.help != argparse.SUPPRESS:
+                yield " ".join(path), (action.option_strings or [action.dest])[-1], action.help
+
+    missing = [f"locdiff {path} {flag}" for path, flag, text in walk(build_parser(), []) if not text]
+    assert not missing, missing
 
 
 def test_interrupt_and_unexpected_errors(monkeypatch, capsys):

@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_ingest)
 
     q = sub.add_parser("embed", help="image embeddings (and SHDD targets) into ROOT/NAME/features/ENCODER")
-    q.add_argument("name", metavar="NAME")
-    q.add_argument("--root", required=True)
+    q.add_argument("name", metavar="NAME", help="the ingested data set (ROOT/NAME/images)")
+    q.add_argument("--root", required=True, help="local folder or s3://bucket/prefix")
     q.add_argument("--encoder", required=True,
                    help="encoder config (configs/encoders/), local model folder or hub id")
     q.add_argument("--degree", type=number_in(1, MAX_DEGREE), default=None, metavar="L",
@@ -57,16 +57,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("inspect", help="counts, skipped records, samples and a PNG map of ROOT/NAME; "
                                           "checks every shard against its manifest's sha256")
-    q.add_argument("folder", metavar="ROOT/NAME")
+    q.add_argument("folder", metavar="ROOT/NAME", help="a data set's folder (local or s3://); the map is "
+                   "written to ROOT/NAME/locations.png")
     q.add_argument("--no-verify", action="store_true",
                    help="do not read every shard to check its sha256 (faster on large data sets)")
     q.set_defaults(func=_inspect)
 
     q = sub.add_parser("export", help="features to the embeddings Parquet table")
-    q.add_argument("name", metavar="NAME")
-    q.add_argument("--root", required=True)
-    q.add_argument("--encoder", required=True)
-    q.add_argument("--out", required=True, metavar="X.parquet")
+    q.add_argument("name", metavar="NAME", help="the embedded data set (ROOT/NAME/features/ENCODER)")
+    q.add_argument("--root", required=True, help="local folder or s3://bucket/prefix")
+    q.add_argument("--encoder", required=True, help="the encoder given to `data embed`")
+    q.add_argument("--out", required=True, metavar="X.parquet", help="the embeddings table (id, lat, lon, "
+                   "embedding)")
     q.set_defaults(func=_export)
 
 

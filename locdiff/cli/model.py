@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "settings); default: a held-out share of --train (train.val_share)")
     p.add_argument("--val-unseen", help="validation rows from regions absent from --train (a benchmark's "
                    "val_unseen): LocDiff-H's parameters are chosen on --val and these, each weighing half")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
     p.add_argument("--method", choices=TRAIN_METHODS, help="method to train (default: the config's `method`)")
     p.add_argument(
         "--set",
@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "1 with --steps 1, one-step: the network's z0 estimate from pure noise, no iterative sampling)")
     q.add_argument("--steps", type=int, help="S DDIM steps (LocDiff; default from the config: base.yaml 1, "
                    "one-step; paper.yaml 16 samples of 50 steps)")
-    q.add_argument("--seed", type=int, default=0, help="sampling seed")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (LocDiff; default 0)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_predict)
 

@@ -25,24 +25,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="shdd_command", required=True, metavar="SUBCOMMAND")
 
     e = s.add_parser("encode", help="print the SHDD code of a point")
-    e.add_argument("--lat", type=float, required=True)
-    e.add_argument("--lon", type=float, required=True)
-    e.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
+    e.add_argument("--lat", type=float, required=True, help="latitude in degrees")
+    e.add_argument("--lon", type=float, required=True, help="longitude in degrees")
+    e.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True,
+                   help=f"SHDD degree L, at most {MAX_DEGREE}: (L+1)^2 coefficients")
     e.set_defaults(func=_encode)
 
     r = s.add_parser("roundtrip", help="decode(encode(x)) error and throughput on random points")
-    r.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True)
-    r.add_argument("--n", type=number_in(1, 10_000_000), default=10_000)
-    r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    r.add_argument("--seed", type=number_in(0, 2**63 - 1), default=0)
+    r.add_argument("--degree", type=number_in(1, MAX_DEGREE), required=True,
+                   help=f"SHDD degree L, at most {MAX_DEGREE}")
+    r.add_argument("--n", type=number_in(1, 10_000_000), default=10_000, help="random points (default 10000)")
+    r.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="precision of the points and codes (default float32)")
+    r.add_argument("--seed", type=number_in(0, 2**63 - 1), default=0, help="seed of the points (default 0)")
     r.set_defaults(func=_roundtrip)
 
     pl = s.add_parser("plot", help="the kernel f(y) of a point's code on a world map (PNG)")
-    pl.add_argument("--lat", type=float, required=True)
-    pl.add_argument("--lon", type=float, required=True)
+    pl.add_argument("--lat", type=float, required=True, help="latitude in degrees")
+    pl.add_argument("--lon", type=float, required=True, help="longitude in degrees")
     pl.add_argument("--degree", type=number_in(1, MAX_PLOT_DEGREE), required=True,
                     help=f"at most {MAX_PLOT_DEGREE} (the map's time grows as degree^2)")
-    pl.add_argument("--out", required=True)
+    pl.add_argument("--out", required=True, help="the image file (PNG)")
     pl.set_defaults(func=_plot)
 
 
