@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pixels per image (default 64000000); larger ones are skipped undecoded as too_large")
     q.add_argument("--test-share", type=float, default=None, metavar="P",
                    help="also a test set: about P of the records (by a stable hash of their id) go to "
-                        "ROOT/NAME-test, the others to ROOT/NAME (e.g. 0.1 for your own photos)")
+                        "ROOT/NAME-test, the others to ROOT/NAME (e.g. 0.1 for your own photos; not for the "
+                        "embeddings source, whose table is copied whole)")
     q.set_defaults(func=_ingest)
 
     q = sub.add_parser("embed", help="image embeddings (and SHDD targets) into ROOT/NAME/features/ENCODER")

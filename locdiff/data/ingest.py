@@ -182,6 +182,9 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     if cfg.source == "embeddings":
+        if test_share is not None:  # its rows are copied whole: both parts would hold every row
+            raise ValueError(f"--test-share: data set {cfg.name!r} (an embeddings table) is not split; split the "
+                             "table itself and ingest each part under its own NAME")
         features = stage_dir(root, name, "features", cfg.encoder)
         with storage.disk_full_is_an_error(features if not storage.is_remote(features)
                                            else storage.local_tmp_dir(features)):

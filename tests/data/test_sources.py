@@ -126,6 +126,23 @@ def test_embeddings_parquet_source(where, served, s3, tmp_path):
     assert main(["data", "inspect", f"{root}/embeddings"]) == 0
 
 
+def test_test_share_on_an_embeddings_table_is_refused(tmp_path, capsys):
+    # the table is copied whole: a test set would hold every training row
+    from locdiff.cli import main
+
+    from .fixtures import build_embeddings
+
+    build_embeddings(tmp_path / "src", "")
+    root = tmp_path / "root"
+    argv = ["data", "ingest", "embeddings", "--root", str(root), "--source", str(tmp_path / "src" / "emb.parquet"),
+            "--test-share", "0.1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("locdiff data ingest: error: --test-share: data set "
+                                                   "'embeddings' (an embeddings table) is not split"), err
+    assert not (root / "embeddings").exists() and not (root / "embeddings-test").exists()  # nothing written
+
+
 def test_limit_takes_the_first_rows(sources, tmp_path):
     url, exp = sources["folder"]["http"]
     m = ingest("folder", str(tmp_path), source=f"{url}/folder.tar", limit=3, config=small_config("folder"),
