@@ -189,9 +189,10 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         with storage.disk_full_is_an_error(features if not storage.is_remote(features)
                                            else storage.local_tmp_dir(features)):
             return ingest_embeddings(cfg, name, root, source=source, limit=limit)
-    if test_share is not None and not (0 < test_share < 1 and part in TEST_PARTS):
-        raise ValueError(f"--test-share must be between 0 and 1 (got {test_share}) and the part one of "
-                         f"{', '.join(TEST_PARTS)}")
+    if test_share is not None and not 0 < test_share < 1:
+        raise ValueError(f"--test-share must be a number between 0 and 1, both excluded; got {test_share}")
+    if test_share is not None and part not in TEST_PARTS:
+        raise ValueError(f"the part of a split ingest must be one of {', '.join(TEST_PARTS)}; got {part!r}")
     out = stage_dir(root, name, "images")
     src = make_source(cfg, source)
     plan = src.plan(limit)

@@ -195,5 +195,7 @@ def test_one_command_makes_training_data_and_a_test_set(tmp_path, capsys):
     before = [Path(m).stat().st_mtime_ns for m in manifests]
     assert main(argv) == 0  # a second run finds both parts complete and rewrites nothing
     assert [Path(m).stat().st_mtime_ns for m in manifests] == before
-    with pytest.raises(ValueError, match="--test-share must be between 0 and 1"):
+    with pytest.raises(ValueError, match=r"^--test-share must be a number between 0 and 1, both excluded; got 1.5$"):
         ingest("folder", str(root), source=str(src), config=cfg(), test_share=1.5)
+    with pytest.raises(ValueError, match=r"^the part of a split ingest must be one of train, test; got 'val'$"):
+        ingest("folder", str(root), source=str(src), config=cfg(), test_share=0.5, part="val")
