@@ -30,6 +30,7 @@ from locdiff.data.manifest import read_manifest, require_manifest
 from locdiff.data.shards import stage_dir
 from locdiff.data.storage import join
 from locdiff.data.stream import read_table
+from locdiff.errors import UserError
 from locdiff.evaluation import evaluate_table
 from locdiff.methods import get_method
 from locdiff.model.config import Config
@@ -43,6 +44,7 @@ from locdiff.training import run as train_run
 log = logging.getLogger(__name__)
 
 MLFLOW_RECORD = "mlflow.json"  # the run folder's MLflow run id (resumes log to the same run)
+MAX_WORKERS, MAX_GPUS_PER_WORKER = 1024, 64  # as `locdiff train` bounds them
 
 
 def check_root(root: str) -> None:
@@ -66,10 +68,16 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
     MLflow store.
 
     Returns the resolved model config (hand it to `plan`). Raises ValueError (unknown config, bad
-    override), UserError (a device that does not exist: `training.check_devices`),
-    PermissionError (root not writable) or TrackingUnavailable (MLflow server down), each saying what to fix.
+    override, `num_workers` or `gpus_per_worker` out of bounds), UserError (a device that does not exist:
+    `training.check_devices`), PermissionError (root not writable) or TrackingUnavailable (MLflow server
+    down), each saying what to fix.
     """
     config = resolve_config(config_name, degree=degree, overrides=overrides)
+    # the bounds of `locdiff train --workers/--gpus-per-worker`: a negative count is not "no Ray"
+    if not 0 <= num_workers <= MAX_WORKERS:
+        raise UserError(f"workers: must be an integer in [0, {MAX_WORKERS}]; got {num_workers}")
+    if not 0 <= gpus_per_worker <= MAX_GPUS_PER_WORKER:
+        raise UserError(f"gpus_per_worker: must be a number in [0, {MAX_GPUS_PER_WORKER}]; got {gpus_per_worker:g}")
     check_devices(config, num_workers, gpus_per_worker)  # not after hours of download and embedding
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     check_root(root)  # last: it creates the root

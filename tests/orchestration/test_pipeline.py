@@ -86,6 +86,10 @@ def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     with pytest.raises(ValueError, match="unknown model config 'nope'.*known configs: .*tiny"):
         train_locdiff(**{**_params(tiny_data, tmp_path / "r1"), "config": "nope"})
+    for key, bad in (("workers", {"workers": -1}), ("gpus_per_worker", {"workers": 0, "gpus_per_worker": -1.0})):
+        with pytest.raises(ValueError, match=f"^{key}: must be .* got -1$"):  # not silently "no Ray"
+            train_locdiff(**{**_params(tiny_data, tmp_path / "r1"), **bad})
+    assert not (tmp_path / "r1").exists()
     with pytest.raises(PermissionError, match="storage root .* pass a writable root"):
         train_locdiff(**{**_params(tiny_data, "/sys/locdiff-root")})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
