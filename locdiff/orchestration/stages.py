@@ -28,9 +28,9 @@ from locdiff.data.featurize import embed as data_embed
 from locdiff.data.ingest import ingest as data_ingest
 from locdiff.data.manifest import read_manifest, require_manifest
 from locdiff.data.shards import stage_dir
-from locdiff.data.storage import join
+from locdiff.data.storage import exists, is_remote, join
 from locdiff.data.stream import read_table
-from locdiff.errors import UserError
+from locdiff.errors import UserError, describe
 from locdiff.evaluation import evaluate_table
 from locdiff.methods import get_method
 from locdiff.model.config import Config
@@ -81,7 +81,20 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
     check_devices(config, num_workers, gpus_per_worker)  # not after hours of download and embedding
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     check_root(root)  # last: it creates the root
+    if is_remote(root):
+        check_remote_root(root)
     return config
+
+
+def check_remote_root(root: str) -> None:
+    """Fail early, naming the root, when an s3:// root cannot be reached (no credentials, no such endpoint):
+    the data stages would fail on their first read, naming neither."""
+    try:
+        exists(root)
+    except UserError:  # already one line naming the root (a URL that carries credentials: never repeated)
+        raise
+    except Exception as err:  # noqa: BLE001 - reported as one line; nothing has been written
+        raise UserError(f"storage root {root}: {describe(err)} (the `root` parameter)") from None
 
 
 # ---- data stages -----------------------------------------------------------------------------------

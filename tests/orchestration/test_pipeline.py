@@ -92,6 +92,15 @@ def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monke
     assert not (tmp_path / "r1").exists()
     with pytest.raises(PermissionError, match="storage root .* pass a writable root"):
         train_locdiff(**{**_params(tiny_data, "/sys/locdiff-root")})
+    with monkeypatch.context() as env:  # an s3:// root without credentials: named, before any work
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            env.delenv(key, raising=False)
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        env.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(ValueError, match=r"^storage root s3://bucket/locdiff: .*credentials.*`root` parameter"):
+            train_locdiff(**{**_params(tiny_data, "s3://bucket/locdiff")})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingUnavailable, match="infra/start.sh"):
         train_locdiff(**_params(tiny_data, tmp_path / "r2"))
