@@ -20,12 +20,13 @@ from flows.errors import one_line
 from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.params import DataSet
+from flows.retry import transient
 from flows.train import train
 from locdiff.orchestration import stages
 from locdiff.worlds.synth import ensure_benchmark
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, task_run_name="promote")
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE, retry_condition_fn=transient, task_run_name="promote")
 def promote(run_dir: str, tests: list[str], tracking_uri: str | None) -> dict | None:
     """Move the registry's `champion` alias to this run's model when it beats the champion."""
     return stages.promote(run_dir, tests, tracking_uri=tracking_uri)

@@ -108,16 +108,18 @@ def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monke
 
 
 def test_retries_only_transient_failures(prefect_api):
+    from botocore.exceptions import NoCredentialsError
     from prefect import flow, task
 
     from flows.retry import transient
 
     calls = {"bad": 0, "flaky": 0}
+    deterministic = [ValueError("bad row"), NoCredentialsError(), MemoryError()]
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient)
-    def bad_input():
+    def bad_input(err):
         calls["bad"] += 1
-        raise ValueError("bad row")
+        raise err
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient)
     def flaky():
@@ -128,9 +130,29 @@ def test_retries_only_transient_failures(prefect_api):
 
     @flow
     def both():
-        with pytest.raises(ValueError):
-            bad_input()
+        for err in deterministic:
+            with pytest.raises(type(err)):
+                bad_input(err)
         return flaky()
 
     assert both() == "ok"
-    assert calls == {"bad": 1, "flaky": 3}
+    assert calls == {"bad": len(deterministic), "flaky": 3}  # each deterministic error ran once
+
+
+def test_promote_does_not_retry_a_damaged_run_folder(prefect_api, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import promote
+
+    (tmp_path / "run.json").write_text("{not json")
+
+    @flow
+    def promote_only():
+        state = promote(str(tmp_path), ["t"], None, return_state=True)
+        return state.is_failed(), state.message, state.state_details.task_run_id
+
+    failed, message, task_run_id = promote_only()
+    assert failed and "run.json: not valid JSON" in message
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(task_run_id).run_count == 1  # not retried
