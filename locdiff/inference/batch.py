@@ -45,6 +45,7 @@ from locdiff.data.ingest import ingest as data_ingest
 from locdiff.data.shards import stage_dir
 from locdiff.errors import UserError
 from locdiff.inference.geolocator import Geolocator, check_top_k, with_gps_tags, write_locations
+from locdiff.inference.model_uri import MODEL_FORMS, check_location
 from locdiff.plots import locations_map
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, met
         raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {method!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
         raise UserError(f"shard_size must be an integer in [1, {MAX_SHARD_SIZE}]; got {shard_size!r}")
+    check_location(model, "model")  # a registry URI is resolved when loaded; a local one is checked here
+    if not model.startswith(("models:/", "runs:/")) and not Path(model).expanduser().exists():
+        raise UserError(f"model {model}: no such run folder or MLflow model folder; give {MODEL_FORMS}")
     return LocateJob(photos=photos, model=model, out=(out or default_out(photos)).rstrip("/"), top_k=top_k,
                      method=method, shard_size=shard_size, allow_private_addresses=allow_private_addresses)
 

@@ -78,3 +78,11 @@ def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
         locate_photos(photos=str(tmp_path), top_k=0)
     with pytest.raises(ValueError, match="http\\(s\\) input has no folder beside it"):
         locate_photos(photos="https://example.org/urls.csv")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.jpg")
+    with pytest.raises(ValueError, match=r"^model .*nope: no such run folder"):  # before the ingest
+        locate_photos(photos=str(folder), model=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"^model s3://b/m: not a model location"):
+        locate_photos(photos=str(folder), model="s3://b/m")
+    assert not (tmp_path / "new-located").exists()
