@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from locdiff.errors import TrackingUnavailable
 
@@ -39,6 +40,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     A `sqlite:///PATH` store is checked for a writable folder instead.
     """
     if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # user:password@ (sent by MLflow) is neither used for /health nor repeated
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:

@@ -35,6 +35,36 @@ def test_preflight_names_an_unreachable_mlflow_server(tmp_path):
     assert not root.exists()  # checked before the root is created
 
 
+def test_preflight_never_repeats_the_credentials_of_a_tracking_uri(tmp_path):
+    import http.server
+    import threading
+
+    from locdiff import pipeline
+    from locdiff.tracking import TrackingUnavailable
+
+    port = _free_port()
+    with pytest.raises(TrackingUnavailable) as err:  # nothing listens there
+        pipeline.preflight("tiny", str(tmp_path / "root"), tracking_uri=f"http://user:s3cret@127.0.0.1:{port}")
+    assert str(err.value).startswith(f"MLflow tracking server http://127.0.0.1:{port} is not reachable (")
+    assert "s3cret" not in str(err.value) and "user" not in str(err.value)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # a server that answers is found with credentials in its URI too (MLflow sends them)
+        pipeline.preflight("tiny", str(tmp_path / "root"),
+                           tracking_uri=f"http://user:s3cret@127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+
+
 def test_one_line_keeps_one_line_errors_and_rewrites_the_rest():
     from flows.errors import FlowFailed, one_line
     from locdiff.errors import UserError
