@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     data = (REPO / args.data).resolve()
     paths = write_demo_photos(data, args.n_train, args.n_test)
     print("== starting the local stack (infra/start.sh)", flush=True)
-    subprocess.run([str(REPO / "infra" / "start.sh")], cwd=REPO, env=env, check=True)
+    if subprocess.run([str(REPO / "infra" / "start.sh")], cwd=REPO, env=env).returncode != 0:
+        return 2  # start.sh said why, in one line
     try:
         print("== deploying train-locdiff (prefect.yaml)", flush=True)
         deploy(env)

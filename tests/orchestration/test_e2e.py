@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,21 @@ def test_start_fails_clearly_when_a_port_is_taken(tmp_path):
     assert proc.returncode != 0
     assert f"port {server.server_port}" in proc.stderr and "PREFECT_PORT" in proc.stderr
     assert not list(Path(tmp_path / "state" / "pids").glob("*.pid"))
+
+
+def test_demo_ends_with_start_sh_line_when_a_port_is_taken(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**demo.stack_env(tmp_path / "state"), "PREFECT_PORT": str(server.server_port)}
+        proc = subprocess.run([sys.executable, "-m", "flows.demo", "--n-train", "4", "--n-test", "2", "--data",
+                               str(tmp_path / "photos")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        server.shutdown()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # start.sh's line, no traceback after it
+    assert f"port {server.server_port}" in lines[0] and "PREFECT_PORT" in lines[0]
