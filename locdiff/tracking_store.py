@@ -34,14 +34,21 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` without the user:password@ of an http(s) URL: what a message or a log line may show."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingUnavailable with what to start when an http(s) tracking server does not answer.
 
     A `sqlite:///PATH` store is checked for a writable folder instead.
     """
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)  # user:password@ (sent by MLflow) is neither used for /health nor repeated
-        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+        uri = without_credentials(uri)  # user:password@ (sent by MLflow) is neither used for /health nor repeated
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:

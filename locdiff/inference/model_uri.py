@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from locdiff.errors import UserError
-from locdiff.tracking_store import check_tracking_uri, resolve_tracking_uri
+from locdiff.tracking_store import check_tracking_uri, resolve_tracking_uri, without_credentials
 
 LOADER_MODULE = "locdiff.inference.pyfunc"
 MODEL_FORMS = ("a run folder of `locdiff train`, a saved MLflow model folder, or a model URI models:/NAME@ALIAS, "
@@ -90,7 +90,7 @@ def _resolve(uri: str, tracking_uri: str | None
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=keep.name))
     except MlflowException as err:
         keep.cleanup()
-        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {turi})") from None
+        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {without_credentials(turi)})") from None
     finally:
         if bar is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)

@@ -35,11 +35,11 @@ def test_preflight_names_an_unreachable_mlflow_server(tmp_path):
     assert not root.exists()  # checked before the root is created
 
 
-def test_preflight_never_repeats_the_credentials_of_a_tracking_uri(tmp_path):
+def test_the_credentials_of_a_tracking_uri_are_never_repeated(tmp_path):
     import http.server
     import threading
 
-    from locdiff import pipeline
+    from locdiff import Geolocator, pipeline
     from locdiff.tracking import TrackingUnavailable
 
     port = _free_port()
@@ -58,9 +58,12 @@ def test_preflight_never_repeats_the_credentials_of_a_tracking_uri(tmp_path):
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://user:s3cret@127.0.0.1:{server.server_port}"
     try:  # a server that answers is found with credentials in its URI too (MLflow sends them)
-        pipeline.preflight("tiny", str(tmp_path / "root"),
-                           tracking_uri=f"http://user:s3cret@127.0.0.1:{server.server_port}")
+        pipeline.preflight("tiny", str(tmp_path / "root"), tracking_uri=uri)
+        with pytest.raises(ValueError) as err:  # the registry's answer (a 404 here) names the server without them
+            Geolocator.load("models:/locdiff@champion", tracking_uri=uri)
+        assert str(err.value).endswith(f"(tracking URI http://127.0.0.1:{server.server_port})")
     finally:
         server.shutdown()
 
