@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from locdiff.data.config import DatasetConfig, encoder_folder_name, load_dataset_config
 from locdiff.data.stream import DataSource
@@ -44,7 +44,7 @@ class DataSet(BaseModel):
     source: str | None = None  # data set config; default: name
     path: str | None = None  # --source PATH_OR_URL (folder, embeddings, gws15k)
     encoder: str = "clip-vit-l14"  # image encoder of the embed stage
-    limit: int | None = None  # first N metadata rows only
+    limit: int | None = Field(default=None, ge=0)  # first N metadata rows only
 
     @classmethod
     def parse(cls, obj: Any) -> DataSet:

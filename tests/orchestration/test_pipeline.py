@@ -79,6 +79,8 @@ def test_pipeline_runs_logs_and_skips(prefect_api, ray_local, tiny_data, tmp_pat
 
 
 def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monkeypatch):
+    from prefect.exceptions import ParameterTypeError
+
     from flows.pipeline import train_locdiff
     from locdiff.tracking import TrackingUnavailable
     from tests.orchestration.conftest import free_port
@@ -89,6 +91,9 @@ def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monke
     for key, bad in (("workers", {"workers": -1}), ("gpus_per_worker", {"workers": 0, "gpus_per_worker": -1.0})):
         with pytest.raises(ValueError, match=f"^{key}: must be .* got -1$"):  # not silently "no Ray"
             train_locdiff(**{**_params(tiny_data, tmp_path / "r1"), **bad})
+    params = _params(tiny_data, tmp_path / "r1")
+    with pytest.raises(ParameterTypeError, match=r"train_data\.limit: Input should be greater than or equal to 0"):
+        train_locdiff(**{**params, "train_data": {**params["train_data"], "limit": -1}})  # not "--limit"
     assert not (tmp_path / "r1").exists()
     with pytest.raises(PermissionError, match="storage root .* pass a writable root"):
         train_locdiff(**{**_params(tiny_data, "/sys/locdiff-root")})
