@@ -32,6 +32,8 @@ from locdiff.runs import RunFolder, encoder_record
 
 log = logging.getLogger(__name__)
 
+MAX_WORKERS, MAX_GPUS_PER_WORKER = 1024, 64  # the bounds of a training's Ray workers and GPUs per worker
+
 
 @dataclass
 class TrainOutcome:

@@ -5,11 +5,11 @@ t ~ U(0, 1), x_t = (1 - t) x0 + t x1, and an MLP regresses either the velocity x
 velocity`) or the clean point x1 (`target: x1`, the default: the velocity is then (x1_hat - x_t) / (1 - t);
 same path and sampler, a loss reweighted towards late t, which trains faster on small data).
 Sampling integrates dx/dt = v from t = 0 to 1 with `steps` Heun (or Euler) steps for `samples` noise draws
-per image; each end point is projected to the sphere. An image's noise is seeded by the seed and its own
-embedding (`locdiff.model.predict.row_seeds`), so its answer does not depend on the other images, their
-order or the batch size; images x samples integrated at once are bounded by CHUNK_POINTS. The answer is the sample with the most other samples
+per image; each end point is projected to the sphere. The answer is the sample with the most other samples
 within `mode_radius_km` ("mode") or the normalised mean ("mean"); the confidence is the fraction of
-samples supporting the answer (mode) or the mean resultant length (mean).
+samples supporting the answer (mode) or the mean resultant length (mean). An image's noise is seeded by the
+seed and its own embedding (`locdiff.model.predict.row_seeds`), so its answer does not depend on the other
+images, their order or the batch size; images x samples integrated at once are bounded by CHUNK_POINTS.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from locdiff.orchestration.ray_train import RayTrainSettings
 from locdiff.orchestration.spec import RunSpec
 from locdiff.resources import model_config_path
 from locdiff.runs import RunFolder, check_data_encoder
-from locdiff.training import check_devices, run, throughput_line
+from locdiff.training import MAX_GPUS_PER_WORKER, MAX_WORKERS, check_devices, run, throughput_line
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", metavar="NAME",
                    help="the image encoder that made the table's embeddings (configs/encoders/NAME.yaml or a "
                    "hub id), recorded in the run; a features folder's manifest says it itself")
-    p.add_argument("--workers", type=number_in(0, 1024), default=0, metavar="N",
+    p.add_argument("--workers", type=number_in(0, MAX_WORKERS), default=0, metavar="N",
                    help="train on Ray Train with N workers (a local Ray, or the cluster at RAY_ADDRESS)")
-    p.add_argument("--gpus-per-worker", type=number_in(0, 64, float), default=0.0, metavar="G",
+    p.add_argument("--gpus-per-worker", type=number_in(0, MAX_GPUS_PER_WORKER, float), default=0.0, metavar="G",
                    help="GPUs per Ray worker; without --workers, 1 trains this process on the local GPU "
                    "(refused when there is none)")
     p.add_argument("--storage", metavar="DIR_OR_S3",

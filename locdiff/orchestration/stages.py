@@ -38,13 +38,12 @@ from locdiff.orchestration.ray_train import RayTrainSettings
 from locdiff.orchestration.spec import DataSet, RunSpec, resolve_config
 from locdiff.runs import RunFolder, check_data_encoder
 from locdiff.throughput import THROUGHPUT_METRICS
-from locdiff.training import check_devices
+from locdiff.training import MAX_GPUS_PER_WORKER, MAX_WORKERS, check_devices
 from locdiff.training import run as train_run
 
 log = logging.getLogger(__name__)
 
 MLFLOW_RECORD = "mlflow.json"  # the run folder's MLflow run id (resumes log to the same run)
-MAX_WORKERS, MAX_GPUS_PER_WORKER = 1024, 64  # as `locdiff train` bounds them
 
 
 def check_root(root: str) -> None:
