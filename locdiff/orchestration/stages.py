@@ -28,7 +28,7 @@ from locdiff.data.featurize import embed as data_embed
 from locdiff.data.ingest import ingest as data_ingest
 from locdiff.data.manifest import read_manifest, require_manifest
 from locdiff.data.shards import stage_dir
-from locdiff.data.storage import exists, is_remote, join
+from locdiff.data.storage import check_writable, is_remote, join
 from locdiff.data.stream import read_table
 from locdiff.errors import UserError, describe
 from locdiff.evaluation import evaluate_table
@@ -47,8 +47,18 @@ MLFLOW_RECORD = "mlflow.json"  # the run folder's MLflow run id (resumes log to 
 
 
 def check_root(root: str) -> None:
-    """Fail early, naming the fix, when a local storage root cannot be created or written."""
-    if "://" in str(root):
+    """Fail early, naming the fix, when the storage root cannot be created or written: a local folder, or
+    an s3:// root without credentials, endpoint, bucket or access (`storage.check_writable`: the data stages
+    would fail on their first write, naming neither the path nor the parameter)."""
+    if is_remote(root):
+        try:
+            check_writable(root, "root", folder=True)
+        except UserError:  # one line already (a URL that carries credentials: never repeated)
+            raise
+        except Exception as err:  # noqa: BLE001 - reported as one line; nothing has been written
+            text = describe(err)
+            text = text.removeprefix(f"{root}: ")  # named once
+            raise UserError(f"storage root {root}: {text} (the `root` parameter)") from None
         return
     path = Path(root).expanduser()
     try:
@@ -79,21 +89,8 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
         raise UserError(f"gpus_per_worker: must be a number in [0, {MAX_GPUS_PER_WORKER}]; got {gpus_per_worker:g}")
     check_devices(config, num_workers, gpus_per_worker)  # not after hours of download and embedding
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
-    check_root(root)  # last: it creates the root
-    if is_remote(root):
-        check_remote_root(root)
+    check_root(root)  # last: it creates the root (or writes and removes an object in an s3:// one)
     return config
-
-
-def check_remote_root(root: str) -> None:
-    """Fail early, naming the root, when an s3:// root cannot be reached (no credentials, no such endpoint):
-    the data stages would fail on their first read, naming neither."""
-    try:
-        exists(root)
-    except UserError:  # already one line naming the root (a URL that carries credentials: never repeated)
-        raise
-    except Exception as err:  # noqa: BLE001 - reported as one line; nothing has been written
-        raise UserError(f"storage root {root}: {describe(err)} (the `root` parameter)") from None
 
 
 # ---- data stages -----------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_pipeline_runs_logs_and_skips(prefect_api, ray_local, tiny_data, tmp_pat
     assert fifth["stages"]["train"] == "skipped" and fifth["run_dir"] == fourth["run_dir"]
 
 
-def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monkeypatch):
+def test_bad_inputs_fail_before_any_work(prefect_api, moto_s3, tiny_data, tmp_path, monkeypatch):
     from prefect.exceptions import ParameterTypeError
 
     from flows.pipeline import train_locdiff
@@ -106,6 +106,9 @@ def test_bad_inputs_fail_before_any_work(prefect_api, tiny_data, tmp_path, monke
         env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
         with pytest.raises(ValueError, match=r"^storage root s3://bucket/locdiff: .*credentials.*`root` parameter"):
             train_locdiff(**{**_params(tiny_data, "s3://bucket/locdiff")})
+    with pytest.raises(ValueError, match=r"^storage root s3://no-such-bucket/locdiff: not found \(The specified bucket "
+                       r"does not exist\); .*`root` parameter\)$"):  # a bucket that does not exist: before any work
+        train_locdiff(**{**_params(tiny_data, "s3://no-such-bucket/locdiff")})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingUnavailable, match="infra/start.sh"):
         train_locdiff(**_params(tiny_data, tmp_path / "r2"))
