@@ -453,7 +453,7 @@ def check_checkpoint(state: dict[str, Any], path: str | os.PathLike, *, embed_di
 def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = None,
                    dim: int | None = None) -> dict[str, Any]:
     """What made the embeddings: from a features manifest's `encoder` section, or `--encoder NAME` for a
-    table (with its dimension)."""
+    table (with its dimension; a UserError when the encoder config states another width)."""
     enc: dict[str, Any] = dict((manifest or {}).get("encoder") or {})
     if name and not enc:
         enc = {"name": name}
@@ -462,7 +462,10 @@ def encoder_record(manifest: Mapping[str, Any] | None, *, name: str | None = Non
             enc = {"name": cfg.name, "type": cfg.type, "model": cfg.model, "revision": cfg.revision,
                    "normalize": cfg.normalize}
         except (ValueError, FileNotFoundError, OSError):
-            pass  # a free-form name: recorded as given
+            cfg = None  # a free-form name: recorded as given
+        if cfg is not None and cfg.dim is not None and dim is not None and int(dim) != cfg.dim:
+            raise UserError(f"--encoder {name}: makes {cfg.dim}-d embeddings, and the table's are {int(dim)}-d; "
+                            "give the encoder that made them (or none)")
     model = enc.get("model")
     if isinstance(model, str) and "://" not in model and not os.path.isabs(model) and os.path.isdir(model):
         enc["model"] = os.path.abspath(model)  # a local encoder folder given relative to where training ran

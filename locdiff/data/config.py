@@ -101,6 +101,7 @@ class EncoderConfig:
     storage_dtype: Literal["float16", "float32"] = "float16"  # dtype of KEY.emb.npy
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # autocast; auto: fp16 on GPU
     normalize: bool = True  # L2-normalise embeddings (CLIP convention)
+    dim: int | None = setting(None, ge=1, le=1 << 16)  # the width of its embeddings, where the config states it
     # None: cuda when available, else cpu
     device: str | None = setting(None, pattern=DEVICE_PATTERN, expect=DEVICE_EXPECT)
     ray_batch_size: int = setting(256, ge=1, le=65_536)

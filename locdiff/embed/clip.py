@@ -182,6 +182,9 @@ class ClipEncoder(ImageEncoder):
         self.model = self.model.eval().to(self.device)
         self.preprocess = ClipPreprocessor(cfg)
         self.dim = int(self.model.config.projection_dim)
+        if cfg.dim is not None and cfg.dim != self.dim:
+            raise UserError(f"encoder {cfg.name!r}: the config says dim {cfg.dim}, and {cfg.model} makes "
+                            f"{self.dim}-d embeddings; correct the config's dim")
         precision = cfg.precision
         if precision == "auto":
             precision = "float32" if self.device.type != "cuda" else (

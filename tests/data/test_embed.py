@@ -299,6 +299,20 @@ def test_an_encoder_that_cannot_load_is_one_line_naming_it_and_leaves_no_folder(
     assert not features.exists() or any(features.iterdir())  # nor an empty features/ of this run's making
 
 
+def test_an_encoder_config_stating_another_width_is_one_line(tiny_clip, ingested, tmp_path, capsys):
+    """An encoder config whose `dim` is not what its model makes (a model swapped under the config): refused
+    when the model loads, before any feature is written."""
+    root, _ = ingested
+    cfg = tmp_path / "wrong-dim.yaml"
+    cfg.write_text(f"name: wrong-dim\nmodel: {tiny_clip}\ndim: {PROJ + 1}\n")
+    rc = main(["data", "embed", "folder", "--root", str(root), "--encoder", str(cfg), "--runner", "local"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err == (f"locdiff data embed: error: encoder 'wrong-dim': the config says dim {PROJ + 1}, and {tiny_clip} "
+                   f"makes {PROJ}-d embeddings; correct the config's dim")
+    assert not (root / "folder" / "features" / "wrong-dim").exists()
+
+
 def test_loading_the_encoder_draws_no_progress_bar(tiny_clip, capsys):
     """transformers' "Loading weights" bar is not on stderr (the encoder's log line says what loaded)."""
     from transformers.utils import logging as hf_logging

@@ -316,6 +316,12 @@ def train_a_baseline_over_the_parameter_budget(w, tmp):  # 5.5e11 parameters: co
                                             "(baselines.regress: hidden 65536, depth 64;"]
 
 
+def train_with_an_encoder_of_another_width(w, tmp):  # the run would record CLIP ViT-L/14 for a 128-d table
+    argv = w.train_argv(tmp / "run")
+    return argv + ["--encoder", "clip-vit-l14"], ["--encoder clip-vit-l14: makes 768-d embeddings, and the "
+                                                  "table's are 128-d"]
+
+
 # -- tables ---------------------------------------------------------------------------------------------------
 
 def _not_parquet(tmp: Path) -> Path:
@@ -591,7 +597,7 @@ CASES: list[Case] = [
     run_config_unknown_key, run_config_out_of_range, run_config_out_of_range_resume, truncated_gallery,
     gallery_json_damaged, gallery_array_of_another_shape, resume_128d_run_with_64d_data, predict_64d_data_with_128d_run,
     resume_with_steps_minus_5, config_steps_minus_5, config_batch_size_minus_4, config_not_yaml,
-    train_a_baseline_over_the_parameter_budget,
+    train_a_baseline_over_the_parameter_budget, train_with_an_encoder_of_another_width,
     train_on_a_file_that_is_not_parquet, predict_on_a_file_that_is_not_parquet, predict_on_a_fifo,
     checkpoint_is_a_fifo_on_resume, truncated_parquet,
     train_on_a_table_with_nan, predict_on_a_table_with_nan, predict_on_a_table_with_a_huge_element,
