@@ -12,6 +12,7 @@ Bad input raises ValueError naming the file, the column and the first bad row.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -37,6 +38,9 @@ ROW_GROUP_ROWS = 65_536
 # rows of a predictions table (`read_predictions`: evaluate) read whole, checked from the Parquet metadata before
 # a row is read (about 230 bytes of memory a row: 3.9 GB); a few MB of repeated rows could hold billions
 MAX_PREDICTION_ROWS = 1 << 24
+# numbers of the embedding column converted at a time by `read_embeddings` (2 MB of float32): its peak is the
+# embeddings once plus a few such batches
+STREAM_FLOATS = 1 << 19
 
 PathLike = str | os.PathLike
 
@@ -217,6 +221,13 @@ def embedding_table_from_arrow(table: pa.Table, source: PathLike = "<table>", *,
         source: the file it came from, named in error messages.
         labelled: True to require `lat`/`lon`, False to ignore them, None to read them when present.
     """
+    return _embedding_table(table, source, labelled,
+                            lambda: _embeddings(_column(table, "embedding", source), source))
+
+
+def _embedding_table(table: pa.Table, source: PathLike, labelled: bool | None, embeddings) -> EmbeddingTable:
+    """`embedding_table_from_arrow` with the embeddings from `embeddings()`, called after the other columns'
+    checks (their errors come first)."""
     ids = _ids(_column(table, "id", source), source)
     has = [c in table.column_names for c in ("lat", "lon")]
     if labelled is True or (labelled is None and any(has)):
@@ -225,7 +236,7 @@ def embedding_table_from_arrow(table: pa.Table, source: PathLike = "<table>", *,
         _check_coords(lat, lon, source)
     else:
         lat = lon = None
-    emb = _embeddings(_column(table, "embedding", source), source)
+    emb = embeddings()
     return EmbeddingTable(ids=ids, lat=lat, lon=lon, embedding=emb, source=str(source))
 
 
@@ -237,8 +248,125 @@ def read_embeddings(path: PathLike, *, labelled: bool | None = None) -> Embeddin
         ValueError: naming the file, column and first bad row, for a missing column, embeddings of
             different lengths, NaN/inf or null in an embedding, coordinates NaN or out of range,
             duplicate or null ids.
+
+    The embedding column is read batch by batch into one float32 array (`_stream_embeddings`): the peak is
+    about the embeddings once (an Arrow table of them, converted whole, held them about 5 times).
     """
+    files = _plain_parquet_files(path)
+    if files is None:  # missing, unreadable or not one plain table: the whole-table reader names the problem
+        return embedding_table_from_arrow(_read_parquet(path), path, labelled=labelled)
+    fs, names = files
+    with contextlib.ExitStack() as stack:
+        try:
+            opened = [stack.enter_context(pq.ParquetFile(f if fs is None else stack.enter_context(fs.open(f, "rb")),
+                                                         buffer_size=1 << 20, pre_buffer=False)) for f in names]
+            schemas = [pf.schema_arrow for pf in opened]
+            if not all(_streamable(s, schemas[0]) for s in schemas):
+                opened = None
+            else:  # every column but the embedding, read whole and joined as `_read_parquet` joins the files
+                others = pa.concat_tables([pf.read(columns=[c for c in s.names if c != "embedding"])
+                                           for pf, s in zip(opened, schemas, strict=True)],
+                                          promote_options="permissive")
+        except (pa.ArrowException, OSError):  # not Parquet, or files that do not join
+            opened = None
+        if opened is not None:
+            try:
+                return _embedding_table(others, path, labelled,
+                                        lambda: _stream_embeddings(opened, schemas[0].field("embedding").type, path))
+            except (pa.ArrowException, OSError):  # a corrupt page: the whole-table reader's message
+                pass
     return embedding_table_from_arrow(_read_parquet(path), path, labelled=labelled)
+
+
+def _plain_parquet_files(path: PathLike) -> tuple[Any, list[str]] | None:
+    """(filesystem or None, the Parquet files of the table at `path` in reading order), or None for anything
+    `_read_parquet` reads otherwise or refuses: a missing path, an empty folder, a folder holding other files
+    (remote) or special files (local)."""
+    fs, p = filesystem_of(path)
+    try:
+        if fs is None:
+            if not os.path.isdir(p):
+                return (None, [p]) if os.path.isfile(p) else None
+            files = sorted(str(f) for f in Path(p).rglob("*.parquet"))
+            return (None, files) if files and all(os.path.isfile(f) for f in files) else None
+        if not fs.exists(p):
+            return None
+        if not fs.isdir(p):
+            return fs, [p]
+        files = sorted(fs.find(p))  # the dataset `pq.read_table` reads: every file, in name order
+        plain = all(f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith((".", "_")) for f in files)
+        return (fs, files) if files and plain else None
+    except OSError:
+        return None
+
+
+def _streamable(schema: pa.Schema, first: pa.Schema) -> bool:
+    """Whether a file of this schema is read column by column: unique names, an id and a list-of-numbers
+    embedding of the first file's type (anything else: the whole-table reader's message)."""
+    names = schema.names
+    if len(set(names)) != len(names) or "id" not in names or "embedding" not in names:
+        return False
+    t = schema.field("embedding").type
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
+            and t == first.field("embedding").type)
+
+
+def _stream_embeddings(files: list[pq.ParquetFile], t: pa.DataType, path: PathLike) -> np.ndarray:
+    """The embedding column of `files` (one table, type `t`) as one float32 (N, d) array, N from the metadata,
+    filled batch by batch (of about STREAM_FLOATS numbers). The checks are `_embeddings`' over the whole
+    column: the first bad row of the first check (in its order) that any row fails."""
+    n = sum(pf.metadata.num_rows for pf in files)
+    if n == 0:
+        return np.zeros((0, t.list_size if pa.types.is_fixed_size_list(t) else 0), np.float32)
+    first: dict[int, RowError] = {}  # check (0 null row, 1 length, 2 empty, 3 null element, 4 value) -> first bad
+    out = None
+    dim = -1
+    row = 0
+    for pf in files:
+        for batch in pf.iter_batches(batch_size=_batch_rows(pf), columns=["embedding"], use_threads=False):
+            arr = batch.column(0)
+            k = len(arr)
+            if not k:
+                continue
+            if arr.null_count:  # nothing comes before it
+                raise _bad(path, "embedding", row + _first_bad(arr.is_null().to_numpy(zero_copy_only=False)),
+                           "embedding is null")
+            lengths = pc.list_value_length(arr).to_numpy()
+            if dim < 0:
+                dim = int(lengths[0])
+                if dim == 0:
+                    first[2] = _bad(path, "embedding", 0, "embedding is empty")
+            if 1 not in first and (lengths != dim).any():
+                r = _first_bad(lengths != dim)
+                first[1] = _bad(path, "embedding", row + r,
+                                f"embedding has length {lengths[r]}, but row 0 has {dim} (all rows must match)")
+            if not first.keys() & {1, 2, 3}:
+                values = arr.flatten()  # respects offsets/slices; zero-copy
+                if values.null_count:
+                    flat = _first_bad(values.is_null().to_numpy(zero_copy_only=False))
+                    first[3] = _bad(path, "embedding", row + flat // dim, f"element {flat % dim} of the embedding "
+                                    "is null")
+                elif not first:
+                    emb = values.to_numpy(zero_copy_only=False).reshape(k, dim)
+                    if (bad := first_bad_embedding(emb)) is not None:
+                        first[4] = _bad(path, "embedding", row + bad[0], bad[1])
+                    else:
+                        if out is None:
+                            out = np.empty((n, dim), np.float32)
+                        out[row:row + k] = emb  # the cast to float32, as `_embeddings`' astype
+            row += k
+    if first:
+        raise first[min(first)]
+    return out
+
+
+def _batch_rows(pf: pq.ParquetFile) -> int:
+    """Rows of a batch of about STREAM_FLOATS numbers of the embedding column (from the metadata)."""
+    meta = pf.metadata
+    leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "embedding"]
+    values = sum(meta.row_group(g).column(i).num_values for g in range(meta.num_row_groups) for i in leaves)
+    return max(1, min(ROW_GROUP_ROWS, STREAM_FLOATS * max(meta.num_rows, 1) // max(values, 1)))
 
 
 def embedding_table_to_arrow(table: EmbeddingTable) -> pa.Table:

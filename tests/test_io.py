@@ -1,5 +1,7 @@
 """The embeddings and predictions formats: round trips and every bad-input case."""
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,3 +177,102 @@ def test_a_write_removes_the_temporary_files_of_killed_writers_only(tmp_path):
     write_predictions(table, ["a"], None, None, [1.0], [2.0])
     write_file_atomic(png, b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png", "p.parquet", "p.parquet.tmp-1"]
+
+
+def _reference(files):
+    """The embeddings as a plain whole-table read gives them (the reader before the batched one)."""
+    col = pa.concat_tables([pq.read_table(f) for f in files]).column("embedding").combine_chunks()
+    n = len(col)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["fixed32", "list32", "list64", "large64"])
+@pytest.mark.parametrize("folder", [False, True])
+def test_the_batched_reader_gives_the_whole_table_byte_for_byte(tmp_path, monkeypatch, kind, folder):
+    """The embedding column is read in batches (here of 5 rows) into one array across row groups (of 7 rows)
+    and files: the same bytes as a whole-table read, for fixed-size and variable lists of float32 and float64."""
+    import locdiff.io
+
+    monkeypatch.setattr(locdiff.io, "STREAM_FLOATS", 40)
+    value = pa.float32() if kind.endswith("32") else pa.float64()
+    typ = {"fixed32": pa.list_(value, 8), "list32": pa.list_(value), "list64": pa.list_(value),
+           "large64": pa.large_list(value)}[kind]
+    rng = np.random.default_rng(1)
+    files = []
+    for i, n in enumerate([23, 9, 16] if folder else [23]):
+        emb = rng.normal(size=(n, 8)).astype(np.float64)
+        cols = {"id": pa.array([f"f{i}r{r}" for r in range(n)]), "lat": pa.array(rng.uniform(-80, 80, n)),
+                "lon": pa.array(rng.uniform(-180, 180, n)), "embedding": pa.array(list(emb), typ)}
+        files.append(tmp_path / "t" / f"part{i}.parquet")
+        files[-1].parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table(cols), files[-1], row_group_size=7)
+    t = read_embeddings(tmp_path / "t" if folder else files[0])
+    ref = _reference(files)
+    assert t.embedding.dtype == np.float32 and t.embedding.shape == ref.shape
+    assert t.embedding.tobytes() == ref.tobytes()
+    whole = pa.concat_tables([pq.read_table(f) for f in files])
+    assert list(t.ids) == whole.column("id").to_pylist()
+    np.testing.assert_array_equal(t.lat, whole.column("lat").to_numpy())
+
+
+@pytest.mark.parametrize("first,later,problem", [
+    ("nan", "null_element", "row 30: element 2 of the embedding is null"),
+    ("nan", "short", "row 30: embedding has length 3, but row 0 has 8"),
+    ("short", "null_row", "row 30: embedding is null"),
+    ("big", "nan", "row 3: element 2 of the embedding is 1e+07, beyond"),
+])
+def test_the_batched_reader_names_the_row_the_whole_table_check_named(tmp_path, monkeypatch, first, later, problem):
+    """A bad row in a later batch (and row group) of a kind checked first is the one named, as when the column
+    was checked whole."""
+    import locdiff.io
+
+    monkeypatch.setattr(locdiff.io, "STREAM_FLOATS", 40)
+    emb = np.random.default_rng(2).normal(size=(40, 8)).tolist()
+    for row, what in ((3, first), (30, later)):
+        if what == "null_row":
+            emb[row] = None
+        elif what == "short":
+            emb[row] = emb[row][:3]
+        else:
+            emb[row][2] = {"nan": float("nan"), "big": 1e7, "null_element": None}[what]
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(40)], "embedding": pa.array(emb, pa.list_(pa.float64()))}),
+                   path, row_group_size=16)
+    with pytest.raises(ValueError, match=rf"bad\.parquet: column 'embedding', {re.escape(problem)}"):
+        read_embeddings(path)
+
+
+MEMORY_DRIVER = r"""
+import sys
+from pathlib import Path
+from locdiff.io import read_embeddings
+def kb(field):
+    return int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                    if ln.startswith(field + ":")).split()[1])
+rss = kb("VmRSS")
+t = read_embeddings(sys.argv[1])
+print(t.embedding.nbytes // 1000, kb("VmHWM") - rss)
+"""
+
+
+def test_reading_a_table_whole_peaks_near_its_embeddings_once(tmp_path):
+    """100,000 x 512 float32 (205 MB of embeddings) once peaked at about 1 GB above the process (the Arrow table
+    of them, the combined chunks and the checks' temporaries); read batch by batch into one array the peak is
+    the embeddings once plus a few MB. Measured in a fresh process: VmHWM above its resident size before."""
+    import subprocess
+    import sys
+
+    from tests.faults.helpers import REPO
+
+    n, d = 50_000, 512
+    path = tmp_path / "big.parquet"
+    emb = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    write_embeddings(path, EmbeddingTable(ids=np.array([f"r{i}" for i in range(n)], object), lat=np.zeros(n),
+                                          lon=np.zeros(n), embedding=emb))
+    del emb
+    proc = subprocess.run([sys.executable, "-c", MEMORY_DRIVER, str(path)], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    emb_kb, peak_kb = map(int, proc.stdout.split())
+    assert emb_kb == n * d * 4 // 1000
+    assert peak_kb < 2.5 * emb_kb, (peak_kb, emb_kb)
