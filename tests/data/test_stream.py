@@ -111,6 +111,36 @@ def test_one_reader_for_everything(sources, tmp_path):
     np.testing.assert_allclose(std, t.embedding.std(0, ddof=1), rtol=1e-4)
 
 
+def test_a_table_in_s3_reads_whole_as_its_local_copy(s3, tmp_path):
+    """`read_table` of an s3:// file or folder (several files and row groups, its embedding column read batch
+    by batch) gives the arrays of the local copy, and `read_embeddings` names a bad row in the URL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from locdiff.io import embedding_table_to_arrow, read_embeddings
+
+    from .conftest import upload
+
+    t = _table(300)
+    local = tmp_path / "tab"
+    local.mkdir()
+    at = embedding_table_to_arrow(t)
+    for i, (a, b) in enumerate([(0, 120), (120, 300)]):
+        pq.write_table(at.slice(a, b - a), local / f"part-{i}.parquet", row_group_size=50)
+    emb = at.column("embedding").to_pylist()
+    emb[170][2] = float("nan")
+    pq.write_table(at.set_column(3, "embedding", pa.array(emb, pa.list_(pa.float64()))), tmp_path / "bad.parquet")
+    upload(local, "s3://data/stream-tab")
+    upload(tmp_path, "s3://data/stream-bad")
+    for sub in ("", "/part-1.parquet"):
+        got, want = read_table(f"s3://data/stream-tab{sub}"), read_table(str(local) + sub)
+        assert list(got.ids) == list(want.ids) and got.embedding.tobytes() == want.embedding.tobytes()
+    assert len(got) == 180 and read_table("s3://data/stream-tab").embedding.tobytes() == t.embedding.tobytes()
+    with pytest.raises(ValueError, match=r"^s3://data/stream-bad/bad.parquet: column 'embedding', row 170: "
+                                         r"element 2 of the embedding is nan"):
+        read_embeddings("s3://data/stream-bad/bad.parquet")
+
+
 def test_too_few_rows_for_the_workers_is_a_clear_error():
     src = TableSource(_table(n=3))
     with pytest.raises(ValueError, match="too few for 4 workers"):
