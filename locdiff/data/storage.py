@@ -192,8 +192,9 @@ def _too_big(path: str, max_bytes: int) -> TooBigError:
     return TooBigError(f"{path}: larger than the limit of {max_bytes:,} bytes")
 
 
-def read_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool = True) -> bytes:
-    """A local regular file's bytes, at most `max_bytes` of them (TooBigError past that).
+def open_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool = True) -> IO[bytes]:
+    """A local regular file opened for reading, when it holds at most `max_bytes` (TooBigError past that;
+    a reader of it in blocks checks the bytes it reads too: the file may grow).
 
     Devices, FIFOs, sockets and folders are refused as FileNotFoundError ("not a regular file"): a
     read never blocks on a pipe nor runs on forever (/dev/zero). With follow_symlinks=False a symlink
@@ -210,11 +211,18 @@ def read_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool
     if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which names a folder by its descriptor number
         os.close(fd)
         raise FileNotFoundError(f"{path}: not a regular file")
-    with os.fdopen(fd, "rb") as f:
+    if max_bytes is not None and st.st_size > max_bytes:
+        os.close(fd)
+        raise _too_big(path, max_bytes)
+    return os.fdopen(fd, "rb")
+
+
+def read_local(path: str, *, max_bytes: int | None = None, follow_symlinks: bool = True) -> bytes:
+    """A local regular file's bytes, at most `max_bytes` of them (TooBigError past that); what `open_local`
+    refuses is refused."""
+    with open_local(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks) as f:
         if max_bytes is None:
             return f.read()
-        if st.st_size > max_bytes:
-            raise _too_big(path, max_bytes)
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew while being read
         raise _too_big(path, max_bytes)

@@ -14,6 +14,7 @@ import math
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +136,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_checksum(data: bytes, *, sha256: str | None = None, md5: str | None = None, what: str = "") -> str:
-    """The sha256 of `data`; ChecksumError when it differs from a given sha256 or md5."""
-    digest = sha256_bytes(data)
+def check_checksum(data: bytes | Iterable[bytes], *, sha256: str | None = None, md5: str | None = None,
+                   what: str = "") -> str:
+    """The sha256 of `data` (bytes, or a file's blocks in order: never joined); ChecksumError when it differs
+    from a given sha256 or md5."""
+    h, h5 = hashlib.sha256(), hashlib.md5() if md5 else None
+    for block in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+        h.update(block)
+        if h5 is not None:
+            h5.update(block)
+    digest = h.hexdigest()
     if sha256 and digest != sha256.lower():
         raise ChecksumError(f"{what}: sha256 {digest} differs from the expected {sha256}")
-    if md5 and hashlib.md5(data).hexdigest() != md5.lower():
-        raise ChecksumError(f"{what}: md5 {hashlib.md5(data).hexdigest()} differs from the expected {md5}")
+    if md5 and h5 is not None and h5.hexdigest() != md5.lower():
+        raise ChecksumError(f"{what}: md5 {h5.hexdigest()} differs from the expected {md5}")
     return digest
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from locdiff.data import storage
 from locdiff.data.config import load_dataset_config
 from locdiff.data.features import load_features
 from locdiff.data.ingest import ingest
@@ -108,6 +109,8 @@ def test_embeddings_parquet_source(where, served, s3, tmp_path):
         src, root = "s3://fixtures/emb/emb.parquet", "s3://data/emb"
     manifest = ingest("embeddings", root, source=src, config=small_config("embeddings"), progress=False)
     assert manifest["skipped"] == exp.skipped and manifest["count"] == len(exp.good)
+    scratch = Path(storage.local_tmp_dir(stage_dir(root, "embeddings", "features", "precomputed")))
+    assert not list(scratch.glob("source-*"))  # an s3 table's local copy is removed once read
     table = load_features(root, "embeddings", "precomputed")
     keep = [i for i in range(len(emb)) if f"e{i}" in exp.good]
     assert list(table.ids) == [f"e{i}" for i in keep]
