@@ -7,6 +7,7 @@ Run `python -m tests.data.fixtures OUT` to write the whole set to a folder and l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from locdiff.data import storage
 from locdiff.data.shards import decode_sample, iter_shard_samples
 
 HERE = Path(__file__).resolve().parent
@@ -322,3 +324,25 @@ if __name__ == "__main__":
                      ("osv5m", build_osv5m), ("gws15k", build_gws15k), ("folder", build_folder)]:
         fn(target / name, "http://127.0.0.1:8000/" + name)
     print(f"wrote fixtures to {os.path.abspath(target)}")
+
+
+@contextlib.contextmanager
+def killed_before_placing(monkeypatch, shard: str):
+    """Inside: a stage's `storage.put_file_atomic` raises KeyboardInterrupt before it moves `shard` into place
+    (the state a SIGKILL leaves there; the scratch file is cleared on re-run), which the block must meet;
+    restored after."""
+    import pytest
+
+    real = storage.put_file_atomic
+
+    def put(tmp, path):  # noqa: ANN001
+        if path.endswith(shard):
+            raise KeyboardInterrupt
+        real(tmp, path)
+
+    monkeypatch.setattr(storage, "put_file_atomic", put)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(storage, "put_file_atomic", real)

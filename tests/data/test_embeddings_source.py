@@ -20,6 +20,8 @@ from locdiff.data.config import load_dataset_config
 from locdiff.data.features import load_features
 from locdiff.data.ingest import ingest
 
+from .fixtures import killed_before_placing
+
 REPO = Path(__file__).resolve().parents[2]
 N, DIM = 70, 8
 
@@ -110,24 +112,13 @@ def test_a_table_with_bad_rows_gives_the_same_shards_skips_and_manifest(tmp_path
 def test_an_ingest_killed_between_shards_resumes_to_the_same_shards_and_manifest(tmp_path, monkeypatch):
     """Shards are written as the table is read; a run killed after two of them, run again, keeps those two and
     ends as an uninterrupted run does."""
-    from locdiff.data import storage
-
     _bad_rows_table(tmp_path / "t.parquet", pa.list_(pa.float32()))
     src, cfg = str(tmp_path / "t.parquet"), load_dataset_config("embeddings", shard_size=7)
-    real = storage.put_file_atomic
-
-    def killed_at_the_third_shard(tmp, path):  # noqa: ANN001
-        if path.endswith("shard-000002.tar"):
-            raise KeyboardInterrupt  # the state a SIGKILL leaves there (the scratch file is cleared on re-run)
-        real(tmp, path)
-
-    monkeypatch.setattr(storage, "put_file_atomic", killed_at_the_third_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_placing(monkeypatch, "shard-000002.tar"):
         ingest("embeddings", str(tmp_path / "root"), source=src, config=cfg, progress=False)
     stage = tmp_path / "root" / "embeddings" / "features" / "precomputed"
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in stage.glob("shard-*.tar")}
     assert sorted(finished) == ["shard-000000.tar", "shard-000001.tar"] and not (stage / "manifest.json").exists()
-    monkeypatch.setattr(storage, "put_file_atomic", real)
     resumed = ingest("embeddings", str(tmp_path / "root"), source=src, config=cfg, progress=False)
     clean = ingest("embeddings", str(tmp_path / "clean"), source=src, config=cfg, progress=False)
     assert resumed == clean and [s["sha256"] for s in resumed["shards"]] == REFERENCE["float32-all"]

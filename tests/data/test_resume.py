@@ -14,7 +14,7 @@ import pytest
 
 from locdiff.data.config import configs_dir
 
-from .fixtures import build_folder
+from .fixtures import build_folder, killed_before_placing
 
 CLI = "import sys; from locdiff.cli import main; sys.exit(main())"
 
@@ -74,7 +74,6 @@ def test_killed_ingest_resumes_to_the_same_manifest(tmp_path, monkeypatch):
 def test_a_run_killed_while_rewriting_a_stage_does_not_keep_the_old_shard(tmp_path, monkeypatch):
     """An ingest with other settings rewrites the stage's shards; killed after a shard's progress record and
     before its rename, the re-run must not take the earlier ingest's shard of that name for a finished one."""
-    from locdiff.data import storage
     from locdiff.data.config import load_dataset_config
     from locdiff.data.ingest import ingest
 
@@ -83,17 +82,8 @@ def test_a_run_killed_while_rewriting_a_stage_does_not_keep_the_old_shard(tmp_pa
     ingest("folder", root, source=src, config=load_dataset_config("folder", shard_size=4, max_side=96),
            progress=False)
     cfg = load_dataset_config("folder", shard_size=4, max_side=48)
-    real = storage.put_file_atomic
-
-    def killed_before_the_second_rename(tmp, path):  # noqa: ANN001
-        if path.endswith("shard-000001.tar"):
-            raise KeyboardInterrupt  # the state a SIGKILL leaves there (the scratch file is cleared on re-run)
-        real(tmp, path)
-
-    monkeypatch.setattr(storage, "put_file_atomic", killed_before_the_second_rename)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_placing(monkeypatch, "shard-000001.tar"):
         ingest("folder", root, source=src, config=cfg, progress=False)
-    monkeypatch.setattr(storage, "put_file_atomic", real)
     resumed = ingest("folder", root, source=src, config=cfg, progress=False)
     clean = ingest("folder", str(tmp_path / "clean"), source=src, config=cfg, progress=False)
     assert resumed == clean
