@@ -25,6 +25,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "cuda_version": torch.version.cuda,  # the CUDA build torch was compiled for (None: a CPU build)
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

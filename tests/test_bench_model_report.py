@@ -107,3 +107,15 @@ def test_save_removes_the_temporary_file_of_a_killed_save(tmp_path):
     (tmp_path / f".mine.json.tmp-{dead}").write_text('{"machi')  # as a save killed inside its write leaves
     save(tmp_path / "mine.json", {"results": {"a": 1}})
     assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]
+
+
+def test_saved_results_state_the_machine_they_were_measured_on(tmp_path):
+    """Every benchmark's JSON states its CPUs, torch threads, and torch and CUDA versions."""
+    import torch
+
+    from benchmarks.common import save
+
+    out = save(tmp_path / "mine.json", {"results": {"a": 1}})
+    m = json.loads(out.read_text())["machine"]
+    assert m["cpus"] >= 1 and m["torch_threads"] == torch.get_num_threads() and m["torch"] == torch.__version__
+    assert "cuda_version" in m and m["cuda_version"] == torch.version.cuda
