@@ -154,13 +154,15 @@ def _copy_gallery(src: Path, dst: Path) -> bool:
 
 
 def signature() -> Any:
-    """The model signature: inputs id/image/embedding (all optional), outputs SIGNATURE_OUTPUTS, params
-    top_k and method."""
+    """The model signature: inputs id/image/embedding (all optional; `embedding` of any type, checked per row
+    by the model), outputs SIGNATURE_OUTPUTS, params top_k and method."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+    # `embedding` is checked row by row by the model (LocDiffModel.predict): as Array(double), MLflow refused
+    # the whole request for one row of text, or for rows of whole numbers sent as JSON integers
     inputs = Schema([ColSpec("string", "id", required=False), ColSpec("binary", "image", required=False),
-                     ColSpec(Array("double"), "embedding", required=False)])
+                     ColSpec(AnyType(), "embedding", required=False)])
     outputs = Schema([ColSpec("string", "id"), ColSpec("double", "lat"), ColSpec("double", "lon"),
                       ColSpec("double", "confidence"), ColSpec("double", "confidence_radius_km"),
                       ColSpec("string", "place"), ColSpec("double", "place_km"), ColSpec("string", "method"),

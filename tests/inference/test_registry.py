@@ -75,6 +75,20 @@ def test_pyfunc_predict_in_process(trained, photos):
     assert out["lat"][1] is None and "undecodable" in out["error"][1]  # null in JSON (issue 20 item 4)
 
 
+def test_a_bad_embedding_row_does_not_fail_the_request(trained):
+    """MLflow checks the request against the signature before the model runs: with `embedding` as
+    Array(double), one row of text refused the whole request (and whole numbers, as JSON integers, too)."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/locdiff@champion")
+    good = np.random.default_rng(4).normal(size=16)
+    out = model.predict(pd.DataFrame({"embedding": [list(good), ["a"] * 16, [1] * 16]}))
+    ref = Geolocator.load(trained["run_dir"]).locate_embeddings(np.stack([good, np.ones(16)]))
+    assert out["lat"][0] == pytest.approx(ref[0].lat, abs=1e-3) and out["error"][0] == ""
+    assert out["lat"][1] is None and "not a list of numbers" in out["error"][1]
+    assert out["lat"][2] == pytest.approx(ref[1].lat, abs=1e-3) and out["error"][2] == ""
+
+
 def test_versions_carry_metrics_and_the_champion_moves_only_when_beaten(trained, store):
     from mlflow.tracking import MlflowClient
 
