@@ -31,7 +31,7 @@ import yaml
 
 from locdiff import runs
 from locdiff.inference import pyfunc
-from locdiff.methods import get_method
+from locdiff.methods import GeoMethod, get_method
 from locdiff.metrics import ACCURACY_KEYS, THRESHOLDS_KM
 from locdiff.model.config import read_run_config
 from locdiff.tracking_store import (
@@ -244,8 +244,9 @@ def promote(version: str, tests: Sequence[str], *, tracking_uri: str | None = No
     return {"champion": str(champ.version), "moved": False, "reason": reason}
 
 
-def load_logged_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None):
-    """The method (a `locdiff.methods.LocDiffMethod`, ready to predict) of a model logged by `log_model`:
+def load_logged_model(model_uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None
+                      ) -> GeoMethod:
+    """The method (a `locdiff.model.locdiff_method.LocDiffMethod`, ready to predict) of a model logged by `log_model`:
     downloaded (to `dst`, default a temporary folder) and read from its data folder as a run folder is.
     (`locdiff.Geolocator.load(model_uri)` gives the whole predictor, encoder and place names included.)"""
     import mlflow

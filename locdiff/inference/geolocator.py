@@ -103,9 +103,11 @@ class Location:
 
     @property
     def ok(self) -> bool:
+        """True when the photo was located (no `error`)."""
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict, `modes` as a tuple of dicts."""
         return dataclasses.asdict(self)
 
 
@@ -150,6 +152,7 @@ class Geolocator:
     # -- the encoder -------------------------------------------------------------------------------------
     @property
     def embedding_dim(self) -> int:
+        """The dimension d of the embeddings the model takes (its image encoder's)."""
         return int(self.method.model.embed_dim)
 
     @property
