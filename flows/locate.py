@@ -54,7 +54,7 @@ def locate_photos(photos: str, model: str = "models:/locdiff@champion", out: str
     with one_line():
         t0 = time.monotonic()
         job = batch.plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
-                         allow_private_addresses=allow_private_addresses)
+                         allow_private_addresses=allow_private_addresses, tracking_uri=tracking_uri)
         job = ingest_photos(job)
         job = embed_and_predict(job, tracking_uri)
         run_id = log_run(job, time.monotonic() - t0, tracking_uri)

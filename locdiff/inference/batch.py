@@ -45,7 +45,7 @@ from locdiff.data.ingest import ingest as data_ingest
 from locdiff.data.shards import stage_dir
 from locdiff.errors import UserError
 from locdiff.inference.geolocator import Geolocator, check_top_k, with_gps_tags, write_locations
-from locdiff.inference.model_uri import MODEL_FORMS, check_location
+from locdiff.inference.model_uri import MODEL_FORMS, check_location, check_registered
 from locdiff.plots import locations_map
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,10 @@ def default_out(photos: str) -> str:
 
 
 def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, method: str = "locdiff",
-         shard_size: int = 1000, allow_private_addresses: bool = False) -> LocateJob:
-    """Check the parameters (nothing is read or written) and name the output folder."""
+         shard_size: int = 1000, allow_private_addresses: bool = False,
+         tracking_uri: str | None = None) -> LocateJob:
+    """Check the parameters (nothing is written; a registry model is looked up, not downloaded) and name the
+    output folder."""
     if not photos:
         raise UserError("photos: give a folder, URL list (CSV) or s3:// prefix of photos")
     check_top_k(top_k)
@@ -101,11 +103,13 @@ def plan(photos: str, model: str, *, out: str | None = None, top_k: int = 5, met
         raise UserError(f"method must be 'locdiff' or 'locdiff-h'; got {method!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
         raise UserError(f"shard_size must be an integer in [1, {MAX_SHARD_SIZE}]; got {shard_size!r}")
-    check_location(model, "model")  # a registry URI is resolved when loaded; a local one is checked here
+    check_location(model, "model")  # a registry URI is downloaded when loaded; it must exist before the ingest
     if not model.startswith(("models:/", "runs:/")) and not Path(model).expanduser().exists():
         raise UserError(f"model {model}: no such run folder or MLflow model folder; give {MODEL_FORMS}")
-    return LocateJob(photos=photos, model=model, out=(out or default_out(photos)).rstrip("/"), top_k=top_k,
-                     method=method, shard_size=shard_size, allow_private_addresses=allow_private_addresses)
+    out = (out or default_out(photos)).rstrip("/")
+    check_registered(model, tracking_uri)  # last: the other parameters are checked without the registry
+    return LocateJob(photos=photos, model=model, out=out, top_k=top_k, method=method, shard_size=shard_size,
+                     allow_private_addresses=allow_private_addresses)
 
 
 def ingest(job: LocateJob) -> dict[str, Any]:
@@ -233,7 +237,7 @@ def locate_photos(photos: str, model: str = "models:/locdiff@champion", *, out: 
     """All stages in this process (the flow runs the same stages as tasks); returns a summary."""
     t0 = time.monotonic()
     job = plan(photos, model, out=out, top_k=top_k, method=method, shard_size=shard_size,
-               allow_private_addresses=allow_private_addresses)
+               allow_private_addresses=allow_private_addresses, tracking_uri=tracking_uri)
     g = Geolocator.load(model, tracking_uri=tracking_uri)
     ingest(job)
     features, manifest = embed(job, g)

@@ -29,6 +29,33 @@ def check_location(uri: str, what: str | None = None) -> None:
         raise UserError(f"{what + ' ' if what else ''}{uri}: not a model location; give {MODEL_FORMS}")
 
 
+def check_registered(uri: str, tracking_uri: str | None = None) -> None:
+    """UserError naming `uri` when a model URI of the registry (models:/NAME@ALIAS, models:/NAME/VERSION,
+    runs:/ID/PATH) names no model version or run: metadata only, nothing is downloaded (a job can refuse it
+    before its long first stage). Anything else: nothing here."""
+    if not uri.startswith(("models:/", "runs:/")):
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    turi = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(turi)
+    client = mlflow.MlflowClient(tracking_uri=turi)
+    try:
+        if uri.startswith("runs:/"):
+            client.get_run(uri.removeprefix("runs:/").split("/", 1)[0])
+        else:
+            rest = uri.removeprefix("models:/")
+            if "@" in rest:
+                client.get_model_version_by_alias(*rest.split("@", 1))
+            elif rest.partition("/")[2].isdigit():
+                client.get_model_version(*rest.split("/", 1))
+            else:  # models:/NAME/latest, a stage: the name is checked, the rest is MLflow's when it downloads
+                client.get_registered_model(rest.split("/", 1)[0])
+    except MlflowException as err:
+        raise UserError(f"{uri}: {str(err).splitlines()[0]} (tracking URI {without_credentials(turi)})") from None
+
+
 def _model_folder(model_dir: Path, what: str) -> Path:
     """The data folder of a saved MLflow model (checks that it is a LocDiff model)."""
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}

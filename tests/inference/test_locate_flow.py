@@ -85,4 +85,7 @@ def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path):
         locate_photos(photos=str(folder), model=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"^model s3://b/m: not a model location"):
         locate_photos(photos=str(folder), model="s3://b/m")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a registry without that model: looked up, not downloaded
+    with pytest.raises(ValueError, match=r"^models:/nope@champion: .*nope.*\(tracking URI sqlite:///"):
+        locate_photos(photos=str(folder), model="models:/nope@champion", tracking_uri=store)
     assert not (tmp_path / "new-located").exists()
