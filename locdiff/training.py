@@ -51,8 +51,13 @@ def check_devices(config: Config, workers: int = 0, gpus_per_worker: float = 0.0
     `check_cpu_request`: a local Ray's; a cluster's GPUs are checked once connected). Without,
     `gpus_per_worker` > 0 means this process on this machine's GPU: refused when there is none, more than
     one is asked for, or train.device says cpu. train.device itself (used in this
-    process: the training, or the final step after Ray) must name a device that exists.
+    process: the training, or the final step after Ray) must name a device that exists. A count below 0 or
+    past MAX_WORKERS / MAX_GPUS_PER_WORKER is refused first (a negative count is not "no Ray").
     """
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UserError(f"workers: must be an integer in [0, {MAX_WORKERS}]; got {workers}")
+    if not 0 <= gpus_per_worker <= MAX_GPUS_PER_WORKER:
+        raise UserError(f"gpus_per_worker: must be a number in [0, {MAX_GPUS_PER_WORKER}]; got {gpus_per_worker:g}")
     if workers > 0:
         if not os.environ.get("RAY_ADDRESS"):
             check_gpu_request(workers, gpus_per_worker)

@@ -93,8 +93,6 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(model_config_path(args.config), overrides)  # a bare name: the packaged config
     if cfg.method not in TRAIN_METHODS:
         raise ValueError(f"{args.config}: method must be one of {', '.join(TRAIN_METHODS)}; got {cfg.method!r}")
-    if args.workers < 0 or args.gpus_per_worker < 0:
-        raise ValueError("--workers and --gpus-per-worker must be >= 0")
     check_devices(cfg, args.workers, args.gpus_per_worker)  # before anything is written
     ray_settings = None
     if args.workers:

@@ -373,8 +373,8 @@ def download_file(url: str, *, sha256: str | None = None, md5: str | None = None
     if sha256 and digest != sha256.lower():
         raise ChecksumError(f"{url}: sha256 {digest} differs from the published {sha256} "
                             f"(downloaded copy: {local}; delete it to download again)")
-    if md5 and _file_md5(local) != md5.lower():
-        raise ChecksumError(f"{url}: md5 {_file_md5(local)} differs from the published {md5} ({local})")
+    if md5 and (got := _file_md5(local)) != md5.lower():
+        raise ChecksumError(f"{url}: md5 {got} differs from the published {md5} ({local})")
     return local, digest
 
 

@@ -38,7 +38,7 @@ from locdiff.orchestration.ray_train import RayTrainSettings
 from locdiff.orchestration.spec import DataSet, RunSpec, resolve_config
 from locdiff.runs import RunFolder, check_data_encoder
 from locdiff.throughput import THROUGHPUT_METRICS
-from locdiff.training import MAX_GPUS_PER_WORKER, MAX_WORKERS, check_devices
+from locdiff.training import check_devices
 from locdiff.training import run as train_run
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,7 @@ def preflight(config_name: str, root: str, *, degree: int | None = None, overrid
     down), each saying what to fix.
     """
     config = resolve_config(config_name, degree=degree, overrides=overrides)
-    # the bounds of `locdiff train --workers/--gpus-per-worker`: a negative count is not "no Ray"
-    if not 0 <= num_workers <= MAX_WORKERS:
-        raise UserError(f"workers: must be an integer in [0, {MAX_WORKERS}]; got {num_workers}")
-    if not 0 <= gpus_per_worker <= MAX_GPUS_PER_WORKER:
-        raise UserError(f"gpus_per_worker: must be a number in [0, {MAX_GPUS_PER_WORKER}]; got {gpus_per_worker:g}")
-    check_devices(config, num_workers, gpus_per_worker)  # not after hours of download and embedding
+    check_devices(config, num_workers, gpus_per_worker)  # bounds and devices, not after hours of embedding
     tracking.check_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     check_root(root)  # last: it creates the root (or writes and removes an object in an s3:// one)
     return config
@@ -219,12 +214,12 @@ def run_training(spec: RunSpec, root: str, *, num_workers: int = 2, gpus_per_wor
             _log_history(run_id, run.path, uri)
         # the training throughput (samples/s over training steps, peak GPU memory, MFU), Ray or not
         # (not again when the run holds it: a re-run after a kill before run.json finalizes the same training)
-        held = (tracking.find_run(run_id, tracking_uri=uri) or {}).get("metrics", {})
-        speed = {k: v for k, v in (outcome.record.get("metrics") or {}).items()
-                 if k in THROUGHPUT_METRICS and held.get(k) != v}
+        speed = {k: v for k, v in (outcome.record.get("metrics") or {}).items() if k in THROUGHPUT_METRICS}
         if speed and not outcome.skipped:
-            tracking.log_step_metrics(run_id, [{"step": int(outcome.record.get("step", 0)), **speed}],
-                                      tracking_uri=uri)
+            held = (tracking.find_run(run_id, tracking_uri=uri) or {}).get("metrics", {})
+            if speed := {k: v for k, v in speed.items() if held.get(k) != v}:
+                tracking.log_step_metrics(run_id, [{"step": int(outcome.record.get("step", 0)), **speed}],
+                                          tracking_uri=uri)
         tracking.log_checkpoint(run_id, run.path, tracking_uri=uri)
         # LocDiff runs become the registered pyfunc model (locdiff.inference.pyfunc); baselines are logged
         # as their run folder files only

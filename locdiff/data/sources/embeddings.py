@@ -27,6 +27,7 @@ from locdiff.data.config import DatasetConfig
 from locdiff.data.download import download_file, private_addresses_allowed
 from locdiff.data.shards import json_bytes, npy_bytes, sample_key, shard_name, stage_dir, write_tar
 from locdiff.data.validation import (
+    ChecksumError,
     RecordError,
     SkipLog,
     SourceError,
@@ -48,19 +49,23 @@ HASH_BLOCK = 8 << 20
 @contextlib.contextmanager
 def _opened(url: str, cfg: DatasetConfig, out: str) -> Iterator[tuple[pq.ParquetFile, str]]:
     """The Parquet file at `url` opened to be read a batch at a time, and its sha256 (read in blocks, never
-    whole; checked against the config's). A local path (or file:// URL) is read where it is; an http(s) or
+    whole, once; checked against the config's). A local path (or file:// URL) is read where it is; an http(s) or
     s3:// URL is downloaded first into the stage's local scratch folder, and removed after."""
     path, scratch = url.split("://", 1)[1] if url.startswith("file://") else url, None
     if storage.is_remote(url) and not url.startswith("file://"):
         # one writer per stage: the copy a killed run left is removed (and the download starts afresh)
         scratch = os.path.join(storage.local_tmp_dir(out), f"source-{hashlib.sha256(out.encode()).hexdigest()[:16]}")
         shutil.rmtree(scratch, ignore_errors=True)
+    digest = None  # a download's: hashed (and checked against the config's) as it was stored
     try:
         if scratch is not None:
             try:
-                path = download_file(url, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout,
-                                     dest_dir=scratch, max_bytes=cfg.max_metadata_bytes,
-                                     allow_private=private_addresses_allowed(cfg.allow_private_addresses))[0]
+                path, digest = download_file(url, sha256=cfg.metadata.sha256, md5=cfg.metadata.md5,
+                                             retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout,
+                                             dest_dir=scratch, max_bytes=cfg.max_metadata_bytes,
+                                             allow_private=private_addresses_allowed(cfg.allow_private_addresses))
+            except ChecksumError:
+                raise
             except (FileNotFoundError, ValueError) as err:
                 raise SourceError(str(err) if url in str(err) else f"{url}: {err}") from None
         try:
@@ -81,8 +86,9 @@ def _opened(url: str, cfg: DatasetConfig, out: str) -> Iterator[tuple[pq.Parquet
                                           "(raise max_metadata_bytes)")
                     yield block
 
-            digest = check_checksum(blocks(), sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
-            f.seek(0)
+            if digest is None:  # a local file: hashed here, in blocks
+                digest = check_checksum(blocks(), sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
+                f.seek(0)
             try:
                 pf = pq.ParquetFile(f, buffer_size=READ_BUFFER, pre_buffer=False)
             except (pa.ArrowInvalid, OSError) as err:
