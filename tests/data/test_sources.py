@@ -4,6 +4,7 @@ S3 endpoint (moto) into an s3:// root; the round trip is exact and bad records a
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from locdiff.data.config import load_dataset_config
 from locdiff.data.features import load_features
 from locdiff.data.ingest import ingest
 from locdiff.data.shards import stage_dir
-from locdiff.data.validation import sha256_bytes
+from locdiff.data.validation import ChecksumError, sha256_bytes
 from tests.conftest import TEST_CACHE
 
 from .fixtures import read_samples, sha
@@ -109,6 +110,12 @@ def test_embeddings_parquet_source(where, served, s3, tmp_path):
         src, root = "s3://fixtures/emb/emb.parquet", "s3://data/emb"
     manifest = ingest("embeddings", root, source=src, config=small_config("embeddings"), progress=False)
     assert manifest["skipped"] == exp.skipped and manifest["count"] == len(exp.good)
+    digest = sha256_bytes((tmp_path / "src" / "emb.parquet").read_bytes())
+    assert manifest["source"]["metadata"] == {"url": src, "sha256": digest}
+    wrong = small_config("embeddings")
+    wrong.metadata.sha256 = "0" * 64  # a published checksum the table does not have: refused, local or in S3
+    with pytest.raises(ChecksumError, match=rf"^{re.escape(src)}: sha256 {digest} differs from the "):
+        ingest("embeddings", f"{root}-wrong", source=src, config=wrong, progress=False)
     scratch = Path(storage.local_tmp_dir(stage_dir(root, "embeddings", "features", "precomputed")))
     assert not list(scratch.glob("source-*"))  # an s3 table's local copy is removed once read
     table = load_features(root, "embeddings", "precomputed")
