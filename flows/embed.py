@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.errors import one_line
-from flows.params import DataSet
+from flows.params import DataSet, Location
 from flows.retry import transient
 from locdiff.orchestration import stages
 
@@ -22,7 +22,7 @@ def embed_dataset(dataset: DataSet, root: str, degree: int | None, runner: str =
 
 
 @flow(name="embed", flow_run_name="embed {dataset.name}")
-def embed(dataset: DataSet, root: str, degree: int | None = None,
+def embed(dataset: DataSet, root: Location, degree: int | None = None,
           runner: Literal["auto", "local", "ray"] = "auto") -> str:
     """Embed one ingested data set into ROOT/NAME/features/ENCODER unless that stage is complete.
 

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows.errors import one_line
-from flows.params import DataSet
+from flows.params import DataSet, Location
 from flows.retry import transient
 from locdiff.evaluation import accuracy_markdown
 from locdiff.orchestration import stages
@@ -21,7 +21,8 @@ def evaluate_dataset(run_dir: str, dataset: DataSet, root: str, tracking_uri: st
 
 
 @flow(name="evaluate", flow_run_name="evaluate")
-def evaluate(run_dir: str, datasets: list[DataSet], root: str, tracking_uri: str | None = None) -> dict:
+def evaluate(run_dir: Location, datasets: list[DataSet], root: Location,
+             tracking_uri: Location | None = None) -> dict:
     """Evaluate run_dir on each data set (skipping finished ones); publish the accuracy table."""
     with one_line():
         results, status = {}, {}

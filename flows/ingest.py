@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.errors import one_line
-from flows.params import DataSet
+from flows.params import DataSet, Location
 from flows.retry import transient
 from locdiff.orchestration import stages
 
@@ -20,7 +20,7 @@ def ingest_dataset(dataset: DataSet, root: str) -> int:
 
 
 @flow(name="ingest", flow_run_name="ingest {dataset.name}")
-def ingest(dataset: DataSet, root: str) -> str:
+def ingest(dataset: DataSet, root: Location) -> str:
     """Ingest one data set into ROOT/NAME unless that stage is complete."""
     with one_line():
         if stages.stage_complete("ingest", dataset, root):

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.errors import one_line
+from flows.params import Location
 from flows.retry import transient
 from locdiff.inference import batch
 from locdiff.inference.geolocator import Geolocator
@@ -45,9 +46,9 @@ def log_run(job: batch.LocateJob, seconds: float, tracking_uri: str | None) -> s
 
 
 @flow(name="locate-photos")
-def locate_photos(photos: str, model: str = "models:/locdiff@champion", out: str | None = None,
+def locate_photos(photos: Location, model: Location = "models:/locdiff@champion", out: Location | None = None,
                   top_k: int = 5, method: str = "locdiff", shard_size: int = 1000,
-                  allow_private_addresses: bool = False, tracking_uri: str | None = None) -> dict:
+                  allow_private_addresses: bool = False, tracking_uri: Location | None = None) -> dict:
     """Locate every photo of `photos` (a folder, a CSV URL list or an s3:// prefix) with `model` (a model
     URI or a run folder); writes OUT/predictions.parquet and OUT/map.png, OUT defaulting to
     PHOTOS-located beside the input."""

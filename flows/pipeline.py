@@ -19,7 +19,7 @@ from flows.embed import embed
 from flows.errors import one_line
 from flows.evaluate import evaluate
 from flows.ingest import ingest
-from flows.params import DataSet
+from flows.params import DataSet, Location
 from flows.retry import transient
 from flows.train import train
 from locdiff.orchestration import stages
@@ -39,11 +39,11 @@ def write_synth(folder: str) -> bool:
 
 
 @flow(name="train-locdiff")
-def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base", root: str = "data",
+def train_locdiff(train_data: DataSet, tests: list[DataSet], config: str = "base", root: Location = "data",
                   workers: int = 2, gpus_per_worker: float = 0.0, degree: int | None = None,
                   resume: bool = True, overrides: list[str] | None = None,
-                  tracking_uri: str | None = None, val: DataSet | None = None,
-                  embed_runner: Literal["auto", "local", "ray"] = "auto", synth: str | None = None,
+                  tracking_uri: Location | None = None, val: DataSet | None = None,
+                  embed_runner: Literal["auto", "local", "ray"] = "auto", synth: Location | None = None,
                   val_unseen: DataSet | None = None) -> dict:
     """Ingest and embed every data set, train `config` (on Ray with `workers` > 0), evaluate on the test
     sets. Without `val`, a share of the training rows is held out for validation (train.val_share);

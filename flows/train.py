@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.errors import one_line
-from flows.params import DataSet
+from flows.params import DataSet, Location
 from flows.retry import transient
 from locdiff.orchestration import stages
 
@@ -26,9 +26,10 @@ def train_run(config: str, dataset: DataSet, root: str, run_dir: str, degree: in
 
 
 @flow(name="train", flow_run_name="train {config}")
-def train(config: str, dataset: DataSet, root: str, run_dir: str, degree: int | None = None,
+def train(config: str, dataset: DataSet, root: Location, run_dir: Location, degree: int | None = None,
           overrides: list[str] | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
-          tracking_uri: str | None = None, val: DataSet | None = None, val_unseen: DataSet | None = None) -> dict:
+          tracking_uri: Location | None = None, val: DataSet | None = None,
+          val_unseen: DataSet | None = None) -> dict:
     """Train one config on one data set's features into run_dir unless it is complete (run.json).
     `val_unseen`: validation rows from regions absent from the training data (LocDiff-H's choice)."""
     with one_line():

@@ -13,9 +13,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from locdiff.data.config import DatasetConfig, encoder_folder_name, load_dataset_config
 from locdiff.data.stream import DataSource
@@ -25,6 +25,16 @@ from locdiff.resources import model_config_path
 from locdiff.runs import absolute_location, completion_key, local_run_dir
 
 DATASET_KEYS = ("name", "source", "path", "encoder", "limit")
+
+# A URL whose authority carries user:password@ (or user@).
+CREDENTIALS_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
+# A path or URL given as a flow parameter. Prefect keeps a flow run's parameters in its database and shows
+# them in its UI, so the parameter schema refuses a URL carrying credentials: the Prefect API checks a
+# deployment run against it (enforce_parameter_schema, on by default) and refuses the run before creating
+# it. (A flow function called directly is recorded first; its stages then refuse such URLs.)
+Location = Annotated[str, WithJsonSchema({
+    "type": "string", "not": {"pattern": CREDENTIALS_URL},
+    "description": "a path or URL, without user:password@ (credentials come from the environment)"})]
 
 
 class DataSet(BaseModel):
@@ -42,7 +52,7 @@ class DataSet(BaseModel):
 
     name: str  # ROOT/NAME and the metric prefix NAME/acc_1km ...
     source: str | None = None  # data set config; default: name
-    path: str | None = None  # --source PATH_OR_URL (folder, embeddings, gws15k)
+    path: Location | None = None  # --source PATH_OR_URL (folder, embeddings, gws15k)
     encoder: str = "clip-vit-l14"  # image encoder of the embed stage
     limit: int | None = Field(default=None, ge=0)  # first N metadata rows only
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,15 @@ def test_stack_deploy_run_and_read_back(tiny_data, tmp_path, monkeypatch):
         ds = lambda name, split: {"name": name, "source": "embeddings", "path": str(tiny_data[split])}  # noqa: E731
         params = {"config": "tiny", "root": str(tmp_path / "root"), "workers": 2, "overrides": TINY_OVERRIDES,
                   "train_data": ds("e2e-train", "train"), "tests": [ds("e2e-test", "test")]}
+        # a URL carrying credentials is refused by the API before the run (and its parameters) is stored
+        with pytest.raises(RuntimeError, match="should not be valid"):
+            demo.trigger(env, {**params, "root": "s3://AKIAKEY:s3cret@bucket/root"})
         flow_run_id = demo.trigger(env, params)
+        request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            stored = response.read().decode()
+        assert flow_run_id in stored and "s3cret" not in stored
         lines: list[str] = []
         final = demo.follow(flow_run_id, env, timeout_s=420, echo=lines.append)
         worker_log = (state / "logs" / "prefect-worker.log").read_text()[-4000:]

@@ -51,3 +51,44 @@ def test_run_spec_holds_the_key_of_the_config_and_data(tmp_path):
     assert set(unseen.data) == {"train", "val", "val_unseen"} and unseen.key != spec.key
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.key = "x"  # type: ignore[misc]
+
+
+FLOW_URL_PARAMETERS = {  # flow -> its parameters that take a path or URL (DataSet.path inside data sets)
+    "train-locdiff": ["root", "tracking_uri", "synth", "train_data.path", "tests.path", "val.path",
+                      "val_unseen.path"],
+    "locate-photos": ["photos", "model", "out", "tracking_uri"],
+    "train": ["root", "run_dir", "tracking_uri", "dataset.path"],
+    "evaluate": ["run_dir", "root", "tracking_uri", "datasets.path"],
+    "ingest": ["root", "dataset.path"], "embed": ["root", "dataset.path"],
+}
+
+
+@pytest.mark.parametrize("flow_name", sorted(FLOW_URL_PARAMETERS))
+def test_flow_schemas_refuse_a_url_carrying_credentials(flow_name):
+    """The schema the Prefect API checks a deployment run against (before it stores the run's parameters)
+    refuses user:password@ in every path or URL parameter, and takes the same parameter without it."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from flows import embed, evaluate, ingest, locate, pipeline, train
+
+    flows = {f.name: f for f in (pipeline.train_locdiff, locate.locate_photos, train.train, evaluate.evaluate,
+                                 ingest.ingest, embed.embed)}
+    schema = parameter_schema(flows[flow_name]).model_dump_for_openapi()
+    needed = {"train-locdiff": {"train_data": {"name": "a"}, "tests": []}, "locate-photos": {"photos": "p"},
+              "train": {"config": "tiny", "dataset": {"name": "a"}, "root": "r", "run_dir": "d"},
+              "evaluate": {"run_dir": "d", "datasets": [], "root": "r"}}.get(flow_name, {"dataset": {"name": "a"},
+                                                                                        "root": "r"})
+    validate(needed, schema, raise_on_error=True)
+    for param in FLOW_URL_PARAMETERS[flow_name]:
+        for url, refused in (("s3://bucket/x", False), ("sqlite:///a@b.db", False), ("data/a@b", False),
+                             ("s3://AKIAKEY:s3cret@bucket/x", True), ("https://user:pw@host/x.csv", True),
+                             ("http://token@127.0.0.1:5000", True)):
+            name, _, key = param.partition(".")
+            value = {"name": "a", key: url} if key else url
+            params = {**needed, name: [value] if name in ("tests", "datasets") else value}
+            if refused:
+                with pytest.raises(ValidationError, match="should not be valid"):
+                    validate(params, schema, raise_on_error=True)
+            else:
+                validate(params, schema, raise_on_error=True)
