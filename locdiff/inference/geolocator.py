@@ -196,18 +196,21 @@ class Geolocator:
         ids, emb, errors, _ = self._embed(list(images), batch_size=batch_size, progress=progress)
         return ids, emb, errors
 
-    def _embed(self, items: list[ImageInput], *, batch_size: int | None, progress: bool
+    def _embed(self, items: list[ImageInput], *, batch_size: int | None, progress: bool,
+               names: Sequence[str] | None = None
                ) -> tuple[list[str], np.ndarray, dict[int, str], dict[int, tuple[float, float]]]:
         """`embed`, plus {input index: (lat, lon) of its GPS tag}. Photos are read, decoded and preprocessed
         on DECODE_THREADS threads: batches b + 1 and b + 2 while batch b is embedded when the encoder leaves
         cores free; else batch b just before it is embedded (decode threads beside an encoder that keeps
         every core busy slow both: 0.79x of the embedding alone, against 0.99x for one after the other, on
-        2 cores with a CPU ViT-B/32)."""
+        2 cores with a CPU ViT-B/32). `names`: the inputs' ids (a request's `id` column), else _name's."""
         cap = self.method.config.limits.max_batch_size
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
                                        or not 1 <= batch_size <= cap):  # a negative one embedded nothing
             raise UserError(f"batch_size must be an integer in [1, {cap}] (limits.max_batch_size); got {batch_size!r}")
-        ids = [_name(x, i) for i, x in enumerate(items)]
+        if names is not None and len(names) != len(items):
+            raise UserError(f"{len(names)} ids for {len(items)} photos")
+        ids = [_name(x, i) for i, x in enumerate(items)] if names is None else [str(x) for x in names]
         encoder = self.encoder() if items else None
         bs = batch_size or (self.encoder_config().batch_size if items else 1)
         side = _max_side()
@@ -253,16 +256,17 @@ class Geolocator:
 
     def locate(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = DEFAULT_TOP_K,
                method: str = "locdiff", batch_size: int | None = None, progress: bool = False,
-               errors: str = "report", seed: int = 0) -> list[Location]:
+               errors: str = "report", seed: int = 0, ids: Sequence[str] | None = None) -> list[Location]:
         """Locate photos: paths, image bytes or PIL images (one or a list). Returns one Location per input,
-        in order; an unreadable one has `error` set (errors="raise": a UserError naming it instead)."""
+        in order; an unreadable one has `error` set (errors="raise": a UserError naming it instead). `ids`:
+        one per photo, the names its Location and the log take (default: the file, or "image[i]")."""
 
         if errors not in ("report", "raise"):
             raise ValueError(f"errors must be 'report' or 'raise'; got {errors!r}")
         check_top_k(top_k)
         if isinstance(images, str | bytes | os.PathLike) or _is_pil(images):
             images = [images]
-        ids, emb, failed, gps = self._embed(list(images), batch_size=batch_size, progress=progress)
+        ids, emb, failed, gps = self._embed(list(images), batch_size=batch_size, progress=progress, names=ids)
         if failed and errors == "raise":
             i = min(failed)
             raise UserError(f"{ids[i]}: cannot read the photo ({failed[i]})")

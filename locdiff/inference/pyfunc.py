@@ -225,7 +225,9 @@ class LocDiffModel:
         emb_rows = [i for i in range(n) if not _present(images[i]) and _present(embs[i])]
         g = self.geolocator
         if img_rows:
-            located = g.locate([_image_bytes(images[i]) for i in img_rows], top_k=top_k, method=method)
+            # a photo's log lines name its row by its id when it has one (escaped and cut: errors.printable)
+            names = [ids[i] if "id" in df.columns and _present(df["id"].iloc[i]) else f"row[{i}]" for i in img_rows]
+            located = g.locate([_image_bytes(images[i]) for i in img_rows], top_k=top_k, method=method, ids=names)
             for i, r in zip(img_rows, located, strict=True):
                 results[i] = r
         vectors: dict[int, np.ndarray] = {}

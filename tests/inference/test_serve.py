@@ -254,3 +254,30 @@ def test_the_served_model_bounds_the_pixels_of_a_request_before_decoding(trained
                                  "limits.max_request_pixels); send them in several requests"), err.value.message
     out = model.predict(pd.DataFrame({"image": [photo] * 4 + [b"not an image"]}))  # 1,000,000: at the limit
     assert out["error"].tolist()[:4] == [""] * 4 and out["error"][4].startswith("undecodable"), out["error"].tolist()
+
+
+def test_the_served_model_logs_a_failed_photo_by_its_id(trained, caplog):
+    """A photo that cannot be read is logged by its row's `id` (escaped: a newline cannot forge a log line;
+    cut: a long id is bounded), a row without an id by its place among all the rows (not among the photos)."""
+    import io
+    import logging
+
+    import pandas as pd
+    from PIL import Image
+
+    from locdiff import Geolocator
+    from locdiff.inference.pyfunc import LocDiffModel
+
+    model = LocDiffModel(Geolocator.load(trained["run_dir"]))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 140, 60)).save(buf, format="JPEG")
+    forged = "evil\nlocdiff: forged" + "x" * 5000
+    caplog.set_level(logging.WARNING)
+    out = model.predict(pd.DataFrame({"id": ["vec", "good", forged, None],
+                                      "embedding": [[0.1] * model.geolocator.embedding_dim, None, None, None],
+                                      "image": [None, buf.getvalue(), b"not an image", b"not an image"]}))
+    assert out["error"][1] == "" and out["error"][2].startswith("undecodable"), out["error"].tolist()
+    said = [m for m in caplog.messages if "cannot read the photo" in m]
+    assert len(said) == 2 and all("\n" not in m and len(m) < 1000 for m in said), said
+    assert said[0].startswith("evil\\nlocdiff: forged") and said[1].startswith("row[3]:"), said
+    assert not any("image[" in m for m in caplog.messages), caplog.messages
