@@ -504,12 +504,26 @@ def load(cls: type[T], data: dict[str, Any] | None, *, source: str,
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently), and
+    an integer of more digits than Python converts as an Invalid naming its key path (e.g. train.steps)."""
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
+        for i, child in enumerate(node.value):  # each node learns its key path (e.g. network.widths[1])
+            child.key_path = join_key(getattr(node, "key_path", ""), f"[{i}]")
+        return super().construct_sequence(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            raise Invalid(getattr(node, "key_path", ""), f"an integer of {len(node.value.lstrip('+-'))} digits "
+                          f"(line {node.start_mark.line + 1}), more than Python reads; fix the file") from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
+            value_node.key_path = join_key(getattr(node, "key_path", ""), one_line(str(key), 80))
             try:
                 duplicate = key in seen
                 seen.add(key)
@@ -520,6 +534,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"the key {show(key)} is given twice",
                     key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+    yaml_constructors = {**yaml.SafeLoader.yaml_constructors, "tag:yaml.org,2002:int": construct_yaml_int}
 
 
 def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
@@ -552,6 +568,8 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
         raise UserError(f"{path}: not valid YAML ({problem}{where}); fix the file") from None
     except RecursionError:
         raise UserError(f"{path}: not valid YAML (nested too deeply); fix the file") from None
+    except Invalid as err:  # an integer of too many digits, named by its key
+        raise ConfigError(str(path), err.key, err.problem) from None
     except ValueError as err:  # an integer of more digits than Python converts
         raise UserError(f"{path}: not valid YAML ({one_line(str(err), 80)}); fix the file") from None
     if data is None:

@@ -63,6 +63,9 @@ BAD_CONFIGS = [
     ("train: [\n", [], ": not valid YAML (expected the node content, but found '<stream end>' at line 2 column 1)"),
     ("a: b: c\n", [], ": not valid YAML (mapping values are not allowed here at line 1 column 5)"),
     (b"train:\n  device: \xff\n", [], ": not UTF-8 text (byte 17); save it as UTF-8 YAML"),
+    ("train:\n  steps: 1" + "0" * 5000 + "\n", [], ": train.steps: an integer of 5001 digits (line 2), more "
+                                                   "than Python reads; fix the file"),
+    ("network:\n  widths: [64, " + "9" * 5000 + "]\n", [], ": network.widths[1]: an integer of 5000 digits"),
     (None, [], ": is a directory; give a YAML file"),
 ]
 
@@ -90,6 +93,7 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, extra, expe
     ("train.steps.x=3", "--set train.steps.x: train.steps is a value, not a section"),
     ("train.steps=-5", "--set train.steps: must be an integer in [1, 1000000000]; got -5"),
     ("baselines.knn.k=0", "--set baselines.knn.k: must be an integer in [1, 1024]; got 0"),
+    ("train.steps=1" + "0" * 5000, "--set train.steps: cannot read the value as YAML (Exceeds the limit"),
 ])
 def test_a_bad_override_names_the_override(tmp_path, capsys, override, expected):
     rc = main(_train(tmp_path, TINY, "--set", override))
