@@ -49,7 +49,7 @@ __all__ = ["CHAMPION", "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "METRIC_NAM
            "REGISTERED_MODEL", "THRESHOLDS_KM", "TrackingUnavailable", "absolute_uri", "check_tracking_uri",
            "evaluation_metrics", "experiment_id", "find_run", "flatten_config", "load_logged_model",
            "log_checkpoint", "log_evaluation", "log_model", "log_step_metrics", "logged_steps", "promote", "read_run",
-           "resolve_tracking_uri", "tag_model_version", "training_run"]
+           "resolve_tracking_uri", "tag_model_version", "tag_resume", "training_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ def training_run(config: Mapping[str, Any], *, tracking_uri: str | None = None,
                 path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
                 mlflow.log_artifact(str(path))
         yield run.info.run_id
+
+
+def tag_resume(run_id: str, settings: Mapping[str, Any], *, tracking_uri: str | None = None) -> None:
+    """Tag the run with what a resumed training ran with, `NAME_resumed` = value (e.g. workers_resumed = "1"):
+    its params keep the values the training began with (MLflow params cannot change). The latest resume's."""
+    client = _client(tracking_uri)
+    for key, value in settings.items():
+        client.set_tag(run_id, f"{key}_resumed", str(value))
 
 
 def _set_experiment(mlflow: Any, name: str, uri: str) -> None:

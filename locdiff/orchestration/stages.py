@@ -210,6 +210,9 @@ def run_training(spec: RunSpec, root: str, *, num_workers: int = 2, gpus_per_wor
                                     cpus_per_worker=cpus_per_worker, storage_root=join(str(root), "ray"),
                                     run_name=run.path.name, tracking_uri=uri, mlflow_run_id=run_id)
         outcome = train_run(spec, workers=num_workers, ray_settings=settings, progress=False)
+        if previous is not None and not outcome.skipped:  # resumed: the params keep the first run's counts
+            tracking.tag_resume(run_id, {"workers": num_workers, "gpus_per_worker": gpus_per_worker},
+                                tracking_uri=uri)
         if outcome.ray is None:  # trained here (or finished earlier): log the per-step history
             _log_history(run_id, run.path, uri)
         # the training throughput (samples/s over training steps, peak GPU memory, MFU), Ray or not

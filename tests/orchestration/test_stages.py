@@ -110,3 +110,28 @@ def test_a_history_a_kill_interrupted_is_completed_not_skipped(tmp_path, mlflow_
     client = MlflowClient(tracking_uri=mlflow_uri)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4, 8]
     assert [m.step for m in client.get_metric_history(run_id, "lr")] == [4, 8]
+
+
+def test_a_resume_with_another_worker_count_is_tagged(tmp_path, mlflow_uri):
+    """A training begun with 2 workers (its MLflow run's params say so, and cannot change) and resumed with
+    another count: the run's tags workers_resumed / gpus_per_worker_resumed say what the resume ran with."""
+    from mlflow.tracking import MlflowClient
+
+    from locdiff.worlds.synth import SynthConfig, write_benchmark
+
+    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
+    root = str(tmp_path / "root")
+    train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
+    stages.ingest(train, root)
+    began = {"pipeline": {"num_workers": 2, "gpus_per_worker": 0.5}}
+    with tracking.training_run(began, tracking_uri=mlflow_uri) as run_id:
+        pass
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / stages.MLFLOW_RECORD).write_text(json.dumps({"run_id": run_id}))
+    record = stages.train("tiny", train, root, str(run_dir), degree=4, num_workers=0, tracking_uri=mlflow_uri,
+                          overrides=[*TINY_OVERRIDES, "train.steps=4", "train.checkpoint_every=4"])
+    assert record["mlflow_run_id"] == run_id
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id)
+    assert run.data.params["pipeline.num_workers"] == "2"  # as it began: params are not renamed or changed
+    assert run.data.tags["workers_resumed"] == "0" and run.data.tags["gpus_per_worker_resumed"] == "0.0"
