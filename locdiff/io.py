@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from locdiff.data import storage
 from locdiff.errors import UserError, reraise_for
-from locdiff.tables import EmbeddingTable
+from locdiff.tables import EmbeddingTable, embedding_leaves, embedding_numbers
 
 MAX_EMBED_ABS = 1e6  # an embedding's elements (image features are unit-scale; larger overflow the network)
 # rows of one Parquet row group that `write_embeddings` writes: a reader (training's stream) holds a row group
@@ -77,8 +77,8 @@ def _bad(path: PathLike, column: str, row: int, what: str) -> RowError:
 
 
 def _read_parquet(path: PathLike, max_rows: int | None = None) -> pa.Table:
-    """The whole table at `path` (a file or a folder of them); more than `max_rows` rows, counted from the
-    metadata before any row is read, is a UserError."""
+    """The whole table at `path` (a file or a folder of them); more than `max_rows` rows or a row group of too many
+    embedding numbers (`embedding_numbers`), found from the metadata before any row is read, is a UserError."""
     fs, p = filesystem_of(path)
     if fs is None:
         if not os.path.exists(p):
@@ -88,8 +88,7 @@ def _read_parquet(path: PathLike, max_rows: int | None = None) -> pa.Table:
             if not files:
                 raise ValueError(f"{path}: folder holds no .parquet files")
             try:
-                if max_rows is not None:
-                    _check_rows(path, files, None, max_rows)
+                _check_rows(path, files, None, max_rows)
                 return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
             except (pa.ArrowInvalid, OSError) as err:
                 raise ValueError(f"{path}: cannot read the Parquet files as one table: {err}") from err
@@ -98,23 +97,25 @@ def _read_parquet(path: PathLike, max_rows: int | None = None) -> pa.Table:
             if not fs.exists(p):
                 raise FileNotFoundError(f"{path}: no such file or folder")
     try:
-        if max_rows is not None:
-            remote_folder = fs is not None and fs.isdir(p)
-            _check_rows(path, sorted(f for f in fs.find(p) if f.endswith(".parquet")) if remote_folder else [p], fs,
-                        max_rows)
+        remote_folder = fs is not None and fs.isdir(p)
+        _check_rows(path, sorted(f for f in fs.find(p) if f.endswith(".parquet")) if remote_folder else [p], fs,
+                    max_rows)
         return pq.read_table(p, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
 
 
-def _check_rows(path: PathLike, files: list[str], fs: Any, max_rows: int) -> None:
-    """Refuse Parquet `files` (of the table at `path`) holding more than `max_rows` rows, from their metadata."""
+def _check_rows(path: PathLike, files: list[str], fs: Any, max_rows: int | None) -> None:
+    """Refuse Parquet `files` (of the table at `path`) holding more than `max_rows` rows (None: any number) or a
+    row group of too many embedding numbers (`embedding_numbers`), from their metadata."""
     rows = 0
     for f in files:
         if fs is None and not os.path.isfile(f):
             continue  # a FIFO would block opening it; pyarrow's reader refuses it unread
-        rows += pq.ParquetFile(f if fs is None else fs.open(f, "rb")).metadata.num_rows
-    if rows > max_rows:
+        meta = pq.ParquetFile(f if fs is None else fs.open(f, "rb")).metadata
+        rows += meta.num_rows
+        embedding_numbers(meta, f)  # before any is decoded
+    if max_rows is not None and rows > max_rows:
         raise UserError(f"{path}: {rows:,} rows, above the {max_rows:,} a table read whole may hold; split it "
                         "into smaller tables")
 
@@ -264,6 +265,8 @@ def read_embeddings(path: PathLike, *, labelled: bool | None = None) -> Embeddin
             if not all(_streamable(s, schemas[0]) for s in schemas):
                 opened = None
             else:  # every column but the embedding, read whole and joined as `_read_parquet` joins the files
+                for f, pf in zip(names, opened, strict=True):
+                    embedding_numbers(pf.metadata, f)  # before any is decoded
                 others = pa.concat_tables([pf.read(columns=[c for c in s.names if c != "embedding"])
                                            for pf, s in zip(opened, schemas, strict=True)],
                                           promote_options="permissive")
@@ -364,7 +367,7 @@ def _stream_embeddings(files: list[pq.ParquetFile], t: pa.DataType, path: PathLi
 def _batch_rows(pf: pq.ParquetFile) -> int:
     """Rows of a batch of about STREAM_FLOATS numbers of the embedding column (from the metadata)."""
     meta = pf.metadata
-    leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "embedding"]
+    leaves = embedding_leaves(meta)
     values = sum(meta.row_group(g).column(i).num_values for g in range(meta.num_row_groups) for i in leaves)
     return max(1, min(ROW_GROUP_ROWS, STREAM_FLOATS * max(meta.num_rows, 1) // max(values, 1)))
 

@@ -32,7 +32,7 @@ from locdiff.data.validation import ChecksumError, sha256_bytes
 from locdiff.errors import UserError
 from locdiff.hashing import stable_hash
 from locdiff.io import RowError, embedding_table_from_arrow, filesystem_of, read_embeddings
-from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable
+from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable, embedding_numbers
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,7 @@ class ParquetSource(DataSource):
         self._group_rows: dict[tuple[str, int], int] = {}
         names = None
         width: tuple[str, int] | None = None  # the first file with a fixed-size embedding: (file, width)
+        self.values = 0  # numbers in the embedding column, from the metadata
         for f in files:
             try:
                 meta = pq.ParquetFile(f if fs is None else fs.open(f, "rb")).metadata
@@ -342,6 +343,7 @@ class ParquetSource(DataSource):
             if "embedding" not in names or "id" not in names:
                 raise ValueError(f"{f}: missing column {'id' if 'id' not in names else 'embedding'!r} "
                                  f"(columns: {', '.join(names)})")
+            self.values += embedding_numbers(meta, f)  # before any row group is decoded
             size = getattr(schema.field("embedding").type, "list_size", -1)
             if size > 0 and width is not None and size != width[1]:  # the rows of all files are one table
                 raise ValueError(f"{f}: embeddings of width {size}, but {width[0]} has {width[1]}; the files of "
@@ -463,6 +465,9 @@ def read_table(data: str | EmbeddingTable, *, labelled: bool | None = None) -> E
     if src.count * max(src.dim, 1) > MAX_READ_FLOATS:  # from the metadata, before any row is read
         raise UserError(f"{src.location}: {src.count:,} rows of {src.dim:,} floats, above the {MAX_READ_FLOATS:,} "
                         "a table read whole may hold; split it into smaller tables")
+    if isinstance(src, ParquetSource) and src.values > MAX_READ_FLOATS:  # rows of lists longer than the first's
+        raise UserError(f"{src.location}: {src.count:,} rows holding {src.values:,} embedding numbers, above the "
+                        f"{MAX_READ_FLOATS:,} a table read whole may hold; split it into smaller tables")
     if isinstance(src, ParquetSource):  # the full reader also checks ids across the whole file
         return read_embeddings(data, labelled=labelled)
     return src.read_all()

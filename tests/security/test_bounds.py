@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -299,6 +300,57 @@ def test_a_table_of_huge_embeddings_is_refused_unread(tmp_path, capsys):
                                   str(tmp_path / "run"), "--no-progress"]))
     assert f"{table}: embeddings of dimension 2,000,000, above the limit of 65,536" in err
     assert not (tmp_path / "run").exists()
+
+
+def _long_lists(path: Path, n: int, rows: int = 2) -> Path:
+    """A table of variable-size lists of `n` zeros a row (a few KB however long: the pages repeat one number)."""
+    emb = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * n),
+                                   pa.array(np.zeros(n * rows, np.float32)))
+    pq.write_table(pa.table({"id": [str(i) for i in range(rows)], "lat": [1.0] * rows, "lon": [2.0] * rows,
+                             "embedding": emb}), path)
+    return path
+
+
+@pytest.mark.parametrize("reader", ["train", "ingest", "read_table", "read_embeddings"])
+def test_a_row_group_of_too_many_embedding_numbers_is_refused_from_the_metadata(tmp_path, capsys, reader):
+    """A crafted table whose row's `embedding` list decodes to billions of numbers (a list of 2**31 zeros is a few
+    KB) was decoded whole before its width was refused, and `data ingest embeddings` and `read_embeddings` took it.
+    Each reader refuses a row group holding more than rows x MAX_EMBED_DIM numbers from the Parquet footer."""
+    from locdiff.data.datasource import read_table
+    from locdiff.io import read_embeddings
+
+    table = _long_lists(tmp_path / "long.parquet", 65_537)
+    assert table.stat().st_size < 100_000
+    line = f"{table}: row group 0 holds 131,074 embedding numbers in 2 rows, above the limit of 65,536 a row"
+    if reader in ("read_table", "read_embeddings"):  # read_table: what `locdiff predict` reads its table with
+        with pytest.raises(UserError, match=re.escape(line)):
+            (read_table if reader == "read_table" else read_embeddings)(str(table))
+        return
+    argv = {"train": ["train", "--config", str(TINY), "--train", str(table), "--out", str(tmp_path / "run"),
+                      "--no-progress"],
+            "ingest": ["data", "ingest", "embeddings", "--root", str(tmp_path / "root"), "--source", str(table)]}
+    before = snapshot(tmp_path)
+    err = _one_line(capsys, main(argv[reader]))
+    assert line in err, err
+    assert changes(before, snapshot(tmp_path)) == {"changed": [], "removed": [], "added": []}
+
+
+def test_a_table_read_whole_is_bounded_by_its_embedding_numbers_not_its_first_rows(tmp_path, monkeypatch):
+    """A variable-size table's width is learnt from its first rows: a later row group of longer lists is counted
+    from the metadata against MAX_READ_FLOATS before the table is read whole."""
+    from locdiff.data import datasource
+
+    (tmp_path / "t").mkdir()
+    _long_lists(tmp_path / "t" / "a.parquet", 4)
+    later = _long_lists(tmp_path / "t" / "b.parquet", 8)
+    pq.write_table(pq.read_table(later).set_column(0, "id", pa.array(["c", "d"])), later)
+    monkeypatch.setattr(datasource, "MAX_READ_FLOATS", 20)  # 4 rows x 4 wide = 16 fit; the 24 numbers do not
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 't'}: 4 rows holding 24 embedding numbers, above "
+                                                  "the 20 a table read whole may hold; split it into smaller tables")):
+        datasource.read_table(str(tmp_path / "t"))
+    monkeypatch.setattr(datasource, "MAX_READ_FLOATS", 24)
+    with pytest.raises(ValueError, match="embedding has length 8, but row 0 has 4"):
+        datasource.read_table(str(tmp_path / "t"))
 
 
 def test_predicting_or_evaluating_an_empty_table_exits_2(world, tmp_path, capsys):

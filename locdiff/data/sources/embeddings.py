@@ -34,6 +34,7 @@ from locdiff.data.validation import (
     check_checksum,
     check_record_coordinates,
 )
+from locdiff.tables import embedding_numbers
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def _write(pf: pq.ParquetFile, digest: str, cfg: DatasetConfig, name: str, url: 
     old = mf.read_manifest(out)
     if old is not None and old.get("settings_key") == key:
         return old
+    embedding_numbers(pf.metadata, url)  # before any row is decoded
     dim = _common_length(pf, url, columns, limit)
     if old is not None:
         storage.remove(mf.manifest_path(out))
