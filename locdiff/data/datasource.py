@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from locdiff.data import manifest as mf
@@ -37,6 +39,7 @@ from locdiff.tables import MAX_EMBED_DIM, EmbeddingTable, embedding_numbers
 log = logging.getLogger(__name__)
 
 PIECE_ROWS = 65_536  # larger shards / row groups are cut into row ranges of at most this many rows
+WIDTH_ROWS = 16  # rows of a variable-size table decoded to learn its embeddings' width
 MAX_READ_FLOATS = 1 << 28  # rows x dim of a table read whole (`read_table`: prediction inputs): 1 GiB of float32
 
 
@@ -366,10 +369,29 @@ class ParquetSource(DataSource):
         self._cache: tuple[tuple[str, int], Any] | None = None
         if width is not None:
             self._dim_from, self.dim = width
-        else:
-            first = self._read_unit(self.pieces[0]) if self.pieces else None
+        else:  # variable-size lists: the first row's length (every read checks every row's)
+            width = self._first_width(self.pieces[0]) if self.pieces else None
+            first = self._read_unit(self.pieces[0]) if self.pieces and width is None else None
             self._dim_from = self.pieces[0].url if self.pieces else self.location
-            self.dim = first.emb.shape[1] if first is not None else 0
+            self.dim = width if width is not None else first.emb.shape[1] if first is not None else 0
+
+    def _first_width(self, piece: Piece) -> int | None:
+        """The length of the piece's first embedding, decoding WIDTH_ROWS rows only, not the row group; None
+        where they show none (a null or empty first row, a type not a list, an unreadable file: the full
+        read names the problem)."""
+        try:
+            with pq.ParquetFile(piece.url if self._fs is None else self._fs.open(piece.url, "rb"),
+                                buffer_size=1 << 20, pre_buffer=False) as pf:  # the column chunk not read whole
+                batch = next(pf.iter_batches(batch_size=WIDTH_ROWS, row_groups=[piece.unit], columns=["embedding"],
+                                             use_threads=False), None)
+        except Exception:  # noqa: BLE001 - pyarrow raises several types; `_read_unit` names the file
+            return None
+        col = None if batch is None else batch.column(0)
+        if col is None or not len(col) or not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) \
+                or not (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
+            return None
+        width = pc.list_value_length(col)[0].as_py()
+        return width or None
 
     def identity(self) -> dict[str, Any]:
         """Content hash of the files (streamed; a 100 MB table takes well under a second)."""

@@ -353,6 +353,26 @@ def test_a_table_read_whole_is_bounded_by_its_embedding_numbers_not_its_first_ro
         datasource.read_table(str(tmp_path / "t"))
 
 
+def test_a_variable_size_table_learns_its_width_from_its_first_rows_not_its_first_row_group(tmp_path):
+    """Opening a table of list<float> embeddings decoded its whole first row group to learn the width (about 5x
+    the group's embeddings: 200 MB for 20,000 x 512); it decodes a few rows, and each read checks every row."""
+    from locdiff.data.datasource import open_source
+
+    table = _long_lists(tmp_path / "z.parquet", 512, rows=20_000)  # 41 MB of float32 zeros in a 140 KB file
+    _reset_peak()
+    rss = _status_kb("VmRSS")
+    src = open_source(str(table))
+    assert _status_kb("VmHWM") - rss < 30_000  # kB
+    assert src.dim == 512 and src.count == 20_000
+    lists = pa.array([[0.5] * 4, [0.5] * 4, [0.5] * 3], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "lat": [1.0] * 3, "lon": [2.0] * 3, "embedding": lists}),
+                   tmp_path / "short.parquet")
+    src = open_source(str(tmp_path / "short.parquet"))
+    assert src.dim == 4
+    with pytest.raises(ValueError, match=r"column 'embedding', row 2: embedding has length 3, but row 0 has 4"):
+        src.read(src.pieces[0])
+
+
 def test_predicting_or_evaluating_an_empty_table_exits_2(world, tmp_path, capsys):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pq.read_table(world.test).slice(0, 0), empty)
