@@ -127,6 +127,76 @@ def test_an_ingest_killed_between_shards_resumes_to_the_same_shards_and_manifest
     assert [p for p in stage.rglob("*") if p.is_file() and ".tmp" in p.name] == []
 
 
+def test_duplicates_across_batches_keep_the_first_and_log_the_others(tmp_path, monkeypatch, caplog):
+    """Read five rows at a time (and the ids asked for two at a time), the duplicates of rows in earlier batches are
+    skipped and logged as in one batch: the same skip log and the very same shards."""
+    from locdiff.data.sources import embeddings
+    from locdiff.data.validation import SeenIds
+
+    monkeypatch.setattr(embeddings, "MAX_BATCH_ROWS", 5)  # rows 9 and 10, 12 and 40: in different batches
+    monkeypatch.setattr(SeenIds, "CHUNK", 2)
+    _bad_rows_table(tmp_path / "t.parquet", pa.list_(pa.float32()))
+    cfg = load_dataset_config("embeddings", shard_size=7)
+    with caplog.at_level(logging.WARNING, logger="locdiff.data.validation"):
+        m = ingest("embeddings", str(tmp_path / "root"), source=str(tmp_path / "t.parquet"), config=cfg,
+                   progress=False)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert [s.split(" (")[0] for s in skipped] == [f"skipped {BAD[i][0]!r}: {BAD[i][1]}" for i in sorted(BAD)]
+    assert m["skipped_examples"]["duplicate_id"] == ["e9", "e12"]
+    assert [s["sha256"] for s in m["shards"]] == REFERENCE["float32-all"]
+    stage = tmp_path / "root" / "embeddings" / "features" / "precomputed"
+    assert [p for p in stage.rglob("*") if p.is_file() and ".tmp" in p.name] == []  # nor the ids' file
+
+
+def test_a_killed_ingest_leaves_ids_that_a_rerun_does_not_count_as_seen(tmp_path, monkeypatch):
+    """The ids a killed run had seen (on disk, left as a SIGKILL leaves them) are not carried over: the re-run,
+    which reads the table from its first row again, skips the same duplicates as an uninterrupted run."""
+    from locdiff.data.sources import embeddings
+    from locdiff.data.validation import SeenIds
+
+    monkeypatch.setattr(embeddings, "MAX_BATCH_ROWS", 5)
+    _bad_rows_table(tmp_path / "t.parquet", pa.list_(pa.float32()))
+    src, cfg = str(tmp_path / "t.parquet"), load_dataset_config("embeddings", shard_size=7)
+    stage = tmp_path / "root" / "embeddings" / "features" / "precomputed"
+    with monkeypatch.context() as kill:
+        kill.setattr(SeenIds, "close", lambda self: self._db.close())  # killed: the file is not removed
+        with killed_before_placing(monkeypatch, "shard-000002.tar"):
+            ingest("embeddings", str(tmp_path / "root"), source=src, config=cfg, progress=False)
+    assert [p.name for p in (stage / ".tmp").iterdir() if p.name.startswith("seen-")]
+    resumed = ingest("embeddings", str(tmp_path / "root"), source=src, config=cfg, progress=False)
+    clean = ingest("embeddings", str(tmp_path / "clean"), source=src, config=cfg, progress=False)
+    assert resumed == clean and [s["sha256"] for s in resumed["shards"]] == REFERENCE["float32-all"]
+    assert resumed["skipped"]["duplicate_id"] == 2
+    assert [p for p in stage.rglob("*") if p.is_file() and ".tmp" in p.name] == []
+
+
+def test_a_full_disk_under_the_ids_seen_is_one_line(tmp_path, monkeypatch, capsys):
+    """The ids seen are written to disk as the table is read: a full disk there (SQLite's own error) is the one
+    line of any full disk, exit code 2, and the file is removed."""
+    import sqlite3
+
+    from locdiff.cli import main
+
+    real = sqlite3.connect
+
+    def full(path):  # noqa: ANN001 (a disk with room for two pages: the ids of the first batch fill it)
+        db = real(path)
+        db.execute("PRAGMA max_page_count=2")
+        return db
+
+    rows = 300
+    pq.write_table(pa.table({"id": [f"mp16/{i:026d}.jpg" for i in range(rows)], "lat": [1.0] * rows,
+                             "lon": [2.0] * rows, "embedding": [[0.5, 0.25]] * rows}), tmp_path / "t.parquet")
+    monkeypatch.setattr(sqlite3, "connect", full)
+    root = tmp_path / "root"
+    assert main(["data", "ingest", "embeddings", "--root", str(root), "--source", str(tmp_path / "t.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    stage = root / "embeddings" / "features" / "precomputed"
+    assert err.startswith(f"locdiff data ingest: error: {stage}: no space left on device (writing {stage}/.tmp/seen-")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert [p for p in root.rglob("*") if p.is_file() and ".tmp" in p.name] == []
+
+
 def test_a_damaged_table_is_refused_before_anything_is_written(tmp_path, capsys):
     """The whole table is read once before the first shard: a file damaged past its first rows is refused in
     one line naming it, and the stage an earlier ingest wrote stays as it was."""
@@ -164,7 +234,7 @@ print([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].spl
 
 @pytest.mark.slow
 def test_the_memory_of_an_ingest_does_not_grow_with_the_table(tmp_path):
-    """A table four times as long costs no more memory to ingest but for its ids (the whole table was held
+    """A table four times as long costs no more memory to ingest (the whole table was held
     several times over: as bytes, as a table, as a Python float a number, as the rows kept)."""
     from locdiff.io import write_embeddings
     from locdiff.tables import EmbeddingTable
@@ -184,4 +254,30 @@ def test_the_memory_of_an_ingest_does_not_grow_with_the_table(tmp_path):
         peaks.append(int(proc.stdout.split()[-1]) * 1024)
     table = 3 * n * dim * 4  # the bytes of the embeddings the longer table has more of
     print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB; table {table / 2**20:.0f} MB")
-    assert peaks[1] - peaks[0] < table / 4, (peaks, table)  # the ids (a set: duplicates are skipped) grow
+    assert peaks[1] - peaks[0] < table / 4, (peaks, table)
+
+
+@pytest.mark.slow
+def test_the_ids_seen_are_not_held_in_memory(tmp_path):
+    """Small embeddings, long ids: a table four times as long costs no more memory to ingest (the ids seen, to
+    skip duplicates, were a Python set: about 120 bytes an id)."""
+    import pyarrow.compute as pc
+
+    n, dim = 50_000, 4
+    peaks = []
+    for rows in (n, 4 * n):
+        rng = np.random.default_rng(rows)
+        ids = pc.binary_join_element_wise("mp16/", pa.array([f"{i % 10_000:04d}/{i:016x}" for i in range(rows)]),
+                                          ".jpg", "")
+        pq.write_table(pa.table({"id": ids, "lat": rng.uniform(-80, 80, rows), "lon": rng.uniform(-180, 180, rows),
+                                 "embedding": pa.array(list(rng.normal(size=(rows, dim)).astype(np.float32)),
+                                                       pa.list_(pa.float32()))}),
+                       tmp_path / f"{rows}.parquet", row_group_size=10_000)
+        env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / f"{rows}.parquet"),
+                               str(tmp_path / f"root{rows}"), str(rows)], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+    print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB")
+    assert peaks[1] - peaks[0] < 3 * n * 40, peaks  # a set of the 150,000 more ids: about 20 MB (measured)

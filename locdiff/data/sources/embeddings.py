@@ -29,6 +29,7 @@ from locdiff.data.shards import json_bytes, npy_bytes, sample_key, shard_name, s
 from locdiff.data.validation import (
     ChecksumError,
     RecordError,
+    SeenIds,
     SkipLog,
     SourceError,
     check_checksum,
@@ -163,7 +164,7 @@ def _embeddings(col: pa.Array) -> Callable[[int], np.ndarray]:
 def ingest_embeddings(cfg: DatasetConfig, name: str, root: str, *, source: str | None = None,
                       limit: int | None = None) -> dict[str, Any]:
     """Write the table a batch at a time: one shard as soon as it has `shard_size` good rows. What is held
-    does not grow with the table but for the set of ids (duplicates are skipped)."""
+    does not grow with the table (the ids seen, to skip duplicates, are kept on disk)."""
     url = source or cfg.metadata.url
     if not url:
         raise SourceError(f"data set {name!r}: give the Parquet file with --source")
@@ -190,7 +191,7 @@ def _write(pf: pq.ParquetFile, digest: str, cfg: DatasetConfig, name: str, url: 
         storage.remove(mf.manifest_path(out))
     storage.makedirs(out)
     storage.clear_local_tmp(out)  # partial files of a killed run
-    skips, seen, rows, shards = SkipLog(), set(), [], []
+    skips, rows, shards = SkipLog(), [], []
     total = count = 0
 
     def write_shard() -> None:
@@ -212,36 +213,37 @@ def _write(pf: pq.ParquetFile, digest: str, cfg: DatasetConfig, name: str, url: 
                     os.remove(tmp)
         shards.append(info)
 
-    for batch in _batches(pf, url, columns, limit, max(1, min(MAX_BATCH_ROWS, BATCH_VALUES // max(dim, 1)))):
-        ids = batch.column(cfg.id_column).to_pylist()
-        lats = batch.column(cfg.lat_column).to_pylist()
-        lons = batch.column(cfg.lon_column).to_pylist()
-        embedding = _embeddings(batch.column("embedding"))
-        for j, (rid, lat, lon) in enumerate(zip(ids, lats, lons, strict=True)):
-            total += 1
-            rid = "" if rid is None else str(rid).strip()
-            if not rid:
-                skips.add(f"row {total - 1}", "missing_id")
-                continue
-            if rid in seen:
-                skips.add(rid, "duplicate_id")
-                continue
-            seen.add(rid)
-            try:
-                la, lo = check_record_coordinates(lat, lon)
-            except RecordError as err:
-                skips.add(rid, err.reason, err.detail)
-                continue
-            arr = embedding(j)
-            if arr.shape != (dim,) or not np.isfinite(arr).all():
-                what = (f"length {arr.shape[0]}, expected {dim}" if arr.shape != (dim,)
-                        else "NaN or infinite values")
-                skips.add(rid, "invalid_embedding", what)
-                continue
-            rows.append((rid, la, lo, arr))
-            if len(rows) == cfg.shard_size:
-                write_shard()
-                count, rows = count + len(rows), []
+    with SeenIds(os.path.join(storage.local_tmp_dir(out),
+                              f"seen-{hashlib.sha256(out.encode()).hexdigest()[:16]}.sqlite.tmp")) as seen:
+        for batch in _batches(pf, url, columns, limit, max(1, min(MAX_BATCH_ROWS, BATCH_VALUES // max(dim, 1)))):
+            ids = ["" if r is None else str(r).strip() for r in batch.column(cfg.id_column).to_pylist()]
+            repeated = seen.repeated(ids)
+            lats = batch.column(cfg.lat_column).to_pylist()
+            lons = batch.column(cfg.lon_column).to_pylist()
+            embedding = _embeddings(batch.column("embedding"))
+            for j, (rid, lat, lon) in enumerate(zip(ids, lats, lons, strict=True)):
+                total += 1
+                if not rid:
+                    skips.add(f"row {total - 1}", "missing_id")
+                    continue
+                if repeated[j]:
+                    skips.add(rid, "duplicate_id")
+                    continue
+                try:
+                    la, lo = check_record_coordinates(lat, lon)
+                except RecordError as err:
+                    skips.add(rid, err.reason, err.detail)
+                    continue
+                arr = embedding(j)
+                if arr.shape != (dim,) or not np.isfinite(arr).all():
+                    what = (f"length {arr.shape[0]}, expected {dim}" if arr.shape != (dim,)
+                            else "NaN or infinite values")
+                    skips.add(rid, "invalid_embedding", what)
+                    continue
+                rows.append((rid, la, lo, arr))
+                if len(rows) == cfg.shard_size:
+                    write_shard()
+                    count, rows = count + len(rows), []
     if rows:
         write_shard()
         count += len(rows)
