@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -87,13 +88,17 @@ def test_logistic_model_recovers_a_known_law_and_round_trips():
     np.testing.assert_array_equal(again.logit(x[:100]), m.logit(x[:100]))
 
 
-@pytest.mark.parametrize("bad", [{"kind": "isotonic"}, {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1, 2],
-                                                        "intercept": 0},
-                                 {"kind": "logistic", "mean": [0], "scale": [0], "coef": [1], "intercept": 0},
-                                 {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1], "intercept": "nan"},
-                                 {"kind": "logistic", "mean": [0], "scale": [1], "coef": [1]}])
-def test_a_damaged_logistic_model_is_refused(bad):
-    with pytest.raises((ValueError, KeyError)):
+@pytest.mark.parametrize("bad,why", [({"kind": "isotonic"}, "unknown model kind 'isotonic'"),
+                                     ({"kind": "logistic", "mean": [0], "scale": [1], "coef": [1, 2], "intercept": 0},
+                                      "lists of one length"),
+                                     ({"kind": "logistic", "mean": [0], "scale": [0], "coef": [1], "intercept": 0},
+                                      "scale > 0"),
+                                     ({"kind": "logistic", "mean": [0], "scale": [1], "coef": [1], "intercept": "nan"},
+                                      "intercept must be a number"),
+                                     ({"kind": "logistic", "mean": [0], "scale": [1], "coef": [1]},
+                                      "intercept must be a number")])
+def test_a_damaged_logistic_model_is_refused(bad, why):
+    with pytest.raises(ValueError, match=re.escape(why)):  # ValueError, as from_json says: not a KeyError
         LogisticModel.from_json(bad)
 
 
