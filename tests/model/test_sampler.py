@@ -45,7 +45,12 @@ def test_both_modes_in_the_right_proportion(p):
     # every sample ends on one of the modes, with the mode's spread
     dist = torch.minimum((z - MU).norm(dim=1), (z + MU).norm(dim=1))
     assert dist.max().item() < 6 * SIGMA * 3**0.5
-    assert dist.pow(2).mean().item() == pytest.approx(3 * SIGMA**2, rel=0.3)
+    # 50 DDIM steps shrink the spread (0.76 of it here: the ODE's discretization error, never a widening); it
+    # converges to the mode's as the steps grow (0.97 at 500; the seeded mean's sd is about 0.013)
+    assert 0.6 < dist.pow(2).mean().item() / (3 * SIGMA**2) < 1.0
+    z = sample(gmm_denoiser, cond, DDIMScheduler(SCHEDULE), 500, torch.Generator().manual_seed(0), dim=3)
+    dist = torch.minimum((z - MU).norm(dim=1), (z + MU).norm(dim=1))
+    assert dist.pow(2).mean().item() == pytest.approx(3 * SIGMA**2, rel=0.05)
 
 
 def test_conditional_per_row_and_seeded():
