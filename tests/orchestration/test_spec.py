@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 
 from flows.params import DataSet as FlowDataSet
+from locdiff.hashing import stable_hash
 from locdiff.model.config import config_to_dict
 from locdiff.orchestration.spec import DataSet, RunSpec, resolve_config
 from locdiff.pipeline import DataSpec
-from locdiff.runs import completion_key
 
 
 def test_one_data_set_type_for_flows_and_library():
@@ -36,8 +36,12 @@ def test_run_spec_holds_the_key_of_the_config_and_data(tmp_path):
     config = resolve_config("tiny", degree=4, overrides=["train.steps=5"])
     assert config.shdd.degree == 4 and config.train.steps == 5
     spec = RunSpec.build(config, data["train"], tmp_path / "run", val=data["val"], config_name="tiny")
-    # an independent reference: the key of the resolved config and of the identities of the data
-    assert spec.key == completion_key(config_to_dict(config), dict(spec.data))
+    # the key, written out: the hash of the resolved config less its memory budgets and of the identities of
+    # the data (completion_key is what RunSpec.build itself calls: no reference)
+    settings = {k: v for k, v in config_to_dict(config).items() if k != "limits"}
+    assert spec.key == stable_hash({"config": settings, "data": dict(spec.data)})
+    budgets = resolve_config("tiny", degree=4, overrides=["train.steps=5", "limits.max_parameters=1000000"])
+    assert RunSpec.build(budgets, data["train"], tmp_path / "run", val=data["val"]).key == spec.key
     assert set(spec.data) == {"train", "val"} and spec.run_dir == tmp_path / "run"
     assert str(spec.train) == str(data["train"].resolve())  # recorded as absolute paths
     same = RunSpec.build(resolve_config("tiny", degree=4, overrides=["train.steps=5"]), data["train"],
