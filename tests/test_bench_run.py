@@ -58,7 +58,8 @@ def test_the_plan_runs_bench_model_with_a_work_folder_before_the_benchmarks_that
 def test_an_unknown_name_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["run", "nosuch"])
     assert run.main() == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("unknown benchmark(s): nosuch; choose from "), err
 
 
 def test_help_prints_the_usage_and_starts_nothing(capsys):
