@@ -74,6 +74,7 @@ def test_damaged_exif_bytes_never_raise_anything_else():
     good = bytearray(tagged(4, gps_exif(*PLACES[0])))
     start = good.find(b"Exif")
     rng = np.random.default_rng(0)
+    read, reported = 0, 0
     for _ in range(200):
         bad = bytearray(good)
         for i in rng.integers(start + 6, start + 120, 6):
@@ -81,6 +82,8 @@ def test_damaged_exif_bytes_never_raise_anything_else():
         gps, problem = gps_or_none(bytes(bad))  # never raises
         assert gps is None or (abs(gps[0]) <= 90 and abs(gps[1]) <= 180)
         assert problem is None or "\n" not in problem
+        read, reported = read + (gps is not None), reported + (problem is not None)
+    assert read and reported  # both outcomes were met, not only "no tag"
 
 
 def test_a_folder_of_geotagged_photos_without_a_csv(tmp_path):
