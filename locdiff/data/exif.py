@@ -4,8 +4,12 @@
 `ExifError` (one line, a ValueError) for a tag that is there but cannot be a position: a reference other
 than N/S or E/W, a value that is not three finite numbers, minutes or seconds over 60, a latitude over
 90 or a longitude over 180. (0, 0) is taken as "no fix" (what many cameras write without one). Whatever
-Pillow raises on a damaged EXIF block is an ExifError too: a bad tag is counted or reported on one line,
-never a traceback. The EXIF block of a JPEG is at most 64 KiB (one APP1 segment), so reading it is bounded.
+Pillow raises on a damaged EXIF block is an ExifError too, and so is a warning it gives while skipping the
+GPS tag or one of the GPS block's entries, or while cutting the main directory short before a GPS tag was
+met (Pillow mostly warns and skips rather than raises; a damaged tag that is not about GPS, a maker note,
+leaves the GPS answer alone): a bad tag is counted or reported on one line, never a traceback, and Pillow's
+warning itself never reaches the user. The EXIF block of a JPEG is at most 64 KiB (one APP1 segment), so
+reading it is bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 from PIL import Image
 
@@ -21,10 +30,31 @@ from locdiff.geo import haversine_km
 GPS_IFD = 0x8825  # ExifTags.IFD.GPSInfo
 LAT_REF, LAT, LON_REF, LON = 1, 2, 3, 4  # GPSLatitudeRef, GPSLatitude, GPSLongitudeRef, GPSLongitude
 DISAGREE_KM = 1.0  # a metadata position this far from the photo's own tag is counted as a disagreement
+_GPS_TAG = re.compile(rf"\btag {GPS_IFD}\b")  # Pillow's "... Skipping tag 34853" about IFD0's GPS pointer
+_WATCH = threading.Lock()  # the warnings module's state is global: one EXIF read watches it at a time
+T = TypeVar("T")
 
 
 class ExifError(ValueError):
     """A GPS tag that is present but unusable (its message is one line)."""
+
+
+def _watched(read: Callable[[], T]) -> tuple[T, list[str]]:
+    """read()'s result and the warnings this thread got meanwhile (Pillow warns and skips a damaged tag);
+    another thread's warnings go where they went before."""
+    me, mine = threading.get_ident(), []
+    with _WATCH, warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.get_ident() == me:
+                mine.append(" ".join(str(message).split())[:200])
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", category=UserWarning, module=r"PIL\.")  # not once per message
+        return read(), mine
 
 
 def _degrees(value: object, what: str) -> float:
@@ -51,9 +81,11 @@ def _ref(value: object, allowed: str, what: str) -> str:
 def gps_from_exif(exif: Image.Exif) -> tuple[float, float] | None:
     """(lat, lon) of an Exif object's GPSInfo IFD; None without a position; ExifError when malformed."""
     try:
-        gps = exif.get_ifd(GPS_IFD)
+        gps, warned = _watched(lambda: exif.get_ifd(GPS_IFD))
     except Exception as err:  # noqa: BLE001 - Pillow's IFD reader on damaged bytes
         raise ExifError(f"unreadable GPS block ({type(err).__name__})") from None
+    if warned:  # an entry of the GPS block skipped
+        raise ExifError(f"unreadable GPS block ({warned[0]})")
     if not gps or LAT not in gps or LON not in gps:
         return None
     lat = _degrees(gps[LAT], "latitude")
@@ -75,17 +107,28 @@ def gps_coordinates(image: bytes | str | os.PathLike | Image.Image) -> tuple[flo
     Raises:
         ExifError: a GPS tag that is present but unusable, or an EXIF block Pillow cannot read.
     """
-    try:
+    def read() -> Image.Exif:
         if isinstance(image, Image.Image):
-            exif = image.getexif()
-        else:
-            with Image.open(io.BytesIO(bytes(image)) if isinstance(image, bytes | bytearray | memoryview)
-                            else image) as im:
-                exif = im.getexif()
+            raw = image.info.get("exif")
+            if not isinstance(raw, bytes):
+                return image.getexif()
+            exif = Image.Exif()  # read afresh: what Pillow warned when the image's own was read is gone
+            exif.load(raw)
+            return exif
+        with Image.open(io.BytesIO(bytes(image)) if isinstance(image, bytes | bytearray | memoryview)
+                        else image) as im:
+            return im.getexif()
+
+    try:
+        exif, warned = _watched(read)
     except OSError:
         return None  # not an image at all: the decoder says so where the pixels are read
     except Exception as err:  # noqa: BLE001 - Pillow on a crafted header
         raise ExifError(f"unreadable EXIF ({type(err).__name__})") from None
+    if skipped := [w for w in warned if _GPS_TAG.search(w)]:  # the pointer to the GPS block skipped
+        raise ExifError(f"unreadable GPS block ({skipped[0]})")
+    if GPS_IFD not in exif and (cut := [w for w in warned if w.startswith("Corrupt EXIF data")]):
+        raise ExifError(f"unreadable EXIF ({cut[0]})")  # the directory ends before a GPS pointer was met
     return gps_from_exif(exif)
 
 
