@@ -241,12 +241,16 @@ def _raise_pil_limit(max_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+_IMAGE_STARTS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # a JPEG's SOI and first marker, PNG's signature
+
+
 def open_header(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open image bytes reading the header only, and check the pixel count before anything is decoded.
 
     Raises:
-        RecordError: truncated (empty), undecodable (not an image), too_large (above `max_pixels`,
-            including what PIL's decompression-bomb guard refuses).
+        RecordError: truncated (empty, or a JPEG or PNG beginning cut before its header ends), undecodable
+            (not an image), too_large (above `max_pixels`, including what PIL's decompression-bomb guard
+            refuses).
     """
     if not data:
         raise RecordError("truncated", "empty file")
@@ -257,6 +261,10 @@ def open_header(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise pil_bomb(err, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        # a JPEG or PNG beginning that Pillow cannot identify, or whose header it ran out of, is a cut file
+        if (isinstance(err, UnidentifiedImageError) and bytes(data[:8]).startswith(_IMAGE_STARTS)
+                or isinstance(err, OSError) and "truncated" in str(err).lower()):
+            raise RecordError("truncated", f"cut short: {err}") from None
         raise RecordError("undecodable", f"not an image: {err}") from None
     if im.width < 1 or im.height < 1:
         raise RecordError("undecodable", f"image size {im.size}")

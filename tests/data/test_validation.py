@@ -50,6 +50,25 @@ def test_truncated_and_undecodable_images_are_told_apart():
     assert err.value.reason == "truncated"
 
 
+def test_an_image_cut_inside_its_header_is_truncated():
+    """A JPEG or PNG cut before Pillow can identify it (its first 200 bytes, its signature alone) is a cut
+    file, "truncated" (it was "undecodable"); bytes that never began an image stay "undecodable"."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(1))).save(buf, format="PNG")
+    cut = {"jpeg 200": jpeg(1)[:200], "jpeg 3": jpeg(1)[:3], "png 20": buf.getvalue()[:20],
+           "png 8": buf.getvalue()[:8]}
+    other = {"text": b"not an image at all", "soi alone": b"\xff\xd8", "gif": b"GIF89a" + b"\0" * 20}
+    for name, data in {**cut, **other}.items():
+        with pytest.raises(RecordError) as err:
+            open_image(data)
+        assert err.value.reason == ("truncated" if name in cut else "undecodable"), name
+        assert "\n" not in str(err.value)
+
+
 def test_no_csv_is_fatal_with_a_clear_message(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg(2))
     with pytest.raises(SourceError, match=r"no metadata CSV.*no \.csv file"):

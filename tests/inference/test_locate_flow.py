@@ -45,7 +45,7 @@ def test_locate_photos_flow(prefect_api, trained, photos, tmp_path, store):
     assert row["exif_km"] == pytest.approx(float(haversine_km(48.8584, 2.2945, row["pred_lat"], row["pred_lon"])))
     assert df[df["id"] != tagged.name]["exif_lat"].isna().all()
     assert (located / "map.png").read_bytes()[:4] == b"\x89PNG"
-    assert out["stages"]["ingest"]["skipped"] == {"undecodable": 1}
+    assert out["stages"]["ingest"]["skipped"] == {"truncated": 1}  # a JPEG's first marker, then junk
     assert out["stages"]["predict"] == {**out["stages"]["predict"], "shards": 3, "predicted": 3, "skipped": 0}
 
     client = MlflowClient()
