@@ -4,7 +4,10 @@ S3 endpoint (moto) into an s3:// root; the round trip is exact and bad records a
 from __future__ import annotations
 
 import io
+import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,8 @@ from locdiff.data.validation import ChecksumError, sha256_bytes
 from tests.conftest import TEST_CACHE
 
 from .fixtures import read_samples, sha
+
+REPO = Path(__file__).resolve().parents[2]
 
 # where each source's --source points inside its fixture folder ("" = the folder itself)
 SOURCE_PATH = {"im2gps3k": "", "yfcc26k": "", "yfcc4k": "", "mp16": "", "gws15k": "data.csv",
@@ -333,3 +338,44 @@ def test_an_endpoint_that_never_answers_fails_within_three_timeouts_per_request(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and "/data/silent.parquet" in err, err
     assert 1 <= len(held) <= 6, len(held)  # botocore's 3 attempts a request (4 here; s3fs's retries on top: 20)
+
+
+PLAN_CHILD = r"""
+import sys
+from locdiff.data.config import load_dataset_config
+from locdiff.data.sources import make_source
+plan = make_source(load_dataset_config("mp16"), sys.argv[1]).plan()
+assert len(plan.records) == int(sys.argv[2]), len(plan.records)
+# VmHWM: this process's own peak (ru_maxrss would carry the forking pytest process's peak over through exec)
+print([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1])
+"""
+
+
+@pytest.mark.slow
+def test_planning_a_long_csv_costs_a_bounded_memory_a_row(tmp_path):
+    """The MP-16 plan (metadata CSV joined with its URL list) of a CSV four times as long costs at most
+    1,500 bytes more a row (all rows were held as dicts at once besides the records, each record with its
+    own __dict__ and the CSV bytes: 1,790 bytes a row measured; 1,260 after; the rest is the tables, the
+    URL list and the records themselves)."""
+    n = 50_000
+    peaks = []
+    for rows in (n, 4 * n):
+        rng, folder = random.Random(rows), tmp_path / str(rows)
+        folder.mkdir()
+        meta, urls = ["IMG_ID,AUTHOR,LAT,LON,S3_Label,S16_Label"], ["image_id,url"]
+        for _ in range(rows):
+            iid = f"{rng.randrange(256):02x}/{rng.randrange(256):02x}/{rng.randrange(10**9, 10**10)}.jpg"
+            meta.append(f"{iid},{rng.randrange(10**7, 10**8)}@N0{rng.randrange(10)},{rng.uniform(-80, 80):.6f},"
+                        f"{rng.uniform(-180, 180):.6f},{rng.randrange(3)},{rng.randrange(16)}")
+            urls.append(f"{iid},http://farm{rng.randrange(1, 10)}.staticflickr.com/{rng.randrange(1000, 9999)}/"
+                        f"{rng.randrange(10**9, 10**10)}_{rng.randrange(16**9, 16**10):010x}.jpg")
+        (folder / "mp16_places365.csv").write_text("\n".join(meta) + "\n")
+        (folder / "mp16_urls.csv").write_text("\n".join(urls) + "\n")
+        env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        proc = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(folder), str(rows)], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+    per_row = (peaks[1] - peaks[0]) / (3 * n)
+    print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB; {per_row:.0f} bytes a row")
+    assert per_row < 1500, (peaks, per_row)

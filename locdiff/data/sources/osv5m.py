@@ -98,6 +98,7 @@ class Osv5mSource(TabularSource):
         origin = (f"hf://datasets/{cfg.hf_repo}@{cfg.hf_revision}" if self.source is None else self.source)
         self.provenance["metadata"] = {"url": f"{origin}/{name}", "sha256": check_checksum(data)}
         df = read_csv_bytes(data, name)
+        del data  # the table holds it now
         if not cfg.hf_images:
             raise SourceError(f"data set {cfg.name!r}: the config lists no image zips (hf_images)")
         self.images = MultiArchive(lambda n: ArchiveLocation(self._file(n), max_bytes=cfg.max_image_bytes),
