@@ -19,7 +19,14 @@ from tqdm.auto import tqdm
 
 from locdiff.data import manifest as mf
 from locdiff.data import storage
-from locdiff.data.shards import group_samples, json_member, parse_regular_tar, parse_tar_bytes, stage_dir
+from locdiff.data.shards import (
+    group_samples,
+    json_member,
+    parse_regular_tar,
+    parse_tar_bytes,
+    read_npy_header,
+    stage_dir,
+)
 from locdiff.data.validation import ChecksumError, ShardError, sha256_bytes
 from locdiff.errors import reraise_for
 from locdiff.io import write_embeddings
@@ -59,10 +66,7 @@ def _read_npy_block(buf: memoryview, offsets: np.ndarray, what: str) -> np.ndarr
     off0, size0 = int(starts[0]), int(sizes[0])
     f = io.BytesIO(bytes(buf[off0: off0 + min(size0, 4096)]))
     try:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
+        shape, fortran, dtype = read_npy_header(f)
     except ValueError as err:
         raise ShardError(f"{what}: an .npy member has a damaged header ({err}); the shard is corrupt") from None
     if dtype.hasobject:  # pickled Python objects: never loaded

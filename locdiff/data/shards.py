@@ -20,8 +20,9 @@ import json
 import math
 import os
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -269,6 +270,19 @@ def group_samples(members: list[tuple[str, int, int]]) -> list[tuple[str, dict[s
 
 
 _NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...], str, int]] = {}
+# numpy parses an .npy header with ast.literal_eval, and CPython 3.11's AST constructor keeps its recursion
+# depth in state all threads share: two loader threads parsing at once failed now and then with "SystemError:
+# AST constructor recursion depth mismatch" (cpython gh-106905). One parse at a time (a header is ~128 bytes).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy at file `f`'s position (numpy's reader, one thread at a time);
+    `f` is left after the header. ValueError for a damaged one."""
+    with _NPY_HEADER_LOCK:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(f)
 
 
 def npy_from_bytes(data: bytes) -> np.ndarray:
@@ -279,11 +293,7 @@ def npy_from_bytes(data: bytes) -> np.ndarray:
     head = data[:hlen]
     cached = _NPY_HEADERS.get(head)
     if cached is None:
-        f = io.BytesIO(head)
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        shape, fortran, dtype = read_npy_header(io.BytesIO(head))
         if dtype.hasobject:
             raise ValueError("object arrays are not allowed in shards")
         cached = (hlen, dtype, shape, "F" if fortran else "C", math.prod(shape))

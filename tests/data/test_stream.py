@@ -160,6 +160,32 @@ def test_several_loader_threads_give_the_same_batches(sources, kind):
         pool.close()
 
 
+def test_npy_headers_are_parsed_one_thread_at_a_time(sources):
+    """numpy parses an .npy header with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+    (now and then "SystemError: AST constructor recursion depth mismatch", seen in the loader-threads test
+    above, cpython gh-106905): both readers of .npy members, a sample's and a feature shard's, wait for one
+    lock."""
+    import io
+    import threading
+
+    from locdiff.data import shards
+    from locdiff.data.features import read_feature_shard
+
+    with open(sources["shards"].pieces[0].url, "rb") as f:
+        shard = f.read()
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 7, 11), np.float32))  # a header no other test has parsed (they are cached)
+    member = buf.getvalue()
+    for read in (lambda: shards.npy_from_bytes(member), lambda: read_feature_shard(shard, "shard")):
+        done = threading.Event()
+        reader = threading.Thread(target=lambda read=read: (read(), done.set()), daemon=True)
+        with shards._NPY_HEADER_LOCK:
+            reader.start()
+            assert not done.wait(0.5)  # parsing waits while another thread parses
+        reader.join(10)
+        assert done.is_set()
+
+
 @pytest.mark.parametrize("fixed", [True, False])
 def test_a_folder_of_tables_of_two_widths_names_both_files(tmp_path, fixed):
     """A folder of Parquet files is one table: files of different embedding widths (two encoders) are refused
