@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_model import recorded_args
 from benchmarks.common import model_config, print_table, save
 from locdiff import shdd
 from locdiff.geo import haversine_km
@@ -128,7 +129,9 @@ def main() -> None:
     print(f"SHDD-KL target: {100 * mass:.1f} % of its mass within 500 km of the truth "
           f"(tau {config.shdd.kl_tau or default_tau(config.shdd.degree):.2f}, degree {config.shdd.degree}; "
           f"uniform would be {100 * (1 - math.cos(500 / 6371.0088)) / 2:.2f} %)")
-    save("kl_grad_share", {"config": args.config, "overrides": args.set, "data": args.data or "synth 20,000 x 128",
+    # no machine-local path in the JSON: the config relative to the repository, the data by its file name
+    save("kl_grad_share", {"config": recorded_args(args)["config"], "overrides": args.set,
+                           "data": Path(args.data).name if args.data else "synth 20,000 x 128",
                            "rows": rows, "kl_target_mass_within_500km": mass})
 
 
