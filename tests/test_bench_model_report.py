@@ -38,6 +38,17 @@ def test_recorded_args_hold_no_machine_local_path(tmp_path):
     assert str(ROOT.parent) not in json.dumps(saved)
 
 
+def test_no_kept_benchmark_json_holds_a_machine_local_path():
+    """Every benchmark JSON the repository keeps (un-ignored in .gitignore) names no path of the machine it ran on
+    (bench_kl_share once recorded its config's absolute path)."""
+    kept = [line[1:] for line in (ROOT / ".gitignore").read_text().splitlines()
+            if line.startswith("!benchmarks/results/")]
+    assert len(kept) > 1
+    for name in kept:
+        text = (ROOT / name).read_text()
+        assert not [p for p in (f"{ROOT.parent}/", "/tmp/", "/home/", "/root/") if p in text], name
+
+
 def test_report_says_which_rows_an_update_measured_again():
     payload = {"benchmarks": ["synth"], "sizes": {"synth": {"train": 100, "val": 10}},
                "results": {"synth": {"LocDiff-H": {"val": _metrics(10)}}}, "args": {},
