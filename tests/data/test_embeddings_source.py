@@ -232,6 +232,16 @@ print([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].spl
 """
 
 
+def _ingest_peak(tmp_path, rows: int) -> int:
+    """Peak RSS (bytes) of a fresh process ingesting tmp_path/ROWS.parquet into tmp_path/rootROWS (CHILD)."""
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / f"{rows}.parquet"),
+                           str(tmp_path / f"root{rows}"), str(rows)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1]) * 1024
+
+
 @pytest.mark.slow
 def test_the_memory_of_an_ingest_does_not_grow_with_the_table(tmp_path):
     """A table four times as long costs no more memory to ingest (the whole table was held
@@ -246,12 +256,7 @@ def test_the_memory_of_an_ingest_does_not_grow_with_the_table(tmp_path):
         write_embeddings(tmp_path / f"{rows}.parquet", EmbeddingTable(
             ids=np.array([f"r{i:06d}" for i in range(rows)], dtype=object), lat=rng.uniform(-80, 80, rows),
             lon=rng.uniform(-180, 180, rows), embedding=rng.normal(size=(rows, dim)).astype(np.float32)))
-        env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / f"{rows}.parquet"),
-                               str(tmp_path / f"root{rows}"), str(rows)], capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+        peaks.append(_ingest_peak(tmp_path, rows))
     table = 3 * n * dim * 4  # the bytes of the embeddings the longer table has more of
     print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB; table {table / 2**20:.0f} MB")
     assert peaks[1] - peaks[0] < table / 4, (peaks, table)
@@ -273,11 +278,6 @@ def test_the_ids_seen_are_not_held_in_memory(tmp_path):
                                  "embedding": pa.array(list(rng.normal(size=(rows, dim)).astype(np.float32)),
                                                        pa.list_(pa.float32()))}),
                        tmp_path / f"{rows}.parquet", row_group_size=10_000)
-        env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / f"{rows}.parquet"),
-                               str(tmp_path / f"root{rows}"), str(rows)], capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+        peaks.append(_ingest_peak(tmp_path, rows))
     print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB")
     assert peaks[1] - peaks[0] < 3 * n * 40, peaks  # a set of the 150,000 more ids: about 20 MB (measured)

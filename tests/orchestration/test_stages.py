@@ -64,17 +64,22 @@ def test_preflight_refuses_more_gpus_than_a_local_ray_has_before_any_work(tmp_pa
     assert "\n" not in describe(err.value) and not root.exists()
 
 
-def test_a_rerun_after_a_kill_before_run_json_logs_no_second_throughput_point(tmp_path, mlflow_uri):
-    """Killed after the training's throughput reached MLflow (e.g. while the model was being logged), before
-    run.json: the re-run finalizes the same training and its MLflow run holds each point once."""
-    from mlflow.tracking import MlflowClient
-
+def _ingested_synth(tmp_path) -> tuple[DataSet, str]:
+    """A small synth training table ingested under tmp_path/root: (its data set, the root)."""
     from locdiff.worlds.synth import SynthConfig, write_benchmark
 
     data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
     root = str(tmp_path / "root")
     train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
     stages.ingest(train, root)
+    return train, root
+
+def test_a_rerun_after_a_kill_before_run_json_logs_no_second_throughput_point(tmp_path, mlflow_uri):
+    """Killed after the training's throughput reached MLflow (e.g. while the model was being logged), before
+    run.json: the re-run finalizes the same training and its MLflow run holds each point once."""
+    from mlflow.tracking import MlflowClient
+
+    train, root = _ingested_synth(tmp_path)
     overrides = [*TINY_OVERRIDES, "train.steps=8", "train.checkpoint_every=4"]
     run_dir = tmp_path / "run"
     first = stages.train("tiny", train, root, str(run_dir), degree=4, overrides=overrides, num_workers=0,
@@ -93,12 +98,7 @@ def test_a_history_a_kill_interrupted_is_completed_not_skipped(tmp_path, mlflow_
     logged): training again logs the rest, each step once."""
     from mlflow.tracking import MlflowClient
 
-    from locdiff.worlds.synth import SynthConfig, write_benchmark
-
-    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
-    root = str(tmp_path / "root")
-    train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
-    stages.ingest(train, root)
+    train, root = _ingested_synth(tmp_path)
     with tracking.training_run({"x": 1}, tracking_uri=mlflow_uri) as run_id:
         tracking.log_step_metrics(run_id, [{"step": 4, "loss": 1.5}], tracking_uri=mlflow_uri)
     run_dir = tmp_path / "run"
@@ -117,12 +117,7 @@ def test_a_resume_with_another_worker_count_is_tagged(tmp_path, mlflow_uri):
     another count: the run's tags workers_resumed / gpus_per_worker_resumed say what the resume ran with."""
     from mlflow.tracking import MlflowClient
 
-    from locdiff.worlds.synth import SynthConfig, write_benchmark
-
-    data = write_benchmark(tmp_path / "synth", SynthConfig(n_train=200, n_test=10, n_unseen=10, dim=16, seed=0))
-    root = str(tmp_path / "root")
-    train = DataSet(name="t-train", source="embeddings", path=str(data["train"]))
-    stages.ingest(train, root)
+    train, root = _ingested_synth(tmp_path)
     began = {"pipeline": {"num_workers": 2, "gpus_per_worker": 0.5}}
     with tracking.training_run(began, tracking_uri=mlflow_uri) as run_id:
         pass
