@@ -74,6 +74,15 @@ def _ingested_synth(tmp_path) -> tuple[DataSet, str]:
     stages.ingest(train, root)
     return train, root
 
+def _train_in_run(tmp_path, train: DataSet, root: str, run_id: str, mlflow_uri: str, *, steps: int) -> dict:
+    """`stages.train` of tiny into tmp_path/run, whose MLflow record names the existing MLflow run `run_id`."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / stages.MLFLOW_RECORD).write_text(json.dumps({"run_id": run_id}))
+    return stages.train("tiny", train, root, str(run_dir), degree=4, num_workers=0, tracking_uri=mlflow_uri,
+                        overrides=[*TINY_OVERRIDES, f"train.steps={steps}", "train.checkpoint_every=4"])
+
+
 def test_a_rerun_after_a_kill_before_run_json_logs_no_second_throughput_point(tmp_path, mlflow_uri):
     """Killed after the training's throughput reached MLflow (e.g. while the model was being logged), before
     run.json: the re-run finalizes the same training and its MLflow run holds each point once."""
@@ -101,11 +110,7 @@ def test_a_history_a_kill_interrupted_is_completed_not_skipped(tmp_path, mlflow_
     train, root = _ingested_synth(tmp_path)
     with tracking.training_run({"x": 1}, tracking_uri=mlflow_uri) as run_id:
         tracking.log_step_metrics(run_id, [{"step": 4, "loss": 1.5}], tracking_uri=mlflow_uri)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / stages.MLFLOW_RECORD).write_text(json.dumps({"run_id": run_id}))
-    record = stages.train("tiny", train, root, str(run_dir), degree=4, num_workers=0, tracking_uri=mlflow_uri,
-                          overrides=[*TINY_OVERRIDES, "train.steps=8", "train.checkpoint_every=4"])
+    record = _train_in_run(tmp_path, train, root, run_id, mlflow_uri, steps=8)
     assert record["mlflow_run_id"] == run_id
     client = MlflowClient(tracking_uri=mlflow_uri)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4, 8]
@@ -121,11 +126,7 @@ def test_a_resume_with_another_worker_count_is_tagged(tmp_path, mlflow_uri):
     began = {"pipeline": {"num_workers": 2, "gpus_per_worker": 0.5}}
     with tracking.training_run(began, tracking_uri=mlflow_uri) as run_id:
         pass
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / stages.MLFLOW_RECORD).write_text(json.dumps({"run_id": run_id}))
-    record = stages.train("tiny", train, root, str(run_dir), degree=4, num_workers=0, tracking_uri=mlflow_uri,
-                          overrides=[*TINY_OVERRIDES, "train.steps=4", "train.checkpoint_every=4"])
+    record = _train_in_run(tmp_path, train, root, run_id, mlflow_uri, steps=4)
     assert record["mlflow_run_id"] == run_id
     run = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id)
     assert run.data.params["pipeline.num_workers"] == "2"  # as it began: params are not renamed or changed
