@@ -504,20 +504,24 @@ def load(cls: type[T], data: dict[str, Any] | None, *, source: str,
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently), and
-    an integer of more digits than Python converts as an Invalid naming its key path (e.g. train.steps)."""
+    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one silently), and a value
+    Python cannot convert (an int of more digits than it reads, a month 13) as an Invalid naming its key path."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except Invalid:  # a value below this one, already named
+            raise
+        except ValueError as err:
+            line = node.start_mark.line + 1
+            problem = (f"an integer of {len(node.value.lstrip('+-'))} digits (line {line}), more than Python reads"
+                       if node.tag == "tag:yaml.org,2002:int" else f"{one_line(str(err), 80)} (line {line})")
+            raise Invalid(getattr(node, "key_path", ""), f"{problem}; fix the file") from None
 
     def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
         for i, child in enumerate(node.value):  # each node learns its key path (e.g. network.widths[1])
             child.key_path = join_key(getattr(node, "key_path", ""), f"[{i}]")
         return super().construct_sequence(node, deep=deep)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # more digits than sys.get_int_max_str_digits()
-            raise Invalid(getattr(node, "key_path", ""), f"an integer of {len(node.value.lstrip('+-'))} digits "
-                          f"(line {node.start_mark.line + 1}), more than Python reads; fix the file") from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -534,8 +538,6 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"the key {show(key)} is given twice",
                     key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
-
-    yaml_constructors = {**yaml.SafeLoader.yaml_constructors, "tag:yaml.org,2002:int": construct_yaml_int}
 
 
 def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
@@ -568,10 +570,8 @@ def read_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
         raise UserError(f"{path}: not valid YAML ({problem}{where}); fix the file") from None
     except RecursionError:
         raise UserError(f"{path}: not valid YAML (nested too deeply); fix the file") from None
-    except Invalid as err:  # an integer of too many digits, named by its key
+    except Invalid as err:  # a value Python cannot convert, named by its key (UniqueKeyLoader.construct_object)
         raise ConfigError(str(path), err.key, err.problem) from None
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise UserError(f"{path}: not valid YAML ({one_line(str(err), 80)}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -66,6 +66,7 @@ BAD_CONFIGS = [
     ("train:\n  steps: 1" + "0" * 5000 + "\n", [], ": train.steps: an integer of 5001 digits (line 2), more "
                                                    "than Python reads; fix the file"),
     ("network:\n  widths: [64, " + "9" * 5000 + "]\n", [], ": network.widths[1]: an integer of 5000 digits"),
+    ("train:\n  steps: 2020-13-45\n", [], ": train.steps: month must be in 1..12 (line 2); fix the file"),
     (None, [], ": is a directory; give a YAML file"),
 ]
 
