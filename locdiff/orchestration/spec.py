@@ -26,7 +26,7 @@ from locdiff.runs import absolute_location, completion_key, local_run_dir
 
 DATASET_KEYS = ("name", "source", "path", "encoder", "limit")
 
-# A URL whose authority carries user:password@ (or user@).
+# A URL whose authority carries user:password@ (or user@): storage.carries_credentials as a JSON Schema pattern.
 CREDENTIALS_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 # A path or URL given as a flow parameter. Prefect keeps a flow run's parameters in its database and shows
 # them in its UI, so the parameter schema refuses a URL carrying credentials: the Prefect API checks a
