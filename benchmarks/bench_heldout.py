@@ -16,6 +16,7 @@ It reports, for val and val_unseen and each threshold, LocDiff-H minus the bette
 
     python -m benchmarks.bench_heldout --work DIR [--seed 0] [--benchmarks synth,realbench,cuebench]
     python -m benchmarks.bench_heldout --work DIR --seed S --benchmarks realbench --cv [--folds 3 --draws 3]
+    python -m benchmarks.bench_heldout --work DIR --seed 2 --out benchmarks/results/heldout-seed2.json
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def main() -> None:
                                                       "regions (validation rows only)")
     ap.add_argument("--folds", type=int, default=3, choices=range(2, 11), metavar="2..10")
     ap.add_argument("--draws", type=int, default=3, choices=range(1, 21), metavar="1..20")
+    ap.add_argument("--out", default=None, help="the results JSON (default benchmarks/results/heldout.json)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data_args = bm.reuse_data_args(args)
@@ -196,7 +198,7 @@ def main() -> None:
         print_table(cv_rows, title=f"LocDiff-H minus the better of LocDiff and top-1 retrieval on validation (points): "
                                    f"as the run chose on all rows (in sample) and on other folds ({args.folds} folds "
                                    f"of val's rows and val_unseen's regions, {args.draws} draws)")
-    save("heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
+    save(Path(args.out) if args.out else "heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
                      **({"cross_validation": cv_rows} if cv_rows else {})})
     log.info("%s", json.dumps({"worst": min(rows, key=lambda r: r["diff"])} if rows else {}))
 
