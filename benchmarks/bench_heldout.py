@@ -198,8 +198,9 @@ def main() -> None:
         print_table(cv_rows, title=f"LocDiff-H minus the better of LocDiff and top-1 retrieval on validation (points): "
                                    f"as the run chose on all rows (in sample) and on other folds ({args.folds} folds "
                                    f"of val's rows and val_unseen's regions, {args.draws} draws)")
-    save(Path(args.out) if args.out else "heldout", {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
-                     **({"cross_validation": cv_rows} if cv_rows else {})})
+    save(Path(args.out) if args.out else "heldout",
+         {"args": bm.recorded_args(args), "thresholds_km": list(THRESHOLDS_KM), "rows": rows,
+          **({"cross_validation": cv_rows} if cv_rows else {})})
     log.info("%s", json.dumps({"worst": min(rows, key=lambda r: r["diff"])} if rows else {}))
 
 
