@@ -16,7 +16,7 @@ It reports, for val and val_unseen and each threshold, LocDiff-H minus the bette
 
     python -m benchmarks.bench_heldout --work DIR [--seed 0] [--benchmarks synth,realbench,cuebench]
     python -m benchmarks.bench_heldout --work DIR --seed S --benchmarks realbench --cv [--folds 3 --draws 3]
-    python -m benchmarks.bench_heldout --work DIR --seed 2 --out benchmarks/results/heldout-seed2.json
+    python -m benchmarks.bench_heldout --work DIR --seed 2 --cv --out benchmarks/results/heldout-seed2.json
 """
 
 from __future__ import annotations
