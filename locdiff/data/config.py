@@ -20,7 +20,7 @@ MAX_IMAGE_BYTES = 50_000_000  # bytes read for one image file
 # 64 Mpx takes the largest camera photos (61 Mpx full frame, 50 Mpx phones) and stops decompression bombs
 # before any pixel is decoded (a 64 Mpx RGBA image is 256 MB decoded)
 MAX_IMAGE_PIXELS = 64_000_000
-MAX_METADATA_BYTES = 4_000_000_000  # a whole file read into memory: metadata CSV, URL list, table
+MAX_METADATA_BYTES = 4_000_000_000  # a metadata CSV, URL list (parsed from disk a chunk at a time) or table
 MAX_ARCHIVE_BYTES = 200_000_000_000  # an image archive streamed to the download cache
 MAX_SHARD_SIZE = 100_000  # samples per shard (a shard is written from memory)
 

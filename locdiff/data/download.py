@@ -45,7 +45,7 @@ MAX_REDIRECTS = 5
 USER_AGENT = "locdiff-data/0.1 (+https://github.com/locdiff)"
 RECORD_SCHEMES = ("http", "https", "s3")  # what a URL list or URL column may hold
 ALLOW_PRIVATE_ENV = "LOCDIFF_ALLOW_PRIVATE_ADDRESSES"
-DEFAULT_MAX_BYTES = MAX_METADATA_BYTES  # a whole file read into memory (metadata CSV, URL list, table)
+DEFAULT_MAX_BYTES = MAX_METADATA_BYTES  # a fetch with no limit of its own (images pass max_image_bytes)
 
 
 def private_addresses_allowed(configured: bool = False) -> bool:
@@ -110,12 +110,14 @@ def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
     return ips
 
 
-def refused_hosts(urls: list[str]) -> dict[str, RecordError]:
+def refused_hosts(urls: list[str], verdict: dict[tuple[str, int], RecordError | None] | None = None
+                  ) -> dict[str, RecordError]:
     """For a downloader that resolves names itself (img2dataset): the URLs whose host resolves to a
     non-public address now, each with its RecordError("refused_address"). One lookup per host; this
     cannot stop a host that changes its address later (DNS rebinding) nor a redirect: the builtin
-    downloader checks at connect time and on every redirect."""
-    verdict: dict[tuple[str, int], RecordError | None] = {}
+    downloader checks at connect time and on every redirect. `verdict` carries each host's lookup from one
+    call to the next."""
+    verdict = {} if verdict is None else verdict
     out: dict[str, RecordError] = {}
     for url in urls:
         parts = urllib.parse.urlsplit(url)
@@ -314,6 +316,22 @@ def fetch(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 
     _transfer(url, parts.append, parts.clear, retries=retries, backoff=backoff, timeout=timeout,
               max_bytes=max_bytes, allow_private=allow_private)
     return b"".join(parts)
+
+
+def fetch_to_file(url: str, path: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
+                  max_bytes: int = DEFAULT_MAX_BYTES, allow_private: bool = False) -> None:
+    """`fetch` streamed into the local file `path` instead of memory (the same limits, retries and errors; an
+    s3:// object is copied in blocks, without retries)."""
+    with open(path, "wb") as f:
+        if url.startswith(("http://", "https://")):
+            def reset() -> None:
+                f.seek(0)
+                f.truncate()
+
+            _transfer(url, f.write, reset, retries=retries, backoff=backoff, timeout=timeout, max_bytes=max_bytes,
+                      allow_private=allow_private)
+        else:
+            _copy_remote(url, f, max_bytes)
 
 
 def _file_md5(path: str) -> str:

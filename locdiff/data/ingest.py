@@ -30,7 +30,7 @@ from locdiff.data.config import DatasetConfig, load_dataset_config
 from locdiff.data.exif import DISAGREE_KM, distance_km, gps_or_none
 from locdiff.data.images import StoredImage, prepare_image
 from locdiff.data.shards import json_bytes, sample_key, shard_name, stage_dir, write_tar
-from locdiff.data.sources import Record, Source, make_source
+from locdiff.data.sources import Plan, Record, Source, make_source
 from locdiff.data.sources.embeddings import ingest_embeddings
 from locdiff.data.validation import RecordError, SkipLog, SourceError, check_checksum
 
@@ -144,9 +144,12 @@ def in_test_part(record_id: str, share: float) -> bool:
 
 
 def _split_plan(plan: Any, share: float, part: str) -> Any:
-    """The plan with only the records of one part (the train part keeps the rows skipped while planning)."""
-    keep = [r for r in plan.records if in_test_part(r.id, share) == (part == "test")]
-    records = [dataclasses.replace(r, index=i) for i, r in enumerate(keep)]
+    """The plan with only the records of one part (the train part keeps the rows skipped while planning); the
+    whole plan's records are closed."""
+    try:
+        records = plan.records.filtered(lambda r: in_test_part(r.id, share) == (part == "test"))
+    finally:
+        plan.close()
     skips = plan.skips if part == "train" else SkipLog()
     return dataclasses.replace(plan, records=records, rows=len(records) + skips.total, skips=skips)
 
@@ -196,20 +199,32 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
     out = stage_dir(root, name, "images")
     src = make_source(cfg, source)
     plan = src.plan(limit)
+    try:
+        if test_share is not None:
+            plan = _split_plan(plan, test_share, part)
+        return _ingest_plan(src, plan, cfg, name, root, out, source, limit, test_share, part, progress)
+    finally:
+        plan.close()
+        src.close()
+
+
+def _ingest_plan(src: Source, plan: Plan, cfg: DatasetConfig, name: str, root: str, out: str, source: str | None,
+                 limit: int | None, test_share: float | None, part: str, progress: bool) -> dict[str, Any]:
     settings = {"max_side": cfg.max_side, "jpeg_quality": cfg.jpeg_quality, "verify": cfg.verify,
                 "shard_size": cfg.shard_size, "limit": limit}
     if test_share is not None:
-        plan = _split_plan(plan, test_share, part)
         settings["split"] = {"test_share": test_share, "part": part}
     defaults = DatasetConfig(name=cfg.name, source=cfg.source)
     settings.update({k: getattr(cfg, k) for k in _LIMIT_SETTINGS if getattr(cfg, k) != getattr(defaults, k)})
     key = _settings_key([settings, plan.provenance, len(plan.records), mf.software_versions()])
     # a photo replaced under its name in a local folder (its size or mtime): its shard is written again
-    versions = src.versions(plan.records)
     size = cfg.shard_size
-    shard_keys = [key if versions is None else _settings_key([key, versions[i: i + size]])
-                  for i in range(0, len(plan.records), size)]
-    files_key = None if versions is None else _settings_key(shard_keys)
+    n_shards = -(-len(plan.records) // size)
+    if src.versions([]) is None:  # the source cannot tell
+        shard_keys, files_key = [key] * n_shards, None
+    else:
+        shard_keys = [_settings_key([key, src.versions(chunk)]) for chunk in plan.records.chunks(size)]
+        files_key = _settings_key(shard_keys)
     old = mf.read_manifest(out)
     if old is not None and old.get("settings_key") == key and old.get("files_key") == files_key:
         log.info("%s: already complete (%d samples); nothing to do", out, old["count"])
@@ -222,14 +237,13 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
         storage.clear_local_tmp(out)  # partial files of a killed run
         if hasattr(src, "prepare"):
             src.prepare(plan, root, name)
-        chunks = [plan.records[i: i + cfg.shard_size] for i in range(0, len(plan.records), cfg.shard_size)]
         shards: list[dict[str, Any]] = []
         skips = SkipLog()
         skips.merge(plan.skips.counts, plan.skips.examples)
         pool = ThreadPoolExecutor(max(1, cfg.workers)) if src.parallel else None
         bar = tqdm(total=len(plan.records), desc=f"ingest {name}", unit="img", disable=not progress)
         try:
-            for i, chunk in enumerate(chunks):
+            for i, chunk in enumerate(plan.records.chunks(size)):
                 info = mf.shard_finished(out, shard_name(i), shard_keys[i])
                 if info is None:
                     info = _write_shard(src, cfg, out, i, chunk, shard_keys[i], pool, bar)
@@ -241,8 +255,7 @@ def ingest(name: str, root: str, *, source: str | None = None, limit: int | None
             bar.close()
             if pool:
                 pool.shutdown()
-            src.close()
-        _remove_stale_shards(out, len(chunks))
+        _remove_stale_shards(out, n_shards)
         count = sum(s["count"] for s in shards)
         if count == 0 and skips.counts.get("no_coordinates"):
             raise SourceError(f"{source}: no metadata CSV (no .csv file) and none of the {plan.rows} photos "

@@ -25,6 +25,7 @@ from locdiff.data.download import (
     DEFAULT_MAX_BYTES,
     download_file,
     fetch,
+    fetch_to_file,
     http_exists,
     private_addresses_allowed,
     resolve,
@@ -86,6 +87,14 @@ class FileTree(ABC):
         folders left out), or None when it cannot be listed (http)."""
         return None
 
+    def local_file(self, relpath: str, dest: str, max_bytes: int) -> str:
+        """A local file holding `relpath`'s bytes (at most `max_bytes`; the same errors as `read`): the file
+        itself where the location is a local folder, else a copy written to `dest`."""
+        data = self.read(relpath, max_bytes=max_bytes)
+        with open(dest, "wb") as f:
+            f.write(data)
+        return dest
+
     def checksums(self) -> dict[str, str]:
         """sha256 of the files this location was made from (archives), for the manifest."""
         return {}
@@ -135,6 +144,27 @@ class FolderLocation(FileTree):
             if err.errno == errno.ELOOP:  # a symlink put in place after the check
                 raise RecordError("outside_source", f"{relpath}: a symlink in {self.url}") from None
             raise RecordError("missing_file", f"{relpath} in {self.url}: {err.strerror or err}") from None
+
+    def local_file(self, relpath: str, dest: str, max_bytes: int) -> str:
+        if self.local is None:
+            try:
+                fetch_to_file(self._url(relpath), dest, retries=self.retries, backoff=self.backoff,
+                              timeout=self.timeout, max_bytes=max_bytes, allow_private=self.allow_private)
+            except FileNotFoundError as err:
+                raise RecordError("missing_file", f"{relpath} in {self.url}: {err}") from None
+            return dest
+        path = self._local_path(relpath)
+        try:
+            storage.open_local(path, max_bytes=max_bytes, follow_symlinks=False).close()
+        except FileNotFoundError as err:
+            raise RecordError("missing_file", f"{relpath} in {self.url}: {err}") from None
+        except storage.TooBigError as err:
+            raise RecordError("too_big", str(err)) from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RecordError("outside_source", f"{relpath}: a symlink in {self.url}") from None
+            raise RecordError("missing_file", f"{relpath} in {self.url}: {err.strerror or err}") from None
+        return path
 
     def exists(self, relpath: str) -> bool:
         try:

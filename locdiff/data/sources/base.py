@@ -3,21 +3,25 @@ one URL per record."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
-from locdiff.data.download import check_record_url, fetch, private_addresses_allowed
+from locdiff.data.download import check_record_url, fetch, fetch_to_file, private_addresses_allowed
 from locdiff.data.locations import FileTree, is_archive, open_location, safe_relpath
+from locdiff.data.sources.records import NO_META, Record, RecordSpill, StringTable, scratch_path, spill_of
 from locdiff.data.validation import (
     RecordError,
+    SeenIds,
     SkipLog,
     SourceError,
     check_checksum,
@@ -27,26 +31,19 @@ from locdiff.data.validation import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-_NO_META: dict[str, Any] = {}  # shared by every record without other columns (read, never changed)
-
-
-@dataclass(slots=True)  # millions of them are held at once (MP-16: 4.7M): no __dict__ each
-class Record:
-    index: int  # position among the valid records: decides the shard and the sample key
-    id: str
-    lat: float | None  # None only when the data set's coordinates are optional (unlabelled photos)
-    lon: float | None
-    ref: str  # the image: a path inside the image location, or a URL
-    meta: dict[str, Any] = field(default_factory=dict)  # other CSV columns, kept in KEY.json
-    sha256: str | None = None  # published checksum of the image bytes, when the source has one
+CSV_CHUNK_ROWS = 20_000  # metadata rows parsed at a time
 
 
 @dataclass
 class Plan:
-    records: list[Record]
+    records: RecordSpill  # on disk, read a range at a time (`RecordSpill`)
     rows: int  # rows read from the metadata (after --limit)
     skips: SkipLog  # records dropped while planning (ids, coordinates)
     provenance: dict[str, Any]  # source URLs and checksums for the manifest
+
+    def close(self) -> None:
+        """Remove the records' scratch file."""
+        self.records.close()
 
 
 class Source(ABC):
@@ -75,10 +72,17 @@ class Source(ABC):
         pass
 
 
-def read_csv_bytes(data: bytes, what: str) -> pd.DataFrame:
-    """All columns as strings (ids keep leading zeros; coordinates are parsed and checked per row)."""
+def read_csv_chunks(data: bytes | str, what: str, *, header: bool = True, names: list[str] | None = None,
+                    chunk_rows: int = CSV_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """A CSV's rows, `chunk_rows` at a time, all columns as strings (ids keep leading zeros; coordinates are
+    parsed and checked per row); `data` is the CSV's bytes or a local file's path. A header without rows
+    gives one empty frame (its columns)."""
     try:
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+        reader = pd.read_csv(io.BytesIO(data) if isinstance(data, bytes) else data, dtype=str,
+                             keep_default_na=False, na_values=[], chunksize=chunk_rows,
+                             header=0 if header else None, names=names, compression=None)
+        with reader:
+            yield from reader
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise SourceError(f"{what}: not a readable CSV ({err})") from None
 
@@ -90,87 +94,122 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str | None], what: str)
         raise SourceError(f"{what}: no {desc}; the CSV has columns {list(df.columns)}")
 
 
-def plan_records(df: pd.DataFrame, cfg: DatasetConfig, what: str, ref_for, limit: int | None,
-                 keep_meta: bool = True) -> tuple[list[Record], int, SkipLog]:
-    """Validate rows into Records (in CSV order): skipped rows are counted per reason, never dropped
-    silently. `ref_for(row_dict, id) -> str` says where the image is.
+def file_blocks(path: str, size: int = 8 << 20) -> Iterator[bytes]:
+    """A local file's bytes in blocks (for checksums)."""
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            yield block
+
+
+def plan_records(chunks: Iterable[pd.DataFrame], cfg: DatasetConfig, what: str, ref_for, limit: int | None,
+                 keep_meta: bool = True, prefetch: Callable[[list[str]], None] | None = None
+                 ) -> tuple[RecordSpill, int, SkipLog]:
+    """Validate rows into Records (in CSV order, `chunks` of rows at a time, written to a `RecordSpill`):
+    skipped rows are counted per reason, never dropped silently. `ref_for(row_dict, id) -> str` says where
+    the image is; `prefetch(ids)`, when given, is told a chunk's ids before `ref_for` is asked about them.
+    Neither the rows, the records nor the ids seen are held beyond one chunk.
 
     With `coordinates: optional` the coordinate columns may be absent and empty cells give a record
     without coordinates (lat/lon None); coordinates that are given must still be valid. Without an id
     column there, the image reference (file name or URL) is the id.
     """
     optional = cfg.coordinates == "optional"
-    present = {"id": cfg.id_column, "latitude": cfg.lat_column, "longitude": cfg.lon_column}
-    if optional:
-        present = {}
-        pair = [c for c in (cfg.lat_column, cfg.lon_column) if c in df.columns]
-        if len(pair) == 1:  # one of the two is a typo: say so rather than drop every coordinate
-            require_columns(df, {"latitude": cfg.lat_column, "longitude": cfg.lon_column}, what)
-    require_columns(df, present, what)
-    if df.empty:  # a CSV whose rows were lost would otherwise make an empty data set without a word
-        raise SourceError(f"{what}: the CSV has a header and no rows")
-    if limit is not None:
-        df = df.iloc[: int(limit)]
-    has_id = cfg.id_column in df.columns
-    has_coords = cfg.lat_column in df.columns and cfg.lon_column in df.columns
     skips = SkipLog()
-    records: list[Record] = []
-    seen: set[str] = set()
-    core = {cfg.id_column, cfg.lat_column, cfg.lon_column}
-    meta_cols = [c for c in df.columns if c not in core] if keep_meta else []
-    if cfg.keep_columns is not None:
-        meta_cols = [c for c in meta_cols if c in cfg.keep_columns]
-    columns = list(df.columns)
-    for values in df.itertuples(index=False, name=None):  # one row dict at a time, not all rows at once
-        row = dict(zip(columns, values, strict=True))
-        rid = str(row[cfg.id_column]).strip() if has_id else ""
-        if not has_id:
-            try:
-                rid = ref_for(row, "").strip()
-            except RecordError:
-                rid = ""
-        if not rid:
-            skips.add(f"row {len(records) + skips.total + 2}", "missing_id", f"{what}: empty id")
-            continue
-        if rid in seen:
-            skips.add(rid, "duplicate_id", f"{what}: id seen before")
-            continue
-        seen.add(rid)
-        lat = lon = None
-        try:
-            if has_coords:
-                lat, lon = check_record_coordinates(row[cfg.lat_column], row[cfg.lon_column])
-            elif not optional:
-                raise RecordError("missing_coordinates", "no coordinate columns")
-        except RecordError as err:
-            if not (optional and err.reason == "missing_coordinates"):
-                skips.add(rid, err.reason, err.detail)
-                continue
-            lat = lon = None
-        try:
-            ref = ref_for(row, rid)
-        except RecordError as err:
-            skips.add(rid, err.reason, err.detail)
-            continue
-        sha = row.get(cfg.sha256_column) if cfg.sha256_column else None
-        meta = {c: row[c] for c in meta_cols if row[c] != ""}
-        records.append(Record(len(records), rid, lat, lon, ref, meta or _NO_META, sha or None))
-    return records, len(df), skips
+    spill = RecordSpill()
+    rows = 0
+    try:
+        with SeenIds(scratch_path("seen.sqlite", os.path.dirname(spill.path))) as seen:
+            for df in chunks:
+                if rows == 0:  # the first chunk: the columns
+                    present = {"id": cfg.id_column, "latitude": cfg.lat_column, "longitude": cfg.lon_column}
+                    if optional:
+                        present = {}
+                        pair = [c for c in (cfg.lat_column, cfg.lon_column) if c in df.columns]
+                        if len(pair) == 1:  # one of the two is a typo: say so rather than drop every coordinate
+                            require_columns(df, {"latitude": cfg.lat_column, "longitude": cfg.lon_column}, what)
+                    require_columns(df, present, what)
+                    if df.empty:  # a CSV whose rows were lost would otherwise make an empty data set without a word
+                        raise SourceError(f"{what}: the CSV has a header and no rows")
+                    has_id = cfg.id_column in df.columns
+                    has_coords = cfg.lat_column in df.columns and cfg.lon_column in df.columns
+                    core = {cfg.id_column, cfg.lat_column, cfg.lon_column}
+                    meta_cols = [c for c in df.columns if c not in core] if keep_meta else []
+                    if cfg.keep_columns is not None:
+                        meta_cols = [c for c in meta_cols if c in cfg.keep_columns]
+                    columns = list(df.columns)
+                if limit is not None:
+                    df = df.iloc[: max(0, int(limit) - rows)]
+                if df.empty:
+                    if limit is not None and rows >= limit:
+                        break
+                    continue
+                batch = []  # (CSV line, row dict, id)
+                for values in df.itertuples(index=False, name=None):
+                    row = dict(zip(columns, values, strict=True))
+                    rows += 1
+                    rid = str(row[cfg.id_column]).strip() if has_id else ""
+                    if not has_id:
+                        try:
+                            rid = ref_for(row, "").strip()
+                        except RecordError:
+                            rid = ""
+                    batch.append((rows + 1, row, rid))
+                ids = [rid for _, _, rid in batch if rid]
+                repeated = iter(seen.repeated(ids))
+                if prefetch is not None:
+                    prefetch(ids)
+                records: list[Record] = []
+                for line, row, rid in batch:
+                    if not rid:
+                        skips.add(f"row {line}", "missing_id", f"{what}: empty id")
+                        continue
+                    if next(repeated):
+                        skips.add(rid, "duplicate_id", f"{what}: id seen before")
+                        continue
+                    lat = lon = None
+                    try:
+                        if has_coords:
+                            lat, lon = check_record_coordinates(row[cfg.lat_column], row[cfg.lon_column])
+                        elif not optional:
+                            raise RecordError("missing_coordinates", "no coordinate columns")
+                    except RecordError as err:
+                        if not (optional and err.reason == "missing_coordinates"):
+                            skips.add(rid, err.reason, err.detail)
+                            continue
+                        lat = lon = None
+                    try:
+                        ref = ref_for(row, rid)
+                    except RecordError as err:
+                        skips.add(rid, err.reason, err.detail)
+                        continue
+                    sha = row.get(cfg.sha256_column) if cfg.sha256_column else None
+                    meta = {c: row[c] for c in meta_cols if row[c] != ""}
+                    records.append(Record(len(spill) + len(records), rid, lat, lon, ref, meta or NO_META,
+                                          sha or None))
+                spill.extend(records)
+    except BaseException:
+        spill.close()
+        raise
+    return spill, rows, skips
 
 
-def listing_records(paths: list[str], limit: int | None) -> tuple[list[Record], int, SkipLog]:
+def listing_records(paths: list[str], limit: int | None) -> tuple[RecordSpill, int, SkipLog]:
     """Records without coordinates for image files listed in a folder (sorted; id = relative path)."""
     paths = sorted(paths)[: None if limit is None else int(limit)]
     skips = SkipLog()
-    records: list[Record] = []
-    for path in paths:
-        try:
-            ref = safe_relpath(path)
-        except RecordError as err:
-            skips.add(path, err.reason, err.detail)
-            continue
-        records.append(Record(len(records), path, None, None, ref, _NO_META))
-    return records, len(paths), skips
+
+    def records() -> Iterator[Record]:
+        n = 0
+        for path in paths:
+            try:
+                ref = safe_relpath(path)
+            except RecordError as err:
+                skips.add(path, err.reason, err.detail)
+                continue
+            yield Record(n, path, None, None, ref, NO_META)
+            n += 1
+
+    return spill_of(records()), len(paths), skips
 
 
 class TabularSource(Source):
@@ -184,7 +223,9 @@ class TabularSource(Source):
     def __init__(self, cfg: DatasetConfig, source: str | None = None) -> None:
         super().__init__(cfg, source)
         self.images: FileTree | None = None
-        self.urls: dict[str, str] | None = None
+        self.urls: StringTable | None = None  # id -> URL, while planning
+        self._chunk_urls: dict[str, str] = {}  # those of the chunk of rows being planned
+        self._scratch_files: list[str] = []
         self.provenance: dict[str, Any] = {}
         self._source_loc: FileTree | None = None  # --source opened once (an archive is indexed once)
 
@@ -199,8 +240,19 @@ class TabularSource(Source):
         return {**self._retry_kw(), "max_bytes": self.cfg.max_image_bytes,
                 "max_archive_bytes": self.cfg.max_archive_bytes}
 
-    def _metadata(self) -> tuple[bytes, str, FileTree | None]:
-        """(CSV bytes, its URL, the location it sits in)."""
+    def _scratch(self, stem: str) -> str:
+        """A scratch file's path for a CSV copied here while planning (removed when the plan is made)."""
+        path = scratch_path(stem)
+        self._scratch_files.append(path)
+        return path
+
+    def _remove_scratch(self) -> None:
+        while self._scratch_files:
+            with contextlib.suppress(OSError):
+                os.remove(self._scratch_files.pop())
+
+    def _metadata(self) -> tuple[str, str, FileTree | None]:
+        """(a local file holding the CSV, its URL, the location it sits in)."""
         cfg = self.cfg
         if self.source is None:
             if cfg.requires_source:
@@ -208,12 +260,12 @@ class TabularSource(Source):
             if not cfg.metadata.url:
                 raise SourceError(f"data set {cfg.name!r}: the config has no metadata URL; give --source")
             url, loc = cfg.metadata.url, None
-            data = self._read_whole(url)
+            path = self._read_whole(url, "metadata.csv")
         elif self.source.split("?", 1)[0].lower().endswith(".csv"):
             url = self.source
             loc = open_location(os.path.dirname(url) if not storage.is_remote(url)
                                 else url.rsplit("/", 1)[0], **self._location_kw())
-            data = self._read_whole(url)
+            path = self._read_whole(url, "metadata.csv")
         else:
             loc = self._source_loc or open_location(self.source, **self._location_kw())
             name = cfg.metadata.filename
@@ -229,19 +281,35 @@ class TabularSource(Source):
                 name = listed[0]
             url = storage.join(loc.url, name) if not is_archive(loc.url) else f"{loc.url}#{name}"
             try:
-                data = loc.read(name, max_bytes=cfg.max_metadata_bytes)
+                path = loc.local_file(name, self._scratch("metadata.csv"), cfg.max_metadata_bytes)
             except RecordError as err:
                 raise SourceError(f"{self.source}: cannot read the metadata CSV {name!r}: {err.detail}"
                                   + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
+        digest = check_checksum(file_blocks(path))
         if cfg.metadata.sha256 or cfg.metadata.md5:
             if self.source is None or url.rsplit("/", 1)[-1] == cfg.metadata.filename:
-                check_checksum(data, sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
-        self.provenance["metadata"] = {"url": url, "sha256": check_checksum(data)}
-        return data, url, loc
+                check_checksum(file_blocks(path), sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
+        self.provenance["metadata"] = {"url": url, "sha256": digest}
+        return path, url, loc
 
-    def _read_whole(self, url: str) -> bytes:
+    def _read_whole(self, url: str, stem: str) -> str:
+        """A local file holding the file at `url` (itself when local; else a scratch copy)."""
         try:
-            return fetch(url, max_bytes=self.cfg.max_metadata_bytes, **self._retry_kw())
+            if not storage.is_remote(url) or url.startswith("file://"):
+                path = storage.filesystem(url)[1]
+                try:
+                    storage.open_local(path, max_bytes=self.cfg.max_metadata_bytes).close()
+                except FileNotFoundError:
+                    raise RecordError("missing_file", f"{url}: not found") from None
+                except storage.TooBigError as err:
+                    raise RecordError("too_big", str(err)) from None
+                return path
+            path = self._scratch(stem)
+            try:
+                fetch_to_file(url, path, max_bytes=self.cfg.max_metadata_bytes, **self._retry_kw())
+            except FileNotFoundError:
+                raise RecordError("missing_file", f"{url}: not found") from None
+            return path
         except RecordError as err:
             raise SourceError(f"cannot read {url}: {err.detail}"
                               + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
@@ -259,7 +327,7 @@ class TabularSource(Source):
                                  **self._location_kw()), True
         return loc, False
 
-    def _url_list(self, loc: FileTree | None) -> dict[str, str] | None:
+    def _url_list(self, loc: FileTree | None) -> StringTable | None:
         """id -> URL from a separate URL-list CSV (config images.filename ending in .csv), if any."""
         cfg = self.cfg
         name = cfg.images.filename
@@ -268,27 +336,38 @@ class TabularSource(Source):
         if self.source is None:
             if not cfg.images.url:
                 return None
-            data, url = self._read_whole(cfg.images.url), cfg.images.url
+            path, url = self._read_whole(cfg.images.url, "urls.csv"), cfg.images.url
         else:
             if loc is None:
                 return None
             try:
-                data = loc.read(name, max_bytes=cfg.max_metadata_bytes)
+                path = loc.local_file(name, self._scratch("urls.csv"), cfg.max_metadata_bytes)
             except RecordError as err:
                 raise SourceError(f"{self.source}: cannot read the URL list {name!r}: {err.detail}") from None
             url = storage.join(loc.url, name)
         if cfg.images.sha256 or cfg.images.md5:
-            check_checksum(data, sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)
-        df = read_csv_bytes(data, url)
+            check_checksum(file_blocks(path), sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)
         id_col = cfg.url_list_id_column or cfg.id_column
-        if (id_col not in df.columns or cfg.url_column not in df.columns) and df.shape[1] == 2 \
-                and str(df.columns[1]).startswith(("http://", "https://")):
-            # a headerless two-column list: id, url
-            df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, header=None,
-                             names=[id_col, cfg.url_column])
-        require_columns(df, {"id": id_col, "url": cfg.url_column}, url)
-        self.provenance["urls"] = {"url": url, "sha256": check_checksum(data)}
-        return dict(zip(df[id_col].astype(str), df[cfg.url_column].astype(str), strict=True))
+        first = next(read_csv_chunks(path, url, chunk_rows=1))
+        header = True
+        if (id_col not in first.columns or cfg.url_column not in first.columns) and first.shape[1] == 2 \
+                and str(first.columns[1]).startswith(("http://", "https://")):
+            header = False  # a headerless two-column list: id, url
+        else:
+            require_columns(first, {"id": id_col, "url": cfg.url_column}, url)
+        chunks = read_csv_chunks(path, url, header=header, names=None if header else [id_col, cfg.url_column])
+        urls = StringTable("urls.sqlite")
+        try:
+            for df in chunks:
+                urls.put_many(zip([str(v) for v in df[id_col]], [str(v) for v in df[cfg.url_column]], strict=True))
+        except BaseException:
+            urls.close()
+            raise
+        self.provenance["urls"] = {"url": url, "sha256": check_checksum(file_blocks(path))}
+        return urls
+
+    def _prefetch_urls(self, ids: list[str]) -> None:
+        self._chunk_urls = self.urls.get_many(ids) if self.urls is not None else {}
 
     # -- the interface -------------------------------------------------------------------------
     def ref_for(self, row: dict[str, Any], rid: str) -> str:
@@ -296,7 +375,7 @@ class TabularSource(Source):
         image location (checked: relative, no '..')."""
         cfg = self.cfg
         if self.urls is not None:
-            url = self.urls.get(rid, "")
+            url = self._chunk_urls.get(rid, "") if rid in self._chunk_urls else self.urls.get(rid, "")
             if not url:
                 raise RecordError("missing_file", "no URL for this id in the URL list")
             return check_record_url(url)
@@ -339,26 +418,35 @@ class TabularSource(Source):
             log.info("%s: no CSV; %d photos%s", listing.url, len(records),
                      ", each labelled by its GPS tag" if self.cfg.exif_coordinates else " without coordinates")
             return Plan(records, rows, skips, dict(self.provenance))
-        data, url, loc = self._metadata()
-        df = read_csv_bytes(data, url)
-        del data  # the table holds it now
-        self.urls = self._url_list(loc)
-        self.images = None
-        if self.urls is None:
-            images, explicit = self._images(loc)
-            url_mode = bool(self.cfg.url_column and self.cfg.url_column in df.columns and not explicit
-                            and not (images is not None and is_archive(images.url)))
-            if not url_mode:
-                if images is None:
-                    raise SourceError(f"data set {self.cfg.name!r}: no image archive or URL column "
-                                      f"({self.cfg.url_column!r}) in {url}; give --source")
-                self.images = images
-                self.provenance["images"] = {"url": images.url}
-                for digest in images.checksums().values():
-                    self.provenance["images"]["sha256"] = digest
-        self.parallel = self.images is None or self.images.parallel
-        records, rows, skips = plan_records(df, self.cfg, url, self.ref_for, limit)
-        if rows and not records:
+        try:
+            path, url, loc = self._metadata()
+            first = next(read_csv_chunks(path, url, chunk_rows=1))
+            if self.urls is not None:
+                self.urls.close()
+            self.urls = self._url_list(loc)
+            self.images = None
+            if self.urls is None:
+                images, explicit = self._images(loc)
+                url_mode = bool(self.cfg.url_column and self.cfg.url_column in first.columns and not explicit
+                                and not (images is not None and is_archive(images.url)))
+                if not url_mode:
+                    if images is None:
+                        raise SourceError(f"data set {self.cfg.name!r}: no image archive or URL column "
+                                          f"({self.cfg.url_column!r}) in {url}; give --source")
+                    self.images = images
+                    self.provenance["images"] = {"url": images.url}
+                    for digest in images.checksums().values():
+                        self.provenance["images"]["sha256"] = digest
+            self.parallel = self.images is None or self.images.parallel
+            records, rows, skips = plan_records(read_csv_chunks(path, url), self.cfg, url, self.ref_for, limit,
+                                                prefetch=self._prefetch_urls)
+        finally:
+            self._chunk_urls = {}
+            self._remove_scratch()
+            if self.urls is not None:  # the records hold their URLs now
+                self.urls.close()
+                self.urls = None
+        if rows and not len(records):
             log.error("%s: none of the %d rows is usable: %s", url, rows, dict(skips.counts))
         return Plan(records, rows, skips, dict(self.provenance))
 

@@ -22,12 +22,14 @@ import logging
 import os
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from locdiff.data import storage
 from locdiff.data.download import private_addresses_allowed, refused_hosts
 from locdiff.data.locations import ArchiveLocation
 from locdiff.data.sources.base import Plan, Record, TabularSource
+from locdiff.data.sources.records import PAGE, RecordSpill, StringTable
 from locdiff.data.validation import RecordError
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class Mp16Source(TabularSource):
 
     def __init__(self, cfg, source=None) -> None:  # noqa: ANN001
         super().__init__(cfg, source)
-        self._downloaded: dict[str, tuple[str, str] | RecordError] | None = None
+        self._downloaded: StringTable | None = None  # img2dataset's index (`_downloaded`)
         self._tars: dict[str, ArchiveLocation] = {}
 
     def use_img2dataset(self, n_urls: int) -> bool:
@@ -72,20 +74,16 @@ class Mp16Source(TabularSource):
             work = os.path.join(storage.local_tmp_dir(root), name, "_img2dataset")
         else:
             work = os.path.join(root, name, "_img2dataset")
-        records, refused = plan.records, {}
-        if not private_addresses_allowed(self.cfg.allow_private_addresses):
-            bad = refused_hosts([r.ref for r in plan.records])
-            refused = {r.id: bad[r.ref] for r in plan.records if r.ref in bad}
-            records = [r for r in plan.records if r.id not in refused]
-        self._downloaded = {**run_img2dataset(records, work, self.cfg), **refused}
+        self.close()
+        self._downloaded = run_img2dataset(plan.records, work, self.cfg,
+                                           refuse_private=not private_addresses_allowed(
+                                               self.cfg.allow_private_addresses))
         self.parallel = False
 
     def fetch(self, record: Record) -> bytes:
         if self._downloaded is None:
             return super().fetch(record)
-        got = self._downloaded.get(record.id)
-        if got is None:
-            raise RecordError("unreachable", "img2dataset returned nothing for this URL")
+        got = _downloaded(self._downloaded, record.id)
         if isinstance(got, RecordError):
             raise got
         tar, member = got
@@ -95,37 +93,89 @@ class Mp16Source(TabularSource):
             loc = self._tars[tar] = ArchiveLocation(tar, max_bytes=self.cfg.max_image_bytes)
         return loc.read(member)
 
+    def close(self) -> None:
+        if self._downloaded is not None:
+            self._downloaded.close()
+            self._downloaded = None
+        self._tars.clear()
 
-def run_img2dataset(records: list[Record], work: str, cfg: Any) -> dict[str, tuple[str, str] | RecordError]:
-    """Download the records' URLs with img2dataset (resumable) and index its output by record id:
-    id -> (tar path, member name), or the RecordError it failed with."""
+
+def _downloaded(index: StringTable, rid: str) -> tuple[str, str] | RecordError:
+    """What img2dataset did with a record's URL: (tar path, member name) or the RecordError it failed with."""
+    got = index.get(rid)
+    if got is None:
+        return RecordError("unreachable", "img2dataset returned nothing for this URL")
+    kind, a, b = json.loads(got)
+    return (a, b) if kind == "ok" else RecordError(a, b)
+
+
+def run_img2dataset(records: RecordSpill, work: str, cfg: Any, *, refuse_private: bool = True) -> StringTable:
+    """Download the records' URLs with img2dataset (resumable) and index its output by record id (on disk,
+    `_downloaded` reads it). With `refuse_private`, URLs whose host resolves to a non-public address are
+    left out of the download and indexed as refused. Neither the URLs nor the index are held in memory."""
 
     img2dataset = _img2dataset()
     os.makedirs(work, exist_ok=True)
     url_list = os.path.join(work, "urls.parquet")
-    if not os.path.exists(url_list):
-        pd.DataFrame({"url": [r.ref for r in records], "rid": [r.id for r in records]}).to_parquet(url_list)
-    out = os.path.join(work, "shards")
-    img2dataset.download(
-        url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["rid"],
-        output_folder=out, output_format="webdataset", image_size=cfg.max_side,
-        resize_mode="keep_ratio_largest",
-        resize_only_if_bigger=True, encode_format="jpg", encode_quality=cfg.jpeg_quality, skip_reencode=True,
-        processes_count=max(1, os.cpu_count() or 1), thread_count=cfg.workers, timeout=int(cfg.timeout),
-        retries=cfg.retries, number_sample_per_shard=10_000, incremental_mode="incremental",
-        enable_wandb=False, extract_exif=False,
-    )
-    index: dict[str, tuple[str, str] | RecordError] = {}
-    for meta in sorted(glob.glob(os.path.join(out, "*.parquet"))):
-        tar = meta[: -len(".parquet")] + ".tar"
-        df = pd.read_parquet(meta, columns=["key", "rid", "status", "error_message"])
-        for key, rid, status, error in df.itertuples(index=False):
-            if status == "success":
-                index[str(rid)] = (tar, f"{key}.jpg")
-            else:
-                text = str(error or status)
-                reason = "missing_file" if any(c in text for c in ("404", "410", "403")) else "unreachable"
-                index[str(rid)] = RecordError(reason, f"img2dataset: {text}")
+    index = StringTable("img2dataset-index.sqlite")
+    try:
+        write = not os.path.exists(url_list)
+        tmp = f"{url_list}.tmp-{os.getpid()}"
+        storage.remove_stale_temporaries(url_list)
+        writer = None
+        verdicts: dict = {}  # per host: the lookups of earlier chunks
+        try:
+            for chunk in records.chunks(PAGE):
+                if write:
+                    bad = refused_hosts([r.ref for r in chunk], verdicts) if refuse_private else {}
+                    kept = [r for r in chunk if r.ref not in bad]
+                    table = pa.table({"url": [r.ref for r in kept], "rid": [r.id for r in kept]})
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+            if write:
+                if writer is None:
+                    pq.write_table(pa.table({"url": pa.array([], pa.string()), "rid": pa.array([], pa.string())}),
+                                   tmp)
+                else:
+                    writer.close()
+                    writer = None
+                os.replace(tmp, url_list)
+        finally:
+            if writer is not None:
+                writer.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        out = os.path.join(work, "shards")
+        img2dataset.download(
+            url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["rid"],
+            output_folder=out, output_format="webdataset", image_size=cfg.max_side,
+            resize_mode="keep_ratio_largest",
+            resize_only_if_bigger=True, encode_format="jpg", encode_quality=cfg.jpeg_quality, skip_reencode=True,
+            processes_count=max(1, os.cpu_count() or 1), thread_count=cfg.workers, timeout=int(cfg.timeout),
+            retries=cfg.retries, number_sample_per_shard=10_000, incremental_mode="incremental",
+            enable_wandb=False, extract_exif=False,
+        )
+        for meta in sorted(glob.glob(os.path.join(out, "*.parquet"))):
+            tar = meta[: -len(".parquet")] + ".tar"
+            for batch in pq.ParquetFile(meta).iter_batches(columns=["key", "rid", "status", "error_message"]):
+                rows = []
+                for key, rid, status, error in zip(*(batch.column(c).to_pylist() for c in
+                                                     ("key", "rid", "status", "error_message")), strict=True):
+                    if status == "success":
+                        rows.append((str(rid), json.dumps(["ok", tar, f"{key}.jpg"])))
+                    else:
+                        text = str(error or status)
+                        reason = "missing_file" if any(c in text for c in ("404", "410", "403")) else "unreachable"
+                        rows.append((str(rid), json.dumps(["err", reason, f"img2dataset: {text}"])))
+                index.put_many(rows)
+        if refuse_private:  # after img2dataset's rows: a refused URL stays refused (lookups made once a host)
+            for chunk in records.chunks(PAGE):
+                bad = refused_hosts([r.ref for r in chunk], verdicts)
+                index.put_many((r.id, json.dumps(["err", bad[r.ref].reason, bad[r.ref].detail]))
+                               for r in chunk if r.ref in bad)
+    except BaseException:
+        index.close()
+        raise
     stats = sorted(glob.glob(os.path.join(out, "*_stats.json")))
     if stats:
         failed = sum(json.load(open(s)).get("failed_to_download", 0) for s in stats)

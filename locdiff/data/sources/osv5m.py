@@ -17,7 +17,7 @@ import threading
 from locdiff.data import storage
 from locdiff.data.download import download_file
 from locdiff.data.locations import ArchiveLocation, FileTree
-from locdiff.data.sources.base import Plan, Record, TabularSource, plan_records, read_csv_bytes
+from locdiff.data.sources.base import Plan, Record, TabularSource, file_blocks, plan_records, read_csv_chunks
 from locdiff.data.validation import RecordError, SourceError, check_checksum
 
 log = logging.getLogger(__name__)
@@ -90,22 +90,20 @@ class Osv5mSource(TabularSource):
         name = cfg.metadata.filename or f"{cfg.split}.csv"
         path = self._file(name)
         try:
-            data = storage.read_local(path, max_bytes=cfg.max_metadata_bytes)
+            storage.open_local(path, max_bytes=cfg.max_metadata_bytes).close()
         except (FileNotFoundError, storage.TooBigError) as err:
             raise SourceError(f"{name}: {err} (max_metadata_bytes)") from None
-        if cfg.metadata.sha256:
-            check_checksum(data, sha256=cfg.metadata.sha256, what=name)
+        digest = check_checksum(file_blocks(path), sha256=cfg.metadata.sha256, what=name)
         origin = (f"hf://datasets/{cfg.hf_repo}@{cfg.hf_revision}" if self.source is None else self.source)
-        self.provenance["metadata"] = {"url": f"{origin}/{name}", "sha256": check_checksum(data)}
-        df = read_csv_bytes(data, name)
-        del data  # the table holds it now
+        self.provenance["metadata"] = {"url": f"{origin}/{name}", "sha256": digest}
         if not cfg.hf_images:
             raise SourceError(f"data set {cfg.name!r}: the config lists no image zips (hf_images)")
         self.images = MultiArchive(lambda n: ArchiveLocation(self._file(n), max_bytes=cfg.max_image_bytes),
                                    list(cfg.hf_images))
         self.parallel = False
         self.provenance["images"] = {"url": f"{origin}/{{{','.join(cfg.hf_images)}}}"}
-        records, rows, skips = plan_records(df, cfg, f"{origin}/{name}", self.ref_for, limit)
+        records, rows, skips = plan_records(read_csv_chunks(path, name), cfg, f"{origin}/{name}", self.ref_for,
+                                            limit)
         return Plan(records, rows, skips, dict(self.provenance))
 
     def fetch(self, record: Record) -> bytes:
