@@ -18,6 +18,7 @@ import threading
 import urllib.parse
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from locdiff.data import storage
 from locdiff.data.config import MAX_ARCHIVE_BYTES
@@ -94,6 +95,11 @@ class FileTree(ABC):
         with open(dest, "wb") as f:
             f.write(data)
         return dest
+
+    def iter_photos(self) -> Iterator[str] | None:
+        """`list_photos` in any order, one at a time where the location can list that way (a local folder)."""
+        found = self.list_photos()
+        return None if found is None else iter(found)
 
     def checksums(self) -> dict[str, str]:
         """sha256 of the files this location was made from (archives), for the manifest."""
@@ -194,20 +200,26 @@ class FolderLocation(FileTree):
         return [n for n in storage.list_files(self.local or self.url) if n.lower().endswith(".csv")]
 
     def list_photos(self) -> list[str] | None:
+        found = self.iter_photos()
+        return None if found is None else sorted(found)
+
+    def iter_photos(self) -> Iterator[str] | None:
         if self.url.startswith(("http://", "https://")):
             return None
-        found: list[str] = []
+        return (f for f in self._walk() if f.lower().endswith(PHOTO_EXTENSIONS)
+                and not any(part.startswith(".") for part in f.split("/")))
+
+    def _walk(self) -> Iterator[str]:
         if self.local is not None:
             for dirpath, dirnames, filenames in os.walk(self.local):  # symlinked folders not entered
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 rel = os.path.relpath(dirpath, self.local)
-                found += [n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}" for n in filenames]
+                yield from (n if rel == "." else f"{rel.replace(os.sep, '/')}/{n}" for n in filenames)
         else:
             fs, p = storage.filesystem(self.url)
             with storage.named(self.url):
-                found = [f[len(p):].lstrip("/") for f in fs.find(p)]
-        return sorted(f for f in found if f.lower().endswith(PHOTO_EXTENSIONS)
-                      and not any(part.startswith(".") for part in f.split("/")))
+                found = fs.find(p)  # s3fs lists a prefix whole
+            yield from (f[len(p):].lstrip("/") for f in found)
 
 
 class ArchiveLocation(FileTree):

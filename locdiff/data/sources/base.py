@@ -4,6 +4,7 @@ one URL per record."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -18,7 +19,15 @@ from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
 from locdiff.data.download import check_record_url, fetch, fetch_to_file, private_addresses_allowed
 from locdiff.data.locations import FileTree, is_archive, open_location, safe_relpath
-from locdiff.data.sources.records import NO_META, Record, RecordSpill, StringTable, scratch_path, spill_of
+from locdiff.data.sources.records import (
+    NO_META,
+    Record,
+    RecordSpill,
+    SortedStrings,
+    StringTable,
+    scratch_path,
+    spill_of,
+)
 from locdiff.data.validation import (
     RecordError,
     SeenIds,
@@ -193,14 +202,18 @@ def plan_records(chunks: Iterable[pd.DataFrame], cfg: DatasetConfig, what: str, 
     return spill, rows, skips
 
 
-def listing_records(paths: list[str], limit: int | None) -> tuple[RecordSpill, int, SkipLog]:
-    """Records without coordinates for image files listed in a folder (sorted; id = relative path)."""
-    paths = sorted(paths)[: None if limit is None else int(limit)]
+def listing_records(paths: Iterable[str], limit: int | None) -> tuple[RecordSpill, int, SkipLog]:
+    """Records without coordinates for image files listed in a folder (`paths` sorted; id = relative path)."""
     skips = SkipLog()
+    rows = 0
 
     def records() -> Iterator[Record]:
+        nonlocal rows
         n = 0
         for path in paths:
+            if limit is not None and rows >= limit:
+                return
+            rows += 1
             try:
                 ref = safe_relpath(path)
             except RecordError as err:
@@ -209,7 +222,8 @@ def listing_records(paths: list[str], limit: int | None) -> tuple[RecordSpill, i
             yield Record(n, path, None, None, ref, NO_META)
             n += 1
 
-    return spill_of(records()), len(paths), skips
+    spill = spill_of(records())
+    return spill, rows, skips
 
 
 class TabularSource(Source):
@@ -406,15 +420,20 @@ class TabularSource(Source):
     def plan(self, limit: int | None = None) -> Plan:
         listing = self._photo_listing()
         if listing is not None:
-            photos = listing.list_photos() or []
-            if not photos:
-                raise SourceError(f"{self.source}: no CSV and no JPEG, PNG or WebP file")
-            self.images, self.urls, self.parallel = listing, None, listing.parallel
-            self.provenance["images"] = {"url": listing.url, "listing_sha256": check_checksum(
-                "\n".join(photos).encode())}
-            for digest in listing.checksums().values():
-                self.provenance["images"]["sha256"] = digest
-            records, rows, skips = listing_records(photos, limit)
+            photos = SortedStrings(listing.iter_photos() or ())  # on disk: a folder may hold millions
+            try:
+                if not len(photos):
+                    raise SourceError(f"{self.source}: no CSV and no JPEG, PNG or WebP file")
+                self.images, self.urls, self.parallel = listing, None, listing.parallel
+                listed = hashlib.sha256()
+                for i, p in enumerate(photos):
+                    listed.update((p if not i else "\n" + p).encode("utf-8", "surrogateescape"))
+                self.provenance["images"] = {"url": listing.url, "listing_sha256": listed.hexdigest()}
+                for digest in listing.checksums().values():
+                    self.provenance["images"]["sha256"] = digest
+                records, rows, skips = listing_records(photos, limit)
+            finally:
+                photos.close()
             log.info("%s: no CSV; %d photos%s", listing.url, len(records),
                      ", each labelled by its GPS tag" if self.cfg.exif_coordinates else " without coordinates")
             return Plan(records, rows, skips, dict(self.provenance))

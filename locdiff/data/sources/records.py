@@ -124,6 +124,54 @@ class StringTable:
         self._finalizer()
 
 
+class SortedStrings:
+    """Strings sorted on disk (a folder's photo paths): an SQLite table in a scratch file, iterated in code
+    point order (as `sorted` orders them) as often as needed, a page at a time; removed when closed. Names
+    that are not valid UTF-8 (kept by the OS as surrogate escapes) sort by their bytes."""
+
+    def __init__(self, strings: Iterable[str], folder: str | None = None) -> None:
+        self.path = scratch_path("sorted.sqlite", folder)
+        self._db = _open_scratch_db(self.path)
+        self._finalizer = weakref.finalize(self, _close_scratch_db, self._db, self.path)
+        self._len = 0
+        try:
+            with _disk_full(self.path):
+                self._db.execute("CREATE TABLE s (v BLOB)")
+                batch: list[tuple[bytes]] = []
+                for v in strings:
+                    batch.append((v.encode("utf-8", "surrogateescape"),))
+                    if len(batch) >= PAGE:
+                        self._add(batch)
+                        batch = []
+                self._add(batch)
+                self._db.execute("CREATE INDEX s_v ON s (v)")  # UTF-8 bytes sort as their code points
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, batch: list[tuple[bytes]]) -> None:
+        self._db.executemany("INSERT INTO s VALUES (?)", batch)
+        self._db.commit()
+        self._len += len(batch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[str]:
+        last: bytes | None = None
+        while True:
+            query = "SELECT v FROM s ORDER BY v LIMIT ?" if last is None else \
+                "SELECT v FROM s WHERE v > ? ORDER BY v LIMIT ?"
+            page = [r[0] for r in self._db.execute(query, (PAGE,) if last is None else (last, PAGE))]
+            yield from (v.decode("utf-8", "surrogateescape") for v in page)
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def close(self) -> None:
+        self._finalizer()
+
+
 class RecordSpill:
     """Records appended in index order (0, 1, 2, ...) and read back by index range."""
 
@@ -224,4 +272,4 @@ def spill_of(records: Iterable[Record], folder: str | None = None) -> RecordSpil
     return out
 
 
-__all__ = ["NO_META", "Record", "RecordSpill", "StringTable", "scratch_path", "spill_of"]
+__all__ = ["NO_META", "Record", "RecordSpill", "SortedStrings", "StringTable", "scratch_path", "spill_of"]
