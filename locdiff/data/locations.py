@@ -10,6 +10,7 @@ and never opened. Every read has a byte limit.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
@@ -311,6 +312,31 @@ class ArchiveLocation(FileTree):
             raise RecordError("damaged_archive", f"{relpath} in {self.url}: {len(data)} of "
                                                  f"{info.size} bytes")  # type: ignore[attr-defined]
         return data
+
+    def local_file(self, relpath: str, dest: str, max_bytes: int) -> str:
+        """The member copied to `dest` in blocks (never held whole)."""
+        info = self._names.get(safe_relpath(relpath))
+        if info is None:
+            self.read(relpath, max_bytes=max_bytes)  # raises missing_file / damaged_archive
+        size = info.file_size if isinstance(info, zipfile.ZipInfo) else info.size  # type: ignore[union-attr]
+        if size > max_bytes:
+            raise RecordError("too_big", f"{relpath} in {self.url}: {size:,} bytes, above the limit of {max_bytes:,}")
+        copied = 0
+        with self._lock, open(dest, "wb") as out:
+            try:
+                f = self._zip.open(info) if self._zip is not None else \
+                    self._tar.extractfile(info)  # type: ignore[union-attr,arg-type]
+                with f or io.BytesIO() as src:
+                    while block := src.read(1 << 22):
+                        copied += len(block)
+                        if copied > size:
+                            break
+                        out.write(block)
+            except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
+                raise RecordError("damaged_archive", f"{relpath} in {self.url}: {err}") from None
+        if copied != size:
+            raise RecordError("damaged_archive", f"{relpath} in {self.url}: {copied} of {size} bytes")
+        return dest
 
     def checksums(self) -> dict[str, str]:
         return {self.url: self.sha256}

@@ -162,3 +162,21 @@ def test_a_coordinate_that_is_not_a_plain_number_is_counted_not_read(lat, reason
         check_record_coordinates(lat, "5")
     assert err.value.reason == reason
     assert check_record_coordinates(" -12.5e0 ", "+.5") == (-12.5, 0.5)
+
+
+@pytest.mark.parametrize("where", ["folder", "tar", "http"])
+def test_a_metadata_csv_above_its_byte_limit_is_refused_naming_it(where, served, tmp_path):
+    """The CSV is streamed to disk (or read in place) and parsed a chunk at a time; its size is still bounded
+    by max_metadata_bytes, wherever it comes from, and the message names the file and the setting."""
+    if where == "http":
+        root, base = served
+        build_folder(root / "meta-limit", "", n=10, archive=False)
+        source = f"{base}/meta-limit/metadata.csv"
+    else:
+        build_folder(tmp_path / "src", "", n=10, archive=where == "tar")
+        source = str(tmp_path / "src" / ("folder.tar" if where == "tar" else ""))
+    small = cfg("folder", max_metadata_bytes=100)
+    with pytest.raises(SourceError, match=r"metadata\.csv.*\(raise max_metadata_bytes\)"):
+        ingest("folder", str(tmp_path / "root"), source=source, config=small, progress=False)
+    m = ingest("folder", str(tmp_path / "root"), source=source, config=cfg("folder"), progress=False)
+    assert m["count"] == 10
