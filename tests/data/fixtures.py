@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -317,6 +318,15 @@ def read_samples(urls: list[str]) -> list[dict]:
     """Every sample of the shards at `urls`, in order, decoded (json -> dict, .npy -> arrays)."""
     return [decode_sample(s) for url in urls for s in iter_shard_samples(url)]
 
+
+
+def child_peak_bytes(script: str, *args: str) -> int:
+    """The peak resident memory (VmHWM) of `python -c SCRIPT ARGS...` in a fresh process with one thread, from
+    the last word the script prints (its VmHWM in kB)."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1]) * 1024
 
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures-out")

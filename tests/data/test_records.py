@@ -23,7 +23,7 @@ from locdiff.data.ingest import ingest
 from locdiff.data.shards import stage_dir
 from locdiff.data.sources.records import Record, SortedStrings, StringTable, scratch_path, spill_of
 
-from .fixtures import read_samples, sha
+from .fixtures import child_peak_bytes, read_samples, sha
 
 
 def records(n: int) -> list[Record]:
@@ -190,8 +190,6 @@ def test_listing_a_large_folder_holds_nothing_that_grows_with_its_photos(tmp_pat
     """A folder without a CSV four times as large must not raise the planning peak by more than 100 bytes a
     photo (its sorted listing, joined for its checksum, and the records were held: about 370 bytes a photo
     measured; now the listing is sorted in an SQLite scratch file)."""
-    from pathlib import Path  # noqa: PLC0415
-
     n, peaks = 30_000, []
     for count in (n, 4 * n):
         folder = tmp_path / str(count)
@@ -199,11 +197,7 @@ def test_listing_a_large_folder_holds_nothing_that_grows_with_its_photos(tmp_pat
             sub = folder / f"{i % 100:02d}" / f"{(i // 100) % 50:02d}"
             sub.mkdir(parents=True, exist_ok=True)
             (sub / f"photo_{i:08d}_some_longer_camera_name.jpg").touch()
-        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-        proc = subprocess.run([sys.executable, "-c", LISTING_CHILD, str(folder), str(count)], capture_output=True,
-                              text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+        peaks.append(child_peak_bytes(LISTING_CHILD, str(folder), str(count)))
     per_photo = (peaks[1] - peaks[0]) / (3 * n)
     print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB; {per_photo:.0f} bytes a photo")
     assert per_photo < 100, (peaks, per_photo)

@@ -22,7 +22,7 @@ from locdiff.data.shards import stage_dir
 from locdiff.data.validation import ChecksumError, sha256_bytes
 from tests.conftest import TEST_CACHE
 
-from .fixtures import read_samples, sha
+from .fixtures import child_peak_bytes, read_samples, sha
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,8 +195,6 @@ def _moto_with_auth():
     """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): any key is unknown."""
     import os
     import socket
-    import subprocess
-    import sys
     import time
 
     from tests.conftest import free_port
@@ -372,11 +370,7 @@ def test_planning_a_long_csv_holds_nothing_that_grows_with_its_rows(tmp_path):
                         f"{rng.randrange(10**9, 10**10)}_{rng.randrange(16**9, 16**10):010x}.jpg")
         (folder / "mp16_places365.csv").write_text("\n".join(meta) + "\n")
         (folder / "mp16_urls.csv").write_text("\n".join(urls) + "\n")
-        env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-        proc = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(folder), str(rows)], capture_output=True,
-                              text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks.append(int(proc.stdout.split()[-1]) * 1024)
+        peaks.append(child_peak_bytes(PLAN_CHILD, str(folder), str(rows)))
     per_row = (peaks[1] - peaks[0]) / (3 * n)
     print(f"peaks {peaks[0] / 2**20:.0f} MB, {peaks[1] / 2**20:.0f} MB; {per_row:.0f} bytes a row")
     assert per_row < 150, (peaks, per_row)
