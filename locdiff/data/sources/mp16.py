@@ -50,7 +50,7 @@ class Mp16Source(TabularSource):
 
     def __init__(self, cfg, source=None) -> None:  # noqa: ANN001
         super().__init__(cfg, source)
-        self._downloaded: StringTable | None = None  # img2dataset's index (`_downloaded`)
+        self._downloaded: StringTable | None = None  # img2dataset's index (`_index_entry`)
         self._tars: dict[str, ArchiveLocation] = {}
 
     def use_img2dataset(self, n_urls: int) -> bool:
@@ -83,7 +83,7 @@ class Mp16Source(TabularSource):
     def fetch(self, record: Record) -> bytes:
         if self._downloaded is None:
             return super().fetch(record)
-        got = _downloaded(self._downloaded, record.id)
+        got = _index_entry(self._downloaded, record.id)
         if isinstance(got, RecordError):
             raise got
         tar, member = got
@@ -100,7 +100,7 @@ class Mp16Source(TabularSource):
         self._tars.clear()
 
 
-def _downloaded(index: StringTable, rid: str) -> tuple[str, str] | RecordError:
+def _index_entry(index: StringTable, rid: str) -> tuple[str, str] | RecordError:
     """What img2dataset did with a record's URL: (tar path, member name) or the RecordError it failed with."""
     got = index.get(rid)
     if got is None:
@@ -111,7 +111,7 @@ def _downloaded(index: StringTable, rid: str) -> tuple[str, str] | RecordError:
 
 def run_img2dataset(records: RecordSpill, work: str, cfg: Any, *, refuse_private: bool = True) -> StringTable:
     """Download the records' URLs with img2dataset (resumable) and index its output by record id (on disk,
-    `_downloaded` reads it). With `refuse_private`, URLs whose host resolves to a non-public address are
+    `_index_entry` reads it). With `refuse_private`, URLs whose host resolves to a non-public address are
     left out of the download and indexed as refused. Neither the URLs nor the index are held in memory."""
 
     img2dataset = _img2dataset()
@@ -123,7 +123,7 @@ def run_img2dataset(records: RecordSpill, work: str, cfg: Any, *, refuse_private
         tmp = f"{url_list}.tmp-{os.getpid()}"
         storage.remove_stale_temporaries(url_list)
         writer = None
-        verdicts: dict = {}  # per host: the lookups of earlier chunks
+        verdicts: dict[tuple[str, int], RecordError | None] = {}  # per host: the lookups of earlier chunks
         try:
             for chunk in records.chunks(PAGE):
                 if write:

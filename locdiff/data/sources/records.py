@@ -2,10 +2,11 @@
 scratch folder, written once in CSV order and read back a range at a time, so that what planning and
 ingesting hold does not grow with the data set (MP-16: 4.7M records, some 4 GB as Python objects).
 
-`RecordSpill` is a read-only sequence of `Record`s once written (`len`, iteration, `spill[i]`, `spill[a:b]`).
-Its file is named `plan.sqlite.tmp-PID-RANDOM` in `storage.cache_dir()/tmp`; a run killed while it held one
-leaves it there until the next plan removes it (only those of processes that no longer run). `close()`
-removes it; so does garbage collection of a spill nobody closed.
+`RecordSpill` is a read-only sequence of `Record`s once written (`len`, iteration, `spill[i]`, `spill[a:b]`);
+`StringTable` a str -> str mapping (a URL list, img2dataset's index); `SortedStrings` a folder's listing in
+sorted order. Each is an SQLite file named `STEM.tmp-PID-RANDOM` in `storage.cache_dir()/tmp`; a run killed
+while it held one leaves it there until the next one of the same stem is made (only those of processes that
+no longer run are removed). `close()` removes it; so does garbage collection of one nobody closed.
 """
 
 from __future__ import annotations
