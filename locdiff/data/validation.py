@@ -7,18 +7,14 @@ checksum that does not match) raises an error naming the file and what is wrong.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import io
 import logging
 import math
-import os
 import re
-import sqlite3
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,67 +98,6 @@ class SkipLog:
     @property
     def total(self) -> int:
         return int(sum(self.counts.values()))
-
-
-class SeenIds:
-    """The ids seen so far, for skipping duplicates: on disk (an SQLite table keyed by the id, at `path`), so that
-    what is held does not grow with the data set; asked and told a batch at a time. The file starts empty (the
-    one a killed run left is removed) and is removed when closed."""
-
-    CHUNK = 500  # ids in one query (SQLite's limit on parameters is 999 in older builds)
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._remove()
-        self._db = sqlite3.connect(path)
-        with self._disk_full():
-            self._db.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to recover after a crash
-            self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY) WITHOUT ROWID")
-
-    def repeated(self, ids: list[str]) -> list[bool]:
-        """Of each of `ids`, whether it came before (in an earlier batch or earlier in this one); all are then
-        seen."""
-        batch = list(dict.fromkeys(ids))
-        before: set[str] = set()
-        with self._disk_full():
-            for i in range(0, len(batch), self.CHUNK):
-                chunk = batch[i: i + self.CHUNK]
-                query = f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})"
-                before.update(row[0] for row in self._db.execute(query, chunk))
-            self._db.executemany("INSERT INTO seen VALUES (?)", [(i,) for i in batch if i not in before])
-            self._db.commit()
-        now: set[str] = set()
-        out = []
-        for i in ids:
-            out.append(i in before or i in now)
-            now.add(i)
-        return out
-
-    def close(self) -> None:
-        self._db.close()
-        self._remove()
-
-    @contextlib.contextmanager
-    def _disk_full(self) -> Iterator[None]:
-        """SQLite's full disk as an OSError (ENOSPC) naming the file, as a full disk is anywhere else."""
-        try:
-            yield
-        except sqlite3.OperationalError as err:
-            if err.sqlite_errorcode != sqlite3.SQLITE_FULL:
-                raise
-            raise OSError(errno.ENOSPC, "No space left on device", self.path) from None
-
-    def _remove(self) -> None:
-        for p in (self.path, f"{self.path}-journal"):
-            if os.path.exists(p):
-                os.remove(p)
-
-    def __enter__(self) -> SeenIds:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # a coordinate as CSV files write one: ASCII digits (Python's float() also reads "1_0" as 10 and other scripts'

@@ -131,7 +131,7 @@ def test_duplicates_across_batches_keep_the_first_and_log_the_others(tmp_path, m
     """Read five rows at a time (and the ids asked for two at a time), the duplicates of rows in earlier batches are
     skipped and logged as in one batch: the same skip log and the very same shards."""
     from locdiff.data.sources import embeddings
-    from locdiff.data.validation import SeenIds
+    from locdiff.data.sources.records import SeenIds
 
     monkeypatch.setattr(embeddings, "MAX_BATCH_ROWS", 5)  # rows 9 and 10, 12 and 40: in different batches
     monkeypatch.setattr(SeenIds, "CHUNK", 2)
@@ -152,7 +152,7 @@ def test_a_killed_ingest_leaves_ids_that_a_rerun_does_not_count_as_seen(tmp_path
     """The ids a killed run had seen (on disk, left as a SIGKILL leaves them) are not carried over: the re-run,
     which reads the table from its first row again, skips the same duplicates as an uninterrupted run."""
     from locdiff.data.sources import embeddings
-    from locdiff.data.validation import SeenIds
+    from locdiff.data.sources.records import SeenIds
 
     monkeypatch.setattr(embeddings, "MAX_BATCH_ROWS", 5)
     _bad_rows_table(tmp_path / "t.parquet", pa.list_(pa.float32()))
@@ -179,8 +179,8 @@ def test_a_full_disk_under_the_ids_seen_is_one_line(tmp_path, monkeypatch, capsy
 
     real = sqlite3.connect
 
-    def full(path):  # noqa: ANN001 (a disk with room for two pages: the ids of the first batch fill it)
-        db = real(path)
+    def full(path, **kw):  # noqa: ANN001, ANN003 (a disk with room for two pages: the ids of the first batch fill it)
+        db = real(path, **kw)
         db.execute("PRAGMA max_page_count=2")
         return db
 

@@ -23,6 +23,7 @@ from locdiff.data.sources.records import (
     NO_META,
     Record,
     RecordSpill,
+    SeenIds,
     SortedStrings,
     StringTable,
     scratch_path,
@@ -30,7 +31,6 @@ from locdiff.data.sources.records import (
 )
 from locdiff.data.validation import (
     RecordError,
-    SeenIds,
     SkipLog,
     SourceError,
     check_checksum,

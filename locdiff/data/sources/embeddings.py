@@ -26,10 +26,10 @@ from locdiff.data import storage
 from locdiff.data.config import DatasetConfig
 from locdiff.data.download import download_file, private_addresses_allowed
 from locdiff.data.shards import json_bytes, npy_bytes, sample_key, shard_name, stage_dir, write_tar
+from locdiff.data.sources.records import SeenIds
 from locdiff.data.validation import (
     ChecksumError,
     RecordError,
-    SeenIds,
     SkipLog,
     SourceError,
     check_checksum,

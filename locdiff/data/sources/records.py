@@ -7,6 +7,7 @@ ingesting hold does not grow with the data set (MP-16: 4.7M records, some 4 GB a
 sorted order. Each is an SQLite file named `STEM.tmp-PID-RANDOM` in `storage.cache_dir()/tmp`; a run killed
 while it held one leaves it there until the next one of the same stem is made (only those of processes that
 no longer run are removed). `close()` removes it; so does garbage collection of one nobody closed.
+`SeenIds` (the ids seen so far, for duplicates) is one at a path its caller names.
 """
 
 from __future__ import annotations
@@ -77,6 +78,49 @@ def _disk_full(path: str) -> Iterator[None]:
         if err.sqlite_errorcode != sqlite3.SQLITE_FULL:
             raise
         raise OSError(errno.ENOSPC, "No space left on device", path) from None
+
+
+class SeenIds:
+    """The ids seen so far, for skipping duplicates: on disk (an SQLite table keyed by the id, at `path`), so that
+    what is held does not grow with the data set; asked and told a batch at a time. The file starts empty (the
+    one a killed run left is removed) and is removed when closed."""
+
+    CHUNK = 500  # ids in one query (SQLite's limit on parameters is 999 in older builds)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        _remove(path)
+        self._db = _open_scratch_db(path)
+        with _disk_full(path):
+            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def repeated(self, ids: list[str]) -> list[bool]:
+        """Of each of `ids`, whether it came before (in an earlier batch or earlier in this one); all are then
+        seen."""
+        batch = list(dict.fromkeys(ids))
+        before: set[str] = set()
+        with _disk_full(self.path):
+            for i in range(0, len(batch), self.CHUNK):
+                chunk = batch[i: i + self.CHUNK]
+                query = f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})"
+                before.update(row[0] for row in self._db.execute(query, chunk))
+            self._db.executemany("INSERT INTO seen VALUES (?)", [(i,) for i in batch if i not in before])
+            self._db.commit()
+        now: set[str] = set()
+        out = []
+        for i in ids:
+            out.append(i in before or i in now)
+            now.add(i)
+        return out
+
+    def close(self) -> None:
+        _close_scratch_db(self._db, self.path)
+
+    def __enter__(self) -> SeenIds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StringTable:
@@ -273,4 +317,5 @@ def spill_of(records: Iterable[Record], folder: str | None = None) -> RecordSpil
     return out
 
 
-__all__ = ["NO_META", "Record", "RecordSpill", "SortedStrings", "StringTable", "scratch_path", "spill_of"]
+__all__ = ["NO_META", "Record", "RecordSpill", "SeenIds", "SortedStrings", "StringTable", "scratch_path",
+           "spill_of"]
