@@ -19,7 +19,7 @@ import threading
 import urllib.parse
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from locdiff.data import storage
 from locdiff.data.config import MAX_ARCHIVE_BYTES
@@ -287,55 +287,40 @@ class ArchiveLocation(FileTree):
         return sorted({n for n in self._members if n.lower().endswith(PHOTO_EXTENSIONS)
                        and ".." not in n.split("/") and not any(p.startswith(".") for p in n.split("/"))})
 
-    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
-        limit = self.max_bytes if max_bytes is None else max_bytes
+    def _copy(self, relpath: str, limit: int, write: Callable[[bytes], object]) -> None:
+        """A member's bytes into `write`, in blocks: missing_file, damaged_archive, too_big (above `limit`)."""
         info = self._names.get(safe_relpath(relpath))
-        if info is not None:
-            size = info.file_size if isinstance(info, zipfile.ZipInfo) else info.size  # type: ignore[attr-defined]
-            if size > limit:
-                raise RecordError("too_big", f"{relpath} in {self.url}: {size:,} bytes, above the limit of "
-                                             f"{limit:,}")
         if info is None:
             if self.damaged:
                 raise RecordError("damaged_archive", f"{relpath} not in {self.url} (archive damaged: "
                                                      f"{self.damaged})")
             raise RecordError("missing_file", f"{relpath} not in {self.url}")
-        with self._lock:
-            try:
-                if self._zip is not None:
-                    return self._zip.read(info)  # type: ignore[arg-type]
-                f = self._tar.extractfile(info)  # type: ignore[union-attr,arg-type]
-                data = f.read() if f is not None else b""
-            except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
-                raise RecordError("damaged_archive", f"{relpath} in {self.url}: {err}") from None
-        if len(data) != info.size:  # type: ignore[attr-defined]
-            raise RecordError("damaged_archive", f"{relpath} in {self.url}: {len(data)} of "
-                                                 f"{info.size} bytes")  # type: ignore[attr-defined]
-        return data
-
-    def local_file(self, relpath: str, dest: str, max_bytes: int) -> str:
-        """The member copied to `dest` in blocks (never held whole)."""
-        info = self._names.get(safe_relpath(relpath))
-        if info is None:
-            self.read(relpath, max_bytes=max_bytes)  # raises missing_file / damaged_archive
-        size = info.file_size if isinstance(info, zipfile.ZipInfo) else info.size  # type: ignore[union-attr]
-        if size > max_bytes:
-            raise RecordError("too_big", f"{relpath} in {self.url}: {size:,} bytes, above the limit of {max_bytes:,}")
+        size = info.file_size if isinstance(info, zipfile.ZipInfo) else info.size  # type: ignore[attr-defined]
+        if size > limit:
+            raise RecordError("too_big", f"{relpath} in {self.url}: {size:,} bytes, above the limit of {limit:,}")
         copied = 0
-        with self._lock, open(dest, "wb") as out:
+        with self._lock:
             try:
                 f = self._zip.open(info) if self._zip is not None else \
                     self._tar.extractfile(info)  # type: ignore[union-attr,arg-type]
-                with f or io.BytesIO() as src:
-                    while block := src.read(1 << 22):
+                with f or io.BytesIO() as src:  # the zip's CRC is checked at the end of the member
+                    while copied <= size and (block := src.read(1 << 22)):
                         copied += len(block)
-                        if copied > size:
-                            break
-                        out.write(block)
+                        write(block)
             except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
                 raise RecordError("damaged_archive", f"{relpath} in {self.url}: {err}") from None
         if copied != size:
             raise RecordError("damaged_archive", f"{relpath} in {self.url}: {copied} of {size} bytes")
+
+    def read(self, relpath: str, max_bytes: int | None = None) -> bytes:
+        parts: list[bytes] = []
+        self._copy(relpath, self.max_bytes if max_bytes is None else max_bytes, parts.append)
+        return b"".join(parts)
+
+    def local_file(self, relpath: str, dest: str, max_bytes: int) -> str:
+        """The member copied to `dest` in blocks (never held whole)."""
+        with open(dest, "wb") as out:
+            self._copy(relpath, max_bytes, out.write)
         return dest
 
     def checksums(self) -> dict[str, str]:

@@ -299,10 +299,9 @@ class TabularSource(Source):
             except RecordError as err:
                 raise SourceError(f"{self.source}: cannot read the metadata CSV {name!r}: {err.detail}"
                                   + (" (raise max_metadata_bytes)" if err.reason == "too_big" else "")) from None
-        digest = check_checksum(file_blocks(path))
-        if cfg.metadata.sha256 or cfg.metadata.md5:
-            if self.source is None or url.rsplit("/", 1)[-1] == cfg.metadata.filename:
-                check_checksum(file_blocks(path), sha256=cfg.metadata.sha256, md5=cfg.metadata.md5, what=url)
+        published = self.source is None or url.rsplit("/", 1)[-1] == cfg.metadata.filename  # the config's file
+        digest = check_checksum(file_blocks(path), sha256=cfg.metadata.sha256 if published else None,
+                                md5=cfg.metadata.md5 if published else None, what=url)  # one read
         self.provenance["metadata"] = {"url": url, "sha256": digest}
         return path, url, loc
 
@@ -359,8 +358,7 @@ class TabularSource(Source):
             except RecordError as err:
                 raise SourceError(f"{self.source}: cannot read the URL list {name!r}: {err.detail}") from None
             url = storage.join(loc.url, name)
-        if cfg.images.sha256 or cfg.images.md5:
-            check_checksum(file_blocks(path), sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)
+        digest = check_checksum(file_blocks(path), sha256=cfg.images.sha256, md5=cfg.images.md5, what=url)  # one read
         id_col = cfg.url_list_id_column or cfg.id_column
         first = next(read_csv_chunks(path, url, chunk_rows=1))
         header = True
@@ -377,7 +375,7 @@ class TabularSource(Source):
         except BaseException:
             urls.close()
             raise
-        self.provenance["urls"] = {"url": url, "sha256": check_checksum(file_blocks(path))}
+        self.provenance["urls"] = {"url": url, "sha256": digest}
         return urls
 
     def _prefetch_urls(self, ids: list[str]) -> None:
